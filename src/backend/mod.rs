@@ -1,0 +1,496 @@
+//! The backend contract, and the backends.
+//!
+//! A [`Backend`] names where locks live (a directory, a server). For each lock name the elector
+//! asks it for a [`Lock`], which it drives:
+//!
+//! - [`Lock::acquire`] waits until this node holds the lock and returns a [`Leadership`]: the
+//!   term, the holder record, the confirmed renewals of a lease, a future that resolves when the
+//!   backend knows the lock is lost, and [`Leadership::release`].
+//! - [`Lock::holder`] and [`Lock::watch_holder`] tell who is primary, and when that changes.
+//! - the **state API** ([`Lock::load`], [`Lock::store`], [`Lock::watch_key`]): small values, written
+//!   only by the term that holds the lock and never over a newer term's write. Schedules and
+//!   run-once jobs keep their progress there.
+//!
+//! Backends know nothing of HTTP, the elector or schedules. Renewal loops live inside the backend;
+//! the **deadline is enforced by the elector** (DESIGN §3.1) from the send times the backend reports
+//! through [`Renewals`].
+//!
+//! The traits are object-safe: [`from_url`] picks a backend at run time from a string (DESIGN §7).
+//!
+//! | backend | feature | string |
+//! |---|---|---|
+//! | [`FileLock`](file::FileLock) | `file` (default) | `/path/dir`, `./dir`, `file:///path/dir` |
+//! | [`MemoryBackend`](memory::MemoryBackend) | always | `memory://name` |
+//! | Redis | `redis` | `redis://…`, `rediss://…` |
+//! | PostgreSQL | `postgres` | `postgres://…`, `postgresql://…` |
+//! | etcd | `etcd` | `etcd://host:port[,host:port…]`, `etcds://…` |
+//!
+//! # Writing a backend
+//!
+//! - `acquire` must be **cancellation-safe**: if the future is dropped after the server granted the
+//!   lock, the grant must be released, never leaked (e.g. hand the grant over a channel and let the
+//!   sending side release it when the receiver is gone).
+//! - Nothing but a successful `acquire` may make a node primary. Errors are returned, not
+//!   swallowed: the elector logs them, stays secondary and retries with backoff (fail closed).
+//! - Terms must strictly increase per lock name across primaries, also across restarts of the
+//!   server or the process.
+//! - A lease backend reports the **send time** of the acquisition and of every confirmed renewal
+//!   through [`Renewals`], read on the [`Clock`] of the request. A reply that arrives late is still
+//!   reported with its send time; the elector decides whether it extends anything.
+//! - The conformance suite in [`testing::conformance`](crate::testing::conformance) checks all of
+//!   this against a real server in a few lines.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::clock::{Clock, Timestamp};
+use crate::elector::Lease;
+use crate::error::{ConfigError, Error};
+use crate::role::{Holder, NodeId};
+
+#[cfg(feature = "file")]
+pub mod file;
+pub mod memory;
+
+/// A boxed, `Send` future, as the object-safe traits return.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Where locks live. See the [module docs](self).
+pub trait Backend: fmt::Debug + Send + Sync + 'static {
+    /// The backend's name, for logs and errors: `"file"`, `"memory"`, `"redis"`…
+    fn name(&self) -> &'static str;
+
+    /// The shortest lease the backend accepts, or `None` when the backend has no lease (the lock
+    /// is held while the holder's process or session lives; the elector's lease is then ignored).
+    fn min_lease(&self) -> Option<Duration>;
+
+    /// The lock `name`, checked and prepared without network I/O. Called once per elector, at
+    /// `spawn()`; errors here are configuration errors.
+    fn lock(&self, name: &str) -> Result<Arc<dyn Lock>, ConfigError>;
+}
+
+impl<B: Backend + ?Sized> Backend for Box<B> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    fn min_lease(&self) -> Option<Duration> {
+        (**self).min_lease()
+    }
+    fn lock(&self, name: &str) -> Result<Arc<dyn Lock>, ConfigError> {
+        (**self).lock(name)
+    }
+}
+
+impl<B: Backend + ?Sized> Backend for Arc<B> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    fn min_lease(&self) -> Option<Duration> {
+        (**self).min_lease()
+    }
+    fn lock(&self, name: &str) -> Result<Arc<dyn Lock>, ConfigError> {
+        (**self).lock(name)
+    }
+}
+
+/// A value kept by the state API, with the term that wrote it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stored {
+    /// The bytes stored.
+    pub value: Vec<u8>,
+    /// The term that stored them.
+    pub term: u64,
+}
+
+impl Stored {
+    /// A stored value.
+    #[must_use]
+    pub fn new(value: Vec<u8>, term: u64) -> Self {
+        Stored { value, term }
+    }
+}
+
+/// One lock name on one backend, as one node sees it.
+pub trait Lock: fmt::Debug + Send + Sync + 'static {
+    /// Waits until this node holds the lock.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Must be cancel-safe: a grant that arrives after the future was dropped is released.
+    fn acquire(&self, req: AcquireRequest) -> BoxFuture<'_, Result<Box<dyn Leadership>, Error>>;
+
+    /// Who holds the lock now, as the backend records it.
+    fn holder(&self) -> BoxFuture<'_, Result<Option<Holder>, Error>>;
+
+    /// A subscription to changes of the holder record. Create it, then read [`holder`](Self::holder),
+    /// then wait on it: no change in between is lost.
+    fn watch_holder(&self) -> BoxFuture<'_, Result<Box<dyn Changes>, Error>>;
+
+    /// Loads a state value.
+    fn load<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Stored>, Error>>;
+
+    /// Stores a state value, only if `term` holds the lock now and no newer term has written `key`;
+    /// else [`Error::StaleTerm`].
+    fn store<'a>(
+        &'a self,
+        key: &'a str,
+        value: &'a [u8],
+        term: u64,
+    ) -> BoxFuture<'a, Result<(), Error>>;
+
+    /// A subscription to changes of a state value (notification where the backend has one,
+    /// polling otherwise).
+    fn watch_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Box<dyn Changes>, Error>>;
+}
+
+/// A subscription to changes; see [`Lock::watch_holder`] and [`Lock::watch_key`].
+pub trait Changes: Send + 'static {
+    /// Resolves at the next change (or a possible change: spurious wake-ups are allowed).
+    ///
+    /// # Cancellation safety
+    ///
+    /// Must be cancel-safe: a change that happens while nobody waits is reported by the next call.
+    fn changed(&mut self) -> BoxFuture<'_, Result<(), Error>>;
+}
+
+impl fmt::Debug for dyn Changes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Changes")
+    }
+}
+
+/// Holding the lock: one term.
+pub trait Leadership: fmt::Debug + Send + 'static {
+    /// The fencing term.
+    fn term(&self) -> u64;
+
+    /// The holder record as stored.
+    fn holder(&self) -> &Holder;
+
+    /// The confirmed renewals of a lease backend (`None` for backends without a lease).
+    fn renewals(&self) -> Option<Renewals>;
+
+    /// Resolves when the backend knows the lock is lost (renewal refused, key deleted, lock file
+    /// replaced…), with the reason.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Must be cancel-safe.
+    fn lost(&mut self) -> BoxFuture<'_, Error>;
+
+    /// Gives the lock up and wakes the waiters.
+    fn release(self: Box<Self>) -> BoxFuture<'static, Result<(), Error>>;
+}
+
+/// What the elector asks a [`Lock`] for.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct AcquireRequest {
+    /// The node asking.
+    pub node: NodeId,
+    /// The URL it advertises.
+    pub url: Option<String>,
+    /// The lease, on backends that have one.
+    pub lease: Option<Lease>,
+    /// The clock send times are read on.
+    pub clock: Clock,
+}
+
+impl AcquireRequest {
+    /// A request for `node`, without URL or lease, on the system clock.
+    #[must_use]
+    pub fn new(node: NodeId) -> Self {
+        AcquireRequest {
+            node,
+            url: None,
+            lease: None,
+            clock: Clock::system(),
+        }
+    }
+
+    /// Sets the lease.
+    #[must_use]
+    pub fn with_lease(mut self, lease: Option<Lease>) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// Sets the clock.
+    #[must_use]
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Sets the advertised URL.
+    #[must_use]
+    pub fn with_url(mut self, url: Option<String>) -> Self {
+        self.url = url;
+        self
+    }
+
+    /// The holder record for `term`, since now.
+    #[must_use]
+    pub fn holder(&self, term: u64) -> Holder {
+        Holder::new(&self.node, term)
+            .with_url(self.url.clone())
+            .with_lease_ms(
+                self.lease
+                    .map(|l| u64::try_from(l.ttl().as_millis()).unwrap_or(u64::MAX)),
+            )
+    }
+}
+
+/// The confirmed renewals of a lease: the send time of the latest one. See [`renewals`].
+#[derive(Clone, Debug)]
+pub struct Renewals {
+    rx: watch::Receiver<Timestamp>,
+}
+
+/// The sending side of [`Renewals`], kept by a backend's renewal loop.
+#[derive(Debug)]
+pub struct RenewalSender {
+    tx: watch::Sender<Timestamp>,
+}
+
+/// A channel of confirmed renewals, starting with the acquisition's send time.
+///
+/// # Examples
+///
+/// ```
+/// use tower_primary::Clock;
+/// use tower_primary::backend::renewals;
+///
+/// let clock = Clock::system();
+/// let sent = clock.now();
+/// let (tx, rx) = renewals(sent);
+/// assert_eq!(rx.latest(), sent);
+/// tx.confirm(clock.now());
+/// assert!(rx.latest() >= sent);
+/// ```
+#[must_use]
+pub fn renewals(acquired_sent_at: Timestamp) -> (RenewalSender, Renewals) {
+    let (tx, rx) = watch::channel(acquired_sent_at);
+    (RenewalSender { tx }, Renewals { rx })
+}
+
+impl RenewalSender {
+    /// Reports a confirmed renewal that was sent at `sent_at`. Older reports than the latest are
+    /// ignored.
+    pub fn confirm(&self, sent_at: Timestamp) {
+        self.tx.send_if_modified(|latest| {
+            if sent_at > *latest {
+                *latest = sent_at;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Whether the receiving side is gone (the leadership was dropped or released).
+    #[must_use]
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+impl Renewals {
+    /// The send time of the latest confirmed renewal.
+    #[must_use]
+    pub fn latest(&self) -> Timestamp {
+        *self.rx.borrow()
+    }
+
+    /// Waits for the next confirmed renewal, and returns its send time. Pends forever once the
+    /// sender is gone.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel-safe.
+    pub async fn changed(&mut self) -> Timestamp {
+        if self.rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        *self.rx.borrow_and_update()
+    }
+}
+
+/// Environment variable holding a backend string (DESIGN §7).
+pub const BACKEND_ENV: &str = "TOWER_PRIMARY_BACKEND";
+
+/// Parses a backend string (DESIGN §7): a directory path or `file:///dir` for the file backend,
+/// `memory://name`, and the server backends when their Cargo feature is on.
+///
+/// # Examples
+///
+/// ```
+/// use tower_primary::backend::from_url;
+///
+/// let b = from_url("memory://doc-example").unwrap();
+/// assert_eq!(b.name(), "memory");
+///
+/// let err = from_url("zookeeper://host:2181").unwrap_err();
+/// assert!(err.to_string().contains("unknown scheme"));
+/// ```
+///
+/// # Errors
+///
+/// [`ConfigError::InvalidBackendUrl`] for an unknown scheme or a malformed string,
+/// [`ConfigError::FeatureDisabled`] (naming the feature) for a backend that is not compiled in.
+pub fn from_url(url: &str) -> Result<Box<dyn Backend>, ConfigError> {
+    let invalid = |problem: &str| ConfigError::InvalidBackendUrl {
+        url: redact(url),
+        problem: problem.to_owned(),
+    };
+    let Some((scheme, rest)) = url.split_once("://") else {
+        if url.is_empty() {
+            return Err(invalid("empty"));
+        }
+        return file_backend(url);
+    };
+    let disabled = |feature| ConfigError::FeatureDisabled {
+        scheme: scheme.to_owned(),
+        feature,
+    };
+    match scheme {
+        "file" => {
+            if !rest.starts_with('/') {
+                return Err(invalid("file URLs take an absolute path: file:///path/dir"));
+            }
+            file_backend(rest)
+        }
+        "memory" => {
+            if rest.is_empty() {
+                return Err(invalid("memory URLs take a name: memory://name"));
+            }
+            Ok(Box::new(memory::MemoryBackend::named(rest)))
+        }
+        "redis" | "rediss" => Err(disabled("redis")),
+        "postgres" | "postgresql" => Err(disabled("postgres")),
+        "etcd" | "etcds" => Err(disabled("etcd")),
+        _ => Err(invalid(
+            "unknown scheme (expected a path, file://, memory://, redis://, rediss://, \
+             postgres://, postgresql://, etcd:// or etcds://)",
+        )),
+    }
+}
+
+/// Reads a backend string from `TOWER_PRIMARY_BACKEND`; `Ok(None)` when it is not set.
+///
+/// # Errors
+///
+/// As [`from_url`].
+pub fn from_env() -> Result<Option<Box<dyn Backend>>, ConfigError> {
+    match std::env::var(BACKEND_ENV) {
+        Ok(s) if !s.trim().is_empty() => from_url(s.trim()).map(Some),
+        _ => Ok(None),
+    }
+}
+
+#[cfg(feature = "file")]
+fn file_backend(path: &str) -> Result<Box<dyn Backend>, ConfigError> {
+    Ok(Box::new(file::FileLock::new(path)))
+}
+
+#[cfg(not(feature = "file"))]
+fn file_backend(_path: &str) -> Result<Box<dyn Backend>, ConfigError> {
+    Err(ConfigError::FeatureDisabled {
+        scheme: "file".to_owned(),
+        feature: "file",
+    })
+}
+
+/// The string with any password replaced, for error messages.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let userinfo = &rest[..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***{}", &rest[at..])
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// Checks a state key: 1 to 200 bytes of `[A-Za-z0-9._:-]`, not starting with a dot.
+///
+/// # Errors
+///
+/// [`ConfigError::InvalidStateKey`] naming the rule.
+pub fn validate_key(key: &str) -> Result<(), Error> {
+    let bad = |rule| {
+        Err(Error::Config(ConfigError::InvalidStateKey {
+            key: key.to_owned(),
+            rule,
+        }))
+    };
+    if key.is_empty() || key.len() > 200 {
+        return bad("must be 1 to 200 bytes");
+    }
+    if key.starts_with('.') {
+        return bad("must not start with '.'");
+    }
+    if !key
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'))
+    {
+        return bad("may only hold ASCII letters, digits, '.', '_', ':' and '-'");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_strings_pick_backends_and_name_missing_features() {
+        assert_eq!(from_url("memory://x").unwrap().name(), "memory");
+        #[cfg(feature = "file")]
+        {
+            assert_eq!(from_url("/tmp/locks").unwrap().name(), "file");
+            assert_eq!(from_url("./locks").unwrap().name(), "file");
+            assert_eq!(from_url("file:///tmp/locks").unwrap().name(), "file");
+        }
+        for (url, feature) in [
+            ("redis://localhost:6379", "redis"),
+            ("rediss://u:secret@h/1", "redis"),
+            ("postgresql://root@localhost/test", "postgres"),
+            ("etcd://a:2379,b:2379", "etcd"),
+        ] {
+            match from_url(url) {
+                Err(ConfigError::FeatureDisabled { feature: f, .. }) => assert_eq!(f, feature),
+                other => panic!("{url}: {other:?}"),
+            }
+        }
+        assert!(from_url("file://relative").is_err());
+        assert!(from_url("memory://").is_err());
+        assert!(from_url("").is_err());
+    }
+
+    #[test]
+    fn errors_never_repeat_passwords() {
+        let err = from_url("nope://user:hunter2@host/db").unwrap_err().to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(err.contains("user:***@host"), "{err}");
+    }
+
+    #[test]
+    fn state_keys_are_checked() {
+        assert!(validate_key("schedule:daily-report").is_ok());
+        assert!(validate_key("a/b").is_err());
+        assert!(validate_key("").is_err());
+        assert!(validate_key(".x").is_err());
+    }
+}

@@ -1,0 +1,956 @@
+//! The elector: one campaign loop per lock name per process.
+//!
+//! [`Elector::builder`] validates the configuration; [`ElectorBuilder::spawn`] starts the campaign
+//! loop on the current tokio runtime and returns at once. The loop
+//!
+//! 1. waits in the backend's [`acquire`](crate::backend::Lock::acquire) while following the holder
+//!    record, so [`RoleHandle::holder`] is current on secondaries;
+//! 2. on a grant, publishes `Primary`, computes the term's deadline from the backend's confirmed
+//!    renewals (lease backends), and starts the [singleton tasks](Elector::singleton_task);
+//! 3. leaves the term when the backend reports a loss, the deadline passes (self-fencing), or the
+//!    user asks for [`step_down`](Elector::step_down) or [`shutdown`](Elector::shutdown), in the
+//!    order of DESIGN §3.5: stop admitting primary-only work, cancel the term, wait for tasks and
+//!    in-flight gated requests up to the grace, abort the rest, release the lock;
+//! 4. campaigns again (unless [`exit_on_loss`](ElectorBuilder::exit_on_loss) is set).
+//!
+//! Backend errors never make a node primary: they are logged and retried with backoff.
+//!
+//! # Examples
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower_primary::{Elector, MemoryBackend};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower_primary::Error> {
+//! let backend = MemoryBackend::new();
+//! let elector = Elector::builder("report-scheduler")
+//!     .backend(backend.clone())
+//!     .grace(Duration::from_secs(5))
+//!     .spawn()?;
+//!
+//! elector.singleton_task("email-sender", |ctx| async move {
+//!     // Runs only while this node is primary; stops when the term ends.
+//!     ctx.cancelled().await;
+//!     Ok::<_, std::io::Error>(())
+//! });
+//!
+//! let mut role = elector.handle();
+//! let term = role.wait_primary().await;
+//! assert!(role.is_primary());
+//! println!("primary with term {}", term.term());
+//!
+//! elector.shutdown().await;
+//! assert!(!role.is_primary());
+//! # Ok(())
+//! # }
+//! ```
+
+use std::fmt;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{AcquireRequest, Backend, BoxFuture, Changes, Leadership, Lock, Stored};
+use crate::backoff::Backoff;
+use crate::clock::{Clock, Timestamp};
+use crate::error::{BoxError, ConfigError, Error, validate_lock_name};
+use crate::role::{Holder, NodeId, Role, RoleHandle, RoleState, Shared, TermContext};
+use crate::task::{TaskSet, TaskSpec};
+
+/// The lease of a lease backend (Redis, etcd): how long the lock stays held without renewal, and
+/// the safety margin the primary stops acting before it.
+///
+/// A primary acts only until `send time of the last confirmed renewal + ttl - margin`
+/// (DESIGN §3.1). Backends renew every `ttl / 3`.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_primary::Lease;
+///
+/// let lease = Lease::new(Duration::from_secs(10));
+/// assert_eq!(lease.margin(), Duration::from_secs(1));
+/// assert_eq!(lease.renew_every(), Duration::from_secs(10) / 3);
+/// let lease = lease.with_margin(Duration::from_millis(500));
+/// assert_eq!(lease.margin(), Duration::from_millis(500));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lease {
+    ttl: Duration,
+    margin: Duration,
+}
+
+impl Lease {
+    /// The default lease: 10 s, margin 1 s.
+    pub const DEFAULT: Lease = Lease {
+        ttl: Duration::from_secs(10),
+        margin: Duration::from_secs(1),
+    };
+
+    /// A lease of `ttl`, with a margin of `ttl / 10`.
+    #[must_use]
+    pub fn new(ttl: Duration) -> Self {
+        Lease {
+            ttl,
+            margin: ttl / 10,
+        }
+    }
+
+    /// Sets the margin. It must be shorter than `ttl / 3`.
+    #[must_use]
+    pub fn with_margin(mut self, margin: Duration) -> Self {
+        self.margin = margin;
+        self
+    }
+
+    /// The time to live.
+    #[must_use]
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// The safety margin.
+    #[must_use]
+    pub fn margin(&self) -> Duration {
+        self.margin
+    }
+
+    /// How often backends renew: `ttl / 3`.
+    #[must_use]
+    pub fn renew_every(&self) -> Duration {
+        self.ttl / 3
+    }
+
+    /// The deadline of a term whose latest confirmed renewal was sent at `sent`.
+    #[must_use]
+    pub fn deadline_after(&self, sent: Timestamp) -> Timestamp {
+        sent.saturating_add(self.ttl).saturating_sub(self.margin)
+    }
+
+    /// Checks the lease against a backend's minimum.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::InvalidTiming`] naming the rule broken.
+    pub fn validate(&self, min: Duration) -> Result<(), ConfigError> {
+        if self.ttl < min || self.ttl.is_zero() {
+            return Err(ConfigError::InvalidTiming {
+                setting: "lease",
+                value: self.ttl,
+                rule: format!("must be at least {min:?} on this backend"),
+            });
+        }
+        if self.margin >= self.ttl / 3 {
+            return Err(ConfigError::InvalidTiming {
+                setting: "lease margin",
+                value: self.margin,
+                rule: format!("must be shorter than a third of the lease ({:?})", self.ttl / 3),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Default for Lease {
+    fn default() -> Self {
+        Lease::DEFAULT
+    }
+}
+
+/// Configures and spawns an [`Elector`]. See [`Elector::builder`].
+#[must_use = "an elector builder does nothing until spawn() is called"]
+pub struct ElectorBuilder {
+    lock: String,
+    backend: Option<Arc<dyn Backend>>,
+    node: Option<NodeId>,
+    advertise: Option<String>,
+    lease: Option<Lease>,
+    grace: Duration,
+    retry_min: Duration,
+    retry_max: Duration,
+    rejoin_delay: Duration,
+    exit_on_loss: bool,
+    clock: Option<Clock>,
+}
+
+impl fmt::Debug for ElectorBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ElectorBuilder")
+            .field("lock", &self.lock)
+            .field("backend", &self.backend)
+            .field("node", &self.node)
+            .field("advertise", &self.advertise)
+            .field("lease", &self.lease)
+            .field("grace", &self.grace)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ElectorBuilder {
+    /// The backend the lock lives in.
+    pub fn backend(mut self, backend: impl Backend) -> Self {
+        self.backend = Some(Arc::new(backend));
+        self
+    }
+
+    /// This node's identity. Default: [`NodeId::from_env`].
+    pub fn node(mut self, node: NodeId) -> Self {
+        self.node = Some(node);
+        self
+    }
+
+    /// The URL this node advertises in its holder record, used by the primary-only gate to
+    /// redirect (307) secondaries' requests to the primary.
+    pub fn advertise(mut self, url: impl Into<String>) -> Self {
+        self.advertise = Some(url.into());
+        self
+    }
+
+    /// The lease, for backends that have one ([`Lease::DEFAULT`] otherwise). Ignored, with a
+    /// warning, by backends without a lease.
+    pub fn lease(mut self, lease: Lease) -> Self {
+        self.lease = Some(lease);
+        self
+    }
+
+    /// How long step-down and shutdown wait for singleton tasks and gated requests of the ending
+    /// term before aborting them and releasing the lock. Default 5 s; must not be zero.
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// The backoff between failed acquisition attempts: from `min`, doubling up to `max`, with
+    /// jitter. Default 100 ms to 5 s.
+    pub fn retry_backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.retry_min = min;
+        self.retry_max = max;
+        self
+    }
+
+    /// How long a node that [stepped down](Elector::step_down) stays out of the campaign, unless
+    /// another node takes the lock first. Default 1 s.
+    pub fn rejoin_delay(mut self, delay: Duration) -> Self {
+        self.rejoin_delay = delay;
+        self
+    }
+
+    /// Stop campaigning after losing the lock (DESIGN §3.4: by default a node rejoins). Watch
+    /// [`Elector::stopped`] to exit the process.
+    pub fn exit_on_loss(mut self, exit: bool) -> Self {
+        self.exit_on_loss = exit;
+        self
+    }
+
+    /// The clock deadlines are read on. Default [`Clock::system`]; use [`Clock::tokio`] in tests
+    /// on tokio's paused clock.
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// Validates the configuration and starts the campaign on the current tokio runtime.
+    ///
+    /// Only the configuration is checked here: an unreachable backend leaves the node secondary,
+    /// retrying with backoff (fail closed).
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the setting and the rule it broke: an invalid lock name, no
+    /// backend, a zero grace, a lease below the backend's minimum, a margin of a third of the
+    /// lease or more, an unusable lock directory, or no tokio runtime.
+    pub fn spawn(self) -> Result<Elector, ConfigError> {
+        validate_lock_name(&self.lock)?;
+        let backend = self.backend.ok_or(ConfigError::NoBackend)?;
+        if self.grace.is_zero() {
+            return Err(ConfigError::InvalidTiming {
+                setting: "grace",
+                value: self.grace,
+                rule: "must be longer than zero".to_owned(),
+            });
+        }
+        if self.retry_min.is_zero() {
+            return Err(ConfigError::InvalidTiming {
+                setting: "retry backoff minimum",
+                value: self.retry_min,
+                rule: "must be longer than zero".to_owned(),
+            });
+        }
+        let lease = match backend.min_lease() {
+            Some(min) => {
+                let lease = self.lease.unwrap_or_default();
+                lease.validate(min)?;
+                Some(lease)
+            }
+            None => {
+                if let Some(lease) = self.lease {
+                    tracing::warn!(
+                        lock = %self.lock,
+                        backend = backend.name(),
+                        ?lease,
+                        "the backend has no lease; the lease setting is ignored"
+                    );
+                }
+                None
+            }
+        };
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| ConfigError::NoRuntime {
+            what: "Elector::spawn",
+        })?;
+        let lock = backend.lock(&self.lock)?;
+        let node = self.node.unwrap_or_else(NodeId::from_env);
+        let clock = self.clock.unwrap_or_default();
+        let shared = Shared::new(self.lock.clone(), node.clone(), clock, Role::Starting);
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (stopped_tx, stopped_rx) = watch::channel(false);
+        let tasks = Arc::new(Mutex::new(Vec::new()));
+        let campaign = Campaign {
+            shared: shared.clone(),
+            lock: lock.clone(),
+            backend_name: backend.name(),
+            request: AcquireRequest::new(node)
+                .with_lease(lease)
+                .with_clock(clock)
+                .with_url(self.advertise),
+            lease,
+            grace: self.grace,
+            backoff: Backoff::new(self.retry_min, self.retry_max),
+            rejoin_delay: self.rejoin_delay,
+            exit_on_loss: self.exit_on_loss,
+            tasks: tasks.clone(),
+            cmd_rx,
+        };
+        runtime.spawn(async move {
+            campaign.run().await;
+            let _ = stopped_tx.send(true);
+        });
+        Ok(Elector {
+            inner: Arc::new(Inner {
+                handle: RoleHandle::new(shared),
+                lock,
+                cmd: cmd_tx,
+                tasks,
+                stopped: stopped_rx,
+            }),
+        })
+    }
+}
+
+/// Leader election for one lock name. See the [module docs](self).
+///
+/// Cheap to clone; the campaign runs until [`shutdown`](Self::shutdown) or until every clone is
+/// dropped (which releases the lock too, without waiting).
+#[derive(Clone)]
+pub struct Elector {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    handle: RoleHandle,
+    lock: Arc<dyn Lock>,
+    cmd: mpsc::UnboundedSender<Command>,
+    tasks: Arc<Mutex<Vec<Arc<TaskSpec>>>>,
+    stopped: watch::Receiver<bool>,
+}
+
+impl fmt::Debug for Elector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Elector")
+            .field("handle", &self.inner.handle)
+            .field("lock", &self.inner.lock)
+            .finish_non_exhaustive()
+    }
+}
+
+enum Command {
+    StepDown(oneshot::Sender<Result<(), Error>>),
+    Shutdown(oneshot::Sender<()>),
+    TaskAdded,
+}
+
+impl Elector {
+    /// Starts configuring an elector for `lock`: 1 to 128 characters of `[A-Za-z0-9._-]`.
+    pub fn builder(lock: impl Into<String>) -> ElectorBuilder {
+        ElectorBuilder {
+            lock: lock.into(),
+            backend: None,
+            node: None,
+            advertise: None,
+            lease: None,
+            grace: Duration::from_secs(5),
+            retry_min: Duration::from_millis(100),
+            retry_max: Duration::from_secs(5),
+            rejoin_delay: Duration::from_secs(1),
+            exit_on_loss: false,
+            clock: None,
+        }
+    }
+
+    /// A handle to the role, for requests, tasks and health checks.
+    #[must_use]
+    pub fn handle(&self) -> RoleHandle {
+        self.inner.handle.clone()
+    }
+
+    /// The state API of this lock: small values that only the current term may write.
+    #[must_use]
+    pub fn state(&self) -> State {
+        State {
+            lock: self.inner.lock.clone(),
+        }
+    }
+
+    /// Registers a task that runs only while this node is primary (DESIGN §3.8).
+    ///
+    /// On every promotion `factory` is called with the term's [`TermContext`] and the future it
+    /// returns is run:
+    /// - when the term ends (loss, step-down, shutdown) the context is cancelled at once; a task
+    ///   still running after the grace is aborted;
+    /// - `Err` or a panic restarts the task with backoff while the term lasts;
+    /// - `Ok` means done for this term: it runs again on the next promotion.
+    ///
+    /// A task registered while this node is primary starts at once.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use tower_primary::{Elector, MemoryBackend};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower_primary::Error> {
+    /// let elector = Elector::builder("jobs").backend(MemoryBackend::new()).spawn()?;
+    /// let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    /// elector.singleton_task("announce", move |ctx| {
+    ///     let tx = tx.clone();
+    ///     async move {
+    ///         tx.send(ctx.term()).ok();
+    ///         Ok::<_, std::convert::Infallible>(())
+    ///     }
+    /// });
+    /// let term = rx.recv().await.unwrap();
+    /// assert_eq!(Some(term), elector.handle().term());
+    /// # elector.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn singleton_task<F, Fut, E>(&self, name: impl Into<String>, factory: F)
+    where
+        F: Fn(TermContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<BoxError> + 'static,
+    {
+        let spec = TaskSpec::new(name.into(), move |ctx| {
+            let fut = factory(ctx);
+            Box::pin(async move { fut.await.map_err(Into::into) }) as BoxFuture<'static, _>
+        });
+        lock_tasks(&self.inner.tasks).push(Arc::new(spec));
+        let _ = self.inner.cmd.send(Command::TaskAdded);
+    }
+
+    /// Hands the lock over now (DESIGN §3.5 order), then campaigns again after the
+    /// [rejoin delay](ElectorBuilder::rejoin_delay) or as soon as another node holds the lock.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotPrimary`] when this node is not primary, [`Error::Shutdown`] after shutdown,
+    /// or the backend's error from releasing.
+    pub async fn step_down(&self) -> Result<(), Error> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .cmd
+            .send(Command::StepDown(tx))
+            .map_err(|_| self.shut_down_error())?;
+        rx.await.map_err(|_| self.shut_down_error())?
+    }
+
+    /// Stops the campaign: if primary, hands over in the order of DESIGN §3.5 (stop admitting
+    /// primary-only work, cancel the term, wait for tasks and gated requests up to the grace,
+    /// abort the rest, release the lock). Returns when that is done. Idempotent.
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.inner.cmd.send(Command::Shutdown(tx)).is_ok() {
+            let _ = rx.await;
+        }
+        self.stopped().await;
+    }
+
+    /// A future for `axum::serve(..).with_graceful_shutdown(..)`: waits for `signal`, then
+    /// [shuts the elector down](Self::shutdown), then resolves.
+    ///
+    /// The order is what makes handover fast and safe: when the signal arrives this node first
+    /// stops admitting primary-only requests, winds its tasks down and releases the lock (a
+    /// secondary takes over at once), and only then does the server stop accepting connections
+    /// and drain the requests it has.
+    ///
+    /// ```no_run
+    /// # async fn run(elector: tower_primary::Elector, app: axum::Router) -> std::io::Result<()> {
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+    /// axum::serve(listener, app)
+    ///     .with_graceful_shutdown(elector.shutdown_signal(tower_primary::terminate_signal()))
+    ///     .await
+    /// # }
+    /// ```
+    pub fn shutdown_signal<F>(&self, signal: F) -> impl Future<Output = ()> + Send + 'static
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let elector = self.clone();
+        async move {
+            signal.await;
+            elector.shutdown().await;
+        }
+    }
+
+    /// Resolves when the campaign loop has ended (after [`shutdown`](Self::shutdown), or after a
+    /// loss with [`exit_on_loss`](ElectorBuilder::exit_on_loss)).
+    pub async fn stopped(&self) {
+        let mut rx = self.inner.stopped.clone();
+        let _ = rx.wait_for(|stopped| *stopped).await;
+    }
+
+    fn shut_down_error(&self) -> Error {
+        Error::Shutdown {
+            lock: self.inner.handle.lock().to_owned(),
+        }
+    }
+}
+
+/// Resolves on `SIGINT` (Ctrl-C) or `SIGTERM`; pass it to [`Elector::shutdown_signal`].
+///
+/// # Panics
+///
+/// Panics if the signal handlers cannot be installed (outside a tokio runtime).
+pub async fn terminate_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("install a SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// The state API of one lock, from [`Elector::state`]: small values kept by the backend, which
+/// only the term holding the lock may write (DESIGN §5).
+///
+/// # Examples
+///
+/// ```
+/// # use tower_primary::{Elector, MemoryBackend};
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), tower_primary::Error> {
+/// let elector = Elector::builder("jobs").backend(MemoryBackend::new()).spawn()?;
+/// let ctx = elector.handle().wait_primary().await;
+/// let state = elector.state();
+/// state.store("last-run", b"2026-11-30", &ctx).await?;
+/// let stored = state.load("last-run").await?.unwrap();
+/// assert_eq!(stored.value, b"2026-11-30");
+/// assert_eq!(stored.term, ctx.term());
+/// # elector.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct State {
+    lock: Arc<dyn Lock>,
+}
+
+impl State {
+    /// Loads a value and the term that wrote it.
+    ///
+    /// # Errors
+    ///
+    /// An invalid key, or the backend's error.
+    pub async fn load(&self, key: &str) -> Result<Option<Stored>, Error> {
+        crate::backend::validate_key(key)?;
+        self.lock.load(key).await
+    }
+
+    /// Stores a value under the term of `ctx`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::StaleTerm`] if the term has ended or a newer term wrote the key; an invalid key;
+    /// the backend's error.
+    pub async fn store(&self, key: &str, value: &[u8], ctx: &TermContext) -> Result<(), Error> {
+        crate::backend::validate_key(key)?;
+        if !ctx.is_valid() {
+            return Err(Error::StaleTerm {
+                lock: ctx.lock().to_owned(),
+                term: ctx.term(),
+                current: None,
+            });
+        }
+        self.lock.store(key, value, ctx.term()).await
+    }
+
+    /// A subscription to changes of `key`.
+    ///
+    /// # Errors
+    ///
+    /// An invalid key, or the backend's error.
+    pub async fn watch(&self, key: &str) -> Result<Box<dyn Changes>, Error> {
+        crate::backend::validate_key(key)?;
+        self.lock.watch_key(key).await
+    }
+}
+
+fn lock_tasks(tasks: &Mutex<Vec<Arc<TaskSpec>>>) -> std::sync::MutexGuard<'_, Vec<Arc<TaskSpec>>> {
+    // The list is only pushed to and cloned; a panic while holding the guard cannot leave it
+    // half-changed, so a poisoned lock is still consistent.
+    tasks
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Why a term ended.
+enum Leave {
+    Lost(Error),
+    Fenced,
+    StepDown(oneshot::Sender<Result<(), Error>>),
+    Shutdown(Option<oneshot::Sender<()>>),
+}
+
+impl Leave {
+    fn reason(&self) -> &'static str {
+        match self {
+            Leave::Lost(_) => "lost",
+            Leave::Fenced => "fenced",
+            Leave::StepDown(_) => "stepped-down",
+            Leave::Shutdown(_) => "shutdown",
+        }
+    }
+}
+
+/// What the campaign loop owns.
+struct Campaign {
+    shared: Arc<Shared>,
+    lock: Arc<dyn Lock>,
+    backend_name: &'static str,
+    request: AcquireRequest,
+    lease: Option<Lease>,
+    grace: Duration,
+    backoff: Backoff,
+    rejoin_delay: Duration,
+    exit_on_loss: bool,
+    tasks: Arc<Mutex<Vec<Arc<TaskSpec>>>>,
+    cmd_rx: mpsc::UnboundedReceiver<Command>,
+}
+
+/// Polls an optional future; pends forever when there is none.
+async fn maybe<F: Future + Unpin>(slot: &mut Option<F>) -> F::Output {
+    match slot {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Campaign {
+    async fn run(mut self) {
+        let mut hold_off = None;
+        loop {
+            let leadership = match self.campaign(hold_off.take()).await {
+                Ok(l) => l,
+                Err(reply) => {
+                    self.publish_secondary(None);
+                    if let Some(reply) = reply {
+                        let _ = reply.send(());
+                    }
+                    tracing::info!(lock = %self.shared.lock, node = %self.shared.node, "elector stopped");
+                    return;
+                }
+            };
+            let leave = self.lead(leadership).await;
+            match leave {
+                Leave::Shutdown(reply) => {
+                    if let Some(reply) = reply {
+                        let _ = reply.send(());
+                    }
+                    tracing::info!(lock = %self.shared.lock, node = %self.shared.node, "elector stopped");
+                    return;
+                }
+                Leave::StepDown(_) => {
+                    hold_off = Some(Instant::now() + self.rejoin_delay);
+                }
+                Leave::Lost(_) | Leave::Fenced if self.exit_on_loss => {
+                    tracing::info!(
+                        lock = %self.shared.lock,
+                        node = %self.shared.node,
+                        "elector stopped after losing the lock (exit_on_loss)"
+                    );
+                    return;
+                }
+                Leave::Lost(_) | Leave::Fenced => {}
+            }
+        }
+    }
+
+    /// Campaigns until acquired. `Err` on shutdown, with the reply to send when stopped.
+    async fn campaign(
+        &mut self,
+        mut hold_off: Option<Instant>,
+    ) -> Result<Box<dyn Leadership>, Option<oneshot::Sender<()>>> {
+        let lock = self.lock.clone();
+        let lock = &*lock;
+        let mut acquire: Option<BoxFuture<'_, Result<Box<dyn Leadership>, Error>>> = None;
+        let mut attempt_at = hold_off.unwrap_or_else(Instant::now);
+        let mut watch: Option<Box<dyn Changes>> = None;
+        let mut watch_fut: Option<BoxFuture<'_, Result<Box<dyn Changes>, Error>>> =
+            Some(lock.watch_holder());
+        let mut watch_retry = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut watch_at: Option<Instant> = None;
+        let mut holder_fut: Option<BoxFuture<'_, Result<Option<Holder>, Error>>> = None;
+        let mut holder_again = false;
+        let mut last_holder: Option<Holder> = None;
+        loop {
+            if acquire.is_none() && Instant::now() >= attempt_at {
+                acquire = Some(lock.acquire(self.request.clone()));
+            }
+            let sleep_until = match (&acquire, watch_at) {
+                (None, Some(w)) => attempt_at.min(w),
+                (None, None) => attempt_at,
+                (Some(_), Some(w)) => w,
+                (Some(_), None) => Instant::now() + Duration::from_secs(86_400),
+            };
+            tokio::select! {
+                biased;
+                cmd = self.cmd_rx.recv() => match cmd {
+                    None => return Err(None),
+                    Some(Command::Shutdown(reply)) => return Err(Some(reply)),
+                    Some(Command::StepDown(reply)) => {
+                        let _ = reply.send(Err(Error::NotPrimary { lock: self.shared.lock.clone() }));
+                    }
+                    Some(Command::TaskAdded) => {}
+                },
+                res = maybe(&mut acquire) => {
+                    acquire = None;
+                    match res {
+                        Ok(l) => {
+                            self.backoff.reset();
+                            return Ok(l);
+                        }
+                        Err(err) => {
+                            let delay = self.backoff.next_delay();
+                            tracing::warn!(
+                                lock = %self.shared.lock,
+                                node = %self.shared.node,
+                                backend = self.backend_name,
+                                error = %err,
+                                retry_in = ?delay,
+                                "acquire failed; staying secondary"
+                            );
+                            attempt_at = Instant::now() + delay;
+                            self.publish_secondary(last_holder.clone());
+                        }
+                    }
+                },
+                res = maybe(&mut watch_fut) => {
+                    watch_fut = None;
+                    match res {
+                        Ok(w) => {
+                            watch = Some(w);
+                            watch_retry.reset();
+                            holder_again = true;
+                        }
+                        Err(err) => {
+                            let delay = watch_retry.next_delay();
+                            tracing::warn!(lock = %self.shared.lock, error = %err, "cannot watch the holder record; retrying");
+                            watch_at = Some(Instant::now() + delay);
+                        }
+                    }
+                },
+                res = async { match watch.as_mut() { Some(w) => w.changed().await, None => std::future::pending().await } } => {
+                    match res {
+                        Ok(()) => holder_again = true,
+                        Err(err) => {
+                            tracing::warn!(lock = %self.shared.lock, error = %err, "holder watch failed; re-subscribing");
+                            watch = None;
+                            watch_at = Some(Instant::now() + watch_retry.next_delay());
+                        }
+                    }
+                },
+                res = maybe(&mut holder_fut) => {
+                    holder_fut = None;
+                    match res {
+                        Ok(holder) => {
+                            if hold_off.is_some()
+                                && holder.as_ref().is_some_and(|h| h.id != self.shared.node.id())
+                            {
+                                // Another node took over after our step-down: rejoin now.
+                                hold_off = None;
+                                attempt_at = Instant::now();
+                            }
+                            last_holder.clone_from(&holder);
+                            self.publish_secondary(holder);
+                        }
+                        Err(err) => {
+                            tracing::warn!(lock = %self.shared.lock, error = %err, "cannot read the holder record");
+                            self.publish_secondary(None);
+                        }
+                    }
+                },
+                () = tokio::time::sleep_until(sleep_until) => {
+                    if watch_at.is_some_and(|w| Instant::now() >= w) {
+                        watch_at = None;
+                        watch_fut = Some(lock.watch_holder());
+                    }
+                },
+            }
+            if holder_again && holder_fut.is_none() {
+                holder_again = false;
+                holder_fut = Some(lock.holder());
+            }
+        }
+    }
+
+    /// Holds one term until it ends, then leaves it in the order of DESIGN §3.5.
+    async fn lead(&mut self, mut leadership: Box<dyn Leadership>) -> Leave {
+        let term = leadership.term();
+        let holder = leadership.holder().clone();
+        let clock = self.shared.clock;
+        let mut renewals = leadership.renewals();
+        let mut deadline = match (&renewals, self.lease) {
+            (Some(r), Some(lease)) => lease.deadline_after(r.latest()),
+            _ => Timestamp::NEVER,
+        };
+        let token = CancellationToken::new();
+        let ctx = TermContext::new(term, self.shared.clone(), token.clone());
+        let since = holder.since;
+        self.shared.state.send_replace(RoleState {
+            role: Role::Primary { term, since },
+            holder: Some(holder),
+            term: Some(ctx.clone()),
+        });
+        self.shared.set_deadline(deadline);
+        tracing::info!(
+            lock = %self.shared.lock,
+            node = %self.shared.node,
+            term,
+            reason = "acquired",
+            "became primary"
+        );
+        let mut tasks = TaskSet::new();
+        tasks.sync(&lock_tasks(&self.tasks), &ctx);
+
+        let leave = loop {
+            if clock.now() >= deadline {
+                break Leave::Fenced;
+            }
+            tokio::select! {
+                biased;
+                cmd = self.cmd_rx.recv() => match cmd {
+                    None => break Leave::Shutdown(None),
+                    Some(Command::Shutdown(reply)) => break Leave::Shutdown(Some(reply)),
+                    Some(Command::StepDown(reply)) => break Leave::StepDown(reply),
+                    Some(Command::TaskAdded) => tasks.sync(&lock_tasks(&self.tasks), &ctx),
+                },
+                err = leadership.lost() => break Leave::Lost(err),
+                () = tokio::time::sleep_until(clock.to_tokio_instant(deadline)) => {}
+                sent = async { match renewals.as_mut() { Some(r) => r.changed().await, None => std::future::pending().await } } => {
+                    if let Some(lease) = self.lease {
+                        // A renewal confirmed after the deadline extends nothing: the term is over.
+                        if clock.now() < deadline {
+                            deadline = deadline.max(lease.deadline_after(sent));
+                            self.shared.set_deadline(deadline);
+                        }
+                    }
+                },
+            }
+        };
+        self.leave(leadership, ctx, tasks, leave).await
+    }
+
+    async fn leave(
+        &mut self,
+        leadership: Box<dyn Leadership>,
+        ctx: TermContext,
+        mut tasks: TaskSet,
+        leave: Leave,
+    ) -> Leave {
+        let term = ctx.term();
+        let lock = self.shared.lock.clone();
+        let node = self.shared.node.id().to_owned();
+        // 1. Stop admitting primary-only requests and work.
+        self.shared.set_deadline(Timestamp::ZERO);
+        self.publish_secondary(None);
+        match &leave {
+            Leave::Lost(err) => {
+                tracing::warn!(%lock, %node, term, reason = "lost", error = %err, "lost the lock");
+            }
+            Leave::Fenced => tracing::warn!(
+                %lock, %node, term, reason = "fenced",
+                "lease deadline passed without a confirmed renewal; stepping down"
+            ),
+            other => tracing::info!(%lock, %node, term, reason = other.reason(), "stepping down"),
+        }
+        // 2. Cancel the term.
+        ctx.token().cancel();
+        // 3. Wait for tasks and in-flight gated requests, up to the grace; 4. abort the rest.
+        ctx.tracker().close();
+        let drained = tokio::time::timeout(self.grace, async {
+            tasks.join().await;
+            ctx.tracker().wait().await;
+        })
+        .await;
+        if drained.is_err() {
+            let names = tasks.running();
+            tracing::warn!(%lock, %node, term, grace = ?self.grace, tasks = ?names, "grace period over; aborting what is left");
+            tasks.abort().await;
+        }
+        // 5. Release the lock, which wakes the waiters.
+        let released = match tokio::time::timeout(self.grace, leadership.release()).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::backend_msg(
+                self.backend_name,
+                format!("release timed out after {:?}", self.grace),
+            )),
+        };
+        if let Err(err) = &released {
+            tracing::warn!(%lock, %node, term, backend = self.backend_name, error = %err, "release failed");
+        } else {
+            tracing::info!(%lock, %node, term, reason = leave.reason(), "released the lock");
+        }
+        match leave {
+            Leave::StepDown(reply) => {
+                let _ = reply.send(released);
+                Leave::StepDown(oneshot::channel().0)
+            }
+            other => other,
+        }
+    }
+
+    fn publish_secondary(&self, holder: Option<Holder>) {
+        self.shared.state.send_if_modified(|state| {
+            let role = Role::Secondary {
+                holder: holder.clone(),
+            };
+            if state.role == role && state.term.is_none() {
+                return false;
+            }
+            if !matches!(state.role, Role::Secondary { .. }) {
+                tracing::info!(
+                    lock = %self.shared.lock,
+                    node = %self.shared.node,
+                    term = holder.as_ref().map(|h| h.term),
+                    holder = holder.as_ref().map(|h| h.id.as_str()),
+                    "secondary"
+                );
+            }
+            state.role = role;
+            state.holder.clone_from(&holder);
+            state.term = None;
+            true
+        });
+    }
+}
