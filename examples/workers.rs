@@ -1,0 +1,164 @@
+//! N worker processes, one primary: the smallest service that shows what tower-primary does.
+//!
+//! ```text
+//! cargo run --example workers -- --workers 4 --state-dir ./state
+//! ```
+//!
+//! The supervisor starts `--workers` copies of itself. Every worker campaigns for the lock
+//! `ticker` in `<state-dir>/locks` (the file backend: no server needed); the primary runs a
+//! singleton task that prints a tick every second with its term. Kill the primary (`kill -9 <pid>`
+//! of the worker that ticks) and another worker ticks within milliseconds, with a higher term; the
+//! supervisor restarts the dead worker as a secondary. Ctrl-C (or SIGTERM to the supervisor) stops
+//! every worker gracefully: the primary hands over before it exits.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+use tower_primary::{Elector, FileLock, NodeId, Role, terminate_signal};
+
+const WORKER_FLAG: &str = "--worker";
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse()?;
+    match args.worker {
+        Some(index) => worker(index, &args.state_dir).await,
+        None => supervise(&args).await,
+    }
+}
+
+struct Args {
+    workers: usize,
+    state_dir: PathBuf,
+    worker: Option<u32>,
+}
+
+impl Args {
+    fn parse() -> Result<Self, String> {
+        let mut args = Args {
+            workers: std::thread::available_parallelism().map_or(2, usize::from),
+            state_dir: PathBuf::from("./state"),
+            worker: None,
+        };
+        let mut it = std::env::args().skip(1);
+        while let Some(flag) = it.next() {
+            let mut value = || it.next().ok_or(format!("{flag} needs a value"));
+            match flag.as_str() {
+                "--workers" => {
+                    args.workers = value()?
+                        .parse()
+                        .map_err(|e| format!("--workers: {e}"))?;
+                }
+                "--state-dir" => args.state_dir = PathBuf::from(value()?),
+                WORKER_FLAG => {
+                    args.worker = Some(value()?.parse().map_err(|e| format!("--worker: {e}"))?);
+                }
+                "-h" | "--help" => {
+                    println!("usage: workers [--workers N] [--state-dir DIR]");
+                    std::process::exit(0);
+                }
+                other => return Err(format!("unknown flag {other}")),
+            }
+        }
+        if args.workers == 0 {
+            return Err("--workers must be at least 1".to_owned());
+        }
+        Ok(args)
+    }
+}
+
+async fn supervise(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    let locks = args.state_dir.join("locks");
+    std::fs::create_dir_all(&locks)?;
+    let exe = std::env::current_exe()?;
+    let spawn = |index: usize| -> std::io::Result<Child> {
+        Command::new(&exe)
+            .arg("--state-dir")
+            .arg(&args.state_dir)
+            .arg(WORKER_FLAG)
+            .arg(index.to_string())
+            .env(tower_primary::role::WORKER_ENV, index.to_string())
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+    };
+    let mut children = (0..args.workers).map(spawn).collect::<Result<Vec<_>, _>>()?;
+    tracing::info!(workers = args.workers, locks = %locks.display(), "supervisor started");
+    let stop = terminate_signal();
+    tokio::pin!(stop);
+    loop {
+        let exited = any_exit(&mut children);
+        tokio::select! {
+            () = &mut stop => break,
+            (index, status) = exited => {
+                tracing::warn!(worker = index, ?status, "worker exited; restarting it");
+                children[index] = spawn(index)?;
+            }
+        }
+    }
+    tracing::info!("stopping workers");
+    for child in &children {
+        if let Some(pid) = child.id() {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(pid)?);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        }
+    }
+    for child in &mut children {
+        let _ = child.wait().await;
+    }
+    Ok(())
+}
+
+/// Waits for any child to exit; returns its index and status.
+async fn any_exit(children: &mut [Child]) -> (usize, std::io::Result<std::process::ExitStatus>) {
+    let waits = children
+        .iter_mut()
+        .enumerate()
+        .map(|(i, c)| Box::pin(async move { (i, c.wait().await) }));
+    futures_util::future::select_all(waits).await.0
+}
+
+async fn worker(index: u32, state_dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    let elector = Elector::builder("ticker")
+        .backend(FileLock::new(state_dir.join("locks")))
+        .node(NodeId::from_env())
+        .grace(Duration::from_secs(2))
+        .spawn()?;
+    let pid = std::process::id();
+    elector.singleton_task("tick", move |ctx| async move {
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        while ctx.is_valid() {
+            tokio::select! {
+                _ = every.tick() => println!("tick from worker {index} (pid {pid}) in term {}", ctx.term()),
+                () = ctx.cancelled() => break,
+            }
+        }
+        Ok::<_, std::convert::Infallible>(())
+    });
+    let mut role = elector.handle();
+    tokio::spawn(async move {
+        loop {
+            match role.changed().await {
+                Role::Primary { term, .. } => tracing::info!(worker = index, pid, term, "primary"),
+                Role::Secondary { holder } => tracing::info!(
+                    worker = index,
+                    pid,
+                    holder = holder.as_ref().map(|h| h.id.as_str()),
+                    "secondary"
+                ),
+                Role::Starting => {}
+            }
+        }
+    });
+    elector.shutdown_signal(terminate_signal()).await;
+    tracing::info!(worker = index, pid, "worker stopped");
+    Ok(())
+}

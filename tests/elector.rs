@@ -1,0 +1,417 @@
+//! The elector's timing logic on tokio's paused clock, with the memory backend and its faults:
+//! self-fencing, task cancellation, abort after the grace, restart with backoff, fail-closed,
+//! step-down and shutdown order.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::{Instant, advance, timeout};
+use tower_primary::{
+    Clock, ConfigError, Elector, Error, Lease, MemoryBackend, NodeId, Role, RoleHandle,
+};
+
+const LEASE: Duration = Duration::from_secs(3);
+
+fn elector(backend: &MemoryBackend, node: &str) -> Elector {
+    Elector::builder("paused")
+        .backend(backend.clone())
+        .node(NodeId::new(node))
+        .lease(Lease::new(LEASE))
+        .grace(Duration::from_secs(2))
+        .rejoin_delay(Duration::from_secs(1))
+        .clock(Clock::tokio())
+        .spawn()
+        .unwrap()
+}
+
+/// Lets spawned tasks run without moving the paused clock.
+async fn settle() {
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+}
+
+async fn wait_role(handle: &mut RoleHandle, pred: impl Fn(&Role) -> bool) -> Role {
+    timeout(Duration::from_secs(60), async {
+        loop {
+            let role = handle.role();
+            if pred(&role) {
+                return role;
+            }
+            handle.changed().await;
+        }
+    })
+    .await
+    .expect("role did not change in time")
+}
+
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+enum Ev {
+    Start(u64),
+    Cancelled(u64),
+}
+
+/// A singleton task that reports its start and its cancellation.
+fn reporting_task(elector: &Elector) -> mpsc::UnboundedReceiver<Ev> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    elector.singleton_task("reporter", move |ctx| {
+        let tx = tx.clone();
+        async move {
+            tx.send(Ev::Start(ctx.term())).ok();
+            ctx.cancelled().await;
+            tx.send(Ev::Cancelled(ctx.term())).ok();
+            Ok::<_, std::io::Error>(())
+        }
+    });
+    rx
+}
+
+#[tokio::test(start_paused = true)]
+async fn primary_fences_itself_when_renewals_stop() {
+    let backend = MemoryBackend::new().with_lease();
+    let a = elector(&backend, "a");
+    let mut events = reporting_task(&a);
+    let ctx = a.handle().wait_primary().await;
+    assert_eq!(events.recv().await, Some(Ev::Start(ctx.term())));
+
+    backend.faults().stop_renewals(true);
+    // Renewals confirmed so far were sent at most `ttl / 3` ago; the deadline is at most
+    // `ttl - margin` after the last one.
+    let started = Instant::now();
+    let handle = a.handle();
+    while handle.is_primary() {
+        advance(Duration::from_millis(10)).await;
+        assert!(started.elapsed() <= LEASE, "still primary a whole lease after renewals stopped");
+    }
+    assert!(!ctx.is_valid(), "the term's context must be invalid past the deadline");
+    let fenced_after = started.elapsed();
+    assert!(fenced_after >= LEASE - LEASE / 10 - LEASE / 3, "{fenced_after:?}");
+    settle().await;
+    assert_eq!(events.recv().await, Some(Ev::Cancelled(ctx.term())));
+    a.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_other_node_is_primary_before_the_fenced_primarys_deadline() {
+    let backend = MemoryBackend::new().with_lease();
+    let a = elector(&backend, "a");
+    let a_handle = a.handle();
+    a_handle.clone().wait_primary().await;
+    let b_backend = backend.connection();
+    let b = elector(&b_backend, "b");
+    let mut b_handle = b.handle();
+
+    // A partition: a can neither renew nor reach the backend at all.
+    backend.faults().stop_renewals(true);
+    backend.faults().set_failing(true);
+    let mut overlap = false;
+    let deadline = Instant::now() + LEASE * 4;
+    while !b_handle.is_primary() {
+        assert!(Instant::now() < deadline, "b never took over");
+        advance(Duration::from_millis(5)).await;
+        settle().await;
+        if b_handle.is_primary() && a_handle.is_primary() {
+            overlap = true;
+        }
+    }
+    assert!(!overlap, "two primaries at once");
+    assert!(!a_handle.is_primary());
+    let b_term = b_handle.wait_primary().await.term();
+    assert!(b_term > 1);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn task_is_cancelled_at_once_when_the_lock_is_lost_and_the_node_rejoins() {
+    let backend = MemoryBackend::new();
+    let a = elector(&backend, "a");
+    let mut events = reporting_task(&a);
+    let mut handle = a.handle();
+    let first = handle.wait_primary().await;
+    assert_eq!(events.recv().await, Some(Ev::Start(first.term())));
+
+    backend.faults().lose_locks(&backend);
+    // No time passes: cancellation is immediate.
+    settle().await;
+    assert_eq!(
+        events.try_recv().ok(),
+        Some(Ev::Cancelled(first.term())),
+        "cancellation was not immediate"
+    );
+
+    // It campaigns again (DESIGN §3.4) and gets a higher term; the task restarts.
+    let second = handle.wait_primary().await;
+    assert!(second.term() > first.term());
+    assert_eq!(events.recv().await, Some(Ev::Start(second.term())));
+    a.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn task_that_ignores_cancellation_is_aborted_after_the_grace_before_release() {
+    struct Dropped(mpsc::UnboundedSender<Instant>);
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.0.send(Instant::now()).ok();
+        }
+    }
+    let backend = MemoryBackend::new();
+    let a = elector(&backend, "a");
+    let (tx, mut dropped) = mpsc::unbounded_channel();
+    a.singleton_task("stubborn", move |_ctx| {
+        let guard = Dropped(tx.clone());
+        async move {
+            let _guard = guard;
+            std::future::pending::<()>().await;
+            Ok::<_, std::io::Error>(())
+        }
+    });
+    a.handle().wait_primary().await;
+    settle().await;
+    let b = elector(&backend.connection(), "b");
+    let mut b_handle = b.handle();
+
+    let asked = Instant::now();
+    let stepping = tokio::spawn({
+        let a = a.clone();
+        async move { a.step_down().await }
+    });
+    let aborted_at = dropped.recv().await.unwrap();
+    assert_eq!(aborted_at - asked, Duration::from_secs(2), "aborted at the end of the grace");
+    b_handle.wait_primary().await;
+    assert!(Instant::now() >= aborted_at, "lock released before the task was aborted");
+    stepping.await.unwrap().unwrap();
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn failing_task_restarts_with_growing_backoff_and_ok_ends_it_for_the_term() {
+    let backend = MemoryBackend::new();
+    let a = elector(&backend, "a");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (tx, mut starts) = mpsc::unbounded_channel();
+    a.singleton_task("flaky", {
+        let runs = runs.clone();
+        move |_ctx| {
+            let n = runs.fetch_add(1, Ordering::SeqCst);
+            tx.send(Instant::now()).ok();
+            async move {
+                match n {
+                    0 | 1 => Err(std::io::Error::other("boom")),
+                    2 => panic!("task panicked on purpose"),
+                    _ => Ok(()),
+                }
+            }
+        }
+    });
+    a.handle().wait_primary().await;
+    let mut at = Vec::new();
+    for _ in 0..4 {
+        at.push(timeout(Duration::from_secs(60), starts.recv()).await.unwrap().unwrap());
+    }
+    let gaps: Vec<_> = at.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps.iter().all(|g| *g > Duration::ZERO), "{gaps:?}");
+    assert!(gaps[2] > gaps[0], "backoff does not grow: {gaps:?}");
+    // Ok: done for this term, no fifth run.
+    advance(Duration::from_secs(120)).await;
+    settle().await;
+    assert_eq!(runs.load(Ordering::SeqCst), 4);
+    assert!(starts.try_recv().is_err());
+
+    // It runs again on the next promotion.
+    a.step_down().await.unwrap();
+    a.handle().wait_primary().await;
+    assert!(timeout(Duration::from_secs(10), starts.recv()).await.unwrap().is_some());
+    assert_eq!(runs.load(Ordering::SeqCst), 5);
+    a.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn backend_errors_keep_the_node_secondary_until_they_clear() {
+    let backend = MemoryBackend::new();
+    backend.faults().set_failing(true);
+    let a = elector(&backend, "a");
+    let mut handle = a.handle();
+    wait_role(&mut handle, |r| matches!(r, Role::Secondary { .. })).await;
+    for _ in 0..50 {
+        advance(Duration::from_millis(200)).await;
+        settle().await;
+        assert!(!handle.is_primary(), "a failing backend made the node primary");
+    }
+    backend.faults().set_failing(false);
+    let ctx = handle.wait_primary().await;
+    assert_eq!(ctx.term(), 1);
+    a.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_returns_even_while_the_backend_hangs() {
+    let backend = MemoryBackend::new();
+    backend.faults().set_hung(true);
+    let a = elector(&backend, "a");
+    settle().await;
+    assert_eq!(a.handle().role(), Role::Starting);
+    timeout(Duration::from_secs(1), a.shutdown())
+        .await
+        .expect("shutdown hung on a hung backend");
+    assert!(!a.handle().is_primary());
+}
+
+#[tokio::test(start_paused = true)]
+async fn task_registered_while_primary_starts_at_once() {
+    let backend = MemoryBackend::new();
+    let a = elector(&backend, "a");
+    let ctx = a.handle().wait_primary().await;
+    let mut events = reporting_task(&a);
+    settle().await;
+    assert_eq!(
+        events.try_recv().ok(),
+        Some(Ev::Start(ctx.term())),
+        "task did not start at once"
+    );
+    a.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn step_down_hands_over_with_a_higher_term_and_secondaries_cannot_step_down() {
+    let backend = MemoryBackend::new();
+    let a = elector(&backend, "a");
+    let first = a.handle().wait_primary().await.term();
+    let b = elector(&backend.connection(), "b");
+    let mut b_handle = b.handle();
+    let holder = wait_role(&mut b_handle, |r| {
+        matches!(r, Role::Secondary { holder: Some(_) })
+    })
+    .await;
+    assert_eq!(holder.term(), Some(first));
+    match b.step_down().await {
+        Err(Error::NotPrimary { .. }) => {}
+        other => panic!("expected NotPrimary, got {other:?}"),
+    }
+    a.step_down().await.unwrap();
+    let second = b_handle.wait_primary().await.term();
+    assert!(second > first);
+    // a rejoins as a secondary that knows the new holder.
+    let mut a_handle = a.handle();
+    let role = wait_role(&mut a_handle, |r| {
+        matches!(r, Role::Secondary { holder: Some(h) } if h.id == "b")
+    })
+    .await;
+    assert_eq!(role.term(), Some(second));
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_stops_admitting_then_cancels_then_waits_for_in_flight_work_then_releases() {
+    let backend = MemoryBackend::new();
+    let a = elector(&backend, "a");
+    let mut events = reporting_task(&a);
+    let handle = a.handle();
+    let ctx = handle.clone().wait_primary().await;
+    assert_eq!(events.recv().await, Some(Ev::Start(ctx.term())));
+    let request = ctx.in_flight();
+    let b = elector(&backend.connection(), "b");
+    let mut b_handle = b.handle();
+
+    let shutting = tokio::spawn({
+        let a = a.clone();
+        async move { a.shutdown().await }
+    });
+    settle().await;
+    // Stopped admitting, term cancelled, task told, but the lock is still held for the request.
+    assert!(!handle.is_primary());
+    assert!(!ctx.is_valid());
+    assert_eq!(events.recv().await, Some(Ev::Cancelled(ctx.term())));
+    assert!(!b_handle.is_primary());
+    advance(Duration::from_millis(500)).await;
+    settle().await;
+    assert!(!b_handle.is_primary(), "released while a request was in flight");
+    assert!(!shutting.is_finished());
+    drop(request);
+    shutting.await.unwrap();
+    b_handle.wait_primary().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn exit_on_loss_stops_the_campaign() {
+    let backend = MemoryBackend::new();
+    let a = Elector::builder("paused")
+        .backend(backend.clone())
+        .exit_on_loss(true)
+        .clock(Clock::tokio())
+        .spawn()
+        .unwrap();
+    a.handle().wait_primary().await;
+    backend.faults().lose_locks(&backend);
+    timeout(Duration::from_secs(10), a.stopped()).await.unwrap();
+    settle().await;
+    assert!(!a.handle().is_primary());
+    // Nobody campaigns for it any more.
+    let b = elector(&backend.connection(), "b");
+    assert_eq!(b.handle().wait_primary().await.term(), 2);
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn invalid_configuration_is_refused_with_the_rule_it_broke() {
+    let lease_backend = MemoryBackend::new().with_lease();
+    let cases: Vec<(Result<Elector, ConfigError>, &str)> = vec![
+        (
+            Elector::builder("x").backend(MemoryBackend::new()).grace(Duration::ZERO).spawn(),
+            "invalid grace",
+        ),
+        (
+            Elector::builder("x")
+                .backend(lease_backend.clone())
+                .lease(Lease::new(Duration::from_millis(1)))
+                .spawn(),
+            "invalid lease",
+        ),
+        (
+            Elector::builder("x")
+                .backend(lease_backend.clone())
+                .lease(Lease::new(Duration::from_secs(3)).with_margin(Duration::from_secs(1)))
+                .spawn(),
+            "invalid lease margin",
+        ),
+        (Elector::builder("../etc").backend(MemoryBackend::new()).spawn(), "invalid lock name"),
+        (Elector::builder("x").spawn(), "no backend configured"),
+    ];
+    for (res, expect) in cases {
+        let err = res.unwrap_err().to_string();
+        assert!(err.starts_with(expect), "{err:?} should start with {expect:?}");
+    }
+}
+
+#[test]
+fn spawn_outside_a_runtime_says_so() {
+    let err = Elector::builder("x").backend(MemoryBackend::new()).spawn().unwrap_err();
+    assert!(matches!(err, ConfigError::NoRuntime { .. }), "{err}");
+    assert!(err.to_string().contains("inside a tokio runtime"), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn renewal_confirmed_after_the_deadline_extends_nothing() {
+    let backend = MemoryBackend::new().with_lease();
+    let a = elector(&backend, "a");
+    let mut handle = a.handle();
+    let ctx = handle.wait_primary().await;
+    // Renewals are sent but their replies are held back past the deadline, then delivered.
+    backend.faults().set_hung(true);
+    advance(LEASE).await;
+    backend.faults().set_hung(false);
+    settle().await;
+    assert!(!ctx.is_valid(), "a late renewal revived an expired term");
+    let role = handle.role();
+    assert!(
+        role.term() != Some(ctx.term()) || !role.is_primary(),
+        "still primary in term {} after its deadline: {role:?}",
+        ctx.term()
+    );
+    a.shutdown().await;
+}
