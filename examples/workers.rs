@@ -24,8 +24,7 @@ const WORKER_FLAG: &str = "--worker";
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     let args = Args::parse()?;
@@ -53,9 +52,7 @@ impl Args {
             let mut value = || it.next().ok_or(format!("{flag} needs a value"));
             match flag.as_str() {
                 "--workers" => {
-                    args.workers = value()?
-                        .parse()
-                        .map_err(|e| format!("--workers: {e}"))?;
+                    args.workers = value()?.parse().map_err(|e| format!("--workers: {e}"))?;
                 }
                 "--state-dir" => args.state_dir = PathBuf::from(value()?),
                 WORKER_FLAG => {
@@ -90,7 +87,9 @@ async fn supervise(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             .kill_on_drop(true)
             .spawn()
     };
-    let mut children = (0..args.workers).map(spawn).collect::<Result<Vec<_>, _>>()?;
+    let mut children = (0..args.workers)
+        .map(spawn)
+        .collect::<Result<Vec<_>, _>>()?;
     tracing::info!(workers = args.workers, locks = %locks.display(), "supervisor started");
     let stop = terminate_signal();
     tokio::pin!(stop);

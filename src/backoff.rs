@@ -25,7 +25,11 @@ impl Backoff {
         self.next = (d * 2).min(self.max);
         let half = d / 2;
         let span = u64::try_from((d - half).as_nanos()).unwrap_or(u64::MAX);
-        let jitter = if span == 0 { 0 } else { random_u64() % (span + 1) };
+        let jitter = if span == 0 {
+            0
+        } else {
+            random_u64() % (span + 1)
+        };
         half + Duration::from_nanos(jitter)
     }
 

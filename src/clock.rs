@@ -8,7 +8,7 @@
 //! - [`Clock::system`] (the default) counts while the machine is suspended (`CLOCK_BOOTTIME` on
 //!   Linux), so a host that slept through its lease sees it expired on waking;
 //! - [`Clock::tokio`] follows tokio's clock, so a test on tokio's paused clock can
-//!   [`advance`](tokio::time::advance) time and see timers and `is_primary()` agree.
+//!   advance time (`tokio::time::advance`) and see timers and `is_primary()` agree.
 //!
 //! Backends report the send time of every confirmed renewal on the clock they are handed in
 //! [`AcquireRequest`](crate::backend::AcquireRequest).
@@ -144,7 +144,11 @@ impl Clock {
             Kind::Tokio(origin) => {
                 let d = tokio::time::Instant::now().saturating_duration_since(origin);
                 // Start at 1 ns so that a real instant is never ZERO (ZERO means "not primary").
-                Timestamp(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).saturating_add(1))
+                Timestamp(
+                    u64::try_from(d.as_nanos())
+                        .unwrap_or(u64::MAX)
+                        .saturating_add(1),
+                )
             }
         }
     }
@@ -201,7 +205,10 @@ mod tests {
         let a = clock.now();
         assert_ne!(a, Timestamp::ZERO);
         tokio::time::advance(Duration::from_secs(3)).await;
-        assert_eq!(clock.now().saturating_duration_since(a), Duration::from_secs(3));
+        assert_eq!(
+            clock.now().saturating_duration_since(a),
+            Duration::from_secs(3)
+        );
         let at = a.saturating_add(Duration::from_secs(5));
         let inst = clock.to_tokio_instant(at);
         tokio::time::sleep_until(inst).await;

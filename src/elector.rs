@@ -150,7 +150,10 @@ impl Lease {
             return Err(ConfigError::InvalidTiming {
                 setting: "lease margin",
                 value: self.margin,
-                rule: format!("must be shorter than a third of the lease ({:?})", self.ttl / 3),
+                rule: format!(
+                    "must be shorter than a third of the lease ({:?})",
+                    self.ttl / 3
+                ),
             });
         }
         Ok(())
@@ -300,9 +303,10 @@ impl ElectorBuilder {
                 None
             }
         };
-        let runtime = tokio::runtime::Handle::try_current().map_err(|_| ConfigError::NoRuntime {
-            what: "Elector::spawn",
-        })?;
+        let runtime =
+            tokio::runtime::Handle::try_current().map_err(|_| ConfigError::NoRuntime {
+                what: "Elector::spawn",
+            })?;
         let lock = backend.lock(&self.lock)?;
         let node = self.node.unwrap_or_else(NodeId::from_env);
         let clock = self.clock.unwrap_or_default();

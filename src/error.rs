@@ -211,6 +211,9 @@ mod tests {
             term: 3,
             current: Some(4),
         };
-        assert_eq!(e.to_string(), "stale term 3 for lock \"l\" (current term 4)");
+        assert_eq!(
+            e.to_string(),
+            "stale term 3 for lock \"l\" (current term 4)"
+        );
     }
 }

@@ -324,10 +324,6 @@ impl Shared {
         })
     }
 
-    pub(crate) fn deadline(&self) -> Timestamp {
-        Timestamp::from_nanos(self.deadline.load(Ordering::Acquire))
-    }
-
     pub(crate) fn set_deadline(&self, at: Timestamp) {
         self.deadline.store(at.as_nanos(), Ordering::Release);
     }
@@ -371,7 +367,12 @@ impl RoleHandle {
     #[must_use]
     pub fn fixed(role: Role) -> Self {
         let node = NodeId::new("fixed");
-        let shared = Shared::new("fixed".to_owned(), node.clone(), Clock::system(), role.clone());
+        let shared = Shared::new(
+            "fixed".to_owned(),
+            node.clone(),
+            Clock::system(),
+            role.clone(),
+        );
         let (holder, term) = match &role {
             Role::Primary { term, since } => {
                 let mut h = Holder::new(&node, *term);
@@ -379,7 +380,11 @@ impl RoleHandle {
                 shared.set_deadline(Timestamp::NEVER);
                 (
                     Some(h),
-                    Some(TermContext::new(*term, shared.clone(), CancellationToken::new())),
+                    Some(TermContext::new(
+                        *term,
+                        shared.clone(),
+                        CancellationToken::new(),
+                    )),
                 )
             }
             Role::Secondary { holder } => (holder.clone(), None),
@@ -469,6 +474,7 @@ impl RoleHandle {
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.shared
     }
@@ -601,7 +607,9 @@ mod tests {
     fn holder_round_trips_through_json_with_nulls() {
         let h = Holder::new(&NodeId::new("n"), 1);
         let v = serde_json::to_value(&h).unwrap();
-        for k in ["id", "host", "pid", "worker", "url", "term", "since", "lease_ms"] {
+        for k in [
+            "id", "host", "pid", "worker", "url", "term", "since", "lease_ms",
+        ] {
             assert!(v.get(k).is_some(), "missing {k}");
         }
         assert!(v["worker"].is_null() && v["url"].is_null() && v["lease_ms"].is_null());

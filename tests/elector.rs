@@ -83,11 +83,20 @@ async fn primary_fences_itself_when_renewals_stop() {
     let handle = a.handle();
     while handle.is_primary() {
         advance(Duration::from_millis(10)).await;
-        assert!(started.elapsed() <= LEASE, "still primary a whole lease after renewals stopped");
+        assert!(
+            started.elapsed() <= LEASE,
+            "still primary a whole lease after renewals stopped"
+        );
     }
-    assert!(!ctx.is_valid(), "the term's context must be invalid past the deadline");
+    assert!(
+        !ctx.is_valid(),
+        "the term's context must be invalid past the deadline"
+    );
     let fenced_after = started.elapsed();
-    assert!(fenced_after >= LEASE - LEASE / 10 - LEASE / 3, "{fenced_after:?}");
+    assert!(
+        fenced_after >= LEASE - LEASE / 10 - LEASE / 3,
+        "{fenced_after:?}"
+    );
     settle().await;
     assert_eq!(events.recv().await, Some(Ev::Cancelled(ctx.term())));
     a.shutdown().await;
@@ -179,9 +188,16 @@ async fn task_that_ignores_cancellation_is_aborted_after_the_grace_before_releas
         async move { a.step_down().await }
     });
     let aborted_at = dropped.recv().await.unwrap();
-    assert_eq!(aborted_at - asked, Duration::from_secs(2), "aborted at the end of the grace");
+    assert_eq!(
+        aborted_at - asked,
+        Duration::from_secs(2),
+        "aborted at the end of the grace"
+    );
     b_handle.wait_primary().await;
-    assert!(Instant::now() >= aborted_at, "lock released before the task was aborted");
+    assert!(
+        Instant::now() >= aborted_at,
+        "lock released before the task was aborted"
+    );
     stepping.await.unwrap().unwrap();
     a.shutdown().await;
     b.shutdown().await;
@@ -210,7 +226,12 @@ async fn failing_task_restarts_with_growing_backoff_and_ok_ends_it_for_the_term(
     a.handle().wait_primary().await;
     let mut at = Vec::new();
     for _ in 0..4 {
-        at.push(timeout(Duration::from_secs(60), starts.recv()).await.unwrap().unwrap());
+        at.push(
+            timeout(Duration::from_secs(60), starts.recv())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
     }
     let gaps: Vec<_> = at.windows(2).map(|w| w[1] - w[0]).collect();
     assert!(gaps.iter().all(|g| *g > Duration::ZERO), "{gaps:?}");
@@ -224,7 +245,12 @@ async fn failing_task_restarts_with_growing_backoff_and_ok_ends_it_for_the_term(
     // It runs again on the next promotion.
     a.step_down().await.unwrap();
     a.handle().wait_primary().await;
-    assert!(timeout(Duration::from_secs(10), starts.recv()).await.unwrap().is_some());
+    assert!(
+        timeout(Duration::from_secs(10), starts.recv())
+            .await
+            .unwrap()
+            .is_some()
+    );
     assert_eq!(runs.load(Ordering::SeqCst), 5);
     a.shutdown().await;
 }
@@ -239,7 +265,10 @@ async fn backend_errors_keep_the_node_secondary_until_they_clear() {
     for _ in 0..50 {
         advance(Duration::from_millis(200)).await;
         settle().await;
-        assert!(!handle.is_primary(), "a failing backend made the node primary");
+        assert!(
+            !handle.is_primary(),
+            "a failing backend made the node primary"
+        );
     }
     backend.faults().set_failing(false);
     let ctx = handle.wait_primary().await;
@@ -296,9 +325,10 @@ async fn step_down_hands_over_with_a_higher_term_and_secondaries_cannot_step_dow
     assert!(second > first);
     // a rejoins as a secondary that knows the new holder.
     let mut a_handle = a.handle();
-    let role = wait_role(&mut a_handle, |r| {
-        matches!(r, Role::Secondary { holder: Some(h) } if h.id == "b")
-    })
+    let role = wait_role(
+        &mut a_handle,
+        |r| matches!(r, Role::Secondary { holder: Some(h) } if h.id == "b"),
+    )
     .await;
     assert_eq!(role.term(), Some(second));
     a.shutdown().await;
@@ -329,7 +359,10 @@ async fn shutdown_stops_admitting_then_cancels_then_waits_for_in_flight_work_the
     assert!(!b_handle.is_primary());
     advance(Duration::from_millis(500)).await;
     settle().await;
-    assert!(!b_handle.is_primary(), "released while a request was in flight");
+    assert!(
+        !b_handle.is_primary(),
+        "released while a request was in flight"
+    );
     assert!(!shutting.is_finished());
     drop(request);
     shutting.await.unwrap();
@@ -362,7 +395,10 @@ async fn invalid_configuration_is_refused_with_the_rule_it_broke() {
     let lease_backend = MemoryBackend::new().with_lease();
     let cases: Vec<(Result<Elector, ConfigError>, &str)> = vec![
         (
-            Elector::builder("x").backend(MemoryBackend::new()).grace(Duration::ZERO).spawn(),
+            Elector::builder("x")
+                .backend(MemoryBackend::new())
+                .grace(Duration::ZERO)
+                .spawn(),
             "invalid grace",
         ),
         (
@@ -374,23 +410,34 @@ async fn invalid_configuration_is_refused_with_the_rule_it_broke() {
         ),
         (
             Elector::builder("x")
-                .backend(lease_backend.clone())
+                .backend(lease_backend)
                 .lease(Lease::new(Duration::from_secs(3)).with_margin(Duration::from_secs(1)))
                 .spawn(),
             "invalid lease margin",
         ),
-        (Elector::builder("../etc").backend(MemoryBackend::new()).spawn(), "invalid lock name"),
+        (
+            Elector::builder("../etc")
+                .backend(MemoryBackend::new())
+                .spawn(),
+            "invalid lock name",
+        ),
         (Elector::builder("x").spawn(), "no backend configured"),
     ];
     for (res, expect) in cases {
         let err = res.unwrap_err().to_string();
-        assert!(err.starts_with(expect), "{err:?} should start with {expect:?}");
+        assert!(
+            err.starts_with(expect),
+            "{err:?} should start with {expect:?}"
+        );
     }
 }
 
 #[test]
 fn spawn_outside_a_runtime_says_so() {
-    let err = Elector::builder("x").backend(MemoryBackend::new()).spawn().unwrap_err();
+    let err = Elector::builder("x")
+        .backend(MemoryBackend::new())
+        .spawn()
+        .unwrap_err();
     assert!(matches!(err, ConfigError::NoRuntime { .. }), "{err}");
     assert!(err.to_string().contains("inside a tokio runtime"), "{err}");
 }

@@ -42,8 +42,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::{
-    AcquireRequest, Backend, BoxFuture, Changes, Leadership, Lock, RenewalSender, Renewals,
-    Stored, renewals,
+    AcquireRequest, Backend, BoxFuture, Changes, Leadership, Lock, RenewalSender, Renewals, Stored,
+    renewals,
 };
 use crate::error::{ConfigError, Error, validate_lock_name};
 use crate::role::Holder;
@@ -202,7 +202,10 @@ impl Faults {
         let mut rx = self.inner.hung.subscribe();
         let _ = rx.wait_for(|hung| !*hung).await;
         if self.inner.failing.load(Ordering::SeqCst) {
-            return Err(Error::backend_msg(NAME, format!("{what}: injected failure")));
+            return Err(Error::backend_msg(
+                NAME,
+                format!("{what}: injected failure"),
+            ));
         }
         Ok(())
     }
@@ -312,11 +315,7 @@ impl Changes for Version {
 impl Lock for MemoryLock {
     fn acquire(&self, req: AcquireRequest) -> BoxFuture<'_, Result<Box<dyn Leadership>, Error>> {
         Box::pin(async move {
-            let lease = if self.backend.lease {
-                req.lease
-            } else {
-                None
-            };
+            let lease = if self.backend.lease { req.lease } else { None };
             loop {
                 self.faults().check("acquire").await?;
                 let sent = req.clock.now();
@@ -462,10 +461,8 @@ async fn renew(
             let mut locks = lock(&backend.store.locks);
             let entry = locks.entry(name.clone()).or_default();
             let ours = entry.live().is_some_and(|h| h.term == term);
-            if ours {
-                if let Some(h) = entry.held.as_mut() {
-                    h.expires = Some(sent_instant + ttl);
-                }
+            if let Some(h) = entry.held.as_mut().filter(|_| ours) {
+                h.expires = Some(sent_instant + ttl);
             }
             ours
         };

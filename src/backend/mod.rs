@@ -481,7 +481,9 @@ mod tests {
 
     #[test]
     fn errors_never_repeat_passwords() {
-        let err = from_url("nope://user:hunter2@host/db").unwrap_err().to_string();
+        let err = from_url("nope://user:hunter2@host/db")
+            .unwrap_err()
+            .to_string();
         assert!(!err.contains("hunter2"), "{err}");
         assert!(err.contains("user:***@host"), "{err}");
     }
