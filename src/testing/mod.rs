@@ -4,3 +4,5 @@
 pub mod conformance;
 pub mod history;
 pub mod node;
+pub mod proxy;
+pub mod servers;

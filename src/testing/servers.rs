@@ -1,0 +1,377 @@
+//! Throwaway backend servers for tests and the chaos tool: a `redis-server` or an `etcd` of their
+//! own on free ports, which a test may kill and restart, and the rule for skipping when a server
+//! is absent.
+//!
+//! Backend tests call [`require`] when a server cannot be had: it prints a loud `SKIPPED` line, or
+//! panics when `TOWER_PRIMARY_REQUIRE_BACKENDS=1` (as in CI), so a missing server never passes
+//! silently.
+//!
+//! ```no_run
+//! # async fn t() {
+//! use tower_primary::testing::servers::{self, RedisServer};
+//!
+//! let Some(mut redis) = servers::require("redis", RedisServer::start().await) else { return };
+//! let url = redis.url(); // redis://127.0.0.1:<port>
+//! redis.kill();          // SIGKILL, data lost (no persistence)
+//! redis.restart().await.unwrap(); // same port, empty
+//! # }
+//! ```
+
+use std::fmt;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Environment variable that turns skipped backend tests into failures.
+pub const REQUIRE_ENV: &str = "TOWER_PRIMARY_REQUIRE_BACKENDS";
+
+/// Whether backend tests must fail instead of skipping (`TOWER_PRIMARY_REQUIRE_BACKENDS=1`).
+#[must_use]
+pub fn backends_required() -> bool {
+    std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+}
+
+/// Unwraps a server (or anything a backend test needs); when it is an error, prints a loud
+/// `SKIPPED` message and returns `None`, or panics if [`backends_required`].
+///
+/// # Panics
+///
+/// When `res` is an error and `TOWER_PRIMARY_REQUIRE_BACKENDS=1`.
+pub fn require<T, E: fmt::Display>(what: &str, res: Result<T, E>) -> Option<T> {
+    match res {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let msg = format!("{what} is not available: {e}");
+            assert!(
+                !backends_required(),
+                "{msg} (and {REQUIRE_ENV}=1 forbids skipping)"
+            );
+            eprintln!("\n==============================\nSKIPPED: {msg}\n==============================\n");
+            None
+        }
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; racy only against other processes).
+///
+/// # Errors
+///
+/// When no port can be bound.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A temporary directory removed on drop.
+#[derive(Debug)]
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    /// Creates `<tmp>/tower-primary-<prefix>-<pid>-<n>`.
+    ///
+    /// # Errors
+    ///
+    /// When it cannot be created.
+    pub fn new(prefix: &str) -> std::io::Result<Self> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "tower-primary-{prefix}-{}-{}-{}",
+            std::process::id(),
+            crate::clock::monotonic_nanos(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path)?;
+        Ok(TempDir { path })
+    }
+
+    /// The directory.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Waits until `ready` holds, checking every 20 ms up to `limit` (a server has no readiness
+/// event to await).
+fn wait_ready(
+    what: &str,
+    child: &mut Child,
+    limit: Duration,
+    mut ready: impl FnMut() -> bool,
+) -> Result<(), String> {
+    let start = Instant::now();
+    loop {
+        if ready() {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("{what} exited during start-up: {status}"));
+        }
+        if start.elapsed() > limit {
+            return Err(format!("{what} not ready after {limit:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends `request` and returns whatever comes back within a short timeout.
+fn exchange(addr: SocketAddr, request: &[u8]) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
+    s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+    s.write_all(request).ok()?;
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+fn spawn(program: &str, args: &[String], log: &Path) -> Result<Child, String> {
+    let log = std::fs::File::create(log).map_err(|e| format!("log file: {e}"))?;
+    let err = log.try_clone().map_err(|e| format!("log file: {e}"))?;
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(err)
+        .spawn()
+        .map_err(|e| format!("cannot run `{program}` ({e}); install it (Debian: see .ci/run)"))
+}
+
+fn kill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A `redis-server` of the test's own, without persistence, on a free port.
+#[derive(Debug)]
+pub struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: TempDir,
+}
+
+impl RedisServer {
+    /// Starts one and waits until it answers `PING`.
+    ///
+    /// # Errors
+    ///
+    /// When `redis-server` is missing or does not come up.
+    pub async fn start() -> Result<Self, String> {
+        let port = free_port().map_err(|e| e.to_string())?;
+        let dir = TempDir::new("redis").map_err(|e| e.to_string())?;
+        let mut server = RedisServer {
+            child: None,
+            port,
+            dir,
+        };
+        server.restart().await?;
+        Ok(server)
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    #[must_use]
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's address.
+    #[must_use]
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// SIGKILLs the server (its data is lost: no persistence).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill(&mut child);
+        }
+    }
+
+    /// Starts the server again on the same port (empty), killing it first if it runs.
+    ///
+    /// # Errors
+    ///
+    /// When it does not come up.
+    pub async fn restart(&mut self) -> Result<(), String> {
+        self.kill();
+        let args: Vec<String> = [
+            "--port",
+            &self.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            &self.dir.path().display().to_string(),
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        let log = self.dir.path().join("redis.log");
+        let mut child = spawn("redis-server", &args, &log)?;
+        let addr = self.addr();
+        let ready = tokio::task::spawn_blocking(move || {
+            let res = wait_ready("redis-server", &mut child, Duration::from_secs(10), || {
+                exchange(addr, b"PING\r\n").is_some_and(|r| r.starts_with("+PONG"))
+            });
+            (child, res)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        self.child = Some(ready.0);
+        ready.1
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An `etcd` of the test's own, with a temporary data directory, on free ports.
+#[derive(Debug)]
+pub struct EtcdServer {
+    child: Option<Child>,
+    client_port: u16,
+    peer_port: u16,
+    dir: TempDir,
+}
+
+impl EtcdServer {
+    /// Starts one and waits until `/health` says it is healthy.
+    ///
+    /// # Errors
+    ///
+    /// When `etcd` is missing or does not come up.
+    pub async fn start() -> Result<Self, String> {
+        let client_port = free_port().map_err(|e| e.to_string())?;
+        let peer_port = free_port().map_err(|e| e.to_string())?;
+        let dir = TempDir::new("etcd").map_err(|e| e.to_string())?;
+        let mut server = EtcdServer {
+            child: None,
+            client_port,
+            peer_port,
+            dir,
+        };
+        server.restart().await?;
+        Ok(server)
+    }
+
+    /// `etcd://127.0.0.1:<port>`.
+    #[must_use]
+    pub fn url(&self) -> String {
+        format!("etcd://127.0.0.1:{}", self.client_port)
+    }
+
+    /// The client address.
+    #[must_use]
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.client_port))
+    }
+
+    /// SIGKILLs the server (its data directory stays).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill(&mut child);
+        }
+    }
+
+    /// Starts the server again with the same ports and data directory.
+    ///
+    /// # Errors
+    ///
+    /// When it does not come up.
+    pub async fn restart(&mut self) -> Result<(), String> {
+        self.kill();
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let args: Vec<String> = vec![
+            "--name".into(),
+            "test".into(),
+            "--data-dir".into(),
+            self.dir.path().join("data").display().to_string(),
+            "--listen-client-urls".into(),
+            client.clone(),
+            "--advertise-client-urls".into(),
+            client,
+            "--listen-peer-urls".into(),
+            peer.clone(),
+            "--initial-advertise-peer-urls".into(),
+            peer.clone(),
+            "--initial-cluster".into(),
+            format!("test={peer}"),
+        ];
+        let log = self.dir.path().join("etcd.log");
+        let mut child = spawn("etcd", &args, &log)?;
+        let addr = self.addr();
+        let ready = tokio::task::spawn_blocking(move || {
+            let res = wait_ready("etcd", &mut child, Duration::from_secs(20), || {
+                exchange(
+                    addr,
+                    b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n",
+                )
+                .is_some_and(|r| r.contains("\"health\":\"true\""))
+            });
+            (child, res)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        self.child = Some(ready.0);
+        ready.1
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The PostgreSQL server tests use: `DATABASE_URL`, or the machine's
+/// `postgres://root@127.0.0.1:5432/test`.
+#[must_use]
+pub fn postgres_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn redis_server_starts_answers_and_restarts_empty() {
+        let Some(mut redis) = require("redis-server", RedisServer::start().await) else {
+            return;
+        };
+        let set = exchange(redis.addr(), b"SET k v\r\n").unwrap_or_default();
+        assert!(set.starts_with("+OK"), "{set}");
+        redis.restart().await.unwrap();
+        let get = exchange(redis.addr(), b"GET k\r\n").unwrap_or_default();
+        assert!(get.starts_with("$-1"), "data survived a restart: {get}");
+        redis.kill();
+        assert!(exchange(redis.addr(), b"PING\r\n").is_none());
+    }
+
+    #[test]
+    fn require_skips_loudly_or_fails() {
+        let got = std::panic::catch_unwind(|| require::<(), _>("nothing", Err("absent")));
+        if backends_required() {
+            assert!(got.is_err());
+        } else {
+            assert_eq!(got.ok(), Some(None));
+        }
+    }
+}
