@@ -269,8 +269,15 @@ impl ElectorBuilder {
     /// backend, a zero grace, a lease below the backend's minimum, a margin of a third of the
     /// lease or more, an unusable lock directory, or no tokio runtime.
     pub fn spawn(self) -> Result<Elector, ConfigError> {
+        self.prepare()?.spawn()
+    }
+
+    /// Checks the configuration and prepares the backend's lock without starting the campaign:
+    /// [`PrimaryLayer::from_builder`](crate::PrimaryLayer::from_builder) checks at once and spawns
+    /// when the layer is first used.
+    pub(crate) fn prepare(self) -> Result<Prepared, ConfigError> {
         validate_lock_name(&self.lock)?;
-        let backend = self.backend.ok_or(ConfigError::NoBackend)?;
+        let backend = self.backend.clone().ok_or(ConfigError::NoBackend)?;
         if self.grace.is_zero() {
             return Err(ConfigError::InvalidTiming {
                 setting: "grace",
@@ -303,30 +310,60 @@ impl ElectorBuilder {
                 None
             }
         };
+        let lock = backend.lock(&self.lock)?;
+        Ok(Prepared {
+            backend_name: backend.name(),
+            lock,
+            lease,
+            builder: self,
+        })
+    }
+}
+
+/// A checked configuration whose campaign has not started yet; see [`ElectorBuilder::prepare`].
+pub(crate) struct Prepared {
+    builder: ElectorBuilder,
+    backend_name: &'static str,
+    lock: Arc<dyn Lock>,
+    lease: Option<Lease>,
+}
+
+impl Prepared {
+    pub(crate) fn lock_name(&self) -> &str {
+        &self.builder.lock
+    }
+
+    /// Starts the campaign on the current tokio runtime.
+    pub(crate) fn spawn(self) -> Result<Elector, ConfigError> {
+        let Prepared {
+            builder,
+            backend_name,
+            lock,
+            lease,
+        } = self;
         let runtime =
             tokio::runtime::Handle::try_current().map_err(|_| ConfigError::NoRuntime {
                 what: "Elector::spawn",
             })?;
-        let lock = backend.lock(&self.lock)?;
-        let node = self.node.unwrap_or_else(NodeId::from_env);
-        let clock = self.clock.unwrap_or_default();
-        let shared = Shared::new(self.lock.clone(), node.clone(), clock, Role::Starting);
+        let node = builder.node.unwrap_or_else(NodeId::from_env);
+        let clock = builder.clock.unwrap_or_default();
+        let shared = Shared::new(builder.lock.clone(), node.clone(), clock, Role::Starting);
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (stopped_tx, stopped_rx) = watch::channel(false);
         let tasks = Arc::new(Mutex::new(Vec::new()));
         let campaign = Campaign {
             shared: shared.clone(),
             lock: lock.clone(),
-            backend_name: backend.name(),
+            backend_name,
             request: AcquireRequest::new(node)
                 .with_lease(lease)
                 .with_clock(clock)
-                .with_url(self.advertise),
+                .with_url(builder.advertise),
             lease,
-            grace: self.grace,
-            backoff: Backoff::new(self.retry_min, self.retry_max),
-            rejoin_delay: self.rejoin_delay,
-            exit_on_loss: self.exit_on_loss,
+            grace: builder.grace,
+            backoff: Backoff::new(builder.retry_min, builder.retry_max),
+            rejoin_delay: builder.rejoin_delay,
+            exit_on_loss: builder.exit_on_loss,
             tasks: tasks.clone(),
             cmd_rx,
         };
@@ -515,6 +552,11 @@ impl Elector {
     pub async fn stopped(&self) {
         let mut rx = self.inner.stopped.clone();
         let _ = rx.wait_for(|stopped| *stopped).await;
+    }
+
+    /// A receiver that turns `true` when the campaign loop has ended.
+    pub(crate) fn clone_stopped(&self) -> watch::Receiver<bool> {
+        self.inner.stopped.clone()
     }
 
     fn shut_down_error(&self) -> Error {

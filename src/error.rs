@@ -71,6 +71,14 @@ pub enum ConfigError {
         /// The rule it broke.
         rule: &'static str,
     },
+    /// A schedule (cron expression or time zone) could not be parsed.
+    #[error("invalid schedule {expr:?}: {problem}")]
+    InvalidSchedule {
+        /// The expression or zone given.
+        expr: String,
+        /// The parser's message.
+        problem: String,
+    },
     /// No backend was configured on the builder.
     #[error("no backend configured: call .backend(...) on the builder")]
     NoBackend,

@@ -97,13 +97,25 @@ mod backoff;
 pub mod clock;
 pub mod elector;
 pub mod error;
+#[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+pub mod extract;
+pub mod header;
+pub mod health;
+pub mod layer;
+pub mod require;
 pub mod role;
+pub mod schedule;
 mod task;
 pub mod testing;
 
 pub use crate::clock::Clock;
 pub use crate::elector::{Elector, ElectorBuilder, Lease, State, terminate_signal};
 pub use crate::error::{BoxError, ConfigError, Error};
+#[cfg(feature = "axum")]
+pub use crate::extract::{CurrentRole, PrimaryTerm, RoleRejection};
+pub use crate::layer::{Primary, PrimaryLayer};
+pub use crate::require::{RequirePrimary, RequirePrimaryLayer};
 pub use crate::role::{Holder, InFlight, NodeId, Role, RoleHandle, TermContext};
 
 #[cfg(feature = "file")]

@@ -441,6 +441,20 @@ impl RoleHandle {
         state.holder.clone()
     }
 
+    /// The deadline of the current term on [`clock`](Self::clock): `None` when not primary,
+    /// [`Timestamp::NEVER`] on backends without a lease.
+    #[must_use]
+    pub fn deadline(&self) -> Option<Timestamp> {
+        let d = self.shared.deadline.load(Ordering::Acquire);
+        (d != 0 && self.rx.borrow().role.is_primary()).then_some(Timestamp::from_nanos(d))
+    }
+
+    /// The clock the deadline is read on.
+    #[must_use]
+    pub fn clock(&self) -> Clock {
+        self.shared.clock
+    }
+
     /// The current term's context, while primary.
     #[must_use]
     pub fn term_context(&self) -> Option<TermContext> {

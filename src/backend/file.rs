@@ -1,32 +1,2149 @@
-//! File backend (stub, being written).
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
+//! The file-lock backend: `flock(2)` on a file in a directory, for the processes of **one host**.
+//!
+//! [`FileLock::new(dir)`](FileLock::new) names a directory; every lock name gets its own files in
+//! it. The kernel grants the lock to one open file at a time and takes it back when the holder's
+//! descriptor closes, also when the holder's process dies, so a waiting node wakes at once
+//! (no lease, no polling).
+//!
+//! # Files
+//!
+//! | path | holds | written |
+//! |---|---|---|
+//! | `<dir>/<name>.lock` | the file that is locked; bytes 0‥21 hold the last term as 20 decimal digits and `\n` | the term: by each new holder, `pwrite` before it becomes primary, `fsync` right after |
+//! | `<dir>/<name>.holder` | the holder record, a [`Holder`] as JSON | by the holder, atomically (temporary file, `rename`; not fsynced: a record a crash left behind is recognised as stale); deleted on release |
+//! | `<dir>/<name>.state/<key>` | state values: a line `tower-primary-state 1 <term> <length>`, then the value | by the holder, atomically and durably (temporary file, `fsync`, `rename`, `fsync` of the directory) |
+//! | `<dir>/.<file>.<pid>.<n>.tmp` | temporary files of the atomic writes | renamed into place at once |
+//!
+//! The lock file is opened read-write with `O_NOFOLLOW` and `O_CLOEXEC`, created with mode 0600,
+//! and **never deleted** by this crate. The state directory is created with mode 0700.
+//!
+//! [`Backend::lock`] (called by `Elector::builder(..).spawn()`) checks the directory and creates
+//! the lock file and the state directory: a missing directory, a symbolic link, something that is
+//! not a directory, or a directory this process cannot write are [`ConfigError::LockDir`] errors.
+//! A relative path is resolved against the working directory at that moment.
+//!
+//! # Terms
+//!
+//! A new holder's term is `max(stored + 1, wall-clock microseconds since the Unix epoch)`, where
+//! `stored` is the highest term it can read: the lock file's, the holder record's and the state
+//! values'. It is written (through the page cache, which every process reads) before the node
+//! becomes primary, and synced to disk right after, off the failover path; an OS crash before the
+//! sync loses at most that write, and the wall-clock part still makes the next term higher. A stored term that cannot
+//! be parsed is logged (`tracing` warning) and the other sources are used, so terms keep rising
+//! even if the lock file is deleted or damaged (as long as the wall clock does not go back
+//! further than the lost records reached).
+//!
+//! # How it works
+//!
+//! - **Acquire**: a dedicated thread (not `spawn_blocking`, which would keep a dropped tokio
+//!   runtime from shutting down) opens the lock file, tries `LOCK_EX | LOCK_NB`, and if the lock
+//!   is busy blocks in `flock(LOCK_EX)`. If the acquiring future was dropped meanwhile, the grant
+//!   is dropped (unlocked) at once.
+//! - **Inode check**: after every grant, the locked file's (device, inode) is compared with what
+//!   the path names now. A waiter that was blocked on a file which has since been deleted or
+//!   replaced drops that lock, reopens the path and waits again: it never becomes primary on a
+//!   file nobody else can see.
+//! - **Loss**: the holder watches its directory (inotify) and re-checks every second as a safety
+//!   net; when the path no longer names the locked file, [`Leadership::lost`] resolves and the
+//!   elector steps down. The holder also rewrites a holder record that was damaged or deleted.
+//! - **Holder**: [`Lock::holder`] returns the record only if it is plausibly current: a record of
+//!   a process on this host that no longer exists, or a record while nobody holds the lock
+//!   (checked with a shared `flock` probe), is stale and reads as `None`. Secondaries follow the
+//!   record through inotify.
+//! - **State**: [`Lock::store`] writes only while this very lock object holds the lock with that
+//!   term, the lock file is still the locked one, and no newer term has written the key.
+//!
+//! # Guarantees and hazards
+//!
+//! - **One host only.** flock on NFS or other network file systems is emulated or local-only;
+//!   it is not supported.
+//! - **Never delete the lock file**, nor the directory (no "stale lock" clean-up, no age-based tmp
+//!   cleaners). A deleted or replaced lock file lets a new node lock a new file; the old holder
+//!   notices (bounded by inotify latency, at most about a second) and steps down, but for that
+//!   short time two nodes may act.
+//! - Use a private directory owned by the service user, e.g. `/run/<app>` (systemd
+//!   `RuntimeDirectory=<app>` with `RuntimeDirectoryPreserve=yes`) or `/var/lib/<app>`
+//!   (`StateDirectory=`). **Not `/tmp`**: with systemd `PrivateTmp=yes` every unit has its own
+//!   `/tmp`, so nodes in different units would never see each other's lock. Anyone who can open
+//!   the lock file can hold the lock.
+//! - A child started with `std::process::Command` (fork + exec) does not inherit the lock
+//!   (`O_CLOEXEC`). A raw `fork()` without exec **shares** the lock: it stays held until the child
+//!   exits too. Take the lock after forking workers.
+//!
+//! # Examples
+//!
+//! ```
+//! use tower_primary::{Elector, FileLock, NodeId};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // In production: FileLock::new("/run/myapp"), a directory only the service user can write.
+//! let dir = tempfile::tempdir()?;
+//!
+//! let first = Elector::builder("report-scheduler")
+//!     .backend(FileLock::new(dir.path()))
+//!     .node(NodeId::new("a"))
+//!     .spawn()?;
+//! let term = first.handle().wait_primary().await.term();
+//!
+//! // Another node (here in the same process) waits in flock.
+//! let second = Elector::builder("report-scheduler")
+//!     .backend(FileLock::new(dir.path()))
+//!     .node(NodeId::new("b"))
+//!     .spawn()?;
+//!
+//! // A step-down hands the lock over at once, with a higher term.
+//! first.step_down().await?;
+//! let ctx = second.handle().wait_primary().await;
+//! assert!(ctx.term() > term);
+//! assert_eq!(second.handle().holder().unwrap().id, "b");
+//! assert!(dir.path().join("report-scheduler.lock").exists());
+//! # second.shutdown().await;
+//! # first.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
 
-use super::{Backend, Lock};
-use crate::error::ConfigError;
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::fmt;
+use std::fs::{self, DirBuilder, File, OpenOptions, TryLockError};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// Locks in a directory (stub).
+use nix::errno::Errno;
+use nix::unistd::AccessFlags;
+use notify::event::ModifyKind;
+use notify::{EventKind, RecursiveMode, Watcher as _};
+use tokio::sync::{oneshot, watch};
+
+use super::{
+    AcquireRequest, Backend, BoxFuture, Changes, Leadership, Lock, Renewals, Stored, validate_key,
+};
+use crate::error::{ConfigError, Error, validate_lock_name};
+use crate::role::Holder;
+
+const NAME: &str = "file";
+/// How often a holder re-checks its lock path even without an inotify event.
+const SAFETY_NET: Duration = Duration::from_secs(1);
+/// The term at offset 0 of the lock file: 20 decimal digits and a newline.
+const TERM_LEN: u64 = 21;
+/// Grants on a replaced lock file in a row before giving up (the elector retries with backoff).
+const MAX_GRANT_ATTEMPTS: u32 = 16;
+/// A larger holder record is corrupt.
+const MAX_HOLDER_BYTES: u64 = 64 * 1024;
+const STATE_MAGIC: &str = "tower-primary-state";
+
+/// Locks in a directory, with `flock(2)`. See the [module docs](self).
+///
+/// # Examples
+///
+/// ```
+/// use tower_primary::FileLock;
+/// use tower_primary::backend::Backend;
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let backend = FileLock::new(dir.path());
+/// assert_eq!(backend.name(), "file");
+/// assert!(backend.min_lease().is_none());
+/// backend.lock("jobs").unwrap();
+/// assert!(dir.path().join("jobs.lock").exists());
+///
+/// let err = FileLock::new(dir.path().join("missing")).lock("jobs").unwrap_err();
+/// assert!(err.to_string().contains("does not exist"), "{err}");
+/// ```
 #[derive(Clone, Debug)]
 pub struct FileLock {
     dir: PathBuf,
 }
 
 impl FileLock {
-    /// Locks in `dir`.
+    /// Locks kept in `dir`. Nothing is checked until the elector is spawned
+    /// ([`Backend::lock`]).
+    #[must_use]
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         FileLock { dir: dir.into() }
+    }
+
+    /// The directory, as given.
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn open(&self, name: &str) -> Result<DirLock, ConfigError> {
+        validate_lock_name(name)?;
+        let paths = Paths::checked(&self.dir, name)?;
+        Ok(DirLock {
+            inner: Arc::new(Inner {
+                name: name.to_owned(),
+                paths,
+                host: hostname(),
+                live: Mutex::new(None),
+                watch: Mutex::new(None),
+                blocked: watch::channel(0).0,
+                stale_grants: watch::channel(0).0,
+            }),
+        })
     }
 }
 
 impl Backend for FileLock {
     fn name(&self) -> &'static str {
-        "file"
+        NAME
     }
+
     fn min_lease(&self) -> Option<Duration> {
         None
     }
-    fn lock(&self, _name: &str) -> Result<Arc<dyn Lock>, ConfigError> {
-        Err(ConfigError::LockDir { path: self.dir.clone(), problem: "not implemented".into() })
+
+    fn lock(&self, name: &str) -> Result<Arc<dyn Lock>, ConfigError> {
+        Ok(Arc::new(self.open(name)?))
+    }
+}
+
+/// The files of one lock name.
+#[derive(Debug)]
+struct Paths {
+    dir: PathBuf,
+    lock: PathBuf,
+    holder: PathBuf,
+    state_dir: PathBuf,
+    lock_file: OsString,
+    holder_file: OsString,
+    state_name: OsString,
+}
+
+impl Paths {
+    /// Checks the directory and prepares the lock file and the state directory.
+    fn checked(given: &Path, name: &str) -> Result<Paths, ConfigError> {
+        let problem = |problem: String| ConfigError::LockDir {
+            path: given.to_owned(),
+            problem,
+        };
+        if given.as_os_str().is_empty() {
+            return Err(problem("the path is empty".to_owned()));
+        }
+        // Collecting the components drops a trailing slash, which would make lstat follow a
+        // symbolic link.
+        let dir: PathBuf = std::path::absolute(given)
+            .map_err(|e| problem(format!("cannot be made absolute: {e}")))?
+            .components()
+            .collect();
+        let meta = match fs::symlink_metadata(&dir) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(problem(
+                    "does not exist; create it first, owned by the service user (for example with \
+                     systemd RuntimeDirectory= or StateDirectory=)"
+                        .to_owned(),
+                ));
+            }
+            Err(e) => return Err(problem(format!("cannot be inspected: {e}"))),
+        };
+        if meta.file_type().is_symlink() {
+            return Err(problem(
+                "is a symbolic link; give the real directory (a symlinked lock directory is \
+                 refused, so the lock cannot be redirected)"
+                    .to_owned(),
+            ));
+        }
+        if !meta.is_dir() {
+            return Err(problem("is not a directory".to_owned()));
+        }
+        // access(2) is what the kernel would decide for this process's (real) user. Root passes
+        // it on any permission bits; a read-only file system still fails, and so does creating
+        // the lock file below.
+        if let Err(errno) = nix::unistd::access(&dir, AccessFlags::W_OK | AccessFlags::X_OK) {
+            return Err(problem(format!(
+                "is not writable by this process ({errno}); the service user must own it"
+            )));
+        }
+        if meta.mode() & 0o002 != 0 {
+            tracing::warn!(
+                dir = %dir.display(),
+                "the lock directory is writable by every user: anyone can delete or replace the \
+                 lock file; use a private directory such as /run/<app> or /var/lib/<app>"
+            );
+        }
+        let lock_file = OsString::from(format!("{name}.lock"));
+        let holder_file = OsString::from(format!("{name}.holder"));
+        let state_name = OsString::from(format!("{name}.state"));
+        let paths = Paths {
+            lock: dir.join(&lock_file),
+            holder: dir.join(&holder_file),
+            state_dir: dir.join(&state_name),
+            dir,
+            lock_file,
+            holder_file,
+            state_name,
+        };
+        let shown = paths.lock_file.to_string_lossy();
+        let file = open_lock_file(&paths.lock).map_err(|e| {
+            problem(match Errno::from_raw(e.raw_os_error().unwrap_or(0)) {
+                Errno::ELOOP => format!("{shown} is a symbolic link (refused)"),
+                Errno::EISDIR => format!("{shown} is a directory"),
+                Errno::EACCES | Errno::EPERM | Errno::EROFS => {
+                    format!("is not writable: cannot create or open {shown} for writing: {e}")
+                }
+                _ => format!("cannot open {shown}: {e}"),
+            })
+        })?;
+        let file_meta = file
+            .metadata()
+            .map_err(|e| problem(format!("cannot inspect {shown}: {e}")))?;
+        if !file_meta.is_file() {
+            return Err(problem(format!("{shown} is not a regular file")));
+        }
+        if file_meta.mode() & 0o077 != 0 {
+            tracing::warn!(
+                path = %paths.lock.display(),
+                mode = format_args!("{:o}", file_meta.mode() & 0o777),
+                "the lock file is accessible to other users, who can then hold the lock; chmod 600 it"
+            );
+        }
+        ensure_state_dir(&paths.state_dir).map_err(|e| {
+            problem(format!(
+                "cannot create the state directory {}: {e}",
+                paths.state_name.to_string_lossy()
+            ))
+        })?;
+        Ok(paths)
+    }
+}
+
+/// Opens (creating if needed) the lock file: read-write, 0600, no symlinks, close-on-exec.
+fn open_lock_file(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(path)
+}
+
+/// Creates the state directory (0700) if missing; refuses anything but a real directory.
+fn ensure_state_dir(path: &Path) -> io::Result<()> {
+    match DirBuilder::new().mode(0o700).create(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            let meta = fs::symlink_metadata(path)?;
+            if meta.is_dir() {
+                Ok(())
+            } else {
+                Err(io::Error::other("exists and is not a directory"))
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads a file without following a symbolic link, up to `limit` bytes (one more is read, so
+/// the caller can tell a file that is too large).
+fn read_nofollow(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(path)?;
+    let mut buf = Vec::new();
+    file.take(limit.saturating_add(1)).read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+/// Writes `bytes` to `dir/name` atomically: a temporary file, rename. With `durable`, the file is
+/// fsynced before the rename and the directory after it.
+fn write_atomic(dir: &Path, name: &OsStr, bytes: &[u8], durable: bool) -> io::Result<()> {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let tmp = dir.join(format!(
+        ".{}.{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+            .open(&tmp)?;
+        file.write_all(bytes)?;
+        if durable {
+            file.sync_all()?;
+        }
+        fs::rename(&tmp, dir.join(name))?;
+        if durable {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// What a record file held.
+enum Record<T> {
+    Missing,
+    Corrupt(String),
+    Found(T),
+}
+
+/// Reads a record that is absent, damaged, or present; an I/O error is an `Err`.
+fn read_record<T>(
+    path: &Path,
+    limit: u64,
+    parse: impl FnOnce(&[u8]) -> Result<T, String>,
+) -> io::Result<Record<T>> {
+    match read_nofollow(path, limit) {
+        Ok(bytes) if bytes.len() as u64 > limit => {
+            Ok(Record::Corrupt(format!("larger than {limit} bytes")))
+        }
+        Ok(bytes) => Ok(match parse(&bytes) {
+            Ok(v) => Record::Found(v),
+            Err(problem) => Record::Corrupt(problem),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Record::Missing),
+        Err(e) if e.raw_os_error() == Some(Errno::ELOOP as i32) => {
+            Ok(Record::Corrupt("is a symbolic link".to_owned()))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn parse_holder(bytes: &[u8]) -> Result<Holder, String> {
+    serde_json::from_slice(bytes).map_err(|e| e.to_string())
+}
+
+/// The record as it reads back from disk (`since` keeps milliseconds), so the leadership's
+/// record and what secondaries read are equal.
+fn stored_form(record: Holder) -> Holder {
+    serde_json::to_vec(&record)
+        .ok()
+        .and_then(|json| parse_holder(&json).ok())
+        .unwrap_or(record)
+}
+
+/// Parses the term line at the start of the lock file.
+fn parse_term(bytes: &[u8]) -> Result<u64, String> {
+    let Some(end) = bytes.iter().position(|b| *b == b'\n') else {
+        return Err(format!(
+            "no line end in {:?}",
+            String::from_utf8_lossy(&bytes[..bytes.len().min(32)])
+        ));
+    };
+    let digits = &bytes[..end];
+    if digits.is_empty() || digits.len() > 20 || !digits.iter().all(u8::is_ascii_digit) {
+        return Err(format!(
+            "not a decimal number: {:?}",
+            String::from_utf8_lossy(&digits[..digits.len().min(32)])
+        ));
+    }
+    std::str::from_utf8(digits)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| "out of range".to_owned())
+}
+
+/// Reads the term stored in the lock file: `Ok(None)` for a new, empty file.
+fn read_term(file: &File) -> io::Result<Result<Option<u64>, String>> {
+    let mut buf = [0u8; 64];
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read_at(&mut buf[n..], n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if n == 0 {
+        return Ok(Ok(None));
+    }
+    Ok(parse_term(&buf[..n]).map(Some))
+}
+
+/// Writes the term at offset 0 of the lock file. The caller syncs it (see `sync_term`).
+fn write_term(file: &File, term: u64) -> io::Result<()> {
+    file.write_all_at(format!("{term:020}\n").as_bytes(), 0)?;
+    if file.metadata()?.len() != TERM_LEN {
+        file.set_len(TERM_LEN)?;
+    }
+    Ok(())
+}
+
+/// Syncs the term written by `write_term`, on the acquiring thread, after the grant was handed
+/// over: every process reads the term through the page cache, so the successor of a holder that
+/// dies before the sync still sees it; the sync only guards against losing it in an OS crash,
+/// and even then the wall-clock part of the next term keeps terms rising. Keeping the sync off
+/// the path to becoming primary saves milliseconds of failover on a disk.
+fn sync_term(file: &File, lock: &str) {
+    if let Err(e) = file.sync_data() {
+        tracing::warn!(lock, error = %e, "cannot sync the term to disk");
+    }
+}
+
+/// A state value on disk: header line, then the value.
+fn encode_state(value: &[u8], term: u64) -> Vec<u8> {
+    let mut bytes = format!("{STATE_MAGIC} 1 {term} {}\n", value.len()).into_bytes();
+    bytes.extend_from_slice(value);
+    bytes
+}
+
+/// Parses the header line of a state file: (term, value length, header length).
+fn parse_state_header(bytes: &[u8]) -> Result<(u64, u64, usize), String> {
+    let end = bytes
+        .iter()
+        .take(128)
+        .position(|b| *b == b'\n')
+        .ok_or("no header line")?;
+    let line = std::str::from_utf8(&bytes[..end]).map_err(|_| "header is not UTF-8")?;
+    let mut parts = line.split(' ');
+    let (Some(STATE_MAGIC), Some("1"), Some(term), Some(len), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return Err(format!("unknown header {line:?}"));
+    };
+    let term = term
+        .parse()
+        .map_err(|_| format!("bad term in header {line:?}"))?;
+    let len = len
+        .parse()
+        .map_err(|_| format!("bad length in header {line:?}"))?;
+    Ok((term, len, end + 1))
+}
+
+fn parse_state(bytes: &[u8]) -> Result<Stored, String> {
+    let (term, len, start) = parse_state_header(bytes)?;
+    let value = &bytes[start..];
+    if value.len() as u64 != len {
+        return Err(format!(
+            "the header says {len} bytes, the file holds {}",
+            value.len()
+        ));
+    }
+    Ok(Stored::new(value.to_vec(), term))
+}
+
+/// The (device, inode) pair that identifies a file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    fn of(meta: &fs::Metadata) -> Self {
+        FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }
+    }
+}
+
+/// The lock this `Lock` object holds now.
+#[derive(Debug)]
+struct Live {
+    term: u64,
+    id: FileId,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section in this file leaves its data consistent before anything can panic.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn bump(v: &mut u64) {
+    *v = v.wrapping_add(1);
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// Whether a process of this host may still exist (`kill(pid, 0)` does not say ESRCH).
+fn pid_alive(pid: u32) -> bool {
+    let Ok(raw) = i32::try_from(pid) else {
+        // Not a pid this kernel hands out; let the lock probe decide.
+        return true;
+    };
+    if raw <= 0 {
+        return false;
+    }
+    !matches!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), None),
+        Err(Errno::ESRCH)
+    )
+}
+
+fn wall_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// One lock name, as one `Lock` object sees it.
+struct Inner {
+    name: String,
+    paths: Paths,
+    host: String,
+    /// The lock held through this object, if any: what `store` checks.
+    live: Mutex<Option<Live>>,
+    /// The directory watch, created on first use and again after it broke.
+    watch: Mutex<Option<Arc<DirWatch>>>,
+    /// Times a waiting thread went into a blocking `flock` (observed by tests).
+    blocked: watch::Sender<u64>,
+    /// Grants dropped because the path no longer named the locked file (observed by tests).
+    stale_grants: watch::Sender<u64>,
+}
+
+impl fmt::Debug for Inner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileLock")
+            .field("lock", &self.name)
+            .field("dir", &self.paths.dir)
+            .field("live", &self.live.try_lock().ok().as_deref())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inner {
+    /// A backend error, logged.
+    fn io(&self, what: String, err: io::Error) -> Error {
+        tracing::warn!(lock = %self.name, backend = NAME, error = %err, "{what}");
+        Error::backend(NAME, what, err)
+    }
+
+    fn dir_watch(&self) -> Result<Arc<DirWatch>, Error> {
+        let mut slot = lock(&self.watch);
+        if let Some(w) = slot.as_ref().filter(|w| !w.signals.is_broken()) {
+            return Ok(w.clone());
+        }
+        let w = DirWatch::start(&self.paths).map_err(|e| {
+            tracing::warn!(lock = %self.name, backend = NAME, error = %e, "cannot watch the lock directory");
+            e
+        })?;
+        *slot = Some(w.clone());
+        Ok(w)
+    }
+
+    fn read_holder(&self) -> io::Result<Record<Holder>> {
+        read_record(&self.paths.holder, MAX_HOLDER_BYTES, parse_holder)
+    }
+
+    fn state_path(&self, key: &str) -> PathBuf {
+        self.paths.state_dir.join(key)
+    }
+
+    fn read_state(&self, key: &str) -> io::Result<Record<Stored>> {
+        read_record(&self.state_path(key), u64::MAX - 1, parse_state)
+    }
+
+    /// Runs on the acquiring thread: waits for the lock on the file the path names, then takes
+    /// a term. `None` when the acquiring future was dropped.
+    fn grant(
+        self: &Arc<Self>,
+        req: &AcquireRequest,
+        tx: &oneshot::Sender<Result<HeldLock, Error>>,
+    ) -> Option<Result<HeldLock, Error>> {
+        match self.wait_for_lock(tx) {
+            Ok(Some((file, id))) => Some(self.take_term(file, id, req)),
+            Ok(None) => None,
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    /// Locks the file the path names, waiting (blocking) as long as needed.
+    fn wait_for_lock(
+        &self,
+        tx: &oneshot::Sender<Result<HeldLock, Error>>,
+    ) -> Result<Option<(File, FileId)>, Error> {
+        let path = &self.paths.lock;
+        for attempt in 1..=MAX_GRANT_ATTEMPTS {
+            let file = open_lock_file(path)
+                .map_err(|e| self.io(format!("cannot open the lock file {}", path.display()), e))?;
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(TryLockError::WouldBlock) => {
+                    tracing::debug!(lock = %self.name, "the lock is held; waiting for it");
+                    self.blocked.send_modify(bump);
+                    loop {
+                        match file.lock() {
+                            Ok(()) => break,
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Err(e) => {
+                                return Err(self.io(
+                                    format!("cannot lock the lock file {}", path.display()),
+                                    e,
+                                ));
+                            }
+                        }
+                    }
+                }
+                Err(TryLockError::Error(e)) => {
+                    return Err(self.io(format!("cannot lock the lock file {}", path.display()), e));
+                }
+            }
+            if tx.is_closed() {
+                tracing::debug!(lock = %self.name, "acquire was cancelled while waiting; unlocking the grant");
+                return Ok(None);
+            }
+            let held = FileId::of(&file.metadata().map_err(|e| {
+                self.io(
+                    format!("cannot inspect the lock file {}", path.display()),
+                    e,
+                )
+            })?);
+            let now = match fs::symlink_metadata(path) {
+                Ok(m) if FileId::of(&m) == held => return Ok(Some((file, held))),
+                Ok(m) => format!("the path now names inode {}", m.ino()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => "the path was deleted".to_owned(),
+                Err(e) => {
+                    return Err(
+                        self.io(format!("cannot check the lock file {}", path.display()), e)
+                    );
+                }
+            };
+            tracing::warn!(
+                lock = %self.name,
+                path = %path.display(),
+                locked_inode = held.ino,
+                attempt,
+                "granted a lock on a file that was deleted or replaced ({now}); waiting again on \
+                 the file the path names"
+            );
+            drop(file);
+            self.stale_grants.send_modify(bump);
+        }
+        Err(Error::backend_msg(
+            NAME,
+            format!(
+                "the lock file {} keeps being replaced; giving up for now",
+                path.display()
+            ),
+        ))
+    }
+
+    /// While holding: computes, stores and syncs the term, then writes the holder record.
+    fn take_term(
+        self: &Arc<Self>,
+        file: File,
+        id: FileId,
+        req: &AcquireRequest,
+    ) -> Result<HeldLock, Error> {
+        let term = self.next_term(&file)?;
+        write_term(&file, term).map_err(|e| {
+            self.io(
+                format!("cannot write the term to {}", self.paths.lock.display()),
+                e,
+            )
+        })?;
+        // From here on, dropping `held` deletes our holder record and unlocks.
+        let held = HeldLock {
+            inner: self.clone(),
+            file: Some(file),
+            id,
+            term,
+            record: stored_form(req.holder(term)),
+        };
+        self.write_holder(&held.record)?;
+        *lock(&self.live) = Some(Live { term, id });
+        tracing::debug!(lock = %self.name, term, "acquired the file lock");
+        Ok(held)
+    }
+
+    /// `max(highest readable stored term + 1, wall-clock µs)`.
+    fn next_term(&self, file: &File) -> Result<u64, Error> {
+        let mut stored = 0u64;
+        match read_term(file) {
+            Ok(Ok(t)) => stored = stored.max(t.unwrap_or(0)),
+            Ok(Err(problem)) => tracing::warn!(
+                lock = %self.name,
+                path = %self.paths.lock.display(),
+                problem,
+                "corrupt term in the lock file; using the holder record, the state values and \
+                 the wall clock instead"
+            ),
+            Err(e) => tracing::warn!(
+                lock = %self.name,
+                path = %self.paths.lock.display(),
+                error = %e,
+                "cannot read the term from the lock file; using the holder record, the state \
+                 values and the wall clock instead"
+            ),
+        }
+        match self.read_holder() {
+            Ok(Record::Found(h)) => stored = stored.max(h.term),
+            Ok(Record::Missing) => {}
+            Ok(Record::Corrupt(problem)) => tracing::warn!(
+                lock = %self.name,
+                path = %self.paths.holder.display(),
+                problem,
+                "corrupt holder record; its term is not used"
+            ),
+            Err(e) => tracing::warn!(
+                lock = %self.name,
+                path = %self.paths.holder.display(),
+                error = %e,
+                "cannot read the holder record; its term is not used"
+            ),
+        }
+        stored = stored.max(self.max_state_term());
+        let next = stored.checked_add(1).ok_or_else(|| Error::Corrupt {
+            backend: NAME,
+            what: format!("term of lock {:?}", self.name),
+            problem: "the stored term is u64::MAX and cannot be increased".to_owned(),
+        })?;
+        Ok(next.max(wall_micros()))
+    }
+
+    /// The highest term among the state values (only their headers are read).
+    fn max_state_term(&self) -> u64 {
+        let Ok(entries) = fs::read_dir(&self.paths.state_dir) else {
+            return 0;
+        };
+        let mut max = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(key) = name.to_str() else { continue };
+            if validate_key(key).is_err() {
+                continue;
+            }
+            match read_nofollow(&entry.path(), 127).map(|b| parse_state_header(&b)) {
+                Ok(Ok((term, _, _))) => max = max.max(term),
+                Ok(Err(problem)) => tracing::warn!(
+                    lock = %self.name,
+                    key,
+                    problem,
+                    "corrupt state value; its term is not used"
+                ),
+                Err(e) => {
+                    tracing::warn!(lock = %self.name, key, error = %e, "cannot read a state value");
+                }
+            }
+        }
+        max
+    }
+
+    fn write_holder(&self, record: &Holder) -> Result<(), Error> {
+        let json = serde_json::to_vec(record).map_err(|e| {
+            tracing::warn!(lock = %self.name, error = %e, "cannot encode the holder record");
+            Error::backend(NAME, "cannot encode the holder record", e)
+        })?;
+        // Not fsynced: the record is for display, and one that a crash left behind is detected
+        // as stale (dead pid, lock not held).
+        write_atomic(&self.paths.dir, &self.paths.holder_file, &json, false).map_err(|e| {
+            self.io(
+                format!(
+                    "cannot write the holder record {}",
+                    self.paths.holder.display()
+                ),
+                e,
+            )
+        })
+    }
+
+    /// Rewrites a damaged or missing holder record, if `term` still holds the lock here.
+    fn rewrite_holder(&self, term: u64, id: FileId, record: &Holder) -> Result<(), Error> {
+        let live = lock(&self.live);
+        if !live.as_ref().is_some_and(|l| l.term == term && l.id == id) {
+            return Ok(());
+        }
+        self.write_holder(record)
+    }
+
+    /// Who holds the lock, if the record is plausibly current.
+    fn current_holder(&self) -> Result<Option<Holder>, Error> {
+        let holder = match self.read_holder() {
+            Ok(Record::Found(h)) => h,
+            Ok(Record::Missing) => return Ok(None),
+            Ok(Record::Corrupt(problem)) => {
+                tracing::warn!(
+                    lock = %self.name,
+                    path = %self.paths.holder.display(),
+                    problem,
+                    "corrupt holder record; reading it as no holder until the holder rewrites it"
+                );
+                return Ok(None);
+            }
+            Err(e) => {
+                return Err(self.io(
+                    format!(
+                        "cannot read the holder record {}",
+                        self.paths.holder.display()
+                    ),
+                    e,
+                ));
+            }
+        };
+        if holder.host == self.host && !pid_alive(holder.pid) {
+            tracing::debug!(lock = %self.name, pid = holder.pid, "the holder record names a process that has exited");
+            return Ok(None);
+        }
+        match self.lock_is_free() {
+            Ok(true) => {
+                tracing::debug!(lock = %self.name, "the holder record is left over: nobody holds the lock");
+                Ok(None)
+            }
+            Ok(false) => Ok(Some(holder)),
+            Err(e) => {
+                tracing::warn!(lock = %self.name, error = %e, "cannot probe the lock; trusting the holder record");
+                Ok(Some(holder))
+            }
+        }
+    }
+
+    /// Whether nobody holds the lock: a shared, non-blocking probe on the file the path names.
+    fn lock_is_free(&self) -> io::Result<bool> {
+        let file = match OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+            .open(&self.paths.lock)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
+            Err(e) => return Err(e),
+        };
+        match file.try_lock_shared() {
+            Ok(()) => {
+                let _ = file.unlock();
+                Ok(true)
+            }
+            Err(TryLockError::WouldBlock) => Ok(false),
+            Err(TryLockError::Error(e)) => Err(e),
+        }
+    }
+
+    /// Whether the path still names the file with `id`.
+    fn path_names(&self, id: FileId) -> bool {
+        fs::symlink_metadata(&self.paths.lock).is_ok_and(|m| FileId::of(&m) == id)
+    }
+
+    fn store(&self, key: &str, value: &[u8], term: u64) -> Result<(), Error> {
+        // Held across the write: release and loss take it before unlocking, so a write that
+        // passed the check finishes before any other term can hold the lock.
+        let live = lock(&self.live);
+        let (holds, live_term) = match live.as_ref() {
+            Some(l) if l.term == term => {
+                let holds = self.path_names(l.id);
+                if !holds {
+                    tracing::warn!(lock = %self.name, term, "the lock file was deleted or replaced; refusing the state write");
+                }
+                (holds, None)
+            }
+            Some(l) => (false, Some(l.term)),
+            None => (false, None),
+        };
+        let stored = match self.read_state(key) {
+            Ok(Record::Found(s)) => Some(s.term),
+            Ok(Record::Missing) => None,
+            Ok(Record::Corrupt(problem)) => {
+                tracing::warn!(lock = %self.name, key, problem, "corrupt state value; it is overwritten");
+                None
+            }
+            Err(e) => {
+                return Err(self.io(
+                    format!(
+                        "cannot read the state value {}",
+                        self.state_path(key).display()
+                    ),
+                    e,
+                ));
+            }
+        };
+        let newer = stored.filter(|t| *t > term);
+        if !holds || newer.is_some() {
+            return Err(Error::StaleTerm {
+                lock: self.name.clone(),
+                term,
+                current: newer.or(live_term),
+            });
+        }
+        ensure_state_dir(&self.paths.state_dir).map_err(|e| {
+            self.io(
+                format!(
+                    "cannot create the state directory {}",
+                    self.paths.state_dir.display()
+                ),
+                e,
+            )
+        })?;
+        write_atomic(
+            &self.paths.state_dir,
+            OsStr::new(key),
+            &encode_state(value, term),
+            true,
+        )
+        .map_err(|e| {
+            self.io(
+                format!(
+                    "cannot write the state value {}",
+                    self.state_path(key).display()
+                ),
+                e,
+            )
+        })
+    }
+}
+
+/// The lock of one name in one directory.
+#[derive(Debug)]
+struct DirLock {
+    inner: Arc<Inner>,
+}
+
+impl Lock for DirLock {
+    fn acquire(&self, req: AcquireRequest) -> BoxFuture<'_, Result<Box<dyn Leadership>, Error>> {
+        Box::pin(async move {
+            let inner = self.inner.clone();
+            // Subscribed before the grant, so no change of the path after it is missed.
+            let watch = match inner.dir_watch() {
+                Ok(w) => Some(w),
+                Err(_) => {
+                    tracing::warn!(lock = %inner.name, "loss of the lock is detected by the 1 s re-check only");
+                    None
+                }
+            };
+            let entry = watch.as_ref().map(|w| w.signals.entry.subscribe());
+            let (tx, rx) = oneshot::channel();
+            let dispatch = tracing::dispatcher::get_default(Clone::clone);
+            let span = tracing::Span::current();
+            let thread_inner = inner.clone();
+            std::thread::Builder::new()
+                .name("tower-primary-flock".to_owned())
+                .spawn(move || {
+                    tracing::dispatcher::with_default(&dispatch, || {
+                        span.in_scope(|| {
+                            if let Some(granted) = thread_inner.grant(&req, &tx) {
+                                let to_sync = granted
+                                    .as_ref()
+                                    .ok()
+                                    .and_then(|h| h.file.as_ref()?.try_clone().ok());
+                                // If the future is gone, the grant comes back and is dropped
+                                // here, which deletes its holder record and unlocks.
+                                let _ = tx.send(granted);
+                                if let Some(file) = to_sync {
+                                    sync_term(&file, &thread_inner.name);
+                                }
+                            }
+                        });
+                    });
+                })
+                .map_err(|e| inner.io("cannot start the lock waiting thread".to_owned(), e))?;
+            let held = rx.await.map_err(|_| {
+                Error::backend_msg(NAME, "the lock waiting thread ended without an answer")
+            })??;
+            Ok(Box::new(FileLeadership {
+                held,
+                watch,
+                entry,
+                lost: None,
+            }) as Box<dyn Leadership>)
+        })
+    }
+
+    fn holder(&self) -> BoxFuture<'_, Result<Option<Holder>, Error>> {
+        Box::pin(async move { self.inner.current_holder() })
+    }
+
+    fn watch_holder(&self) -> BoxFuture<'_, Result<Box<dyn Changes>, Error>> {
+        Box::pin(async move {
+            let watch = self.inner.dir_watch()?;
+            let rx = watch.signals.entry.subscribe();
+            Ok(Box::new(DirChanges { watch, rx }) as Box<dyn Changes>)
+        })
+    }
+
+    fn load<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Stored>, Error>> {
+        Box::pin(async move {
+            validate_key(key)?;
+            match self.inner.read_state(key) {
+                Ok(Record::Found(s)) => Ok(Some(s)),
+                Ok(Record::Missing) => Ok(None),
+                Ok(Record::Corrupt(problem)) => {
+                    tracing::warn!(
+                        lock = %self.inner.name,
+                        key,
+                        problem,
+                        "corrupt state value; reading it as absent until the next store"
+                    );
+                    Ok(None)
+                }
+                Err(e) => Err(self.inner.io(
+                    format!(
+                        "cannot read the state value {}",
+                        self.inner.state_path(key).display()
+                    ),
+                    e,
+                )),
+            }
+        })
+    }
+
+    fn store<'a>(
+        &'a self,
+        key: &'a str,
+        value: &'a [u8],
+        term: u64,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            validate_key(key)?;
+            let inner = self.inner.clone();
+            let key = key.to_owned();
+            let value = value.to_vec();
+            // fsync off the runtime; a write that outlives a dropped future still runs under
+            // the check in `Inner::store`.
+            tokio::task::spawn_blocking(move || inner.store(&key, &value, term))
+                .await
+                .map_err(|e| Error::backend(NAME, "the state write task failed", e))?
+        })
+    }
+
+    fn watch_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Box<dyn Changes>, Error>> {
+        Box::pin(async move {
+            validate_key(key)?;
+            let watch = self.inner.dir_watch()?;
+            let rx = watch.signals.subscribe_key(key);
+            Ok(Box::new(DirChanges { watch, rx }) as Box<dyn Changes>)
+        })
+    }
+}
+
+/// An inotify watch on the lock directory and the state directory, shared by the subscriptions
+/// of one `Lock` object.
+struct DirWatch {
+    signals: Arc<Signals>,
+    _watcher: notify::RecommendedWatcher,
+}
+
+impl DirWatch {
+    fn start(paths: &Paths) -> Result<Arc<DirWatch>, Error> {
+        ensure_state_dir(&paths.state_dir).map_err(|e| {
+            Error::backend(
+                NAME,
+                format!(
+                    "cannot create the state directory {}",
+                    paths.state_dir.display()
+                ),
+                e,
+            )
+        })?;
+        let signals = Arc::new(Signals {
+            dir: paths.dir.clone(),
+            state_dir: paths.state_dir.clone(),
+            lock_file: paths.lock_file.clone(),
+            holder_file: paths.holder_file.clone(),
+            state_name: paths.state_name.clone(),
+            entry: watch::channel(0).0,
+            keys: Mutex::new(HashMap::new()),
+            broken: AtomicBool::new(false),
+        });
+        let handler = signals.clone();
+        let mut watcher = notify::recommended_watcher(move |res| handler.on_event(res))
+            .map_err(|e| Error::backend(NAME, "cannot start watching the lock directory", e))?;
+        for dir in [&paths.dir, &paths.state_dir] {
+            watcher
+                .watch(dir, RecursiveMode::NonRecursive)
+                .map_err(|e| Error::backend(NAME, format!("cannot watch {}", dir.display()), e))?;
+        }
+        Ok(Arc::new(DirWatch {
+            signals,
+            _watcher: watcher,
+        }))
+    }
+}
+
+/// Where the watch thread reports changes.
+struct Signals {
+    dir: PathBuf,
+    state_dir: PathBuf,
+    lock_file: OsString,
+    holder_file: OsString,
+    state_name: OsString,
+    /// Bumped when the lock file or the holder record changes.
+    entry: watch::Sender<u64>,
+    /// Bumped when a state value changes, per key.
+    keys: Mutex<HashMap<OsString, watch::Sender<u64>>>,
+    /// The watch stopped (the directory went away, or inotify failed): subscribers must renew.
+    broken: AtomicBool,
+}
+
+impl Signals {
+    fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
+    }
+
+    fn bump_all(&self) {
+        self.entry.send_modify(bump);
+        for tx in lock(&self.keys).values() {
+            tx.send_modify(bump);
+        }
+    }
+
+    fn break_all(&self) {
+        self.broken.store(true, Ordering::Release);
+        self.bump_all();
+    }
+
+    fn subscribe_key(&self, key: &str) -> watch::Receiver<u64> {
+        let mut keys = lock(&self.keys);
+        keys.retain(|_, tx| tx.receiver_count() > 0);
+        keys.entry(OsString::from(key))
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+
+    /// Runs on notify's thread.
+    fn on_event(&self, res: notify::Result<notify::Event>) {
+        let event = match res {
+            Ok(e) => e,
+            Err(err) => {
+                tracing::warn!(backend = NAME, dir = %self.dir.display(), error = %err, "the lock directory watch failed");
+                self.break_all();
+                return;
+            }
+        };
+        if event.need_rescan() {
+            self.bump_all();
+            return;
+        }
+        // Opens and closes (every read, every probe) change nothing.
+        if event.kind.is_access() {
+            return;
+        }
+        let gone = matches!(
+            event.kind,
+            EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))
+        );
+        for path in &event.paths {
+            if *path == self.dir || *path == self.state_dir {
+                if gone {
+                    self.break_all();
+                    return;
+                }
+                continue;
+            }
+            let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+                continue;
+            };
+            if parent == self.dir {
+                if name == self.lock_file || name == self.holder_file {
+                    self.entry.send_modify(bump);
+                } else if name == self.state_name && gone {
+                    self.break_all();
+                    return;
+                }
+            } else if parent == self.state_dir
+                && let Some(tx) = lock(&self.keys).get(name)
+            {
+                tx.send_modify(bump);
+            }
+        }
+    }
+}
+
+/// A subscription to the holder record or a state value.
+struct DirChanges {
+    watch: Arc<DirWatch>,
+    rx: watch::Receiver<u64>,
+}
+
+impl DirChanges {
+    fn broken(&self) -> Error {
+        Error::backend_msg(
+            NAME,
+            format!(
+                "the watch on {} ended (the directory was removed or inotify failed); subscribe again",
+                self.watch.signals.dir.display()
+            ),
+        )
+    }
+}
+
+impl Changes for DirChanges {
+    fn changed(&mut self) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(async move {
+            if self.watch.signals.is_broken() {
+                return Err(self.broken());
+            }
+            if self.rx.changed().await.is_err() {
+                // The sender lives in `Signals`, which this subscription keeps alive.
+                std::future::pending::<()>().await;
+            }
+            if self.watch.signals.is_broken() {
+                return Err(self.broken());
+            }
+            Ok(())
+        })
+    }
+}
+
+/// A held flock with its term. Dropping it releases: the holder record (if ours) is deleted,
+/// then the file is unlocked and closed.
+struct HeldLock {
+    inner: Arc<Inner>,
+    file: Option<File>,
+    id: FileId,
+    term: u64,
+    record: Holder,
+}
+
+/// Whether the lock still holds, and whether the holder record needs rewriting.
+enum Check {
+    Held { repair: bool },
+    Lost(String),
+}
+
+impl HeldLock {
+    fn check(&self) -> Check {
+        let inner = &self.inner;
+        let path = &inner.paths.lock;
+        match fs::symlink_metadata(path) {
+            Ok(m) if FileId::of(&m) == self.id => {}
+            Ok(m) => {
+                return Check::Lost(format!(
+                    "the lock file {} was replaced: the path names inode {} on device {}, not \
+                     the locked inode {}",
+                    path.display(),
+                    m.ino(),
+                    m.dev(),
+                    self.id.ino
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Check::Lost(format!(
+                    "the lock file {} was deleted (the locked inode {} is no longer linked there)",
+                    path.display(),
+                    self.id.ino
+                ));
+            }
+            Err(e) => {
+                return Check::Lost(format!(
+                    "cannot check the lock file {}: {e}",
+                    path.display()
+                ));
+            }
+        }
+        let problem = match inner.read_holder() {
+            Ok(Record::Found(h)) if h.id == self.record.id && h.term == self.term => {
+                return Check::Held { repair: false };
+            }
+            Ok(Record::Found(h)) if h.term > self.term => {
+                return Check::Lost(format!(
+                    "a holder record with a newer term appeared (term {}, holder {:?})",
+                    h.term, h.id
+                ));
+            }
+            Ok(Record::Found(h)) => format!("it names {:?} with term {}", h.id, h.term),
+            Ok(Record::Missing) => "it is missing".to_owned(),
+            Ok(Record::Corrupt(problem)) => format!("it is corrupt: {problem}"),
+            Err(e) => {
+                tracing::warn!(lock = %inner.name, error = %e, "cannot read the holder record");
+                return Check::Held { repair: false };
+            }
+        };
+        tracing::warn!(
+            lock = %inner.name,
+            path = %inner.paths.holder.display(),
+            term = self.term,
+            "the holder record does not name this primary ({problem}); rewriting it"
+        );
+        Check::Held { repair: true }
+    }
+
+    fn release(&mut self) -> Result<(), Error> {
+        let Some(file) = self.file.take() else {
+            return Ok(());
+        };
+        let inner = &self.inner;
+        let mut live = lock(&inner.live);
+        if live.as_ref().is_some_and(|l| l.term == self.term) {
+            *live = None;
+        }
+        // While still holding: delete the record if it is ours (or damaged, and the lock file
+        // is still ours), so nobody reads it as current after the unlock.
+        let ours = match inner.read_holder() {
+            Ok(Record::Found(h)) => h.id == self.record.id && h.term == self.term,
+            Ok(Record::Corrupt(_)) => inner.path_names(self.id),
+            Ok(Record::Missing) | Err(_) => false,
+        };
+        let removed = if ours {
+            match fs::remove_file(&inner.paths.holder) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        } else {
+            Ok(())
+        };
+        let unlocked = file.unlock();
+        drop(file);
+        drop(live);
+        tracing::debug!(lock = %inner.name, term = self.term, "released the file lock");
+        removed.map_err(|e| {
+            inner.io(
+                format!(
+                    "cannot delete the holder record {}",
+                    inner.paths.holder.display()
+                ),
+                e,
+            )
+        })?;
+        unlocked.map_err(|e| inner.io(format!("cannot unlock {}", inner.paths.lock.display()), e))
+    }
+}
+
+impl Drop for HeldLock {
+    fn drop(&mut self) {
+        // Errors are logged by `release`; the file is closed (and so unlocked) in any case.
+        let _ = self.release();
+    }
+}
+
+/// One term of a file lock.
+struct FileLeadership {
+    held: HeldLock,
+    watch: Option<Arc<DirWatch>>,
+    entry: Option<watch::Receiver<u64>>,
+    lost: Option<String>,
+}
+
+impl fmt::Debug for FileLeadership {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileLeadership")
+            .field("lock", &self.held.inner.name)
+            .field("term", &self.held.term)
+            .field("inode", &self.held.id.ino)
+            .field("lost", &self.lost)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FileLeadership {
+    /// Subscribes again if the directory watch broke (or never started).
+    fn renew_watch(&mut self) {
+        if self.watch.as_ref().is_some_and(|w| !w.signals.is_broken()) {
+            return;
+        }
+        if let Ok(w) = self.held.inner.dir_watch() {
+            self.entry = Some(w.signals.entry.subscribe());
+            self.watch = Some(w);
+        }
+    }
+}
+
+impl Leadership for FileLeadership {
+    fn term(&self) -> u64 {
+        self.held.term
+    }
+
+    fn holder(&self) -> &Holder {
+        &self.held.record
+    }
+
+    fn renewals(&self) -> Option<Renewals> {
+        None
+    }
+
+    fn lost(&mut self) -> BoxFuture<'_, Error> {
+        Box::pin(async move {
+            loop {
+                if let Some(reason) = &self.lost {
+                    return Error::Lost {
+                        lock: self.held.inner.name.clone(),
+                        reason: reason.clone(),
+                    };
+                }
+                self.renew_watch();
+                if let Some(rx) = &mut self.entry {
+                    rx.borrow_and_update();
+                }
+                match self.held.check() {
+                    Check::Lost(reason) => {
+                        let mut live = lock(&self.held.inner.live);
+                        if live.as_ref().is_some_and(|l| l.term == self.held.term) {
+                            *live = None;
+                        }
+                        self.lost = Some(reason);
+                        continue;
+                    }
+                    Check::Held { repair: true } => {
+                        let inner = self.held.inner.clone();
+                        let (term, id, record) =
+                            (self.held.term, self.held.id, self.held.record.clone());
+                        let repaired = tokio::task::spawn_blocking(move || {
+                            inner.rewrite_holder(term, id, &record)
+                        })
+                        .await;
+                        if let Err(e) = repaired {
+                            tracing::warn!(lock = %self.held.inner.name, error = %e, "the holder record rewrite failed");
+                        }
+                    }
+                    Check::Held { repair: false } => {}
+                }
+                let entry = &mut self.entry;
+                let changed = async {
+                    if let Some(rx) = entry
+                        && rx.changed().await.is_ok()
+                    {
+                        return;
+                    }
+                    // No watch (or its sender is gone): the safety net alone.
+                    std::future::pending::<()>().await;
+                };
+                tokio::select! {
+                    () = changed => {}
+                    () = tokio::time::sleep(SAFETY_NET) => {}
+                }
+            }
+        })
+    }
+
+    fn release(mut self: Box<Self>) -> BoxFuture<'static, Result<(), Error>> {
+        Box::pin(async move { self.held.release() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::time::Instant;
+
+    use futures_util::FutureExt as _;
+
+    use super::*;
+    use crate::role::NodeId;
+
+    const PATIENCE: Duration = Duration::from_secs(10);
+
+    fn req(id: &str) -> AcquireRequest {
+        AcquireRequest::new(NodeId::new(id))
+    }
+
+    fn open(dir: &Path, name: &str) -> DirLock {
+        FileLock::new(dir).open(name).unwrap()
+    }
+
+    async fn within<F: Future>(what: &str, fut: F) -> F::Output {
+        match tokio::time::timeout(PATIENCE, fut).await {
+            Ok(v) => v,
+            Err(_) => panic!("timed out waiting for {what}"),
+        }
+    }
+
+    /// Waits until a test counter reaches `n`.
+    async fn counted(tx: &watch::Sender<u64>, n: u64, what: &str) {
+        let mut rx = tx.subscribe();
+        within(what, rx.wait_for(|v| *v >= n)).await.unwrap();
+    }
+
+    fn lock_dir_problem(result: Result<Arc<dyn Lock>, ConfigError>) -> String {
+        match result {
+            Err(ConfigError::LockDir { problem, .. }) => problem,
+            other => panic!("expected a lock directory error, got {other:?}"),
+        }
+    }
+
+    /// Captures warnings, also from the acquiring thread (it inherits the dispatcher).
+    #[derive(Clone, Default)]
+    struct Logs(Arc<Mutex<Vec<u8>>>);
+
+    impl io::Write for Logs {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            lock(&self.0).extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Logs {
+        fn capture(&self) -> tracing::subscriber::DefaultGuard {
+            let logs = self.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(move || logs.clone())
+                .with_ansi(false)
+                .with_max_level(tracing::Level::WARN)
+                .finish();
+            tracing::subscriber::set_default(subscriber)
+        }
+
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&lock(&self.0)).into_owned()
+        }
+    }
+
+    #[test]
+    fn symlinked_dir_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let real = tmp.path().join("real");
+        fs::create_dir(&real).unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        for given in [link.clone(), link.join("")] {
+            let problem = lock_dir_problem(FileLock::new(&given).lock("jobs"));
+            assert!(problem.contains("symbolic link"), "{problem}");
+        }
+        assert!(!real.join("jobs.lock").exists());
+        FileLock::new(&real).lock("jobs").unwrap();
+    }
+
+    #[test]
+    fn missing_dir_and_non_directories_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let problem = lock_dir_problem(FileLock::new(tmp.path().join("nope")).lock("jobs"));
+        assert!(problem.contains("does not exist"), "{problem}");
+
+        let file = tmp.path().join("file");
+        fs::write(&file, b"").unwrap();
+        let problem = lock_dir_problem(FileLock::new(&file).lock("jobs"));
+        assert!(problem.contains("not a directory"), "{problem}");
+
+        let problem = lock_dir_problem(FileLock::new("").lock("jobs"));
+        assert!(problem.contains("empty"), "{problem}");
+
+        // The lock file itself must not be a symbolic link.
+        std::os::unix::fs::symlink(&file, tmp.path().join("jobs.lock")).unwrap();
+        let problem = lock_dir_problem(FileLock::new(tmp.path()).lock("jobs"));
+        assert!(problem.contains("symbolic link"), "{problem}");
+
+        let err = FileLock::new(tmp.path()).lock("../escape").unwrap_err();
+        assert!(matches!(err, ConfigError::InvalidLockName { .. }), "{err}");
+    }
+
+    #[test]
+    fn unwritable_dir_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ro");
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o500)).unwrap();
+        let bypass = nix::unistd::access(&dir, AccessFlags::W_OK).is_ok();
+        let result = FileLock::new(&dir).lock("jobs");
+        if bypass {
+            println!(
+                "note: this process bypasses permission bits (root or CAP_DAC_OVERRIDE), so a \
+                 mode 0500 directory is writable for it; checking an unwritable file system instead"
+            );
+            assert!(result.is_ok(), "{:?}", result.err());
+        } else {
+            let problem = lock_dir_problem(result);
+            assert!(problem.contains("not writable"), "{problem}");
+        }
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+
+        // Where even root cannot create files (sysfs), the open fails and says so.
+        if fs::symlink_metadata("/sys").is_ok_and(|m| m.is_dir()) {
+            let problem = lock_dir_problem(FileLock::new("/sys").lock("tower-primary-test"));
+            assert!(problem.contains("not writable"), "{problem}");
+        }
+    }
+
+    #[tokio::test]
+    async fn lock_file_is_private_and_kept_after_release() {
+        use std::os::unix::fs::PermissionsExt;
+
+        let tmp = tempfile::tempdir().unwrap();
+        let a = open(tmp.path(), "jobs");
+        let lease = a.acquire(req("a")).await.unwrap();
+        assert!(lease.renewals().is_none());
+        let paths = &a.inner.paths;
+        let record: Holder = serde_json::from_slice(&fs::read(&paths.holder).unwrap()).unwrap();
+        assert_eq!(&record, lease.holder());
+        let term = lease.term();
+        let stored = fs::read_to_string(&paths.lock).unwrap();
+        assert_eq!(stored, format!("{term:020}\n"));
+        lease.release().await.unwrap();
+
+        let meta = fs::symlink_metadata(&paths.lock).unwrap();
+        assert!(meta.is_file());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let state = fs::symlink_metadata(&paths.state_dir).unwrap();
+        assert_eq!(state.permissions().mode() & 0o777, 0o700);
+        assert!(
+            !paths.holder.exists(),
+            "the holder record is deleted on release"
+        );
+        assert_eq!(a.holder().await.unwrap(), None);
+        let names: Vec<_> = fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn second_lock_waits_and_gets_the_lock_when_the_first_is_released() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (open(tmp.path(), "jobs"), open(tmp.path(), "jobs"));
+        let first = a.acquire(req("a")).await.unwrap();
+        assert_eq!(b.holder().await.unwrap().unwrap().id, "a");
+
+        let mut waiting = b.acquire(req("b"));
+        assert!((&mut waiting).now_or_never().is_none());
+        counted(&b.inner.blocked, 1, "b to block in flock").await;
+        assert!((&mut waiting).now_or_never().is_none(), "b got a held lock");
+
+        let first_term = first.term();
+        let released_at = Instant::now();
+        first.release().await.unwrap();
+        let second = within("b's grant", waiting).await.unwrap();
+        let handover = released_at.elapsed();
+        println!(
+            "handover after release: {handover:?} (term write, holder record, fsyncs included)"
+        );
+        assert!(second.term() > first_term);
+        assert_eq!(second.holder().id, "b");
+        assert_eq!(a.holder().await.unwrap().unwrap().id, "b");
+        drop(second);
+        assert_eq!(
+            a.holder().await.unwrap(),
+            None,
+            "dropping a leadership releases it"
+        );
+    }
+
+    /// Prints release-to-grant times: the term and holder record writes (three fsyncs) are
+    /// most of it on a disk; on tmpfs (/run) they are nearly free.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn handover_time_is_measured() {
+        let mut dirs = vec![("temp dir", tempfile::tempdir().unwrap())];
+        if let Ok(shm) = tempfile::tempdir_in("/dev/shm") {
+            dirs.push(("tmpfs /dev/shm", shm));
+        }
+        for (what, tmp) in dirs {
+            let (a, b) = (open(tmp.path(), "jobs"), open(tmp.path(), "jobs"));
+            let mut times = Vec::new();
+            let mut last = 0;
+            for round in 0..20u64 {
+                let first = a.acquire(req("a")).await.unwrap();
+                assert!(first.term() > last);
+                let mut waiting = b.acquire(req("b"));
+                assert!((&mut waiting).now_or_never().is_none());
+                counted(&b.inner.blocked, round + 1, "b to block in flock").await;
+                let released_at = Instant::now();
+                first.release().await.unwrap();
+                let second = within("b's grant", waiting).await.unwrap();
+                times.push(released_at.elapsed());
+                last = second.term();
+                second.release().await.unwrap();
+            }
+            times.sort();
+            println!(
+                "handover (release -> waiter's leadership) on {what}: min {:?}, median {:?}, \
+                 p90 {:?}, max {:?} (n = {})",
+                times[0],
+                times[times.len() / 2],
+                times[times.len() * 9 / 10],
+                times[times.len() - 1],
+                times.len()
+            );
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn terms_rise_across_handovers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (open(tmp.path(), "jobs"), open(tmp.path(), "jobs"));
+        let mut last = 0;
+        for i in 0..6 {
+            let l = if i % 2 == 0 { &a } else { &b };
+            let lease = l
+                .acquire(req(if i % 2 == 0 { "a" } else { "b" }))
+                .await
+                .unwrap();
+            assert!(lease.term() > last, "{} after {last}", lease.term());
+            last = lease.term();
+            lease.release().await.unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cancelled_acquire_does_not_leak_the_lock() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b, c) = (
+            open(tmp.path(), "jobs"),
+            open(tmp.path(), "jobs"),
+            open(tmp.path(), "jobs"),
+        );
+        let first = a.acquire(req("a")).await.unwrap();
+        let mut waiting = b.acquire(req("b"));
+        assert!((&mut waiting).now_or_never().is_none());
+        counted(&b.inner.blocked, 1, "b to block in flock").await;
+        drop(waiting);
+
+        let term_a = first.term();
+        first.release().await.unwrap();
+        // b's thread gets the lock when a releases, sees nobody waits, and unlocks at once.
+        let third = within("c's grant", c.acquire(req("c"))).await.unwrap();
+        assert!(third.term() > term_a);
+        assert_eq!(b.holder().await.unwrap().unwrap().id, "c");
+        assert!(lock(&b.inner.live).is_none(), "b never became the holder");
+        let err = b.store("k", b"x", third.term()).await.unwrap_err();
+        assert!(matches!(err, Error::StaleTerm { .. }), "{err}");
+        third.release().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deleting_the_lock_file_makes_lost_fire() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = open(tmp.path(), "jobs");
+        let path = a.inner.paths.lock.clone();
+        let mut times = Vec::new();
+        for _ in 0..7 {
+            let mut lease = a.acquire(req("a")).await.unwrap();
+            let term = lease.term();
+            let (ready_tx, ready_rx) = oneshot::channel();
+            let waiter = tokio::spawn(async move {
+                let _ = ready_tx.send(());
+                let err = lease.lost().await;
+                (Instant::now(), err, lease)
+            });
+            ready_rx.await.unwrap();
+            tokio::task::yield_now().await;
+            let deleted_at = Instant::now();
+            fs::remove_file(&path).unwrap();
+            let (seen_at, err, lease) = within("lost()", waiter).await.unwrap();
+            times.push(seen_at.duration_since(deleted_at));
+            match &err {
+                Error::Lost { lock, reason } => {
+                    assert_eq!(lock, "jobs");
+                    assert!(reason.contains("deleted"), "{reason}");
+                }
+                other => panic!("expected Lost, got {other:?}"),
+            }
+            // The loss is sticky, and the term can no longer write state.
+            let mut lease = lease;
+            assert!(matches!(lease.lost().await, Error::Lost { .. }));
+            let err = a.store("k", b"x", term).await.unwrap_err();
+            assert!(matches!(err, Error::StaleTerm { .. }), "{err}");
+            lease.release().await.unwrap();
+        }
+        times.sort();
+        println!(
+            "lock file deletion -> lost(): min {:?}, median {:?}, max {:?} (n = {})",
+            times[0],
+            times[times.len() / 2],
+            times[times.len() - 1],
+            times.len()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replacing_the_lock_file_makes_lost_fire() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = open(tmp.path(), "jobs");
+        let mut lease = a.acquire(req("a")).await.unwrap();
+        let other = tmp.path().join("other");
+        fs::write(&other, b"").unwrap();
+        fs::rename(&other, &a.inner.paths.lock).unwrap();
+        match within("lost()", lease.lost()).await {
+            Error::Lost { reason, .. } => assert!(reason.contains("replaced"), "{reason}"),
+            other => panic!("expected Lost, got {other:?}"),
+        }
+        lease.release().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiter_blocked_on_a_deleted_inode_does_not_become_primary() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b, c) = (
+            open(tmp.path(), "jobs"),
+            open(tmp.path(), "jobs"),
+            open(tmp.path(), "jobs"),
+        );
+        let first = a.acquire(req("a")).await.unwrap();
+        let mut waiting = b.acquire(req("b"));
+        assert!((&mut waiting).now_or_never().is_none());
+        counted(&b.inner.blocked, 1, "b to block on the first inode").await;
+
+        // Someone "cleans up" the lock file; c locks the new file the path now names.
+        fs::remove_file(&a.inner.paths.lock).unwrap();
+        let third = within("c's grant", c.acquire(req("c"))).await.unwrap();
+
+        // a's release wakes b on the old inode: b must see it is stale and wait on c's file.
+        first.release().await.unwrap();
+        counted(
+            &b.inner.stale_grants,
+            1,
+            "b to drop its grant on the old inode",
+        )
+        .await;
+        counted(&b.inner.blocked, 2, "b to block again, on the new inode").await;
+        assert!(
+            (&mut waiting).now_or_never().is_none(),
+            "b became primary while c holds the lock"
+        );
+
+        let term_c = third.term();
+        third.release().await.unwrap();
+        let second = within("b's grant", waiting).await.unwrap();
+        assert!(second.term() > term_c);
+        let path_id = FileId::of(&fs::symlink_metadata(&b.inner.paths.lock).unwrap());
+        assert_eq!(lock(&b.inner.live).as_ref().unwrap().id, path_id);
+        second.release().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn corrupt_term_and_holder_files_are_reported_and_a_higher_term_comes_out() {
+        let logs = Logs::default();
+        let _guard = logs.capture();
+        let tmp = tempfile::tempdir().unwrap();
+        let a = open(tmp.path(), "jobs");
+        let paths = &a.inner.paths;
+
+        // A stored term ahead of the wall clock is followed exactly.
+        let ahead = wall_micros() + 1_000_000_000_000;
+        fs::write(&paths.lock, format!("{ahead:020}\n")).unwrap();
+        let lease = a.acquire(req("a")).await.unwrap();
+        assert_eq!(lease.term(), ahead + 1);
+        lease.release().await.unwrap();
+
+        // Corrupt term: the holder record's term is used.
+        fs::write(&paths.lock, b"garbage!").unwrap();
+        let mut record = Holder::new(&NodeId::new("old"), ahead + 10);
+        record.pid = 0;
+        fs::write(&paths.holder, serde_json::to_vec(&record).unwrap()).unwrap();
+        let lease = a.acquire(req("a")).await.unwrap();
+        assert_eq!(lease.term(), ahead + 11);
+        lease.release().await.unwrap();
+        assert!(logs.text().contains("corrupt term"), "{}", logs.text());
+
+        // Corrupt term and corrupt holder record: the state values' terms are used.
+        fs::write(&paths.lock, b"\0\0\0\0").unwrap();
+        fs::write(&paths.holder, b"{not json").unwrap();
+        fs::write(paths.state_dir.join("k"), encode_state(b"v", ahead + 20)).unwrap();
+        let lease = a.acquire(req("a")).await.unwrap();
+        assert_eq!(lease.term(), ahead + 21);
+        assert!(
+            logs.text().contains("corrupt holder record"),
+            "{}",
+            logs.text()
+        );
+
+        // Terms never go back below what the lock file now holds.
+        lease.release().await.unwrap();
+        fs::remove_file(paths.state_dir.join("k")).unwrap();
+        let lease = a.acquire(req("a")).await.unwrap();
+        assert_eq!(lease.term(), ahead + 22);
+        lease.release().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn holder_rewrites_a_damaged_holder_record() {
+        let logs = Logs::default();
+        let _guard = logs.capture();
+        let tmp = tempfile::tempdir().unwrap();
+        let a = open(tmp.path(), "jobs");
+        let mut lease = a.acquire(req("a")).await.unwrap();
+        let mine = lease.holder().clone();
+        let mut changes = a.watch_holder().await.unwrap();
+        fs::write(&a.inner.paths.holder, b"{\"id\": tru").unwrap();
+        assert_eq!(
+            a.holder().await.unwrap(),
+            None,
+            "a corrupt record reads as no holder"
+        );
+        let repaired = async {
+            loop {
+                if a.holder().await.unwrap().as_ref() == Some(&mine) {
+                    break;
+                }
+                changes.changed().await.unwrap();
+            }
+        };
+        tokio::select! {
+            err = lease.lost() => panic!("lost: {err}"),
+            res = tokio::time::timeout(PATIENCE, repaired) => res.expect("the record was not rewritten"),
+        }
+        let text = logs.text();
+        assert!(text.contains("corrupt holder record"), "{text}");
+        assert!(text.contains("rewriting"), "{text}");
+
+        // Deleted: rewritten too.
+        fs::remove_file(&a.inner.paths.holder).unwrap();
+        let repaired = async {
+            loop {
+                if a.holder().await.unwrap().as_ref() == Some(&mine) {
+                    break;
+                }
+                changes.changed().await.unwrap();
+            }
+        };
+        tokio::select! {
+            err = lease.lost() => panic!("lost: {err}"),
+            res = tokio::time::timeout(PATIENCE, repaired) => res.expect("the record was not rewritten"),
+        }
+        lease.release().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn stale_holder_records_are_not_reported() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = open(tmp.path(), "jobs");
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+
+        let mut record = Holder::new(&NodeId::new("ghost"), 5);
+        record.pid = dead;
+        fs::write(&a.inner.paths.holder, serde_json::to_vec(&record).unwrap()).unwrap();
+        assert_eq!(
+            a.holder().await.unwrap(),
+            None,
+            "the holder process has exited"
+        );
+
+        // Our own, live pid, but nobody holds the lock: left over.
+        record.pid = std::process::id();
+        fs::write(&a.inner.paths.holder, serde_json::to_vec(&record).unwrap()).unwrap();
+        assert_eq!(a.holder().await.unwrap(), None, "nobody holds the lock");
+
+        // Held: reported.
+        let b = open(tmp.path(), "jobs");
+        let lease = b.acquire(req("b")).await.unwrap();
+        assert_eq!(a.holder().await.unwrap().as_ref(), Some(lease.holder()));
+        lease.release().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn state_store_with_a_wrong_or_stale_term_is_refused() {
+        let logs = Logs::default();
+        let _guard = logs.capture();
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (open(tmp.path(), "jobs"), open(tmp.path(), "jobs"));
+        let stale = |r: Result<(), Error>| match r {
+            Err(Error::StaleTerm { current, .. }) => current,
+            other => panic!("expected StaleTerm, got {other:?}"),
+        };
+
+        assert_eq!(
+            stale(a.store("k", b"0", 1).await),
+            None,
+            "nobody holds the lock"
+        );
+        let first = a.acquire(req("a")).await.unwrap();
+        let ta = first.term();
+        a.store("k", b"1", ta).await.unwrap();
+        assert_eq!(
+            a.load("k").await.unwrap(),
+            Some(Stored::new(b"1".to_vec(), ta))
+        );
+        assert_eq!(
+            b.load("k").await.unwrap(),
+            Some(Stored::new(b"1".to_vec(), ta))
+        );
+        assert_eq!(stale(a.store("k", b"2", ta + 1).await), Some(ta));
+        assert_eq!(stale(a.store("k", b"2", ta - 1).await), Some(ta));
+        stale(b.store("k", b"2", ta).await);
+        assert!(a.store("bad/key", b"", ta).await.is_err());
+        first.release().await.unwrap();
+        stale(a.store("k", b"2", ta).await);
+
+        let mut watch = a.watch_key("k").await.unwrap();
+        let second = b.acquire(req("b")).await.unwrap();
+        let tb = second.term();
+        assert!(tb > ta);
+        b.store("k", b"3", tb).await.unwrap();
+        within("a state change", watch.changed()).await.unwrap();
+        assert_eq!(
+            a.load("k").await.unwrap(),
+            Some(Stored::new(b"3".to_vec(), tb))
+        );
+
+        // A newer term has written the key: refused, naming it.
+        let paths = &b.inner.paths;
+        fs::write(paths.state_dir.join("k2"), encode_state(b"n", tb + 1000)).unwrap();
+        assert_eq!(stale(b.store("k2", b"x", tb).await), Some(tb + 1000));
+
+        // A corrupt value reads as absent and is repaired by the next store.
+        fs::write(
+            paths.state_dir.join("k3"),
+            b"tower-primary-state 1 7 99\nshort",
+        )
+        .unwrap();
+        assert_eq!(b.load("k3").await.unwrap(), None);
+        assert!(
+            logs.text().contains("corrupt state value"),
+            "{}",
+            logs.text()
+        );
+        b.store("k3", b"fixed", tb).await.unwrap();
+        assert_eq!(
+            b.load("k3").await.unwrap(),
+            Some(Stored::new(b"fixed".to_vec(), tb))
+        );
+        second.release().await.unwrap();
+        stale(b.store("k3", b"late", tb).await);
+    }
+
+    #[tokio::test]
+    async fn holder_watch_wakes_on_change() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (open(tmp.path(), "jobs"), open(tmp.path(), "jobs"));
+        let mut changes = b.watch_holder().await.unwrap();
+        assert_eq!(b.holder().await.unwrap(), None);
+
+        let lease = a.acquire(req("a")).await.unwrap();
+        let mine = lease.holder().clone();
+        within("b to see a", async {
+            while b.holder().await.unwrap().as_ref() != Some(&mine) {
+                changes.changed().await.unwrap();
+            }
+        })
+        .await;
+
+        lease.release().await.unwrap();
+        within("b to see no holder", async {
+            while b.holder().await.unwrap().is_some() {
+                changes.changed().await.unwrap();
+            }
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn child_processes_do_not_inherit_the_lock() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = open(tmp.path(), "jobs");
+        let lease = a.acquire(req("a")).await.unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let fds = fs::read_dir(format!("/proc/{}/fd", child.id())).unwrap();
+        let inherited: Vec<PathBuf> = fds
+            .flatten()
+            .filter_map(|e| fs::read_link(e.path()).ok())
+            .filter(|target| target.starts_with(tmp.path()))
+            .collect();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(inherited.is_empty(), "the child inherited {inherited:?}");
+        lease.release().await.unwrap();
+
+        // And the lock is free for the next node.
+        let b = open(tmp.path(), "jobs");
+        within("b's grant", b.acquire(req("b")))
+            .await
+            .unwrap()
+            .release()
+            .await
+            .unwrap();
     }
 }

@@ -21,9 +21,9 @@
 //! |---|---|---|
 //! | [`FileLock`](file::FileLock) | `file` (default) | `/path/dir`, `./dir`, `file:///path/dir` |
 //! | [`MemoryBackend`](memory::MemoryBackend) | always | `memory://name` |
-//! | Redis | `redis` | `redis://…`, `rediss://…` |
-//! | PostgreSQL | `postgres` | `postgres://…`, `postgresql://…` |
-//! | etcd | `etcd` | `etcd://host:port[,host:port…]`, `etcds://…` |
+//! | [`RedisBackend`](redis::RedisBackend) | `redis` | `redis://[user:pass@]host:port[/db][?prefix=p]`, `rediss://…` |
+//! | [`PostgresBackend`](postgres::PostgresBackend) | `postgres` | `postgres://…[?namespace=n&schema=s&sslmode=m]`, `postgresql://…` |
+//! | [`EtcdBackend`](etcd::EtcdBackend) | `etcd` | `etcd://host:port[,host:port…]`, `etcds://…` |
 //!
 //! # Writing a backend
 //!
@@ -53,9 +53,18 @@ use crate::elector::Lease;
 use crate::error::{ConfigError, Error};
 use crate::role::{Holder, NodeId};
 
+#[cfg(feature = "etcd")]
+#[cfg_attr(docsrs, doc(cfg(feature = "etcd")))]
+pub mod etcd;
 #[cfg(feature = "file")]
 pub mod file;
 pub mod memory;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub mod postgres;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
 
 /// A boxed, `Send` future, as the object-safe traits return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -372,8 +381,17 @@ pub fn from_url(url: &str) -> Result<Box<dyn Backend>, ConfigError> {
             }
             Ok(Box::new(memory::MemoryBackend::named(rest)))
         }
+        #[cfg(feature = "redis")]
+        "redis" | "rediss" => Ok(Box::new(self::redis::RedisBackend::new(url)?)),
+        #[cfg(not(feature = "redis"))]
         "redis" | "rediss" => Err(disabled("redis")),
+        #[cfg(feature = "postgres")]
+        "postgres" | "postgresql" => Ok(Box::new(self::postgres::PostgresBackend::new(url)?)),
+        #[cfg(not(feature = "postgres"))]
         "postgres" | "postgresql" => Err(disabled("postgres")),
+        #[cfg(feature = "etcd")]
+        "etcd" | "etcds" => Ok(Box::new(etcd::EtcdBackend::from_url(url)?)),
+        #[cfg(not(feature = "etcd"))]
         "etcd" | "etcds" => Err(disabled("etcd")),
         _ => Err(invalid(
             "unknown scheme (expected a path, file://, memory://, redis://, rediss://, \
@@ -429,11 +447,15 @@ fn redact(url: &str) -> String {
 ///
 /// [`ConfigError::InvalidStateKey`] naming the rule.
 pub fn validate_key(key: &str) -> Result<(), Error> {
+    check_key(key).map_err(Error::Config)
+}
+
+pub(crate) fn check_key(key: &str) -> Result<(), ConfigError> {
     let bad = |rule| {
-        Err(Error::Config(ConfigError::InvalidStateKey {
+        Err(ConfigError::InvalidStateKey {
             key: key.to_owned(),
             rule,
-        }))
+        })
     };
     if key.is_empty() || key.len() > 200 {
         return bad("must be 1 to 200 bytes");
@@ -463,16 +485,35 @@ mod tests {
             assert_eq!(from_url("./locks").unwrap().name(), "file");
             assert_eq!(from_url("file:///tmp/locks").unwrap().name(), "file");
         }
-        for (url, feature) in [
-            ("redis://localhost:6379", "redis"),
-            ("rediss://u:secret@h/1", "redis"),
-            ("postgresql://root@localhost/test", "postgres"),
-            ("etcd://a:2379,b:2379", "etcd"),
-        ] {
+        for url in ["redis://localhost:6379", "rediss://u:secret@h/1"] {
             match from_url(url) {
-                Err(ConfigError::FeatureDisabled { feature: f, .. }) => assert_eq!(f, feature),
+                #[cfg(feature = "redis")]
+                Ok(b) => assert_eq!(b.name(), "redis"),
+                #[cfg(not(feature = "redis"))]
+                Err(ConfigError::FeatureDisabled { feature, .. }) => assert_eq!(feature, "redis"),
                 other => panic!("{url}: {other:?}"),
             }
+        }
+        for url in [
+            "postgresql://root@localhost/test",
+            "postgres://u:secret@h/db?namespace=n",
+        ] {
+            match from_url(url) {
+                #[cfg(feature = "postgres")]
+                Ok(b) => assert_eq!(b.name(), "postgres"),
+                #[cfg(not(feature = "postgres"))]
+                Err(ConfigError::FeatureDisabled { feature, .. }) => {
+                    assert_eq!(feature, "postgres")
+                }
+                other => panic!("{url}: {other:?}"),
+            }
+        }
+        match from_url("etcd://a:2379,b:2379") {
+            #[cfg(feature = "etcd")]
+            Ok(b) => assert_eq!(b.name(), "etcd"),
+            #[cfg(not(feature = "etcd"))]
+            Err(ConfigError::FeatureDisabled { feature, .. }) => assert_eq!(feature, "etcd"),
+            other => panic!("etcd: {other:?}"),
         }
         assert!(from_url("file://relative").is_err());
         assert!(from_url("memory://").is_err());

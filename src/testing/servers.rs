@@ -48,7 +48,9 @@ pub fn require<T, E: fmt::Display>(what: &str, res: Result<T, E>) -> Option<T> {
                 !backends_required(),
                 "{msg} (and {REQUIRE_ENV}=1 forbids skipping)"
             );
-            eprintln!("\n==============================\nSKIPPED: {msg}\n==============================\n");
+            eprintln!(
+                "\n==============================\nSKIPPED: {msg}\n==============================\n"
+            );
             None
         }
     }
@@ -318,11 +320,8 @@ impl EtcdServer {
         let addr = self.addr();
         let ready = tokio::task::spawn_blocking(move || {
             let res = wait_ready("etcd", &mut child, Duration::from_secs(20), || {
-                exchange(
-                    addr,
-                    b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n",
-                )
-                .is_some_and(|r| r.contains("\"health\":\"true\""))
+                exchange(addr, b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+                    .is_some_and(|r| r.contains("\"health\":\"true\""))
             });
             (child, res)
         })
@@ -345,6 +344,109 @@ impl Drop for EtcdServer {
 pub fn postgres_url() -> String {
     std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".to_owned())
+}
+
+/// A `pgbouncer` of the test's own in front of a PostgreSQL server, on a free port, with one
+/// server connection per pool (`default_pool_size = 1`) and trust authentication for one user.
+///
+/// PgBouncer refuses to run as root: as root it is started with `runuser -u postgres`.
+#[derive(Debug)]
+pub struct PgBouncer {
+    child: Option<Child>,
+    port: u16,
+    _dir: TempDir,
+}
+
+impl PgBouncer {
+    /// Starts one forwarding every database to `upstream` as `user`, in `pool_mode`
+    /// (`session`, `transaction` or `statement`), and waits until it accepts connections.
+    ///
+    /// # Errors
+    ///
+    /// When `pgbouncer` is missing or does not come up.
+    pub async fn start(upstream: SocketAddr, user: &str, pool_mode: &str) -> Result<Self, String> {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+        let program = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap_or("pgbouncer");
+        let port = free_port().map_err(|e| e.to_string())?;
+        let dir = TempDir::new("pgbouncer").map_err(|e| e.to_string())?;
+        let config = dir.path().join("pgbouncer.ini");
+        let users = dir.path().join("users.txt");
+        std::fs::write(&users, format!("\"{user}\" \"\"\n")).map_err(|e| e.to_string())?;
+        std::fs::write(
+            &config,
+            format!(
+                "[databases]\n* = host={} port={}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\n\
+                 listen_port = {port}\nunix_socket_dir =\nauth_type = trust\nauth_file = {}\n\
+                 pool_mode = {pool_mode}\ndefault_pool_size = 1\nmax_client_conn = 100\n\
+                 ignore_startup_parameters = extra_float_digits,options\n",
+                upstream.ip(),
+                upstream.port(),
+                users.display()
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        for path in [dir.path(), &config, &users] {
+            let mode = if path.is_dir() { 0o755 } else { 0o644 };
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| e.to_string())?;
+        }
+        let as_root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+        let config = config.display().to_string();
+        let log = dir.path().join("pgbouncer.log");
+        let mut child = if as_root {
+            let args = ["-u", "postgres", "--", program, &config].map(str::to_owned);
+            spawn("runuser", &args, &log)?
+        } else {
+            spawn(program, &[config], &log)?
+        };
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let ready = tokio::task::spawn_blocking(move || {
+            let res = wait_ready("pgbouncer", &mut child, Duration::from_secs(10), || {
+                TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+            });
+            (child, res)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        let mut bouncer = PgBouncer {
+            child: Some(ready.0),
+            port,
+            _dir: dir,
+        };
+        if let Err(e) = ready.1 {
+            bouncer.kill();
+            let log = std::fs::read_to_string(&log).unwrap_or_default();
+            return Err(format!("{e}; log: {}", log.trim()));
+        }
+        Ok(bouncer)
+    }
+
+    /// The address clients connect to.
+    #[must_use]
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// Stops it: `SIGTERM` (which `runuser` passes on to PgBouncer), then waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(0)),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
 
 #[cfg(test)]

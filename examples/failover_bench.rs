@@ -1,0 +1,260 @@
+//! Failover benchmark: from a signal to the primary until the successor's singleton task runs.
+//!
+//! ```text
+//! cargo run --release --example failover_bench -- --backend file --rounds 100 [--nodes 3] [--lease 2s]
+//! ```
+//!
+//! `--backend` is `file` (locks in a fresh temporary directory) or any backend string of DESIGN §7
+//! (`/path/dir`, `redis://…`, `postgres://…`, `etcd://…`, with the matching Cargo feature).
+//! `--rounds` is per series (default 100), `--nodes` how many nodes run (default 3), `--lease` the
+//! lease of lease backends (ignored by the file backend).
+//!
+//! The program re-executes itself as `--nodes` election nodes (node mode of
+//! `tower_primary::testing::node`: each node runs an elector with a singleton task and prints
+//! `CLOCK_MONOTONIC`-stamped events). Each round waits until the nodes have settled (one primary,
+//! known to every secondary), waits a random 50–150 ms so the signal lands at a random moment, then
+//! signals the primary. The time measured runs from `CLOCK_MONOTONIC` taken just before `kill(2)`
+//! to the successor's first singleton-task line (its own `CLOCK_MONOTONIC`). A replacement node is
+//! started once the new primary is seen, so every round has the same number of nodes.
+//!
+//! Two series: `failover` (`SIGKILL`: the kernel frees the lock with the process) and `handover`
+//! (`SIGTERM`: the node shuts its elector down and releases the lock). The output is a table of
+//! min/p50/p90/p99/max in milliseconds (nearest-rank percentiles), the number of overlapping
+//! primary periods seen (must be 0), and two final lines `failover_p99_ms=<v>` and
+//! `handover_p99_ms=<v>`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use tower_primary::clock::monotonic_nanos;
+use tower_primary::testing::node::{self, Cluster, NodeCommand, NodeConfig, NodeSignal};
+
+struct Args {
+    backend: String,
+    rounds: usize,
+    nodes: usize,
+    lease: Option<Duration>,
+}
+
+const USAGE: &str = "usage: failover_bench [--backend file|<backend string>] [--rounds N] \
+                     [--nodes N] [--lease DURATION]";
+
+impl Args {
+    fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
+        let mut parsed = Args {
+            backend: "file".to_owned(),
+            rounds: 100,
+            nodes: 3,
+            lease: None,
+        };
+        while let Some(flag) = args.next() {
+            let (name, inline) = match flag.split_once('=') {
+                Some((n, v)) => (n.to_owned(), Some(v.to_owned())),
+                None => (flag.clone(), None),
+            };
+            if name == "--help" || name == "-h" {
+                return Err(USAGE.to_owned());
+            }
+            let value = inline
+                .or_else(|| args.next())
+                .ok_or_else(|| format!("{name} needs a value\n{USAGE}"))?;
+            let number = |v: &str| v.parse::<usize>().map_err(|e| format!("{name} {v:?}: {e}"));
+            match name.as_str() {
+                "--backend" => parsed.backend = value,
+                "--rounds" => parsed.rounds = number(&value)?,
+                "--nodes" => parsed.nodes = number(&value)?,
+                "--lease" => {
+                    parsed.lease = Some(
+                        humantime::parse_duration(&value)
+                            .map_err(|e| format!("--lease {value:?}: {e}"))?,
+                    );
+                }
+                _ => return Err(format!("unknown flag {name}\n{USAGE}")),
+            }
+        }
+        if parsed.nodes < 2 {
+            return Err("--nodes must be at least 2".to_owned());
+        }
+        if parsed.rounds == 0 {
+            return Err("--rounds must be at least 1".to_owned());
+        }
+        Ok(parsed)
+    }
+}
+
+fn main() -> ExitCode {
+    if node::is_node_process() {
+        // Warnings only: a log line between the grant and the task start would be measured.
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .try_init();
+        node::run_node_from_env();
+    }
+    let args = match Args::parse(std::env::args().skip(1)) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start a tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("failover_bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error>;
+
+async fn run(args: Args) -> Result<(), BoxError> {
+    let tmp;
+    let backend = if args.backend == "file" {
+        tmp = tempfile::tempdir()?;
+        tmp.path()
+            .to_str()
+            .ok_or("the temporary directory's path is not UTF-8")?
+            .to_owned()
+    } else {
+        args.backend.clone()
+    };
+    let lock = format!("failover-bench-{}", std::process::id());
+    let mut config = NodeConfig::new(&backend, &lock).tick(Duration::from_secs(1));
+    if let Some(lease) = args.lease {
+        config = config.lease(lease);
+    }
+    // Lease backends fail over after the lease: leave room for several.
+    let timeout = args.lease.map_or(Duration::from_secs(10), |l| {
+        Duration::from_secs(10).max(l * 5)
+    });
+
+    let mut cluster = Cluster::new(NodeCommand::current_exe()?, config);
+    println!(
+        "backend {} ({backend}), lock {lock}, {} nodes, {} rounds per series, lease {}",
+        args.backend,
+        args.nodes,
+        args.rounds,
+        args.lease.map_or_else(
+            || "default".to_owned(),
+            |l| humantime::format_duration(l).to_string()
+        )
+    );
+    let started = monotonic_nanos();
+    cluster.spawn_nodes(args.nodes)?;
+    let (mut primary, mut term) = cluster.wait_settled(timeout).await?;
+    println!(
+        "first election: {:.1} ms from spawning the nodes to a settled cluster",
+        ms(monotonic_nanos() - started)
+    );
+
+    let mut rng = Rng::new();
+    let mut results = Vec::new();
+    for (series, signal) in [
+        ("failover", NodeSignal::Kill),
+        ("handover", NodeSignal::Term),
+    ] {
+        let mut times = Vec::with_capacity(args.rounds);
+        for round in 0..args.rounds {
+            let settle = Duration::from_millis(50 + rng.below(101));
+            tokio::time::sleep(settle).await;
+            let sent = cluster.signal(primary, signal).await?;
+            let next = cluster
+                .wait_task_start_after(term, primary, timeout)
+                .await?;
+            times.push(next.at.saturating_sub(sent));
+            cluster.wait_exit(primary, timeout).await?;
+            cluster.spawn_node()?;
+            let settled = cluster.wait_settled(timeout).await?;
+            if settled.0 != next.pid {
+                return Err(format!(
+                    "{series} round {round}: pid {} started its task but pid {} is primary",
+                    next.pid, settled.0
+                )
+                .into());
+            }
+            (primary, term) = settled;
+        }
+        results.push((series, times));
+    }
+
+    let report = cluster.history().check();
+    cluster.kill_all(timeout).await?;
+
+    println!();
+    println!(
+        "{:<10} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "series", "n", "min", "p50", "p90", "p99", "max"
+    );
+    let mut p99s = Vec::new();
+    for (series, times) in &mut results {
+        times.sort_unstable();
+        let p = |q: f64| ms(percentile(times, q));
+        println!(
+            "{:<10} {:>5} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
+            series,
+            times.len(),
+            ms(times[0]),
+            p(50.0),
+            p(90.0),
+            p(99.0),
+            ms(times[times.len() - 1])
+        );
+        p99s.push((*series, p(99.0)));
+    }
+    println!("(ms, from the signal to the successor's first singleton-task line)");
+    println!(
+        "primary periods: {}, overlapping pairs: {}, terms not rising: {}",
+        report.periods,
+        report.overlaps.len(),
+        report.term_regressions.len()
+    );
+    for (series, p99) in p99s {
+        println!("{series}_p99_ms={p99:.3}");
+    }
+    if !report.is_ok() {
+        return Err(format!("the history check failed:\n{report}").into());
+    }
+    Ok(())
+}
+
+fn ms(nanos: u64) -> f64 {
+    nanos as f64 / 1e6
+}
+
+/// Nearest rank: the smallest value with at least `q` percent of the values at or below it.
+fn percentile(sorted: &[u64], q: f64) -> u64 {
+    let rank = ((q / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// xorshift64*: enough to spread the signals over the tick cycle, without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn new() -> Self {
+        Rng(monotonic_nanos() ^ (u64::from(std::process::id()) << 32) | 1)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+    }
+}

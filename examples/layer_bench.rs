@@ -1,0 +1,238 @@
+//! What `PrimaryLayer` costs a request: self-contained, nothing to install.
+//!
+//! ```text
+//! cargo run --release --example layer_bench
+//! ```
+//!
+//! (a) An in-process micro-benchmark of one service call, on requests shaped as a route sees them
+//!     inside an axum `Router` (the extensions map already in use), with and without the layer:
+//!     the median over paired rounds of the difference, in ns per request.
+//! (b) HTTP throughput of a hello-world axum server over loopback, driven by an in-process hyper
+//!     client pool, without and with `PrimaryLayer`, in paired alternating rounds; then the same
+//!     with `RequirePrimaryLayer` on the route, reported on its own line. Each round's ratio is
+//!     with / without; the median and the spread over the rounds are reported.
+//!
+//! The last line is `layer_overhead_ns=<a> throughput_ratio=<median of with / without>`.
+//!
+//! Settings (environment): `LAYER_BENCH_ROUNDS` (default 12, at least 10 recommended),
+//! `LAYER_BENCH_ROUND_MS` (default 1000), `LAYER_BENCH_CONCURRENCY` (default 16).
+
+use std::convert::Infallible;
+use std::hint::black_box;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::routing::get;
+use futures_util::FutureExt;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tower::{Layer, Service, service_fn};
+use tower_primary::{Elector, MemoryBackend, PrimaryLayer, RequirePrimaryLayer, RoleHandle};
+
+/// Stands in for what axum's router inserts before a route's layers run.
+#[derive(Clone)]
+struct MatchedRoute(#[allow(dead_code)] &'static str);
+
+fn router_shaped_request() -> Request<()> {
+    let mut req = Request::get("/admin/rebuild?x=1").body(()).unwrap();
+    req.extensions_mut().insert(MatchedRoute("/admin/rebuild"));
+    req
+}
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn sorted(mut v: Vec<f64>) -> Vec<f64> {
+    v.sort_by(f64::total_cmp);
+    v
+}
+
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    let pos = q * (sorted.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
+}
+
+/// "median M (IQR a–b, min c, max d)".
+fn spread(values: &[f64], digits: usize) -> (f64, String) {
+    let s = sorted(values.to_vec());
+    let median = quantile(&s, 0.5);
+    let text = format!(
+        "median {median:.digits$} (IQR {:.digits$}–{:.digits$}, min {:.digits$}, max {:.digits$}, n={})",
+        quantile(&s, 0.25),
+        quantile(&s, 0.75),
+        s[0],
+        s[s.len() - 1],
+        s.len()
+    );
+    (median, text)
+}
+
+/// ns per call of `svc` over `n` router-shaped requests (built before the clock starts).
+fn time_calls<S>(svc: &mut S, n: usize) -> f64
+where
+    S: Service<Request<()>, Response = Response<()>, Error = Infallible>,
+{
+    let reqs: Vec<_> = (0..n).map(|_| router_shaped_request()).collect();
+    let start = Instant::now();
+    for req in reqs {
+        let res = svc.call(req).now_or_never();
+        black_box(res);
+    }
+    start.elapsed().as_nanos() as f64 / n as f64
+}
+
+fn micro(role: &RoleHandle, rounds: usize) -> f64 {
+    let inner = || {
+        service_fn(|req: Request<()>| {
+            drop(black_box(req));
+            std::future::ready(Ok::<_, Infallible>(Response::new(())))
+        })
+    };
+    let mut without = inner();
+    let mut with = PrimaryLayer::new(role.clone()).layer(inner());
+    const N: usize = 200_000;
+    // Warm up caches and the allocator.
+    time_calls(&mut without, N);
+    time_calls(&mut with, N);
+    let (mut a, mut b, mut diff) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds.max(10) {
+        let (x, y) = if round % 2 == 0 {
+            let x = time_calls(&mut without, N);
+            (x, time_calls(&mut with, N))
+        } else {
+            let y = time_calls(&mut with, N);
+            (time_calls(&mut without, N), y)
+        };
+        a.push(x);
+        b.push(y);
+        diff.push(y - x);
+    }
+    let (_, without_text) = spread(&a, 1);
+    let (_, with_text) = spread(&b, 1);
+    let (overhead, diff_text) = spread(&diff, 1);
+    println!("(a) per request, router-shaped, in process ({N} calls per round):");
+    println!("    without layer  ns/req {without_text}");
+    println!("    with layer     ns/req {with_text}");
+    println!("    layer overhead ns/req {diff_text}");
+    overhead
+}
+
+async fn serve(app: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+type HttpClient = Client<HttpConnector, Empty<Bytes>>;
+
+/// Requests per second against `addr` for `dur`, from `concurrency` client tasks.
+async fn drive(client: &HttpClient, addr: SocketAddr, dur: Duration, concurrency: u64) -> f64 {
+    /// A bound on the count, besides the time bound.
+    const MAX_PER_TASK: u64 = 5_000_000;
+    let done = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + dur;
+    let uri: http::Uri = format!("http://{addr}/").parse().unwrap();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (client, done, uri) = (client.clone(), done.clone(), uri.clone());
+            tokio::spawn(async move {
+                for _ in 0..MAX_PER_TASK {
+                    if Instant::now() >= deadline {
+                        break;
+                    }
+                    let req = Request::get(uri.clone()).body(Empty::new()).unwrap();
+                    let res = client.request(req).await.expect("request failed");
+                    assert_eq!(res.status(), StatusCode::OK);
+                    res.into_body().collect().await.unwrap();
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let rounds = env_or("LAYER_BENCH_ROUNDS", 12) as usize;
+    let round = Duration::from_millis(env_or("LAYER_BENCH_ROUND_MS", 1000));
+    let concurrency = env_or("LAYER_BENCH_CONCURRENCY", 16);
+
+    let elector = Elector::builder("layer-bench")
+        .backend(MemoryBackend::new())
+        .spawn()
+        .unwrap();
+    let role = elector.handle();
+    role.clone().wait_primary().await;
+
+    let overhead = micro(&role, rounds);
+
+    let hello = || get(|| async { "hello, world" });
+    let plain = serve(Router::new().route("/", hello())).await;
+    let layered = serve(
+        Router::new()
+            .route("/", hello())
+            .layer(PrimaryLayer::new(role.clone())),
+    )
+    .await;
+    let gated = serve(
+        Router::new()
+            .route("/", hello().layer(RequirePrimaryLayer::new()))
+            .layer(PrimaryLayer::new(role.clone())),
+    )
+    .await;
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    for addr in [plain, layered, gated] {
+        drive(&client, addr, round / 3, concurrency).await;
+    }
+
+    let (mut base, mut with, mut gate) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ratio, mut gate_ratio) = (Vec::new(), Vec::new());
+    for r in 0..rounds {
+        // Rotate the order, so drift within a round does not favour one variant.
+        let mut results = [0.0; 3];
+        for k in 0..3 {
+            let v = (r + k) % 3;
+            let addr = [plain, layered, gated][v];
+            results[v] = drive(&client, addr, round, concurrency).await;
+        }
+        base.push(results[0]);
+        with.push(results[1]);
+        gate.push(results[2]);
+        ratio.push(results[1] / results[0]);
+        gate_ratio.push(results[2] / results[0]);
+    }
+    let (_, base_text) = spread(&base, 0);
+    let (_, with_text) = spread(&with, 0);
+    let (_, gate_text) = spread(&gate, 0);
+    let (median_ratio, ratio_text) = spread(&ratio, 3);
+    let (_, gate_ratio_text) = spread(&gate_ratio, 3);
+    println!(
+        "(b) HTTP hello-world over loopback, {concurrency} client tasks, {} ms rounds:",
+        round.as_millis()
+    );
+    println!("    without layer                      req/s {base_text}");
+    println!("    with PrimaryLayer                  req/s {with_text}");
+    println!("    with PrimaryLayer + gate on route  req/s {gate_text}");
+    println!("    ratio with PrimaryLayer / without        {ratio_text}");
+    println!("    ratio with PrimaryLayer + gate / without {gate_ratio_text}");
+    elector.shutdown().await;
+    println!("layer_overhead_ns={overhead:.1} throughput_ratio={median_ratio:.3}");
+}

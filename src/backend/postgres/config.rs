@@ -1,0 +1,431 @@
+//! Settings of the PostgreSQL backend: the URL, the crate's own parameters, TLS and timings.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio_postgres::config::SslMode;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use crate::error::ConfigError;
+
+pub(super) const DEFAULT_SCHEMA: &str = "tower_primary";
+pub(super) const DEFAULT_NAMESPACE: &str = "default";
+
+/// How a connection is encrypted.
+#[derive(Clone)]
+pub(super) enum Tls {
+    /// `sslmode=disable`.
+    Off,
+    /// rustls; whether the certificate is verified is in the connector.
+    Rustls(MakeRustlsConnect),
+}
+
+/// Everything a [`PostgresBackend`](super::PostgresBackend) was configured with.
+#[derive(Clone)]
+pub(super) struct Settings {
+    pub(super) pg: tokio_postgres::Config,
+    pub(super) tls: Tls,
+    /// `sslmode` as given (for `Debug`).
+    pub(super) ssl_mode: &'static str,
+    /// The URL with its password replaced, for messages.
+    pub(super) url: String,
+    pub(super) namespace: String,
+    pub(super) schema: String,
+    pub(super) liveness_every: Duration,
+    pub(super) liveness_timeout: Duration,
+    pub(super) keepalive_idle: Duration,
+    pub(super) keepalive_interval: Duration,
+    pub(super) keepalive_count: u32,
+    pub(super) connect_timeout: Duration,
+    pub(super) request_timeout: Duration,
+}
+
+impl Settings {
+    /// Parses a `postgres://` or `postgresql://` URL; removes the crate's parameters
+    /// (`namespace`, `schema`) and the TLS ones the crate handles (`sslmode`, `sslrootcert`).
+    pub(super) fn from_url(url: &str) -> Result<Self, ConfigError> {
+        let invalid = |problem: String| ConfigError::InvalidBackendUrl {
+            url: super::super::redact(url),
+            problem,
+        };
+        let Some((scheme, _)) = url.split_once("://") else {
+            return Err(invalid("expected postgres://… or postgresql://…".into()));
+        };
+        if scheme != "postgres" && scheme != "postgresql" {
+            return Err(invalid(format!(
+                "scheme {scheme:?} is not postgres:// or postgresql://"
+            )));
+        }
+        let (base, query) = match url.split_once('?') {
+            Some((b, q)) => (b, q),
+            None => (url, ""),
+        };
+        let mut namespace = DEFAULT_NAMESPACE.to_owned();
+        let mut schema = DEFAULT_SCHEMA.to_owned();
+        let mut ssl_mode = "prefer";
+        let mut root_cert: Option<PathBuf> = None;
+        let mut passed = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let decoded = percent_decode(value)
+                .ok_or_else(|| invalid(format!("parameter {key:?}: bad percent-encoding")))?;
+            match key {
+                "namespace" => namespace = decoded,
+                "schema" => schema = decoded,
+                "sslmode" => {
+                    ssl_mode = match decoded.as_str() {
+                        "disable" => "disable",
+                        "allow" | "prefer" => "prefer",
+                        "require" => "require",
+                        "verify-ca" => "verify-ca",
+                        "verify-full" => "verify-full",
+                        other => {
+                            return Err(invalid(format!(
+                                "sslmode {other:?}: expected disable, allow, prefer, require, \
+                                 verify-ca or verify-full"
+                            )));
+                        }
+                    }
+                }
+                "sslrootcert" => root_cert = Some(PathBuf::from(decoded)),
+                _ => passed.push(pair),
+            }
+        }
+        validate_namespace(&namespace).map_err(|rule| invalid(format!("namespace: {rule}")))?;
+        validate_schema(&schema).map_err(|rule| invalid(format!("schema: {rule}")))?;
+        let driver_url = if passed.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{}", passed.join("&"))
+        };
+        let mut pg = tokio_postgres::Config::from_str(&driver_url).map_err(|e| {
+            let mut msg = e.to_string();
+            if let Some(pw) = password_of(url).filter(|p| !p.is_empty()) {
+                msg = msg.replace(pw, "***");
+            }
+            invalid(msg)
+        })?;
+        let (mode, tls) = tls_for(ssl_mode, root_cert.as_deref()).map_err(invalid)?;
+        pg.ssl_mode(mode);
+        if pg.get_application_name().is_none() {
+            pg.application_name("tower-primary");
+        }
+        let connect_timeout = pg
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(Duration::from_secs(5));
+        Ok(Settings {
+            pg,
+            tls,
+            ssl_mode,
+            url: super::super::redact(url),
+            namespace,
+            schema,
+            liveness_every: Duration::from_millis(500),
+            liveness_timeout: Duration::from_secs(1),
+            keepalive_idle: Duration::from_secs(2),
+            keepalive_interval: Duration::from_secs(1),
+            keepalive_count: 2,
+            connect_timeout,
+            request_timeout: Duration::from_secs(5),
+        })
+    }
+
+    /// How long after a partition began the server frees a silent holder's lock, at the
+    /// earliest: the keepalive idle time plus `count` probes, less one liveness interval (the
+    /// last liveness query may have reached the server that much before the partition).
+    pub(super) fn server_detection(&self) -> Duration {
+        self.keepalive_idle + self.keepalive_interval * self.keepalive_count
+    }
+
+    /// Checks the settings (at `lock()`, i.e. `spawn()` time).
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |problem: String| ConfigError::InvalidBackendUrl {
+            url: self.url.clone(),
+            problem,
+        };
+        validate_namespace(&self.namespace).map_err(|r| invalid(format!("namespace: {r}")))?;
+        validate_schema(&self.schema).map_err(|r| invalid(format!("schema: {r}")))?;
+        for (setting, value) in [
+            ("postgres liveness interval", self.liveness_every),
+            ("postgres liveness timeout", self.liveness_timeout),
+            ("postgres connect timeout", self.connect_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::InvalidTiming {
+                    setting,
+                    value,
+                    rule: "must be longer than zero".into(),
+                });
+            }
+        }
+        if self.keepalive_idle < Duration::from_secs(1)
+            || self.keepalive_interval < Duration::from_secs(1)
+            || self.keepalive_count == 0
+        {
+            return Err(ConfigError::InvalidTiming {
+                setting: "postgres server keepalive",
+                value: self.keepalive_idle,
+                rule: "idle and interval must be at least 1 s (the server counts whole seconds) \
+                       and count at least 1"
+                    .into(),
+            });
+        }
+        // A partitioned holder must have stepped down before the server frees its lock.
+        let step_down = self.liveness_every * 2 + self.liveness_timeout;
+        if step_down >= self.server_detection() {
+            return Err(ConfigError::InvalidTiming {
+                setting: "postgres liveness",
+                value: step_down,
+                rule: format!(
+                    "2 × interval + timeout must be shorter than the server's dead-peer \
+                     detection (keepalive idle + interval × count = {:?}), so a partitioned \
+                     holder steps down before the server frees its lock",
+                    self.server_detection()
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Namespaces: 1 to 64 bytes of `[A-Za-z0-9._-]`.
+pub(super) fn validate_namespace(ns: &str) -> Result<(), &'static str> {
+    if ns.is_empty() || ns.len() > 64 {
+        return Err("must be 1 to 64 bytes");
+    }
+    if !ns
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err("may only hold ASCII letters, digits, '.', '_' and '-'");
+    }
+    Ok(())
+}
+
+/// Schemas: a plain lower-case SQL identifier, so it needs no quoting rules beyond `"…"`.
+pub(super) fn validate_schema(schema: &str) -> Result<(), &'static str> {
+    let mut bytes = schema.bytes();
+    let Some(first) = bytes.next() else {
+        return Err("must not be empty");
+    };
+    if schema.len() > 63 {
+        return Err("must be at most 63 bytes");
+    }
+    if !(first.is_ascii_lowercase() || first == b'_')
+        || !bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return Err("must be a lower-case identifier: [a-z_][a-z0-9_]*");
+    }
+    Ok(())
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = s.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The password in a URL's user info, if any.
+fn password_of(url: &str) -> Option<&str> {
+    let rest = url.split_once("://")?.1;
+    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+    let userinfo = &authority[..authority.rfind('@')?];
+    userinfo.split_once(':').map(|(_, pw)| pw)
+}
+
+/// The driver's SSL mode and the connector, as libpq reads `sslmode`: `prefer` and `require`
+/// encrypt without verifying the certificate (unless `sslrootcert` is given), `verify-ca` and
+/// `verify-full` verify it against the system roots and `sslrootcert` (both check the host
+/// name: rustls always does).
+fn tls_for(ssl_mode: &str, root_cert: Option<&std::path::Path>) -> Result<(SslMode, Tls), String> {
+    if ssl_mode == "disable" {
+        return Ok((SslMode::Disable, Tls::Off));
+    }
+    let mode = if ssl_mode == "prefer" {
+        SslMode::Prefer
+    } else {
+        SslMode::Require
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?;
+    let verify = matches!(ssl_mode, "verify-ca" | "verify-full") || root_cert.is_some();
+    let config = if verify {
+        let mut roots = RootCertStore::empty();
+        if matches!(ssl_mode, "verify-ca" | "verify-full") {
+            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+        }
+        if let Some(path) = root_cert {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+                .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
+            if certs.is_empty() {
+                return Err(format!(
+                    "sslrootcert {}: no certificate in the file",
+                    path.display()
+                ));
+            }
+            roots.add_parsable_certificates(certs);
+        }
+        if roots.is_empty() {
+            return Err(format!(
+                "sslmode={ssl_mode}: no trusted root certificate (none in the system store; \
+                 give one with sslrootcert=path)"
+            ));
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    } else {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider)))
+            .with_no_client_auth()
+    };
+    Ok((mode, Tls::Rustls(MakeRustlsConnect::new(config))))
+}
+
+/// libpq's `sslmode=prefer/require`: the channel is encrypted, the certificate is not checked
+/// (the handshake signatures still are).
+#[derive(Debug)]
+struct EncryptOnly(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for EncryptOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crate_parameters_are_taken_out_of_the_url() {
+        let s = Settings::from_url(
+            "postgres://u:pw@db.example:6543/app?namespace=billing&schema=locks_v1&sslmode=disable&connect_timeout=3",
+        )
+        .unwrap();
+        assert_eq!(s.namespace, "billing");
+        assert_eq!(s.schema, "locks_v1");
+        assert_eq!(s.ssl_mode, "disable");
+        assert!(matches!(s.tls, Tls::Off));
+        assert_eq!(s.pg.get_dbname(), Some("app"));
+        assert_eq!(s.pg.get_ports(), &[6543]);
+        assert_eq!(s.connect_timeout, Duration::from_secs(3));
+        assert_eq!(s.pg.get_application_name(), Some("tower-primary"));
+        assert!(!s.url.contains("pw"), "{}", s.url);
+    }
+
+    #[test]
+    fn defaults_follow_libpq() {
+        let s = Settings::from_url("postgresql://root@127.0.0.1/test").unwrap();
+        assert_eq!(s.namespace, DEFAULT_NAMESPACE);
+        assert_eq!(s.schema, DEFAULT_SCHEMA);
+        assert_eq!(s.ssl_mode, "prefer");
+        assert_eq!(s.pg.get_ssl_mode(), SslMode::Prefer);
+        assert!(matches!(s.tls, Tls::Rustls(_)));
+        s.validate().unwrap();
+    }
+
+    #[test]
+    fn bad_parameters_are_config_errors_without_the_password() {
+        for (url, needle) in [
+            ("postgres://u:hunter2@h/db?namespace=a/b", "namespace"),
+            ("postgres://u:hunter2@h/db?schema=Bad-Name", "schema"),
+            ("postgres://u:hunter2@h/db?sslmode=sometimes", "sslmode"),
+            ("postgres://u:hunter2@h:notaport/db", "port"),
+            (
+                "postgres://u:hunter2@h/db?sslmode=require&sslrootcert=/nonexistent.pem",
+                "sslrootcert",
+            ),
+            ("mysql://u:hunter2@h/db", "scheme"),
+        ] {
+            let err = Settings::from_url(url).err().unwrap().to_string();
+            assert!(err.contains(needle), "{url}: {err}");
+            assert!(!err.contains("hunter2"), "{url}: {err}");
+        }
+    }
+
+    #[test]
+    fn liveness_must_beat_the_servers_dead_peer_detection() {
+        let mut s = Settings::from_url("postgres://root@127.0.0.1/test").unwrap();
+        s.validate().unwrap();
+        s.liveness_timeout = Duration::from_secs(3);
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("dead-peer detection"), "{err}");
+        s.keepalive_idle = Duration::from_secs(10);
+        s.validate().unwrap();
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%2Fb+c").as_deref(), Some("a/b c"));
+        assert_eq!(percent_decode("%zz"), None);
+        assert_eq!(percent_decode("%4"), None);
+    }
+}

@@ -1,0 +1,874 @@
+//! One lock name on PostgreSQL: the lock session of each term, and the second connection for
+//! LISTEN, the holder record and the state API.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{oneshot, watch};
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Row, SimpleQueryMessage};
+use tokio_util::sync::CancellationToken;
+
+use super::NAME;
+use super::config::Settings;
+use super::conn::{Conn, OnNotify, connect, describe, pg_error};
+use super::sql::Sql;
+use crate::backend::{AcquireRequest, BoxFuture, Changes, Leadership, Lock, Renewals, Stored};
+use crate::backoff::Backoff;
+use crate::error::Error;
+use crate::role::Holder;
+
+/// A lock name on PostgreSQL, as one elector sees it.
+pub(super) struct PgLock {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    settings: Arc<Settings>,
+    name: String,
+    sql: Sql,
+    aux: Aux,
+}
+
+/// The second connection: LISTEN, holder record, state.
+struct Aux {
+    state: watch::Sender<AuxState>,
+    /// Bumped at every holder notification, and after every (re)connection.
+    holder: watch::Sender<u64>,
+    /// One version per watched state key.
+    keys: Mutex<HashMap<String, watch::Sender<u64>>>,
+    started: AtomicBool,
+    stop: CancellationToken,
+}
+
+#[derive(Clone)]
+enum AuxState {
+    Connecting,
+    /// The connection and its server process id.
+    Ready(Arc<Conn>, i32),
+    Failed(String),
+}
+
+impl fmt::Debug for PgLock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresLock")
+            .field("name", &self.shared.name)
+            .field("namespace", &self.shared.settings.namespace)
+            .field("key", &self.shared.sql.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgLock {
+    pub(super) fn new(settings: Arc<Settings>, name: &str) -> Self {
+        let sql = Sql::new(&settings.schema, &settings.namespace, name);
+        PgLock {
+            shared: Arc::new(Shared {
+                settings,
+                name: name.to_owned(),
+                sql,
+                aux: Aux {
+                    state: watch::channel(AuxState::Connecting).0,
+                    holder: watch::channel(0).0,
+                    keys: Mutex::new(HashMap::new()),
+                    started: AtomicBool::new(false),
+                    stop: CancellationToken::new(),
+                },
+            }),
+        }
+    }
+}
+
+impl Drop for PgLock {
+    fn drop(&mut self) {
+        self.shared.aux.stop.cancel();
+    }
+}
+
+fn lock_map<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The map is only inserted into, bumped and pruned: a panic cannot leave it half-changed.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The first data row of a simple query's result.
+fn first_row(messages: &[SimpleQueryMessage]) -> Option<&tokio_postgres::SimpleQueryRow> {
+    messages.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(r) => Some(r),
+        _ => None,
+    })
+}
+
+impl Shared {
+    fn backend_error(&self, message: impl Into<String>) -> Error {
+        Error::backend_msg(NAME, message)
+    }
+
+    fn on_notify(&self, payload: &str) {
+        if let Some(key) = payload.strip_prefix("state:") {
+            if let Some(tx) = lock_map(&self.aux.keys).get(key) {
+                tx.send_modify(|v| *v += 1);
+            }
+        } else {
+            self.aux.holder.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// Wakes every watcher: notifications may have been missed while disconnected.
+    fn bump_all(&self) {
+        self.aux.holder.send_modify(|v| *v += 1);
+        for tx in lock_map(&self.aux.keys).values() {
+            tx.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// Connects the second connection: creates the schema's objects if missing, LISTENs.
+    async fn connect_aux(self: &Arc<Self>) -> Result<(Conn, i32), Error> {
+        let weak = Arc::downgrade(self);
+        let on_notify: OnNotify = Arc::new(move |payload| {
+            if let Some(shared) = weak.upgrade() {
+                shared.on_notify(payload);
+            }
+        });
+        let app = format!("aux {}", self.name);
+        let conn = connect(&self.settings, Some(&app), Some(on_notify)).await?;
+        let prepare = async {
+            let exists = conn.client.simple_query(&self.sql.setup_check).await?;
+            if first_row(&exists).and_then(|r| r.get(0)) != Some("t") {
+                conn.client.batch_execute(&self.sql.setup).await?;
+            }
+            conn.client.batch_execute(&self.sql.listen).await?;
+            let pid = conn.client.simple_query("SELECT pg_backend_pid()").await?;
+            Ok::<_, tokio_postgres::Error>(
+                first_row(&pid)
+                    .and_then(|r| r.get(0))
+                    .and_then(|p| p.parse::<i32>().ok())
+                    .unwrap_or(0),
+            )
+        };
+        match tokio::time::timeout(self.settings.request_timeout, prepare).await {
+            Ok(Ok(pid)) => Ok((conn, pid)),
+            Ok(Err(e)) => {
+                conn.kill();
+                Err(pg_error(
+                    &format!("prepare schema {:?} and LISTEN", self.settings.schema),
+                    e,
+                ))
+            }
+            Err(_) => {
+                conn.kill();
+                Err(self.backend_error(format!(
+                    "prepare schema {:?} and LISTEN: timed out after {:?}",
+                    self.settings.schema, self.settings.request_timeout
+                )))
+            }
+        }
+    }
+
+    /// Keeps the second connection up until the lock is dropped.
+    async fn supervise(self: Arc<Self>) {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            let attempt = tokio::select! {
+                () = self.aux.stop.cancelled() => return,
+                r = self.connect_aux() => r,
+            };
+            match attempt {
+                Ok((conn, pid)) => {
+                    backoff.reset();
+                    let conn = Arc::new(conn);
+                    self.aux
+                        .state
+                        .send_replace(AuxState::Ready(conn.clone(), pid));
+                    self.bump_all();
+                    let reason = tokio::select! {
+                        () = self.aux.stop.cancelled() => {
+                            conn.kill();
+                            return;
+                        }
+                        reason = conn.ended() => reason,
+                    };
+                    tracing::warn!(lock = %self.name, reason = %reason, "postgres: holder/state connection lost; reconnecting");
+                    self.aux.state.send_replace(AuxState::Connecting);
+                }
+                Err(err) => {
+                    let delay = backoff.next_delay();
+                    tracing::debug!(lock = %self.name, error = %err, retry_in = ?delay, "postgres: holder/state connection failed");
+                    self.aux
+                        .state
+                        .send_replace(AuxState::Failed(err.to_string()));
+                    tokio::select! {
+                        () = self.aux.stop.cancelled() => return,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// The second connection, once it is up (LISTEN active); its server process id.
+    async fn aux(self: &Arc<Self>) -> Result<(Arc<Conn>, i32), Error> {
+        if !self.aux.started.swap(true, Ordering::SeqCst) {
+            tokio::spawn(self.clone().supervise());
+        }
+        let mut rx = self.aux.state.subscribe();
+        let limit = self.settings.connect_timeout + self.settings.request_timeout;
+        let ready = rx.wait_for(|s| match s {
+            AuxState::Ready(conn, _) => !conn.is_ended(),
+            AuxState::Failed(_) => true,
+            AuxState::Connecting => false,
+        });
+        match tokio::time::timeout(limit, ready).await {
+            Ok(Ok(state)) => match &*state {
+                AuxState::Ready(conn, pid) => Ok((conn.clone(), *pid)),
+                AuxState::Failed(e) => Err(self.backend_error(e.clone())),
+                AuxState::Connecting => Err(self.backend_error("not connected")),
+            },
+            Ok(Err(_)) => Err(self.backend_error("the lock was dropped")),
+            Err(_) => Err(self.backend_error(format!(
+                "no connection to {} after {limit:?}",
+                self.settings.url
+            ))),
+        }
+    }
+
+    /// A statement on the second connection, within the request timeout.
+    async fn aux_query(
+        self: &Arc<Self>,
+        what: &str,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Vec<Row>, Error> {
+        let (conn, _) = self.aux().await?;
+        match tokio::time::timeout(
+            self.settings.request_timeout,
+            conn.client.query_typed(sql, params),
+        )
+        .await
+        {
+            Ok(Ok(rows)) => Ok(rows),
+            Ok(Err(e)) => Err(pg_error(what, e)),
+            Err(_) => {
+                // A connection that does not answer is replaced.
+                conn.kill();
+                Err(self.backend_error(format!(
+                    "{what}: timed out after {:?}",
+                    self.settings.request_timeout
+                )))
+            }
+        }
+    }
+}
+
+struct Version(watch::Receiver<u64>);
+
+impl Changes for Version {
+    fn changed(&mut self) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(async move {
+            if self.0.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            Ok(())
+        })
+    }
+}
+
+impl Lock for PgLock {
+    fn acquire(&self, req: AcquireRequest) -> BoxFuture<'_, Result<Box<dyn Leadership>, Error>> {
+        Box::pin(async move {
+            // The schema exists and the server answers before a lock session is opened.
+            let (_, aux_pid) = self.shared.aux().await?;
+            let (tx, rx) = oneshot::channel();
+            // The term lives in its own task: dropping this future drops `rx`, and the task
+            // then cancels the wait, or releases a grant that nobody received.
+            tokio::spawn(run_term(self.shared.clone(), req, aux_pid, tx));
+            match rx.await {
+                Ok(Ok(leadership)) => Ok(Box::new(leadership) as Box<dyn Leadership>),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(self.shared.backend_error("the lock session task ended")),
+            }
+        })
+    }
+
+    fn holder(&self) -> BoxFuture<'_, Result<Option<Holder>, Error>> {
+        Box::pin(async move {
+            let s = &self.shared;
+            let rows = s
+                .aux_query(
+                    "read the holder record",
+                    &s.sql.holder,
+                    &[
+                        (&s.sql.key, Type::INT8),
+                        (&s.settings.namespace, Type::TEXT),
+                        (&s.name, Type::TEXT),
+                    ],
+                )
+                .await?;
+            let Some(row) = rows.first() else {
+                return Ok(None);
+            };
+            let json: String = row
+                .try_get(0)
+                .map_err(|e| pg_error("read the holder record", e))?;
+            serde_json::from_str(&json)
+                .map(Some)
+                .map_err(|e| Error::Corrupt {
+                    backend: NAME,
+                    what: format!("holder record of lock {:?}", s.name),
+                    problem: e.to_string(),
+                })
+        })
+    }
+
+    fn watch_holder(&self) -> BoxFuture<'_, Result<Box<dyn Changes>, Error>> {
+        Box::pin(async move {
+            self.shared.aux().await?;
+            Ok(Box::new(Version(self.shared.aux.holder.subscribe())) as Box<dyn Changes>)
+        })
+    }
+
+    fn load<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Stored>, Error>> {
+        Box::pin(async move {
+            crate::backend::validate_key(key)?;
+            let s = &self.shared;
+            let rows = s
+                .aux_query(
+                    "load state",
+                    &s.sql.load,
+                    &[
+                        (&s.settings.namespace, Type::TEXT),
+                        (&s.name, Type::TEXT),
+                        (&key, Type::TEXT),
+                    ],
+                )
+                .await?;
+            let Some(row) = rows.first() else {
+                return Ok(None);
+            };
+            let value: Vec<u8> = row.try_get(0).map_err(|e| pg_error("load state", e))?;
+            let term: i64 = row.try_get(1).map_err(|e| pg_error("load state", e))?;
+            let term = u64::try_from(term).map_err(|_| Error::Corrupt {
+                backend: NAME,
+                what: format!("state {key:?} of lock {:?}", s.name),
+                problem: format!("negative term {term}"),
+            })?;
+            Ok(Some(Stored::new(value, term)))
+        })
+    }
+
+    fn store<'a>(
+        &'a self,
+        key: &'a str,
+        value: &'a [u8],
+        term: u64,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            crate::backend::validate_key(key)?;
+            let s = &self.shared;
+            let stale = |current: Option<u64>| Error::StaleTerm {
+                lock: s.name.clone(),
+                term,
+                current,
+            };
+            let Ok(term_i) = i64::try_from(term) else {
+                return Err(stale(None));
+            };
+            let rows = s
+                .aux_query(
+                    "store state",
+                    &s.sql.store,
+                    &[
+                        (&s.sql.key, Type::INT8),
+                        (&term_i, Type::INT8),
+                        (&s.settings.namespace, Type::TEXT),
+                        (&s.name, Type::TEXT),
+                        (&key, Type::TEXT),
+                        (&value, Type::BYTEA),
+                        (&s.sql.channel, Type::TEXT),
+                    ],
+                )
+                .await?;
+            let row = rows
+                .first()
+                .ok_or_else(|| s.backend_error("store state: no result row"))?;
+            let get = |i| {
+                row.try_get::<_, Option<i64>>(i)
+                    .map_err(|e| pg_error("store state", e))
+            };
+            if get(0)? == Some(1) {
+                return Ok(());
+            }
+            let newer = [get(2)?, get(3)?]
+                .into_iter()
+                .flatten()
+                .filter_map(|t| u64::try_from(t).ok())
+                .filter(|t| *t > term)
+                .max();
+            Err(stale(newer))
+        })
+    }
+
+    fn watch_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Box<dyn Changes>, Error>> {
+        Box::pin(async move {
+            crate::backend::validate_key(key)?;
+            self.shared.aux().await?;
+            let mut keys = lock_map(&self.shared.aux.keys);
+            keys.retain(|_, tx| tx.receiver_count() > 0);
+            let rx = keys
+                .entry(key.to_owned())
+                .or_insert_with(|| watch::channel(0).0)
+                .subscribe();
+            Ok(Box::new(Version(rx)) as Box<dyn Changes>)
+        })
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// One term: connect, wait, verify, record, hold, release.
+
+type ReleaseReply = oneshot::Sender<Result<(), Error>>;
+
+struct PgLeadership {
+    lock: String,
+    term: u64,
+    holder: Holder,
+    lost: watch::Receiver<Option<String>>,
+    release: Option<oneshot::Sender<ReleaseReply>>,
+}
+
+impl fmt::Debug for PgLeadership {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresLeadership")
+            .field("lock", &self.lock)
+            .field("term", &self.term)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Leadership for PgLeadership {
+    fn term(&self) -> u64 {
+        self.term
+    }
+
+    fn holder(&self) -> &Holder {
+        &self.holder
+    }
+
+    fn renewals(&self) -> Option<Renewals> {
+        None
+    }
+
+    fn lost(&mut self) -> BoxFuture<'_, Error> {
+        Box::pin(async move {
+            let reason = match self.lost.wait_for(Option::is_some).await {
+                Ok(reason) => reason.clone().unwrap_or_default(),
+                Err(_) => "the lock session ended".to_owned(),
+            };
+            Error::Lost {
+                lock: self.lock.clone(),
+                reason,
+            }
+        })
+    }
+
+    fn release(mut self: Box<Self>) -> BoxFuture<'static, Result<(), Error>> {
+        Box::pin(async move {
+            let Some(tx) = self.release.take() else {
+                return Ok(());
+            };
+            let (reply_tx, reply_rx) = oneshot::channel();
+            if tx.send(reply_tx).is_err() {
+                return Ok(());
+            }
+            reply_rx.await.unwrap_or(Ok(()))
+        })
+    }
+}
+
+/// Why an acquisition attempt gave up early.
+enum Abandon {
+    /// The caller went away.
+    Gone,
+    /// An error to report.
+    Failed(Error),
+}
+
+impl From<Error> for Abandon {
+    fn from(e: Error) -> Self {
+        Abandon::Failed(e)
+    }
+}
+
+async fn run_term(
+    shared: Arc<Shared>,
+    req: AcquireRequest,
+    aux_pid: i32,
+    mut grant: oneshot::Sender<Result<PgLeadership, Error>>,
+) {
+    let settings = shared.settings.clone();
+    let app = format!("lock {}", shared.name);
+    let session = tokio::select! {
+        () = grant.closed() => return,
+        s = connect(&settings, Some(&app), None) => s,
+    };
+    let session = match session {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = grant.send(Err(e));
+            return;
+        }
+    };
+    let outcome = async {
+        let pid = prepare_session(&shared, &session).await?;
+        wait_for_lock(&shared, &session, pid, aux_pid, &mut grant).await?;
+        let (term, holder) = record_holder(&shared, &session, pid, &req).await?;
+        Ok::<_, Abandon>((pid, term, holder))
+    }
+    .await;
+    let (pid, term, holder) = match outcome {
+        Ok(v) => v,
+        Err(Abandon::Gone) => {
+            session.close(&settings).await;
+            return;
+        }
+        Err(Abandon::Failed(e)) => {
+            session.close(&settings).await;
+            let _ = grant.send(Err(e));
+            return;
+        }
+    };
+    let (lost_tx, lost_rx) = watch::channel(None);
+    let (release_tx, release_rx) = oneshot::channel();
+    let leadership = PgLeadership {
+        lock: shared.name.clone(),
+        term,
+        holder,
+        lost: lost_rx,
+        release: Some(release_tx),
+    };
+    tracing::debug!(lock = %shared.name, term, backend_pid = pid, "postgres: lock acquired");
+    // If nobody receives the grant, the leadership is dropped with it, `release_rx` closes, and
+    // `hold` releases at once.
+    let _ = grant.send(Ok(leadership));
+    hold(&shared, session, pid, lost_tx, release_rx).await;
+}
+
+/// Session settings; returns the server process id.
+async fn prepare_session(shared: &Shared, session: &Conn) -> Result<i32, Abandon> {
+    let s = &shared.settings;
+    let run = async {
+        let info = session
+            .client
+            .simple_query("SELECT pg_backend_pid(), current_setting('server_version_num')")
+            .await?;
+        let row = first_row(&info);
+        let pid = row
+            .and_then(|r| r.get(0))
+            .and_then(|p| p.parse::<i32>().ok())
+            .unwrap_or(0);
+        let version = row
+            .and_then(|r| r.get(1))
+            .and_then(|p| p.parse::<u32>().ok())
+            .unwrap_or(0);
+        // No server-wide timeout may cut the blocking wait or the idle holder; the server
+        // notices a vanished client (and frees its lock) by keepalive within the detection time.
+        let mut sets = format!(
+            "SET statement_timeout = 0; SET lock_timeout = 0; \
+             SET idle_in_transaction_session_timeout = 0; \
+             SET tcp_keepalives_idle = {}; SET tcp_keepalives_interval = {}; \
+             SET tcp_keepalives_count = {};",
+            s.keepalive_idle.as_secs(),
+            s.keepalive_interval.as_secs(),
+            s.keepalive_count
+        );
+        if version >= 120_000 {
+            sets.push_str(&format!(
+                " SET tcp_user_timeout = {};",
+                s.server_detection().as_millis()
+            ));
+        }
+        if version >= 140_000 {
+            // A waiter whose process died leaves the queue within a second instead of taking
+            // the lock for a moment when its turn comes.
+            sets.push_str(
+                " SET idle_session_timeout = 0; SET client_connection_check_interval = 1000;",
+            );
+        }
+        session.client.batch_execute(&sets).await?;
+        Ok::<_, tokio_postgres::Error>(pid)
+    };
+    match tokio::time::timeout(s.request_timeout, run).await {
+        Ok(Ok(pid)) => Ok(pid),
+        Ok(Err(e)) => Err(pg_error("prepare the lock session", e).into()),
+        Err(_) => Err(shared
+            .backend_error(format!(
+                "prepare the lock session: timed out after {:?}",
+                s.request_timeout
+            ))
+            .into()),
+    }
+}
+
+/// Blocks in `pg_advisory_lock` until granted; cancels the wait if the caller goes away.
+/// Refuses a session that is not a dedicated server session (a transaction pooler).
+async fn wait_for_lock(
+    shared: &Shared,
+    session: &Conn,
+    pid: i32,
+    aux_pid: i32,
+    grant: &mut oneshot::Sender<Result<PgLeadership, Error>>,
+) -> Result<(), Abandon> {
+    let s = &shared.settings;
+    let mut lock = std::pin::pin!(session.client.simple_query(&shared.sql.lock));
+    let result = tokio::select! {
+        r = &mut lock => r,
+        () = grant.closed() => {
+            // Cancel the wait; if the grant won the race, give it back before closing.
+            if let Err(e) = session.cancel(&s.tls).await {
+                tracing::debug!(lock = %shared.name, error = %describe(&e), "postgres: cancel request failed");
+            }
+            let granted = matches!(tokio::time::timeout(s.request_timeout, &mut lock).await, Ok(Ok(_)));
+            if granted {
+                let _ = tokio::time::timeout(s.request_timeout, session.client.simple_query(&shared.sql.unlock)).await;
+            }
+            return Err(Abandon::Gone);
+        }
+    };
+    let messages = result.map_err(|e| pg_error("wait for the advisory lock", e))?;
+    let row = first_row(&messages);
+    let before = row.and_then(|r| r.get(0)).unwrap_or("");
+    let lock_pid = row
+        .and_then(|r| r.get(2))
+        .and_then(|p| p.parse::<i32>().ok())
+        .unwrap_or(0);
+    let pooled = if before != "0" {
+        Some(format!(
+            "the server session already held the lock before this node asked for it \
+             ({before} lock(s) held by server process {lock_pid})"
+        ))
+    } else if lock_pid != pid {
+        Some(format!(
+            "the lock was taken by server process {lock_pid}, but the session started on {pid}"
+        ))
+    } else if lock_pid == aux_pid {
+        Some(format!(
+            "the lock session and the second connection share server process {pid}"
+        ))
+    } else {
+        None
+    };
+    if let Some(why) = pooled {
+        // Give back what was just taken (on a shared server connection it is someone else's).
+        let _ = tokio::time::timeout(
+            s.request_timeout,
+            session.client.simple_query(&shared.sql.unlock),
+        )
+        .await;
+        return Err(refuse_pooler(shared, &why).into());
+    }
+    Ok(())
+}
+
+fn refuse_pooler(shared: &Shared, why: &str) -> Error {
+    shared.backend_error(format!(
+        "refusing lock {:?}: {why}; this is not a dedicated server session — a connection pooler \
+         in transaction or statement mode (PgBouncer pool_mode=transaction) lets two clients hold \
+         one advisory lock. Connect directly to PostgreSQL, or through pool_mode=session",
+        shared.name
+    ))
+}
+
+/// Checks that `pg_locks` shows this session holding the key, draws the term, records the
+/// holder and notifies.
+async fn record_holder(
+    shared: &Shared,
+    session: &Conn,
+    pid: i32,
+    req: &AcquireRequest,
+) -> Result<(u64, Holder), Abandon> {
+    let s = &shared.settings;
+    let sql = &shared.sql;
+    let give_back = || async {
+        let _ =
+            tokio::time::timeout(s.request_timeout, session.client.simple_query(&sql.unlock)).await;
+    };
+    let held =
+        tokio::time::timeout(s.request_timeout, session.client.simple_query(&sql.held)).await;
+    let held = match held {
+        Ok(Ok(m)) => m,
+        Ok(Err(e)) => return Err(pg_error("check pg_locks after acquiring", e).into()),
+        Err(_) => {
+            return Err(shared
+                .backend_error("check pg_locks after acquiring: timed out")
+                .into());
+        }
+    };
+    let row = first_row(&held);
+    let now_pid = row
+        .and_then(|r| r.get(0))
+        .and_then(|p| p.parse::<i32>().ok())
+        .unwrap_or(0);
+    if now_pid != pid || row.and_then(|r| r.get(1)) != Some("t") {
+        give_back().await;
+        return Err(refuse_pooler(
+            shared,
+            &format!(
+                "after acquiring, pg_locks does not show server process {pid} holding the lock \
+                 (the check ran on process {now_pid})"
+            ),
+        )
+        .into());
+    }
+    let json = serde_json::to_string(&req.holder(0))
+        .map_err(|e| Error::backend(NAME, "encode the holder record", e))?;
+    // The record as readers will see it (the stored time has millisecond precision).
+    let mut holder: Holder = serde_json::from_str(&json)
+        .map_err(|e| Error::backend(NAME, "decode the holder record", e))?;
+    let recorded = tokio::time::timeout(
+        s.request_timeout,
+        session.client.query_typed(
+            &sql.acquired,
+            &[
+                (&sql.key, Type::INT8),
+                (&s.namespace, Type::TEXT),
+                (&shared.name, Type::TEXT),
+                (&json, Type::TEXT),
+                (&sql.channel, Type::TEXT),
+            ],
+        ),
+    )
+    .await;
+    let rows = match recorded {
+        Ok(Ok(rows)) => rows,
+        Ok(Err(e)) => {
+            give_back().await;
+            return Err(pg_error("record the holder", e).into());
+        }
+        Err(_) => {
+            give_back().await;
+            return Err(shared.backend_error("record the holder: timed out").into());
+        }
+    };
+    let term: Option<i64> = rows.first().and_then(|r| r.try_get(0).ok()).flatten();
+    let Some(term) = term.and_then(|t| u64::try_from(t).ok()) else {
+        give_back().await;
+        let owner: Option<String> = rows.first().and_then(|r| r.try_get(2).ok()).flatten();
+        return Err(shared
+            .backend_error(format!(
+                "lock {:?} in namespace {:?} hashes to advisory key {}, which the lock {} already \
+                 uses; rename one of them or use another namespace",
+                shared.name,
+                s.namespace,
+                sql.key,
+                owner.map_or_else(|| "?".to_owned(), |o| format!("{o:?}"))
+            ))
+            .into());
+    };
+    holder.term = term;
+    Ok((term, holder))
+}
+
+/// Holds the lock: checks the session every interval, releases on request or when the
+/// leadership is dropped, reports a loss.
+async fn hold(
+    shared: &Shared,
+    session: Conn,
+    pid: i32,
+    lost: watch::Sender<Option<String>>,
+    mut release: oneshot::Receiver<ReleaseReply>,
+) {
+    let s = &shared.settings;
+    enum Next {
+        Release(Option<ReleaseReply>),
+        Lost(String),
+        Check,
+    }
+    let reason = loop {
+        let next = tokio::select! {
+            biased;
+            cmd = &mut release => Next::Release(cmd.ok()),
+            reason = session.ended() => Next::Lost(format!("the lock session ended: {reason}")),
+            () = tokio::time::sleep(s.liveness_every) => Next::Check,
+        };
+        match next {
+            Next::Release(reply) => {
+                let result = release_lock(shared, &session).await;
+                session.close(s).await;
+                if let Err(e) = &result {
+                    tracing::warn!(lock = %shared.name, error = %e, "postgres: release failed; the session was closed");
+                }
+                if let Some(reply) = reply {
+                    let _ = reply.send(result);
+                }
+                return;
+            }
+            Next::Lost(reason) => break reason,
+            Next::Check => {
+                if let Err(reason) = check_liveness(shared, &session, pid).await {
+                    break reason;
+                }
+            }
+        }
+    };
+    // Close the socket now: a server that still hears us ends the session and frees the lock.
+    session.kill();
+    tracing::warn!(lock = %shared.name, backend_pid = pid, reason = %reason, "postgres: lock lost");
+    lost.send_replace(Some(reason));
+    if let Ok(reply) = release.await {
+        let _ = reply.send(Ok(()));
+    }
+}
+
+async fn check_liveness(shared: &Shared, session: &Conn, pid: i32) -> Result<(), String> {
+    let timeout = shared.settings.liveness_timeout;
+    let answer =
+        match tokio::time::timeout(timeout, session.client.simple_query(&shared.sql.held)).await {
+            Err(_) => {
+                return Err(format!(
+                    "the lock session did not answer within {timeout:?}"
+                ));
+            }
+            Ok(Err(e)) => return Err(format!("liveness check failed: {}", describe(&e))),
+            Ok(Ok(m)) => m,
+        };
+    let row = first_row(&answer);
+    let now_pid = row
+        .and_then(|r| r.get(0))
+        .and_then(|p| p.parse::<i32>().ok())
+        .unwrap_or(0);
+    if now_pid != pid {
+        return Err(format!(
+            "the lock session moved from server process {pid} to {now_pid} (a connection pooler?)"
+        ));
+    }
+    if row.and_then(|r| r.get(1)) != Some("t") {
+        return Err(format!(
+            "pg_locks no longer shows server process {pid} holding the lock"
+        ));
+    }
+    Ok(())
+}
+
+/// Unlocks explicitly (closing the connection frees the lock only when the server gets to it),
+/// then notifies the secondaries.
+async fn release_lock(shared: &Shared, session: &Conn) -> Result<(), Error> {
+    let s = &shared.settings;
+    match tokio::time::timeout(
+        s.request_timeout,
+        session.client.simple_query(&shared.sql.release),
+    )
+    .await
+    {
+        Ok(Ok(m)) if first_row(&m).and_then(|r| r.get(0)) == Some("t") => Ok(()),
+        Ok(Ok(_)) => Err(Error::Lost {
+            lock: shared.name.clone(),
+            reason: "the lock was no longer held when released".to_owned(),
+        }),
+        Ok(Err(e)) => Err(pg_error("release", e)),
+        Err(_) => {
+            Err(shared.backend_error(format!("release: timed out after {:?}", s.request_timeout)))
+        }
+    }
+}

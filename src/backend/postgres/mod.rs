@@ -1,0 +1,337 @@
+//! The PostgreSQL backend: session advisory locks, with liveness checks, blocking waiters and
+//! terms from a sequence.
+//!
+//! For services that already have PostgreSQL and run on several hosts. Enable the `postgres`
+//! feature; pick it with [`PostgresBackend::new`] or a `postgres://…` / `postgresql://…` string
+//! (DESIGN §7).
+//!
+//! # How it works
+//!
+//! Each elector (one lock name in one process) keeps **two unpooled connections**:
+//!
+//! - the **lock session**, opened for each acquisition and closed when the term ends. It blocks in
+//!   `SELECT pg_advisory_lock(key)`: the server queues the waiters and grants the lock the moment
+//!   the holder unlocks or its session ends, so a successor takes over within milliseconds of a
+//!   holder's crash, without polling. A node that gives up waiting (shutdown, a dropped
+//!   `acquire`) cancels the statement with a cancel request; a grant that raced the cancel is
+//!   given back;
+//! - the **second connection**, for `LISTEN`, the holder record and the state API (a session
+//!   blocked in a lock wait receives no notification). It reconnects by itself and wakes every
+//!   watcher when it does, since notifications may have been missed.
+//!
+//! **The key.** The bigint advisory key is the FNV-1a 64-bit hash of
+//! `"tower-primary\0" + namespace + "\0" + lock name` ([`advisory_key`]); the namespace (default
+//! `default`) separates deployments that share a database. The holder row stores the namespace
+//! and lock name next to the key: a node that acquires a key whose row names another lock
+//! refuses it and reports the collision, so two lock names are never silently shared.
+//!
+//! **After acquiring**, before becoming primary, the node checks that it really holds the lock on
+//! a dedicated server session: the session held no lock on the key before it asked, the lock was
+//! taken by the server process the session started on (and not the one of the second connection),
+//! and `pg_locks` shows that process holding the key. A connection pooler in transaction or
+//! statement mode (PgBouncer `pool_mode=transaction`) fails these checks, and the node refuses
+//! the lock with an error that says so: behind such a pooler two clients both "won" the same
+//! advisory lock in a measured run. Connect directly, or through `pool_mode=session`.
+//!
+//! **Terms** come from a sequence (`nextval` at each acquisition), which never goes backwards,
+//! also across server restarts. The term and the [`Holder`](crate::Holder) record are written to
+//! the holder row, and a `NOTIFY` tells the secondaries.
+//!
+//! **Liveness.** The holder checks its lock session every 500 ms ([`PostgresBackend::liveness`]):
+//! a query, answered within 1 s, that its server process still holds the key in `pg_locks`. On a
+//! failure, a timeout or the end of the connection it reports the loss at once and the elector
+//! steps down. The lock session also sets the server's TCP keepalives (`tcp_keepalives_idle`,
+//! `_interval`, `_count`, `tcp_user_timeout`; default 2 s, 1 s, 2), so that a server that can no
+//! longer reach a partitioned holder ends its session and frees the lock a few seconds later —
+//! after the holder stepped down: `2 × interval + timeout` must be shorter than the server's
+//! detection time, which [`Backend::lock`] checks. Server-wide `statement_timeout`,
+//! `lock_timeout` and `idle_session_timeout` are switched off on the lock session.
+//!
+//! **Handover**: an explicit `pg_advisory_unlock` (closing the connection frees the lock only
+//! when the server gets to it), then `NOTIFY`, then the session is closed.
+//!
+//! **Tables** (created if missing, in the schema `tower_primary` unless configured):
+//! `holders (key, namespace, lock_name, term, backend_pid, holder jsonb, acquired_at)`,
+//! `state (namespace, lock_name, state_key, value bytea, term, updated_at)` and the sequence
+//! `terms`. [`Lock::holder`] reports a holder only while `pg_locks` shows its session holding the
+//! key. A state write is accepted only while the writing term's session holds the key (the holder
+//! row is locked `FOR SHARE`, so a successor's acquisition waits for the write) and never over a
+//! newer term's value.
+//!
+//! # Guarantees
+//!
+//! - At most one primary per lock name while every holder's connection is alive: the server
+//!   grants a session lock to one session. When a holder's process dies, its socket closes and
+//!   the server frees the lock in milliseconds.
+//! - A holder cut off from the server (partition, stalled proxy) steps down within
+//!   `interval + timeout` (1.5 s by default); the server frees the lock no earlier than its
+//!   keepalive detection time (4 s by default) after the partition began. This rests on the
+//!   server honouring the session's keepalive settings, as PostgreSQL does on TCP connections.
+//! - Terms strictly increase while the database keeps its data. Advisory locks are not
+//!   replicated: after a failover to a replica every holder's connection ends and it steps down;
+//!   a sequence value could in theory go back after such a failover (values are WAL-logged ahead
+//!   in batches, asynchronously replicated).
+//! - Each waiting node occupies one server connection (plus one for the second connection).
+//!
+//! # Connection strings
+//!
+//! `postgres://user:password@host:port/db?namespace=…&schema=…&sslmode=…&sslrootcert=…` plus
+//! any parameter tokio-postgres understands (`connect_timeout`, `application_name`,
+//! `target_session_attrs`…). `namespace` and `schema` are the crate's; `sslmode` is read as libpq
+//! does: `disable`; `prefer` (the default) and `require` encrypt with TLS (rustls) without
+//! verifying the server's certificate, unless `sslrootcert` names a CA file; `verify-ca` and
+//! `verify-full` verify it against the system's roots and `sslrootcert` (both check the host
+//! name). Errors never repeat the password.
+//!
+//! # Examples
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use tower_primary::Elector;
+//! use tower_primary::backend::postgres::PostgresBackend;
+//!
+//! # #[tokio::main] async fn main() -> Result<(), tower_primary::Error> {
+//! let backend = PostgresBackend::new("postgres://app@db.internal/app")?
+//!     .namespace("billing")
+//!     .liveness(Duration::from_millis(500), Duration::from_secs(1));
+//! let elector = Elector::builder("invoice-run").backend(backend).spawn()?;
+//! elector.handle().wait_primary().await;
+//! # Ok(()) }
+//! ```
+
+mod config;
+mod conn;
+mod lock;
+mod sql;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use self::config::Settings;
+use super::{Backend, Lock};
+use crate::error::{ConfigError, validate_lock_name};
+
+const NAME: &str = "postgres";
+
+/// The PostgreSQL backend. See the [module docs](self).
+///
+/// Cheap to clone. Every elector built on it opens its own two connections; nothing is pooled.
+#[derive(Clone)]
+pub struct PostgresBackend {
+    settings: Arc<Settings>,
+}
+
+impl fmt::Debug for PostgresBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.settings;
+        f.debug_struct("PostgresBackend")
+            .field("url", &s.url)
+            .field("namespace", &s.namespace)
+            .field("schema", &s.schema)
+            .field("sslmode", &s.ssl_mode)
+            .field("liveness_every", &s.liveness_every)
+            .field("liveness_timeout", &s.liveness_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresBackend {
+    /// A backend on the server of `url` (`postgres://…` or `postgresql://…`; see the
+    /// [module docs](self#connection-strings)). No connection is made here.
+    ///
+    /// ```
+    /// use tower_primary::backend::postgres::PostgresBackend;
+    ///
+    /// let backend = PostgresBackend::new("postgres://app@db/app?namespace=billing").unwrap();
+    /// assert!(PostgresBackend::new("postgres://app@db/app?namespace=no/slash").is_err());
+    /// # let _ = backend;
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::InvalidBackendUrl`] for a malformed URL, an invalid `namespace` or `schema`,
+    /// an unknown `sslmode`, or an unreadable `sslrootcert`.
+    pub fn new(url: &str) -> Result<Self, ConfigError> {
+        Ok(PostgresBackend {
+            settings: Arc::new(Settings::from_url(url)?),
+        })
+    }
+
+    fn edit(mut self, f: impl FnOnce(&mut Settings)) -> Self {
+        f(Arc::make_mut(&mut self.settings));
+        self
+    }
+
+    /// The namespace: part of every advisory key and of every row, so that deployments sharing a
+    /// database do not share locks. 1 to 64 bytes of `[A-Za-z0-9._-]`; default `default`.
+    /// Checked when an elector is spawned.
+    #[must_use]
+    pub fn namespace(self, namespace: impl Into<String>) -> Self {
+        let namespace = namespace.into();
+        self.edit(|s| s.namespace = namespace)
+    }
+
+    /// The schema of the tables and the sequence, created if missing: a lower-case identifier
+    /// (`[a-z_][a-z0-9_]*`); default `tower_primary`. Checked when an elector is spawned.
+    ///
+    /// The advisory key does not depend on the schema: nodes configured with different schemas
+    /// but the same namespace still exclude each other.
+    #[must_use]
+    pub fn schema(self, schema: impl Into<String>) -> Self {
+        let schema = schema.into();
+        self.edit(|s| s.schema = schema)
+    }
+
+    /// How often the holder checks its lock session, and how long it waits for the answer
+    /// before it steps down. Default 500 ms and 1 s. `2 × every + timeout` must be shorter than
+    /// the [server's dead-peer detection](Self::server_keepalive).
+    #[must_use]
+    pub fn liveness(self, every: Duration, timeout: Duration) -> Self {
+        self.edit(|s| {
+            s.liveness_every = every;
+            s.liveness_timeout = timeout;
+        })
+    }
+
+    /// The TCP keepalive the lock session asks the server (and its own socket) to use:
+    /// first probe after `idle` without traffic, then every `interval`, giving up after `count`
+    /// unanswered probes (`tcp_user_timeout` is set to the same total). Whole seconds; default
+    /// 2 s, 1 s, 2. A server that cannot reach a partitioned holder frees its lock after about
+    /// `idle + interval × count`.
+    #[must_use]
+    pub fn server_keepalive(self, idle: Duration, interval: Duration, count: u32) -> Self {
+        self.edit(|s| {
+            s.keepalive_idle = idle;
+            s.keepalive_interval = interval;
+            s.keepalive_count = count;
+        })
+    }
+
+    /// How long connecting (socket, TLS, start-up) may take. Default: the URL's
+    /// `connect_timeout`, else 5 s.
+    #[must_use]
+    pub fn connect_timeout(self, timeout: Duration) -> Self {
+        self.edit(|s| s.connect_timeout = timeout)
+    }
+
+    /// How long a holder-record or state request, and the release, may take. Default 5 s.
+    #[must_use]
+    pub fn request_timeout(self, timeout: Duration) -> Self {
+        self.edit(|s| s.request_timeout = timeout)
+    }
+
+    /// The advisory key of `lock` in this backend's namespace (see [`advisory_key`]).
+    #[must_use]
+    pub fn key(&self, lock: &str) -> i64 {
+        advisory_key(&self.settings.namespace, lock)
+    }
+}
+
+/// The bigint advisory key of a lock name: FNV-1a (64-bit) of
+/// `"tower-primary\0" + namespace + "\0" + lock`, read as a signed integer. Stable across
+/// versions, so operators can find a lock in `pg_locks`
+/// (`classid = key >> 32`, `objid = key & 0xffffffff`, `objsubid = 1`).
+///
+/// ```
+/// use tower_primary::backend::postgres::advisory_key;
+///
+/// assert_eq!(advisory_key("default", "jobs"), advisory_key("default", "jobs"));
+/// assert_ne!(advisory_key("default", "jobs"), advisory_key("other", "jobs"));
+/// ```
+#[must_use]
+pub fn advisory_key(namespace: &str, lock: &str) -> i64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut hash = OFFSET;
+    for part in [
+        b"tower-primary\0".as_slice(),
+        namespace.as_bytes(),
+        b"\0",
+        lock.as_bytes(),
+    ] {
+        for byte in part {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(PRIME);
+        }
+    }
+    i64::from_ne_bytes(hash.to_ne_bytes())
+}
+
+impl Backend for PostgresBackend {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn min_lease(&self) -> Option<Duration> {
+        None
+    }
+
+    fn lock(&self, name: &str) -> Result<Arc<dyn Lock>, ConfigError> {
+        validate_lock_name(name)?;
+        self.settings.validate()?;
+        Ok(Arc::new(lock::PgLock::new(self.settings.clone(), name)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_is_fnv1a_of_namespace_and_name() {
+        // FNV-1a 64 of "tower-primary\0default\0jobs", computed independently.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in b"tower-primary\0default\0jobs" {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+        }
+        assert_eq!(advisory_key("default", "jobs"), h.cast_signed());
+        // Pinned, so that a change of the hash (which would split running deployments) fails.
+        assert_eq!(
+            advisory_key("", ""),
+            0xc645_ae46_9c80_dd39_u64.cast_signed()
+        );
+        assert_ne!(advisory_key("a", "bc"), advisory_key("ab", "c"));
+    }
+
+    #[test]
+    fn builder_settings_are_checked_at_lock_time() {
+        let b = PostgresBackend::new("postgres://root@127.0.0.1/test").unwrap();
+        assert!(b.lock("jobs").is_ok());
+        assert!(b.lock("bad/name").is_err());
+        let err = b
+            .clone()
+            .namespace("")
+            .lock("jobs")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("namespace"), "{err}");
+        let err = b
+            .clone()
+            .schema("Public")
+            .lock("jobs")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("schema"), "{err}");
+        let err = b
+            .clone()
+            .liveness(Duration::from_secs(2), Duration::from_secs(2))
+            .lock("jobs")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("dead-peer"), "{err}");
+        assert!(
+            b.server_keepalive(Duration::from_secs(10), Duration::from_secs(2), 3)
+                .liveness(Duration::from_secs(2), Duration::from_secs(2))
+                .lock("jobs")
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn debug_never_shows_the_password() {
+        let b = PostgresBackend::new("postgres://u:hunter2@h/db").unwrap();
+        let s = format!("{b:?}");
+        assert!(!s.contains("hunter2"), "{s}");
+    }
+}

@@ -1,0 +1,157 @@
+//! The SQL the backend sends, built once per lock.
+//!
+//! Only numbers computed here and validated identifiers are put into the text; every value from
+//! outside (names, records, state) goes in as a parameter. Statements on the lock session use the
+//! simple-query protocol or unnamed statements (`query_typed`), never named prepared statements,
+//! so that nothing depends on server-side statement state.
+
+use super::advisory_key;
+
+/// The statements for one lock.
+#[derive(Debug)]
+pub(super) struct Sql {
+    /// The advisory key.
+    pub(super) key: i64,
+    /// The NOTIFY channel of this lock.
+    pub(super) channel: String,
+    /// Simple query: `t` when the schema's objects exist.
+    pub(super) setup_check: String,
+    /// Simple query: creates the schema's objects, serialised by a transaction-level lock.
+    pub(super) setup: String,
+    /// Simple query: `LISTEN` on the channel.
+    pub(super) listen: String,
+    /// Simple query: (locks of the key this session held before, blocking lock, backend pid).
+    pub(super) lock: String,
+    /// Simple query: unlock once.
+    pub(super) unlock: String,
+    /// Simple query: (backend pid, whether this backend holds the key).
+    pub(super) held: String,
+    /// Simple query: unlock, then NOTIFY (delivered at the end of the implicit transaction).
+    pub(super) release: String,
+    /// Typed: draws a term and records the holder. `$1` key, `$2` namespace, `$3` lock name,
+    /// `$4` holder JSON, `$5` channel → (term or NULL, owner of the key's row).
+    pub(super) acquired: String,
+    /// Typed: `$1` key, `$2` namespace, `$3` lock name → the holder JSON while its session holds
+    /// the key.
+    pub(super) holder: String,
+    /// Typed: `$1` namespace, `$2` lock name, `$3` state key → (value, term).
+    pub(super) load: String,
+    /// Typed: the term-guarded write; see [`Sql::new`].
+    pub(super) store: String,
+}
+
+/// `pg_locks` rows of the session advisory lock on `key` (the bigint form: `classid` holds the
+/// high 32 bits, `objid` the low ones, `objsubid` is 1), granted, in this database.
+fn lock_rows(key: i64) -> String {
+    let bits = u64::from_ne_bytes(key.to_ne_bytes());
+    let hi = bits >> 32;
+    let lo = bits & 0xffff_ffff;
+    format!(
+        "pg_catalog.pg_locks l WHERE l.locktype = 'advisory' \
+         AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = current_database()) \
+         AND l.classid = '{hi}'::oid AND l.objid = '{lo}'::oid AND l.objsubid = 1 AND l.granted"
+    )
+}
+
+impl Sql {
+    /// The statements for `lock` in `namespace`, with the tables in `schema` (a validated
+    /// lower-case identifier).
+    pub(super) fn new(schema: &str, namespace: &str, lock: &str) -> Self {
+        let key = advisory_key(namespace, lock);
+        let s = format!("\"{schema}\"");
+        let channel = format!(
+            "tower_primary_{:016x}",
+            u64::from_ne_bytes(key.to_ne_bytes())
+        );
+        let rows = lock_rows(key);
+        let setup_key = advisory_key("", &format!("setup:{schema}"));
+        Sql {
+            key,
+            setup_check: format!(
+                "SELECT to_regclass('{s}.holders') IS NOT NULL AND to_regclass('{s}.state') IS NOT NULL \
+                 AND to_regclass('{s}.terms') IS NOT NULL"
+            ),
+            setup: format!(
+                "BEGIN; SELECT pg_advisory_xact_lock({setup_key}); \
+                 CREATE SCHEMA IF NOT EXISTS {s}; \
+                 CREATE SEQUENCE IF NOT EXISTS {s}.terms AS bigint MINVALUE 1; \
+                 CREATE TABLE IF NOT EXISTS {s}.holders ( \
+                   key bigint PRIMARY KEY, \
+                   namespace text NOT NULL, \
+                   lock_name text NOT NULL, \
+                   term bigint NOT NULL, \
+                   backend_pid integer NOT NULL, \
+                   holder jsonb NOT NULL, \
+                   acquired_at timestamptz NOT NULL DEFAULT now()); \
+                 CREATE TABLE IF NOT EXISTS {s}.state ( \
+                   namespace text NOT NULL, \
+                   lock_name text NOT NULL, \
+                   state_key text NOT NULL, \
+                   value bytea NOT NULL, \
+                   term bigint NOT NULL, \
+                   updated_at timestamptz NOT NULL DEFAULT now(), \
+                   PRIMARY KEY (namespace, lock_name, state_key)); \
+                 COMMIT"
+            ),
+            listen: format!("LISTEN \"{channel}\""),
+            // The count is taken before the lock (an aggregate in FROM is computed before the
+            // target list): a dedicated session never holds the key before asking for it, a
+            // pooled server connection may, on behalf of another client.
+            lock: format!(
+                "SELECT b.n, pg_advisory_lock({key}), pg_backend_pid() \
+                 FROM (SELECT count(*) AS n FROM {rows} AND l.pid = pg_backend_pid()) b"
+            ),
+            unlock: format!("SELECT pg_advisory_unlock({key})"),
+            held: format!(
+                "SELECT pg_backend_pid(), EXISTS (SELECT 1 FROM {rows} AND l.pid = pg_backend_pid())"
+            ),
+            release: format!("SELECT pg_advisory_unlock({key}); NOTIFY \"{channel}\", 'released'"),
+            acquired: format!(
+                "WITH t AS (SELECT nextval('{s}.terms') AS term), \
+                 up AS ( \
+                   INSERT INTO {s}.holders AS h (key, namespace, lock_name, term, backend_pid, holder, acquired_at) \
+                   SELECT $1, $2, $3, t.term, pg_backend_pid(), jsonb_set($4::jsonb, '{{term}}', to_jsonb(t.term)), now() FROM t \
+                   ON CONFLICT (key) DO UPDATE SET term = EXCLUDED.term, backend_pid = EXCLUDED.backend_pid, \
+                     holder = EXCLUDED.holder, acquired_at = EXCLUDED.acquired_at \
+                   WHERE h.namespace = EXCLUDED.namespace AND h.lock_name = EXCLUDED.lock_name \
+                   RETURNING h.term), \
+                 n AS (SELECT pg_notify($5, 'holder') FROM up) \
+                 SELECT (SELECT term FROM up), (SELECT count(*) FROM n), \
+                   (SELECT o.namespace || '/' || o.lock_name FROM {s}.holders o WHERE o.key = $1)"
+            ),
+            holder: format!(
+                "SELECT h.holder::text FROM {s}.holders h \
+                 WHERE h.key = $1 AND h.namespace = $2 AND h.lock_name = $3 \
+                 AND EXISTS (SELECT 1 FROM {rows} AND l.pid = h.backend_pid)"
+            ),
+            load: format!(
+                "SELECT value, term FROM {s}.state WHERE namespace = $1 AND lock_name = $2 AND state_key = $3"
+            ),
+            // The holder row is locked FOR SHARE while its session still holds the key and its
+            // term is ours; a successor's acquisition updates that row, so it waits for this
+            // write to commit (or this write sees the new term and writes nothing). A newer term's
+            // value is never overwritten.
+            // `$1` key, `$2` term, `$3` namespace, `$4` lock name, `$5` state key, `$6` value,
+            // `$7` channel → (written, notified, holder term, stored term).
+            store: format!(
+                "WITH h AS ( \
+                   SELECT h.term FROM {s}.holders h \
+                   WHERE h.key = $1 AND h.term = $2 AND h.namespace = $3 AND h.lock_name = $4 \
+                   AND EXISTS (SELECT 1 FROM {rows} AND l.pid = h.backend_pid) \
+                   FOR SHARE OF h), \
+                 w AS ( \
+                   INSERT INTO {s}.state AS st (namespace, lock_name, state_key, value, term, updated_at) \
+                   SELECT $3, $4, $5, $6, h.term, now() FROM h \
+                   ON CONFLICT (namespace, lock_name, state_key) DO UPDATE \
+                     SET value = EXCLUDED.value, term = EXCLUDED.term, updated_at = EXCLUDED.updated_at \
+                   WHERE st.term <= EXCLUDED.term \
+                   RETURNING 1), \
+                 n AS (SELECT pg_notify($7, 'state:' || $5) FROM w) \
+                 SELECT (SELECT count(*) FROM w), (SELECT count(*) FROM n), \
+                   (SELECT o.term FROM {s}.holders o WHERE o.key = $1), \
+                   (SELECT o.term FROM {s}.state o WHERE o.namespace = $3 AND o.lock_name = $4 AND o.state_key = $5)"
+            ),
+            channel,
+        }
+    }
+}

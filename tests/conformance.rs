@@ -1,0 +1,287 @@
+//! The backend conformance suite (`tower_primary::testing::conformance`) against the backends
+//! built into the crate, and proof that the suite catches broken backends.
+
+mod memory {
+    use tower_primary::testing::conformance::MemoryFixture;
+
+    tower_primary::conformance_tests!(MemoryFixture::new());
+}
+
+mod memory_with_lease {
+    use std::time::Duration;
+
+    use tower_primary::Lease;
+    use tower_primary::testing::conformance::MemoryFixture;
+
+    tower_primary::conformance_tests!(MemoryFixture::with_lease(Lease::new(Duration::from_secs(
+        1
+    ))));
+}
+
+#[cfg(feature = "file")]
+mod file {
+    use tower_primary::FileLock;
+    use tower_primary::testing::conformance::{self, Connection};
+
+    tower_primary::conformance_tests!({
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        conformance::from_fn(move || Connection::new(FileLock::new(dir.path())))
+    });
+}
+
+/// Backends that break the contract on purpose: the suite must fail on each.
+mod broken_backends_are_caught {
+    use std::future::Future;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    use tower_primary::backend::{
+        AcquireRequest, Backend, BoxFuture, Changes, Leadership, Lock, Renewals, Stored,
+    };
+    use tower_primary::testing::conformance::{self, Connection};
+    use tower_primary::{ConfigError, Error, Holder, MemoryBackend};
+
+    /// Runs a check that must fail, and returns its panic message.
+    async fn must_fail(check: impl Future<Output = ()> + Send + 'static) -> String {
+        let err = tokio::spawn(check)
+            .await
+            .expect_err("the conformance check passed on a broken backend");
+        assert!(err.is_panic(), "{err}");
+        let panic = err.into_panic();
+        panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+            .unwrap_or_default()
+    }
+
+    /// Grants every acquire at once: several primaries at a time.
+    #[derive(Debug, Default)]
+    struct EveryoneWins {
+        terms: Arc<AtomicU64>,
+    }
+
+    impl Backend for EveryoneWins {
+        fn name(&self) -> &'static str {
+            "everyone-wins"
+        }
+        fn min_lease(&self) -> Option<Duration> {
+            None
+        }
+        fn lock(&self, _name: &str) -> Result<Arc<dyn Lock>, ConfigError> {
+            Ok(Arc::new(EveryoneWinsLock {
+                terms: self.terms.clone(),
+            }))
+        }
+    }
+
+    #[derive(Debug)]
+    struct EveryoneWinsLock {
+        terms: Arc<AtomicU64>,
+    }
+
+    struct Never;
+
+    impl Changes for Never {
+        fn changed(&mut self) -> BoxFuture<'_, Result<(), Error>> {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    #[derive(Debug)]
+    struct Granted(Holder);
+
+    impl Leadership for Granted {
+        fn term(&self) -> u64 {
+            self.0.term
+        }
+        fn holder(&self) -> &Holder {
+            &self.0
+        }
+        fn renewals(&self) -> Option<Renewals> {
+            None
+        }
+        fn lost(&mut self) -> BoxFuture<'_, Error> {
+            Box::pin(std::future::pending())
+        }
+        fn release(self: Box<Self>) -> BoxFuture<'static, Result<(), Error>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    impl Lock for EveryoneWinsLock {
+        fn acquire(
+            &self,
+            req: AcquireRequest,
+        ) -> BoxFuture<'_, Result<Box<dyn Leadership>, Error>> {
+            let term = self.terms.fetch_add(1, Ordering::SeqCst) + 1;
+            Box::pin(async move { Ok(Box::new(Granted(req.holder(term))) as Box<dyn Leadership>) })
+        }
+        fn holder(&self) -> BoxFuture<'_, Result<Option<Holder>, Error>> {
+            Box::pin(async { Ok(None) })
+        }
+        fn watch_holder(&self) -> BoxFuture<'_, Result<Box<dyn Changes>, Error>> {
+            Box::pin(async { Ok(Box::new(Never) as Box<dyn Changes>) })
+        }
+        fn load<'a>(&'a self, _key: &'a str) -> BoxFuture<'a, Result<Option<Stored>, Error>> {
+            Box::pin(async { Ok(None) })
+        }
+        fn store<'a>(
+            &'a self,
+            _key: &'a str,
+            _value: &'a [u8],
+            _term: u64,
+        ) -> BoxFuture<'a, Result<(), Error>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn watch_key<'a>(
+            &'a self,
+            _key: &'a str,
+        ) -> BoxFuture<'a, Result<Box<dyn Changes>, Error>> {
+            Box::pin(async { Ok(Box::new(Never) as Box<dyn Changes>) })
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn two_primaries_at_once_are_caught() {
+        let terms = Arc::new(AtomicU64::new(0));
+        let fixture = conformance::from_fn(move || {
+            Connection::new(EveryoneWins {
+                terms: terms.clone(),
+            })
+        });
+        let msg = must_fail(async move {
+            conformance::single_primary_among_candidates(&fixture).await;
+        })
+        .await;
+        assert!(msg.contains("expected exactly one primary"), "{msg}");
+    }
+
+    /// The memory backend, with one thing changed by `Twist`.
+    #[derive(Debug)]
+    struct Twisted {
+        inner: MemoryBackend,
+        twist: Twist,
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    enum Twist {
+        /// Every leadership reports term 1.
+        TermStuckAtOne,
+        /// Stores with a stale term report success (and change nothing).
+        StaleStoresSucceed,
+    }
+
+    impl Backend for Twisted {
+        fn name(&self) -> &'static str {
+            "twisted-memory"
+        }
+        fn min_lease(&self) -> Option<Duration> {
+            self.inner.min_lease()
+        }
+        fn lock(&self, name: &str) -> Result<Arc<dyn Lock>, ConfigError> {
+            Ok(Arc::new(TwistedLock {
+                inner: self.inner.lock(name)?,
+                twist: self.twist,
+            }))
+        }
+    }
+
+    #[derive(Debug)]
+    struct TwistedLock {
+        inner: Arc<dyn Lock>,
+        twist: Twist,
+    }
+
+    #[derive(Debug)]
+    struct TermOne(Box<dyn Leadership>);
+
+    impl Leadership for TermOne {
+        fn term(&self) -> u64 {
+            1
+        }
+        fn holder(&self) -> &Holder {
+            self.0.holder()
+        }
+        fn renewals(&self) -> Option<Renewals> {
+            self.0.renewals()
+        }
+        fn lost(&mut self) -> BoxFuture<'_, Error> {
+            self.0.lost()
+        }
+        fn release(self: Box<Self>) -> BoxFuture<'static, Result<(), Error>> {
+            self.0.release()
+        }
+    }
+
+    impl Lock for TwistedLock {
+        fn acquire(
+            &self,
+            req: AcquireRequest,
+        ) -> BoxFuture<'_, Result<Box<dyn Leadership>, Error>> {
+            Box::pin(async move {
+                let granted = self.inner.acquire(req).await?;
+                Ok(match self.twist {
+                    Twist::TermStuckAtOne => Box::new(TermOne(granted)) as Box<dyn Leadership>,
+                    Twist::StaleStoresSucceed => granted,
+                })
+            })
+        }
+        fn holder(&self) -> BoxFuture<'_, Result<Option<Holder>, Error>> {
+            self.inner.holder()
+        }
+        fn watch_holder(&self) -> BoxFuture<'_, Result<Box<dyn Changes>, Error>> {
+            self.inner.watch_holder()
+        }
+        fn load<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Stored>, Error>> {
+            self.inner.load(key)
+        }
+        fn store<'a>(
+            &'a self,
+            key: &'a str,
+            value: &'a [u8],
+            term: u64,
+        ) -> BoxFuture<'a, Result<(), Error>> {
+            Box::pin(async move {
+                match (self.inner.store(key, value, term).await, self.twist) {
+                    (Err(Error::StaleTerm { .. }), Twist::StaleStoresSucceed) => Ok(()),
+                    (res, _) => res,
+                }
+            })
+        }
+        fn watch_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Box<dyn Changes>, Error>> {
+            self.inner.watch_key(key)
+        }
+    }
+
+    fn twisted(twist: Twist) -> impl conformance::Fixture + Send + Sync + 'static {
+        let store = MemoryBackend::new();
+        conformance::from_fn(move || {
+            Connection::new(Twisted {
+                inner: store.connection(),
+                twist,
+            })
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn terms_that_do_not_rise_are_caught() {
+        let fixture = twisted(Twist::TermStuckAtOne);
+        let msg = must_fail(async move {
+            conformance::terms_rise_over_handovers(&fixture).await;
+        })
+        .await;
+        assert!(msg.contains("is not above"), "{msg}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn stale_stores_that_succeed_are_caught() {
+        let fixture = twisted(Twist::StaleStoresSucceed);
+        let msg = must_fail(async move {
+            conformance::state_api_guards_terms(&fixture).await;
+        })
+        .await;
+        assert!(msg.contains("expected a StaleTerm error"), "{msg}");
+    }
+}

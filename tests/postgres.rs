@@ -1,0 +1,831 @@
+//! The PostgreSQL backend against a real server: the conformance suite, the lock API (holder
+//! record, blocking waiters, cancelled waits, terminated sessions, hash collisions, the state
+//! API), PgBouncer's transaction pooling, and real node processes (SIGKILL, SIGTERM,
+//! `pg_terminate_backend`, a stalled connection).
+//!
+//! The server is `DATABASE_URL`, or `postgres://root@127.0.0.1:5432/test`
+//! ([`servers::postgres_url`]); without it every test skips loudly (fails under
+//! `TOWER_PRIMARY_REQUIRE_BACKENDS=1`). Each test has its own schema (`tp_<test>`) and namespace
+//! (unique per run), so runs and tests never share a lock.
+//!
+//! Node processes: this binary re-executes itself (`node_entry`, see `tests/processes.rs`).
+//! Tests that start processes or a PgBouncer take a shared lock and run one at a time.
+//!
+//! ```text
+//! cargo test --features postgres --test postgres -- --nocapture
+//! ```
+#![cfg(feature = "postgres")]
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Mutex, MutexGuard};
+use tokio_postgres::NoTls;
+use tower_primary::backend::postgres::{PostgresBackend, advisory_key};
+use tower_primary::backend::{AcquireRequest, Backend, Leadership, Lock};
+use tower_primary::clock::monotonic_nanos;
+use tower_primary::testing::conformance::{Connection, Fault, FaultHooks, Fixture};
+use tower_primary::testing::node::{
+    self, Cluster, Event, EventKind, NodeCommand, NodeConfig, NodeSignal,
+};
+use tower_primary::testing::proxy::TcpProxy;
+use tower_primary::testing::servers::{self, PgBouncer};
+use tower_primary::{Error, NodeId};
+
+/// Bounds a broken run; elections take milliseconds.
+const WAIT: Duration = Duration::from_secs(20);
+
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+/// The node side of this binary.
+#[test]
+fn node_entry() {
+    if !node::is_node_process() {
+        return;
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("tower_primary=info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+    node::run_node_from_env();
+}
+
+// ------------------------------------------------------------------------------------------------
+// The server and each test's corner of it
+
+/// The server's address, user, password and database, from [`servers::postgres_url`].
+#[derive(Clone, Debug)]
+struct Server {
+    config: tokio_postgres::Config,
+    addr: SocketAddr,
+}
+
+impl Server {
+    /// A URL to `addr` (the server or a proxy in front of it) with `params`.
+    fn url_via(&self, addr: SocketAddr, params: &str) -> String {
+        let user = self.config.get_user().unwrap_or("postgres");
+        let password = self
+            .config
+            .get_password()
+            .map(|p| format!(":{}", String::from_utf8_lossy(p)))
+            .unwrap_or_default();
+        let db = self.config.get_dbname().unwrap_or(user);
+        format!("postgres://{user}{password}@{addr}/{db}?{params}")
+    }
+
+    async fn admin(&self) -> tokio_postgres::Client {
+        let (client, conn) = self.config.connect(NoTls).await.expect("admin connection");
+        tokio::spawn(conn);
+        client
+    }
+}
+
+async fn server() -> Option<Server> {
+    // Logs go to the test's captured output, shown when it fails.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("tower_primary=debug"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+    let url = servers::postgres_url();
+    let probe = async {
+        let config = tokio_postgres::Config::from_str(&url).map_err(|e| e.to_string())?;
+        let addr = match (config.get_hosts().first(), config.get_ports().first()) {
+            (Some(tokio_postgres::config::Host::Tcp(h)), port) => {
+                let port = port.copied().unwrap_or(5432);
+                tokio::net::lookup_host((h.as_str(), port))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .next()
+                    .ok_or("no address")?
+            }
+            _ => return Err("the tests need a TCP host in DATABASE_URL".to_owned()),
+        };
+        let connect = tokio::time::timeout(Duration::from_secs(5), config.connect(NoTls));
+        match connect.await {
+            Ok(Ok((client, conn))) => {
+                drop(client);
+                let _ = conn.await;
+            }
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("connect timed out".to_owned()),
+        }
+        Ok::<_, String>(Server { config, addr })
+    };
+    servers::require(&format!("PostgreSQL at {url}"), probe.await)
+}
+
+/// One test's schema and namespace, and an admin connection to look at the server.
+struct Env {
+    server: Server,
+    schema: String,
+    namespace: String,
+    admin: tokio_postgres::Client,
+}
+
+impl Env {
+    async fn new(test: &str) -> Option<Env> {
+        let server = server().await?;
+        let admin = server.admin().await;
+        Some(Env {
+            schema: format!("tp_{test}"),
+            namespace: format!("{test}-{}-{:x}", std::process::id(), monotonic_nanos()),
+            admin,
+            server,
+        })
+    }
+
+    fn params(&self) -> String {
+        format!("namespace={}&schema={}", self.namespace, self.schema)
+    }
+
+    /// The backend string for nodes, direct to the server.
+    fn url(&self) -> String {
+        self.server.url_via(self.server.addr, &self.params())
+    }
+
+    fn backend(&self) -> PostgresBackend {
+        PostgresBackend::new(&self.url()).expect("a valid URL")
+    }
+
+    fn key(&self, lock: &str) -> i64 {
+        advisory_key(&self.namespace, lock)
+    }
+
+    /// `pg_locks` rows of the key: (pid, granted).
+    async fn lock_rows(&self, lock: &str) -> Vec<(i32, bool)> {
+        let key = self.key(lock);
+        let bits = u64::from_ne_bytes(key.to_ne_bytes());
+        let rows = self
+            .admin
+            .query(
+                "SELECT pid, granted FROM pg_locks WHERE locktype = 'advisory' \
+                 AND classid = $1::text::oid AND objid = $2::text::oid AND objsubid = 1 \
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                &[&(bits >> 32).to_string(), &(bits & 0xffff_ffff).to_string()],
+            )
+            .await
+            .expect("query pg_locks");
+        rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+    }
+
+    /// Waits (bounded; the server has no event for this) until `pred` holds on the key's rows.
+    async fn wait_locks(&self, lock: &str, what: &str, pred: impl Fn(&[(i32, bool)]) -> bool) {
+        let start = tokio::time::Instant::now();
+        loop {
+            let rows = self.lock_rows(lock).await;
+            if pred(&rows) {
+                return;
+            }
+            assert!(
+                start.elapsed() < WAIT,
+                "timed out waiting for {what}; pg_locks rows: {rows:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn wait_waiters(&self, lock: &str, n: usize) {
+        self.wait_locks(lock, &format!("{n} waiter(s)"), |rows| {
+            rows.iter().filter(|(_, granted)| !granted).count() == n
+        })
+        .await;
+    }
+
+    /// The lock session's server process, from the holder row.
+    async fn holder_pid(&self, lock: &str) -> i32 {
+        let row = self
+            .admin
+            .query_one(
+                &format!(
+                    "SELECT backend_pid FROM {}.holders WHERE key = $1",
+                    self.schema
+                ),
+                &[&self.key(lock)],
+            )
+            .await
+            .expect("a holder row");
+        row.get(0)
+    }
+
+    async fn terminate(&self, pid: i32) {
+        let row = self
+            .admin
+            .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+            .await
+            .expect("pg_terminate_backend");
+        assert!(
+            row.get::<_, bool>(0),
+            "no server process {pid} to terminate"
+        );
+    }
+}
+
+fn req(id: &str) -> AcquireRequest {
+    AcquireRequest::new(NodeId::new(id))
+}
+
+/// Acquires on a task of its own (a blocking wait must be polled while the test goes on).
+fn acquire_in_background(
+    lock: &Arc<dyn Lock>,
+    id: &str,
+) -> tokio::task::JoinHandle<Result<Box<dyn Leadership>, Error>> {
+    let lock = lock.clone();
+    let req = req(id);
+    tokio::spawn(async move { lock.acquire(req).await })
+}
+
+async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+// ------------------------------------------------------------------------------------------------
+// Conformance
+
+/// Every node reaches the server through a proxy of its own, so the suite's `Fail` fault can
+/// stall and cut it; its sessions carry a tag in `application_name`, so `LoseLocks` can terminate
+/// its lock sessions.
+struct PgFixture {
+    server: Server,
+    params: String,
+    next: AtomicU64,
+}
+
+#[derive(Debug)]
+struct PgFaults {
+    proxy: TcpProxy,
+    tag: String,
+    admin_url: String,
+}
+
+impl FaultHooks for PgFaults {
+    fn supports(&self, fault: Fault) -> bool {
+        matches!(fault, Fault::Fail | Fault::LoseLocks)
+    }
+
+    fn inject(&self, fault: Fault) {
+        match fault {
+            Fault::Fail => {
+                self.proxy.stall();
+                self.proxy.cut();
+            }
+            Fault::LoseLocks => {
+                // The hook is synchronous: a thread of its own with a runtime of its own.
+                let url = self.admin_url.clone();
+                let pattern = format!("{} lock %", self.tag);
+                std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("a runtime");
+                    rt.block_on(async {
+                        let (client, conn) = tokio_postgres::connect(&url, NoTls)
+                            .await
+                            .expect("admin connection");
+                        tokio::spawn(conn);
+                        client
+                            .execute(
+                                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                                 WHERE application_name LIKE $1",
+                                &[&pattern],
+                            )
+                            .await
+                            .expect("terminate the lock sessions");
+                    });
+                })
+                .join()
+                .expect("the terminating thread");
+            }
+            _ => {}
+        }
+    }
+
+    fn heal(&self, fault: Fault) {
+        if fault == Fault::Fail {
+            self.proxy.resume();
+        }
+    }
+}
+
+impl Fixture for PgFixture {
+    fn connect(&self) -> Connection {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("tpc{}-{n}", std::process::id());
+        // The suite runs on a multi-thread runtime; the proxy must live on it.
+        let proxy = tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(TcpProxy::start(self.server.addr))
+        })
+        .expect("a proxy");
+        let url = self.server.url_via(
+            proxy.addr(),
+            &format!("{}&application_name={tag}&connect_timeout=1", self.params),
+        );
+        let backend = PostgresBackend::new(&url).expect("a valid URL");
+        let admin_url = self.server.url_via(self.server.addr, "sslmode=disable");
+        Connection::new(backend).with_faults(PgFaults {
+            proxy,
+            tag,
+            admin_url,
+        })
+    }
+}
+
+async fn fixture() -> Option<PgFixture> {
+    let server = server().await?;
+    let params = format!(
+        "namespace=conformance-{}-{:x}&schema=tp_conformance",
+        std::process::id(),
+        monotonic_nanos()
+    );
+    Some(PgFixture {
+        server,
+        params,
+        next: AtomicU64::new(0),
+    })
+}
+
+mod suite {
+    use tower_primary::testing::conformance;
+
+    /// One test per conformance check, each skipping loudly without a server.
+    macro_rules! checks {
+        ($($check:ident)*) => {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $check() {
+                    if let Some(fixture) = super::fixture().await {
+                        conformance::$check(&fixture).await;
+                    }
+                }
+            )*
+
+            #[test]
+            fn every_conformance_check_runs() {
+                assert_eq!(&[$(stringify!($check)),*], conformance::CHECKS);
+            }
+        };
+    }
+
+    checks!(
+        single_primary_among_candidates
+        secondaries_see_the_holder
+        handover_on_step_down
+        handover_on_shutdown
+        terms_rise_over_handovers
+        failover_when_the_primary_crashes
+        paused_primary_fences_itself
+        self_fencing_when_renewals_stop
+        self_fencing_when_the_backend_fails
+        fail_closed_on_backend_errors
+        task_cancelled_when_the_term_ends
+        shutdown_cancels_tasks_before_release
+        shutdown_aborts_tasks_after_the_grace
+        state_api_guards_terms
+        dropped_acquire_does_not_leak_the_lock
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
+// The lock API
+
+#[tokio::test]
+async fn acquiring_records_the_holder_and_releasing_clears_it() {
+    let Some(env) = Env::new("records_holder").await else {
+        return;
+    };
+    let lock = env.backend().lock("jobs").unwrap();
+    let leadership = lock.acquire(req("a")).await.unwrap();
+    let holder = lock.holder().await.unwrap().expect("a holder");
+    assert_eq!((holder.id.as_str(), holder.term), ("a", leadership.term()));
+    assert_eq!(holder.lease_ms, None);
+    assert_eq!(&holder, leadership.holder());
+    let pid = env.holder_pid("jobs").await;
+    assert_eq!(env.lock_rows("jobs").await, [(pid, true)]);
+
+    leadership.release().await.unwrap();
+    assert_eq!(lock.holder().await.unwrap(), None);
+    assert_eq!(env.lock_rows("jobs").await, []);
+}
+
+#[tokio::test]
+async fn a_blocked_waiter_takes_over_on_release_with_a_higher_term() {
+    let Some(env) = Env::new("blocked_waiter").await else {
+        return;
+    };
+    let backend = env.backend();
+    let (a_lock, b_lock) = (backend.lock("jobs").unwrap(), backend.lock("jobs").unwrap());
+    let a = a_lock.acquire(req("a")).await.unwrap();
+    let b = acquire_in_background(&b_lock, "b");
+    env.wait_waiters("jobs", 1).await;
+    assert!(!b.is_finished(), "b acquired while a held the lock");
+
+    let ta = a.term();
+    a.release().await.unwrap();
+    let b = within("b to acquire", b).await.unwrap().unwrap();
+    assert!(b.term() > ta, "term {} after {ta}", b.term());
+    let holder = a_lock.holder().await.unwrap().expect("a holder");
+    assert_eq!((holder.id.as_str(), holder.term), ("b", b.term()));
+    b.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_terminated_lock_session_is_lost_and_the_waiter_takes_over() {
+    let Some(env) = Env::new("terminated").await else {
+        return;
+    };
+    let backend = env.backend();
+    let (a_lock, b_lock) = (backend.lock("jobs").unwrap(), backend.lock("jobs").unwrap());
+    let mut a = a_lock.acquire(req("a")).await.unwrap();
+    let b = acquire_in_background(&b_lock, "b");
+    env.wait_waiters("jobs", 1).await;
+
+    env.terminate(env.holder_pid("jobs").await).await;
+    let lost = within("a to see the loss", a.lost()).await;
+    assert!(
+        matches!(&lost, Error::Lost { reason, .. } if reason.contains("terminat")),
+        "{lost}"
+    );
+    let b = within("b to acquire", b).await.unwrap().unwrap();
+    assert!(b.term() > a.term());
+    assert_eq!(
+        b_lock.holder().await.unwrap().map(|h| h.id),
+        Some("b".to_owned())
+    );
+    // Nothing is left to release; the lost term's release is a no-op.
+    a.release().await.unwrap();
+    b.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_dropped_acquire_leaves_the_queue_and_never_holds_the_lock() {
+    let Some(env) = Env::new("dropped_acquire").await else {
+        return;
+    };
+    let backend = env.backend();
+    let locks: Vec<_> = (0..3).map(|_| backend.lock("jobs").unwrap()).collect();
+    let a = locks[0].acquire(req("a")).await.unwrap();
+    let b = acquire_in_background(&locks[1], "b");
+    env.wait_waiters("jobs", 1).await;
+
+    b.abort();
+    // The wait is cancelled through the cancel token and b's session closes.
+    env.wait_waiters("jobs", 0).await;
+    let ta = a.term();
+    a.release().await.unwrap();
+    let c = within("c to acquire", locks[2].acquire(req("c")))
+        .await
+        .unwrap();
+    assert!(c.term() > ta);
+    let holder = locks[2].holder().await.unwrap().expect("a holder");
+    assert_eq!(holder.id, "c");
+    c.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_hash_collision_is_reported_never_shared() {
+    let Some(env) = Env::new("collision").await else {
+        return;
+    };
+    let lock = env.backend().lock("victim").unwrap();
+    // Creates the schema.
+    assert_eq!(lock.holder().await.unwrap(), None);
+    // Another lock name whose key is the same (forged: FNV-1a collisions are rare).
+    env.admin
+        .execute(
+            &format!(
+                "INSERT INTO {}.holders (key, namespace, lock_name, term, backend_pid, holder) \
+                 VALUES ($1, $2, 'impostor', 1, 0, '{{}}')",
+                env.schema
+            ),
+            &[&env.key("victim"), &env.namespace],
+        )
+        .await
+        .unwrap();
+    let err = lock.acquire(req("a")).await.unwrap_err().to_string();
+    assert!(
+        err.contains("hashes to advisory key") && err.contains("impostor"),
+        "{err}"
+    );
+    // The lock taken before the check was given back.
+    env.wait_locks("victim", "the lock to be free", <[_]>::is_empty)
+        .await;
+}
+
+#[tokio::test]
+async fn state_writes_need_the_live_term_and_never_overwrite_a_newer_one() {
+    let Some(env) = Env::new("state_terms").await else {
+        return;
+    };
+    let backend = env.backend();
+    let (a_lock, b_lock) = (backend.lock("jobs").unwrap(), backend.lock("jobs").unwrap());
+    let watcher = backend.lock("jobs").unwrap();
+    let mut a = a_lock.acquire(req("a")).await.unwrap();
+    let ta = a.term();
+    a_lock.store("cursor", b"one", ta).await.unwrap();
+    let stored = watcher.load("cursor").await.unwrap().expect("a value");
+    assert_eq!(
+        (stored.value.as_slice(), stored.term),
+        (b"one".as_slice(), ta)
+    );
+    let mut changes = watcher.watch_key("cursor").await.unwrap();
+
+    // The term's session is gone: its writes are refused although no one else holds the lock.
+    env.terminate(env.holder_pid("jobs").await).await;
+    within("a to see the loss", a.lost()).await;
+    let err = a_lock.store("cursor", b"late", ta).await.unwrap_err();
+    assert!(
+        matches!(err, Error::StaleTerm { term, .. } if term == ta),
+        "{err}"
+    );
+
+    let b = b_lock.acquire(req("b")).await.unwrap();
+    b_lock.store("cursor", b"two", b.term()).await.unwrap();
+    within("the watcher to wake", changes.changed())
+        .await
+        .unwrap();
+    let err = a_lock.store("cursor", b"stale", ta).await.unwrap_err();
+    assert!(
+        matches!(err, Error::StaleTerm { current: Some(c), .. } if c == b.term()),
+        "{err}"
+    );
+    let stored = watcher.load("cursor").await.unwrap().expect("a value");
+    assert_eq!(
+        (stored.value.as_slice(), stored.term),
+        (b"two".as_slice(), b.term())
+    );
+    b.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn tls_is_used_when_the_server_offers_it_unless_disabled() {
+    let Some(env) = Env::new("tls").await else {
+        return;
+    };
+    let ssl_on: String = env.admin.query_one("SHOW ssl", &[]).await.unwrap().get(0);
+    for (mode, expect_tls) in [("prefer", ssl_on == "on"), ("disable", false)] {
+        let url = format!("{}&sslmode={mode}", env.url());
+        let lock = PostgresBackend::new(&url).unwrap().lock("jobs").unwrap();
+        let l = lock.acquire(req("a")).await.unwrap();
+        let pid = env.holder_pid("jobs").await;
+        let ssl: bool = env
+            .admin
+            .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = $1", &[&pid])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(ssl, expect_tls, "sslmode={mode}");
+        l.release().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn pgbouncer_transaction_pooling_is_refused() {
+    let Some(env) = Env::new("pgbouncer").await else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let user = env
+        .server
+        .config
+        .get_user()
+        .unwrap_or("postgres")
+        .to_owned();
+    let bouncer = match PgBouncer::start(env.server.addr, &user, "transaction").await {
+        Ok(b) => b,
+        Err(e) => {
+            // Not `require`: PgBouncer is optional even where backends are required.
+            eprintln!(
+                "\n==============================\nSKIPPED: pgbouncer is not available: {e}\n\
+                 ==============================\n"
+            );
+            return;
+        }
+    };
+    let pooled = PostgresBackend::new(&env.server.url_via(bouncer.addr(), &env.params())).unwrap();
+    for node in ["a", "b"] {
+        let lock = pooled.lock("jobs").unwrap();
+        let err = lock.acquire(req(node)).await.unwrap_err().to_string();
+        assert!(err.contains("connection pooler"), "{node}: {err}");
+    }
+    // Nothing leaked on the pooled server connection: a direct node gets the lock.
+    env.wait_locks("jobs", "the lock to be free", <[_]>::is_empty)
+        .await;
+    let direct = env.backend().lock("jobs").unwrap();
+    let l = within("a direct acquisition", direct.acquire(req("direct")))
+        .await
+        .unwrap();
+    l.release().await.unwrap();
+}
+
+// ------------------------------------------------------------------------------------------------
+// Real processes
+
+struct Nodes {
+    cluster: Cluster,
+    env: Env,
+    _serial: MutexGuard<'static, ()>,
+}
+
+async fn nodes(test: &str) -> Option<Nodes> {
+    let env = Env::new(test).await?;
+    let serial = SERIAL.lock().await;
+    let config = NodeConfig::new(env.url(), "jobs").grace(Duration::from_secs(2));
+    let command = NodeCommand::test_entry("node_entry").expect("the test binary's path");
+    Some(Nodes {
+        cluster: Cluster::new(command, config),
+        env,
+        _serial: serial,
+    })
+}
+
+fn ms(from: u64, to: u64) -> f64 {
+    (to as f64 - from as f64) / 1e6
+}
+
+fn first(events: &[Event], pid: u32, pred: impl Fn(&EventKind) -> bool) -> Option<u64> {
+    events
+        .iter()
+        .find(|e| e.pid == pid && pred(&e.kind))
+        .map(|e| e.at)
+}
+
+fn assert_no_overlap(cluster: &Cluster) {
+    let report = cluster.history().check();
+    assert!(report.is_ok(), "{report}\n{}", cluster.dump());
+}
+
+#[tokio::test]
+async fn a_killed_primary_is_succeeded_by_exactly_one_node_with_a_higher_term() {
+    let Some(mut n) = nodes("proc_sigkill").await else {
+        return;
+    };
+    n.cluster.spawn_nodes(3).unwrap();
+    let (old, term) = n.cluster.wait_settled(WAIT).await.unwrap();
+
+    let killed_at = n.cluster.signal(old, NodeSignal::Kill).await.unwrap();
+    let next = n.cluster.wait_primary_after(term, old, WAIT).await.unwrap();
+    let settled = n.cluster.wait_settled(WAIT).await.unwrap();
+    assert_eq!(
+        settled,
+        (next.pid, next.term().unwrap()),
+        "{}",
+        n.cluster.dump()
+    );
+    assert!(next.at > killed_at);
+    let holders: Vec<_> = n
+        .cluster
+        .history()
+        .periods()
+        .iter()
+        .map(|p| (p.node.parse::<u32>().unwrap(), p.term))
+        .collect();
+    assert_eq!(holders, [(old, term), settled], "{}", n.cluster.dump());
+    assert_no_overlap(&n.cluster);
+    eprintln!(
+        "SIGKILL → successor primary {:.3} ms",
+        ms(killed_at, next.at)
+    );
+}
+
+#[tokio::test]
+async fn a_terminated_primary_hands_over_and_every_secondary_learns_the_new_holder() {
+    let Some(mut n) = nodes("proc_sigterm").await else {
+        return;
+    };
+    n.cluster.spawn_nodes(3).unwrap();
+    let (old, term) = n.cluster.wait_settled(WAIT).await.unwrap();
+
+    let sent_at = n.cluster.signal(old, NodeSignal::Term).await.unwrap();
+    let next = n.cluster.wait_primary_after(term, old, WAIT).await.unwrap();
+    let new_term = next.term().unwrap();
+    assert_eq!(n.cluster.wait_exit(old, WAIT).await.unwrap().0, Some(0));
+    // The third node hears of the new holder by NOTIFY (it never held the lock).
+    let third = n
+        .cluster
+        .pids()
+        .into_iter()
+        .find(|p| *p != old && *p != next.pid)
+        .unwrap();
+    n.cluster
+        .wait_event("the third node to report the new holder", WAIT, |e| {
+            e.pid == third
+                && matches!(e.kind, EventKind::Secondary { holder_term: Some(t), .. } if t == new_term)
+        })
+        .await
+        .unwrap();
+    n.cluster.wait_settled(WAIT).await.unwrap();
+
+    let events = n.cluster.events();
+    let cancelled = first(
+        &events,
+        old,
+        |k| matches!(k, EventKind::TaskCancelled { term: t } if *t == term),
+    )
+    .unwrap();
+    let released = first(&events, old, |k| matches!(k, EventKind::Released)).unwrap();
+    assert!(
+        sent_at < cancelled && cancelled < next.at,
+        "{}",
+        n.cluster.dump()
+    );
+    assert!(next.at <= released + 1_000_000_000, "{}", n.cluster.dump());
+    assert_no_overlap(&n.cluster);
+    eprintln!(
+        "SIGTERM → successor primary {:.3} ms (old task cancelled at {:.3} ms)",
+        ms(sent_at, next.at),
+        ms(sent_at, cancelled)
+    );
+}
+
+#[tokio::test]
+async fn a_primary_whose_lock_session_is_terminated_steps_down_before_the_successor_starts() {
+    let Some(mut n) = nodes("proc_terminate").await else {
+        return;
+    };
+    n.cluster.spawn_nodes(3).unwrap();
+    let (old, term) = n.cluster.wait_settled(WAIT).await.unwrap();
+
+    let pid = n.env.holder_pid("jobs").await;
+    let at = monotonic_nanos();
+    n.env.terminate(pid).await;
+    let next = n.cluster.wait_primary_after(term, old, WAIT).await.unwrap();
+    let events = n.cluster.events();
+    let stepped_down = first(
+        &events,
+        old,
+        |k| matches!(k, EventKind::TaskCancelled { term: t } if *t == term),
+    )
+    .unwrap_or_else(|| panic!("the old primary never stepped down\n{}", n.cluster.dump()));
+    assert!(at < stepped_down, "{}", n.cluster.dump());
+    assert_no_overlap(&n.cluster);
+    // The old primary is alive and campaigns again.
+    assert!(n.cluster.states()[&old].alive);
+    n.cluster.wait_settled(WAIT).await.unwrap();
+    eprintln!(
+        "pg_terminate_backend → old primary's task cancelled {:.3} ms, successor {:.3} ms",
+        ms(at, stepped_down),
+        ms(at, next.at)
+    );
+}
+
+#[tokio::test]
+async fn a_stalled_primary_steps_down_before_the_server_frees_its_lock() {
+    let Some(mut n) = nodes("proc_stall").await else {
+        return;
+    };
+    let proxy = TcpProxy::start(n.env.server.addr).await.unwrap();
+    // The first node reaches the server through the proxy and becomes primary alone.
+    let mut via_proxy = n.cluster.config().clone();
+    via_proxy.backend = n.env.server.url_via(proxy.addr(), &n.env.params());
+    let old = n.cluster.spawn_node_with(&via_proxy).unwrap();
+    let (p, term) = n.cluster.wait_single_primary(WAIT).await.unwrap();
+    assert_eq!(p, old);
+    n.cluster.spawn_nodes(2).unwrap();
+    n.cluster.wait_settled(WAIT).await.unwrap();
+
+    let stalled_at = monotonic_nanos();
+    proxy.stall();
+    // The liveness check gets no answer: the holder steps down on its own ...
+    let stepped_down = n
+        .cluster
+        .wait_event("the stalled primary to step down", WAIT, |e| {
+            e.pid == old && matches!(e.kind, EventKind::TaskCancelled { term: t } if t == term)
+        })
+        .await
+        .unwrap()
+        .at;
+    // ... while the server still holds its lock for it: nobody else may be primary yet.
+    assert_eq!(
+        n.env.lock_rows("jobs").await.iter().filter(|r| r.1).count(),
+        1
+    );
+    assert!(
+        !n.cluster
+            .events()
+            .iter()
+            .any(|e| e.pid != old && matches!(e.kind, EventKind::Primary { .. })),
+        "{}",
+        n.cluster.dump()
+    );
+    // Then the server side goes, as a server's keepalive would end it; the lock is freed.
+    let cut_at = monotonic_nanos();
+    proxy.cut_upstream();
+    let next = n.cluster.wait_primary_after(term, old, WAIT).await.unwrap();
+    assert!(stalled_at < stepped_down && stepped_down < cut_at && cut_at < next.at);
+    assert_no_overlap(&n.cluster);
+    eprintln!(
+        "stall → old primary stepped down {:.3} ms; upstream cut → successor {:.3} ms",
+        ms(stalled_at, stepped_down),
+        ms(cut_at, next.at)
+    );
+    n.cluster.kill_all(WAIT).await.unwrap();
+}

@@ -1,0 +1,427 @@
+//! Real processes on the file backend: SIGKILL, SIGTERM, SIGSTOP, a child process of the primary,
+//! a deleted lock file and a symlinked lock directory.
+//!
+//! # How the nodes run
+//!
+//! This test binary re-executes itself. The `node_entry` test returns at once unless
+//! `TOWER_PRIMARY_TEST_NODE=1` is set; then it runs
+//! [`run_node_from_env`](tower_primary::testing::node::run_node_from_env), which never returns.
+//! The parent side starts nodes as `<this binary> node_entry --exact --nocapture --test-threads=1
+//! --quiet` ([`NodeCommand::test_entry`]) and reads the `EVENT` lines they print (protocol:
+//! `tower_primary::testing::node`). Node logs (`tracing`, `RUST_LOG`, default `info`) go to the
+//! node's stderr, which the parent keeps and prints when a wait times out.
+//!
+//! The tests take a shared lock and so run one at a time even without `--test-threads=1`: they
+//! start many processes and this machine has two cores. They assert order and the absence of
+//! overlapping primary periods; times are printed (`--nocapture` shows them), never asserted
+//! tightly.
+//!
+//! ```text
+//! cargo test --test processes -- --test-threads=1 --nocapture
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tempfile::TempDir;
+use tokio::sync::{Mutex, MutexGuard};
+use tower_primary::testing::history::{History, Period};
+use tower_primary::testing::node::{
+    self, Cluster, Event, EventKind, EventLog, NodeCommand, NodeConfig, NodeSignal, ObservedRole,
+};
+use tower_primary::{ConfigError, Elector, FileLock};
+
+/// Generous: elections take milliseconds; this only bounds a broken run.
+const WAIT: Duration = Duration::from_secs(20);
+
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+/// The node side of this binary (see the module docs).
+#[test]
+fn node_entry() {
+    if !node::is_node_process() {
+        return;
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("tower_primary=info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+    node::run_node_from_env();
+}
+
+struct Setup {
+    cluster: Cluster,
+    dir: PathBuf,
+    lock: String,
+    // Dropped last: the nodes are killed (the cluster's drop) before the directory goes.
+    _tmp: TempDir,
+    _serial: MutexGuard<'static, ()>,
+}
+
+async fn setup(lock: &str, configure: impl FnOnce(NodeConfig) -> NodeConfig) -> Setup {
+    let serial = SERIAL.lock().await;
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path().to_path_buf();
+    let config = configure(NodeConfig::new(path_str(&dir), lock));
+    let command = NodeCommand::test_entry("node_entry").expect("the test binary's path");
+    Setup {
+        cluster: Cluster::new(command, config),
+        dir,
+        lock: lock.to_owned(),
+        _tmp: tmp,
+        _serial: serial,
+    }
+}
+
+fn path_str(p: &Path) -> String {
+    p.to_str().expect("a UTF-8 temporary path").to_owned()
+}
+
+fn ms(from: u64, to: u64) -> f64 {
+    (to as f64 - from as f64) / 1e6
+}
+
+fn find(events: &[Event], pid: u32, pred: impl Fn(&EventKind) -> bool) -> Option<Event> {
+    events
+        .iter()
+        .find(|e| e.pid == pid && pred(&e.kind))
+        .cloned()
+}
+
+fn assert_no_overlap(cluster: &Cluster) {
+    let report = cluster.history().check();
+    assert!(report.is_ok(), "{report}\n{}", cluster.dump());
+}
+
+/// (pid, term) of a period of [`Cluster::history`], whose node ids are pids.
+fn holder(p: &Period) -> (u32, u64) {
+    (p.node.parse().expect("a pid"), p.term)
+}
+
+#[tokio::test]
+async fn eight_nodes_elect_exactly_one_primary() {
+    let mut s = setup("eight-nodes", |c| c).await;
+    s.cluster.spawn_nodes(8).unwrap();
+    let (pid, term) = s.cluster.wait_settled(WAIT).await.unwrap();
+
+    let history = s.cluster.history();
+    let periods = history.periods();
+    assert_eq!(periods.len(), 1, "{}", s.cluster.dump());
+    assert_eq!(holder(&periods[0]), (pid, term));
+    let states = s.cluster.states();
+    assert_eq!(states.len(), 8);
+    let secondaries = states
+        .values()
+        .filter(|st| {
+            st.role
+                == Some(ObservedRole::Secondary {
+                    holder_term: Some(term),
+                })
+        })
+        .count();
+    assert_eq!(secondaries, 7, "{}", s.cluster.dump());
+    assert_no_overlap(&s.cluster);
+}
+
+#[tokio::test]
+async fn secondary_takes_over_with_a_higher_term_when_primary_is_killed() {
+    let mut s = setup("sigkill", |c| c).await;
+    s.cluster.spawn_nodes(3).unwrap();
+    let (old, term) = s.cluster.wait_settled(WAIT).await.unwrap();
+
+    let killed_at = s.cluster.signal(old, NodeSignal::Kill).await.unwrap();
+    let next = s.cluster.wait_primary_after(term, old, WAIT).await.unwrap();
+    let (code, signal) = s.cluster.wait_exit(old, WAIT).await.unwrap();
+    assert_eq!((code, signal), (None, Some(9)));
+    let settled = s.cluster.wait_settled(WAIT).await.unwrap();
+
+    assert_eq!(
+        settled,
+        (next.pid, next.term().unwrap()),
+        "{}",
+        s.cluster.dump()
+    );
+    assert!(next.at > killed_at);
+    let holders: Vec<_> = s.cluster.history().periods().iter().map(holder).collect();
+    assert_eq!(holders, [(old, term), settled], "{}", s.cluster.dump());
+    assert_no_overlap(&s.cluster);
+    let start = s
+        .cluster
+        .wait_task_start_after(term, old, WAIT)
+        .await
+        .unwrap();
+    eprintln!(
+        "SIGKILL → successor primary {:.3} ms, task start {:.3} ms",
+        ms(killed_at, next.at),
+        ms(killed_at, start.at)
+    );
+}
+
+#[tokio::test]
+async fn terminated_primary_hands_over_before_it_exits() {
+    let mut s = setup("sigterm", |c| c).await;
+    s.cluster.spawn_nodes(3).unwrap();
+    let (old, term) = s.cluster.wait_settled(WAIT).await.unwrap();
+
+    let sent_at = s.cluster.signal(old, NodeSignal::Term).await.unwrap();
+    let next = s.cluster.wait_primary_after(term, old, WAIT).await.unwrap();
+    let (code, _) = s.cluster.wait_exit(old, WAIT).await.unwrap();
+    assert_eq!(code, Some(0), "{}", s.cluster.dump());
+    s.cluster.wait_settled(WAIT).await.unwrap();
+
+    let events = s.cluster.events();
+    let at = |pred: &dyn Fn(&EventKind) -> bool| {
+        find(&events, old, pred)
+            .unwrap_or_else(|| panic!("missing an event of pid {old}\n{}", s.cluster.dump()))
+            .at
+    };
+    let sigterm = at(&|k| matches!(k, EventKind::SigTerm));
+    let cancelled = at(&|k| matches!(k, EventKind::TaskCancelled { term: t } if *t == term));
+    let released = at(&|k| matches!(k, EventKind::Released));
+    let exit = at(&|k| matches!(k, EventKind::Exit { code: 0 }));
+    let successor_task = find(
+        &events,
+        next.pid,
+        |k| matches!(k, EventKind::TaskStart { term: t } if *t > term),
+    )
+    .expect("the successor's task start");
+    // The old node winds its term down and releases before anyone else acts as primary.
+    assert!(
+        sent_at <= sigterm && sigterm <= cancelled && cancelled <= released && released <= exit
+    );
+    assert!(cancelled < next.at, "{}", s.cluster.dump());
+    assert!(cancelled < successor_task.at, "{}", s.cluster.dump());
+    assert_no_overlap(&s.cluster);
+    eprintln!(
+        "SIGTERM → old task cancelled {:.3} ms, successor primary {:.3} ms, successor task {:.3} \
+         ms, old shutdown returned {:.3} ms",
+        ms(sent_at, cancelled),
+        ms(sent_at, next.at),
+        ms(sent_at, successor_task.at),
+        ms(sent_at, released)
+    );
+}
+
+#[tokio::test]
+async fn stopped_primary_keeps_the_file_lock_until_it_resumes() {
+    let mut s = setup("sigstop", |c| c).await;
+    s.cluster.spawn_nodes(3).unwrap();
+    let (old, term) = s.cluster.wait_settled(WAIT).await.unwrap();
+
+    s.cluster.signal(old, NodeSignal::Stop).await.unwrap();
+    // The scenario itself: the primary stays frozen for 2 s. flock has no lease, so nobody may
+    // take over while the frozen process lives.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let history = s.cluster.history();
+    assert!(
+        history
+            .periods()
+            .iter()
+            .all(|p| holder(p) == (old, term) && p.end.is_none()),
+        "{}",
+        s.cluster.dump()
+    );
+    let states = s.cluster.states();
+    assert_eq!(states[&old].role, Some(ObservedRole::Primary { term }));
+
+    let resumed_at = s.cluster.signal(old, NodeSignal::Cont).await.unwrap();
+    s.cluster
+        .wait_event("a tick of the resumed primary", WAIT, |e| {
+            e.pid == old
+                && e.at > resumed_at
+                && matches!(e.kind, EventKind::Tick { term: t, .. } if t == term)
+        })
+        .await
+        .unwrap();
+    assert_eq!(s.cluster.wait_settled(WAIT).await.unwrap(), (old, term));
+    assert_eq!(
+        s.cluster.history().periods().len(),
+        1,
+        "{}",
+        s.cluster.dump()
+    );
+    assert_no_overlap(&s.cluster);
+}
+
+/// Kills the `sleep` children the nodes spawned, when the test ends (even on failure).
+struct KillChildren(EventLog);
+
+impl Drop for KillChildren {
+    fn drop(&mut self) {
+        for e in self.0.snapshot() {
+            if let EventKind::ChildSpawned { pid } = e.kind
+                && std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|c| c.trim() == "sleep")
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+/// Whether `pid` is a live (not zombie) process.
+fn is_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // The state is the first field after the parenthesised command name.
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
+}
+
+#[tokio::test]
+async fn child_process_of_the_primary_does_not_keep_the_lock() {
+    let mut s = setup("child-process", |c| c.spawn_when_primary(["sleep", "30"])).await;
+    let _cleanup = KillChildren(s.cluster.log().clone());
+    s.cluster.spawn_nodes(2).unwrap();
+    let (old, term) = s.cluster.wait_settled(WAIT).await.unwrap();
+    let child = s
+        .cluster
+        .wait_event("the primary's child process", WAIT, |e| {
+            e.pid == old && matches!(e.kind, EventKind::ChildSpawned { .. })
+        })
+        .await
+        .unwrap();
+    let EventKind::ChildSpawned { pid: child } = child.kind else {
+        unreachable!()
+    };
+    assert!(is_running(child));
+
+    let killed_at = s.cluster.signal(old, NodeSignal::Kill).await.unwrap();
+    let next = s.cluster.wait_primary_after(term, old, WAIT).await.unwrap();
+    // The successor got the lock while the primary's child still runs: the child never had it.
+    assert!(
+        is_running(child),
+        "the child exited before the successor took over"
+    );
+    let took = Duration::from_nanos(next.at - killed_at);
+    assert!(
+        took < Duration::from_secs(10),
+        "{took:?}\n{}",
+        s.cluster.dump()
+    );
+    assert_no_overlap(&s.cluster);
+    eprintln!(
+        "SIGKILL of a primary whose `sleep 30` child (pid {child}) lives on → successor {:.3} ms",
+        ms(killed_at, next.at)
+    );
+}
+
+#[tokio::test]
+async fn deleted_lock_file_makes_the_old_primary_step_down() {
+    let mut s = setup("deleted-file", |c| c).await;
+    s.cluster.spawn_nodes(2).unwrap();
+    let (old, term) = s.cluster.wait_settled(WAIT).await.unwrap();
+    let path = s.dir.join(format!("{}.lock", s.lock));
+    assert!(path.exists(), "no lock file at {}", path.display());
+
+    let deleted_at = tower_primary::clock::monotonic_nanos();
+    std::fs::remove_file(&path).unwrap();
+    let fresh = s.cluster.spawn_node().unwrap();
+
+    let stepped_down = s
+        .cluster
+        .wait_event("the old primary to step down", WAIT, |e| {
+            e.pid == old && matches!(e.kind, EventKind::TaskCancelled { term: t } if t == term)
+        })
+        .await
+        .unwrap();
+    let (now, now_term) = s.cluster.wait_settled(WAIT).await.unwrap();
+    assert!(now_term > term);
+
+    let history = s.cluster.history();
+    let report = history.check();
+    for o in &report.overlaps {
+        eprintln!(
+            "overlap: pid {} term {} and pid {} term {}: {:.3} ms",
+            o.first.node,
+            o.first.term,
+            o.second.node,
+            o.second.term,
+            o.length.as_secs_f64() * 1e3
+        );
+    }
+    let fresh_primary = find(&s.cluster.events(), fresh, |k| {
+        matches!(k, EventKind::Primary { .. })
+    });
+    let longest = report.overlaps.iter().map(|o| o.length).max();
+    eprintln!(
+        "lock file deleted: old primary (pid {old}, term {term}) stepped down {:.3} ms later; \
+         fresh node (pid {fresh}) {}; now primary: pid {now} term {now_term}; measured overlap: {}",
+        ms(deleted_at, stepped_down.at),
+        fresh_primary.map_or_else(
+            || "stayed secondary".to_owned(),
+            |e| format!(
+                "became primary {:.3} ms after the deletion",
+                ms(deleted_at, e.at)
+            )
+        ),
+        longest.map_or_else(
+            || "none".to_owned(),
+            |d| format!("{:.3} ms", d.as_secs_f64() * 1e3)
+        ),
+    );
+    // Only the old term may overlap a new one (the bounded window until it notices), and briefly.
+    for o in &report.overlaps {
+        assert!(
+            holder(&o.first) == (old, term) || holder(&o.second) == (old, term),
+            "an overlap without the old primary: a node on the deleted inode acted as primary\n{}",
+            s.cluster.dump()
+        );
+        assert!(
+            o.length < Duration::from_secs(5),
+            "{:?}\n{}",
+            o.length,
+            s.cluster.dump()
+        );
+    }
+    let mut others = History::new();
+    for p in history
+        .periods()
+        .iter()
+        .filter(|p| holder(p) != (old, term))
+    {
+        others.push(p.clone());
+    }
+    let report = others.check();
+    assert!(report.is_ok(), "{report}\n{}", s.cluster.dump());
+}
+
+#[tokio::test]
+async fn symlinked_lock_directory_is_refused() {
+    let mut s = setup("symlinked-dir", |c| c).await;
+    let real = s.dir.join("real");
+    std::fs::create_dir(&real).unwrap();
+    let link = s.dir.join("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+
+    let err = Elector::builder("symlinked-dir")
+        .backend(FileLock::new(&link))
+        .spawn()
+        .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        matches!(&err, ConfigError::LockDir { path, .. } if path == &link),
+        "{err:?}"
+    );
+    assert!(message.contains(&path_str(&link)), "{message}");
+    assert!(message.contains("symlink"), "{message}");
+
+    // A node process given the link reports the same error and exits with status 2.
+    let config = NodeConfig::new(path_str(&link), "symlinked-dir");
+    let pid = s.cluster.spawn_node_with(&config).unwrap();
+    let (code, _) = s.cluster.wait_exit(pid, WAIT).await.unwrap();
+    assert_eq!(code, Some(2));
+    let error = find(&s.cluster.events(), pid, |k| {
+        matches!(k, EventKind::Error { .. })
+    })
+    .expect("an error line");
+    assert!(error.to_string().contains("symlink"), "{error}");
+    assert!(!real.join("symlinked-dir.lock").exists());
+}

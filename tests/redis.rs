@@ -1,0 +1,730 @@
+//! The Redis backend against real `redis-server`s: the conformance suite, the backend's own
+//! behaviour (terms across a restart, the restart guard, lease mismatch, waking on expiry), and
+//! fault tests with real node processes (SIGKILL, SIGTERM, SIGSTOP, Redis killed and restarted
+//! empty, a stalled TCP proxy).
+//!
+//! Every test starts its own `redis-server` on a free port
+//! ([`RedisServer`](tower_primary::testing::servers::RedisServer)) and uses its own key prefix
+//! and lock names; tests that start node processes or kill servers take a shared lock and run one
+//! at a time. Without `redis-server` the tests print `SKIPPED` (or fail when
+//! `TOWER_PRIMARY_REQUIRE_BACKENDS=1`).
+//!
+//! The process tests re-execute this binary in node mode (`tower_primary::testing::node`); times
+//! are printed (`--nocapture`), and only order and the absence of overlap are asserted, with
+//! bounds of several leases.
+//!
+//! ```text
+//! cargo test --features redis --test redis -- --nocapture
+//! ```
+#![cfg(feature = "redis")]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Mutex, MutexGuard};
+use tokio::time::Instant;
+use tower_primary::backend::redis::{KeyEvents, RedisBackend};
+use tower_primary::backend::{AcquireRequest, Backend};
+use tower_primary::testing::conformance::{Connection, Fault, FaultHooks, Fixture};
+use tower_primary::testing::history::History;
+use tower_primary::testing::node::{
+    self, Cluster, Event, EventKind, NodeCommand, NodeConfig, NodeSignal,
+};
+use tower_primary::testing::proxy::TcpProxy;
+use tower_primary::testing::servers::{self, RedisServer};
+use tower_primary::{Clock, ConfigError, Error, Lease, NodeId};
+
+/// Bounds a broken run only; elections take milliseconds to a lease.
+const WAIT: Duration = Duration::from_secs(30);
+
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+/// A key prefix of its own for every test (and run).
+fn prefix(test: &str) -> String {
+    format!(
+        "t-{test}-{}-{:x}",
+        std::process::id(),
+        tower_primary::clock::monotonic_nanos()
+    )
+}
+
+async fn redis() -> Option<RedisServer> {
+    servers::require("redis-server", RedisServer::start().await)
+}
+
+fn backend(server: &RedisServer, prefix: &str) -> RedisBackend {
+    RedisBackend::new(&format!("{}/0?prefix={prefix}", server.url())).unwrap()
+}
+
+fn request(node: &str, lease: Duration) -> AcquireRequest {
+    AcquireRequest::new(NodeId::new(node))
+        .with_lease(Some(Lease::new(lease)))
+        .with_clock(Clock::system())
+}
+
+/// A plain command on a direct connection (the test's view of the server).
+async fn command<T: redis::FromRedisValue>(server: &RedisServer, cmd: &redis::Cmd) -> T {
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    cmd.query_async(&mut conn).await.unwrap()
+}
+
+/// Waits until the server has been up for `lease + 1 s`, so that the restart guard lets
+/// acquisitions through (a fresh server refuses them for that long).
+async fn wait_uptime(server: &RedisServer, lease: Duration) {
+    let need = lease + Duration::from_secs(1);
+    loop {
+        let info: String = command(server, redis::cmd("INFO").arg("server")).await;
+        let up = info
+            .lines()
+            .find_map(|l| l.strip_prefix("uptime_in_seconds:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if Duration::from_secs(up) >= need {
+            return;
+        }
+        tokio::time::sleep(need - Duration::from_secs(up)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The conformance suite
+
+/// One `redis-server` per check; every node reaches it through a TCP proxy of its own, so a
+/// fault hits one node only.
+struct RedisFixture {
+    server: RedisServer,
+    prefix: String,
+    proxies: Vec<Arc<TcpProxy>>,
+    next: AtomicUsize,
+}
+
+impl RedisFixture {
+    async fn start() -> Option<Self> {
+        let server = redis().await?;
+        let mut proxies = Vec::new();
+        for _ in 0..12 {
+            proxies.push(Arc::new(TcpProxy::start(server.addr()).await.unwrap()));
+        }
+        Some(RedisFixture {
+            prefix: prefix("conformance"),
+            server,
+            proxies,
+            next: AtomicUsize::new(0),
+        })
+    }
+}
+
+impl Fixture for RedisFixture {
+    fn connect(&self) -> Connection {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        let Some(proxy) = self.proxies.get(i) else {
+            return Connection::new(backend(&self.server, &self.prefix));
+        };
+        let url = format!("redis://{}/0?prefix={}", proxy.addr(), self.prefix);
+        Connection::new(RedisBackend::new(&url).unwrap()).with_faults(ProxyFaults {
+            proxy: proxy.clone(),
+            server: self.server.url(),
+            prefix: self.prefix.clone(),
+        })
+    }
+
+    fn lease(&self) -> Option<Lease> {
+        Some(Lease::new(Duration::from_secs(1)))
+    }
+}
+
+/// Faults through the node's proxy: `Fail` stalls every byte (calls time out), healing drops the
+/// held bytes and the connections; `LoseLocks` deletes the lock keys of the fixture's prefix
+/// behind the holders' backs (the fixture's checks have one holder at that point).
+#[derive(Debug)]
+struct ProxyFaults {
+    proxy: Arc<TcpProxy>,
+    server: String,
+    prefix: String,
+}
+
+impl FaultHooks for ProxyFaults {
+    fn supports(&self, fault: Fault) -> bool {
+        matches!(fault, Fault::Fail | Fault::LoseLocks)
+    }
+
+    fn inject(&self, fault: Fault) {
+        match fault {
+            Fault::Fail => self.proxy.stall(),
+            Fault::LoseLocks => {
+                let client = redis::Client::open(self.server.as_str()).unwrap();
+                let mut conn = client.get_connection().unwrap();
+                let locks: Vec<String> = redis::cmd("KEYS")
+                    .arg(format!("{{{}:*}}:lock", self.prefix))
+                    .query(&mut conn)
+                    .unwrap();
+                for lock in locks {
+                    let holder = lock.replace("}:lock", "}:holder");
+                    let () = redis::cmd("DEL")
+                        .arg(&lock)
+                        .arg(&holder)
+                        .query(&mut conn)
+                        .unwrap();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn heal(&self, fault: Fault) {
+        if fault == Fault::Fail {
+            self.proxy.cut();
+            self.proxy.resume();
+        }
+    }
+}
+
+mod conformance {
+    use super::RedisFixture;
+
+    tower_primary::conformance_tests!(match RedisFixture::start().await {
+        Some(fixture) => fixture,
+        None => return,
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The backend's own behaviour
+
+#[tokio::test]
+async fn backend_strings_reach_redis_with_database_and_prefix() {
+    let Some(server) = redis().await else { return };
+    let prefix = prefix("strings");
+    let lease = Duration::from_secs(1);
+    wait_uptime(&server, lease).await;
+    let backend =
+        tower_primary::backend::from_url(&format!("{}/3?prefix={prefix}", server.url())).unwrap();
+    assert_eq!(backend.name(), "redis");
+    assert_eq!(backend.min_lease(), Some(Duration::from_secs(1)));
+    let lock = backend.lock("jobs").unwrap();
+    let held = lock.acquire(request("a", lease)).await.unwrap();
+
+    let key = format!("{{{prefix}:jobs}}:lock");
+    let in_db3: i64 = command(&server, redis::cmd("EXISTS").arg(&key).arg("ignored")).await;
+    assert_eq!(in_db3, 0, "the lock was written to database 0");
+    let client = redis::Client::open(format!("{}/3", server.url())).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let token: Option<String> = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(token.map(|t| t.len()), Some(32), "a 128-bit hex token");
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(pttl > 0 && pttl <= 1000, "PX lease: {pttl}");
+
+    let holder = lock.holder().await.unwrap().expect("a holder");
+    assert_eq!(holder.id, "a");
+    assert_eq!(holder.term, held.term());
+    assert_eq!(holder.lease_ms, Some(1000));
+    held.release().await.unwrap();
+    assert_eq!(lock.holder().await.unwrap(), None);
+    let gone: i64 = redis::cmd("EXISTS")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(gone, 0);
+}
+
+#[tokio::test]
+async fn acquisition_waits_until_redis_has_been_up_longer_than_the_lease() {
+    let Some(server) = redis().await else { return };
+    let started = Instant::now();
+    let lease = Duration::from_secs(1);
+    let lock = backend(&server, &prefix("uptime")).lock("guarded").unwrap();
+    let held = lock.acquire(request("a", lease)).await.unwrap();
+    // A holder whose key vanished in a restart fences itself within a lease of it: nobody may be
+    // granted the lock before the server has been up for the lease + 1 s.
+    assert!(
+        started.elapsed() >= lease + Duration::from_secs(1),
+        "granted {:?} after the server started",
+        started.elapsed()
+    );
+    held.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn terms_rise_when_redis_restarts_without_its_data() {
+    let _serial = SERIAL.lock().await;
+    let Some(mut server) = redis().await else {
+        return;
+    };
+    let lease = Duration::from_secs(1);
+    wait_uptime(&server, lease).await;
+    let prefix = prefix("restart-terms");
+    let lock = backend(&server, &prefix).lock("terms").unwrap();
+    let mut last = 0;
+    for _ in 0..3 {
+        let held = lock.acquire(request("a", lease)).await.unwrap();
+        assert!(held.term() > last);
+        last = held.term();
+        held.release().await.unwrap();
+    }
+    // A plain INCR would start at 1 again here.
+    server.restart().await.unwrap();
+    let empty: i64 = command(
+        &server,
+        redis::cmd("EXISTS").arg(format!("{{{prefix}:terms}}:term")),
+    )
+    .await;
+    assert_eq!(empty, 0, "the restarted server kept its data");
+    let held = tokio::time::timeout(WAIT, lock.acquire(request("a", lease)))
+        .await
+        .expect("an acquisition after the restart")
+        .unwrap();
+    assert!(
+        held.term() > last,
+        "term {} after the restart is not above {last}",
+        held.term()
+    );
+    held.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn holder_loses_the_lock_when_redis_restarts_empty() {
+    let _serial = SERIAL.lock().await;
+    let Some(mut server) = redis().await else {
+        return;
+    };
+    let lease = Duration::from_secs(1);
+    wait_uptime(&server, lease).await;
+    let lock = backend(&server, &prefix("restart-loss"))
+        .lock("lost")
+        .unwrap();
+    let mut held = lock.acquire(request("a", lease)).await.unwrap();
+    let renewals = held.renewals().expect("a lease backend reports renewals");
+    let killed_at = Clock::system().now();
+    server.kill();
+    server.restart().await.unwrap();
+    // The first command after the restart fails; the next renewal finds the key gone.
+    let err = tokio::time::timeout(WAIT, held.lost())
+        .await
+        .expect("the loss to be reported");
+    assert!(matches!(err, Error::Lost { .. }), "{err}");
+    // Nothing sent after the kill was confirmed: the term ended by its old deadline.
+    assert!(
+        renewals.latest() < killed_at,
+        "a renewal was confirmed after the restart"
+    );
+}
+
+#[tokio::test]
+async fn a_node_with_another_lease_refuses_to_campaign() {
+    let Some(server) = redis().await else { return };
+    wait_uptime(&server, Duration::from_secs(2)).await;
+    let b = backend(&server, &prefix("lease-mismatch"));
+    let lock = b.lock("mixed").unwrap();
+    let held = lock
+        .acquire(request("a", Duration::from_secs(2)))
+        .await
+        .unwrap();
+    let err = tokio::time::timeout(WAIT, lock.acquire(request("b", Duration::from_secs(1))))
+        .await
+        .expect("a refusal, not a wait")
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(
+            &err,
+            Error::Config(ConfigError::InvalidTiming {
+                setting: "lease",
+                ..
+            })
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("2000 ms") && msg.contains("same lease"),
+        "{msg}"
+    );
+    held.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn waiter_wakes_when_a_crashed_holders_key_runs_out() {
+    let Some(server) = redis().await else { return };
+    let lease = Duration::from_secs(1);
+    wait_uptime(&server, lease).await;
+    let prefix = prefix("expiry");
+    let a = backend(&server, &prefix).lock("crash").unwrap();
+    let b = backend(&server, &prefix).lock("crash").unwrap();
+    // Key events are off on this server: the waiter must wake from the key's PTTL, not a poll.
+    let held = a.acquire(request("a", lease)).await.unwrap();
+    let ta = held.term();
+    drop(held); // like a crash: no release, renewals stop
+    let dropped = Instant::now();
+    let next = tokio::time::timeout(WAIT, b.acquire(request("b", lease)))
+        .await
+        .expect("b to acquire")
+        .unwrap();
+    let took = dropped.elapsed();
+    assert!(next.term() > ta);
+    // Not before the key ran out (it was set or renewed at most a lease ago); and without a
+    // poll interval on top (generous: several leases would mean polling).
+    assert!(took <= lease * 3, "{took:?}");
+    println!("crashed holder (lease {lease:?}) → waiter acquired after {took:?}");
+    next.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn key_events_can_be_enabled_and_wake_waiters() {
+    let _serial = SERIAL.lock().await;
+    let Some(server) = redis().await else { return };
+    let lease = Duration::from_secs(1);
+    wait_uptime(&server, lease).await;
+    let prefix = prefix("keyevents");
+    let a = backend(&server, &prefix)
+        .key_events(KeyEvents::Enable)
+        .lock("events")
+        .unwrap();
+    // Subscribing sets the server's notify-keyspace-events (opt-in).
+    let _watch = a.watch_holder().await.unwrap();
+    let flags: Vec<String> = command(
+        &server,
+        redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("notify-keyspace-events"),
+    )
+    .await;
+    let flags = flags.get(1).cloned().unwrap_or_default();
+    assert!(
+        flags.contains('K') && (flags.contains('x') || flags.contains('A')),
+        "{flags:?}"
+    );
+    let b = backend(&server, &prefix).lock("events").unwrap();
+    let held = b.acquire(request("b", lease)).await.unwrap();
+    let mut changes = a.watch_holder().await.unwrap();
+    drop(held); // no release: only the key's expiry can tell
+    tokio::time::timeout(WAIT, changes.changed())
+        .await
+        .expect("a key event")
+        .unwrap();
+    let took = tokio::time::timeout(WAIT, async {
+        loop {
+            if a.holder().await.unwrap().is_none() {
+                return;
+            }
+            changes.changed().await.unwrap();
+        }
+    })
+    .await;
+    assert!(took.is_ok(), "the expired holder is still reported");
+}
+
+#[tokio::test]
+async fn state_writes_need_the_holding_term() {
+    let Some(server) = redis().await else { return };
+    let lease = Duration::from_secs(1);
+    wait_uptime(&server, lease).await;
+    let prefix = prefix("state");
+    let a = backend(&server, &prefix).lock("state").unwrap();
+    let b = backend(&server, &prefix).lock("state").unwrap();
+    let held = a.acquire(request("a", lease)).await.unwrap();
+    let term = held.term();
+    a.store("cursor", b"1", term).await.unwrap();
+    // Another node naming the holder's term is not the holder.
+    let err = b.store("cursor", b"2", term).await.unwrap_err();
+    assert!(matches!(err, Error::StaleTerm { .. }), "{err}");
+    let mut watch = b.watch_key("cursor").await.unwrap();
+    a.store("cursor", b"3", term).await.unwrap();
+    tokio::time::timeout(WAIT, watch.changed())
+        .await
+        .expect("a state notification")
+        .unwrap();
+    let stored = b.load("cursor").await.unwrap().unwrap();
+    assert_eq!((stored.value.as_slice(), stored.term), (&b"3"[..], term));
+    held.release().await.unwrap();
+    let err = a.store("cursor", b"4", term).await.unwrap_err();
+    assert!(matches!(err, Error::StaleTerm { .. }), "{err}");
+    assert_eq!(b.load("missing").await.unwrap(), None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Real processes
+
+/// The node side of this binary: the process tests re-execute it in node mode.
+#[test]
+fn node_entry() {
+    if !node::is_node_process() {
+        return;
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("tower_primary=info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+    node::run_node_from_env();
+}
+
+struct Setup {
+    cluster: Cluster,
+    server: RedisServer,
+    config: NodeConfig,
+    _serial: MutexGuard<'static, ()>,
+}
+
+async fn setup(test: &str, lease: Duration) -> Option<Setup> {
+    let serial = SERIAL.lock().await;
+    let server = redis().await?;
+    wait_uptime(&server, lease).await;
+    let config = NodeConfig::new(
+        format!("{}/0?prefix={}", server.url(), prefix(test)),
+        test.to_owned(),
+    )
+    .lease(lease)
+    .grace(Duration::from_secs(2));
+    let command = NodeCommand::test_entry("node_entry").expect("the test binary's path");
+    Some(Setup {
+        cluster: Cluster::new(command, config.clone()),
+        server,
+        config,
+        _serial: serial,
+    })
+}
+
+fn ms(from: u64, to: u64) -> f64 {
+    (to as f64 - from as f64) / 1e6
+}
+
+fn find(events: &[Event], pid: u32, pred: impl Fn(&EventKind) -> bool) -> Option<Event> {
+    events
+        .iter()
+        .find(|e| e.pid == pid && pred(&e.kind))
+        .cloned()
+}
+
+fn assert_no_overlap(cluster: &Cluster) {
+    let report = cluster.history().check();
+    assert!(report.is_ok(), "{report}\n{}", cluster.dump());
+}
+
+#[tokio::test]
+async fn sigkill_of_the_primary_elects_exactly_one_successor_with_a_higher_term() {
+    let lease = Duration::from_secs(1);
+    let Some(mut s) = setup("sigkill", lease).await else {
+        return;
+    };
+    s.cluster.spawn_nodes(3).unwrap();
+    let (old, term) = s.cluster.wait_settled(WAIT).await.unwrap();
+    let killed_at = s.cluster.signal(old, NodeSignal::Kill).await.unwrap();
+    let next = s.cluster.wait_primary_after(term, old, WAIT).await.unwrap();
+    let (new, new_term) = s.cluster.wait_settled(WAIT).await.unwrap();
+    assert_eq!((new, new_term), (next.pid, next.term().unwrap()));
+    assert!(new_term > term);
+    let primaries: Vec<u32> = s
+        .cluster
+        .history()
+        .periods()
+        .iter()
+        .map(|p| p.node.parse().unwrap())
+        .collect();
+    assert_eq!(primaries, [old, new], "{}", s.cluster.dump());
+    assert_no_overlap(&s.cluster);
+    let took = Duration::from_nanos(next.at - killed_at);
+    assert!(took < lease * 5, "{took:?}\n{}", s.cluster.dump());
+    println!(
+        "SIGKILL (lease {lease:?}) → successor primary after {:.1} ms",
+        ms(killed_at, next.at)
+    );
+}
+
+#[tokio::test]
+async fn sigterm_hands_over_before_the_lease_could_expire() {
+    // A long lease: the key would outlive the primary by at least 2/3 of it.
+    let lease = Duration::from_secs(6);
+    let Some(mut s) = setup("sigterm", lease).await else {
+        return;
+    };
+    s.cluster.spawn_nodes(3).unwrap();
+    let (old, term) = s.cluster.wait_settled(WAIT).await.unwrap();
+    let sent = s.cluster.signal(old, NodeSignal::Term).await.unwrap();
+    let next = s.cluster.wait_primary_after(term, old, WAIT).await.unwrap();
+    let (code, _) = s.cluster.wait_exit(old, WAIT).await.unwrap();
+    assert_eq!(code, Some(0), "{}", s.cluster.dump());
+    let events = s.cluster.events();
+    let cancelled = find(
+        &events,
+        old,
+        |k| matches!(k, EventKind::TaskCancelled { term: t } if *t == term),
+    )
+    .expect("the old task's end")
+    .at;
+    assert!(cancelled < next.at, "{}", s.cluster.dump());
+    let took = Duration::from_nanos(next.at - sent);
+    assert!(
+        took < lease * 2 / 3,
+        "the successor waited for the lease: {took:?}\n{}",
+        s.cluster.dump()
+    );
+    assert_no_overlap(&s.cluster);
+    println!(
+        "SIGTERM → successor primary after {:.1} ms",
+        ms(sent, next.at)
+    );
+}
+
+#[tokio::test]
+async fn sigstopped_primary_is_succeeded_and_resumes_as_secondary() {
+    let lease = Duration::from_secs(1);
+    let Some(mut s) = setup("sigstop", lease).await else {
+        return;
+    };
+    s.cluster.spawn_nodes(3).unwrap();
+    let (old, term) = s.cluster.wait_settled(WAIT).await.unwrap();
+    let stopped = s.cluster.signal(old, NodeSignal::Stop).await.unwrap();
+    let next = s.cluster.wait_primary_after(term, old, WAIT).await.unwrap();
+    let new_term = next.term().unwrap();
+    assert!(new_term > term);
+    // Frozen well beyond its lease before it resumes.
+    tokio::time::sleep(lease).await;
+    let resumed = s.cluster.signal(old, NodeSignal::Cont).await.unwrap();
+    s.cluster
+        .wait_event("the resumed node to report secondary", WAIT, |e| {
+            e.pid == old
+                && e.at > resumed
+                && matches!(e.kind, EventKind::Secondary { holder_term: Some(t), .. } if t == new_term)
+        })
+        .await
+        .unwrap();
+    let events = s.cluster.events();
+    // Not one task step of the old term after the resume: it ended by its deadline.
+    let late_tick = events.iter().find(|e| {
+        e.pid == old
+            && e.at > resumed
+            && matches!(e.kind, EventKind::Tick { term: t, .. } if t == term)
+    });
+    assert!(late_tick.is_none(), "{late_tick:?}\n{}", s.cluster.dump());
+    assert!(
+        find(
+            &events,
+            old,
+            |k| matches!(k, EventKind::TaskCancelled { term: t } if *t == term)
+        )
+        .is_some()
+    );
+    assert!(
+        stopped < next.at && next.at < resumed,
+        "{}",
+        s.cluster.dump()
+    );
+    assert_eq!(
+        s.cluster.wait_settled(WAIT).await.unwrap(),
+        (next.pid, new_term)
+    );
+    // Apart from the frozen period (which ended at its deadline, unseen), no overlap.
+    let mut others = History::new();
+    for p in s.cluster.history().periods() {
+        if !(p.node == old.to_string() && p.term == term) {
+            others.push(p.clone());
+        }
+    }
+    let report = others.check();
+    assert!(report.is_ok(), "{report}\n{}", s.cluster.dump());
+    println!(
+        "SIGSTOP (lease {lease:?}) → successor primary after {:.1} ms",
+        ms(stopped, next.at)
+    );
+}
+
+#[tokio::test]
+async fn redis_restarted_empty_never_gives_two_primaries() {
+    let lease = Duration::from_secs(1);
+    let Some(mut s) = setup("redis-restart", lease).await else {
+        return;
+    };
+    s.cluster.spawn_nodes(3).unwrap();
+    let (old, term) = s.cluster.wait_settled(WAIT).await.unwrap();
+    let killed = tower_primary::clock::monotonic_nanos();
+    s.server.kill();
+    s.server.restart().await.unwrap();
+    let restarted = tower_primary::clock::monotonic_nanos();
+    let next = s
+        .cluster
+        .wait_event("a primary after the restart", WAIT, |e| {
+            e.at > killed && matches!(e.kind, EventKind::Primary { .. })
+        })
+        .await
+        .unwrap();
+    let (now, now_term) = s.cluster.wait_settled(WAIT).await.unwrap();
+    assert!(
+        now_term > term,
+        "term {now_term} after the restart, {term} before"
+    );
+    let events = s.cluster.events();
+    let old_end = find(
+        &events,
+        old,
+        |k| matches!(k, EventKind::TaskCancelled { term: t } if *t == term),
+    )
+    .expect("the old primary to step down");
+    assert!(old_end.at < next.at, "{}", s.cluster.dump());
+    assert_no_overlap(&s.cluster);
+    println!(
+        "Redis killed and restarted empty ({:.1} ms down): old primary (pid {old}) stepped down \
+         after {:.1} ms, new primary pid {now} (term {now_term}) after {:.1} ms",
+        ms(killed, restarted),
+        ms(killed, old_end.at),
+        ms(killed, next.at)
+    );
+}
+
+#[tokio::test]
+async fn stalled_proxy_makes_the_primary_step_down_before_a_successor_appears() {
+    let lease = Duration::from_secs(1);
+    let Some(mut s) = setup("stalled-proxy", lease).await else {
+        return;
+    };
+    let proxy = TcpProxy::start(s.server.addr()).await.unwrap();
+    let mut through_proxy = s.config.clone();
+    through_proxy.backend = s
+        .config
+        .backend
+        .replace(&s.server.addr().to_string(), &proxy.addr().to_string());
+    let stalled_node = s.cluster.spawn_node_with(&through_proxy).unwrap();
+    let (first, term) = s.cluster.wait_single_primary(WAIT).await.unwrap();
+    assert_eq!(first, stalled_node);
+    s.cluster.spawn_nodes(2).unwrap();
+    s.cluster.wait_settled(WAIT).await.unwrap();
+
+    let stalled_at = tower_primary::clock::monotonic_nanos();
+    proxy.stall();
+    let stepped_down = s
+        .cluster
+        .wait_event("the cut-off primary to step down", WAIT, |e| {
+            e.pid == first && matches!(e.kind, EventKind::TaskCancelled { term: t } if t == term)
+        })
+        .await
+        .unwrap();
+    let next = s
+        .cluster
+        .wait_primary_after(term, first, WAIT)
+        .await
+        .unwrap();
+    assert!(
+        stepped_down.at < next.at,
+        "the successor appeared before the old primary stepped down\n{}",
+        s.cluster.dump()
+    );
+    assert_no_overlap(&s.cluster);
+    println!(
+        "stalled proxy: primary stepped down after {:.1} ms, successor after {:.1} ms",
+        ms(stalled_at, stepped_down.at),
+        ms(stalled_at, next.at)
+    );
+    proxy.cut();
+    proxy.resume();
+}
