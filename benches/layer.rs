@@ -5,6 +5,9 @@
 //! Run with `cargo bench --bench layer`. The layer's cost is `with_layer - without_layer`
 //! (target: < 50 ns); `gate_admits` adds the primary-only gate on top, for reference.
 
+// `criterion_group!` defines an undocumented public function.
+#![allow(missing_docs)]
+
 use std::convert::Infallible;
 use std::hint::black_box;
 
@@ -16,7 +19,7 @@ use tower_primary::{PrimaryLayer, RequirePrimaryLayer, Role, RoleHandle};
 
 /// Stands in for what axum's router inserts before a route's layers run.
 #[derive(Clone)]
-struct MatchedRoute(&'static str);
+struct MatchedRoute(#[allow(dead_code)] &'static str);
 
 fn router_shaped_request() -> Request<()> {
     let mut req = Request::get("/admin/rebuild?x=1").body(()).unwrap();
@@ -63,7 +66,7 @@ fn layer(c: &mut Criterion) {
         c,
         "router_shaped/with_layer_and_role_headers",
         PrimaryLayer::new(role.clone())
-            .role_headers(true)
+            .role_headers()
             .layer(inner()),
         router_shaped_request,
     );

@@ -19,15 +19,19 @@
 //!
 //! Two series: `failover` (`SIGKILL`: the kernel frees the lock with the process) and `handover`
 //! (`SIGTERM`: the node shuts its elector down and releases the lock). The output is a table of
-//! min/p50/p90/p99/max in milliseconds (nearest-rank percentiles), the number of overlapping
-//! primary periods seen (must be 0), and two final lines `failover_p99_ms=<v>` and
-//! `handover_p99_ms=<v>`.
+//! min/p50/p90/p99/max in milliseconds (nearest-rank percentiles), the three slowest rounds of
+//! each series with where their time went (the successor's `primary` line; when the old node was
+//! reaped or printed `released`), the load average (other work on the machine shows in the
+//! tail), the history check of every primary period (no overlap, rising terms; the program fails
+//! otherwise), and two final lines `failover_p99_ms=<v>` and `handover_p99_ms=<v>`.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use tower_primary::clock::monotonic_nanos;
-use tower_primary::testing::node::{self, Cluster, NodeCommand, NodeConfig, NodeSignal};
+use tower_primary::testing::node::{
+    self, Cluster, Event, EventKind, NodeCommand, NodeConfig, NodeSignal,
+};
 
 struct Args {
     backend: String,
@@ -52,9 +56,6 @@ impl Args {
                 Some((n, v)) => (n.to_owned(), Some(v.to_owned())),
                 None => (flag.clone(), None),
             };
-            if name == "--help" || name == "-h" {
-                return Err(USAGE.to_owned());
-            }
             let value = inline
                 .or_else(|| args.next())
                 .ok_or_else(|| format!("{name} needs a value\n{USAGE}"))?;
@@ -71,6 +72,11 @@ impl Args {
                 }
                 _ => return Err(format!("unknown flag {name}\n{USAGE}")),
             }
+        }
+        if parsed.backend.starts_with("memory://") {
+            return Err(
+                "memory:// lives inside one process; the nodes are separate processes".into(),
+            );
         }
         if parsed.nodes < 2 {
             return Err("--nodes must be at least 2".to_owned());
@@ -93,6 +99,10 @@ fn main() -> ExitCode {
             .with_ansi(false)
             .try_init();
         node::run_node_from_env();
+    }
+    if std::env::args().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
     }
     let args = match Args::parse(std::env::args().skip(1)) {
         Ok(a) => a,
@@ -155,6 +165,8 @@ async fn run(args: Args) -> Result<(), BoxError> {
             |l| humantime::format_duration(l).to_string()
         )
     );
+    // Other work on the machine shows up in the tail: say how busy it was.
+    println!("load average at start: {}", load_average());
     let started = monotonic_nanos();
     cluster.spawn_nodes(args.nodes)?;
     let (mut primary, mut term) = cluster.wait_settled(timeout).await?;
@@ -170,6 +182,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
         ("handover", NodeSignal::Term),
     ] {
         let mut times = Vec::with_capacity(args.rounds);
+        let mut slow = Vec::with_capacity(args.rounds);
         for round in 0..args.rounds {
             let settle = Duration::from_millis(50 + rng.below(101));
             tokio::time::sleep(settle).await;
@@ -179,6 +192,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
                 .await?;
             times.push(next.at.saturating_sub(sent));
             cluster.wait_exit(primary, timeout).await?;
+            slow.push(breakdown(&cluster.events(), round, sent, primary, &next));
             cluster.spawn_node()?;
             let settled = cluster.wait_settled(timeout).await?;
             if settled.0 != next.pid {
@@ -190,7 +204,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
             }
             (primary, term) = settled;
         }
-        results.push((series, times));
+        results.push((series, times, slow));
     }
 
     let report = cluster.history().check();
@@ -202,7 +216,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
         "series", "n", "min", "p50", "p90", "p99", "max"
     );
     let mut p99s = Vec::new();
-    for (series, times) in &mut results {
+    for (series, times, _) in &mut results {
         times.sort_unstable();
         let p = |q: f64| ms(percentile(times, q));
         println!(
@@ -218,6 +232,24 @@ async fn run(args: Args) -> Result<(), BoxError> {
         p99s.push((*series, p(99.0)));
     }
     println!("(ms, from the signal to the successor's first singleton-task line)");
+    for (series, _, rounds) in &mut results {
+        rounds.sort_by_key(|r| std::cmp::Reverse(r.task));
+        println!("slowest {series} rounds (ms after the signal):");
+        for r in rounds.iter().take(3) {
+            println!(
+                "  round {:>3}: task start {:.3}, successor's primary line {}, old node {}",
+                r.round,
+                ms(r.task),
+                r.primary
+                    .map_or_else(|| "-".to_owned(), |t| format!("{:.3}", ms(t))),
+                r.old_gone.map_or_else(
+                    || "-".to_owned(),
+                    |(what, t)| format!("{what} {:.3}", ms(t))
+                ),
+            );
+        }
+    }
+    println!("load average at the end: {}", load_average());
     println!(
         "primary periods: {}, overlapping pairs: {}, terms not rising: {}",
         report.periods,
@@ -231,6 +263,47 @@ async fn run(args: Args) -> Result<(), BoxError> {
         return Err(format!("the history check failed:\n{report}").into());
     }
     Ok(())
+}
+
+/// Where the time of one round went, in ns after the signal.
+struct Round {
+    round: usize,
+    task: u64,
+    primary: Option<u64>,
+    old_gone: Option<(&'static str, u64)>,
+}
+
+fn breakdown(events: &[Event], round: usize, sent: u64, old: u32, next: &Event) -> Round {
+    let after = |at: u64| at.saturating_sub(sent);
+    let primary = events.iter().find_map(|e| match e.kind {
+        EventKind::Primary { term } if e.pid == next.pid && Some(term) == next.term() => {
+            Some(after(e.at))
+        }
+        _ => None,
+    });
+    // SIGTERM: the old node's `released` line; SIGKILL: when the parent reaped it.
+    let old_gone = events
+        .iter()
+        .filter(|e| e.pid == old)
+        .find_map(|e| match e.kind {
+            EventKind::Released => Some(("released", after(e.at))),
+            EventKind::Exited { .. } => Some(("reaped", after(e.at))),
+            _ => None,
+        });
+    Round {
+        round,
+        task: after(next.at),
+        primary,
+        old_gone,
+    }
+}
+
+/// The first three fields of `/proc/loadavg`, or `unknown`.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg").map_or_else(
+        |_| "unknown".to_owned(),
+        |s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+    )
 }
 
 fn ms(nanos: u64) -> f64 {

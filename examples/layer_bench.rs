@@ -79,21 +79,23 @@ fn spread(values: &[f64], digits: usize) -> (f64, String) {
     (median, text)
 }
 
-/// ns per call of `svc` over `n` router-shaped requests (built before the clock starts).
-fn time_calls<S>(svc: &mut S, n: usize) -> f64
+/// Nanoseconds spent calling `svc` on `batch` router-shaped requests, built before the clock
+/// starts (a small batch, so the requests are in cache as a server's would be).
+fn time_batch<S>(svc: &mut S, batch: usize) -> u128
 where
     S: Service<Request<()>, Response = Response<()>, Error = Infallible>,
 {
-    let reqs: Vec<_> = (0..n).map(|_| router_shaped_request()).collect();
+    let reqs: Vec<_> = (0..batch).map(|_| router_shaped_request()).collect();
     let start = Instant::now();
     for req in reqs {
-        let res = svc.call(req).now_or_never();
-        black_box(res);
+        black_box(svc.call(req).now_or_never());
     }
-    start.elapsed().as_nanos() as f64 / n as f64
+    start.elapsed().as_nanos()
 }
 
 fn micro(role: &RoleHandle, rounds: usize) -> f64 {
+    const BATCH: usize = 256;
+    const BATCHES: usize = 400;
     let inner = || {
         service_fn(|req: Request<()>| {
             drop(black_box(req));
@@ -102,19 +104,24 @@ fn micro(role: &RoleHandle, rounds: usize) -> f64 {
     };
     let mut without = inner();
     let mut with = PrimaryLayer::new(role.clone()).layer(inner());
-    const N: usize = 200_000;
-    // Warm up caches and the allocator.
-    time_calls(&mut without, N);
-    time_calls(&mut with, N);
     let (mut a, mut b, mut diff) = (Vec::new(), Vec::new(), Vec::new());
-    for round in 0..rounds.max(10) {
-        let (x, y) = if round % 2 == 0 {
-            let x = time_calls(&mut without, N);
-            (x, time_calls(&mut with, N))
-        } else {
-            let y = time_calls(&mut with, N);
-            (time_calls(&mut without, N), y)
-        };
+    // One warm-up round, then the measured ones; batches alternate which variant goes first.
+    for round in 0..=rounds.max(10) {
+        let (mut x, mut y) = (0, 0);
+        for i in 0..BATCHES {
+            if i % 2 == 0 {
+                x += time_batch(&mut without, BATCH);
+                y += time_batch(&mut with, BATCH);
+            } else {
+                y += time_batch(&mut with, BATCH);
+                x += time_batch(&mut without, BATCH);
+            }
+        }
+        if round == 0 {
+            continue;
+        }
+        let n = (BATCH * BATCHES) as f64;
+        let (x, y) = (x as f64 / n, y as f64 / n);
         a.push(x);
         b.push(y);
         diff.push(y - x);
@@ -122,7 +129,10 @@ fn micro(role: &RoleHandle, rounds: usize) -> f64 {
     let (_, without_text) = spread(&a, 1);
     let (_, with_text) = spread(&b, 1);
     let (overhead, diff_text) = spread(&diff, 1);
-    println!("(a) per request, router-shaped, in process ({N} calls per round):");
+    println!(
+        "(a) per request, router-shaped, in process ({} calls per variant per round, batches of {BATCH}):",
+        BATCH * BATCHES
+    );
     println!("    without layer  ns/req {without_text}");
     println!("    with layer     ns/req {with_text}");
     println!("    layer overhead ns/req {diff_text}");

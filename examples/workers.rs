@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cargo run --example workers -- --workers 4 --state-dir ./state
+//! cargo run --features redis --example workers -- --workers 4 --backend redis://127.0.0.1:6379 --lease 2s
 //! ```
 //!
 //! The supervisor starts `--workers` copies of itself. Every worker campaigns for the lock
@@ -10,13 +11,18 @@
 //! of the worker that ticks) and another worker ticks within milliseconds, with a higher term; the
 //! supervisor restarts the dead worker as a secondary. Ctrl-C (or SIGTERM to the supervisor) stops
 //! every worker gracefully: the primary hands over before it exits.
+//!
+//! `--backend` takes any backend string (DESIGN §7: `redis://…`, `postgres://…`, `etcd://…` with
+//! the matching Cargo feature) instead of the file backend, and `--lease` the lease of lease
+//! backends; with a lease backend a killed primary is succeeded after its lease runs out.
 
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::process::{Child, Command};
-use tower_primary::{Elector, FileLock, NodeId, Role, terminate_signal};
+use tower_primary::backend::Backend;
+use tower_primary::{Elector, FileLock, Lease, NodeId, Role, terminate_signal};
 
 const WORKER_FLAG: &str = "--worker";
 
@@ -29,7 +35,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let args = Args::parse()?;
     match args.worker {
-        Some(index) => worker(index, &args.state_dir).await,
+        Some(index) => worker(index, &args).await,
         None => supervise(&args).await,
     }
 }
@@ -37,6 +43,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 struct Args {
     workers: usize,
     state_dir: PathBuf,
+    backend: Option<String>,
+    lease: Option<Duration>,
     worker: Option<u32>,
 }
 
@@ -45,6 +53,8 @@ impl Args {
         let mut args = Args {
             workers: std::thread::available_parallelism().map_or(2, usize::from),
             state_dir: PathBuf::from("./state"),
+            backend: None,
+            lease: None,
             worker: None,
         };
         let mut it = std::env::args().skip(1);
@@ -55,11 +65,21 @@ impl Args {
                     args.workers = value()?.parse().map_err(|e| format!("--workers: {e}"))?;
                 }
                 "--state-dir" => args.state_dir = PathBuf::from(value()?),
+                "--backend" => args.backend = Some(value()?),
+                "--lease" => {
+                    let v = value()?;
+                    let lease =
+                        humantime::parse_duration(&v).map_err(|e| format!("--lease: {e}"))?;
+                    args.lease = Some(lease);
+                }
                 WORKER_FLAG => {
                     args.worker = Some(value()?.parse().map_err(|e| format!("--worker: {e}"))?);
                 }
                 "-h" | "--help" => {
-                    println!("usage: workers [--workers N] [--state-dir DIR]");
+                    println!(
+                        "usage: workers [--workers N] [--state-dir DIR] [--backend STRING] \
+                         [--lease DURATION]"
+                    );
                     std::process::exit(0);
                 }
                 other => return Err(format!("unknown flag {other}")),
@@ -74,13 +94,21 @@ impl Args {
 
 async fn supervise(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let locks = args.state_dir.join("locks");
-    std::fs::create_dir_all(&locks)?;
+    if args.backend.is_none() {
+        std::fs::create_dir_all(&locks)?;
+    }
     let exe = std::env::current_exe()?;
     let spawn = |index: usize| -> std::io::Result<Child> {
-        Command::new(&exe)
-            .arg("--state-dir")
-            .arg(&args.state_dir)
-            .arg(WORKER_FLAG)
+        let mut cmd = Command::new(&exe);
+        cmd.arg("--state-dir").arg(&args.state_dir);
+        if let Some(backend) = &args.backend {
+            cmd.arg("--backend").arg(backend);
+        }
+        if let Some(lease) = args.lease {
+            cmd.arg("--lease")
+                .arg(humantime::format_duration(lease).to_string());
+        }
+        cmd.arg(WORKER_FLAG)
             .arg(index.to_string())
             .env(tower_primary::role::WORKER_ENV, index.to_string())
             .stdin(Stdio::null())
@@ -125,12 +153,19 @@ async fn any_exit(children: &mut [Child]) -> (usize, std::io::Result<std::proces
     futures_util::future::select_all(waits).await.0
 }
 
-async fn worker(index: u32, state_dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
-    let elector = Elector::builder("ticker")
-        .backend(FileLock::new(state_dir.join("locks")))
+async fn worker(index: u32, args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    let backend: Box<dyn Backend> = match &args.backend {
+        Some(s) => tower_primary::backend::from_url(s)?,
+        None => Box::new(FileLock::new(args.state_dir.join("locks"))),
+    };
+    let mut builder = Elector::builder("ticker")
+        .backend(backend)
         .node(NodeId::from_env())
-        .grace(Duration::from_secs(2))
-        .spawn()?;
+        .grace(Duration::from_secs(2));
+    if let Some(lease) = args.lease {
+        builder = builder.lease(Lease::new(lease));
+    }
+    let elector = builder.spawn()?;
     let pid = std::process::id();
     elector.singleton_task("tick", move |ctx| async move {
         let mut every = tokio::time::interval(Duration::from_secs(1));

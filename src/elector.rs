@@ -873,12 +873,13 @@ impl Campaign {
         let token = CancellationToken::new();
         let ctx = TermContext::new(term, self.shared.clone(), token.clone());
         let since = holder.since;
+        // The deadline first: a waiter woken by the new state must find it valid.
+        self.shared.set_deadline(deadline);
         self.shared.state.send_replace(RoleState {
             role: Role::Primary { term, since },
             holder: Some(holder),
             term: Some(ctx.clone()),
         });
-        self.shared.set_deadline(deadline);
         tracing::info!(
             lock = %self.shared.lock,
             node = %self.shared.node,

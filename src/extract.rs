@@ -83,7 +83,7 @@ use axum_core::response::{IntoResponse, Response};
 use http::StatusCode;
 use http::request::Parts;
 
-use crate::require::{admit, hold, other_holder, refusal_headers};
+use crate::require::{admit, hold, log_missing_layer, other_holder, refusal_headers};
 use crate::role::{Holder, InFlight, Role, RoleHandle, TermContext};
 
 /// The `Retry-After` of the extractor's `503`, in seconds (as the gate's default).
@@ -102,7 +102,7 @@ pub enum RoleRejection {
         /// The lock name.
         lock: String,
         /// The node that holds the lock, when known.
-        holder: Option<Holder>,
+        holder: Option<Box<Holder>>,
     },
 }
 
@@ -139,7 +139,7 @@ impl RoleRejection {
     fn not_primary(handle: &RoleHandle) -> Self {
         RoleRejection::NotPrimary {
             lock: handle.lock().to_owned(),
-            holder: other_holder(handle),
+            holder: other_holder(handle).map(Box::new),
         }
     }
 }
@@ -147,11 +147,11 @@ impl RoleRejection {
 impl IntoResponse for RoleRejection {
     fn into_response(self) -> Response {
         if let RoleRejection::MissingLayer = self {
-            tracing::error!("{self}");
+            log_missing_layer("a tower-primary extractor");
         }
         let mut res = (self.status(), self.to_string()).into_response();
         if let RoleRejection::NotPrimary { holder, .. } = &self {
-            refusal_headers(res.headers_mut(), holder.as_ref(), RETRY_AFTER);
+            refusal_headers(res.headers_mut(), holder.as_deref(), RETRY_AFTER);
         }
         res
     }

@@ -30,7 +30,7 @@
 //!     .route("/", get(|Extension(role): Extension<RoleHandle>| async move {
 //!         format!("{} (term {:?})", role.role().as_str(), role.term())
 //!     }))
-//!     .layer(PrimaryLayer::new(elector.handle()).role_headers(true));
+//!     .layer(PrimaryLayer::new(elector.handle()).role_headers());
 //!
 //! let res = app.oneshot(Request::get("/").body(Body::empty())?).await?;
 //! assert_eq!(res.headers()["x-primary-role"], "primary");
@@ -42,6 +42,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
@@ -60,12 +61,25 @@ use crate::role::RoleHandle;
 pub const DEFAULT_LOCK: &str = "primary";
 
 /// Puts the [`RoleHandle`] into every request's extensions. See the [module docs](self).
+///
+/// `H` says whether responses get role headers: [`NoRoleHeaders`] (the default) or
+/// [`RoleHeaders`] (after [`role_headers`](PrimaryLayer::role_headers)). Without them the service
+/// returns the inner service's own future.
 #[derive(Clone, Debug)]
 #[must_use]
-pub struct PrimaryLayer {
+pub struct PrimaryLayer<H = NoRoleHeaders> {
     source: Source,
-    role_headers: bool,
+    _headers: PhantomData<H>,
 }
+
+/// [`PrimaryLayer`] leaves responses as they are (the default).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoRoleHeaders;
+
+/// [`PrimaryLayer`] adds `x-primary-role` and `x-primary-term` to every response; see
+/// [`PrimaryLayer::role_headers`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RoleHeaders;
 
 #[derive(Clone, Debug)]
 enum Source {
@@ -82,7 +96,7 @@ struct Claim {
 }
 
 enum ClaimState {
-    Pending(Prepared),
+    Pending(Box<Prepared>),
     Claimed(Elector),
     /// Spawning failed; the message is repeated to every later caller.
     Failed(String),
@@ -168,7 +182,7 @@ impl PrimaryLayer {
     pub fn new(handle: RoleHandle) -> Self {
         PrimaryLayer {
             source: Source::Handle(handle),
-            role_headers: false,
+            _headers: PhantomData,
         }
     }
 
@@ -239,19 +253,24 @@ impl PrimaryLayer {
         Ok(PrimaryLayer {
             source: Source::Claim(Arc::new(Claim {
                 lock: prepared.lock_name().to_owned(),
-                state: Mutex::new(ClaimState::Pending(prepared)),
+                state: Mutex::new(ClaimState::Pending(Box::new(prepared))),
             })),
-            role_headers: false,
+            _headers: PhantomData,
         })
     }
 
     /// Adds `x-primary-role` and `x-primary-term` to every response (off by default): the role of
-    /// this node when the response was produced, and the latest known term.
-    pub fn role_headers(mut self, on: bool) -> Self {
-        self.role_headers = on;
-        self
+    /// this node when the response was produced, and the latest known term (none while
+    /// starting).
+    pub fn role_headers(self) -> PrimaryLayer<RoleHeaders> {
+        PrimaryLayer {
+            source: self.source,
+            _headers: PhantomData,
+        }
     }
+}
 
+impl<H> PrimaryLayer<H> {
     /// The elector this layer owns ([`file`](Self::file), [`from_builder`](Self::from_builder)),
     /// spawned now if no service has been built yet; `None` for a layer built from a handle.
     ///
@@ -289,8 +308,8 @@ impl PrimaryLayer {
     }
 }
 
-impl<S> Layer<S> for PrimaryLayer {
-    type Service = Primary<S>;
+impl<S, H> Layer<S> for PrimaryLayer<H> {
+    type Service = Primary<S, H>;
 
     /// # Panics
     ///
@@ -300,7 +319,7 @@ impl<S> Layer<S> for PrimaryLayer {
         Primary {
             inner,
             handle: self.handle(),
-            role_headers: self.role_headers,
+            _headers: PhantomData,
         }
     }
 }
@@ -308,10 +327,10 @@ impl<S> Layer<S> for PrimaryLayer {
 /// The service of [`PrimaryLayer`]: inserts the [`RoleHandle`] into the request's extensions and
 /// calls the inner service.
 #[derive(Clone, Debug)]
-pub struct Primary<S> {
+pub struct Primary<S, H = NoRoleHeaders> {
     inner: S,
     handle: RoleHandle,
-    role_headers: bool,
+    _headers: PhantomData<H>,
 }
 
 impl<S> Primary<S> {
@@ -320,10 +339,12 @@ impl<S> Primary<S> {
         Primary {
             inner,
             handle,
-            role_headers: false,
+            _headers: PhantomData,
         }
     }
+}
 
+impl<S, H> Primary<S, H> {
     /// The role handle this service inserts.
     #[must_use]
     pub fn handle(&self) -> &RoleHandle {
@@ -348,7 +369,27 @@ impl<S> Primary<S> {
     }
 }
 
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Primary<S>
+impl<S, ReqBody> Service<Request<ReqBody>> for Primary<S, NoRoleHeaders>
+where
+    S: Service<Request<ReqBody>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    #[inline]
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        req.extensions_mut().insert(self.handle.clone());
+        self.inner.call(req)
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Primary<S, RoleHeaders>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
 {
@@ -365,13 +406,13 @@ where
         req.extensions_mut().insert(self.handle.clone());
         ResponseFuture {
             inner: self.inner.call(req),
-            role_headers: self.role_headers.then(|| self.handle.clone()),
+            role_headers: Some(self.handle.clone()),
         }
     }
 }
 
 pin_project! {
-    /// The response future of [`Primary`].
+    /// The response future of [`Primary`] with [`RoleHeaders`].
     #[derive(Debug)]
     pub struct ResponseFuture<F> {
         #[pin]

@@ -50,13 +50,121 @@
 //! # }
 //! ```
 //!
+//! # A web service
+//!
+//! [`PrimaryLayer`] puts the role into every request; [`RequirePrimaryLayer`] keeps a route to
+//! the primary (503, or a 307 to the primary's advertised URL); [`health::role`] serves
+//! `/health/role`; the [extractors](extract) read the role in handlers. The request path never
+//! touches the backend: the layer adds one extension insert per request.
+//!
+//! ```no_run
+//! use axum::{Router, routing::{get, post}};
+//! use tower_primary::{
+//!     Elector, FileLock, PrimaryLayer, PrimaryTerm, RequirePrimaryLayer, terminate_signal,
+//! };
+//!
+//! async fn rebuild(term: PrimaryTerm) -> String {
+//!     // Runs on the primary only; `term` goes into the writes (see below).
+//!     format!("rebuilt under term {}", term.term())
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let port = 8080;
+//!     // Checks the configuration now; claims the lock when the router is built.
+//!     let primary = PrimaryLayer::from_builder(
+//!         Elector::builder("my-app")
+//!             .backend(FileLock::new("/run/my-app"))
+//!             .advertise(format!("http://10.0.0.7:{port}")),
+//!     )?;
+//!
+//!     let app = Router::new()
+//!         .route("/admin/rebuild", post(rebuild).layer(RequirePrimaryLayer::new().redirect()))
+//!         .route("/health/role", get(tower_primary::health::role))
+//!         .layer(primary.clone()); // one elector, however many routes
+//!
+//!     let elector = primary.elector().expect("the layer owns its elector");
+//!     elector.singleton_task("nightly-report", |ctx| async move {
+//!         // Runs on one node at a time; cancelled the moment the term ends.
+//!         ctx.cancelled().await;
+//!         Ok::<_, std::io::Error>(())
+//!     });
+//!
+//!     // On SIGTERM/Ctrl-C: stop admitting gated requests, wait for those in flight (up to the
+//!     // grace), release the lock (a secondary takes over at once), then drain the server.
+//!     let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
+//!     axum::serve(listener, app)
+//!         .with_graceful_shutdown(elector.shutdown_signal(terminate_signal()))
+//!         .await?;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! With an elector of your own, use `PrimaryLayer::new(elector.handle())`; with one lock
+//! directory and defaults, `PrimaryLayer::file(dir)?`.
+//!
+//! ## Carry the term into downstream writes
+//!
+//! Being primary when a request starts does not mean being primary when its write lands: a
+//! pause, a partition or a slow request can outlive the term. Store the term next to the data and
+//! let the store refuse older terms, e.g. in SQL:
+//!
+//! ```sql
+//! UPDATE reports SET body = $1, term = $2 WHERE id = $3 AND term <= $2
+//! -- 0 rows: a newer primary has written; stop.
+//! ```
+//!
+//! The same rule, with a stand-in for the table:
+//!
+//! ```
+//! use std::sync::Mutex;
+//! use tower_primary::{Elector, MemoryBackend, NodeId, TermContext};
+//!
+//! struct Row { body: String, term: u64 }
+//!
+//! /// `UPDATE row SET body = $body, term = $term WHERE term <= $term`
+//! fn fenced_update(row: &Mutex<Row>, body: &str, ctx: &TermContext) -> bool {
+//!     let mut row = row.lock().unwrap();
+//!     if row.term > ctx.term() {
+//!         return false; // 0 rows affected
+//!     }
+//!     *row = Row { body: body.to_owned(), term: ctx.term() };
+//!     true
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower_primary::Error> {
+//! let store = MemoryBackend::new();
+//! let a = Elector::builder("reports").backend(store.clone()).node(NodeId::new("a")).spawn()?;
+//! let old = a.handle().wait_primary().await;
+//! let b = Elector::builder("reports").backend(store.connection()).node(NodeId::new("b")).spawn()?;
+//!
+//! a.step_down().await?; // or a pause, a partition, a crash...
+//! let new = b.handle().wait_primary().await;
+//! let row = Mutex::new(Row { body: String::new(), term: 0 });
+//! assert!(fenced_update(&row, "from b", &new));
+//!
+//! // a's late write still carries its old term: the row refuses it.
+//! assert!(!fenced_update(&row, "late write from a", &old));
+//! assert_eq!(row.lock().unwrap().body, "from b");
+//! # a.shutdown().await; b.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! In a handler, the term comes from [`PrimaryTerm`] (or `Extension<TermContext>` behind the
+//! gate); in a singleton task, from its [`TermContext`].
+//!
 //! # Backends and features
 //!
 //! | feature | default | what |
 //! |---|---|---|
 //! | `file` | yes | [`FileLock`]: `flock` on a file in a directory; one host, zero setup |
-//! | `axum` | yes | axum extractors for the role |
+//! | `axum` | yes | axum extractors for the role ([`extract`]) and the [`health`] handlers |
 //! | — | always | [`MemoryBackend`]: in-process, with fault injection, for tests and doctests |
+//! | `redis` | no | [`RedisBackend`](backend::redis::RedisBackend): a lease (`SET NX PX`) renewed by owner-checked scripts, pub/sub handover (redis-rs, rustls); `redis://…`, `rediss://…` |
+//! | `postgres` | no | [`PostgresBackend`](backend::postgres::PostgresBackend): session advisory locks on PostgreSQL (tokio-postgres, rustls); `postgres://…` |
+//! | `etcd` | no | [`EtcdBackend`](backend::etcd::EtcdBackend): a lease-bound election on an etcd key prefix (etcd-client, rustls; building it needs `protoc`); `etcd://…`, `etcds://…` |
 //! | `full` | no | every optional part |
 //!
 //! A backend can be chosen at run time from a string (a flag or `TOWER_PRIMARY_BACKEND`) with
@@ -81,15 +189,33 @@
 //!   freed the instant its process exits, and a live holder cannot lose it. The lock file must never
 //!   be deleted; if it is, the holder notices (inotify) and steps down, and a new node never becomes
 //!   primary on a deleted inode. Lease backends rely on self-fencing under bounded clock-rate drift.
+//!   PostgreSQL session locks hold while the holder's lock session lives: a crashed holder's lock
+//!   is freed in milliseconds; a holder cut off from the server steps down by its liveness check
+//!   before the server's keepalive frees the lock; PgBouncer transaction pooling is refused.
+//!   etcd times the lease on its raft leader and deletes the holder's key when it expires; the
+//!   holder stops acting a margin before that, and also as soon as its key is gone.
+//!   Redis expires the holder's key a lease after its last renewal (on the Redis host's clock);
+//!   the holder stops acting a margin before that, by its own deadline, or as soon as a renewal is
+//!   refused. After a Redis restart no lock is granted until Redis has been up for the lease + 1 s,
+//!   so a holder whose key was lost has fenced itself first (all nodes of a lock must use the same
+//!   lease; one that differs refuses to campaign).
 //! - **Terms strictly increase** per lock name. The file backend uses `max(stored + 1, wall-clock
 //!   µs)`, so a deleted or corrupt term record still yields a higher term unless the wall clock is
-//!   set back.
+//!   set back. Redis issues `max(last + 1, server TIME in µs)` inside the acquire script, so terms
+//!   rise even after Redis restarted without its data (unless the Redis host's clock is set back).
+//!   PostgreSQL draws them from a sequence; etcd uses the holder key's create revision,
+//!   which survives restarts of etcd (not a restore of an older backup, nor a wiped data
+//!   directory).
 //! - **Fail closed.** Nothing but a successful acquisition makes a node primary; backend errors keep
 //!   it secondary and are retried with backoff.
 //! - **What it does not promise:** exactly-once execution. A primary that dies mid-job leaves the
 //!   job half done, and the next primary runs it again: make jobs idempotent, and carry the term
 //!   into downstream writes so a stale primary is refused there too. The file backend is for one
-//!   host only (not NFS); a raw `fork()` without `exec` shares the lock with the child.
+//!   host only (not NFS); a raw `fork()` without `exec` shares the lock with the child. The Redis
+//!   backend assumes one Redis primary: replication is asynchronous, so a failover to a replica
+//!   (Sentinel, Cluster) can lose the lock key without a restart, and two nodes can then be primary
+//!   until the old one's next renewal (a third of the lease) — fence downstream writes with the
+//!   term, or use PostgreSQL or etcd where that matters.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod backend;

@@ -278,6 +278,9 @@ pub(crate) fn admit(handle: &RoleHandle) -> Option<(TermContext, InFlight)> {
 /// Counts work as in flight in `ctx`'s term, if the term still holds (see [`admit`]).
 pub(crate) fn hold(ctx: TermContext) -> Option<(TermContext, InFlight)> {
     let in_flight = ctx.in_flight();
+    // The count and the tracker's closed flag share one atomic. If our increment lands after the
+    // step-down closed the tracker, this fence makes the step-down's earlier writes (deadline
+    // cleared, token cancelled) visible to the check below; if before, the step-down waits.
     std::sync::atomic::fence(Ordering::SeqCst);
     ctx.is_valid().then_some((ctx, in_flight))
 }
@@ -326,15 +329,20 @@ fn redirect_location(holder: &Holder, uri: &Uri) -> Option<HeaderValue> {
     HeaderValue::try_from(format!("{base}{path}")).ok()
 }
 
-fn missing_layer<B: Default>() -> Response<B> {
+/// Logs, once per process, that a request reached `what` without the role in its extensions:
+/// a wiring mistake that every request would otherwise repeat.
+pub(crate) fn log_missing_layer(what: &'static str) {
     static LOGGED: AtomicBool = AtomicBool::new(false);
     if !LOGGED.swap(true, Ordering::Relaxed) {
         tracing::error!(
-            "RequirePrimaryLayer found no RoleHandle in the request extensions: add \
-             PrimaryLayer to the router (outside the gated routes), or give the gate a handle \
-             with RequirePrimaryLayer::with_handle; answering 500"
+            "{what} found no RoleHandle in the request extensions: add PrimaryLayer to the \
+             router, outside the routes that read the role; answering 500"
         );
     }
+}
+
+fn missing_layer<B: Default>() -> Response<B> {
+    log_missing_layer("RequirePrimaryLayer (without with_handle)");
     let mut res = Response::new(B::default());
     *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
     res

@@ -40,7 +40,7 @@ mod broken_backends_are_caught {
         AcquireRequest, Backend, BoxFuture, Changes, Leadership, Lock, Renewals, Stored,
     };
     use tower_primary::testing::conformance::{self, Connection};
-    use tower_primary::{ConfigError, Error, Holder, MemoryBackend};
+    use tower_primary::{ConfigError, Error, Holder, Lease, MemoryBackend};
 
     /// Runs a check that must fail, and returns its panic message.
     async fn must_fail(check: impl Future<Output = ()> + Send + 'static) -> String {
@@ -171,6 +171,11 @@ mod broken_backends_are_caught {
         TermStuckAtOne,
         /// Stores with a stale term report success (and change nothing).
         StaleStoresSucceed,
+        /// `acquire` runs on in the background after its future is dropped, and a grant that
+        /// arrives then is kept forever.
+        LeakDroppedGrants,
+        /// `release` gives nothing back: the lock stays until the lease expires.
+        ReleaseDoesNothing,
     }
 
     impl Backend for Twisted {
@@ -197,6 +202,29 @@ mod broken_backends_are_caught {
     #[derive(Debug)]
     struct TermOne(Box<dyn Leadership>);
 
+    /// A leadership whose release only drops it (a lease backend then waits for expiry).
+    #[derive(Debug)]
+    struct DropOnRelease(Box<dyn Leadership>);
+
+    impl Leadership for DropOnRelease {
+        fn term(&self) -> u64 {
+            self.0.term()
+        }
+        fn holder(&self) -> &Holder {
+            self.0.holder()
+        }
+        fn renewals(&self) -> Option<Renewals> {
+            self.0.renewals()
+        }
+        fn lost(&mut self) -> BoxFuture<'_, Error> {
+            self.0.lost()
+        }
+        fn release(self: Box<Self>) -> BoxFuture<'static, Result<(), Error>> {
+            drop(self);
+            Box::pin(async { Ok(()) })
+        }
+    }
+
     impl Leadership for TermOne {
         fn term(&self) -> u64 {
             1
@@ -220,11 +248,27 @@ mod broken_backends_are_caught {
             &self,
             req: AcquireRequest,
         ) -> BoxFuture<'_, Result<Box<dyn Leadership>, Error>> {
+            if let Twist::LeakDroppedGrants = self.twist {
+                let inner = self.inner.clone();
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                tokio::spawn(async move {
+                    let granted = inner.acquire(req).await;
+                    if let Err(Ok(leadership)) = tx.send(granted) {
+                        // Nobody waits any more: the grant leaks.
+                        std::mem::forget(leadership);
+                    }
+                });
+                return Box::pin(async move {
+                    rx.await
+                        .unwrap_or_else(|_| Err(Error::backend_msg("twisted-memory", "gone")))
+                });
+            }
             Box::pin(async move {
                 let granted = self.inner.acquire(req).await?;
                 Ok(match self.twist {
                     Twist::TermStuckAtOne => Box::new(TermOne(granted)) as Box<dyn Leadership>,
-                    Twist::StaleStoresSucceed => granted,
+                    Twist::ReleaseDoesNothing => Box::new(DropOnRelease(granted)),
+                    Twist::StaleStoresSucceed | Twist::LeakDroppedGrants => granted,
                 })
             })
         }
@@ -256,7 +300,13 @@ mod broken_backends_are_caught {
     }
 
     fn twisted(twist: Twist) -> impl conformance::Fixture + Send + Sync + 'static {
-        let store = MemoryBackend::new();
+        twisted_store(MemoryBackend::new(), twist)
+    }
+
+    fn twisted_store(
+        store: MemoryBackend,
+        twist: Twist,
+    ) -> conformance::FnFixture<impl Fn() -> Connection + Send + Sync + 'static> {
         conformance::from_fn(move || {
             Connection::new(Twisted {
                 inner: store.connection(),
@@ -283,5 +333,53 @@ mod broken_backends_are_caught {
         })
         .await;
         assert!(msg.contains("expected a StaleTerm error"), "{msg}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn grants_leaked_by_dropped_acquires_are_caught() {
+        let fixture = twisted(Twist::LeakDroppedGrants);
+        let fixture = fixture_with_timeout(fixture, Duration::from_secs(3));
+        let msg = must_fail(async move {
+            conformance::dropped_acquire_does_not_leak_the_lock(&fixture).await;
+        })
+        .await;
+        assert!(
+            msg.contains("timed out") || msg.contains("a dropped acquire took the free lock"),
+            "{msg}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_release_that_waits_for_the_lease_is_caught() {
+        let fixture = twisted_store(MemoryBackend::new().with_lease(), Twist::ReleaseDoesNothing)
+            .with_lease(Lease::new(Duration::from_secs(1)));
+        let msg = must_fail(async move {
+            conformance::handover_on_step_down(&fixture).await;
+        })
+        .await;
+        assert!(
+            msg.contains("release() must free the lock at once"),
+            "{msg}"
+        );
+    }
+
+    /// The same fixture, waiting at most `timeout`.
+    fn fixture_with_timeout(
+        fixture: impl conformance::Fixture + Send + Sync + 'static,
+        timeout: Duration,
+    ) -> impl conformance::Fixture + Send + Sync + 'static {
+        struct Bounded<F>(F, Duration);
+        impl<F: conformance::Fixture> conformance::Fixture for Bounded<F> {
+            fn connect(&self) -> Connection {
+                self.0.connect()
+            }
+            fn lease(&self) -> Option<Lease> {
+                self.0.lease()
+            }
+            fn timeout(&self) -> Duration {
+                self.1
+            }
+        }
+        Bounded(fixture, timeout)
     }
 }

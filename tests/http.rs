@@ -117,7 +117,7 @@ async fn role_headers_are_off_by_default_and_on_every_response_when_asked() {
         (RoleHandle::fixed(Role::Starting), "starting", None),
     ];
     for (role, want_role, want_term) in cases {
-        let app = route().layer(PrimaryLayer::new(role).role_headers(true));
+        let app = route().layer(PrimaryLayer::new(role).role_headers());
         // Also on a 404 from the router's fallback.
         for path in ["/", "/missing"] {
             let res = call(&app, "GET", path).await;
@@ -223,7 +223,7 @@ async fn owned_elector_is_claimed_once_for_all_routes_and_clones() {
 
 #[cfg(feature = "file")]
 #[test]
-fn file_layer_checks_the_directory_at_once() {
+fn file_layer_checks_the_directory_at_once_and_claims_in_a_runtime() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("does-not-exist");
     let err = PrimaryLayer::file(&missing).unwrap_err();
@@ -231,7 +231,22 @@ fn file_layer_checks_the_directory_at_once() {
         matches!(err, tower_primary::ConfigError::LockDir { .. }),
         "{err}"
     );
-    assert!(PrimaryLayer::file(dir.path()).is_ok());
+    // Checked here, outside a runtime; claimed inside one.
+    let layer = PrimaryLayer::file(dir.path()).unwrap();
+    assert!(!layer.is_claimed());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let elector = layer.elector().expect("a file layer owns its elector");
+        let ctx = timeout(EVENT_BOUND, elector.handle().wait_primary())
+            .await
+            .unwrap();
+        assert_eq!(ctx.lock(), tower_primary::layer::DEFAULT_LOCK);
+        elector.shutdown().await;
+    });
+    assert!(dir.path().join("primary.lock").exists());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -820,7 +835,7 @@ mod processes {
                 .grace(Duration::from_secs(2)),
         )
         .unwrap()
-        .role_headers(true);
+        .role_headers();
         let counts = Arc::new(Counts::default());
         let app = Router::new()
             .route("/admin", post(admin).layer(RequirePrimaryLayer::new()))

@@ -257,12 +257,14 @@ async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
 struct PgFixture {
     server: Server,
     params: String,
-    next: AtomicU64,
+    /// The proxies live as long as the fixture: the suite keeps some backends without their
+    /// connection.
+    proxies: std::sync::Mutex<Vec<Arc<TcpProxy>>>,
 }
 
 #[derive(Debug)]
 struct PgFaults {
-    proxy: TcpProxy,
+    proxy: Arc<TcpProxy>,
     tag: String,
     admin_url: String,
 }
@@ -318,13 +320,17 @@ impl FaultHooks for PgFaults {
 
 impl Fixture for PgFixture {
     fn connect(&self) -> Connection {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        // Unique in the process: tests run in parallel, each with a fixture of its own.
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let tag = format!("tpc{}-{n}", std::process::id());
         // The suite runs on a multi-thread runtime; the proxy must live on it.
         let proxy = tokio::task::block_in_place(|| {
             tokio::runtime::Handle::current().block_on(TcpProxy::start(self.server.addr))
         })
+        .map(Arc::new)
         .expect("a proxy");
+        self.proxies.lock().unwrap().push(proxy.clone());
         let url = self.server.url_via(
             proxy.addr(),
             &format!("{}&application_name={tag}&connect_timeout=1", self.params),
@@ -349,49 +355,15 @@ async fn fixture() -> Option<PgFixture> {
     Some(PgFixture {
         server,
         params,
-        next: AtomicU64::new(0),
+        proxies: std::sync::Mutex::new(Vec::new()),
     })
 }
 
 mod suite {
-    use tower_primary::testing::conformance;
-
-    /// One test per conformance check, each skipping loudly without a server.
-    macro_rules! checks {
-        ($($check:ident)*) => {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $check() {
-                    if let Some(fixture) = super::fixture().await {
-                        conformance::$check(&fixture).await;
-                    }
-                }
-            )*
-
-            #[test]
-            fn every_conformance_check_runs() {
-                assert_eq!(&[$(stringify!($check)),*], conformance::CHECKS);
-            }
-        };
-    }
-
-    checks!(
-        single_primary_among_candidates
-        secondaries_see_the_holder
-        handover_on_step_down
-        handover_on_shutdown
-        terms_rise_over_handovers
-        failover_when_the_primary_crashes
-        paused_primary_fences_itself
-        self_fencing_when_renewals_stop
-        self_fencing_when_the_backend_fails
-        fail_closed_on_backend_errors
-        task_cancelled_when_the_term_ends
-        shutdown_cancels_tasks_before_release
-        shutdown_aborts_tasks_after_the_grace
-        state_api_guards_terms
-        dropped_acquire_does_not_leak_the_lock
-    );
+    tower_primary::conformance_tests!(match super::fixture().await {
+        Some(fixture) => fixture,
+        None => return,
+    });
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -445,6 +417,7 @@ async fn a_terminated_lock_session_is_lost_and_the_waiter_takes_over() {
     let backend = env.backend();
     let (a_lock, b_lock) = (backend.lock("jobs").unwrap(), backend.lock("jobs").unwrap());
     let mut a = a_lock.acquire(req("a")).await.unwrap();
+    let ta = a.term();
     let b = acquire_in_background(&b_lock, "b");
     env.wait_waiters("jobs", 1).await;
 
@@ -454,14 +427,20 @@ async fn a_terminated_lock_session_is_lost_and_the_waiter_takes_over() {
         matches!(&lost, Error::Lost { reason, .. } if reason.contains("terminat")),
         "{lost}"
     );
+    // b gets the key, but is not primary before a has stepped down (released its term).
+    env.wait_locks("jobs", "b to hold the key", |rows| {
+        rows.iter().any(|(_, granted)| *granted)
+    })
+    .await;
+    assert!(!b.is_finished(), "b acquired before a stepped down");
+    // Nothing is left to release but the step-down lock.
+    a.release().await.unwrap();
     let b = within("b to acquire", b).await.unwrap().unwrap();
-    assert!(b.term() > a.term());
+    assert!(b.term() > ta);
     assert_eq!(
         b_lock.holder().await.unwrap().map(|h| h.id),
         Some("b".to_owned())
     );
-    // Nothing is left to release; the lost term's release is a no-op.
-    a.release().await.unwrap();
     b.release().await.unwrap();
 }
 
@@ -541,11 +520,15 @@ async fn state_writes_need_the_live_term_and_never_overwrite_a_newer_one() {
     // The term's session is gone: its writes are refused although no one else holds the lock.
     env.terminate(env.holder_pid("jobs").await).await;
     within("a to see the loss", a.lost()).await;
+    env.wait_locks("jobs", "the server to end a's session", <[_]>::is_empty)
+        .await;
     let err = a_lock.store("cursor", b"late", ta).await.unwrap_err();
     assert!(
         matches!(err, Error::StaleTerm { term, .. } if term == ta),
         "{err}"
     );
+
+    a.release().await.unwrap();
 
     let b = b_lock.acquire(req("b")).await.unwrap();
     b_lock.store("cursor", b"two", b.term()).await.unwrap();
@@ -758,14 +741,20 @@ async fn a_primary_whose_lock_session_is_terminated_steps_down_before_the_succes
     let at = monotonic_nanos();
     n.env.terminate(pid).await;
     let next = n.cluster.wait_primary_after(term, old, WAIT).await.unwrap();
-    let events = n.cluster.events();
-    let stepped_down = first(
-        &events,
-        old,
-        |k| matches!(k, EventKind::TaskCancelled { term: t } if *t == term),
-    )
-    .unwrap_or_else(|| panic!("the old primary never stepped down\n{}", n.cluster.dump()));
-    assert!(at < stepped_down, "{}", n.cluster.dump());
+    let stepped_down = n
+        .cluster
+        .wait_event("the old primary to step down", WAIT, |e| {
+            e.pid == old && matches!(e.kind, EventKind::TaskCancelled { term: t } if t == term)
+        })
+        .await
+        .unwrap()
+        .at;
+    // The server freed the key at once; the successor still waited for the old primary.
+    assert!(
+        at < stepped_down && stepped_down < next.at,
+        "{}",
+        n.cluster.dump()
+    );
     assert_no_overlap(&n.cluster);
     // The old primary is alive and campaigns again.
     assert!(n.cluster.states()[&old].alive);

@@ -253,11 +253,12 @@ impl Drop for KillChildren {
     fn drop(&mut self) {
         for e in self.0.snapshot() {
             if let EventKind::ChildSpawned { pid } = e.kind
+                && let Ok(raw) = i32::try_from(pid)
                 && std::fs::read_to_string(format!("/proc/{pid}/comm"))
                     .is_ok_and(|c| c.trim() == "sleep")
             {
                 let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::unistd::Pid::from_raw(raw),
                     nix::sys::signal::Signal::SIGKILL,
                 );
             }
@@ -367,6 +368,9 @@ async fn deleted_lock_file_makes_the_old_primary_step_down() {
             |d| format!("{:.3} ms", d.as_secs_f64() * 1e3)
         ),
     );
+    if !report.overlaps.is_empty() {
+        eprintln!("{}", s.cluster.dump());
+    }
     // Only the old term may overlap a new one (the bounded window until it notices), and briefly.
     for o in &report.overlaps {
         assert!(

@@ -239,6 +239,23 @@ async fn backend_strings_reach_redis_with_database_and_prefix() {
 }
 
 #[tokio::test]
+async fn rediss_speaks_tls_and_fails_closed_on_a_plain_server() {
+    let Some(server) = redis().await else { return };
+    let url = server.url().replace("redis://", "rediss://");
+    let lock = RedisBackend::new(&format!("{url}?prefix={}", prefix("tls")))
+        .unwrap()
+        .lock("tls")
+        .unwrap();
+    // A TLS handshake against a plain-text port fails: an error, never a panic or a grant.
+    let res = tokio::time::timeout(WAIT, lock.acquire(request("a", Duration::from_secs(1))))
+        .await
+        .expect("an answer");
+    let err = res.expect_err("a plain-text server cannot grant a TLS client");
+    assert!(matches!(err, Error::Backend { .. }), "{err}");
+    assert!(lock.holder().await.is_err());
+}
+
+#[tokio::test]
 async fn acquisition_waits_until_redis_has_been_up_longer_than_the_lease() {
     let Some(server) = redis().await else { return };
     let started = Instant::now();

@@ -364,6 +364,11 @@ pub fn from_url(url: &str) -> Result<Box<dyn Backend>, ConfigError> {
         }
         return file_backend(url);
     };
+    // Unused when every server backend is compiled in.
+    #[cfg_attr(
+        all(feature = "redis", feature = "postgres", feature = "etcd"),
+        allow(unused_variables)
+    )]
     let disabled = |feature| ConfigError::FeatureDisabled {
         scheme: scheme.to_owned(),
         feature,

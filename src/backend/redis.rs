@@ -433,6 +433,12 @@ local up = tonumber(string.match(info, 'uptime_in_seconds:(%d+)')) or 0
 local wait = tonumber(ARGV[4]) - up * 1000
 if wait > 0 then return {'wait', tostring(wait)} end
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  if redis.call('GET', KEYS[1]) == ARGV[1] then
+    -- Granted by an earlier try of this acquisition whose reply was lost.
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    redis.call('PEXPIRE', KEYS[2], ARGV[2])
+    return {'granted', redis.call('HGET', KEYS[2], 'term')}
+  end
   return {'held', tostring(redis.call('PTTL', KEYS[1])), redis.call('HGET', KEYS[2], 'lease_ms') or ''}
 end
 local t = redis.call('TIME')
@@ -811,27 +817,38 @@ impl RedisLock {
         let (tx, rx) = oneshot::channel();
         tokio::spawn(async move {
             let min_uptime = lease_ms.saturating_add(lease_ms_of(RESTART_GUARD));
-            let res = shared
-                .lease
-                .run("acquire", COMMAND_TIMEOUT, |mut c| {
-                    let keys = shared.keys.clone();
-                    let token = token.clone();
-                    async move {
-                        ACQUIRE
-                            .key(&keys.lock)
-                            .key(&keys.holder)
-                            .key(&keys.term)
-                            .arg(&token)
-                            .arg(lease_ms)
-                            .arg(&record)
-                            .arg(min_uptime)
-                            .arg(&keys.channel)
-                            .invoke_async::<Vec<String>>(&mut c)
-                            .await
-                    }
-                })
-                .await
-                .and_then(|reply| parse_attempt(&reply));
+            let mut tries = 0;
+            let res = loop {
+                tries += 1;
+                let res = shared
+                    .lease
+                    .run("acquire", COMMAND_TIMEOUT, |mut c| {
+                        let keys = shared.keys.clone();
+                        let token = token.clone();
+                        let record = record.clone();
+                        async move {
+                            ACQUIRE
+                                .key(&keys.lock)
+                                .key(&keys.holder)
+                                .key(&keys.term)
+                                .arg(&token)
+                                .arg(lease_ms)
+                                .arg(&record)
+                                .arg(min_uptime)
+                                .arg(&keys.channel)
+                                .invoke_async::<Vec<String>>(&mut c)
+                                .await
+                        }
+                    })
+                    .await;
+                // The first command on a connection that broke while idle (e.g. after a Redis
+                // restart) fails; try once more on a fresh one. Safe: the script is idempotent
+                // for one token.
+                match res {
+                    Err(err) if tries < 2 && is_connection_error(&err) => continue,
+                    res => break res.and_then(|reply| parse_attempt(&reply)),
+                }
+            };
             let failed = res.is_err();
             let abandoned = match tx.send(res) {
                 Ok(()) => failed,
@@ -845,6 +862,20 @@ impl RedisLock {
         rx.await
             .map_err(|_| Error::backend_msg(NAME, "acquire: the attempt's task ended"))?
     }
+}
+
+/// Whether `err` is a connection that broke (not a refusal by the server or a timeout).
+fn is_connection_error(err: &Error) -> bool {
+    let Error::Backend {
+        source: Some(source),
+        ..
+    } = err
+    else {
+        return false;
+    };
+    source
+        .downcast_ref::<RedisError>()
+        .is_some_and(|e| e.is_io_error() || e.is_connection_dropped())
 }
 
 fn lease_ms_of(d: Duration) -> u64 {
@@ -914,8 +945,10 @@ impl Lock for RedisLock {
             let mut told_restart = false;
             loop {
                 let mut changed = self.shared.events.holder.subscribe();
-                let sent = req.clock.now();
-                let sent_at = Instant::now();
+                let sent = Sent {
+                    at: req.clock.now(),
+                    instant: Instant::now(),
+                };
                 match self.attempt(&token, ms, &record_json).await? {
                     Attempt::Granted(term) => {
                         record.term = term;
@@ -927,7 +960,6 @@ impl Lock for RedisLock {
                             lease,
                             req.clock,
                             sent,
-                            sent_at,
                         )) as Box<dyn Leadership>);
                     }
                     Attempt::Wait(ms) => {
@@ -1092,6 +1124,13 @@ impl Lock for RedisLock {
     }
 }
 
+/// When a request was sent: on the request's clock (for the deadline) and on tokio's (for timers).
+#[derive(Clone, Copy)]
+struct Sent {
+    at: Timestamp,
+    instant: Instant,
+}
+
 /// Holding the lock: one term, renewed by a task of its own.
 struct RedisLeadership {
     shared: Arc<LockShared>,
@@ -1113,7 +1152,6 @@ impl fmt::Debug for RedisLeadership {
 }
 
 impl RedisLeadership {
-    #[allow(clippy::too_many_arguments)]
     fn start(
         shared: Arc<LockShared>,
         token: String,
@@ -1121,11 +1159,10 @@ impl RedisLeadership {
         record: Holder,
         lease: Lease,
         clock: Clock,
-        sent: Timestamp,
-        sent_at: Instant,
+        sent: Sent,
     ) -> Self {
         lock_mutex(&shared.tokens).insert(term, token.clone());
-        let (tx, renewals) = renewals(sent);
+        let (tx, renewals) = renewals(sent.at);
         let (lost_tx, lost) = watch::channel(None);
         let task = tokio::spawn(renew(
             shared.clone(),
@@ -1135,7 +1172,6 @@ impl RedisLeadership {
             tx,
             lost_tx,
             sent,
-            sent_at,
         ));
         RedisLeadership {
             shared,
@@ -1164,15 +1200,14 @@ async fn renew(
     clock: Clock,
     tx: RenewalSender,
     lost: watch::Sender<Option<String>>,
-    acquired_sent: Timestamp,
-    acquired_at: Instant,
+    acquired: Sent,
 ) {
     let every = lease.renew_every();
     let ms = lease_ms(lease.ttl());
     let attempt_limit = every.clamp(Duration::from_millis(100), COMMAND_TIMEOUT);
     let mut changed = shared.events.holder.subscribe();
-    let mut confirmed = acquired_sent;
-    let mut next = acquired_at + every;
+    let mut confirmed = acquired.at;
+    let mut next = acquired.instant + every;
     let mut retry = Duration::from_millis(25);
     loop {
         let deadline = lease.deadline_after(confirmed);

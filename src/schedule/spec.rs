@@ -255,7 +255,7 @@ mod tests {
                 .is_empty()
         );
         assert_eq!(
-            every.clone().missed_slots(last, now),
+            every.missed_slots(last, now),
             vec![at("2026-11-30T08:05:00Z")]
         );
         assert_eq!(

@@ -37,7 +37,7 @@
 //! # The checks
 //!
 //! Every check uses its own lock name, runs real electors on the [system clock](Clock::system)
-//! and records every primary period in a [`History`](crate::testing::history::History) that
+//! and records every primary period in a [`History`] that
 //! must show no overlap and rising terms. Waits are bounded by [`Fixture::timeout`] (seconds);
 //! the checks assert order and the absence of overlap, never tight times. A check panics, with
 //! the backend, the lock name and the recorded periods, when the backend breaks the contract.
@@ -51,6 +51,7 @@
 //! | [`terms_rise_over_handovers`] | terms rise over handovers, new nodes and an idle lock |
 //! | [`failover_when_the_primary_crashes`] | a holder whose runtime dies is succeeded, with a higher term, not before its deadline |
 //! | [`paused_primary_fences_itself`] | lease backends: a frozen holder reads "not primary" past its deadline, and does not disturb its successor when it resumes |
+//! | [`paused_primary_keeps_a_lock_without_lease`] | backends without lease: a frozen holder keeps its lock and is still primary when it resumes |
 //! | [`self_fencing_when_renewals_stop`] | lease backends: a holder whose renewals stop fences itself by its deadline and cancels its tasks; nobody takes over earlier |
 //! | [`self_fencing_when_the_backend_fails`] | the same when every call of the holder's connection fails |
 //! | [`fail_closed_on_backend_errors`] | a node whose backend fails never becomes primary, even on a free lock; it does once the backend works |
@@ -69,8 +70,9 @@
 //! elector on its own current-thread tokio runtime in its own thread. Pausing stops polling that
 //! runtime (like `SIGSTOP` for the async side); a crash then shuts it down with
 //! [`Runtime::shutdown_background`](tokio::runtime::Runtime::shutdown_background), which drops
-//! the [`Leadership`](crate::backend::Leadership) without releasing it: a file lock's descriptor closes, a memory lock without
-//! lease is dropped, a lease is no longer renewed and expires.
+//! the [`Leadership`](crate::backend::Leadership) without releasing it: a file lock's
+//! descriptor closes, a memory lock without lease is dropped, a lease is no longer renewed and
+//! expires.
 
 use std::convert::Infallible;
 use std::fmt;
@@ -94,6 +96,10 @@ use crate::testing::history::{History, Period, Recorder};
 pub trait Fixture {
     /// A new, independent connection to the backend: one node. Every connection of a fixture must
     /// reach the same locks (the same server, directory or memory store).
+    ///
+    /// The crash and pause checks use a connection on a tokio runtime of its own, so a connection
+    /// must not be tied to the runtime `connect` was called on: connect lazily (in
+    /// [`Lock::acquire`] and the other calls), not here.
     fn connect(&self) -> Connection;
 
     /// The lease electors use, for backends that have one. Default `None`.
@@ -206,7 +212,8 @@ pub enum Fault {
     /// path). Only meaningful on lease backends.
     StopRenewals,
     /// The backend takes away every lock the connection holds, as a server that expired or
-    /// deleted them: the holder's [`Leadership::lost`](crate::backend::Leadership::lost) fires. One-shot: healing it does nothing.
+    /// deleted them: the holder's [`Leadership::lost`](crate::backend::Leadership::lost) fires.
+    /// One-shot: healing it does nothing.
     LoseLocks,
 }
 
@@ -310,12 +317,14 @@ impl Fixture for MemoryFixture {
 pub struct FnFixture<F> {
     connect: F,
     lease: Option<Lease>,
+    timeout: Option<Duration>,
 }
 
 impl<F> fmt::Debug for FnFixture<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FnFixture")
             .field("lease", &self.lease)
+            .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
 }
@@ -337,6 +346,7 @@ pub fn from_fn<F: Fn() -> Connection>(connect: F) -> FnFixture<F> {
     FnFixture {
         connect,
         lease: None,
+        timeout: None,
     }
 }
 
@@ -345,6 +355,13 @@ impl<F> FnFixture<F> {
     #[must_use]
     pub fn with_lease(mut self, lease: Lease) -> Self {
         self.lease = Some(lease);
+        self
+    }
+
+    /// Sets how long a check waits for something that must happen (see [`Fixture::timeout`]).
+    #[must_use]
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
         self
     }
 }
@@ -357,6 +374,13 @@ impl<F: Fn() -> Connection> Fixture for FnFixture<F> {
     fn lease(&self) -> Option<Lease> {
         self.lease
     }
+
+    fn timeout(&self) -> Duration {
+        match self.timeout {
+            Some(t) => t,
+            None => Duration::from_secs(10) + self.lease.map_or(Duration::ZERO, |l| l.ttl() * 10),
+        }
+    }
 }
 
 /// The names of the checks, in the order [`run_all`] runs them.
@@ -368,6 +392,7 @@ pub const CHECKS: &[&str] = &[
     "terms_rise_over_handovers",
     "failover_when_the_primary_crashes",
     "paused_primary_fences_itself",
+    "paused_primary_keeps_a_lock_without_lease",
     "self_fencing_when_renewals_stop",
     "self_fencing_when_the_backend_fails",
     "fail_closed_on_backend_errors",
@@ -392,6 +417,7 @@ pub async fn run_all<F: Fixture + ?Sized>(fixture: &F) {
     terms_rise_over_handovers(fixture).await;
     failover_when_the_primary_crashes(fixture).await;
     paused_primary_fences_itself(fixture).await;
+    paused_primary_keeps_a_lock_without_lease(fixture).await;
     self_fencing_when_renewals_stop(fixture).await;
     self_fencing_when_the_backend_fails(fixture).await;
     fail_closed_on_backend_errors(fixture).await;
@@ -418,7 +444,9 @@ pub async fn run_all<F: Fixture + ?Sized>(fixture: &F) {
 ///     use std::time::Duration;
 ///     use tower_primary::Lease;
 ///     use tower_primary::testing::conformance::MemoryFixture;
-///     tower_primary::conformance_tests!(MemoryFixture::with_lease(Lease::new(Duration::from_secs(1))));
+///     tower_primary::conformance_tests!(MemoryFixture::with_lease(Lease::new(
+///         Duration::from_secs(1)
+///     )));
 /// }
 /// # fn main() {}
 /// ```
@@ -433,6 +461,7 @@ macro_rules! conformance_tests {
             terms_rise_over_handovers
             failover_when_the_primary_crashes
             paused_primary_fences_itself
+            paused_primary_keeps_a_lock_without_lease
             self_fencing_when_renewals_stop
             self_fencing_when_the_backend_fails
             fail_closed_on_backend_errors
@@ -681,9 +710,9 @@ pub async fn terms_rise_over_handovers<F: Fixture + ?Sized>(fixture: &F) {
     h.finish();
 }
 
-/// The primary's runtime dies without releasing (its [`Leadership`](crate::backend::Leadership) is dropped): a waiting node
-/// becomes primary with a higher term — on lease backends only after the dead holder's
-/// deadline.
+/// The primary's runtime dies without releasing (its
+/// [`Leadership`](crate::backend::Leadership) is dropped): a waiting node becomes primary with a
+/// higher term — on lease backends only after the dead holder's deadline.
 ///
 /// # Panics
 ///
@@ -692,11 +721,6 @@ pub async fn failover_when_the_primary_crashes<F: Fixture + ?Sized>(fixture: &F)
     let h = Harness::new(fixture, "failover_when_the_primary_crashes");
     let a = h.thread_node("a", |_| {}).await;
     let ta = h.within("a to become primary", a.primary()).await.term();
-    h.within(
-        "a's period to be recorded",
-        h.recorder.wait_for(|hist| period(hist, "a", ta).is_some()),
-    )
-    .await;
     let b = h.spawn("b");
     h.within(
         "b to see a as the holder",
@@ -731,7 +755,7 @@ pub async fn failover_when_the_primary_crashes<F: Fixture + ?Sized>(fixture: &F)
 pub async fn paused_primary_fences_itself<F: Fixture + ?Sized>(fixture: &F) {
     let h = Harness::new(fixture, "paused_primary_fences_itself");
     if fixture.lease().is_none() {
-        return h.skip("the backend has no lease: a paused holder keeps its lock");
+        return h.skip("the backend has no lease (see paused_primary_keeps_a_lock_without_lease)");
     }
     let (tx, mut events) = mpsc::unbounded_channel();
     let a = h.thread_node("a", move |e| watch_task(e, tx)).await;
@@ -739,11 +763,6 @@ pub async fn paused_primary_fences_itself<F: Fixture + ?Sized>(fixture: &F) {
     let ta = ctx_a.term();
     h.expect_event("a's task to start", &mut events, TaskEvent::Started(ta))
         .await;
-    h.within(
-        "a's period to be recorded",
-        h.recorder.wait_for(|hist| period(hist, "a", ta).is_some()),
-    )
-    .await;
     let b = h.spawn("b");
     h.within(
         "b to see a as the holder",
@@ -797,6 +816,61 @@ pub async fn paused_primary_fences_itself<F: Fixture + ?Sized>(fixture: &F) {
     h.finish();
 }
 
+/// Backends without a lease (a lock lives as long as the holder's process or session): a
+/// primary whose runtime is frozen keeps its lock — nobody takes over in the meantime — and
+/// when it resumes it is still primary with the same term.
+///
+/// # Panics
+///
+/// When the backend breaks the contract.
+pub async fn paused_primary_keeps_a_lock_without_lease<F: Fixture + ?Sized>(fixture: &F) {
+    let h = Harness::new(fixture, "paused_primary_keeps_a_lock_without_lease");
+    if fixture.lease().is_some() {
+        return h.skip("the backend has a lease (see paused_primary_fences_itself)");
+    }
+    let (tx, mut events) = mpsc::unbounded_channel();
+    let a = h.thread_node("a", move |e| watch_task(e, tx)).await;
+    let ctx_a = h.within("a to become primary", a.primary()).await;
+    let ta = ctx_a.term();
+    h.expect_event("a's task to start", &mut events, TaskEvent::Started(ta))
+        .await;
+    let b = h.spawn("b");
+    h.within(
+        "b to see a as the holder",
+        holder_is(&b.handle, "a", Some(ta)),
+    )
+    .await;
+
+    a.command(&h, NodeCommand::Pause).await;
+    let window = Duration::from_secs(1);
+    if let Ok(ctx) = tokio::time::timeout(window, b.primary()).await {
+        h.fail(format!(
+            "b became primary with term {} while the holder a was only paused",
+            ctx.term()
+        ));
+    }
+    a.command(&h, NodeCommand::Resume).await;
+    if let Ok(event) = tokio::time::timeout(window / 2, events.recv()).await {
+        h.fail(format!(
+            "after resuming, a's task saw {event:?}: the lock was taken from a paused holder"
+        ));
+    }
+    h.ensure(a.handle.is_primary() && ctx_a.is_valid(), || {
+        "a lost its primary role while it was paused".to_owned()
+    });
+    h.ensure(!b.handle.is_primary(), || {
+        "b is primary although a still holds the lock".to_owned()
+    });
+    a.command(&h, NodeCommand::Shutdown).await;
+    let tb = h
+        .within("b to become primary after a shut down", b.primary())
+        .await
+        .term();
+    h.ensure(tb > ta, || format!("b's term {tb} is not above a's {ta}"));
+    b.elector.shutdown().await;
+    h.finish();
+}
+
 /// Lease backends with [`Fault::StopRenewals`]: the primary's renewals stop. By its deadline
 /// (at most a lease after the stop) it reads as not primary and its task is cancelled; the
 /// waiting node becomes primary only after that deadline, with a higher term.
@@ -841,11 +915,6 @@ async fn self_fencing<F: Fixture + ?Sized>(fixture: &F, check: &'static str, fau
     let ta = ctx_a.term();
     h.expect_event("a's task to start", &mut events, TaskEvent::Started(ta))
         .await;
-    h.within(
-        "a's period to be recorded",
-        h.recorder.wait_for(|hist| period(hist, "a", ta).is_some()),
-    )
-    .await;
     let b = h.spawn("b");
     h.within(
         "b to see a as the holder",
@@ -961,7 +1030,9 @@ pub async fn task_cancelled_when_the_term_ends<F: Fixture + ?Sized>(fixture: &F)
     let h = Harness::new(fixture, "task_cancelled_when_the_term_ends");
     let conn = h.connect();
     let (tx, mut events) = mpsc::unbounded_channel();
-    let a = h.spawn_on("a", conn.clone(), |b| b);
+    let a = h.spawn_on("a", conn.clone(), |b| {
+        b.rejoin_delay(Duration::from_millis(300))
+    });
     watch_task(&a.elector, tx);
     let ctx_a = h.within("a to become primary", a.primary()).await;
     let ta = ctx_a.term();
@@ -977,7 +1048,12 @@ pub async fn task_cancelled_when_the_term_ends<F: Fixture + ?Sized>(fixture: &F)
                 primary: false,
                 valid: false,
             }),
-        || format!("when step_down() returned, a's task had seen {event:?}, expected the end of term {ta} with is_primary() false"),
+        || {
+            format!(
+                "when step_down() returned, a's task had seen {event:?}, expected the end of \
+                 term {ta} with is_primary() false"
+            )
+        },
     );
 
     // Nobody else campaigns: a rejoins after its rejoin delay, with a new term and a new task.
@@ -1088,7 +1164,12 @@ pub async fn shutdown_cancels_tasks_before_release<F: Fixture + ?Sized>(fixture:
     let at_return = log.entries();
     h.ensure(
         at_return.iter().any(|e| e == "a cancelled") && at_return.iter().any(|e| e == "a finished"),
-        || format!("when shutdown() returned, a's task had logged {at_return:?}; expected it cancelled (not primary) and finished"),
+        || {
+            format!(
+                "when shutdown() returned, a's task had logged {at_return:?}; expected it \
+                 cancelled (not primary) and finished"
+            )
+        },
     );
     h.within("b's task to start", b_started.recv()).await;
     let entries = log.entries();
@@ -1147,7 +1228,10 @@ pub async fn shutdown_aborts_tasks_after_the_grace<F: Fixture + ?Sized>(fixture:
     h.within("a's shutdown", a.elector.shutdown()).await;
     let took = started.elapsed();
     h.ensure(took >= grace, || {
-        format!("shutdown() returned after {took:?}, before the grace {grace:?}, although a task never finished")
+        format!(
+            "shutdown() returned after {took:?}, before the grace {grace:?}, although a task \
+             never finished"
+        )
     });
     h.ensure(log.entries().iter().any(|e| e == "a dropped"), || {
         "when shutdown() returned, the stuck task had not been aborted".to_owned()
@@ -1257,8 +1341,15 @@ pub async fn state_api_guards_terms<F: Fixture + ?Sized>(fixture: &F) {
     );
     let loaded = h.ok("load", state_b.load(KEY).await);
     h.ensure(
-        loaded.as_ref().is_some_and(|s| s.value == b"one" && s.term == ta),
-        || format!("after refused stale writes the key loaded as {loaded:?}, expected \"one\" with term {ta}"),
+        loaded
+            .as_ref()
+            .is_some_and(|s| s.value == b"one" && s.term == ta),
+        || {
+            format!(
+                "after refused stale writes the key loaded as {loaded:?}, expected \"one\" \
+                 with term {ta}"
+            )
+        },
     );
 
     h.ok(
@@ -1299,7 +1390,9 @@ pub async fn state_api_guards_terms<F: Fixture + ?Sized>(fixture: &F) {
 
 /// Raw [`Lock::acquire`] calls on another connection are dropped (timed out) around the moment
 /// the holder releases, eight times: whenever such a call was granted after it was dropped, the
-/// backend must release the grant, so one of the electors becomes primary again, at once.
+/// backend must release the grant, so one of the electors becomes primary again, at once. At
+/// the end, with every elector gone, a new node must get the free lock: no dropped call may
+/// still be waiting for it.
 ///
 /// # Panics
 ///
@@ -1362,11 +1455,41 @@ pub async fn dropped_acquire_does_not_leak_the_lock<F: Fixture + ?Sized>(fixture
     h.ensure(ctx.term() > last, || {
         format!("term {} is not above {last}", ctx.term())
     });
-    let holder = h.ok("holder()", x_lock.holder().await);
-    h.ensure(holder.as_ref().is_none_or(|x| x.id != "x"), || {
-        format!("the holder record names the dropped acquirer: {holder:?}")
-    });
+    last = ctx.term();
+
+    // With every elector gone, a dropped acquire that still runs somewhere would take the free
+    // lock now: for a while, nobody may.
+    let mut changes = h.ok("watch_holder()", x_lock.watch_holder().await);
     shutdown_all(&nodes).await;
+    let quiet_until = Instant::now() + Duration::from_millis(500);
+    loop {
+        let holder = h.ok("holder()", x_lock.holder().await);
+        if let Some(holder) = holder.filter(|x| x.id == "x" && x.term > last) {
+            h.fail(format!(
+                "a dropped acquire took the free lock with term {} after every elector was gone",
+                holder.term
+            ));
+        }
+        match tokio::time::timeout_at(quiet_until, changes.changed()).await {
+            Ok(res) => h.ok("Changes::changed()", res),
+            Err(_) => break,
+        }
+    }
+    let late = h.spawn("late");
+    let term = h
+        .within(
+            "a new node to become primary once the electors are gone \
+             (is a dropped acquire holding the lock?)",
+            late.primary(),
+        )
+        .await
+        .term();
+    h.ensure(term > last, || format!("term {term} is not above {last}"));
+    let holder = h.ok("holder()", x_lock.holder().await);
+    h.ensure(holder.as_ref().is_some_and(|x| x.id == "late"), || {
+        format!("the holder record names {holder:?}, expected the new node")
+    });
+    late.elector.shutdown().await;
     h.finish();
 }
 
@@ -1416,7 +1539,9 @@ impl<'f, F: Fixture + ?Sized> Harness<'f, F> {
             .node(NodeId::new(id))
             .clock(self.clock)
             .grace(Duration::from_secs(5))
-            .rejoin_delay(Duration::from_millis(300))
+            // Long: a node that stepped down rejoins as soon as another node holds the lock, and
+            // must not race the waiting node for it meanwhile.
+            .rejoin_delay(Duration::from_secs(2))
             .retry_backoff(Duration::from_millis(20), Duration::from_millis(200));
         match self.fixture.lease() {
             Some(lease) => builder.lease(lease),
@@ -1442,6 +1567,7 @@ impl<'f, F: Fixture + ?Sized> Harness<'f, F> {
         self.recorder.track(&elector);
         Node {
             id: id.to_owned(),
+            recorder: self.recorder.clone(),
             handle: elector.handle(),
             conn,
             elector,
@@ -1474,6 +1600,8 @@ impl<'f, F: Fixture + ?Sized> Harness<'f, F> {
             Err(_) => self.fail(format!("the thread of node {id} died while starting")),
         };
         ThreadNode {
+            id: id.to_owned(),
+            recorder: self.recorder.clone(),
             handle,
             commands: cmd_tx,
         }
@@ -1494,20 +1622,21 @@ impl<'f, F: Fixture + ?Sized> Harness<'f, F> {
     /// Checks that `node`'s period with `term` started at or after `at`.
     fn started_after(&self, node: &str, term: u64, what: &str, at: u64) {
         let history = self.recorder.history();
-        if let Some(p) = period(&history, node, term) {
-            self.ensure(p.start >= at, || {
-                format!(
-                    "{node} became primary (term {term}) {:?} before {what}",
-                    Duration::from_nanos(at - p.start)
-                )
-            });
-        }
+        let Some(p) = period(&history, node, term) else {
+            self.fail(format!("no period of {node} with term {term} was recorded"));
+        };
+        self.ensure(p.start >= at, || {
+            format!(
+                "{node} became primary (term {term}) {:?} before {what}",
+                Duration::from_nanos(at - p.start)
+            )
+        });
     }
 
     /// On lease backends, a handover must not have waited for the lease to expire.
     fn fast_handover(&self, took: Duration, how: &str) {
         if let Some(lease) = self.fixture.lease() {
-            let limit = lease.ttl() * 2 / 3;
+            let limit = lease.ttl() / 2;
             self.ensure(took < limit, || {
                 format!(
                     "the handover after {how} took {took:?}, as long as waiting for the lease \
@@ -1587,15 +1716,27 @@ impl<'f, F: Fixture + ?Sized> Harness<'f, F> {
 /// An elector on the test's runtime.
 struct Node {
     id: String,
+    recorder: Recorder,
     conn: Connection,
     elector: Elector,
     handle: RoleHandle,
 }
 
 impl Node {
+    /// Waits until this node is primary and its tracker has recorded the period.
     async fn primary(&self) -> TermContext {
-        self.handle.clone().wait_primary().await
+        primary_recorded(&self.id, &self.handle, &self.recorder).await
     }
+}
+
+/// Waits until `handle` is primary and `recorder` holds the period: a term that ended before its
+/// tracker ran would be missing from the history.
+async fn primary_recorded(id: &str, handle: &RoleHandle, recorder: &Recorder) -> TermContext {
+    let ctx = handle.clone().wait_primary().await;
+    recorder
+        .wait_for(|h| period(h, id, ctx.term()).is_some())
+        .await;
+    ctx
 }
 
 async fn shutdown_all(nodes: &[Node]) {
@@ -1733,13 +1874,15 @@ struct Frozen {
 }
 
 struct ThreadNode {
+    id: String,
+    recorder: Recorder,
     handle: RoleHandle,
     commands: mpsc::UnboundedSender<(NodeCommand, oneshot::Sender<Frozen>)>,
 }
 
 impl ThreadNode {
     async fn primary(&self) -> TermContext {
-        self.handle.clone().wait_primary().await
+        primary_recorded(&self.id, &self.handle, &self.recorder).await
     }
 
     async fn command<F: Fixture + ?Sized>(

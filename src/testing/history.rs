@@ -558,19 +558,19 @@ impl History {
         // Gaps between the union of the periods.
         let mut covered_until: Option<u64> = None;
         for p in &sorted {
-            if let Some(until) = covered_until {
-                if p.start > until {
-                    let gap = Gap {
-                        from: until,
-                        to: p.start,
-                    };
-                    if report
-                        .longest_gap
-                        .as_ref()
-                        .is_none_or(|g| gap.length() > g.length())
-                    {
-                        report.longest_gap = Some(gap);
-                    }
+            if let Some(until) = covered_until
+                && p.start > until
+            {
+                let gap = Gap {
+                    from: until,
+                    to: p.start,
+                };
+                if report
+                    .longest_gap
+                    .as_ref()
+                    .is_none_or(|g| gap.length() > g.length())
+                {
+                    report.longest_gap = Some(gap);
                 }
             }
             covered_until = Some(covered_until.map_or(p.until(), |u| u.max(p.until())));
@@ -852,11 +852,11 @@ impl Recorder {
         self.update(|h| h.start(node, term, at));
     }
 
-    /// See [`History::end`].
-    pub fn end(&self, node: &str, term: u64, at: u64) -> bool {
-        let mut ended = false;
-        self.update(|h| ended = h.end(node, term, at));
-        ended
+    /// See [`History::end`] (which also says whether a period was ended).
+    pub fn end(&self, node: &str, term: u64, at: u64) {
+        self.update(|h| {
+            h.end(node, term, at);
+        });
     }
 
     /// See [`History::extend_deadline`].
@@ -980,11 +980,13 @@ pub fn track(elector: &Elector, sink: impl Fn(Event) + Send + Sync + 'static) {
             });
             let mut reported = Timestamp::ZERO;
             let report = |reported: &mut Timestamp| {
-                if let Some(deadline) = handle.deadline() {
-                    if deadline != Timestamp::NEVER && deadline > *reported && ctx.is_valid() {
-                        *reported = deadline;
-                        sink(Event::deadline(&node, term, deadline.as_nanos()));
-                    }
+                if let Some(deadline) = handle.deadline()
+                    && deadline != Timestamp::NEVER
+                    && deadline > *reported
+                    && ctx.is_valid()
+                {
+                    *reported = deadline;
+                    sink(Event::deadline(&node, term, deadline.as_nanos()));
                 }
             };
             report(&mut reported);

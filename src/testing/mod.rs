@@ -1,5 +1,12 @@
 //! Test helpers that users may reuse: the history checker, the backend conformance suite and
 //! multi-process node helpers.
+//!
+//! - [`history`]: record primary periods ([`Recorder::track`](history::Recorder::track), or
+//!   `node event term time` lines from several processes) and check that none overlap and terms
+//!   rise.
+//! - [`conformance`]: the checks every backend must pass; a backend's test file is a
+//!   [`Fixture`](conformance::Fixture) and one [`conformance_tests!`](crate::conformance_tests)
+//!   line.
 
 pub mod conformance;
 pub mod history;

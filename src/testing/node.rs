@@ -52,8 +52,8 @@
 //!
 //! `task-start` and `task-cancelled` bound what a node does as primary: the task starts only after
 //! the backend granted the lock, and the elector waits for the task to end before it releases the
-//! lock (DESIGN §3.5). [`history`] builds the primary periods from them as a
-//! [`History`](crate::testing::history::History).
+//! lock (DESIGN §3.5). [`history()`] builds the primary periods from them as a
+//! [`History`].
 //!
 //! # Example
 //!
@@ -687,6 +687,13 @@ async fn tick_while_primary(ctx: TermContext, tick: Duration, spawn: Option<&[St
                 return;
             }
             _ = ticks.tick() => {
+                // A step runs only under a live term: a node resumed past its deadline (SIGSTOP)
+                // sees it ended before the elector has run (DESIGN §3.1, §3.8).
+                if !ctx.is_valid() {
+                    ctx.cancelled().await;
+                    emit(EventKind::TaskCancelled { term });
+                    return;
+                }
                 n += 1;
                 emit(EventKind::Tick { term, n });
             }
@@ -1413,9 +1420,8 @@ fn single_primary(events: &[Event], settled: bool) -> Option<(u32, u64)> {
         .iter()
         .filter(|s| s.pid != pid && !s.stopped)
         .all(|s| match s.role {
-            None => false,
-            Some(ObservedRole::Primary { .. }) => false,
             Some(ObservedRole::Secondary { holder_term }) => !settled || holder_term == Some(term),
+            None | Some(ObservedRole::Primary { .. }) => false,
         });
     others_ok.then_some((pid, term))
 }

@@ -249,6 +249,15 @@ pub struct EtcdServer {
     client_port: u16,
     peer_port: u16,
     dir: TempDir,
+    tls: Option<EtcdTls>,
+}
+
+/// TLS of an [`EtcdServer`]: its certificate and key, and the plain port of the health check.
+#[derive(Debug)]
+struct EtcdTls {
+    cert: PathBuf,
+    key: PathBuf,
+    health_port: u16,
 }
 
 impl EtcdServer {
@@ -266,15 +275,44 @@ impl EtcdServer {
             client_port,
             peer_port,
             dir,
+            tls: None,
         };
         server.restart().await?;
         Ok(server)
     }
 
-    /// `etcd://127.0.0.1:<port>`.
+    /// Starts one that serves clients over TLS on [`addr`](Self::addr), with this certificate and
+    /// key (PEM files; the certificate must name `127.0.0.1`), and waits until it is healthy (the
+    /// health check uses a second, plain listener).
+    ///
+    /// # Errors
+    ///
+    /// When `etcd` is missing or does not come up.
+    pub async fn start_tls(cert: &Path, key: &Path) -> Result<Self, String> {
+        let client_port = free_port().map_err(|e| e.to_string())?;
+        let peer_port = free_port().map_err(|e| e.to_string())?;
+        let health_port = free_port().map_err(|e| e.to_string())?;
+        let dir = TempDir::new("etcd").map_err(|e| e.to_string())?;
+        let mut server = EtcdServer {
+            child: None,
+            client_port,
+            peer_port,
+            dir,
+            tls: Some(EtcdTls {
+                cert: cert.to_owned(),
+                key: key.to_owned(),
+                health_port,
+            }),
+        };
+        server.restart().await?;
+        Ok(server)
+    }
+
+    /// `etcd://127.0.0.1:<port>` (`etcds://` for a TLS server).
     #[must_use]
     pub fn url(&self) -> String {
-        format!("etcd://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "etcds" } else { "etcd" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// The client address.
@@ -297,15 +335,21 @@ impl EtcdServer {
     /// When it does not come up.
     pub async fn restart(&mut self) -> Result<(), String> {
         self.kill();
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let args: Vec<String> = vec![
+        let listen = match &self.tls {
+            // The health check speaks plain HTTP: on a second, plain listener.
+            Some(tls) => format!("{client},http://127.0.0.1:{}", tls.health_port),
+            None => client.clone(),
+        };
+        let mut args: Vec<String> = vec![
             "--name".into(),
             "test".into(),
             "--data-dir".into(),
             self.dir.path().join("data").display().to_string(),
             "--listen-client-urls".into(),
-            client.clone(),
+            listen,
             "--advertise-client-urls".into(),
             client,
             "--listen-peer-urls".into(),
@@ -315,9 +359,18 @@ impl EtcdServer {
             "--initial-cluster".into(),
             format!("test={peer}"),
         ];
+        let mut addr = self.addr();
+        if let Some(tls) = &self.tls {
+            args.extend([
+                "--cert-file".into(),
+                tls.cert.display().to_string(),
+                "--key-file".into(),
+                tls.key.display().to_string(),
+            ]);
+            addr = SocketAddr::from(([127, 0, 0, 1], tls.health_port));
+        }
         let log = self.dir.path().join("etcd.log");
         let mut child = spawn("etcd", &args, &log)?;
-        let addr = self.addr();
         let ready = tokio::task::spawn_blocking(move || {
             let res = wait_ready("etcd", &mut child, Duration::from_secs(20), || {
                 exchange(addr, b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")

@@ -35,11 +35,12 @@
 //!   `ttl / 3` from then on, also while waiting: a waiting candidate whose lease lapsed must not
 //!   win. Create the candidate key on the lease (a transaction that only creates). The candidate
 //!   whose key is the **oldest** under `P/L/election/` (lowest create revision) holds the lock;
-//!   the others wait on a **watch** of that prefix and look again when a key is deleted. Having
-//!   become the oldest, a candidate **re-checks** in one transaction that its own key still exists
-//!   with the create revision it had, and writes its final holder record there (etcd's own
-//!   Campaign was measured returning success after the waiter's lease had expired; this check is
-//!   why that cannot make a primary here).
+//!   the others wait on a **watch** of that prefix and try again when a key is deleted. A claim is
+//!   one transaction: if no key under the prefix is older than ours (a range compare) **and our
+//!   own key still exists with the create revision it had**, write the final holder record onto
+//!   it. etcd's own Campaign was measured returning success after the waiter's lease had expired;
+//!   the second compare is why that cannot make a primary here. A handover therefore costs the
+//!   releaser's revoke, one watch event and one transaction.
 //! - **Term** = the create revision of the holder's key. Revisions only grow, survive restarts of
 //!   etcd, and a later holder's key is always younger: terms strictly increase.
 //! - **Renewals.** Every confirmed keepalive is reported with its send time; the elector stops
@@ -51,7 +52,8 @@
 //! - **Release** revokes the lease: the key goes, the next candidate's watch fires at once.
 //!   A dropped acquisition revokes its lease in the background. A leadership dropped without
 //!   release (its runtime died) stops renewing and lets the lease run out, like a crash.
-//! - **Holder view**: the oldest key's record, followed through a watch of the prefix.
+//! - **Holder view**: the oldest key's record (its term is the key's create revision), followed
+//!   through a watch of the prefix.
 //! - **State API**: a write is a transaction guarded by the holder key's create revision
 //!   (`== term`), so it succeeds only while that term holds the lock; while it does, no newer term
 //!   can exist. [`watch_key`](crate::backend::Lock::watch_key) watches the value's key.
@@ -63,7 +65,8 @@
 //! a released one at once. The minimum lease is 2 s (etcd's own minimum TTL with default
 //! settings). Terms rely on etcd keeping its data: restoring an older backup or wiping the data
 //! directory can repeat terms. When etcd elects a new leader it extends every lease, so failover
-//! during etcd trouble takes longer (never shorter).
+//! during etcd trouble takes longer (never shorter). Needs etcd 3.3 or newer (range compares);
+//! tested with 3.4.
 //!
 //! [`Holder`]: crate::Holder
 
@@ -360,11 +363,11 @@ impl fmt::Debug for EtcdLock {
     }
 }
 
-/// Where a candidate stands in the queue.
-enum Standing {
-    /// Its key is the oldest: it may take the lock.
-    First,
-    /// An older key exists; the read was at this revision.
+/// What a claim of the lock found.
+enum Claim {
+    /// The candidate's key was the oldest and still its own: it holds the lock now.
+    Won,
+    /// An older key exists; the transaction ran at this revision.
     Behind(i64),
     /// Its key is gone (its lease ran out).
     Gone,
@@ -457,8 +460,16 @@ impl EtcdLock {
         }
     }
 
-    /// Reads, in one transaction, whether an older candidate exists and whether ours still does.
-    async fn standing(&self, client: &Client, key: &[u8], rev: i64) -> Result<Standing, Error> {
+    /// Claims the lock in one transaction: if our key still exists with its create revision and
+    /// no older candidate does, writes the final holder record onto it; else tells why not.
+    async fn claim(
+        &self,
+        client: &Client,
+        key: &[u8],
+        rev: i64,
+        lease: i64,
+        record: Vec<u8>,
+    ) -> Result<Claim, Error> {
         let older = GetOptions::new()
             .with_prefix()
             .with_keys_only()
@@ -466,30 +477,51 @@ impl EtcdLock {
             .with_limit(1)
             // 0 would mean "no bound"; our own revision is always above 1.
             .with_max_create_revision((rev - 1).max(1));
-        let txn = Txn::new().and_then([
-            TxnOp::get(self.election.clone(), Some(older)),
-            TxnOp::get(key.to_vec(), Some(GetOptions::new().with_keys_only())),
-        ]);
-        let resp = self
-            .rpc("read the candidates", client.clone().txn(txn))
-            .await?;
-        let revision = revision_of(&resp);
+        let txn = Txn::new()
+            .when([
+                // Our key, not one a lapsed lease left behind (research E5).
+                Compare::create_revision(key.to_vec(), CompareOp::Equal, rev),
+                // A range compare holds for every key in it: none is older than ours.
+                Compare::create_revision(self.election.clone(), CompareOp::Greater, rev - 1)
+                    .with_prefix(),
+            ])
+            .and_then([TxnOp::put(
+                key.to_vec(),
+                record,
+                Some(PutOptions::new().with_lease(lease)),
+            )])
+            .or_else([
+                TxnOp::get(key.to_vec(), Some(GetOptions::new().with_keys_only())),
+                TxnOp::get(self.election.clone(), Some(older)),
+            ]);
+        let resp = self.rpc("claim the lock", client.clone().txn(txn)).await?;
+        if resp.succeeded() {
+            return Ok(Claim::Won);
+        }
         let gets = gets(&resp);
-        let (Some(older), Some(own)) = (gets.first(), gets.get(1)) else {
+        let (Some(own), Some(older)) = (gets.first(), gets.get(1)) else {
             return Err(self.corrupt("transaction reply", "missing range results"));
         };
-        let ours = own
+        if own
             .kvs()
             .first()
-            .is_some_and(|kv| kv.create_revision() == rev);
-        if !ours {
-            return Ok(Standing::Gone);
+            .is_none_or(|kv| kv.create_revision() != rev)
+        {
+            return Ok(Claim::Gone);
         }
-        if older.kvs().iter().any(|kv| kv.create_revision() < rev) {
-            Ok(Standing::Behind(revision))
-        } else {
-            Ok(Standing::First)
+        if older.kvs().is_empty() {
+            // The compares and the reads saw the same revision: only a server that ignores range
+            // compares (etcd before 3.3) gets here. Waiting would wait forever.
+            return Err(Error::backend_msg(
+                NAME,
+                format!(
+                    "lock {:?}: the server refused a claim although no older candidate exists \
+                     (etcd 3.3 or newer is needed: range compares)",
+                    self.name
+                ),
+            ));
         }
+        Ok(Claim::Behind(revision_of(&resp)))
     }
 
     async fn acquire_inner(&self, req: AcquireRequest) -> Result<Box<dyn Leadership>, Error> {
@@ -529,10 +561,19 @@ impl EtcdLock {
         let mut watch = self
             .watch(&client, &self.election, true, Some(rev + 1))
             .await?;
-        loop {
-            let seen = match self.standing(&client, &key, rev).await? {
-                Standing::First => break,
-                Standing::Gone => {
+        let record = loop {
+            let value = serde_json::to_vec(&req.holder(term_of(rev)))
+                .map_err(|e| Error::backend(NAME, "encode the holder record", e))?;
+            let seen = match self
+                .claim(&client, &key, rev, session.id, value.clone())
+                .await?
+            {
+                // The record exactly as every other node reads it (`since` in milliseconds).
+                Claim::Won => {
+                    break serde_json::from_slice::<Holder>(&value)
+                        .map_err(|e| Error::backend(NAME, "decode the holder record", e))?;
+                }
+                Claim::Gone => {
                     return Err(Error::backend_msg(
                         NAME,
                         format!(
@@ -541,8 +582,9 @@ impl EtcdLock {
                         ),
                     ));
                 }
-                Standing::Behind(seen) => seen,
+                Claim::Behind(seen) => seen,
             };
+            // Wait for a deletion after that read; then claim again.
             loop {
                 tokio::select! {
                     reason = session.lost() => {
@@ -561,36 +603,12 @@ impl EtcdLock {
                         Ok(_) => {
                             return Err(Error::backend_msg(NAME, format!("lock {:?}: the candidates' watch ended", self.name)));
                         }
-                        Err(e) => return Err(Error::backend(NAME, format!("lock {:?}: the candidates' watch failed", self.name), e)),
+                        Err(e) => return Err(Error::backend(NAME, format!("lock {:?}: the candidates' watch failed: {e}", self.name), e)),
                     }
                 }
             }
-        }
-        // The oldest now. Re-check that our key is still ours (a candidate whose lease ran out
-        // while it waited has no key) and write the final record, in one transaction.
+        };
         let term = term_of(rev);
-        let record = req.holder(term);
-        let value = serde_json::to_vec(&record)
-            .map_err(|e| Error::backend(NAME, "encode the holder record", e))?;
-        let confirm = Txn::new()
-            .when([Compare::create_revision(key.clone(), CompareOp::Equal, rev)])
-            .and_then([TxnOp::put(
-                key.clone(),
-                value,
-                Some(PutOptions::new().with_lease(session.id)),
-            )]);
-        let resp = self
-            .rpc("confirm the candidate key", client.clone().txn(confirm))
-            .await?;
-        if !resp.succeeded() {
-            return Err(Error::backend_msg(
-                NAME,
-                format!(
-                    "lock {:?}: our candidate key vanished before it won (lease expired)",
-                    self.name
-                ),
-            ));
-        }
         // No await from here on: the grant is handed over whole, or dropped (and revoked) whole.
         let mut session = session;
         session.keep_on_drop();

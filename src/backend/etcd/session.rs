@@ -171,7 +171,7 @@ async fn revoke(client: &Client, id: i64, timeout: Duration) -> Result<(), Error
         Ok(Ok(_)) => Ok(()),
         // gRPC NOT_FOUND (5): "etcdserver: requested lease not found".
         Ok(Err(etcd_client::Error::GRpcStatus(s))) if i32::from(s.code()) == 5 => Ok(()),
-        Ok(Err(e)) => Err(Error::backend(NAME, "revoke the lease", e)),
+        Ok(Err(e)) => Err(Error::backend(NAME, format!("revoke the lease: {e}"), e)),
         Err(_) => Err(Error::backend_msg(
             NAME,
             format!("revoke the lease: no answer within {timeout:?}"),
@@ -187,7 +187,8 @@ pub(super) async fn rpc<T>(
 ) -> Result<T, Error> {
     match tokio::time::timeout(timeout, fut).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(Error::backend(NAME, what.to_owned(), e)),
+        // The driver's words in the message too: loggers often print only the top error.
+        Ok(Err(e)) => Err(Error::backend(NAME, format!("{what}: {e}"), e)),
         Err(_) => Err(Error::backend_msg(
             NAME,
             format!("{what}: no answer within {timeout:?}"),

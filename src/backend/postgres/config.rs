@@ -17,6 +17,9 @@ use crate::error::ConfigError;
 
 pub(super) const DEFAULT_SCHEMA: &str = "tower_primary";
 pub(super) const DEFAULT_NAMESPACE: &str = "default";
+/// How long a liveness check waits for an answer after its timeout ran out, so that a process
+/// that was not running (stopped, frozen) reads the answer that is waiting before it judges.
+pub(super) const ANSWER_GRACE: Duration = Duration::from_millis(100);
 
 /// How a connection is encrypted.
 #[derive(Clone)]
@@ -179,13 +182,13 @@ impl Settings {
             });
         }
         // A partitioned holder must have stepped down before the server frees its lock.
-        let step_down = self.liveness_every * 2 + self.liveness_timeout;
+        let step_down = self.liveness_every * 2 + self.liveness_timeout + ANSWER_GRACE;
         if step_down >= self.server_detection() {
             return Err(ConfigError::InvalidTiming {
                 setting: "postgres liveness",
                 value: step_down,
                 rule: format!(
-                    "2 × interval + timeout must be shorter than the server's dead-peer \
+                    "2 × interval + timeout (+ 100 ms) must be shorter than the server's dead-peer \
                      detection (keepalive idle + interval × count = {:?}), so a partitioned \
                      holder steps down before the server frees its lock",
                     self.server_detection()

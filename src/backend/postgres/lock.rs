@@ -13,7 +13,7 @@ use tokio_postgres::{Row, SimpleQueryMessage};
 use tokio_util::sync::CancellationToken;
 
 use super::NAME;
-use super::config::Settings;
+use super::config::{ANSWER_GRACE, Settings};
 use super::conn::{Conn, OnNotify, connect, describe, pg_error};
 use super::sql::Sql;
 use crate::backend::{AcquireRequest, BoxFuture, Changes, Leadership, Lock, Renewals, Stored};
@@ -31,6 +31,10 @@ struct Shared {
     name: String,
     sql: Sql,
     aux: Aux,
+    /// Whether the second connection should hold the step-down lock (shared): from just before
+    /// a term begins until it has ended. Held while the lock operations run, so a reconnection
+    /// never takes it again after a release.
+    step_down_lock: tokio::sync::Mutex<bool>,
 }
 
 /// The second connection: LISTEN, holder record, state.
@@ -70,6 +74,7 @@ impl PgLock {
                 settings,
                 name: name.to_owned(),
                 sql,
+                step_down_lock: tokio::sync::Mutex::new(false),
                 aux: Aux {
                     state: watch::channel(AuxState::Connecting).0,
                     holder: watch::channel(0).0,
@@ -135,18 +140,13 @@ impl Shared {
         let app = format!("aux {}", self.name);
         let conn = connect(&self.settings, Some(&app), Some(on_notify)).await?;
         let prepare = async {
+            let pid = configure_session(&self.settings, &conn).await?;
             let exists = conn.client.simple_query(&self.sql.setup_check).await?;
             if first_row(&exists).and_then(|r| r.get(0)) != Some("t") {
                 conn.client.batch_execute(&self.sql.setup).await?;
             }
             conn.client.batch_execute(&self.sql.listen).await?;
-            let pid = conn.client.simple_query("SELECT pg_backend_pid()").await?;
-            Ok::<_, tokio_postgres::Error>(
-                first_row(&pid)
-                    .and_then(|r| r.get(0))
-                    .and_then(|p| p.parse::<i32>().ok())
-                    .unwrap_or(0),
-            )
+            Ok::<_, tokio_postgres::Error>(pid)
         };
         match tokio::time::timeout(self.settings.request_timeout, prepare).await {
             Ok(Ok(pid)) => Ok((conn, pid)),
@@ -179,9 +179,17 @@ impl Shared {
                 Ok((conn, pid)) => {
                     backoff.reset();
                     let conn = Arc::new(conn);
-                    self.aux
-                        .state
-                        .send_replace(AuxState::Ready(conn.clone(), pid));
+                    {
+                        // A term that outlived its second connection takes the step-down lock
+                        // again, so that a successor still waits for this node to step down.
+                        let wanted = self.step_down_lock.lock().await;
+                        if *wanted && !self.take_step_down_lock(&conn).await {
+                            tracing::warn!(lock = %self.name, "postgres: could not take the step-down lock again after reconnecting");
+                        }
+                        self.aux
+                            .state
+                            .send_replace(AuxState::Ready(conn.clone(), pid));
+                    }
                     self.bump_all();
                     let reason = tokio::select! {
                         () = self.aux.stop.cancelled() => {
@@ -204,6 +212,51 @@ impl Shared {
                         () = tokio::time::sleep(delay) => {}
                     }
                 }
+            }
+        }
+    }
+
+    async fn take_step_down_lock(&self, conn: &Conn) -> bool {
+        let taken = tokio::time::timeout(
+            self.settings.request_timeout,
+            conn.client.simple_query(&self.sql.ack_take),
+        )
+        .await;
+        match taken {
+            Ok(Ok(m)) => first_row(&m).and_then(|r| r.get(0)) == Some("t"),
+            _ => false,
+        }
+    }
+
+    /// Takes the step-down lock (shared) on the second connection before a term begins.
+    async fn hold_step_down_lock(self: &Arc<Self>) -> Result<(), Error> {
+        let mut wanted = self.step_down_lock.lock().await;
+        *wanted = true;
+        let (conn, _) = self.aux().await?;
+        if self.take_step_down_lock(&conn).await {
+            Ok(())
+        } else {
+            Err(self.backend_error("could not take the step-down lock on the second connection"))
+        }
+    }
+
+    /// Gives the step-down lock back once the term has ended (the elector calls `release` after
+    /// the node stepped down and its tasks finished): a successor waits for this.
+    async fn release_step_down_lock(&self) {
+        let mut wanted = self.step_down_lock.lock().await;
+        if !std::mem::replace(&mut *wanted, false) {
+            return;
+        }
+        let state = self.aux.state.borrow().clone();
+        if let AuxState::Ready(conn, _) = state {
+            let released = tokio::time::timeout(
+                self.settings.request_timeout,
+                conn.client.simple_query(&self.sql.ack_release),
+            )
+            .await;
+            if !matches!(released, Ok(Ok(_))) {
+                // Closing the connection frees it on the server.
+                conn.kill();
             }
         }
     }
@@ -523,19 +576,39 @@ async fn run_term(
     let outcome = async {
         let pid = prepare_session(&shared, &session).await?;
         wait_for_lock(&shared, &session, pid, aux_pid, &mut grant).await?;
-        let (term, holder) = record_holder(&shared, &session, pid, &req).await?;
-        Ok::<_, Abandon>((pid, term, holder))
+        Ok::<_, Abandon>(pid)
     }
     .await;
-    let (pid, term, holder) = match outcome {
-        Ok(v) => v,
-        Err(Abandon::Gone) => {
+    let pid = match outcome {
+        Ok(pid) => pid,
+        Err(abandon) => {
             session.close(&settings).await;
+            if let Abandon::Failed(e) = abandon {
+                let _ = grant.send(Err(e));
+            }
             return;
         }
-        Err(Abandon::Failed(e)) => {
+    };
+    // This dedicated session holds the key from here on: every failure gives it back.
+    let outcome = async {
+        wait_for_predecessor(&shared, &session, &mut grant).await?;
+        shared.hold_step_down_lock().await?;
+        record_holder(&shared, &session, pid, &req).await
+    }
+    .await;
+    let (term, holder) = match outcome {
+        Ok(v) => v,
+        Err(abandon) => {
+            shared.release_step_down_lock().await;
+            let _ = tokio::time::timeout(
+                settings.request_timeout,
+                session.client.simple_query(&shared.sql.give_back),
+            )
+            .await;
             session.close(&settings).await;
-            let _ = grant.send(Err(e));
+            if let Abandon::Failed(e) = abandon {
+                let _ = grant.send(Err(e));
+            }
             return;
         }
     };
@@ -558,48 +631,7 @@ async fn run_term(
 /// Session settings; returns the server process id.
 async fn prepare_session(shared: &Shared, session: &Conn) -> Result<i32, Abandon> {
     let s = &shared.settings;
-    let run = async {
-        let info = session
-            .client
-            .simple_query("SELECT pg_backend_pid(), current_setting('server_version_num')")
-            .await?;
-        let row = first_row(&info);
-        let pid = row
-            .and_then(|r| r.get(0))
-            .and_then(|p| p.parse::<i32>().ok())
-            .unwrap_or(0);
-        let version = row
-            .and_then(|r| r.get(1))
-            .and_then(|p| p.parse::<u32>().ok())
-            .unwrap_or(0);
-        // No server-wide timeout may cut the blocking wait or the idle holder; the server
-        // notices a vanished client (and frees its lock) by keepalive within the detection time.
-        let mut sets = format!(
-            "SET statement_timeout = 0; SET lock_timeout = 0; \
-             SET idle_in_transaction_session_timeout = 0; \
-             SET tcp_keepalives_idle = {}; SET tcp_keepalives_interval = {}; \
-             SET tcp_keepalives_count = {};",
-            s.keepalive_idle.as_secs(),
-            s.keepalive_interval.as_secs(),
-            s.keepalive_count
-        );
-        if version >= 120_000 {
-            sets.push_str(&format!(
-                " SET tcp_user_timeout = {};",
-                s.server_detection().as_millis()
-            ));
-        }
-        if version >= 140_000 {
-            // A waiter whose process died leaves the queue within a second instead of taking
-            // the lock for a moment when its turn comes.
-            sets.push_str(
-                " SET idle_session_timeout = 0; SET client_connection_check_interval = 1000;",
-            );
-        }
-        session.client.batch_execute(&sets).await?;
-        Ok::<_, tokio_postgres::Error>(pid)
-    };
-    match tokio::time::timeout(s.request_timeout, run).await {
+    match tokio::time::timeout(s.request_timeout, configure_session(s, session)).await {
         Ok(Ok(pid)) => Ok(pid),
         Ok(Err(e)) => Err(pg_error("prepare the lock session", e).into()),
         Err(_) => Err(shared
@@ -609,6 +641,51 @@ async fn prepare_session(shared: &Shared, session: &Conn) -> Result<i32, Abandon
             ))
             .into()),
     }
+}
+
+/// Settings of both connections; returns the server process id.
+///
+/// No server-wide timeout may cut the blocking wait, the idle holder or the idle second
+/// connection (which holds the step-down lock); the server notices a vanished client (and frees
+/// its locks) by keepalive within the detection time.
+async fn configure_session(s: &Settings, session: &Conn) -> Result<i32, tokio_postgres::Error> {
+    let info = session
+        .client
+        .simple_query("SELECT pg_backend_pid(), current_setting('server_version_num')")
+        .await?;
+    let row = first_row(&info);
+    let pid = row
+        .and_then(|r| r.get(0))
+        .and_then(|p| p.parse::<i32>().ok())
+        .unwrap_or(0);
+    let version = row
+        .and_then(|r| r.get(1))
+        .and_then(|p| p.parse::<u32>().ok())
+        .unwrap_or(0);
+    let mut sets = format!(
+        "SET statement_timeout = 0; SET lock_timeout = 0; \
+         SET idle_in_transaction_session_timeout = 0; \
+         SET tcp_keepalives_idle = {}; SET tcp_keepalives_interval = {}; \
+         SET tcp_keepalives_count = {};",
+        s.keepalive_idle.as_secs(),
+        s.keepalive_interval.as_secs(),
+        s.keepalive_count
+    );
+    if version >= 120_000 {
+        sets.push_str(&format!(
+            " SET tcp_user_timeout = {};",
+            s.server_detection().as_millis()
+        ));
+    }
+    if version >= 140_000 {
+        // A waiter whose process died leaves the queue within a second instead of taking the
+        // lock for a moment when its turn comes.
+        sets.push_str(
+            " SET idle_session_timeout = 0; SET client_connection_check_interval = 1000;",
+        );
+    }
+    session.client.batch_execute(&sets).await?;
+    Ok(pid)
 }
 
 /// Blocks in `pg_advisory_lock` until granted; cancels the wait if the caller goes away.
@@ -671,6 +748,31 @@ async fn wait_for_lock(
     Ok(())
 }
 
+/// Waits until the previous holder has stepped down: it holds the step-down lock (shared) on its
+/// second connection until its elector released the term, or until its process is gone. A
+/// holder whose lock session was terminated (`pg_terminate_backend`) learns of it a moment after
+/// the server freed the key; without this wait its successor could be primary in that moment.
+async fn wait_for_predecessor(
+    shared: &Shared,
+    session: &Conn,
+    grant: &mut oneshot::Sender<Result<PgLeadership, Error>>,
+) -> Result<(), Abandon> {
+    let s = &shared.settings;
+    let mut wait = std::pin::pin!(session.client.simple_query(&shared.sql.ack_wait));
+    let result = tokio::select! {
+        r = &mut wait => r,
+        () = grant.closed() => {
+            if let Err(e) = session.cancel(&s.tls).await {
+                tracing::debug!(lock = %shared.name, error = %describe(&e), "postgres: cancel request failed");
+            }
+            let _ = tokio::time::timeout(s.request_timeout, &mut wait).await;
+            return Err(Abandon::Gone);
+        }
+    };
+    result.map_err(|e| pg_error("wait for the previous holder to step down", e))?;
+    Ok(())
+}
+
 fn refuse_pooler(shared: &Shared, why: &str) -> Error {
     shared.backend_error(format!(
         "refusing lock {:?}: {why}; this is not a dedicated server session — a connection pooler \
@@ -690,18 +792,17 @@ async fn record_holder(
 ) -> Result<(u64, Holder), Abandon> {
     let s = &shared.settings;
     let sql = &shared.sql;
-    let give_back = || async {
-        let _ =
-            tokio::time::timeout(s.request_timeout, session.client.simple_query(&sql.unlock)).await;
-    };
-    let held =
-        tokio::time::timeout(s.request_timeout, session.client.simple_query(&sql.held)).await;
+    let held = tokio::time::timeout(
+        s.request_timeout,
+        session.client.simple_query(&sql.held_term),
+    )
+    .await;
     let held = match held {
         Ok(Ok(m)) => m,
-        Ok(Err(e)) => return Err(pg_error("check pg_locks after acquiring", e).into()),
+        Ok(Err(e)) => return Err(pg_error("check pg_locks and draw a term", e).into()),
         Err(_) => {
             return Err(shared
-                .backend_error("check pg_locks after acquiring: timed out")
+                .backend_error("check pg_locks and draw a term: timed out")
                 .into());
         }
     };
@@ -711,7 +812,6 @@ async fn record_holder(
         .and_then(|p| p.parse::<i32>().ok())
         .unwrap_or(0);
     if now_pid != pid || row.and_then(|r| r.get(1)) != Some("t") {
-        give_back().await;
         return Err(refuse_pooler(
             shared,
             &format!(
@@ -721,6 +821,15 @@ async fn record_holder(
         )
         .into());
     }
+    let Some(term) = row
+        .and_then(|r| r.get(2))
+        .and_then(|t| t.parse::<i64>().ok())
+        .filter(|t| *t > 0)
+    else {
+        return Err(shared
+            .backend_error("draw a term: the sequence returned no positive value")
+            .into());
+    };
     let json = serde_json::to_string(&req.holder(0))
         .map_err(|e| Error::backend(NAME, "encode the holder record", e))?;
     // The record as readers will see it (the stored time has millisecond precision).
@@ -736,6 +845,7 @@ async fn record_holder(
                 (&shared.name, Type::TEXT),
                 (&json, Type::TEXT),
                 (&sql.channel, Type::TEXT),
+                (&term, Type::INT8),
             ],
         ),
     )
@@ -743,17 +853,14 @@ async fn record_holder(
     let rows = match recorded {
         Ok(Ok(rows)) => rows,
         Ok(Err(e)) => {
-            give_back().await;
             return Err(pg_error("record the holder", e).into());
         }
         Err(_) => {
-            give_back().await;
             return Err(shared.backend_error("record the holder: timed out").into());
         }
     };
-    let term: Option<i64> = rows.first().and_then(|r| r.try_get(0).ok()).flatten();
-    let Some(term) = term.and_then(|t| u64::try_from(t).ok()) else {
-        give_back().await;
+    let recorded: Option<i64> = rows.first().and_then(|r| r.try_get(0).ok()).flatten();
+    let Some(term) = recorded.and_then(|t| u64::try_from(t).ok()) else {
         let owner: Option<String> = rows.first().and_then(|r| r.try_get(2).ok()).flatten();
         return Err(shared
             .backend_error(format!(
@@ -794,6 +901,7 @@ async fn hold(
         };
         match next {
             Next::Release(reply) => {
+                shared.release_step_down_lock().await;
                 let result = release_lock(shared, &session).await;
                 session.close(s).await;
                 if let Err(e) = &result {
@@ -816,23 +924,33 @@ async fn hold(
     session.kill();
     tracing::warn!(lock = %shared.name, backend_pid = pid, reason = %reason, "postgres: lock lost");
     lost.send_replace(Some(reason));
-    if let Ok(reply) = release.await {
+    // The elector releases after the node stepped down and its tasks ended (or drops the
+    // leadership): only then may a successor act.
+    let reply = release.await.ok();
+    shared.release_step_down_lock().await;
+    if let Some(reply) = reply {
         let _ = reply.send(Ok(()));
     }
 }
 
 async fn check_liveness(shared: &Shared, session: &Conn, pid: i32) -> Result<(), String> {
     let timeout = shared.settings.liveness_timeout;
-    let answer =
-        match tokio::time::timeout(timeout, session.client.simple_query(&shared.sql.held)).await {
+    let mut query = std::pin::pin!(session.client.simple_query(&shared.sql.held));
+    let answer = match tokio::time::timeout(timeout, &mut query).await {
+        Ok(answer) => answer,
+        // The timer may have run out while this process was not running (stopped, frozen,
+        // descheduled), with the answer unread in the socket: judge only after the connection
+        // task had a moment of running time to read it.
+        Err(_) => match tokio::time::timeout(ANSWER_GRACE, &mut query).await {
+            Ok(answer) => answer,
             Err(_) => {
                 return Err(format!(
                     "the lock session did not answer within {timeout:?}"
                 ));
             }
-            Ok(Err(e)) => return Err(format!("liveness check failed: {}", describe(&e))),
-            Ok(Ok(m)) => m,
-        };
+        },
+    };
+    let answer = answer.map_err(|e| format!("liveness check failed: {}", describe(&e)))?;
     let row = first_row(&answer);
     let now_pid = row
         .and_then(|r| r.get(0))

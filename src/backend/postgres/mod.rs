@@ -19,6 +19,9 @@
 //!   blocked in a lock wait receives no notification). It reconnects by itself and wakes every
 //!   watcher when it does, since notifications may have been missed.
 //!
+//! Both appear in `pg_stat_activity` as `<application_name> lock <lock name>` and
+//! `<application_name> aux <lock name>` (`application_name` defaults to `tower-primary`).
+//!
 //! **The key.** The bigint advisory key is the FNV-1a 64-bit hash of
 //! `"tower-primary\0" + namespace + "\0" + lock name` ([`advisory_key`]); the namespace (default
 //! `default`) separates deployments that share a database. The holder row stores the namespace
@@ -33,22 +36,37 @@
 //! the lock with an error that says so: behind such a pooler two clients both "won" the same
 //! advisory lock in a measured run. Connect directly, or through `pool_mode=session`.
 //!
+//! **The previous holder steps down first.** A holder keeps a second advisory lock, the
+//! *step-down lock* (the two-int form of the same key bits, `objsubid = 2` in `pg_locks`), in
+//! shared mode on its second connection for as long as its term lasts — until the elector has
+//! stepped down, wound the term's tasks down and released. A node that was granted the key waits
+//! until no one holds the step-down lock before it draws a term. The server frees the key the
+//! moment a holder's lock session ends, also when an administrator ends it
+//! (`pg_terminate_backend`) while the holder's process lives on and learns of it a moment later:
+//! the successor waits for that holder to step down, so their periods never overlap. A holder
+//! whose process died loses both connections at once, and the wait costs nothing.
+//!
 //! **Terms** come from a sequence (`nextval` at each acquisition), which never goes backwards,
 //! also across server restarts. The term and the [`Holder`](crate::Holder) record are written to
-//! the holder row, and a `NOTIFY` tells the secondaries.
+//! the holder row, and a `NOTIFY` tells the secondaries. The holder row's commit does not wait for
+//! the disk (`synchronous_commit = off` for that statement; the term's own commit does): a server
+//! crash ends every session, and with it every term, anyway.
 //!
 //! **Liveness.** The holder checks its lock session every 500 ms ([`PostgresBackend::liveness`]):
 //! a query, answered within 1 s, that its server process still holds the key in `pg_locks`. On a
 //! failure, a timeout or the end of the connection it reports the loss at once and the elector
-//! steps down. The lock session also sets the server's TCP keepalives (`tcp_keepalives_idle`,
-//! `_interval`, `_count`, `tcp_user_timeout`; default 2 s, 1 s, 2), so that a server that can no
-//! longer reach a partitioned holder ends its session and frees the lock a few seconds later —
-//! after the holder stepped down: `2 × interval + timeout` must be shorter than the server's
-//! detection time, which [`Backend::lock`] checks. Server-wide `statement_timeout`,
-//! `lock_timeout` and `idle_session_timeout` are switched off on the lock session.
+//! steps down. (An answer that arrived while the process was not running — stopped, frozen — is
+//! still read: a timed-out check waits 100 ms more before it judges.) Both connections set the
+//! server's TCP keepalives (`tcp_keepalives_idle`, `_interval`, `_count`, `tcp_user_timeout`;
+//! default 2 s, 1 s, 2), so that a server that can no longer reach a partitioned holder ends its
+//! sessions and frees its locks a few seconds later —
+//! after the holder stepped down: `2 × interval + timeout + 100 ms` must be shorter than the
+//! server's detection time, which [`Backend::lock`] checks. Server-wide `statement_timeout`,
+//! `lock_timeout` and `idle_session_timeout` are switched off on both.
 //!
-//! **Handover**: an explicit `pg_advisory_unlock` (closing the connection frees the lock only
-//! when the server gets to it), then `NOTIFY`, then the session is closed.
+//! **Handover**: the step-down lock is given back, then an explicit `pg_advisory_unlock` (closing
+//! the connection frees the lock only when the server gets to it), then `NOTIFY`, then the session
+//! is closed.
 //!
 //! **Tables** (created if missing, in the schema `tower_primary` unless configured):
 //! `holders (key, namespace, lock_name, term, backend_pid, holder jsonb, acquired_at)`,
@@ -60,13 +78,16 @@
 //!
 //! # Guarantees
 //!
-//! - At most one primary per lock name while every holder's connection is alive: the server
-//!   grants a session lock to one session. When a holder's process dies, its socket closes and
-//!   the server frees the lock in milliseconds.
+//! - At most one primary per lock name: the server grants a session lock to one session, and a
+//!   successor waits for its predecessor's step-down lock. When a holder's process dies, its
+//!   sockets close and the server frees both locks in milliseconds.
 //! - A holder cut off from the server (partition, stalled proxy) steps down within
-//!   `interval + timeout` (1.5 s by default); the server frees the lock no earlier than its
-//!   keepalive detection time (4 s by default) after the partition began. This rests on the
+//!   `interval + timeout + 100 ms` (1.6 s by default); the server frees its locks no earlier than
+//!   its keepalive detection time (4 s by default) after the partition began. This rests on the
 //!   server honouring the session's keepalive settings, as PostgreSQL does on TCP connections.
+//!   A whole machine frozen for longer than that (a VM pause) can resume as primary for up to one
+//!   liveness interval after its successor took over: there is no lease to fence it.
+//! - A stopped (`SIGSTOP`) holder keeps its lock: its kernel still answers keepalives.
 //! - Terms strictly increase while the database keeps its data. Advisory locks are not
 //!   replicated: after a failover to a replica every holder's connection ends and it steps down;
 //!   a sequence value could in theory go back after such a failover (values are WAL-logged ahead

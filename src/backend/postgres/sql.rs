@@ -24,12 +24,25 @@ pub(super) struct Sql {
     pub(super) lock: String,
     /// Simple query: unlock once.
     pub(super) unlock: String,
+    /// Simple query: unlock the key and, if a cancelled wait left it, the step-down lock.
+    pub(super) give_back: String,
+    /// Simple query: waits until no session holds the *step-down lock* (the two-int advisory
+    /// lock of the same bits) in shared mode, i.e. until the previous holder has stepped down or
+    /// its process is gone.
+    pub(super) ack_wait: String,
+    /// Simple query: takes the step-down lock in shared mode (second connection), `t` or `f`.
+    pub(super) ack_take: String,
+    /// Simple query: gives the shared step-down lock back.
+    pub(super) ack_release: String,
     /// Simple query: (backend pid, whether this backend holds the key).
     pub(super) held: String,
+    /// Simple query: as `held`, and a new term from the sequence (its commit is durable when
+    /// the sequence logs ahead).
+    pub(super) held_term: String,
     /// Simple query: unlock, then NOTIFY (delivered at the end of the implicit transaction).
     pub(super) release: String,
-    /// Typed: draws a term and records the holder. `$1` key, `$2` namespace, `$3` lock name,
-    /// `$4` holder JSON, `$5` channel → (term or NULL, owner of the key's row).
+    /// Typed: records the holder of term `$6`. `$1` key, `$2` namespace, `$3` lock name,
+    /// `$4` holder JSON, `$5` channel → (term or NULL, notified, owner of the key's row).
     pub(super) acquired: String,
     /// Typed: `$1` key, `$2` namespace, `$3` lock name → the holder JSON while its session holds
     /// the key.
@@ -64,6 +77,9 @@ impl Sql {
             u64::from_ne_bytes(key.to_ne_bytes())
         );
         let rows = lock_rows(key);
+        let bits = u64::from_ne_bytes(key.to_ne_bytes());
+        let hi = i32::from_ne_bytes(u32::try_from(bits >> 32).unwrap_or(0).to_ne_bytes());
+        let lo = i32::from_ne_bytes(u32::try_from(bits & 0xffff_ffff).unwrap_or(0).to_ne_bytes());
         let setup_key = advisory_key("", &format!("setup:{schema}"));
         Sql {
             key,
@@ -102,15 +118,35 @@ impl Sql {
                  FROM (SELECT count(*) AS n FROM {rows} AND l.pid = pg_backend_pid()) b"
             ),
             unlock: format!("SELECT pg_advisory_unlock({key})"),
+            give_back: format!(
+                "SELECT pg_advisory_unlock({key}); \
+                 SELECT pg_advisory_unlock({hi}, {lo}) FROM pg_catalog.pg_locks l \
+                 WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid() AND l.objsubid = 2 \
+                 AND l.classid = '{}'::oid AND l.objid = '{}'::oid AND l.mode = 'ExclusiveLock'",
+                bits >> 32,
+                bits & 0xffff_ffff
+            ),
+            ack_wait: format!(
+                "SELECT pg_advisory_lock({hi}, {lo}); SELECT pg_advisory_unlock({hi}, {lo})"
+            ),
+            ack_take: format!("SELECT pg_try_advisory_lock_shared({hi}, {lo})"),
+            ack_release: format!("SELECT pg_advisory_unlock_shared({hi}, {lo})"),
             held: format!(
                 "SELECT pg_backend_pid(), EXISTS (SELECT 1 FROM {rows} AND l.pid = pg_backend_pid())"
             ),
+            held_term: format!(
+                "SELECT pg_backend_pid(), EXISTS (SELECT 1 FROM {rows} AND l.pid = pg_backend_pid()), \
+                 nextval('{s}.terms')"
+            ),
             release: format!("SELECT pg_advisory_unlock({key}); NOTIFY \"{channel}\", 'released'"),
+            // The row need not survive a server crash (which ends every session and so every
+            // term), so its commit does not wait for the disk: that keeps an fsync out of every
+            // failover. The term's durability comes from `held_term`.
             acquired: format!(
-                "WITH t AS (SELECT nextval('{s}.terms') AS term), \
+                "WITH c AS (SELECT set_config('synchronous_commit', 'off', true)), \
                  up AS ( \
                    INSERT INTO {s}.holders AS h (key, namespace, lock_name, term, backend_pid, holder, acquired_at) \
-                   SELECT $1, $2, $3, t.term, pg_backend_pid(), jsonb_set($4::jsonb, '{{term}}', to_jsonb(t.term)), now() FROM t \
+                   SELECT $1, $2, $3, $6, pg_backend_pid(), jsonb_set($4::jsonb, '{{term}}', to_jsonb($6::bigint)), now() FROM c \
                    ON CONFLICT (key) DO UPDATE SET term = EXCLUDED.term, backend_pid = EXCLUDED.backend_pid, \
                      holder = EXCLUDED.holder, acquired_at = EXCLUDED.acquired_at \
                    WHERE h.namespace = EXCLUDED.namespace AND h.lock_name = EXCLUDED.lock_name \
