@@ -737,7 +737,12 @@ impl Campaign {
                     );
                     return;
                 }
-                Leave::Lost(_) | Leave::Fenced => {}
+                Leave::Lost(_) | Leave::Fenced => {
+                    // Rejoin after a short, growing pause, unless another node takes the lock
+                    // first: a node whose renewals keep failing must not re-take the lock
+                    // ahead of the waiters its release has just woken.
+                    hold_off = Some(Instant::now() + self.backoff.next_delay());
+                }
             }
         }
     }

@@ -462,3 +462,20 @@ async fn renewal_confirmed_after_the_deadline_extends_nothing() {
     );
     a.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_node_whose_renewals_keep_failing_does_not_starve_a_healthy_waiter() {
+    let backend = MemoryBackend::new().with_lease();
+    let a = elector(&backend, "a");
+    let first = a.handle().wait_primary().await.term();
+    let b = elector(&backend.connection(), "b");
+    let mut b_handle = b.handle();
+    // a can still acquire, but its renewals never land: it fences itself every term.
+    backend.faults().stop_renewals(true);
+    let ctx = timeout(LEASE * 3, b_handle.wait_primary())
+        .await
+        .expect("the healthy node never became primary");
+    assert!(ctx.term() > first);
+    a.shutdown().await;
+    b.shutdown().await;
+}
