@@ -54,6 +54,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::backend::{AcquireRequest, Backend, BoxFuture, Changes, Leadership, Lock, Stored};
 use crate::backoff::Backoff;
@@ -61,6 +62,7 @@ use crate::clock::{Clock, Timestamp};
 use crate::error::{BoxError, ConfigError, Error, validate_lock_name};
 use crate::role::{Holder, NodeId, Role, RoleHandle, RoleState, Shared, TermContext};
 use crate::task::{TaskSet, TaskSpec};
+use crate::watchdog::Phase;
 
 /// The lease of a lease backend (Redis, etcd): how long the lock stays held without renewal, and
 /// the safety margin the primary stops acting before it.
@@ -180,6 +182,7 @@ pub struct ElectorBuilder {
     rejoin_delay: Duration,
     exit_on_loss: bool,
     clock: Option<Clock>,
+    liveness_bound: Duration,
 }
 
 impl fmt::Debug for ElectorBuilder {
@@ -258,6 +261,21 @@ impl ElectorBuilder {
         self
     }
 
+    /// How long the campaign loop may go without progress before
+    /// [`RoleHandle::liveness`] (and `/health/live`) reports this process stuck, so that an
+    /// orchestrator restarts it. Default 10 s; must not be zero.
+    ///
+    /// The loop stamps a heartbeat on every iteration and at least every quarter of the bound. A
+    /// step-down's wait for tasks and requests, and the wait for aborted tasks to stop, may each
+    /// take the [grace](Self::grace) on top. What trips it: a runtime too starved to run the loop,
+    /// a step-down or task abort that did not finish within the grace (a task blocking its thread
+    /// cannot be aborted, and the lock is kept while it runs), or a release the backend does not
+    /// answer within the bound (the elector itself gives up on a release after the grace).
+    pub fn liveness_bound(mut self, bound: Duration) -> Self {
+        self.liveness_bound = bound;
+        self
+    }
+
     /// Validates the configuration and starts the campaign on the current tokio runtime.
     ///
     /// Only the configuration is checked here: an unreachable backend leaves the node secondary,
@@ -289,6 +307,13 @@ impl ElectorBuilder {
             return Err(ConfigError::InvalidTiming {
                 setting: "retry backoff minimum",
                 value: self.retry_min,
+                rule: "must be longer than zero".to_owned(),
+            });
+        }
+        if self.liveness_bound.is_zero() {
+            return Err(ConfigError::InvalidTiming {
+                setting: "liveness bound",
+                value: self.liveness_bound,
                 rule: "must be longer than zero".to_owned(),
             });
         }
@@ -348,6 +373,11 @@ impl Prepared {
         let node = builder.node.unwrap_or_else(NodeId::from_env);
         let clock = builder.clock.unwrap_or_default();
         let shared = Shared::new(builder.lock.clone(), node.clone(), clock, Role::Starting);
+        shared
+            .watchdog
+            .supervise(builder.liveness_bound, builder.grace, clock.now());
+        crate::metrics::describe();
+        crate::metrics::role(&builder.lock, false, None);
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (stopped_tx, stopped_rx) = watch::channel(false);
         let tasks = Arc::new(Mutex::new(Vec::new()));
@@ -366,9 +396,12 @@ impl Prepared {
             exit_on_loss: builder.exit_on_loss,
             tasks: tasks.clone(),
             cmd_rx,
+            tick: (builder.liveness_bound / 4).max(Duration::from_millis(1)),
         };
+        let watched = shared.clone();
         runtime.spawn(async move {
             campaign.run().await;
+            watched.watchdog.stop();
             let _ = stopped_tx.send(true);
         });
         Ok(Elector {
@@ -430,6 +463,7 @@ impl Elector {
             rejoin_delay: Duration::from_secs(1),
             exit_on_loss: false,
             clock: None,
+            liveness_bound: Duration::from_secs(10),
         }
     }
 
@@ -692,6 +726,8 @@ struct Campaign {
     exit_on_loss: bool,
     tasks: Arc<Mutex<Vec<Arc<TaskSpec>>>>,
     cmd_rx: mpsc::UnboundedReceiver<Command>,
+    /// How often an idle loop stamps its heartbeat: a quarter of the liveness bound.
+    tick: Duration,
 }
 
 /// Polls an optional future; pends forever when there is none.
@@ -764,16 +800,31 @@ impl Campaign {
         let mut holder_fut: Option<BoxFuture<'_, Result<Option<Holder>, Error>>> = None;
         let mut holder_again = false;
         let mut last_holder: Option<Holder> = None;
+        let mut acquire_span = tracing::Span::none();
+        let mut acquire_started = Instant::now();
         loop {
+            self.shared.watchdog.beat(self.shared.clock.now());
             if acquire.is_none() && Instant::now() >= attempt_at {
-                acquire = Some(lock.acquire(self.request.clone()));
+                acquire_span = tracing::info_span!(
+                    "acquire",
+                    lock = %self.shared.lock,
+                    node = %self.shared.node,
+                    term = tracing::field::Empty,
+                );
+                acquire_started = Instant::now();
+                acquire = Some(Box::pin(
+                    lock.acquire(self.request.clone())
+                        .instrument(acquire_span.clone()),
+                ));
             }
             let sleep_until = match (&acquire, watch_at) {
                 (None, Some(w)) => attempt_at.min(w),
                 (None, None) => attempt_at,
                 (Some(_), Some(w)) => w,
                 (Some(_), None) => Instant::now() + Duration::from_secs(86_400),
-            };
+            }
+            // An idle loop still stamps its heartbeat.
+            .min(Instant::now() + self.tick);
             tokio::select! {
                 biased;
                 cmd = self.cmd_rx.recv() => match cmd {
@@ -789,9 +840,12 @@ impl Campaign {
                     match res {
                         Ok(l) => {
                             self.backoff.reset();
+                            acquire_span.record("term", l.term());
+                            crate::metrics::acquired(&self.shared.lock, acquire_started.elapsed());
                             return Ok(l);
                         }
                         Err(err) => {
+                            crate::metrics::backend_error(&self.shared.lock, "acquire");
                             let delay = self.backoff.next_delay();
                             tracing::warn!(
                                 lock = %self.shared.lock,
@@ -815,6 +869,7 @@ impl Campaign {
                             holder_again = true;
                         }
                         Err(err) => {
+                            crate::metrics::backend_error(&self.shared.lock, "watch");
                             let delay = watch_retry.next_delay();
                             tracing::warn!(lock = %self.shared.lock, error = %err, "cannot watch the holder record; retrying");
                             watch_at = Some(Instant::now() + delay);
@@ -825,6 +880,7 @@ impl Campaign {
                     match res {
                         Ok(()) => holder_again = true,
                         Err(err) => {
+                            crate::metrics::backend_error(&self.shared.lock, "watch");
                             tracing::warn!(lock = %self.shared.lock, error = %err, "holder watch failed; re-subscribing");
                             watch = None;
                             watch_at = Some(Instant::now() + watch_retry.next_delay());
@@ -846,6 +902,7 @@ impl Campaign {
                             self.publish_secondary(holder);
                         }
                         Err(err) => {
+                            crate::metrics::backend_error(&self.shared.lock, "holder");
                             tracing::warn!(lock = %self.shared.lock, error = %err, "cannot read the holder record");
                             self.publish_secondary(None);
                         }
@@ -871,7 +928,8 @@ impl Campaign {
         let holder = leadership.holder().clone();
         let clock = self.shared.clock;
         let mut renewals = leadership.renewals();
-        let mut deadline = match (&renewals, self.lease) {
+        let lease = self.lease.or_else(|| leadership.implied_lease());
+        let mut deadline = match (&renewals, lease) {
             (Some(r), Some(lease)) => lease.deadline_after(r.latest()),
             _ => Timestamp::NEVER,
         };
@@ -892,10 +950,13 @@ impl Campaign {
             reason = "acquired",
             "became primary"
         );
+        crate::metrics::role(&self.shared.lock, true, Some(term));
+        crate::metrics::transition(&self.shared.lock, "acquired");
         let mut tasks = TaskSet::new();
         tasks.sync(&lock_tasks(&self.tasks), &ctx);
 
         let leave = loop {
+            self.shared.watchdog.beat(clock.now());
             if clock.now() >= deadline {
                 break Leave::Fenced;
             }
@@ -908,9 +969,21 @@ impl Campaign {
                     Some(Command::TaskAdded) => tasks.sync(&lock_tasks(&self.tasks), &ctx),
                 },
                 err = leadership.lost() => break Leave::Lost(err),
-                () = tokio::time::sleep_until(clock.to_tokio_instant(deadline)) => {}
+                // Wakes at the deadline, and at least every tick to stamp the heartbeat.
+                () = tokio::time::sleep_until(clock.to_tokio_instant(deadline).min(Instant::now() + self.tick)) => {}
                 sent = async { match renewals.as_mut() { Some(r) => r.changed().await, None => std::future::pending().await } } => {
-                    if let Some(lease) = self.lease {
+                    // Renewals run inside the backend; this is where the elector sees one confirmed.
+                    let took = clock.now().saturating_duration_since(sent);
+                    let _span = tracing::debug_span!(
+                        "renew",
+                        lock = %self.shared.lock,
+                        term,
+                        took_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+                    )
+                    .entered();
+                    crate::metrics::renewed(&self.shared.lock, took);
+                    tracing::trace!("renewal confirmed");
+                    if let Some(lease) = lease {
                         // A renewal confirmed after the deadline extends nothing: the term is over.
                         if clock.now() < deadline {
                             deadline = deadline.max(lease.deadline_after(sent));
@@ -946,9 +1019,14 @@ impl Campaign {
             ),
             other => tracing::info!(%lock, %node, term, reason = other.reason(), "stepping down"),
         }
+        crate::metrics::transition(&lock, leave.reason());
         // 2. Cancel the term.
         ctx.token().cancel();
         // 3. Wait for tasks and in-flight gated requests, up to the grace; 4. abort the rest.
+        let clock = self.shared.clock;
+        self.shared
+            .watchdog
+            .wait_within_grace(Phase::SteppingDown, clock.now());
         ctx.tracker().close();
         let drained = tokio::time::timeout(self.grace, async {
             tasks.join().await;
@@ -958,19 +1036,42 @@ impl Campaign {
         if drained.is_err() {
             let names = tasks.running();
             tracing::warn!(%lock, %node, term, grace = ?self.grace, tasks = ?names, "grace period over; aborting what is left");
+            for name in &names {
+                crate::metrics::task_aborted(&lock, name);
+            }
+            // Unbounded on purpose: the lock is not released while a task of the term still runs
+            // (one that blocks its thread cannot be aborted). The watchdog reports it instead.
+            self.shared
+                .watchdog
+                .wait_within_grace(Phase::AbortingTasks, clock.now());
             tasks.abort().await;
         }
         // 5. Release the lock, which wakes the waiters.
-        let released = match tokio::time::timeout(self.grace, leadership.release()).await {
+        self.shared
+            .watchdog
+            .wait_on_backend(Phase::Releasing, clock.now());
+        let release = leadership.release().instrument(tracing::info_span!(
+            "release",
+            lock = %lock,
+            term,
+            reason = leave.reason(),
+        ));
+        let released = match tokio::time::timeout(self.grace, release).await {
             Ok(r) => r,
             Err(_) => Err(Error::backend_msg(
                 self.backend_name,
                 format!("release timed out after {:?}", self.grace),
             )),
         };
+        self.shared.watchdog.beat(clock.now());
         if let Err(err) = &released {
+            crate::metrics::backend_error(&lock, "release");
             tracing::warn!(%lock, %node, term, backend = self.backend_name, error = %err, "release failed");
         } else {
+            if !matches!(leave, Leave::Lost(_)) {
+                // After a loss there was nothing left to give back.
+                crate::metrics::transition(&lock, "released");
+            }
             tracing::info!(%lock, %node, term, reason = leave.reason(), "released the lock");
         }
         match leave {
@@ -999,6 +1100,7 @@ impl Campaign {
                     "secondary"
                 );
             }
+            crate::metrics::role(&self.shared.lock, false, holder.as_ref().map(|h| h.term));
             state.role = role;
             state.holder.clone_from(&holder);
             state.term = None;

@@ -185,6 +185,16 @@ pub trait Leadership: fmt::Debug + Send + 'static {
     /// The confirmed renewals of a lease backend (`None` for backends without a lease).
     fn renewals(&self) -> Option<Renewals>;
 
+    /// A lease the backend implies although the elector configured none
+    /// ([`Backend::min_lease`] is `None`): a session lock that the server frees once its
+    /// dead-peer detection gives up on a silent holder, say. The elector then fences the term
+    /// `ttl - margin` after the latest confirmed liveness check reported through
+    /// [`renewals`](Self::renewals), as for lease backends, so a holder frozen for longer than
+    /// that reads as not primary when it resumes, before anything else runs.
+    fn implied_lease(&self) -> Option<Lease> {
+        None
+    }
+
     /// Resolves when the backend knows the lock is lost (renewal refused, key deleted, lock file
     /// replaced…), with the reason.
     ///

@@ -16,8 +16,12 @@ use super::NAME;
 use super::config::{ANSWER_GRACE, Settings};
 use super::conn::{Conn, OnNotify, connect, describe, pg_error};
 use super::sql::Sql;
-use crate::backend::{AcquireRequest, BoxFuture, Changes, Leadership, Lock, Renewals, Stored};
+use crate::backend::{
+    AcquireRequest, BoxFuture, Changes, Leadership, Lock, RenewalSender, Renewals, Stored, renewals,
+};
 use crate::backoff::Backoff;
+use crate::clock::Clock;
+use crate::elector::Lease;
 use crate::error::Error;
 use crate::role::Holder;
 
@@ -487,6 +491,11 @@ struct PgLeadership {
     lock: String,
     term: u64,
     holder: Holder,
+    /// Confirmed liveness checks, by send time.
+    renewals: Renewals,
+    /// The server's dead-peer detection time: how long after the last exchange the server may
+    /// free the lock of a holder it no longer hears.
+    implied: Lease,
     lost: watch::Receiver<Option<String>>,
     release: Option<oneshot::Sender<ReleaseReply>>,
 }
@@ -510,7 +519,11 @@ impl Leadership for PgLeadership {
     }
 
     fn renewals(&self) -> Option<Renewals> {
-        None
+        Some(self.renewals.clone())
+    }
+
+    fn implied_lease(&self) -> Option<Lease> {
+        Some(self.implied)
     }
 
     fn lost(&mut self) -> BoxFuture<'_, Error> {
@@ -593,10 +606,14 @@ async fn run_term(
     let outcome = async {
         wait_for_predecessor(&shared, &session, &mut grant).await?;
         shared.hold_step_down_lock().await?;
-        record_holder(&shared, &session, pid, &req).await
+        // The server hears this session no earlier than now: the first "renewal".
+        let sent = req.clock.now();
+        record_holder(&shared, &session, pid, &req)
+            .await
+            .map(|(term, holder)| (term, holder, sent))
     }
     .await;
-    let (term, holder) = match outcome {
+    let (term, holder, sent) = match outcome {
         Ok(v) => v,
         Err(abandon) => {
             shared.release_step_down_lock().await;
@@ -614,10 +631,13 @@ async fn run_term(
     };
     let (lost_tx, lost_rx) = watch::channel(None);
     let (release_tx, release_rx) = oneshot::channel();
+    let (renew_tx, renewals) = renewals(sent);
     let leadership = PgLeadership {
         lock: shared.name.clone(),
         term,
         holder,
+        renewals,
+        implied: Lease::new(settings.server_detection()),
         lost: lost_rx,
         release: Some(release_tx),
     };
@@ -625,7 +645,17 @@ async fn run_term(
     // If nobody receives the grant, the leadership is dropped with it, `release_rx` closes, and
     // `hold` releases at once.
     let _ = grant.send(Ok(leadership));
-    hold(&shared, session, pid, lost_tx, release_rx).await;
+    let liveness = Liveness {
+        clock: req.clock,
+        confirmed: renew_tx,
+    };
+    hold(&shared, session, pid, &liveness, lost_tx, release_rx).await;
+}
+
+/// Where `hold` reports its confirmed liveness checks.
+struct Liveness {
+    clock: Clock,
+    confirmed: RenewalSender,
 }
 
 /// Session settings; returns the server process id.
@@ -883,6 +913,7 @@ async fn hold(
     shared: &Shared,
     session: Conn,
     pid: i32,
+    liveness: &Liveness,
     lost: watch::Sender<Option<String>>,
     mut release: oneshot::Receiver<ReleaseReply>,
 ) {
@@ -914,9 +945,11 @@ async fn hold(
             }
             Next::Lost(reason) => break reason,
             Next::Check => {
+                let sent = liveness.clock.now();
                 if let Err(reason) = check_liveness(shared, &session, pid).await {
                     break reason;
                 }
+                liveness.confirmed.confirm(sent);
             }
         }
     };
