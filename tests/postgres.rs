@@ -389,6 +389,24 @@ async fn acquiring_records_the_holder_and_releasing_clears_it() {
 }
 
 #[tokio::test]
+async fn liveness_checks_are_renewals_of_a_lease_implied_by_the_servers_keepalive() {
+    let Some(env) = Env::new("implied_lease").await else {
+        return;
+    };
+    let lock = env.backend().lock("jobs").unwrap();
+    let leadership = lock.acquire(req("a")).await.unwrap();
+    // The server frees a silent holder's lock after its keepalive gives up (2 s + 2 × 1 s by
+    // default): the elector fences the term a margin before that after the last good check.
+    let lease = leadership.implied_lease().expect("an implied lease");
+    assert_eq!(lease.ttl(), Duration::from_secs(4));
+    let mut renewals = leadership.renewals().expect("liveness checks as renewals");
+    let first = renewals.latest();
+    let next = within("a liveness check", renewals.changed()).await;
+    assert!(next > first, "{next:?} is not after {first:?}");
+    leadership.release().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_blocked_waiter_takes_over_on_release_with_a_higher_term() {
     let Some(env) = Env::new("blocked_waiter").await else {
         return;

@@ -85,8 +85,10 @@
 //!   `interval + timeout + 100 ms` (1.6 s by default); the server frees its locks no earlier than
 //!   its keepalive detection time (4 s by default) after the partition began. This rests on the
 //!   server honouring the session's keepalive settings, as PostgreSQL does on TCP connections.
-//!   A whole machine frozen for longer than that (a VM pause) can resume as primary for up to one
-//!   liveness interval after its successor took over: there is no lease to fence it.
+//!   A whole machine frozen for longer than that (a VM pause) reads as not primary the moment it
+//!   resumes: every good liveness check counts as a renewal of a lease the backend implies (the
+//!   keepalive detection time, see `Leadership::implied_lease`), and the elector fences the
+//!   term a margin before it runs out.
 //! - A stopped (`SIGSTOP`) holder keeps its lock: its kernel still answers keepalives.
 //! - Terms strictly increase while the database keeps its data. Advisory locks are not
 //!   replicated: after a failover to a replica every holder's connection ends and it steps down;
