@@ -1,4 +1,7 @@
-//! `/health/role`: who this node is, what role it has, and who is primary (DESIGN §6).
+//! Health endpoints: `/health/role` (who this node is, what role it has, and who is primary;
+//! DESIGN §6) and `/health/ready` ([`Readiness`]: are the run-once jobs this node needs done).
+//!
+//! # `/health/role`
 //!
 //! ```json
 //! {"role": "secondary", "term": 12, "lock": "report-scheduler",
@@ -58,12 +61,162 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # `/health/ready`
+//!
+//! [`Readiness`] answers `503` until the [run-once jobs](crate::Elector::run_once) it requires
+//! (migrations, say) have been completed — by whichever node is primary — and `200` after, with
+//! a JSON [`ReadinessReport`]. It does not wait for this node to win anything: secondaries are
+//! ready as soon as the primary has run the jobs. See [`Readiness`] for an example.
+//!
+//! # `/health/live`
+//!
+//! [`live`] answers `503` when the elector's campaign loop is stuck (its heartbeat is older than
+//! the [liveness bound](crate::ElectorBuilder::liveness_bound), or a step-down or task abort did
+//! not finish within the grace), so that an orchestrator restarts the process; `200` otherwise,
+//! whatever the role. The JSON body is a [`Liveness`].
 
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
 use crate::role::{Holder, Role, RoleHandle};
+use crate::schedule::RunOnce;
+
+/// The `/health/ready` check: ready once every required [`RunOnce`] job is done.
+///
+/// Cheap to clone. Serve it with `route_service("/health/ready", readiness)` (it is a tower
+/// [`Service`](tower_service::Service) with feature `axum`), or build the answer yourself from
+/// [`report`](Self::report). `503` (with `Retry-After: 1`) while a job is not done, `200` after;
+/// both with the [`ReadinessReport`] as JSON:
+///
+/// ```json
+/// {"ready": false, "jobs": [{"name": "migrate", "version": "v3", "done": false}]}
+/// ```
+///
+/// Readiness is not leadership (that is `/health/role`): a job is done when *some* node
+/// completed it, so every node turns ready together. A job runs only on a primary that
+/// registered it: in a rolling deploy whose new nodes wait for readiness while old nodes (which
+/// do not know the new job) keep the lock, the job waits until a new node is primary — let old
+/// nodes [step down](crate::Elector::step_down) or hand over on shutdown as usual.
+///
+/// # Examples
+///
+/// ```
+/// use axum::{Router, body::Body};
+/// use http::{Request, StatusCode};
+/// use tower::ServiceExt;
+/// use tower_primary::health::{Readiness, ReadinessReport};
+/// use tower_primary::{Elector, MemoryBackend};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let elector = Elector::builder("app").backend(MemoryBackend::new()).spawn()?;
+/// let (go, wait) = tokio::sync::oneshot::channel::<()>();
+/// let wait = std::sync::Mutex::new(Some(wait));
+/// let migrate = elector.run_once("migrate", "v3", move |_ctx| {
+///     let wait = wait.lock().unwrap().take();
+///     async move {
+///         if let Some(wait) = wait {
+///             let _ = wait.await; // the migration runs until `go` is sent
+///         }
+///         Ok::<_, std::io::Error>(())
+///     }
+/// })?;
+/// let readiness = Readiness::new().require(migrate);
+/// let app = Router::new().route_service("/health/ready", readiness.clone());
+///
+/// let res = app.clone().oneshot(Request::get("/health/ready").body(Body::empty())?).await?;
+/// assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+/// assert_eq!(res.headers()["retry-after"], "1");
+/// let body = axum::body::to_bytes(res.into_body(), 4096).await?;
+/// let report: ReadinessReport = serde_json::from_slice(&body)?;
+/// assert!(!report.ready);
+/// assert_eq!((report.jobs[0].name.as_str(), report.jobs[0].done), ("migrate", false));
+///
+/// go.send(()).unwrap();
+/// readiness.wait().await;
+/// let res = app.oneshot(Request::get("/health/ready").body(Body::empty())?).await?;
+/// assert_eq!(res.status(), StatusCode::OK);
+/// # elector.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug, Default)]
+#[must_use]
+pub struct Readiness {
+    jobs: Vec<RunOnce>,
+}
+
+impl Readiness {
+    /// Ready at once: no job required yet.
+    pub fn new() -> Self {
+        Readiness::default()
+    }
+
+    /// Also requires `job` to be done.
+    pub fn require(mut self, job: RunOnce) -> Self {
+        self.jobs.push(job);
+        self
+    }
+
+    /// Whether every required job is done.
+    #[must_use]
+    pub fn is_ready(&self) -> bool {
+        self.jobs.iter().all(RunOnce::is_done)
+    }
+
+    /// Waits until every required job is done.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel-safe.
+    pub async fn wait(&self) {
+        for job in &self.jobs {
+            job.wait().await;
+        }
+    }
+
+    /// The report now.
+    #[must_use]
+    pub fn report(&self) -> ReadinessReport {
+        let jobs: Vec<JobReport> = self
+            .jobs
+            .iter()
+            .map(|j| JobReport {
+                name: j.name().to_owned(),
+                version: j.version().to_owned(),
+                done: j.is_done(),
+            })
+            .collect();
+        ReadinessReport {
+            ready: jobs.iter().all(|j| j.done),
+            jobs,
+        }
+    }
+}
+
+/// The body of `/health/ready`: see [`Readiness`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ReadinessReport {
+    /// Whether every required job is done.
+    pub ready: bool,
+    /// The required jobs, in the order they were required.
+    pub jobs: Vec<JobReport>,
+}
+
+/// One run-once job in a [`ReadinessReport`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct JobReport {
+    /// The job's name.
+    pub name: String,
+    /// The version required.
+    pub version: String,
+    /// Whether that version has been completed (by any node).
+    pub done: bool,
+}
 
 /// The body of `/health/role` (DESIGN §6). Serialize it on any stack; deserialize it in clients
 /// and tests.
@@ -166,28 +319,66 @@ mod opt_rfc3339 {
 
 #[cfg(feature = "axum")]
 mod handlers {
+    use std::convert::Infallible;
+    use std::task::{Context, Poll};
+
     use axum_core::response::{IntoResponse, Response};
     use http::header::{CONTENT_TYPE, RETRY_AFTER};
-    use http::{HeaderValue, StatusCode};
+    use http::{HeaderValue, Request, StatusCode};
+    use serde::Serialize;
 
-    use super::RoleReport;
+    use super::{Readiness, ReadinessReport, RoleReport};
     use crate::role::RoleHandle;
+
+    fn json(status: StatusCode, value: &impl Serialize) -> Response {
+        match serde_json::to_vec(value) {
+            Ok(body) => {
+                let mut res = (status, body).into_response();
+                res.headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                res
+            }
+            Err(err) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot serialize the health report: {err}"),
+            )
+                .into_response(),
+        }
+    }
 
     impl RoleReport {
         fn respond(&self, status: StatusCode) -> Response {
-            match serde_json::to_vec(self) {
-                Ok(body) => {
-                    let mut res = (status, body).into_response();
-                    res.headers_mut()
-                        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                    res
-                }
-                Err(err) => (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("cannot serialize the role report: {err}"),
-                )
-                    .into_response(),
+            json(status, self)
+        }
+    }
+
+    /// `200` when ready, else `503` with `Retry-After: 1`; the report as JSON.
+    impl IntoResponse for ReadinessReport {
+        fn into_response(self) -> Response {
+            if self.ready {
+                return json(StatusCode::OK, &self);
             }
+            let mut res = json(StatusCode::SERVICE_UNAVAILABLE, &self);
+            res.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            res
+        }
+    }
+
+    /// Answers every request with the [`ReadinessReport`] (feature `axum`): for
+    /// `Router::route_service("/health/ready", readiness)`. Reads the jobs' watches; no I/O.
+    impl<B> tower_service::Service<Request<B>> for Readiness {
+        type Response = Response;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<Response, Infallible>>;
+
+        #[inline]
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _req: Request<B>) -> Self::Future {
+            std::future::ready(Ok(self.report().into_response()))
         }
     }
 
@@ -223,3 +414,87 @@ mod handlers {
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub use handlers::{role, role_primary_only};
+
+// `/health/live`: the stuck-primary watchdog.
+
+pub use crate::watchdog::Liveness;
+
+#[cfg(feature = "axum")]
+mod live_handler {
+    use axum_core::response::{IntoResponse, Response};
+    use http::header::CONTENT_TYPE;
+    use http::{HeaderValue, StatusCode};
+
+    use super::Liveness;
+    use crate::role::RoleHandle;
+
+    /// `200` when live, `503` when not; the report as JSON either way.
+    impl IntoResponse for Liveness {
+        fn into_response(self) -> Response {
+            let status = if self.live {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            match serde_json::to_vec(&self) {
+                Ok(body) => {
+                    let mut res = (status, body).into_response();
+                    res.headers_mut()
+                        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                    res
+                }
+                Err(err) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("cannot serialize the liveness report: {err}"),
+                )
+                    .into_response(),
+            }
+        }
+    }
+
+    /// The `/health/live` handler (feature `axum`): `200` while the elector's campaign loop makes
+    /// progress, `503` when it is stuck, with the [`Liveness`] report as JSON.
+    ///
+    /// For a liveness probe: a stuck process holds its lock without acting on it (on backends
+    /// without a lease, until it exits), so the orchestrator should restart it. What counts as
+    /// stuck: [`ElectorBuilder::liveness_bound`](crate::ElectorBuilder::liveness_bound). The
+    /// role plays no part (a secondary is as live as the primary), nor does readiness.
+    ///
+    /// `get(tower_primary::health::live)`; reads the handle that
+    /// [`PrimaryLayer`](crate::PrimaryLayer) put into the request (`500` without it). With several
+    /// electors, check each [`RoleHandle::liveness`] in a handler of your own.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use axum::{Router, body::Body, routing::get};
+    /// use http::{Request, StatusCode};
+    /// use tower::ServiceExt;
+    /// use tower_primary::health::{self, Liveness};
+    /// use tower_primary::{Elector, MemoryBackend, PrimaryLayer};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let elector = Elector::builder("report-scheduler").backend(MemoryBackend::new()).spawn()?;
+    /// let app = Router::new()
+    ///     .route("/health/live", get(health::live))
+    ///     .layer(PrimaryLayer::new(elector.handle()));
+    ///
+    /// let res = app.oneshot(Request::get("/health/live").body(Body::empty())?).await?;
+    /// assert_eq!(res.status(), StatusCode::OK);
+    /// let body = axum::body::to_bytes(res.into_body(), 4096).await?;
+    /// let live: Liveness = serde_json::from_slice(&body)?;
+    /// assert!(live.is_live());
+    /// assert_eq!(live.bound_ms, Some(10_000)); // the default bound
+    /// # elector.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn live(handle: RoleHandle) -> Response {
+        handle.liveness().into_response()
+    }
+}
+
+#[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+pub use live_handler::live;

@@ -165,6 +165,7 @@
 //! | `redis` | no | [`RedisBackend`](backend::redis::RedisBackend): a lease (`SET NX PX`) renewed by owner-checked scripts, pub/sub handover (redis-rs, rustls); `redis://…`, `rediss://…` |
 //! | `postgres` | no | [`PostgresBackend`](backend::postgres::PostgresBackend): session advisory locks on PostgreSQL (tokio-postgres, rustls); `postgres://…` |
 //! | `etcd` | no | [`EtcdBackend`](backend::etcd::EtcdBackend): a lease-bound election on an etcd key prefix (etcd-client, rustls; building it needs `protoc`); `etcd://…`, `etcds://…` |
+//! | `metrics` | no | role, transition, latency, task and schedule [metrics](crate::metrics) on the `metrics` facade |
 //! | `full` | no | every optional part |
 //!
 //! A backend can be chosen at run time from a string (a flag or `TOWER_PRIMARY_BACKEND`) with
@@ -191,7 +192,8 @@
 //!   primary on a deleted inode. Lease backends rely on self-fencing under bounded clock-rate drift.
 //!   PostgreSQL session locks hold while the holder's lock session lives: a crashed holder's lock
 //!   is freed in milliseconds; a holder cut off from the server steps down by its liveness check
-//!   before the server's keepalive frees the lock; PgBouncer transaction pooling is refused.
+//!   before the server's keepalive frees the lock; a successor waits until its predecessor has
+//!   stepped down (also after `pg_terminate_backend`); PgBouncer transaction pooling is refused.
 //!   etcd times the lease on its raft leader and deletes the holder's key when it expires; the
 //!   holder stops acting a margin before that, and also as soon as its key is gone.
 //!   Redis expires the holder's key a lease after its last renewal (on the Redis host's clock);
@@ -229,11 +231,13 @@ pub mod extract;
 pub mod header;
 pub mod health;
 pub mod layer;
+pub mod metrics;
 pub mod require;
 pub mod role;
 pub mod schedule;
 mod task;
 pub mod testing;
+mod watchdog;
 
 pub use crate::clock::Clock;
 pub use crate::elector::{Elector, ElectorBuilder, Lease, State, terminate_signal};

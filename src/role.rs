@@ -33,6 +33,7 @@ use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::clock::{Clock, Timestamp};
+use crate::watchdog::{Liveness, Watchdog};
 
 /// Environment variable holding this process's worker index (DESIGN §6).
 pub const WORKER_ENV: &str = "TOWER_PRIMARY_WORKER";
@@ -296,6 +297,8 @@ pub(crate) struct Shared {
     /// backend has no lease.
     pub(crate) deadline: AtomicU64,
     pub(crate) state: watch::Sender<RoleState>,
+    /// The elector loop's heartbeat, for `/health/live`.
+    pub(crate) watchdog: Watchdog,
 }
 
 impl fmt::Debug for Shared {
@@ -321,6 +324,7 @@ impl Shared {
             clock,
             deadline: AtomicU64::new(0),
             state,
+            watchdog: Watchdog::unsupervised(),
         })
     }
 
@@ -447,6 +451,16 @@ impl RoleHandle {
     pub fn deadline(&self) -> Option<Timestamp> {
         let d = self.shared.deadline.load(Ordering::Acquire);
         (d != 0 && self.rx.borrow().role.is_primary()).then_some(Timestamp::from_nanos(d))
+    }
+
+    /// Whether the elector's campaign loop is making progress: what `/health/live` reports (see
+    /// [`ElectorBuilder::liveness_bound`](crate::ElectorBuilder::liveness_bound)). A handle
+    /// without an elector ([`fixed`](Self::fixed)) is always live. An atomic read and a clock read.
+    #[must_use]
+    pub fn liveness(&self) -> Liveness {
+        self.shared
+            .watchdog
+            .check(&self.shared.lock, self.shared.clock.now())
     }
 
     /// The clock the deadline is read on.

@@ -103,11 +103,14 @@ async fn supervise(spec: Arc<TaskSpec>, ctx: TermContext) {
     let lock = ctx.lock().to_owned();
     let term = ctx.term();
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+    let mut restart = false;
     loop {
         if !ctx.is_valid() {
             return;
         }
         tracing::debug!(%lock, task = name, term, "singleton task starting");
+        crate::metrics::task_started(&lock, name, restart);
+        restart = true;
         let run = std::panic::catch_unwind(AssertUnwindSafe(|| (spec.factory)(ctx.clone())));
         let outcome = match run {
             Ok(fut) => AssertUnwindSafe(fut).catch_unwind().await,
@@ -123,9 +126,11 @@ async fn supervise(spec: Arc<TaskSpec>, ctx: TermContext) {
                 return;
             }
             Ok(Err(err)) => {
+                crate::metrics::task_failed(&lock, name, "error");
                 tracing::warn!(%lock, task = name, term, error = %err, "singleton task failed; restarting");
             }
             Err(panic) => {
+                crate::metrics::task_failed(&lock, name, "panic");
                 let msg = panic
                     .downcast_ref::<&str>()
                     .map(|s| (*s).to_owned())

@@ -72,10 +72,15 @@ impl Run {
     }
 
     /// `"<job>:<slot in unix milliseconds>"`: the same for every attempt at this slot, on every
-    /// node and term.
+    /// node and term. A [manual](Self::is_manual) run's key is `"<job>:manual:<ms>"`, so it never
+    /// equals a scheduled slot's.
     #[must_use]
     pub fn idempotency_key(&self) -> String {
-        format!("{}:{}", self.job, self.slot.timestamp_millis())
+        if self.manual {
+            format!("{}:manual:{}", self.job, self.slot.timestamp_millis())
+        } else {
+            format!("{}:{}", self.job, self.slot.timestamp_millis())
+        }
     }
 }
 
@@ -83,8 +88,17 @@ impl Run {
 #[derive(Clone, Debug)]
 pub struct ScheduleHandle {
     name: Arc<str>,
+    key: Arc<str>,
     role: RoleHandle,
-    trigger: mpsc::UnboundedSender<DateTime<Utc>>,
+    state: State,
+    trigger: mpsc::UnboundedSender<Trigger>,
+}
+
+/// A [`ScheduleHandle::run_now`] request: the term that accepted it and its slot.
+#[derive(Debug)]
+struct Trigger {
+    term: u64,
+    slot: DateTime<Utc>,
 }
 
 impl ScheduleHandle {
@@ -98,14 +112,30 @@ impl ScheduleHandle {
     /// Its slot is the current time. Returns that slot, or `None` when this node is not primary
     /// (route such requests to the primary, e.g. behind the primary-only gate).
     ///
-    /// A manual run is not recorded as a completed slot, and it is dropped if the term ends first.
+    /// The run belongs to the current term: it waits for the term's schedule loop (also one that
+    /// has not started yet, or is restarting after a failed run), and it is dropped if the term
+    /// ends first. A manual run is not recorded as a completed slot.
     #[must_use = "None means the run was not queued"]
     pub fn run_now(&self) -> Option<DateTime<Utc>> {
-        if !self.role.is_primary() {
-            return None;
-        }
+        let ctx = self.role.term_context()?;
         let slot = Utc::now();
-        self.trigger.send(slot).ok().map(|()| slot)
+        self.trigger
+            .send(Trigger {
+                term: ctx.term(),
+                slot,
+            })
+            .ok()
+            .map(|()| slot)
+    }
+
+    /// The last slot recorded as completed (by any node), read through the
+    /// [state API](Elector::state); `None` before the first.
+    ///
+    /// # Errors
+    ///
+    /// The backend's error.
+    pub async fn last_completed(&self) -> Result<Option<DateTime<Utc>>, Error> {
+        last_completed(&self.state, &self.name, &self.key).await
     }
 }
 
@@ -114,7 +144,7 @@ struct Job {
     key: String,
     schedule: Schedule,
     state: State,
-    triggers: Mutex<mpsc::UnboundedReceiver<DateTime<Utc>>>,
+    triggers: Mutex<mpsc::UnboundedReceiver<Trigger>>,
 }
 
 impl Elector {
@@ -129,7 +159,9 @@ impl Elector {
     ///   the job failed: `Err` or a panic restarts the job with backoff, and the slot counts as
     ///   missed);
     /// - on promotion the new primary handles the slots that passed since the last completed one
-    ///   by the schedule's [`Missed`](super::Missed) policy.
+    ///   by the schedule's [`Missed`](super::Missed) policy, and so does a primary whose run
+    ///   outlasted the next slots (runs of one job never overlap);
+    /// - [`ScheduleHandle::run_now`] queues an extra run through the same loop.
     ///
     /// # Examples
     ///
@@ -175,7 +207,7 @@ impl Elector {
         let (trigger, triggers) = mpsc::unbounded_channel();
         let spec = Arc::new(Job {
             name: name.into(),
-            key,
+            key: key.clone(),
             schedule,
             state: self.state(),
             triggers: Mutex::new(triggers),
@@ -188,7 +220,9 @@ impl Elector {
         });
         Ok(ScheduleHandle {
             name: name.into(),
+            key: key.into(),
             role: self.handle(),
+            state: self.state(),
             trigger,
         })
     }
@@ -201,27 +235,52 @@ impl Job {
         Fut: Future<Output = Result<(), E>>,
         E: Into<BoxError>,
     {
-        // One term at a time holds the trigger queue; requests from an earlier term are dropped.
+        let term = ctx.term();
+        // One term at a time holds the trigger queue. Requests accepted by an earlier term are
+        // dropped; this term's (asked for before this loop started) are kept.
         let mut triggers = self.triggers.lock().await;
-        while triggers.try_recv().is_ok() {}
+        let mut queue = VecDeque::new();
+        while let Ok(t) = triggers.try_recv() {
+            if t.term == term {
+                queue.push_back((t.slot, true));
+            }
+        }
         let last = self.last_completed().await?;
         let now = Utc::now();
         let missed = self.schedule.missed_slots(last, now);
+        crate::metrics::schedule_missed(ctx.lock(), &self.name, &self.schedule, last, now);
         if !missed.is_empty() {
-            tracing::info!(job = %self.name, term = ctx.term(), missed = missed.len(), "running missed slots");
+            tracing::info!(job = %self.name, term, missed = missed.len(), "running missed slots");
         }
-        let mut queue: VecDeque<_> = missed.into();
+        // Missed slots first, oldest first; then the manual runs asked for so far.
+        for slot in missed.into_iter().rev() {
+            queue.push_front((slot, false));
+        }
+        // The latest slot handled (or `now` when there is none): the next slot comes after it.
         let mut cursor = last.map_or(now, |l| l.max(now));
         loop {
             let (slot, manual) = match queue.pop_front() {
-                Some(slot) => (slot, false),
+                Some(next) => next,
                 None => {
-                    let Some(next) = self.schedule.next_after(cursor) else {
+                    // Slots that passed during a long run count as missed too.
+                    let now = Utc::now();
+                    let late = self.schedule.missed_slots(Some(cursor), now);
+                    if !late.is_empty() {
+                        tracing::info!(job = %self.name, term, missed = late.len(), "slots passed during a run");
+                        queue.extend(late.into_iter().map(|slot| (slot, false)));
+                        continue;
+                    }
+                    let Some(next) = self.schedule.next_after(cursor.max(now)) else {
                         return Ok(());
                     };
                     tokio::select! {
                         () = sleep_until_wall(next) => (next, false),
-                        Some(at) = triggers.recv() => (at, true),
+                        Some(t) = triggers.recv() => {
+                            if t.term != term {
+                                continue;
+                            }
+                            (t.slot, true)
+                        }
                         () = ctx.cancelled() => return Ok(()),
                     }
                 }
@@ -235,8 +294,10 @@ impl Job {
                 ctx: ctx.clone(),
                 manual,
             };
-            tracing::debug!(job = %self.name, %slot, term = ctx.term(), manual, "running");
-            job(run).await.map_err(Into::into)?;
+            tracing::debug!(job = %self.name, %slot, term, manual, "running");
+            let res: Result<(), BoxError> = job(run).await.map_err(Into::into);
+            crate::metrics::schedule_run(ctx.lock(), &self.name, res.is_ok());
+            res?;
             if manual {
                 continue;
             }
@@ -250,18 +311,26 @@ impl Job {
     }
 
     async fn last_completed(&self) -> Result<Option<DateTime<Utc>>, Error> {
-        let Some(stored) = self.state.load(&self.key).await? else {
-            return Ok(None);
-        };
-        let parsed = std::str::from_utf8(&stored.value)
-            .ok()
-            .and_then(|s| s.trim().parse::<i64>().ok())
-            .and_then(|ms| Utc.timestamp_millis_opt(ms).single());
-        if parsed.is_none() {
-            tracing::warn!(job = %self.name, key = %self.key, "corrupt last-slot record; treating the job as never run");
-        }
-        Ok(parsed)
+        last_completed(&self.state, &self.name, &self.key).await
     }
+}
+
+async fn last_completed(
+    state: &State,
+    name: &str,
+    key: &str,
+) -> Result<Option<DateTime<Utc>>, Error> {
+    let Some(stored) = state.load(key).await? else {
+        return Ok(None);
+    };
+    let parsed = std::str::from_utf8(&stored.value)
+        .ok()
+        .and_then(|s| s.trim().parse::<i64>().ok())
+        .and_then(|ms| Utc.timestamp_millis_opt(ms).single());
+    if parsed.is_none() {
+        tracing::warn!(job = %name, %key, "corrupt last-slot record; treating the job as never run");
+    }
+    Ok(parsed)
 }
 
 /// Sleeps until the wall clock reads `t`, re-reading it at least every minute so a clock step is

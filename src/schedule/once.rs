@@ -60,6 +60,10 @@ impl Elector {
     /// If the primary dies mid-job, the next primary runs it again from the start: **the job must
     /// be idempotent**. `Err` or a panic restarts it with backoff while the term lasts.
     ///
+    /// The record keeps every completed version (the latest 100), so each version runs once even
+    /// when versions mix: during a rolling deploy, a primary still running the old code does not
+    /// run the old version again after the new one completed.
+    ///
     /// # Examples
     ///
     /// ```
@@ -81,7 +85,7 @@ impl Elector {
     /// # Errors
     ///
     /// [`ConfigError::InvalidStateKey`] when `once:<name>` is not a valid state key, or the
-    /// version is empty.
+    /// version is empty or has a line break.
     pub fn run_once<F, Fut, E>(
         &self,
         name: &str,
@@ -95,10 +99,10 @@ impl Elector {
     {
         let key: Arc<str> = format!("once:{name}").into();
         check_key(&key)?;
-        if version.is_empty() {
+        if version.is_empty() || version.contains(['\n', '\r']) {
             return Err(ConfigError::InvalidStateKey {
                 key: key.to_string(),
-                rule: "the version must not be empty",
+                rule: "the version must be one line, not empty",
             });
         }
         let version: Arc<str> = version.into();
@@ -131,7 +135,7 @@ impl Elector {
                 }
                 tracing::info!(job = %key, %version, term = ctx.term(), "running");
                 job(ctx.clone()).await.map_err(Into::into)?;
-                match state.store(&key, version.as_bytes(), &ctx).await {
+                match record(&state, &key, &version, &ctx).await {
                     Ok(()) => {
                         tracing::info!(job = %key, %version, term = ctx.term(), "completed");
                         done_tx.send_replace(true);
@@ -151,11 +155,31 @@ impl Elector {
     }
 }
 
+/// How many completed versions the record keeps.
+const KEEP_VERSIONS: usize = 100;
+
+/// The completed versions in a record: one a line, oldest first.
+fn versions(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|b| *b == b'\n').filter(|v| !v.is_empty())
+}
+
 async fn completed(state: &State, key: &str, version: &str) -> Result<bool, Error> {
     Ok(state
         .load(key)
         .await?
-        .is_some_and(|s| s.value == version.as_bytes()))
+        .is_some_and(|s| versions(&s.value).any(|v| v == version.as_bytes())))
+}
+
+/// Adds `version` to the record, under the term of `ctx`.
+async fn record(state: &State, key: &str, version: &str, ctx: &TermContext) -> Result<(), Error> {
+    let stored = state.load(key).await?.map(|s| s.value).unwrap_or_default();
+    let mut all: Vec<&[u8]> = versions(&stored)
+        .filter(|v| *v != version.as_bytes())
+        .collect();
+    all.push(version.as_bytes());
+    let from = all.len().saturating_sub(KEEP_VERSIONS);
+    let value = all[from..].join(&b'\n');
+    state.store(key, &value, ctx).await
 }
 
 /// Follows the completion record on every node until the version is done or the elector stops.

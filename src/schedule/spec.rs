@@ -54,7 +54,8 @@ impl fmt::Debug for Schedule {
     }
 }
 
-/// What a new primary does about slots that passed while no primary ran them.
+/// What a new primary does about slots that passed while no primary ran them (and what any
+/// primary does about slots that passed while one of its runs was still going).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Missed {

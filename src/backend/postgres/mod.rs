@@ -89,7 +89,8 @@
 //!   resumes: every good liveness check counts as a renewal of a lease the backend implies (the
 //!   keepalive detection time, see `Leadership::implied_lease`), and the elector fences the
 //!   term a margin before it runs out.
-//! - A stopped (`SIGSTOP`) holder keeps its lock: its kernel still answers keepalives.
+//! - A stopped (`SIGSTOP`) holder keeps its lock: its kernel still answers keepalives. Stopped
+//!   for longer than the implied lease, it fences itself when it resumes and hands over.
 //! - Terms strictly increase while the database keeps its data. Advisory locks are not
 //!   replicated: after a failover to a replica every holder's connection ends and it steps down;
 //!   a sequence value could in theory go back after such a failover (values are WAL-logged ahead
