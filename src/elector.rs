@@ -59,7 +59,7 @@ use tracing::Instrument;
 use crate::backend::{AcquireRequest, Backend, BoxFuture, Changes, Leadership, Lock, Stored};
 use crate::backoff::Backoff;
 use crate::clock::{Clock, Timestamp};
-use crate::error::{BoxError, ConfigError, Error, validate_lock_name};
+use crate::error::{BoxError, Chain, ConfigError, Error, validate_lock_name};
 use crate::role::{Holder, NodeId, Role, RoleHandle, RoleState, Shared, TermContext};
 use crate::task::{TaskSet, TaskSpec};
 use crate::watchdog::Phase;
@@ -851,7 +851,7 @@ impl Campaign {
                                 lock = %self.shared.lock,
                                 node = %self.shared.node,
                                 backend = self.backend_name,
-                                error = %err,
+                                error = %Chain(&err),
                                 retry_in = ?delay,
                                 "acquire failed; staying secondary"
                             );
@@ -871,7 +871,7 @@ impl Campaign {
                         Err(err) => {
                             crate::metrics::backend_error(&self.shared.lock, "watch");
                             let delay = watch_retry.next_delay();
-                            tracing::warn!(lock = %self.shared.lock, error = %err, "cannot watch the holder record; retrying");
+                            tracing::warn!(lock = %self.shared.lock, error = %Chain(&err), "cannot watch the holder record; retrying");
                             watch_at = Some(Instant::now() + delay);
                         }
                     }
@@ -881,7 +881,7 @@ impl Campaign {
                         Ok(()) => holder_again = true,
                         Err(err) => {
                             crate::metrics::backend_error(&self.shared.lock, "watch");
-                            tracing::warn!(lock = %self.shared.lock, error = %err, "holder watch failed; re-subscribing");
+                            tracing::warn!(lock = %self.shared.lock, error = %Chain(&err), "holder watch failed; re-subscribing");
                             watch = None;
                             watch_at = Some(Instant::now() + watch_retry.next_delay());
                         }
@@ -903,7 +903,7 @@ impl Campaign {
                         }
                         Err(err) => {
                             crate::metrics::backend_error(&self.shared.lock, "holder");
-                            tracing::warn!(lock = %self.shared.lock, error = %err, "cannot read the holder record");
+                            tracing::warn!(lock = %self.shared.lock, error = %Chain(&err), "cannot read the holder record");
                             self.publish_secondary(None);
                         }
                     }
@@ -1011,7 +1011,7 @@ impl Campaign {
         self.publish_secondary(None);
         match &leave {
             Leave::Lost(err) => {
-                tracing::warn!(%lock, %node, term, reason = "lost", error = %err, "lost the lock");
+                tracing::warn!(%lock, %node, term, reason = "lost", error = %Chain(&err), "lost the lock");
             }
             Leave::Fenced => tracing::warn!(
                 %lock, %node, term, reason = "fenced",
@@ -1066,7 +1066,7 @@ impl Campaign {
         self.shared.watchdog.beat(clock.now());
         if let Err(err) = &released {
             crate::metrics::backend_error(&lock, "release");
-            tracing::warn!(%lock, %node, term, backend = self.backend_name, error = %err, "release failed");
+            tracing::warn!(%lock, %node, term, backend = self.backend_name, error = %Chain(&err), "release failed");
         } else {
             if !matches!(leave, Leave::Lost(_)) {
                 // After a loss there was nothing left to give back.

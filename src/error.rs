@@ -170,6 +170,22 @@ impl Error {
     }
 }
 
+/// An error and its sources, `": "`-separated, for logs (`Display` of most errors leaves the
+/// sources out).
+pub(crate) struct Chain<'a>(pub(crate) &'a dyn std::error::Error);
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
+}
+
 /// Checks a lock name: 1 to 128 characters of `[A-Za-z0-9._-]`, not starting with a dot.
 ///
 /// Lock names become file names and key parts, so anything else is refused.
@@ -210,6 +226,15 @@ mod tests {
             let err = validate_lock_name(bad).unwrap_err();
             assert!(err.to_string().starts_with("invalid lock name"), "{err}");
         }
+    }
+
+    #[test]
+    fn chains_show_the_sources() {
+        let e = Error::backend("file", "cannot lock", std::io::Error::other("disk on fire"));
+        assert_eq!(
+            Chain(&e).to_string(),
+            "file backend: cannot lock: disk on fire"
+        );
     }
 
     #[test]

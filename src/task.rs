@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 
 use crate::backend::BoxFuture;
 use crate::backoff::Backoff;
-use crate::error::BoxError;
+use crate::error::{BoxError, Chain};
 use crate::role::TermContext;
 
 type Factory = dyn Fn(TermContext) -> BoxFuture<'static, Result<(), BoxError>> + Send + Sync;
@@ -127,7 +127,7 @@ async fn supervise(spec: Arc<TaskSpec>, ctx: TermContext) {
             }
             Ok(Err(err)) => {
                 crate::metrics::task_failed(&lock, name, "error");
-                tracing::warn!(%lock, task = name, term, error = %err, "singleton task failed; restarting");
+                tracing::warn!(%lock, task = name, term, error = %Chain(&*err), "singleton task failed; restarting");
             }
             Err(panic) => {
                 crate::metrics::task_failed(&lock, name, "panic");
