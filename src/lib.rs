@@ -165,7 +165,7 @@
 //! | `redis` | no | [`RedisBackend`](backend::redis::RedisBackend): a lease (`SET NX PX`) renewed by owner-checked scripts, pub/sub handover (redis-rs, rustls); `redis://…`, `rediss://…` |
 //! | `postgres` | no | [`PostgresBackend`](backend::postgres::PostgresBackend): session advisory locks on PostgreSQL (tokio-postgres, rustls); `postgres://…` |
 //! | `etcd` | no | [`EtcdBackend`](backend::etcd::EtcdBackend): a lease-bound election on an etcd key prefix (etcd-client, rustls; building it needs `protoc`); `etcd://…`, `etcds://…` |
-//! | `metrics` | no | role, transition, latency, task and schedule [metrics](crate::metrics) on the `metrics` facade |
+//! | `metrics` | no | role, transition, latency, task and schedule metrics on the `metrics` facade ([names](crate::metrics)) |
 //! | `full` | no | every optional part |
 //!
 //! A backend can be chosen at run time from a string (a flag or `TOWER_PRIMARY_BACKEND`) with

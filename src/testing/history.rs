@@ -181,7 +181,9 @@ pub struct Write {
     pub node: String,
     /// The term the write carried.
     pub term: u64,
-    /// When the witness accepted it, in nanoseconds.
+    /// When it was made, in nanoseconds: when the witness accepted it, or (as
+    /// [`witness::merge`](crate::testing::witness::merge) records it) when the node checked its
+    /// term just before writing.
     pub at: u64,
 }
 

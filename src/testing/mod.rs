@@ -7,9 +7,12 @@
 //! - [`conformance`]: the checks every backend must pass; a backend's test file is a
 //!   [`Fixture`](conformance::Fixture) and one [`conformance_tests!`](crate::conformance_tests)
 //!   line.
+//! - [`witness`]: a fenced witness (a store that refuses older terms) that primaries write to, and
+//!   the check of what they wrote against the primary periods.
 
 pub mod conformance;
 pub mod history;
 pub mod node;
 pub mod proxy;
 pub mod servers;
+pub mod witness;

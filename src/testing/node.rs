@@ -21,6 +21,8 @@
 //! | `TOWER_PRIMARY_TEST_TICK` | how often the singleton task ticks (default `100ms`) |
 //! | `TOWER_PRIMARY_TEST_SPAWN` | optional command (split on whitespace) that the singleton task spawns with [`std::process::Command`] at the start of every term, e.g. `sleep 30` |
 //! | `TOWER_PRIMARY_TEST_PARENT_PIPE=1` | exit when stdin reaches end-of-file (the parent died) |
+//! | `TOWER_PRIMARY_TEST_WITNESS` | optional `host:port` of a [fenced witness](crate::testing::witness) to write to while primary, as node `<pid>` |
+//! | `TOWER_PRIMARY_TEST_WITNESS_EVERY` | how often to write to the witness (default `2ms`) |
 //!
 //! The node spawns an [`Elector`] on a current-thread runtime, registers a singleton task that
 //! reports its start at once and then ticks, and prints one line per role change. On `SIGTERM` it
@@ -123,6 +125,10 @@ pub const SPAWN_ENV: &str = "TOWER_PRIMARY_TEST_SPAWN";
 /// Set to `1`: the node exits when its stdin reaches end-of-file, so nodes never outlive a parent
 /// that was killed. [`Cluster`] sets it and keeps the pipe open.
 pub const PARENT_PIPE_ENV: &str = "TOWER_PRIMARY_TEST_PARENT_PIPE";
+/// The address of a [fenced witness](crate::testing::witness) the node writes to while primary.
+pub const WITNESS_ENV: &str = "TOWER_PRIMARY_TEST_WITNESS";
+/// How often the node writes to the witness (humantime, default `2ms`).
+pub const WITNESS_EVERY_ENV: &str = "TOWER_PRIMARY_TEST_WITNESS_EVERY";
 
 const DEFAULT_TICK: Duration = Duration::from_millis(100);
 
@@ -160,6 +166,9 @@ pub struct NodeConfig {
     pub tick: Duration,
     /// A command (program and arguments) the singleton task spawns at the start of every term.
     pub spawn: Option<Vec<String>>,
+    /// A fenced witness to write to while primary, and how often
+    /// ([`witness::write_while_primary`](crate::testing::witness::write_while_primary)).
+    pub witness: Option<(std::net::SocketAddr, Duration)>,
 }
 
 impl NodeConfig {
@@ -173,7 +182,16 @@ impl NodeConfig {
             grace: None,
             tick: DEFAULT_TICK,
             spawn: None,
+            witness: None,
         }
+    }
+
+    /// Makes the node write to the [fenced witness](crate::testing::witness) at `addr` every
+    /// `every` while primary, as node `<pid>`.
+    #[must_use]
+    pub fn witness(mut self, addr: std::net::SocketAddr, every: Duration) -> Self {
+        self.witness = Some((addr, every));
+        self
     }
 
     /// Sets the lease.
@@ -226,6 +244,13 @@ impl NodeConfig {
         if let Some(spawn) = &self.spawn {
             env.push((SPAWN_ENV, spawn.join(" ")));
         }
+        if let Some((addr, every)) = self.witness {
+            env.push((WITNESS_ENV, addr.to_string()));
+            env.push((
+                WITNESS_EVERY_ENV,
+                humantime::format_duration(every).to_string(),
+            ));
+        }
         env
     }
 
@@ -249,6 +274,15 @@ impl NodeConfig {
             .ok_or_else(|| format!("{} is not set", crate::backend::BACKEND_ENV))?;
         let lock = var(LOCK_ENV).ok_or_else(|| format!("{LOCK_ENV} is not set"))?;
         let spawn = var(SPAWN_ENV).map(|s| s.split_whitespace().map(str::to_owned).collect());
+        let witness = match var(WITNESS_ENV) {
+            Some(v) => Some((
+                v.trim()
+                    .parse()
+                    .map_err(|e| format!("{WITNESS_ENV}={v:?}: {e}"))?,
+                duration(WITNESS_EVERY_ENV)?.unwrap_or(Duration::from_millis(2)),
+            )),
+            None => None,
+        };
         Ok(NodeConfig {
             backend: backend.trim().to_owned(),
             lock: lock.trim().to_owned(),
@@ -256,6 +290,7 @@ impl NodeConfig {
             grace: duration(GRACE_ENV)?,
             tick: duration(TICK_ENV)?.unwrap_or(DEFAULT_TICK),
             spawn,
+            witness,
         })
     }
 }
@@ -647,6 +682,10 @@ pub async fn run_node(config: NodeConfig) -> i32 {
             Ok::<(), std::convert::Infallible>(())
         }
     });
+    if let Some((addr, every)) = config.witness {
+        let node = std::process::id().to_string();
+        crate::testing::witness::write_while_primary(&elector, addr, node, every);
+    }
     tokio::select! {
         _ = sigterm.recv() => {
             emit(EventKind::SigTerm);
