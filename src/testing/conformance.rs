@@ -740,10 +740,11 @@ pub async fn failover_when_the_primary_crashes<F: Fixture + ?Sized>(fixture: &F)
     });
     // On a lease backend only expiry frees a crashed holder's lock. (A session lock is freed
     // when the session dies, even where the backend implies a lease for self-fencing.)
-    if fixture.lease().is_some() {
-        if let Some(deadline) = killed.deadline.filter(|d| *d != Timestamp::NEVER) {
-            h.started_after("b", tb, "a's deadline", deadline.as_nanos());
-        }
+    if let Some(deadline) = killed
+        .deadline
+        .filter(|d| fixture.lease().is_some() && *d != Timestamp::NEVER)
+    {
+        h.started_after("b", tb, "a's deadline", deadline.as_nanos());
     }
     b.elector.shutdown().await;
     h.finish();
