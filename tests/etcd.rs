@@ -17,6 +17,10 @@
 //! ```
 #![cfg(feature = "etcd")]
 
+mod common;
+
+use common::ms;
+
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
@@ -30,7 +34,7 @@ use tower_primary::clock::monotonic_nanos;
 use tower_primary::testing::conformance::{Connection, Fault, FaultHooks, Fixture};
 use tower_primary::testing::history::History;
 use tower_primary::testing::node::{
-    self, Cluster, Event, EventKind, NodeCommand, NodeConfig, NodeSignal,
+    Cluster, Event, EventKind, NodeCommand, NodeConfig, NodeSignal,
 };
 use tower_primary::testing::proxy::TcpProxy;
 use tower_primary::testing::servers::{self, EtcdServer};
@@ -540,17 +544,7 @@ async fn leases_under_two_seconds_are_refused_at_spawn() {
 /// The node side of this binary: runs as a node when `TOWER_PRIMARY_TEST_NODE=1`.
 #[test]
 fn node_entry() {
-    if !node::is_node_process() {
-        return;
-    }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("tower_primary=info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .try_init();
-    node::run_node_from_env();
+    common::node_entry();
 }
 
 struct Setup {
@@ -582,10 +576,6 @@ async fn setup(test: &str) -> Option<Setup> {
         lock: test.to_owned(),
         _serial: serial,
     })
-}
-
-fn ms(from: u64, to: u64) -> f64 {
-    (to as f64 - from as f64) / 1e6
 }
 
 fn find(

@@ -140,10 +140,10 @@ mod recording {
         pub(crate) fn gauge(&self, name: &str, labels: &[(&str, &str)]) -> Vec<f64> {
             let mut out: Vec<f64> = Vec::new();
             for e in self.events().iter().filter(|e| e.matches(name, labels)) {
-                if let Op::Set(v) = e.op {
-                    if out.last() != Some(&v) {
-                        out.push(v);
-                    }
+                if let Op::Set(v) = e.op
+                    && out.last() != Some(&v)
+                {
+                    out.push(v);
                 }
             }
             out

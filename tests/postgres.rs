@@ -16,6 +16,10 @@
 //! ```
 #![cfg(feature = "postgres")]
 
+mod common;
+
+use common::ms;
+
 use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -29,7 +33,7 @@ use tower_primary::backend::{AcquireRequest, Backend, Leadership, Lock};
 use tower_primary::clock::monotonic_nanos;
 use tower_primary::testing::conformance::{Connection, Fault, FaultHooks, Fixture};
 use tower_primary::testing::node::{
-    self, Cluster, Event, EventKind, NodeCommand, NodeConfig, NodeSignal,
+    Cluster, Event, EventKind, NodeCommand, NodeConfig, NodeSignal,
 };
 use tower_primary::testing::proxy::TcpProxy;
 use tower_primary::testing::servers::{self, PgBouncer};
@@ -43,17 +47,7 @@ static SERIAL: Mutex<()> = Mutex::const_new(());
 /// The node side of this binary.
 #[test]
 fn node_entry() {
-    if !node::is_node_process() {
-        return;
-    }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("tower_primary=info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .try_init();
-    node::run_node_from_env();
+    common::node_entry();
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -648,20 +642,11 @@ async fn nodes(test: &str) -> Option<Nodes> {
     })
 }
 
-fn ms(from: u64, to: u64) -> f64 {
-    (to as f64 - from as f64) / 1e6
-}
-
 fn first(events: &[Event], pid: u32, pred: impl Fn(&EventKind) -> bool) -> Option<u64> {
     events
         .iter()
         .find(|e| e.pid == pid && pred(&e.kind))
         .map(|e| e.at)
-}
-
-fn assert_no_overlap(cluster: &Cluster) {
-    let report = cluster.history().check();
-    assert!(report.is_ok(), "{report}\n{}", cluster.dump());
 }
 
 #[tokio::test]
@@ -690,7 +675,7 @@ async fn a_killed_primary_is_succeeded_by_exactly_one_node_with_a_higher_term() 
         .map(|p| (p.node.parse::<u32>().unwrap(), p.term))
         .collect();
     assert_eq!(holders, [(old, term), settled], "{}", n.cluster.dump());
-    assert_no_overlap(&n.cluster);
+    n.cluster.assert_history_ok();
     eprintln!(
         "SIGKILL → successor primary {:.3} ms",
         ms(killed_at, next.at)
@@ -739,7 +724,7 @@ async fn a_terminated_primary_hands_over_and_every_secondary_learns_the_new_hold
         n.cluster.dump()
     );
     assert!(next.at <= released + 1_000_000_000, "{}", n.cluster.dump());
-    assert_no_overlap(&n.cluster);
+    n.cluster.assert_history_ok();
     eprintln!(
         "SIGTERM → successor primary {:.3} ms (old task cancelled at {:.3} ms)",
         ms(sent_at, next.at),
@@ -773,7 +758,7 @@ async fn a_primary_whose_lock_session_is_terminated_steps_down_before_the_succes
         "{}",
         n.cluster.dump()
     );
-    assert_no_overlap(&n.cluster);
+    n.cluster.assert_history_ok();
     // The old primary is alive and campaigns again.
     assert!(n.cluster.states()[&old].alive);
     n.cluster.wait_settled(WAIT).await.unwrap();
@@ -828,7 +813,7 @@ async fn a_stalled_primary_steps_down_before_the_server_frees_its_lock() {
     proxy.cut_upstream();
     let next = n.cluster.wait_primary_after(term, old, WAIT).await.unwrap();
     assert!(stalled_at < stepped_down && stepped_down < cut_at && cut_at < next.at);
-    assert_no_overlap(&n.cluster);
+    n.cluster.assert_history_ok();
     eprintln!(
         "stall → old primary stepped down {:.3} ms; upstream cut → successor {:.3} ms",
         ms(stalled_at, stepped_down),

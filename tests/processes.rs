@@ -20,6 +20,10 @@
 //! cargo test --test processes -- --test-threads=1 --nocapture
 //! ```
 
+mod common;
+
+use common::ms;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -27,7 +31,7 @@ use tempfile::TempDir;
 use tokio::sync::{Mutex, MutexGuard};
 use tower_primary::testing::history::{History, Period};
 use tower_primary::testing::node::{
-    self, Cluster, Event, EventKind, EventLog, NodeCommand, NodeConfig, NodeSignal, ObservedRole,
+    Cluster, Event, EventKind, EventLog, NodeCommand, NodeConfig, NodeSignal, ObservedRole,
 };
 use tower_primary::{ConfigError, Elector, FileLock};
 
@@ -39,17 +43,7 @@ static SERIAL: Mutex<()> = Mutex::const_new(());
 /// The node side of this binary (see the module docs).
 #[test]
 fn node_entry() {
-    if !node::is_node_process() {
-        return;
-    }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("tower_primary=info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .try_init();
-    node::run_node_from_env();
+    common::node_entry();
 }
 
 struct Setup {
@@ -80,20 +74,11 @@ fn path_str(p: &Path) -> String {
     p.to_str().expect("a UTF-8 temporary path").to_owned()
 }
 
-fn ms(from: u64, to: u64) -> f64 {
-    (to as f64 - from as f64) / 1e6
-}
-
 fn find(events: &[Event], pid: u32, pred: impl Fn(&EventKind) -> bool) -> Option<Event> {
     events
         .iter()
         .find(|e| e.pid == pid && pred(&e.kind))
         .cloned()
-}
-
-fn assert_no_overlap(cluster: &Cluster) {
-    let report = cluster.history().check();
-    assert!(report.is_ok(), "{report}\n{}", cluster.dump());
 }
 
 /// (pid, term) of a period of [`Cluster::history`], whose node ids are pids.
@@ -123,7 +108,7 @@ async fn eight_nodes_elect_exactly_one_primary() {
         })
         .count();
     assert_eq!(secondaries, 7, "{}", s.cluster.dump());
-    assert_no_overlap(&s.cluster);
+    s.cluster.assert_history_ok();
 }
 
 #[tokio::test]
@@ -147,7 +132,7 @@ async fn secondary_takes_over_with_a_higher_term_when_primary_is_killed() {
     assert!(next.at > killed_at);
     let holders: Vec<_> = s.cluster.history().periods().iter().map(holder).collect();
     assert_eq!(holders, [(old, term), settled], "{}", s.cluster.dump());
-    assert_no_overlap(&s.cluster);
+    s.cluster.assert_history_ok();
     let start = s
         .cluster
         .wait_task_start_after(term, old, WAIT)
@@ -182,19 +167,18 @@ async fn terminated_primary_hands_over_before_it_exits() {
     let cancelled = at(&|k| matches!(k, EventKind::TaskCancelled { term: t } if *t == term));
     let released = at(&|k| matches!(k, EventKind::Released));
     let exit = at(&|k| matches!(k, EventKind::Exit { code: 0 }));
-    let successor_task = find(
-        &events,
-        next.pid,
-        |k| matches!(k, EventKind::TaskStart { term: t } if *t > term),
-    )
-    .expect("the successor's task start");
+    let successor_task = s
+        .cluster
+        .wait_task_start_after(term, old, WAIT)
+        .await
+        .unwrap();
     // The old node winds its term down and releases before anyone else acts as primary.
     assert!(
         sent_at <= sigterm && sigterm <= cancelled && cancelled <= released && released <= exit
     );
     assert!(cancelled < next.at, "{}", s.cluster.dump());
     assert!(cancelled < successor_task.at, "{}", s.cluster.dump());
-    assert_no_overlap(&s.cluster);
+    s.cluster.assert_history_ok();
     eprintln!(
         "SIGTERM → old task cancelled {:.3} ms, successor primary {:.3} ms, successor task {:.3} \
          ms, old shutdown returned {:.3} ms",
@@ -243,7 +227,7 @@ async fn stopped_primary_keeps_the_file_lock_until_it_resumes() {
         "{}",
         s.cluster.dump()
     );
-    assert_no_overlap(&s.cluster);
+    s.cluster.assert_history_ok();
 }
 
 /// Kills the `sleep` children the nodes spawned, when the test ends (even on failure).
@@ -307,7 +291,7 @@ async fn child_process_of_the_primary_does_not_keep_the_lock() {
         "{took:?}\n{}",
         s.cluster.dump()
     );
-    assert_no_overlap(&s.cluster);
+    s.cluster.assert_history_ok();
     eprintln!(
         "SIGKILL of a primary whose `sleep 30` child (pid {child}) lives on → successor {:.3} ms",
         ms(killed_at, next.at)

@@ -18,6 +18,10 @@
 //! ```
 #![cfg(feature = "redis")]
 
+mod common;
+
+use common::ms;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -29,7 +33,7 @@ use tower_primary::backend::{AcquireRequest, Backend};
 use tower_primary::testing::conformance::{Connection, Fault, FaultHooks, Fixture};
 use tower_primary::testing::history::History;
 use tower_primary::testing::node::{
-    self, Cluster, Event, EventKind, NodeCommand, NodeConfig, NodeSignal,
+    Cluster, Event, EventKind, NodeCommand, NodeConfig, NodeSignal,
 };
 use tower_primary::testing::proxy::TcpProxy;
 use tower_primary::testing::servers::{self, RedisServer};
@@ -474,17 +478,7 @@ async fn state_writes_need_the_holding_term() {
 /// The node side of this binary: the process tests re-execute it in node mode.
 #[test]
 fn node_entry() {
-    if !node::is_node_process() {
-        return;
-    }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("tower_primary=info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .try_init();
-    node::run_node_from_env();
+    common::node_entry();
 }
 
 struct Setup {
@@ -513,20 +507,11 @@ async fn setup(test: &str, lease: Duration) -> Option<Setup> {
     })
 }
 
-fn ms(from: u64, to: u64) -> f64 {
-    (to as f64 - from as f64) / 1e6
-}
-
 fn find(events: &[Event], pid: u32, pred: impl Fn(&EventKind) -> bool) -> Option<Event> {
     events
         .iter()
         .find(|e| e.pid == pid && pred(&e.kind))
         .cloned()
-}
-
-fn assert_no_overlap(cluster: &Cluster) {
-    let report = cluster.history().check();
-    assert!(report.is_ok(), "{report}\n{}", cluster.dump());
 }
 
 #[tokio::test]
@@ -550,7 +535,7 @@ async fn sigkill_of_the_primary_elects_exactly_one_successor_with_a_higher_term(
         .map(|p| p.node.parse().unwrap())
         .collect();
     assert_eq!(primaries, [old, new], "{}", s.cluster.dump());
-    assert_no_overlap(&s.cluster);
+    s.cluster.assert_history_ok();
     let took = Duration::from_nanos(next.at - killed_at);
     assert!(took < lease * 5, "{took:?}\n{}", s.cluster.dump());
     println!(
@@ -587,7 +572,7 @@ async fn sigterm_hands_over_before_the_lease_could_expire() {
         "the successor waited for the lease: {took:?}\n{}",
         s.cluster.dump()
     );
-    assert_no_overlap(&s.cluster);
+    s.cluster.assert_history_ok();
     println!(
         "SIGTERM → successor primary after {:.1} ms",
         ms(sent, next.at)
@@ -689,7 +674,7 @@ async fn redis_restarted_empty_never_gives_two_primaries() {
     )
     .expect("the old primary to step down");
     assert!(old_end.at < next.at, "{}", s.cluster.dump());
-    assert_no_overlap(&s.cluster);
+    s.cluster.assert_history_ok();
     println!(
         "Redis killed and restarted empty ({:.1} ms down): old primary (pid {old}) stepped down \
          after {:.1} ms, new primary pid {now} (term {now_term}) after {:.1} ms",
@@ -736,7 +721,7 @@ async fn stalled_proxy_makes_the_primary_step_down_before_a_successor_appears() 
         "the successor appeared before the old primary stepped down\n{}",
         s.cluster.dump()
     );
-    assert_no_overlap(&s.cluster);
+    s.cluster.assert_history_ok();
     println!(
         "stalled proxy: primary stepped down after {:.1} ms, successor after {:.1} ms",
         ms(stalled_at, stepped_down.at),

@@ -1243,6 +1243,17 @@ impl Cluster {
         history(&self.log.snapshot())
     }
 
+    /// Panics, with the checker's report and [`dump`](Self::dump), unless the primary periods so
+    /// far do not overlap and their terms rise.
+    ///
+    /// # Panics
+    ///
+    /// When the history breaks either rule.
+    pub fn assert_history_ok(&self) {
+        let report = self.history().check();
+        assert!(report.is_ok(), "{report}\n{}", self.dump());
+    }
+
     /// Waits until `check` returns `Some` on the events (re-checked after every new event).
     ///
     /// # Errors
