@@ -54,8 +54,12 @@
 //!
 //! [`PrimaryLayer`] puts the role into every request; [`RequirePrimaryLayer`] keeps a route to
 //! the primary (503, or a 307 to the primary's advertised URL); [`health::role`] serves
-//! `/health/role`; the [extractors](extract) read the role in handlers. The request path never
-//! touches the backend: the layer adds one extension insert per request.
+//! `/health/role`, and [`health::Readiness`] `/health/ready` (503 until the
+//! [run-once jobs](Elector::run_once) it requires are done); the [extractors](extract) read the
+//! role in handlers. The request path never touches the backend: the layer adds one extension
+//! insert per request. [Schedules](schedule) run jobs on the primary every interval or on a cron
+//! expression. `examples/scheduler` puts it all together: an email sender and a daily report under
+//! N workers.
 //!
 //! ```no_run
 //! use axum::{Router, routing::{get, post}};

@@ -264,3 +264,111 @@ fn bad_schedules_and_job_names_are_refused() {
         e.shutdown().await;
     });
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn run_now_right_after_promotion_is_not_dropped_by_the_starting_loop() {
+    let backend = MemoryBackend::new();
+    let a = elector(&backend, "a");
+    a.handle().wait_primary().await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let hourly = Schedule::every(Duration::from_secs(3600)).unwrap();
+    let handle = a
+        .schedule("report", hourly, recording_job("a", tx))
+        .unwrap();
+    // On this single-threaded runtime the schedule's loop cannot have started yet: the request
+    // is queued before it drains the queue, and must survive that.
+    let slot = handle.run_now().expect("the primary refused a run");
+    let run = next(&mut rx).await;
+    assert_eq!((run.manual, run.slot), (true, slot));
+    a.shutdown().await;
+}
+
+#[tokio::test]
+async fn manual_runs_have_their_own_idempotency_keys() {
+    let backend = MemoryBackend::new();
+    let a = elector(&backend, "a");
+    a.handle().wait_primary().await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let hourly = Schedule::every(Duration::from_secs(3600)).unwrap();
+    let handle = a
+        .schedule("report", hourly, move |run: Run| {
+            tx.send((run.idempotency_key(), run.slot())).ok();
+            async { Ok::<_, std::io::Error>(()) }
+        })
+        .unwrap();
+    let slot = handle.run_now().unwrap();
+    let (key, seen) = timeout(WAIT, rx.recv()).await.unwrap().unwrap();
+    assert_eq!(seen, slot);
+    assert_eq!(key, format!("report:manual:{}", slot.timestamp_millis()));
+    // Manual runs are not recorded as completed slots.
+    assert_eq!(handle.last_completed().await.unwrap(), None);
+    a.shutdown().await;
+}
+
+#[tokio::test]
+async fn slots_that_pass_during_a_long_run_follow_the_missed_policy() {
+    let backend = MemoryBackend::new();
+    let a = elector(&backend, "a");
+    a.handle().wait_primary().await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    // Every 100 ms, but each run takes 350 ms: with `Skip` the next run is the next slot after
+    // the long run ends, not the three slots that passed meanwhile, one after the other.
+    let every = Schedule::every(Duration::from_millis(100))
+        .unwrap()
+        .missed(Missed::Skip);
+    let handle = a
+        .schedule("slow", every, move |run: Run| {
+            let tx = tx.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(350)).await;
+                tx.send((run.slot(), Utc::now())).ok();
+                Ok::<_, std::io::Error>(())
+            }
+        })
+        .unwrap();
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        runs.push(timeout(WAIT, rx.recv()).await.unwrap().unwrap());
+    }
+    for pair in runs.windows(2) {
+        let ((_, ended), (slot, _)) = (pair[0], pair[1]);
+        assert!(
+            slot >= ended,
+            "a slot that passed during the previous run ran: {runs:?}"
+        );
+    }
+    let last = handle.last_completed().await.unwrap().unwrap();
+    assert!(last >= runs[2].0);
+    a.shutdown().await;
+}
+
+#[tokio::test]
+async fn run_once_runs_each_version_once_even_when_versions_mix() {
+    let backend = MemoryBackend::new();
+    let runs = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let job = |version: &'static str| {
+        let runs = runs.clone();
+        move |_ctx| {
+            runs.lock().unwrap().push(version);
+            async { Ok::<_, std::io::Error>(()) }
+        }
+    };
+    let a = elector(&backend, "a");
+    timeout(WAIT, a.run_once("migrate", "v1", job("v1")).unwrap().wait())
+        .await
+        .unwrap();
+    timeout(WAIT, a.run_once("migrate", "v2", job("v2")).unwrap().wait())
+        .await
+        .unwrap();
+    a.shutdown().await;
+    // A node still running the old code (a rolling deploy) becomes primary: v1 is done already.
+    let old = elector(&backend.connection(), "old");
+    let v1 = old.run_once("migrate", "v1", job("v1")).unwrap();
+    timeout(WAIT, v1.wait()).await.unwrap();
+    let v2 = old.run_once("migrate", "v2", job("v2")).unwrap();
+    timeout(WAIT, v2.wait()).await.unwrap();
+    assert_eq!(*runs.lock().unwrap(), ["v1", "v2"]);
+    let stored = old.state().load("once:migrate").await.unwrap().unwrap();
+    assert_eq!(stored.value, b"v1\nv2");
+    old.shutdown().await;
+}

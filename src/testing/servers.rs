@@ -1,6 +1,6 @@
-//! Throwaway backend servers for tests and the chaos tool: a `redis-server` or an `etcd` of their
-//! own on free ports, which a test may kill and restart, and the rule for skipping when a server
-//! is absent.
+//! Throwaway backend servers for tests and the chaos tool: a `redis-server`, an `etcd` or a
+//! PostgreSQL cluster of their own on free ports, which a test may kill and restart, and the rule
+//! for skipping when a server is absent.
 //!
 //! Backend tests call [`require`] when a server cannot be had: it prints a loud `SKIPPED` line, or
 //! panics when `TOWER_PRIMARY_REQUIRE_BACKENDS=1` (as in CI), so a missing server never passes
@@ -502,6 +502,192 @@ impl Drop for PgBouncer {
     }
 }
 
+/// A PostgreSQL cluster of the test's own (`initdb` in a temporary directory, trust
+/// authentication, `fsync` off) on a free port of 127.0.0.1, which a test may kill and restart:
+/// for faults that a shared server must not suffer. Its data survives a restart.
+///
+/// `initdb` refuses to run as root: as root the cluster belongs to the `postgres` user and its
+/// programs run with `runuser -u postgres`. The programs are looked up in
+/// `/usr/lib/postgresql/<version>/bin` (the newest), then in `PATH`.
+#[derive(Debug)]
+pub struct PostgresServer {
+    port: u16,
+    bin: PathBuf,
+    as_root: bool,
+    running: bool,
+    dir: TempDir,
+}
+
+impl PostgresServer {
+    /// Creates the cluster and starts it.
+    ///
+    /// # Errors
+    ///
+    /// When the PostgreSQL server programs are missing or the cluster does not come up.
+    pub async fn start() -> Result<Self, String> {
+        use std::os::unix::fs::MetadataExt;
+
+        let port = free_port().map_err(|e| e.to_string())?;
+        let dir = TempDir::new("postgres").map_err(|e| e.to_string())?;
+        let as_root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+        let mut server = PostgresServer {
+            port,
+            bin: postgres_bin_dir(),
+            as_root,
+            running: false,
+            dir,
+        };
+        if as_root {
+            server.run(
+                "chown",
+                &["-R", "postgres:postgres", &server.dir_str()],
+                false,
+            )?;
+        }
+        let data = server.data_dir();
+        let initdb = server.bin.join("initdb").display().to_string();
+        server.run(
+            &initdb,
+            &["-D", &data, "-A", "trust", "-U", "postgres", "--no-sync"],
+            true,
+        )?;
+        server.restart().await?;
+        Ok(server)
+    }
+
+    /// `postgres://postgres@127.0.0.1:<port>/postgres`.
+    #[must_use]
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// The server's address.
+    #[must_use]
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// Stops the server at once, as a crash would (`pg_ctl stop -m immediate`): every session
+    /// ends without a goodbye; the data stays.
+    pub fn kill(&mut self) {
+        if std::mem::take(&mut self.running) {
+            let pg_ctl = self.bin.join("pg_ctl").display().to_string();
+            let data = self.data_dir();
+            let _ = self.run(
+                &pg_ctl,
+                &["-D", &data, "-m", "immediate", "-w", "stop"],
+                true,
+            );
+        }
+    }
+
+    /// Starts the server again on the same port with the same data, killing it first if it
+    /// runs, and waits until it accepts connections.
+    ///
+    /// # Errors
+    ///
+    /// When it does not come up.
+    pub async fn restart(&mut self) -> Result<(), String> {
+        self.kill();
+        let pg_ctl = self.bin.join("pg_ctl").display().to_string();
+        let data = self.data_dir();
+        let log = self.dir.path().join("postgres.log").display().to_string();
+        let options = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off",
+            self.port,
+            self.dir_str()
+        );
+        let args: Vec<String> = [
+            "-D", &data, "-l", &log, "-o", &options, "-w", "-t", "60", "start",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        let (program, args) = self.command(&pg_ctl, &args);
+        let output = tokio::task::spawn_blocking(move || Command::new(program).args(args).output())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot run pg_ctl ({e}); install postgresql (Debian)"))?;
+        if !output.status.success() {
+            let log = std::fs::read_to_string(&log).unwrap_or_default();
+            return Err(format!(
+                "pg_ctl start failed: {}{}; log: {}",
+                String::from_utf8_lossy(&output.stdout).trim(),
+                String::from_utf8_lossy(&output.stderr).trim(),
+                log.trim()
+            ));
+        }
+        self.running = true;
+        Ok(())
+    }
+
+    fn data_dir(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    fn dir_str(&self) -> String {
+        self.dir.path().display().to_string()
+    }
+
+    /// The program and arguments, through `runuser -u postgres` as root.
+    fn command(&self, program: &str, args: &[String]) -> (String, Vec<String>) {
+        if self.as_root {
+            let mut all = vec!["-u".to_owned(), "postgres".to_owned(), "--".to_owned()];
+            all.push(program.to_owned());
+            all.extend(args.iter().cloned());
+            ("runuser".to_owned(), all)
+        } else {
+            (program.to_owned(), args.to_vec())
+        }
+    }
+
+    fn run(&self, program: &str, args: &[&str], as_postgres: bool) -> Result<(), String> {
+        let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+        let (program, args) = if as_postgres {
+            self.command(program, &args)
+        } else {
+            (program.to_owned(), args)
+        };
+        let output = Command::new(&program)
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run `{program}` ({e}); install postgresql (Debian)"))?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "`{program} {}` failed: {}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stdout).trim(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            ))
+        }
+    }
+}
+
+impl Drop for PostgresServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The newest `/usr/lib/postgresql/<version>/bin` with `initdb`, else the bare names (`PATH`).
+fn postgres_bin_dir() -> PathBuf {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let version = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, bin)| bin).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -518,6 +704,29 @@ mod tests {
         assert!(get.starts_with("$-1"), "data survived a restart: {get}");
         redis.kill();
         assert!(exchange(redis.addr(), b"PING\r\n").is_none());
+    }
+
+    #[tokio::test]
+    async fn postgres_server_starts_and_restarts_with_its_data() {
+        let Some(mut pg) = require("postgres (initdb)", PostgresServer::start().await) else {
+            return;
+        };
+        assert!(TcpStream::connect_timeout(&pg.addr(), Duration::from_secs(1)).is_ok());
+        let pid_file = pg.dir.path().join("data").join("postmaster.pid");
+        let first = std::fs::read_to_string(&pid_file).unwrap();
+        pg.kill();
+        assert!(TcpStream::connect_timeout(&pg.addr(), Duration::from_millis(200)).is_err());
+        pg.restart().await.unwrap();
+        let second = std::fs::read_to_string(&pid_file).unwrap();
+        assert_ne!(
+            first.lines().next(),
+            second.lines().next(),
+            "same postmaster"
+        );
+        assert!(
+            pg.url()
+                .ends_with(&format!(":{}/postgres", pg.addr().port()))
+        );
     }
 
     #[test]

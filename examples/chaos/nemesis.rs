@@ -1,0 +1,345 @@
+//! The nemesis: one fault at a time, chosen by the seed, aimed mostly at the current primary.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tower_primary::clock::monotonic_nanos;
+use tower_primary::testing::node::{Cluster, EventKind, NodeConfig, NodeSignal, ObservedRole};
+
+use crate::setup::Setup;
+
+/// The kinds of fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) enum FaultKind {
+    /// `SIGKILL` a node, start a replacement.
+    Kill,
+    /// `SIGSTOP` a node for a while (sometimes beyond the lease), then `SIGCONT`.
+    Stop,
+    /// `SIGTERM` a node (graceful handover), start a replacement.
+    Term,
+    /// Cut, stall, or half-cut a node's connection to the server through its proxy.
+    Cut,
+    /// Kill the server and start it again.
+    Restart,
+}
+
+impl FaultKind {
+    pub(crate) const ALL: [FaultKind; 5] = [
+        FaultKind::Kill,
+        FaultKind::Stop,
+        FaultKind::Term,
+        FaultKind::Cut,
+        FaultKind::Restart,
+    ];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            FaultKind::Kill => "kill",
+            FaultKind::Stop => "stop",
+            FaultKind::Term => "term",
+            FaultKind::Cut => "cut",
+            FaultKind::Restart => "restart",
+        }
+    }
+
+    pub(crate) fn parse(name: &str) -> Option<FaultKind> {
+        FaultKind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+}
+
+impl fmt::Display for FaultKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One fault that was injected.
+#[derive(Clone, Debug)]
+pub(crate) struct Fault {
+    pub(crate) kind: FaultKind,
+    /// What exactly, e.g. `SIGSTOP for 2.41 s` or `stall 1.20 s`.
+    pub(crate) detail: String,
+    /// The node slot hit (`None` for a server restart).
+    pub(crate) slot: Option<usize>,
+    /// The process hit.
+    pub(crate) pid: Option<u32>,
+    /// When it began (`CLOCK_MONOTONIC` ns; for signals, just before `kill(2)`).
+    pub(crate) at: u64,
+    /// When it was over: the node resumed or replaced, the connection passing, the server up.
+    pub(crate) until: u64,
+    /// The primary's term when the fault hit the primary (for a restart: the primary's term at
+    /// the time, if there was one); `None` when it hit a secondary.
+    pub(crate) primary_term: Option<u64>,
+}
+
+/// How the nemesis behaves.
+#[derive(Clone, Debug)]
+pub(crate) struct NemesisConfig {
+    /// The fault kinds to choose from (those that apply to the backend).
+    pub(crate) kinds: Vec<FaultKind>,
+    /// The pause between two faults, drawn uniformly from this range.
+    pub(crate) pace: (Duration, Duration),
+    /// The length that pauses and stalls are measured against: the lease (or the time the
+    /// backend takes to notice a dead peer); half of them last longer.
+    pub(crate) lease_ref: Duration,
+    /// How long a SIGTERM'd node may take to hand over and exit before it is killed.
+    pub(crate) exit_timeout: Duration,
+    /// How often a fault is aimed at the current primary (when there is one).
+    pub(crate) aim: f64,
+}
+
+/// The fault injector, owning the node slots.
+#[derive(Debug)]
+pub(crate) struct Nemesis {
+    pub(crate) cluster: Cluster,
+    configs: Vec<NodeConfig>,
+    /// The current pid of every slot.
+    pub(crate) slots: Vec<u32>,
+    /// Every pid that ran, and its slot.
+    pub(crate) pid_slot: HashMap<u32, usize>,
+    rng: fastrand::Rng,
+    config: NemesisConfig,
+    /// The faults injected, in order.
+    pub(crate) log: Vec<Fault>,
+    /// Nodes that exited without a fault, and how.
+    pub(crate) unexpected_exits: Vec<String>,
+}
+
+type BoxError = Box<dyn std::error::Error>;
+
+impl Nemesis {
+    pub(crate) fn new(
+        cluster: Cluster,
+        configs: Vec<NodeConfig>,
+        seed: u64,
+        config: NemesisConfig,
+    ) -> Self {
+        Nemesis {
+            cluster,
+            configs,
+            slots: Vec::new(),
+            pid_slot: HashMap::new(),
+            rng: fastrand::Rng::with_seed(seed),
+            config,
+            log: Vec::new(),
+            unexpected_exits: Vec::new(),
+        }
+    }
+
+    /// Starts one node per slot.
+    pub(crate) fn spawn_all(&mut self) -> Result<(), BoxError> {
+        for slot in 0..self.configs.len() {
+            let pid = self.cluster.spawn_node_with(&self.configs[slot])?;
+            self.slots.push(pid);
+            self.pid_slot.insert(pid, slot);
+        }
+        Ok(())
+    }
+
+    fn respawn(&mut self, slot: usize) -> Result<(), BoxError> {
+        let pid = self.cluster.spawn_node_with(&self.configs[slot])?;
+        self.slots[slot] = pid;
+        self.pid_slot.insert(pid, slot);
+        Ok(())
+    }
+
+    /// Injects faults until `end`, one at a time, a paced pause before each.
+    pub(crate) async fn run(&mut self, setup: &mut Setup, end: Instant) -> Result<(), BoxError> {
+        if self.config.kinds.is_empty() {
+            tokio::time::sleep_until(end).await;
+            return Ok(());
+        }
+        loop {
+            let (lo, hi) = self.config.pace;
+            let pause = lo + (hi.saturating_sub(lo)).mul_f64(self.rng.f64());
+            if Instant::now() + pause >= end {
+                tokio::time::sleep_until(end).await;
+                return Ok(());
+            }
+            tokio::time::sleep(pause).await;
+            self.replace_dead()?;
+            let kind = self.config.kinds[self.rng.usize(..self.config.kinds.len())];
+            if let Some(fault) = self.inject(kind, setup).await? {
+                self.log.push(fault);
+            }
+        }
+    }
+
+    /// Replaces nodes that exited on their own (recorded); fails on a node that could not start.
+    pub(crate) fn replace_dead(&mut self) -> Result<(), BoxError> {
+        let states = self.cluster.states();
+        for slot in 0..self.slots.len() {
+            let pid = self.slots[slot];
+            if states.get(&pid).is_some_and(|s| s.alive) {
+                continue;
+            }
+            let events = self.cluster.events();
+            let last = events.iter().rev().find(|e| e.pid == pid);
+            let exit = last.map(ToString::to_string).unwrap_or_default();
+            let config_error = events.iter().any(|e| {
+                e.pid == pid
+                    && matches!(
+                        e.kind,
+                        EventKind::Exit { code: 2 } | EventKind::Exited { code: Some(2), .. }
+                    )
+            });
+            if config_error {
+                return Err(format!(
+                    "node {pid} could not start (exit code 2):\n{}",
+                    self.cluster.dump()
+                )
+                .into());
+            }
+            self.unexpected_exits
+                .push(format!("slot {} pid {pid}: {exit}", slot + 1));
+            self.respawn(slot)?;
+        }
+        Ok(())
+    }
+
+    /// The current primary: slot, pid, term.
+    fn primary(&self) -> Option<(usize, u32, u64)> {
+        let states = self.cluster.states();
+        self.slots.iter().enumerate().find_map(|(slot, pid)| {
+            let s = states.get(pid)?;
+            match s.role {
+                Some(ObservedRole::Primary { term }) if s.alive && !s.stopped => {
+                    Some((slot, *pid, term))
+                }
+                _ => None,
+            }
+        })
+    }
+
+    /// A target node: the primary most of the time, else any slot.
+    fn target(&mut self) -> (usize, u32, Option<u64>) {
+        let primary = self.primary();
+        if let Some((slot, pid, term)) = primary
+            && self.rng.f64() < self.config.aim
+        {
+            return (slot, pid, Some(term));
+        }
+        let slot = self.rng.usize(..self.slots.len());
+        let pid = self.slots[slot];
+        let term = primary.and_then(|(_, p, t)| (p == pid).then_some(t));
+        (slot, pid, term)
+    }
+
+    /// A pause or stall length: half of them short (5–50 % of the lease), half long (1–2.5
+    /// leases).
+    fn hold(&mut self) -> Duration {
+        let l = self.config.lease_ref;
+        if self.rng.bool() {
+            l.mul_f64(0.05 + 0.45 * self.rng.f64())
+        } else {
+            l.mul_f64(1.0 + 1.5 * self.rng.f64())
+        }
+    }
+
+    async fn inject(
+        &mut self,
+        kind: FaultKind,
+        setup: &mut Setup,
+    ) -> Result<Option<Fault>, BoxError> {
+        let mut fault = Fault {
+            kind,
+            detail: String::new(),
+            slot: None,
+            pid: None,
+            at: 0,
+            until: 0,
+            primary_term: None,
+        };
+        match kind {
+            FaultKind::Kill | FaultKind::Term => {
+                let (slot, pid, term) = self.target();
+                let signal = if kind == FaultKind::Kill {
+                    NodeSignal::Kill
+                } else {
+                    NodeSignal::Term
+                };
+                let Ok(at) = self.cluster.signal(pid, signal).await else {
+                    return Ok(None); // it died on its own; replace_dead will see it
+                };
+                let timeout = if kind == FaultKind::Kill {
+                    Duration::from_secs(10)
+                } else {
+                    self.config.exit_timeout
+                };
+                let mut detail = signal.as_str().to_owned();
+                if self.cluster.wait_exit(pid, timeout).await.is_err() {
+                    detail.push_str(&format!(", no exit within {timeout:?}: SIGKILL"));
+                    let _ = self.cluster.signal(pid, NodeSignal::Kill).await;
+                    self.cluster.wait_exit(pid, Duration::from_secs(10)).await?;
+                }
+                let wait = Duration::from_millis(self.rng.u64(0..=500));
+                tokio::time::sleep(wait).await;
+                self.respawn(slot)?;
+                fault.detail = format!("{detail}, replaced after {} ms", wait.as_millis());
+                (fault.slot, fault.pid, fault.at, fault.primary_term) =
+                    (Some(slot), Some(pid), at, term);
+            }
+            FaultKind::Stop => {
+                let (slot, pid, term) = self.target();
+                let hold = self.hold();
+                let Ok(at) = self.cluster.signal(pid, NodeSignal::Stop).await else {
+                    return Ok(None);
+                };
+                tokio::time::sleep(hold).await;
+                let _ = self.cluster.signal(pid, NodeSignal::Cont).await;
+                fault.detail = format!("SIGSTOP for {}", secs(hold));
+                (fault.slot, fault.pid, fault.at, fault.primary_term) =
+                    (Some(slot), Some(pid), at, term);
+            }
+            FaultKind::Cut => {
+                let (slot, pid, term) = self.target();
+                let Some(proxy) = setup.proxies.get(slot) else {
+                    return Ok(None);
+                };
+                let at = monotonic_nanos();
+                match self.rng.u8(0..3) {
+                    0 => {
+                        proxy.cut();
+                        fault.detail = "cut (both sides closed)".to_owned();
+                    }
+                    1 => {
+                        let hold = self.hold();
+                        proxy.stall();
+                        tokio::time::sleep(hold).await;
+                        proxy.resume();
+                        fault.detail = format!("stall for {}", secs(hold));
+                    }
+                    _ => {
+                        let hold = self.hold();
+                        proxy.cut_upstream();
+                        tokio::time::sleep(hold).await;
+                        proxy.cut();
+                        fault.detail = format!("server side cut, client silent for {}", secs(hold));
+                    }
+                }
+                (fault.slot, fault.pid, fault.at, fault.primary_term) =
+                    (Some(slot), Some(pid), at, term);
+            }
+            FaultKind::Restart => {
+                let Some(server) = setup.server.as_mut() else {
+                    return Ok(None);
+                };
+                fault.primary_term = self.primary().map(|(_, _, t)| t);
+                fault.at = monotonic_nanos();
+                server.kill();
+                let down = Duration::from_millis(self.rng.u64(0..=1000));
+                tokio::time::sleep(down).await;
+                server.restart().await?;
+                fault.detail = format!("server down for {} ms", down.as_millis());
+            }
+        }
+        fault.until = monotonic_nanos();
+        Ok(Some(fault))
+    }
+}
+
+pub(crate) fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
