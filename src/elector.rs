@@ -899,7 +899,12 @@ impl Campaign {
                                 attempt_at = Instant::now();
                             }
                             last_holder.clone_from(&holder);
-                            self.publish_secondary(holder);
+                            // Nobody holds it and our first attempt is under way: stay
+                            // `Starting` rather than flash `Secondary` before `Primary`.
+                            let starting = matches!(self.shared.state.borrow().role, Role::Starting);
+                            if holder.is_some() || !starting || acquire.is_none() {
+                                self.publish_secondary(holder);
+                            }
                         }
                         Err(err) => {
                             crate::metrics::backend_error(&self.shared.lock, "holder");
