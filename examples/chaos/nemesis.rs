@@ -19,14 +19,27 @@ pub(crate) enum FaultKind {
     Stop,
     /// `SIGTERM` a node (graceful handover), start a replacement.
     Term,
-    /// Cut, stall, or half-cut a node's connection to the server through its proxy.
+    /// Cut, stall or partition a node's connection to the server through its proxy.
     Cut,
     /// Kill the server and start it again.
     Restart,
+    /// The server ends the node's sessions at once while the node hears nothing (an asymmetric
+    /// partition): outside the PostgreSQL backend's model, so not in the default mix.
+    Drop,
 }
 
 impl FaultKind {
-    pub(crate) const ALL: [FaultKind; 5] = [
+    pub(crate) const ALL: [FaultKind; 6] = [
+        FaultKind::Kill,
+        FaultKind::Stop,
+        FaultKind::Term,
+        FaultKind::Cut,
+        FaultKind::Restart,
+        FaultKind::Drop,
+    ];
+
+    /// The mix when `--faults` is not given.
+    pub(crate) const DEFAULT: [FaultKind; 5] = [
         FaultKind::Kill,
         FaultKind::Stop,
         FaultKind::Term,
@@ -41,6 +54,7 @@ impl FaultKind {
             FaultKind::Term => "term",
             FaultKind::Cut => "cut",
             FaultKind::Restart => "restart",
+            FaultKind::Drop => "drop",
         }
     }
 
@@ -81,8 +95,9 @@ pub(crate) struct NemesisConfig {
     pub(crate) kinds: Vec<FaultKind>,
     /// The pause between two faults, drawn uniformly from this range.
     pub(crate) pace: (Duration, Duration),
-    /// The length that pauses and stalls are measured against: the lease (or the time the
-    /// backend takes to notice a dead peer); half of them last longer.
+    /// The length that pauses and stalls are measured against, half of them longer: the lease,
+    /// or the time the server takes to notice a dead peer (PostgreSQL); a partition longer than
+    /// it ends the node's sessions on the server side at that point.
     pub(crate) lease_ref: Duration,
     /// How long a SIGTERM'd node may take to hand over and exit before it is killed.
     pub(crate) exit_timeout: Duration,
@@ -293,30 +308,65 @@ impl Nemesis {
                 (fault.slot, fault.pid, fault.at, fault.primary_term) =
                     (Some(slot), Some(pid), at, term);
             }
-            FaultKind::Cut => {
+            FaultKind::Cut | FaultKind::Drop => {
                 let (slot, pid, term) = self.target();
+                let variant = if kind == FaultKind::Drop {
+                    3
+                } else {
+                    self.rng.u8(0..3)
+                };
+                let hold = if variant == 0 {
+                    Duration::ZERO
+                } else {
+                    self.hold()
+                };
+                let detect = self.config.lease_ref;
                 let Some(proxy) = setup.proxies.get(slot) else {
                     return Ok(None);
                 };
                 let at = monotonic_nanos();
-                match self.rng.u8(0..3) {
+                match variant {
                     0 => {
                         proxy.cut();
                         fault.detail = "cut (both sides closed)".to_owned();
                     }
                     1 => {
-                        let hold = self.hold();
                         proxy.stall();
                         tokio::time::sleep(hold).await;
                         proxy.resume();
                         fault.detail = format!("stall for {}", secs(hold));
                     }
+                    2 => {
+                        // A partition: nothing passes; a server that notices the dead peer
+                        // (after `detect`) ends the sessions; healing finds them closed, and new
+                        // connections pass.
+                        proxy.stall();
+                        if hold > detect {
+                            tokio::time::sleep(detect).await;
+                            proxy.cut_upstream();
+                            tokio::time::sleep(hold - detect).await;
+                            proxy.cut();
+                            proxy.resume();
+                            fault.detail = format!(
+                                "partition for {}, the server ending the sessions after {}",
+                                secs(hold),
+                                secs(detect)
+                            );
+                        } else {
+                            tokio::time::sleep(hold).await;
+                            proxy.cut();
+                            proxy.resume();
+                            fault.detail = format!("partition for {}", secs(hold));
+                        }
+                    }
                     _ => {
-                        let hold = self.hold();
                         proxy.cut_upstream();
                         tokio::time::sleep(hold).await;
                         proxy.cut();
-                        fault.detail = format!("server side cut, client silent for {}", secs(hold));
+                        fault.detail = format!(
+                            "server side closed at once, node hearing nothing for {}",
+                            secs(hold)
+                        );
                     }
                 }
                 (fault.slot, fault.pid, fault.at, fault.primary_term) =

@@ -159,6 +159,7 @@ impl Setup {
                     .collect()
             }
             Err(why) => {
+                skipped.push((FaultKind::Drop, why.clone()));
                 skipped.push((FaultKind::Cut, why));
                 vec![url.clone(); nodes]
             }
@@ -193,6 +194,10 @@ fn file_setup(path: &str, nodes: usize) -> Setup {
             (
                 FaultKind::Cut,
                 "the file backend has no connection to cut".to_owned(),
+            ),
+            (
+                FaultKind::Drop,
+                "the file backend has no connection to drop".to_owned(),
             ),
             (
                 FaultKind::Restart,

@@ -21,6 +21,7 @@ fn fault_color(kind: FaultKind) -> RGBColor {
         FaultKind::Stop => RGBColor(120, 120, 120),
         FaultKind::Cut => RGBColor(230, 130, 0),
         FaultKind::Restart => RGBColor(200, 0, 0),
+        FaultKind::Drop => RGBColor(160, 60, 0),
     }
 }
 
@@ -95,12 +96,13 @@ pub(crate) fn draw(
     // Stops and stalls first, as grey bands under the periods.
     let holds = data.faults.iter().filter_map(|f| {
         let y = y_of_slot(f.slot?);
-        (f.until > f.at && matches!(f.kind, FaultKind::Stop | FaultKind::Cut)).then(|| {
-            Rectangle::new(
-                [(t(f.at), y - 0.42), (t(f.until), y + 0.42)],
-                fault_color(f.kind).mix(0.18).filled(),
-            )
-        })
+        (f.until > f.at && matches!(f.kind, FaultKind::Stop | FaultKind::Cut | FaultKind::Drop))
+            .then(|| {
+                Rectangle::new(
+                    [(t(f.at), y - 0.42), (t(f.until), y + 0.42)],
+                    fault_color(f.kind).mix(0.18).filled(),
+                )
+            })
     });
     chart.draw_series(holds).map_err(|e| e.to_string())?;
     let downs = data
@@ -207,12 +209,7 @@ pub(crate) fn draw(
     let ticks = data
         .faults
         .iter()
-        .filter(|f| {
-            matches!(
-                f.kind,
-                FaultKind::Stop | FaultKind::Cut | FaultKind::Restart
-            )
-        })
+        .filter(|f| !matches!(f.kind, FaultKind::Kill | FaultKind::Term))
         .map(|f| {
             let y = f.slot.map_or(0.0, y_of_slot);
             let x = t(f.at);
@@ -236,6 +233,7 @@ pub(crate) fn draw(
             FaultKind::Stop => "stop: SIGSTOP .. SIGCONT",
             FaultKind::Cut => "cut or stall via the proxy",
             FaultKind::Restart => "server restart",
+            FaultKind::Drop => "drop: server side closed",
         };
         entries.push((fault_color(kind).mix(0.7), text));
     }
