@@ -89,6 +89,12 @@
 //!   resumes: every good liveness check counts as a renewal of a lease the backend implies (the
 //!   keepalive detection time, see `Leadership::implied_lease`), and the elector fences the
 //!   term a margin before it runs out.
+//! - Not covered: an asymmetric partition in which the server closes the holder's connections
+//!   while the holder hears nothing (no FIN, no RST). The server frees the lock at once and a
+//!   successor takes over in milliseconds, while the old holder acts until its next liveness
+//!   check fails (up to `interval + timeout`, 1.5 s by default; measured 1.25 s with
+//!   `examples/chaos --faults drop`). Fence downstream writes with the term: in those runs the
+//!   fence refused every one of the old holder's writes.
 //! - A stopped (`SIGSTOP`) holder keeps its lock: its kernel still answers keepalives. Stopped
 //!   for longer than the implied lease, it fences itself when it resumes and hands over.
 //! - Terms strictly increase while the database keeps its data. Advisory locks are not
