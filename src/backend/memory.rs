@@ -43,7 +43,7 @@ use tokio::time::Instant;
 
 use super::{
     AcquireRequest, Backend, BoxFuture, Changes, Leadership, Lock, RenewalSender, Renewals, Stored,
-    renewals,
+    VersionChanges, renewals,
 };
 use crate::error::{ConfigError, Error, validate_lock_name};
 use crate::role::Holder;
@@ -299,19 +299,6 @@ impl MemoryLock {
     }
 }
 
-struct Version(watch::Receiver<u64>);
-
-impl Changes for Version {
-    fn changed(&mut self) -> BoxFuture<'_, Result<(), Error>> {
-        Box::pin(async move {
-            if self.0.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-            Ok(())
-        })
-    }
-}
-
 impl Lock for MemoryLock {
     fn acquire(&self, req: AcquireRequest) -> BoxFuture<'_, Result<Box<dyn Leadership>, Error>> {
         Box::pin(async move {
@@ -385,7 +372,7 @@ impl Lock for MemoryLock {
         Box::pin(async move {
             self.faults().check("watch holder").await?;
             let rx = self.with_entry(|e| e.holder_version.subscribe());
-            Ok(Box::new(Version(rx)) as Box<dyn Changes>)
+            Ok(Box::new(VersionChanges(rx)) as Box<dyn Changes>)
         })
     }
 
@@ -427,7 +414,7 @@ impl Lock for MemoryLock {
         Box::pin(async move {
             self.faults().check("watch key").await?;
             let rx = self.with_entry(|e| e.state_version.subscribe());
-            Ok(Box::new(Version(rx)) as Box<dyn Changes>)
+            Ok(Box::new(VersionChanges(rx)) as Box<dyn Changes>)
         })
     }
 }

@@ -168,6 +168,21 @@ pub trait Changes: Send + 'static {
     fn changed(&mut self) -> BoxFuture<'_, Result<(), Error>>;
 }
 
+/// [`Changes`] over a version counter that the backend bumps at every change.
+pub(crate) struct VersionChanges(pub(crate) watch::Receiver<u64>);
+
+impl Changes for VersionChanges {
+    fn changed(&mut self) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(async move {
+            // A closed sender means no change can come any more: wait for ever.
+            if self.0.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            Ok(())
+        })
+    }
+}
+
 impl fmt::Debug for dyn Changes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Changes")

@@ -86,7 +86,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::{
     AcquireRequest, Backend, BoxFuture, Changes, Leadership, Lock, RenewalSender, Renewals, Stored,
-    renewals,
+    VersionChanges, renewals,
 };
 use crate::clock::{Clock, Timestamp};
 use crate::elector::Lease;
@@ -917,19 +917,6 @@ async fn release(shared: &LockShared, token: &str) -> Result<bool, Error> {
         .map(|n| n == 1)
 }
 
-struct Version(watch::Receiver<u64>);
-
-impl Changes for Version {
-    fn changed(&mut self) -> BoxFuture<'_, Result<(), Error>> {
-        Box::pin(async move {
-            if self.0.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-            Ok(())
-        })
-    }
-}
-
 impl Lock for RedisLock {
     fn acquire(&self, req: AcquireRequest) -> BoxFuture<'_, Result<Box<dyn Leadership>, Error>> {
         Box::pin(async move {
@@ -1038,7 +1025,7 @@ impl Lock for RedisLock {
             self.shared.ensure_subscriber();
             let rx = self.shared.events.holder.subscribe();
             self.shared.events.wait_live(&self.shared.name).await?;
-            Ok(Box::new(Version(rx)) as Box<dyn Changes>)
+            Ok(Box::new(VersionChanges(rx)) as Box<dyn Changes>)
         })
     }
 
@@ -1119,7 +1106,7 @@ impl Lock for RedisLock {
             self.shared.ensure_subscriber();
             let rx = self.shared.events.watch_state(key);
             self.shared.events.wait_live(&self.shared.name).await?;
-            Ok(Box::new(Version(rx)) as Box<dyn Changes>)
+            Ok(Box::new(VersionChanges(rx)) as Box<dyn Changes>)
         })
     }
 }

@@ -17,7 +17,8 @@ use super::config::{ANSWER_GRACE, Settings};
 use super::conn::{Conn, OnNotify, connect, describe, pg_error};
 use super::sql::Sql;
 use crate::backend::{
-    AcquireRequest, BoxFuture, Changes, Leadership, Lock, RenewalSender, Renewals, Stored, renewals,
+    AcquireRequest, BoxFuture, Changes, Leadership, Lock, RenewalSender, Renewals, Stored,
+    VersionChanges, renewals,
 };
 use crate::backoff::Backoff;
 use crate::clock::Clock;
@@ -319,19 +320,6 @@ impl Shared {
     }
 }
 
-struct Version(watch::Receiver<u64>);
-
-impl Changes for Version {
-    fn changed(&mut self) -> BoxFuture<'_, Result<(), Error>> {
-        Box::pin(async move {
-            if self.0.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-            Ok(())
-        })
-    }
-}
-
 impl Lock for PgLock {
     fn acquire(&self, req: AcquireRequest) -> BoxFuture<'_, Result<Box<dyn Leadership>, Error>> {
         Box::pin(async move {
@@ -382,7 +370,7 @@ impl Lock for PgLock {
     fn watch_holder(&self) -> BoxFuture<'_, Result<Box<dyn Changes>, Error>> {
         Box::pin(async move {
             self.shared.aux().await?;
-            Ok(Box::new(Version(self.shared.aux.holder.subscribe())) as Box<dyn Changes>)
+            Ok(Box::new(VersionChanges(self.shared.aux.holder.subscribe())) as Box<dyn Changes>)
         })
     }
 
@@ -477,7 +465,7 @@ impl Lock for PgLock {
                 .entry(key.to_owned())
                 .or_insert_with(|| watch::channel(0).0)
                 .subscribe();
-            Ok(Box::new(Version(rx)) as Box<dyn Changes>)
+            Ok(Box::new(VersionChanges(rx)) as Box<dyn Changes>)
         })
     }
 }
