@@ -1424,6 +1424,21 @@ pub async fn dropped_acquire_does_not_leak_the_lock<F: Fixture + ?Sized>(fixture
             format!("round {round}: term {} is not above {last}", ctx.term())
         });
         last = ctx.term();
+        // The other elector may still hold off after its own step-down a round ago, until it
+        // reads a holder other than itself; the primary of this round may hold the lock for too
+        // short a time to be read. Wait until it has seen this term's holder, so that it
+        // campaigns: a slow handover then means a leaked grant, not a held-off elector.
+        let primary_id = nodes[i].id.clone();
+        for other in nodes.iter().filter(|n| n.id != primary_id) {
+            h.within(
+                &format!(
+                    "{} to see {primary_id} as the holder (round {round})",
+                    other.id
+                ),
+                holder_is(&other.handle, &primary_id, Some(last)),
+            )
+            .await;
+        }
 
         // Odd rounds drop the acquire for sure while the lock is held, before the step-down;
         // even rounds race the drop against the step-down.
