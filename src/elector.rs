@@ -528,7 +528,10 @@ impl Elector {
     }
 
     /// Hands the lock over now (DESIGN §3.5 order), then campaigns again after the
-    /// [rejoin delay](ElectorBuilder::rejoin_delay) or as soon as another node holds the lock.
+    /// [rejoin delay](ElectorBuilder::rejoin_delay) or as soon as it reads another node's holder
+    /// record. A node that takes the lock and gives it back before this one reads the record
+    /// does not end the hold-off: if every node steps down in such quick succession, the lock
+    /// stays free for up to the rejoin delay.
     ///
     /// # Errors
     ///
