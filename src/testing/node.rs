@@ -1306,16 +1306,25 @@ impl Cluster {
     }
 
     /// Like [`wait_single_primary`](Self::wait_single_primary), and every other live, running
-    /// node reports secondary with the primary's term as its holder's: the cluster has settled.
+    /// node reports secondary with the primary's term as its holder's, and the primary's
+    /// singleton task has started its term: the cluster has settled, and a fault injected now
+    /// hits a running task.
     ///
     /// # Errors
     ///
     /// [`WaitError`] after `timeout`.
     pub async fn wait_settled(&self, timeout: Duration) -> Result<(u32, u64), WaitError> {
         self.wait_for(
-            "exactly one primary, known to every secondary",
+            "exactly one primary, known to every secondary, its task started",
             timeout,
-            |events| single_primary(events, true),
+            |events| {
+                single_primary(events, true).filter(|&(pid, term)| {
+                    events.iter().any(|e| {
+                        e.pid == pid
+                            && matches!(e.kind, EventKind::TaskStart { term: t } if t == term)
+                    })
+                })
+            },
         )
         .await
     }
