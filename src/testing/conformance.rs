@@ -549,12 +549,7 @@ pub async fn secondaries_see_the_holder<F: Fixture + ?Sized>(fixture: &F) {
     let h = Harness::new(fixture, "secondaries_see_the_holder");
     let a = h.spawn("a");
     let ta = h.within("a to become primary", a.primary()).await.term();
-    let b = h.spawn("b");
-    h.within(
-        "b to see a as the holder",
-        holder_is(&b.handle, "a", Some(ta)),
-    )
-    .await;
+    let b = h.follower("b", "a", ta).await;
 
     let conn = h.connect();
     let lock = h.lock(&conn);
@@ -622,12 +617,7 @@ async fn handover<F: Fixture + ?Sized>(fixture: &F, check: &'static str, step_do
     let h = Harness::new(fixture, check);
     let a = h.spawn("a");
     let ctx_a = h.within("a to become primary", a.primary()).await;
-    let b = h.spawn("b");
-    h.within(
-        "b to see a as the holder",
-        holder_is(&b.handle, "a", Some(ctx_a.term())),
-    )
-    .await;
+    let b = h.follower("b", "a", ctx_a.term()).await;
 
     let started = Instant::now();
     let how = if step_down {
@@ -721,12 +711,7 @@ pub async fn failover_when_the_primary_crashes<F: Fixture + ?Sized>(fixture: &F)
     let h = Harness::new(fixture, "failover_when_the_primary_crashes");
     let a = h.thread_node("a", |_| {}).await;
     let ta = h.within("a to become primary", a.primary()).await.term();
-    let b = h.spawn("b");
-    h.within(
-        "b to see a as the holder",
-        holder_is(&b.handle, "a", Some(ta)),
-    )
-    .await;
+    let b = h.follower("b", "a", ta).await;
 
     let killed = a.command(&h, NodeCommand::Kill).await;
     // A crashed node acts no more: its period ends at the crash.
@@ -763,18 +748,8 @@ pub async fn paused_primary_fences_itself<F: Fixture + ?Sized>(fixture: &F) {
     if fixture.lease().is_none() {
         return h.skip("the backend has no lease (see paused_primary_keeps_a_lock_without_lease)");
     }
-    let (tx, mut events) = mpsc::unbounded_channel();
-    let a = h.thread_node("a", move |e| watch_task(e, tx)).await;
-    let ctx_a = h.within("a to become primary", a.primary()).await;
+    let (a, ctx_a, mut events, b) = h.pausable_primary_and_follower().await;
     let ta = ctx_a.term();
-    h.expect_event("a's task to start", &mut events, TaskEvent::Started(ta))
-        .await;
-    let b = h.spawn("b");
-    h.within(
-        "b to see a as the holder",
-        holder_is(&b.handle, "a", Some(ta)),
-    )
-    .await;
 
     let paused = a.command(&h, NodeCommand::Pause).await;
     let deadline = paused.deadline.filter(|d| *d != Timestamp::NEVER);
@@ -834,18 +809,8 @@ pub async fn paused_primary_keeps_a_lock_without_lease<F: Fixture + ?Sized>(fixt
     if fixture.lease().is_some() {
         return h.skip("the backend has a lease (see paused_primary_fences_itself)");
     }
-    let (tx, mut events) = mpsc::unbounded_channel();
-    let a = h.thread_node("a", move |e| watch_task(e, tx)).await;
-    let ctx_a = h.within("a to become primary", a.primary()).await;
+    let (a, ctx_a, mut events, b) = h.pausable_primary_and_follower().await;
     let ta = ctx_a.term();
-    h.expect_event("a's task to start", &mut events, TaskEvent::Started(ta))
-        .await;
-    let b = h.spawn("b");
-    h.within(
-        "b to see a as the holder",
-        holder_is(&b.handle, "a", Some(ta)),
-    )
-    .await;
 
     a.command(&h, NodeCommand::Pause).await;
     let window = Duration::from_secs(1);
@@ -921,12 +886,7 @@ async fn self_fencing<F: Fixture + ?Sized>(fixture: &F, check: &'static str, fau
     let ta = ctx_a.term();
     h.expect_event("a's task to start", &mut events, TaskEvent::Started(ta))
         .await;
-    let b = h.spawn("b");
-    h.within(
-        "b to see a as the holder",
-        holder_is(&b.handle, "a", Some(ta)),
-    )
-    .await;
+    let b = h.follower("b", "a", ta).await;
 
     let stopped_at = h.clock.now();
     hooks.inject(fault);
@@ -1152,19 +1112,7 @@ pub async fn shutdown_cancels_tasks_before_release<F: Fixture + ?Sized>(fixture:
     h.within("a to become primary", a.primary()).await;
     h.within("a's task to start", log.wait_for("a started"))
         .await;
-    let b = h.spawn("b");
-    let (tx, mut b_started) = mpsc::unbounded_channel();
-    {
-        let log = log.clone();
-        b.elector
-            .singleton_task("conformance-successor", move |ctx| {
-                log.push("b started");
-                let _ = tx.send(ctx.term());
-                async { Ok::<(), Infallible>(()) }
-            });
-    }
-    h.within("b to see a as the holder", holder_is(&b.handle, "a", None))
-        .await;
+    let (b, mut b_started) = h.logging_successor(&log).await;
 
     h.within("a's shutdown", a.elector.shutdown()).await;
     let at_return = log.entries();
@@ -1216,19 +1164,7 @@ pub async fn shutdown_aborts_tasks_after_the_grace<F: Fixture + ?Sized>(fixture:
     h.within("a to become primary", a.primary()).await;
     h.within("a's task to start", log.wait_for("a started"))
         .await;
-    let b = h.spawn("b");
-    let (tx, mut b_started) = mpsc::unbounded_channel();
-    {
-        let log = log.clone();
-        b.elector
-            .singleton_task("conformance-successor", move |ctx| {
-                log.push("b started");
-                let _ = tx.send(ctx.term());
-                async { Ok::<(), Infallible>(()) }
-            });
-    }
-    h.within("b to see a as the holder", holder_is(&b.handle, "a", None))
-        .await;
+    let (b, mut b_started) = h.logging_successor(&log).await;
 
     let started = Instant::now();
     h.within("a's shutdown", a.elector.shutdown()).await;
@@ -1269,12 +1205,7 @@ pub async fn state_api_guards_terms<F: Fixture + ?Sized>(fixture: &F) {
     let a = h.spawn("a");
     let ctx_a = h.within("a to become primary", a.primary()).await;
     let ta = ctx_a.term();
-    let b = h.spawn("b");
-    h.within(
-        "b to see a as the holder",
-        holder_is(&b.handle, "a", Some(ta)),
-    )
-    .await;
+    let b = h.follower("b", "a", ta).await;
     let (state_a, state_b) = (a.elector.state(), b.elector.state());
 
     let loaded = h.ok("load", state_b.load(KEY).await);
@@ -1587,6 +1518,58 @@ impl<'f, F: Fixture + ?Sized> Harness<'f, F> {
     /// An elector on a new connection, on the current runtime, tracked by the recorder.
     fn spawn(&self, id: &str) -> Node {
         self.spawn_on(id, self.connect(), |b| b)
+    }
+
+    /// Like [`spawn`](Self::spawn), then waits until the new node reads `holder` (with `term`)
+    /// as the holder: it campaigns as a secondary from then on.
+    async fn follower(&self, id: &str, holder: &str, term: u64) -> Node {
+        let node = self.spawn(id);
+        self.within(
+            &format!("{id} to see {holder} as the holder"),
+            holder_is(&node.handle, holder, Some(term)),
+        )
+        .await;
+        node
+    }
+
+    /// Primary `a` on a thread of its own (it can be paused), its task running and reporting to
+    /// the returned receiver, and `b` following it.
+    async fn pausable_primary_and_follower(
+        &self,
+    ) -> (
+        ThreadNode,
+        TermContext,
+        mpsc::UnboundedReceiver<TaskEvent>,
+        Node,
+    ) {
+        let (tx, mut events) = mpsc::unbounded_channel();
+        let a = self.thread_node("a", move |e| watch_task(e, tx)).await;
+        let ctx_a = self.within("a to become primary", a.primary()).await;
+        self.expect_event(
+            "a's task to start",
+            &mut events,
+            TaskEvent::Started(ctx_a.term()),
+        )
+        .await;
+        let b = self.follower("b", "a", ctx_a.term()).await;
+        (a, ctx_a, events, b)
+    }
+
+    /// Node `b`, whose singleton task logs `b started` to `log` and sends its term, once it has
+    /// read `a` as the holder.
+    async fn logging_successor(&self, log: &Log) -> (Node, mpsc::UnboundedReceiver<u64>) {
+        let b = self.spawn("b");
+        let (tx, started) = mpsc::unbounded_channel();
+        let log = log.clone();
+        b.elector
+            .singleton_task("conformance-successor", move |ctx| {
+                log.push("b started");
+                let _ = tx.send(ctx.term());
+                async { Ok::<(), Infallible>(()) }
+            });
+        self.within("b to see a as the holder", holder_is(&b.handle, "a", None))
+            .await;
+        (b, started)
     }
 
     fn spawn_on(
