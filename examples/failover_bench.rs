@@ -25,12 +25,15 @@
 //! tail), the history check of every primary period (no overlap, rising terms; the program fails
 //! otherwise), and two final lines `failover_p99_ms=<v>` and `handover_p99_ms=<v>`.
 
+#[path = "support/node_process.rs"]
+mod node_process;
+
 use std::process::ExitCode;
 use std::time::Duration;
 
 use tower_primary::clock::monotonic_nanos;
 use tower_primary::testing::node::{
-    self, Cluster, Event, EventKind, NodeCommand, NodeConfig, NodeSignal,
+    Cluster, Event, EventKind, NodeCommand, NodeConfig, NodeSignal,
 };
 
 struct Args {
@@ -89,17 +92,8 @@ impl Args {
 }
 
 fn main() -> ExitCode {
-    if node::is_node_process() {
-        // Warnings only: a log line between the grant and the task start would be measured.
-        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .with_ansi(false)
-            .try_init();
-        node::run_node_from_env();
-    }
+    // Warnings only: a log line between the grant and the task start would be measured.
+    node_process::run_if_node("warn");
     if std::env::args().any(|a| a == "--help" || a == "-h") {
         println!("{USAGE}");
         return ExitCode::SUCCESS;

@@ -74,6 +74,8 @@
 //! be set up.
 
 mod nemesis;
+#[path = "../support/node_process.rs"]
+mod node_process;
 mod report;
 mod setup;
 mod svg;
@@ -84,7 +86,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use tower_primary::clock::monotonic_nanos;
-use tower_primary::testing::node::{self, Cluster, NodeCommand, NodeConfig};
+use tower_primary::testing::node::{Cluster, NodeCommand, NodeConfig};
 use tower_primary::testing::witness::Witness;
 
 use crate::nemesis::{FaultKind, Nemesis, NemesisConfig};
@@ -187,16 +189,7 @@ impl Args {
 }
 
 fn main() -> ExitCode {
-    if node::is_node_process() {
-        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .with_ansi(false)
-            .try_init();
-        node::run_node_from_env();
-    }
+    node_process::run_if_node("warn");
     if std::env::args().any(|a| a == "--help" || a == "-h") {
         println!("{USAGE}");
         return ExitCode::SUCCESS;

@@ -1,23 +1,14 @@
 //! Helpers shared by the integration tests that run real node processes.
 
-use tower_primary::testing::node;
+#[path = "../../examples/support/node_process.rs"]
+mod node_process;
 
 /// The node side of a test binary: call it from a `#[test] fn node_entry()`. Returns at once
 /// unless this process was started as a node (`TOWER_PRIMARY_TEST_NODE=1`); then it runs the
 /// node and never returns. Node logs (`tracing`, `RUST_LOG`, default `tower_primary=info`) go to
 /// stderr, which the parent keeps for failure messages.
 pub(crate) fn node_entry() {
-    if !node::is_node_process() {
-        return;
-    }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("tower_primary=info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .try_init();
-    node::run_node_from_env();
+    node_process::run_if_node("tower_primary=info");
 }
 
 /// Milliseconds from `from` to `to` (CLOCK_MONOTONIC nanoseconds), for printed measurements.
