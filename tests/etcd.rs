@@ -33,9 +33,7 @@ use tower_primary::backend::{
 use tower_primary::clock::monotonic_nanos;
 use tower_primary::testing::conformance::{Connection, Fault, FaultHooks, Fixture};
 use tower_primary::testing::history::History;
-use tower_primary::testing::node::{
-    Cluster, Event, EventKind, NodeCommand, NodeConfig, NodeSignal,
-};
+use tower_primary::testing::node::{Cluster, EventKind, NodeCommand, NodeConfig, NodeSignal};
 use tower_primary::testing::proxy::TcpProxy;
 use tower_primary::testing::servers::{self, EtcdServer};
 use tower_primary::{ConfigError, Elector, Error, Holder, Lease, NodeId};
@@ -578,18 +576,6 @@ async fn setup(test: &str) -> Option<Setup> {
     })
 }
 
-fn find(
-    events: &[Event],
-    pid: u32,
-    after: u64,
-    pred: impl Fn(&EventKind) -> bool,
-) -> Option<Event> {
-    events
-        .iter()
-        .find(|e| e.pid == pid && e.at >= after && pred(&e.kind))
-        .cloned()
-}
-
 fn assert_no_overlap(history: &History, cluster: &Cluster) {
     let report = history.check();
     assert!(report.is_ok(), "{report}\n{}", cluster.dump());
@@ -621,30 +607,10 @@ async fn killed_primary_is_succeeded_by_one_node_with_a_higher_term() {
         return;
     };
     s.cluster.spawn_nodes(3).unwrap();
-    let (old, term) = s.cluster.wait_settled(WAIT).await.unwrap();
-
-    let killed_at = s.cluster.signal(old, NodeSignal::Kill).await.unwrap();
-    let next = s.cluster.wait_primary_after(term, old, WAIT).await.unwrap();
-    let (new, new_term) = s.cluster.wait_settled(WAIT).await.unwrap();
-    assert_eq!((new, new_term), (next.pid, next.term().unwrap()));
-    assert!(new_term > term);
-    // Exactly one successor: the history holds the old term and the new one, nothing else.
-    let history = s.cluster.history();
-    let terms: Vec<(String, u64)> = history
-        .periods()
-        .iter()
-        .map(|p| (p.node.clone(), p.term))
-        .collect();
-    assert_eq!(
-        terms,
-        [(old.to_string(), term), (new.to_string(), new_term)],
-        "{}",
-        s.cluster.dump()
-    );
-    assert_no_overlap(&history, &s.cluster);
+    let failover = s.cluster.kill_primary(WAIT).await;
     eprintln!(
         "etcd SIGKILL → successor primary after {:.1} ms (lease {LEASE:?})",
-        ms(killed_at, next.at)
+        ms(failover.signalled_at, failover.next.at)
     );
 }
 
@@ -654,37 +620,10 @@ async fn terminated_primary_hands_over_before_it_exits() {
         return;
     };
     s.cluster.spawn_nodes(3).unwrap();
-    let (old, term) = s.cluster.wait_settled(WAIT).await.unwrap();
-
-    let sent_at = s.cluster.signal(old, NodeSignal::Term).await.unwrap();
-    let next = s.cluster.wait_primary_after(term, old, WAIT).await.unwrap();
-    let (code, _) = s.cluster.wait_exit(old, WAIT).await.unwrap();
-    assert_eq!(code, Some(0), "{}", s.cluster.dump());
-    let (new, new_term) = s.cluster.wait_settled(WAIT).await.unwrap();
-    assert_eq!(new, next.pid);
-    assert!(new_term > term);
-
-    let events = s.cluster.events();
-    let cancelled = find(
-        &events,
-        old,
-        0,
-        |k| matches!(k, EventKind::TaskCancelled { term: t } if *t == term),
-    )
-    .expect("the old primary's task saw its term end");
-    let released = find(&events, old, 0, |k| matches!(k, EventKind::Released))
-        .expect("the old primary released");
-    // The old primary stopped its work before anyone else became primary.
-    assert!(
-        sent_at <= cancelled.at && cancelled.at < next.at,
-        "{}",
-        s.cluster.dump()
-    );
-    assert!(cancelled.at <= released.at, "{}", s.cluster.dump());
-    assert_no_overlap(&s.cluster.history(), &s.cluster);
+    let handover = s.cluster.terminate_primary(WAIT).await.succession;
     eprintln!(
         "etcd SIGTERM → successor primary after {:.1} ms (handover, lease {LEASE:?})",
-        ms(sent_at, next.at)
+        ms(handover.signalled_at, handover.next.at)
     );
 }
 
@@ -729,15 +668,14 @@ async fn stopped_primary_reads_not_primary_when_it_resumes_after_its_lease() {
         })
         .await
         .unwrap();
-    let events = s.cluster.events();
     assert!(
-        find(
-            &events,
-            old,
-            resumed_at,
-            |k| matches!(k, EventKind::Tick { term: t, .. } if *t == term)
-        )
-        .is_none(),
+        s.cluster
+            .first_event(
+                old,
+                resumed_at,
+                |k| matches!(k, EventKind::Tick { term: t, .. } if *t == term)
+            )
+            .is_none(),
         "the resumed node ticked in its old term\n{}",
         s.cluster.dump()
     );
@@ -828,19 +766,19 @@ async fn primary_behind_a_stalled_connection_steps_down_before_a_successor_appea
     let stalled_at = monotonic_nanos();
     proxy.stall();
     let next = s.cluster.wait_primary_after(term, a, WAIT).await.unwrap();
-    let events = s.cluster.events();
-    let stepped_down = find(
-        &events,
-        a,
-        stalled_at,
-        |k| matches!(k, EventKind::TaskCancelled { term: t } if *t == term),
-    )
-    .unwrap_or_else(|| {
-        panic!(
-            "the stalled primary never stepped down\n{}",
-            s.cluster.dump()
+    let stepped_down = s
+        .cluster
+        .first_event(
+            a,
+            stalled_at,
+            |k| matches!(k, EventKind::TaskCancelled { term: t } if *t == term),
         )
-    });
+        .unwrap_or_else(|| {
+            panic!(
+                "the stalled primary never stepped down\n{}",
+                s.cluster.dump()
+            )
+        });
     assert!(
         stepped_down.at < next.at,
         "the successor appeared before the stalled primary stepped down\n{}",

@@ -32,9 +32,7 @@ use tower_primary::backend::postgres::{PostgresBackend, advisory_key};
 use tower_primary::backend::{AcquireRequest, Backend, Leadership, Lock};
 use tower_primary::clock::monotonic_nanos;
 use tower_primary::testing::conformance::{Connection, Fault, FaultHooks, Fixture};
-use tower_primary::testing::node::{
-    Cluster, Event, EventKind, NodeCommand, NodeConfig, NodeSignal,
-};
+use tower_primary::testing::node::{Cluster, EventKind, NodeCommand, NodeConfig, Succession};
 use tower_primary::testing::proxy::TcpProxy;
 use tower_primary::testing::servers::{self, PgBouncer};
 use tower_primary::{Error, NodeId};
@@ -642,43 +640,16 @@ async fn nodes(test: &str) -> Option<Nodes> {
     })
 }
 
-fn first(events: &[Event], pid: u32, pred: impl Fn(&EventKind) -> bool) -> Option<u64> {
-    events
-        .iter()
-        .find(|e| e.pid == pid && pred(&e.kind))
-        .map(|e| e.at)
-}
-
 #[tokio::test]
 async fn a_killed_primary_is_succeeded_by_exactly_one_node_with_a_higher_term() {
     let Some(mut n) = nodes("proc_sigkill").await else {
         return;
     };
     n.cluster.spawn_nodes(3).unwrap();
-    let (old, term) = n.cluster.wait_settled(WAIT).await.unwrap();
-
-    let killed_at = n.cluster.signal(old, NodeSignal::Kill).await.unwrap();
-    let next = n.cluster.wait_primary_after(term, old, WAIT).await.unwrap();
-    let settled = n.cluster.wait_settled(WAIT).await.unwrap();
-    assert_eq!(
-        settled,
-        (next.pid, next.term().unwrap()),
-        "{}",
-        n.cluster.dump()
-    );
-    assert!(next.at > killed_at);
-    let holders: Vec<_> = n
-        .cluster
-        .history()
-        .periods()
-        .iter()
-        .map(|p| (p.node.parse::<u32>().unwrap(), p.term))
-        .collect();
-    assert_eq!(holders, [(old, term), settled], "{}", n.cluster.dump());
-    n.cluster.assert_history_ok();
+    let failover = n.cluster.kill_primary(WAIT).await;
     eprintln!(
         "SIGKILL → successor primary {:.3} ms",
-        ms(killed_at, next.at)
+        ms(failover.signalled_at, failover.next.at)
     );
 }
 
@@ -688,47 +659,23 @@ async fn a_terminated_primary_hands_over_and_every_secondary_learns_the_new_hold
         return;
     };
     n.cluster.spawn_nodes(3).unwrap();
-    let (old, term) = n.cluster.wait_settled(WAIT).await.unwrap();
-
-    let sent_at = n.cluster.signal(old, NodeSignal::Term).await.unwrap();
-    let next = n.cluster.wait_primary_after(term, old, WAIT).await.unwrap();
-    let new_term = next.term().unwrap();
-    assert_eq!(n.cluster.wait_exit(old, WAIT).await.unwrap().0, Some(0));
-    // The third node hears of the new holder by NOTIFY (it never held the lock).
-    let third = n
-        .cluster
-        .pids()
-        .into_iter()
-        .find(|p| *p != old && *p != next.pid)
-        .unwrap();
-    n.cluster
-        .wait_event("the third node to report the new holder", WAIT, |e| {
-            e.pid == third
-                && matches!(e.kind, EventKind::Secondary { holder_term: Some(t), .. } if t == new_term)
-        })
-        .await
-        .unwrap();
-    n.cluster.wait_settled(WAIT).await.unwrap();
-
-    let events = n.cluster.events();
-    let cancelled = first(
-        &events,
-        old,
-        |k| matches!(k, EventKind::TaskCancelled { term: t } if *t == term),
-    )
-    .unwrap();
-    let released = first(&events, old, |k| matches!(k, EventKind::Released)).unwrap();
+    // Settled on the successor: the third node, which never held the lock, heard of the new
+    // holder by NOTIFY.
+    let handover = n.cluster.terminate_primary(WAIT).await;
+    let Succession {
+        signalled_at: sent_at,
+        ref next,
+        ..
+    } = handover.succession;
     assert!(
-        sent_at < cancelled && cancelled < next.at,
+        next.at <= handover.released + 1_000_000_000,
         "{}",
         n.cluster.dump()
     );
-    assert!(next.at <= released + 1_000_000_000, "{}", n.cluster.dump());
-    n.cluster.assert_history_ok();
     eprintln!(
         "SIGTERM → successor primary {:.3} ms (old task cancelled at {:.3} ms)",
         ms(sent_at, next.at),
-        ms(sent_at, cancelled)
+        ms(sent_at, handover.cancelled)
     );
 }
 

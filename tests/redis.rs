@@ -32,9 +32,7 @@ use tower_primary::backend::redis::{KeyEvents, RedisBackend};
 use tower_primary::backend::{AcquireRequest, Backend};
 use tower_primary::testing::conformance::{Connection, Fault, FaultHooks, Fixture};
 use tower_primary::testing::history::History;
-use tower_primary::testing::node::{
-    Cluster, Event, EventKind, NodeCommand, NodeConfig, NodeSignal,
-};
+use tower_primary::testing::node::{Cluster, EventKind, NodeCommand, NodeConfig, NodeSignal};
 use tower_primary::testing::proxy::TcpProxy;
 use tower_primary::testing::servers::{self, RedisServer};
 use tower_primary::{Clock, ConfigError, Error, Lease, NodeId};
@@ -507,13 +505,6 @@ async fn setup(test: &str, lease: Duration) -> Option<Setup> {
     })
 }
 
-fn find(events: &[Event], pid: u32, pred: impl Fn(&EventKind) -> bool) -> Option<Event> {
-    events
-        .iter()
-        .find(|e| e.pid == pid && pred(&e.kind))
-        .cloned()
-}
-
 #[tokio::test]
 async fn sigkill_of_the_primary_elects_exactly_one_successor_with_a_higher_term() {
     let lease = Duration::from_secs(1);
@@ -521,27 +512,10 @@ async fn sigkill_of_the_primary_elects_exactly_one_successor_with_a_higher_term(
         return;
     };
     s.cluster.spawn_nodes(3).unwrap();
-    let (old, term) = s.cluster.wait_settled(WAIT).await.unwrap();
-    let killed_at = s.cluster.signal(old, NodeSignal::Kill).await.unwrap();
-    let next = s.cluster.wait_primary_after(term, old, WAIT).await.unwrap();
-    let (new, new_term) = s.cluster.wait_settled(WAIT).await.unwrap();
-    assert_eq!((new, new_term), (next.pid, next.term().unwrap()));
-    assert!(new_term > term);
-    let primaries: Vec<u32> = s
-        .cluster
-        .history()
-        .periods()
-        .iter()
-        .map(|p| p.node.parse().unwrap())
-        .collect();
-    assert_eq!(primaries, [old, new], "{}", s.cluster.dump());
-    s.cluster.assert_history_ok();
-    let took = Duration::from_nanos(next.at - killed_at);
+    let failover = s.cluster.kill_primary(WAIT).await;
+    let took = Duration::from_nanos(failover.next.at - failover.signalled_at);
     assert!(took < lease * 5, "{took:?}\n{}", s.cluster.dump());
-    println!(
-        "SIGKILL (lease {lease:?}) → successor primary after {:.1} ms",
-        ms(killed_at, next.at)
-    );
+    println!("SIGKILL (lease {lease:?}) → successor primary after {took:?}");
 }
 
 #[tokio::test]
@@ -552,31 +526,14 @@ async fn sigterm_hands_over_before_the_lease_could_expire() {
         return;
     };
     s.cluster.spawn_nodes(3).unwrap();
-    let (old, term) = s.cluster.wait_settled(WAIT).await.unwrap();
-    let sent = s.cluster.signal(old, NodeSignal::Term).await.unwrap();
-    let next = s.cluster.wait_primary_after(term, old, WAIT).await.unwrap();
-    let (code, _) = s.cluster.wait_exit(old, WAIT).await.unwrap();
-    assert_eq!(code, Some(0), "{}", s.cluster.dump());
-    let events = s.cluster.events();
-    let cancelled = find(
-        &events,
-        old,
-        |k| matches!(k, EventKind::TaskCancelled { term: t } if *t == term),
-    )
-    .expect("the old task's end")
-    .at;
-    assert!(cancelled < next.at, "{}", s.cluster.dump());
-    let took = Duration::from_nanos(next.at - sent);
+    let handover = s.cluster.terminate_primary(WAIT).await.succession;
+    let took = Duration::from_nanos(handover.next.at - handover.signalled_at);
     assert!(
         took < lease * 2 / 3,
         "the successor waited for the lease: {took:?}\n{}",
         s.cluster.dump()
     );
-    s.cluster.assert_history_ok();
-    println!(
-        "SIGTERM → successor primary after {:.1} ms",
-        ms(sent, next.at)
-    );
+    println!("SIGTERM → successor primary after {took:?}");
 }
 
 #[tokio::test]
@@ -611,12 +568,13 @@ async fn sigstopped_primary_is_succeeded_and_resumes_as_secondary() {
     });
     assert!(late_tick.is_none(), "{late_tick:?}\n{}", s.cluster.dump());
     assert!(
-        find(
-            &events,
-            old,
-            |k| matches!(k, EventKind::TaskCancelled { term: t } if *t == term)
-        )
-        .is_some()
+        s.cluster
+            .first_event(
+                old,
+                0,
+                |k| matches!(k, EventKind::TaskCancelled { term: t } if *t == term)
+            )
+            .is_some()
     );
     assert!(
         stopped < next.at && next.at < resumed,
@@ -666,13 +624,14 @@ async fn redis_restarted_empty_never_gives_two_primaries() {
         now_term > term,
         "term {now_term} after the restart, {term} before"
     );
-    let events = s.cluster.events();
-    let old_end = find(
-        &events,
-        old,
-        |k| matches!(k, EventKind::TaskCancelled { term: t } if *t == term),
-    )
-    .expect("the old primary to step down");
+    let old_end = s
+        .cluster
+        .first_event(
+            old,
+            0,
+            |k| matches!(k, EventKind::TaskCancelled { term: t } if *t == term),
+        )
+        .expect("the old primary to step down");
     assert!(old_end.at < next.at, "{}", s.cluster.dump());
     s.cluster.assert_history_ok();
     println!(

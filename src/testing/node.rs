@@ -1098,6 +1098,37 @@ struct NodeProcess {
 
 const STDERR_LINES: usize = 200;
 
+/// A primary's end and its successor, from [`Cluster::kill_primary`] or
+/// [`Cluster::terminate_primary`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Succession {
+    /// The old primary's pid.
+    pub old: u32,
+    /// The old primary's term.
+    pub term: u64,
+    /// When the signal was sent (`CLOCK_MONOTONIC` ns).
+    pub signalled_at: u64,
+    /// The successor's `primary` event.
+    pub next: Event,
+    /// The successor's pid.
+    pub new: u32,
+    /// The successor's term, above [`term`](Self::term).
+    pub new_term: u64,
+}
+
+/// A graceful handover, from [`Cluster::terminate_primary`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Handover {
+    /// Who handed over to whom.
+    pub succession: Succession,
+    /// When the old primary's task saw its term end (`CLOCK_MONOTONIC` ns).
+    pub cancelled: u64,
+    /// When the old primary's shutdown returned, the lock released (`CLOCK_MONOTONIC` ns).
+    pub released: u64,
+}
+
 /// A set of node processes and the log of their events.
 ///
 /// Each node runs `command` with the cluster's [`NodeConfig`] (or one given per node) in its
@@ -1407,6 +1438,132 @@ impl Cluster {
             self.wait_exit(pid, timeout).await?;
         }
         Ok(())
+    }
+
+    /// The first event of node `pid` at or after `after` (`CLOCK_MONOTONIC` ns) whose kind
+    /// matches `pred`.
+    #[must_use]
+    pub fn first_event(
+        &self,
+        pid: u32,
+        after: u64,
+        pred: impl Fn(&EventKind) -> bool,
+    ) -> Option<Event> {
+        self.log
+            .snapshot()
+            .into_iter()
+            .find(|e| e.pid == pid && e.at >= after && pred(&e.kind))
+    }
+
+    /// A scenario every backend's process tests share: in a [settled](Self::wait_settled)
+    /// cluster, `SIGKILL` the primary. Exactly one other node succeeds it with a higher term —
+    /// the history holds the old period and the new one, without overlap — and the cluster
+    /// settles on it.
+    ///
+    /// # Panics
+    ///
+    /// When a step does not happen within `timeout` or a check fails, with [`dump`](Self::dump).
+    pub async fn kill_primary(&self, timeout: Duration) -> Succession {
+        let s = self.succession(NodeSignal::Kill, timeout).await;
+        let exit = self.wait_exit(s.old, timeout).await;
+        self.ensure(
+            matches!(exit, Ok((None, Some(9)))),
+            &format!("pid {} did not die of SIGKILL: {exit:?}", s.old),
+        );
+        let holders: Vec<(String, u64)> = self
+            .history()
+            .periods()
+            .iter()
+            .filter(|p| p.term >= s.term)
+            .map(|p| (p.node.clone(), p.term))
+            .collect();
+        self.ensure(
+            holders == [(s.old.to_string(), s.term), (s.new.to_string(), s.new_term)],
+            &format!("expected the killed primary's period, then one successor's: {holders:?}"),
+        );
+        self.assert_history_ok();
+        s
+    }
+
+    /// A scenario every backend's process tests share: in a [settled](Self::wait_settled)
+    /// cluster, `SIGTERM` the primary. It winds its term down (its task sees the term end after
+    /// the signal and before anyone else is primary), releases, and exits with 0; one other
+    /// node succeeds it with a higher term, the cluster settles on it, and no periods overlap.
+    ///
+    /// # Panics
+    ///
+    /// When a step does not happen within `timeout` or a check fails, with [`dump`](Self::dump).
+    pub async fn terminate_primary(&self, timeout: Duration) -> Handover {
+        let succession = self.succession(NodeSignal::Term, timeout).await;
+        let (old, term) = (succession.old, succession.term);
+        let exit = self.wait_exit(old, timeout).await;
+        self.ensure(
+            matches!(exit, Ok((Some(0), None))),
+            &format!("pid {old} did not exit with 0 after SIGTERM: {exit:?}"),
+        );
+        let at = |what: &str, pred: &dyn Fn(&EventKind) -> bool| match self.first_event(
+            old,
+            succession.signalled_at,
+            pred,
+        ) {
+            Some(e) => e.at,
+            None => panic!("pid {old} logged no {what} after SIGTERM\n{}", self.dump()),
+        };
+        let cancelled = at(
+            "task-cancelled",
+            &|k| matches!(k, EventKind::TaskCancelled { term: t } if *t == term),
+        );
+        let released = at("released", &|k| matches!(k, EventKind::Released));
+        self.ensure(
+            cancelled < succession.next.at && cancelled <= released,
+            "the old primary's task did not end before its successor became primary and it \
+             released",
+        );
+        self.assert_history_ok();
+        Handover {
+            succession,
+            cancelled,
+            released,
+        }
+    }
+
+    /// Signals the primary of the settled cluster, waits for a successor with a higher term and
+    /// for the cluster to settle on it.
+    async fn succession(&self, signal: NodeSignal, timeout: Duration) -> Succession {
+        let (old, term) = self
+            .wait_settled(timeout)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let signalled_at = self
+            .signal(old, signal)
+            .await
+            .unwrap_or_else(|e| panic!("cannot signal pid {old}: {e}\n{}", self.dump()));
+        let next = self
+            .wait_primary_after(term, old, timeout)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (new, new_term) = self
+            .wait_settled(timeout)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        self.ensure(
+            (new, Some(new_term)) == (next.pid, next.term())
+                && new_term > term
+                && next.at > signalled_at,
+            &format!("settled on pid {new} term {new_term}, after {next} replaced term {term}"),
+        );
+        Succession {
+            old,
+            term,
+            signalled_at,
+            next,
+            new,
+            new_term,
+        }
+    }
+
+    fn ensure(&self, cond: bool, what: &str) {
+        assert!(cond, "{what}\n{}", self.dump());
     }
 
     /// Every event, with times in ms since the cluster was created, the node states, the primary
