@@ -330,7 +330,8 @@ mod handlers {
     use super::{Readiness, ReadinessReport, RoleReport};
     use crate::role::RoleHandle;
 
-    fn json(status: StatusCode, value: &impl Serialize) -> Response {
+    /// `value` as a JSON response with `status`.
+    pub(super) fn json(status: StatusCode, value: &impl Serialize) -> Response {
         match serde_json::to_vec(value) {
             Ok(body) => {
                 let mut res = (status, body).into_response();
@@ -422,8 +423,7 @@ pub use crate::watchdog::Liveness;
 #[cfg(feature = "axum")]
 mod live_handler {
     use axum_core::response::{IntoResponse, Response};
-    use http::header::CONTENT_TYPE;
-    use http::{HeaderValue, StatusCode};
+    use http::StatusCode;
 
     use super::Liveness;
     use crate::role::RoleHandle;
@@ -436,19 +436,7 @@ mod live_handler {
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
             };
-            match serde_json::to_vec(&self) {
-                Ok(body) => {
-                    let mut res = (status, body).into_response();
-                    res.headers_mut()
-                        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                    res
-                }
-                Err(err) => (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("cannot serialize the liveness report: {err}"),
-                )
-                    .into_response(),
-            }
+            super::handlers::json(status, &self)
         }
     }
 
