@@ -110,7 +110,8 @@ async fn already_done(log: &std::path::Path, slot: &str) -> std::io::Result<bool
     }))
 }
 
-async fn count(dir: &std::path::Path, ext: &str) -> usize {
+/// How many files in `dir` end with `ext` (hidden temporary files left out).
+pub(crate) async fn count(dir: &std::path::Path, ext: &str) -> usize {
     let mut n = 0;
     if let Ok(mut entries) = tokio::fs::read_dir(dir).await {
         while let Ok(Some(e)) = entries.next_entry().await {

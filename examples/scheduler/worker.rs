@@ -350,19 +350,6 @@ async fn report_now(State(app): State<App>) -> Response {
 
 /// `GET /admin/status` (primary only).
 async fn status(State(app): State<App>, role: CurrentRole) -> Response {
-    let count = |dir: std::path::PathBuf, ext: &'static str| async move {
-        let mut n = 0usize;
-        if let Ok(mut entries) = tokio::fs::read_dir(dir).await {
-            while let Ok(Some(e)) = entries.next_entry().await {
-                let name = e.file_name();
-                let name = name.to_string_lossy();
-                if name.ends_with(ext) && !name.starts_with('.') {
-                    n += 1;
-                }
-            }
-        }
-        n
-    };
     let last_report = match app.report.last_completed().await {
         Ok(slot) => json!(slot.map(report::slot_name)),
         Err(err) => json!(format!("unknown: {err}")),
@@ -372,9 +359,9 @@ async fn status(State(app): State<App>, role: CurrentRole) -> Response {
         "worker": app.worker,
         "term": role.term(),
         "ready": app.readiness.is_ready(),
-        "outbox": count(app.dirs.outbox(), ".json").await,
-        "sent": count(app.dirs.sent(), ".eml").await,
-        "failed": count(app.dirs.failed(), ".json").await,
+        "outbox": report::count(&app.dirs.outbox(), ".json").await,
+        "sent": report::count(&app.dirs.sent(), ".eml").await,
+        "failed": report::count(&app.dirs.failed(), ".json").await,
         "last_report": last_report,
     }))
     .into_response()
