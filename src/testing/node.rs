@@ -1109,12 +1109,9 @@ pub struct Succession {
     pub term: u64,
     /// When the signal was sent (`CLOCK_MONOTONIC` ns).
     pub signalled_at: u64,
-    /// The successor's `primary` event.
+    /// The successor's `primary` event: its pid, its term (above [`term`](Self::term)) and
+    /// when it became primary.
     pub next: Event,
-    /// The successor's pid.
-    pub new: u32,
-    /// The successor's term, above [`term`](Self::term).
-    pub new_term: u64,
 }
 
 /// A graceful handover, from [`Cluster::terminate_primary`].
@@ -1466,10 +1463,9 @@ impl Cluster {
     pub async fn kill_primary(&self, timeout: Duration) -> Succession {
         let s = self.succession(NodeSignal::Kill, timeout).await;
         let exit = self.wait_exit(s.old, timeout).await;
-        self.ensure(
-            matches!(exit, Ok((None, Some(9)))),
-            &format!("pid {} did not die of SIGKILL: {exit:?}", s.old),
-        );
+        self.ensure(matches!(exit, Ok((None, Some(9)))), || {
+            format!("pid {} did not die of SIGKILL: {exit:?}", s.old)
+        });
         let holders: Vec<(String, u64)> = self
             .history()
             .periods()
@@ -1477,10 +1473,10 @@ impl Cluster {
             .filter(|p| p.term >= s.term)
             .map(|p| (p.node.clone(), p.term))
             .collect();
-        self.ensure(
-            holders == [(s.old.to_string(), s.term), (s.new.to_string(), s.new_term)],
-            &format!("expected the killed primary's period, then one successor's: {holders:?}"),
-        );
+        let successor = (s.next.pid.to_string(), s.next.term().unwrap_or_default());
+        self.ensure(holders == [(s.old.to_string(), s.term), successor], || {
+            format!("expected the killed primary's period, then one successor's: {holders:?}")
+        });
         self.assert_history_ok();
         s
     }
@@ -1497,10 +1493,9 @@ impl Cluster {
         let succession = self.succession(NodeSignal::Term, timeout).await;
         let (old, term) = (succession.old, succession.term);
         let exit = self.wait_exit(old, timeout).await;
-        self.ensure(
-            matches!(exit, Ok((Some(0), None))),
-            &format!("pid {old} did not exit with 0 after SIGTERM: {exit:?}"),
-        );
+        self.ensure(matches!(exit, Ok((Some(0), None))), || {
+            format!("pid {old} did not exit with 0 after SIGTERM: {exit:?}")
+        });
         let at = |what: &str, pred: &dyn Fn(&EventKind) -> bool| match self.first_event(
             old,
             succession.signalled_at,
@@ -1516,8 +1511,11 @@ impl Cluster {
         let released = at("released", &|k| matches!(k, EventKind::Released));
         self.ensure(
             cancelled < succession.next.at && cancelled <= released,
-            "the old primary's task did not end before its successor became primary and it \
-             released",
+            || {
+                "the old primary's task did not end before its successor became primary and it \
+             released"
+                    .to_owned()
+            },
         );
         self.assert_history_ok();
         Handover {
@@ -1550,20 +1548,18 @@ impl Cluster {
             (new, Some(new_term)) == (next.pid, next.term())
                 && new_term > term
                 && next.at > signalled_at,
-            &format!("settled on pid {new} term {new_term}, after {next} replaced term {term}"),
+            || format!("settled on pid {new} term {new_term}, after {next} replaced term {term}"),
         );
         Succession {
             old,
             term,
             signalled_at,
             next,
-            new,
-            new_term,
         }
     }
 
-    fn ensure(&self, cond: bool, what: &str) {
-        assert!(cond, "{what}\n{}", self.dump());
+    fn ensure(&self, cond: bool, what: impl FnOnce() -> String) {
+        assert!(cond, "{}\n{}", what(), self.dump());
     }
 
     /// Every event, with times in ms since the cluster was created, the node states, the primary
