@@ -15,7 +15,9 @@ use axum::body::Body;
 use axum::routing::{get, post};
 use axum::{Extension, Router};
 use http::{Request, Response, StatusCode};
-use tokio::sync::oneshot;
+use http_body_util::BodyExt;
+use hyper::body::Bytes;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::timeout;
 use tower::{Layer, ServiceExt, service_fn};
 use tower_primary::health::{self, RoleReport};
@@ -377,6 +379,132 @@ async fn gate_retry_after_is_rounded_up_to_seconds_and_a_handle_replaces_the_lay
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
+async fn refusal_of(res: Response<Body>) -> serde_json::Value {
+    assert_eq!(res.headers()["content-type"], "application/json");
+    serde_json::from_str(&body_text(res).await).expect("a JSON refusal body")
+}
+
+#[tokio::test]
+async fn every_gate_refusal_carries_a_json_body() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = admin_app(Some(secondary_of(holder("web-1", 7, None))), &runs);
+    let refusal = refusal_of(call(&app, "POST", "/admin").await).await;
+    assert_eq!(refusal["error"], "not_primary");
+    assert_eq!(refusal["holder"]["id"], "web-1");
+    assert_eq!(refusal["holder"]["term"], 7);
+    assert_eq!(refusal["retry_after_ms"], 1000);
+
+    let app = admin_app(Some(RoleHandle::fixed(Role::Starting)), &runs);
+    for path in ["/admin", "/admin/redirect"] {
+        let refusal = refusal_of(call(&app, "POST", path).await).await;
+        assert_eq!(refusal["error"], "no_primary", "{path}");
+        assert!(refusal["holder"].is_null());
+        assert_eq!(refusal["retry_after_ms"], 1000);
+    }
+
+    let app = admin_app(
+        Some(secondary_of(holder(
+            "web-1",
+            7,
+            Some("http://10.0.0.7:8080"),
+        ))),
+        &runs,
+    );
+    let res = call(&app, "POST", "/admin/redirect").await;
+    assert_eq!(res.status(), StatusCode::TEMPORARY_REDIRECT);
+    let refusal = refusal_of(res).await;
+    assert_eq!(refusal["error"], "not_primary");
+    assert_eq!(refusal["holder"]["url"], "http://10.0.0.7:8080");
+
+    let res = call(&admin_app(None, &runs), "POST", "/admin").await;
+    assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let refusal = refusal_of(res).await;
+    assert_eq!(refusal["error"], "missing_layer");
+    assert!(
+        refusal["message"]
+            .as_str()
+            .unwrap()
+            .contains("add PrimaryLayer")
+    );
+
+    // The extractor's 503 is the same answer.
+    let app = extractor_app().layer(PrimaryLayer::new(secondary_of(holder("web-9", 8, None))));
+    let refusal = refusal_of(call(&app, "POST", "/term").await).await;
+    assert_eq!(refusal["error"], "not_primary");
+    assert_eq!(refusal["holder"]["id"], "web-9");
+    assert_eq!(refusal["retry_after_ms"], 1000);
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn gate_never_redirects_to_a_holder_url_that_is_not_an_http_origin() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    for url in [
+        "javascript:alert(1)",
+        "//evil.example",
+        "/admin",
+        "ftp://10.0.0.7",
+        "http://user:secret@10.0.0.7:8080",
+        "http://evil.example@10.0.0.7",
+        "http://10.0.0.7:8080/app?next=http://evil.example",
+        "http://10.0.0.7:8080/#x",
+        "http://",
+        "10.0.0.7:8080",
+        "http://10.0.0.7:8080\r\nSet-Cookie: a=b",
+    ] {
+        let app = admin_app(Some(secondary_of(holder("web-1", 7, Some(url)))), &runs);
+        let res = call(&app, "POST", "/admin/redirect").await;
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE, "{url:?}");
+        assert!(!res.headers().contains_key("location"), "{url:?}");
+        assert_eq!(res.headers()["x-primary-holder"], "web-1");
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn advertise_accepts_only_http_origins_and_names_the_setting() {
+    for url in [
+        "ftp://10.0.0.7",
+        "http://user:secret@10.0.0.7:8080",
+        "10.0.0.7:8080",
+        "/relative",
+        "http://10.0.0.7:8080/?a=1",
+        "http://10.0.0.7:8080/#top",
+        "http://10.0.0.7:99999",
+        "",
+    ] {
+        let err = Elector::builder("advertise")
+            .backend(MemoryBackend::new())
+            .advertise(url)
+            .spawn()
+            .expect_err(url);
+        let text = err.to_string();
+        assert!(text.contains("advertise"), "{url:?}: {text}");
+        assert!(
+            PrimaryLayer::from_builder(
+                Elector::builder("advertise")
+                    .backend(MemoryBackend::new())
+                    .advertise(url)
+            )
+            .is_err(),
+            "{url:?}"
+        );
+    }
+    for url in [
+        "http://10.0.0.7:8080",
+        "https://primary.example/",
+        "http://[::1]:8080",
+        "https://p.example/app",
+    ] {
+        let elector = Elector::builder("advertise")
+            .backend(MemoryBackend::new())
+            .advertise(url)
+            .spawn()
+            .unwrap_or_else(|err| panic!("{url:?}: {err}"));
+        elector.shutdown().await;
+    }
+}
+
 /// A gated tower service whose handler reports its term, waits for the term to end, and then
 /// for the test's go-ahead.
 struct InFlightProbe {
@@ -489,7 +617,8 @@ async fn step_down_waits_for_a_gated_request_in_flight_before_releasing() {
     // The request finishes: the step-down completes and b takes over with a higher term.
     probe.finish.send(()).unwrap();
     let res = request.await.unwrap().unwrap();
-    assert_eq!(res.into_body(), format!("finished term {term_a}"));
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, format!("finished term {term_a}"));
     stepping.await.unwrap().unwrap();
     let term_b = timeout(EVENT_BOUND, b_role.wait_primary())
         .await
@@ -522,8 +651,152 @@ async fn a_request_that_outlives_the_grace_does_not_hold_the_lock() {
     timeout(EVENT_BOUND, b.handle().wait_primary())
         .await
         .unwrap();
-    drop(probe.finish);
-    request.await.unwrap().unwrap();
+    // After the grace the handler is aborted (its future dropped) and the client gets a 503.
+    let res = timeout(EVENT_BOUND, request)
+        .await
+        .expect("the handler was not aborted after the grace")
+        .unwrap()
+        .unwrap();
+    assert!(
+        probe.finish.send(()).is_err(),
+        "the handler future still lives"
+    );
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    let refusal: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(refusal["error"], "aborted");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// A router whose gated `/stream` answers with a body that streams `body`'s chunks.
+fn streaming_app<S>(role: RoleHandle, body: S) -> Router
+where
+    S: futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
+{
+    let body = Arc::new(std::sync::Mutex::new(Some(body)));
+    let handler = move || {
+        let body = body.lock().unwrap().take().expect("called once");
+        async move { Body::from_stream(body) }
+    };
+    Router::new()
+        .route("/stream", get(handler).layer(RequirePrimaryLayer::new()))
+        .layer(PrimaryLayer::new(role))
+}
+
+/// The next data frame of `body`, as text.
+async fn next_chunk(body: &mut Body) -> String {
+    let frame = timeout(EVENT_BOUND, body.frame())
+        .await
+        .expect("no frame in time")
+        .expect("the body ended")
+        .expect("the body failed");
+    String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn step_down_waits_while_a_gated_response_body_streams() {
+    let store = MemoryBackend::new();
+    let grace = Duration::from_secs(60);
+    let a = paused_node(&store, "streaming", "a", grace);
+    let term_a = a.handle().wait_primary().await.term();
+    let b = paused_node(&store, "streaming", "b", grace);
+    wait_holder(&mut b.handle(), "a").await;
+
+    let (chunks, rx) = mpsc::channel::<Bytes>(1);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (Ok(chunk), rx))
+    });
+    let app = streaming_app(a.handle(), stream);
+    // The handler has returned; the body is still streaming.
+    let res = call(&app, "GET", "/stream").await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut body = res.into_body();
+    chunks.send(Bytes::from("one")).await.unwrap();
+    assert_eq!(next_chunk(&mut body).await, "one");
+
+    let stepping = tokio::spawn({
+        let a = a.clone();
+        async move { a.step_down().await }
+    });
+    // While the body streams the lock is not released: b stays secondary for as long as we care
+    // to wait below the grace (paused clock: 30 virtual seconds).
+    let mut b_role = b.handle();
+    assert!(
+        timeout(Duration::from_secs(30), b_role.wait_primary())
+            .await
+            .is_err(),
+        "b became primary while a's gated response body was streaming"
+    );
+    assert!(!stepping.is_finished());
+    chunks.send(Bytes::from("two")).await.unwrap();
+    assert_eq!(next_chunk(&mut body).await, "two");
+
+    // The body ends: the step-down completes and b takes over.
+    drop(chunks);
+    assert!(body.frame().await.is_none(), "a clean end of the body");
+    timeout(EVENT_BOUND, stepping)
+        .await
+        .expect("the step-down did not complete once the body ended")
+        .unwrap()
+        .unwrap();
+    let term_b = timeout(EVENT_BOUND, b_role.wait_primary())
+        .await
+        .unwrap()
+        .term();
+    assert!(term_b > term_a);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_streaming_body_that_outlives_the_grace_is_cut_and_the_lock_released() {
+    let store = MemoryBackend::new();
+    let grace = Duration::from_secs(5);
+    let a = paused_node(&store, "streaming-grace", "a", grace);
+    a.handle().wait_primary().await;
+    let b = paused_node(&store, "streaming-grace", "b", grace);
+    wait_holder(&mut b.handle(), "a").await;
+
+    // A body that never ends on its own: a chunk every (virtual) second.
+    let stream = futures_util::stream::unfold(0u64, |n| async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        Some((Ok(Bytes::from(format!("chunk {n}\n"))), n + 1))
+    });
+    let res = call(&streaming_app(a.handle(), stream), "GET", "/stream").await;
+    let mut body = res.into_body();
+    assert_eq!(next_chunk(&mut body).await, "chunk 0\n");
+
+    let began = tokio::time::Instant::now();
+    let stepping = tokio::spawn({
+        let a = a.clone();
+        async move { a.step_down().await }
+    });
+    // The body streams on through the grace, then is cut with an error (not a clean end, so the
+    // client sees a truncated response).
+    let mut chunks = 1;
+    let end = timeout(EVENT_BOUND, async {
+        loop {
+            match body.frame().await {
+                Some(Ok(_)) => chunks += 1,
+                Some(Err(err)) => return Err(err),
+                None => return Ok(()),
+            }
+        }
+    })
+    .await
+    .expect("the body was not cut after the grace");
+    assert!(end.is_err(), "the body ended cleanly instead of being cut");
+    assert!(began.elapsed() >= grace, "cut before the grace ran out");
+    assert!(chunks >= 4, "only {chunks} chunks before the cut");
+    timeout(EVENT_BOUND, stepping)
+        .await
+        .expect("the step-down did not complete after the grace")
+        .unwrap()
+        .unwrap();
+    timeout(EVENT_BOUND, b.handle().wait_primary())
+        .await
+        .expect("the lock was not released after the grace");
     a.shutdown().await;
     b.shutdown().await;
 }
