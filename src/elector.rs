@@ -212,7 +212,12 @@ impl ElectorBuilder {
     }
 
     /// The URL this node advertises in its holder record, used by the primary-only gate to
-    /// redirect (307) secondaries' requests to the primary.
+    /// redirect (307) secondaries' requests to the primary: an absolute `http://` or `https://`
+    /// URL with a host, an optional port and an optional path prefix (redirects append the
+    /// request's path to it), without user information, query or fragment. Checked by
+    /// [`spawn`](Self::spawn); the gate checks holders' URLs again before it redirects.
+    ///
+    /// The URL is shown to clients in redirects, refusals and `/health/role`.
     pub fn advertise(mut self, url: impl Into<String>) -> Self {
         self.advertise = Some(url.into());
         self
@@ -284,7 +289,7 @@ impl ElectorBuilder {
     /// # Errors
     ///
     /// [`ConfigError`] naming the setting and the rule it broke: an invalid lock name, no
-    /// backend, a zero grace, a lease below the backend's minimum, a margin of a third of the
+    /// backend, an advertised URL that is not an `http`/`https` URL, a zero grace, a lease below the backend's minimum, a margin of a third of the
     /// lease or more, an unusable lock directory, or no tokio runtime.
     pub fn spawn(self) -> Result<Elector, ConfigError> {
         self.prepare()?.spawn()
@@ -309,6 +314,9 @@ impl ElectorBuilder {
                 value: self.retry_min,
                 rule: "must be longer than zero".to_owned(),
             });
+        }
+        if let Some(url) = &self.advertise {
+            crate::require::check_advertised(url)?;
         }
         if self.liveness_bound.is_zero() {
             return Err(ConfigError::InvalidTiming {
@@ -1041,9 +1049,13 @@ impl Campaign {
             ctx.tracker().wait().await;
         })
         .await;
+        // Gated requests still in flight are cut: handlers dropped, response bodies ended with an
+        // error. No code of theirs runs after their current poll.
+        ctx.abort_token().cancel();
         if drained.is_err() {
             let names = tasks.running();
-            tracing::warn!(%lock, %node, term, grace = ?self.grace, tasks = ?names, "grace period over; aborting what is left");
+            let requests = ctx.tracker().len();
+            tracing::warn!(%lock, %node, term, grace = ?self.grace, tasks = ?names, requests, "grace period over; aborting what is left");
             for name in &names {
                 crate::metrics::task_aborted(&lock, name);
             }

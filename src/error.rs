@@ -49,6 +49,19 @@ pub enum ConfigError {
         /// What is wrong with it.
         problem: String,
     },
+    /// A URL setting is not what it must be: an advertised URL
+    /// ([`ElectorBuilder::advertise`](crate::ElectorBuilder::advertise)) or a trusted
+    /// [`Origin`](crate::require::Origin) that is not an absolute `http`/`https` URL, or that
+    /// carries user information, a query or a fragment.
+    #[error("invalid {setting} {url:?}: {rule}")]
+    InvalidUrl {
+        /// The setting, e.g. `"advertise"` or `"origin"`.
+        setting: &'static str,
+        /// The value given.
+        url: String,
+        /// The rule it broke.
+        rule: &'static str,
+    },
     /// The backend string names a backend whose Cargo feature is not enabled.
     #[error("backend {scheme:?} needs the `{feature}` feature of tower-primary")]
     FeatureDisabled {

@@ -12,11 +12,13 @@
 //! without the layer, and `Option<PrimaryTerm>` is `None` on every node but the primary — for
 //! handlers that serve everywhere but do a little more on the primary.
 //!
-//! The `500` body says what is missing: *add PrimaryLayer to the router*. The `503` of
-//! [`PrimaryTerm`] is the same answer as the [gate's](crate::RequirePrimaryLayer); behind the gate
-//! [`PrimaryTerm`] returns the term the gate admitted the request under. A [`PrimaryTerm`] counts as
-//! in flight while it lives, so step-down and shutdown wait for the handler (up to the grace)
-//! before they release the lock, also on routes without the gate.
+//! Rejections carry the JSON [`Refusal`](crate::require::Refusal) body of the gate: the `500` says
+//! what is missing (*add PrimaryLayer to the router*), and the `503` of [`PrimaryTerm`] is the
+//! same answer as the [gate's](crate::RequirePrimaryLayer). Behind the gate [`PrimaryTerm`]
+//! returns the term the gate admitted the request under. A [`PrimaryTerm`] counts as in flight
+//! while it lives, so step-down and shutdown wait for the handler (up to the grace) before they
+//! release the lock, also on routes without the gate; only the gate also waits for the response
+//! body and aborts what is left after the grace.
 //!
 //! # Examples
 //!
@@ -83,7 +85,7 @@ use axum_core::response::{IntoResponse, Response};
 use http::StatusCode;
 use http::request::Parts;
 
-use crate::require::{admit, hold, log_missing_layer, other_holder, refusal_headers};
+use crate::require::{MISSING_LAYER, Refusal, admit, hold, log_missing_layer, other_holder};
 use crate::role::{Holder, InFlight, Role, RoleHandle, TermContext};
 
 /// The `Retry-After` of the extractor's `503`, in seconds (as the gate's default).
@@ -109,10 +111,7 @@ pub enum RoleRejection {
 impl fmt::Display for RoleRejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            RoleRejection::MissingLayer => f.write_str(
-                "no RoleHandle in the request extensions: add PrimaryLayer to the router, \
-                 e.g. `.layer(PrimaryLayer::new(elector.handle()))` (tower-primary)",
-            ),
+            RoleRejection::MissingLayer => f.write_str(MISSING_LAYER),
             RoleRejection::NotPrimary { lock, holder } => {
                 write!(f, "not primary for lock {lock:?}")?;
                 match holder {
@@ -146,13 +145,17 @@ impl RoleRejection {
 
 impl IntoResponse for RoleRejection {
     fn into_response(self) -> Response {
-        if let RoleRejection::MissingLayer = self {
-            log_missing_layer("a tower-primary extractor");
-        }
-        let mut res = (self.status(), self.to_string()).into_response();
-        if let RoleRejection::NotPrimary { holder, .. } = &self {
-            refusal_headers(res.headers_mut(), holder.as_deref(), RETRY_AFTER);
-        }
+        let refusal = match &self {
+            RoleRejection::MissingLayer => {
+                log_missing_layer("a tower-primary extractor");
+                Refusal::missing_layer(self.to_string())
+            }
+            RoleRejection::NotPrimary { lock, holder } => {
+                Refusal::not_primary(lock, holder.as_deref().cloned(), RETRY_AFTER)
+            }
+        };
+        let mut res = (self.status(), refusal.to_bytes()).into_response();
+        refusal.headers(res.headers_mut());
         res
     }
 }

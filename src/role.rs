@@ -524,6 +524,9 @@ struct TermInner {
     shared: Arc<Shared>,
     token: CancellationToken,
     tracker: TaskTracker,
+    /// Fired when the grace after the end of the term ran out: gated requests still in flight
+    /// are cut.
+    abort: CancellationToken,
 }
 
 impl fmt::Debug for TermContext {
@@ -544,6 +547,7 @@ impl TermContext {
                 shared,
                 token,
                 tracker: TaskTracker::new(),
+                abort: CancellationToken::new(),
             }),
         }
     }
@@ -598,6 +602,12 @@ impl TermContext {
 
     pub(crate) fn tracker(&self) -> &TaskTracker {
         &self.inner.tracker
+    }
+
+    /// Fired once the grace after the term's end has run out: the primary-only gate cuts the
+    /// requests of this term that are still in flight.
+    pub(crate) fn abort_token(&self) -> &CancellationToken {
+        &self.inner.abort
     }
 }
 

@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::timeout;
 use tower::{Layer, ServiceExt, service_fn};
 use tower_primary::health::{self, RoleReport};
+use tower_primary::require::ResponseBody;
 use tower_primary::{
     Clock, CurrentRole, Elector, Holder, MemoryBackend, NodeId, PrimaryLayer, PrimaryTerm,
     RequirePrimaryLayer, Role, RoleHandle, TermContext,
@@ -516,7 +517,7 @@ struct InFlightProbe {
 fn gated_probe(
     role: RoleHandle,
 ) -> (
-    impl std::future::Future<Output = Result<Response<String>, Infallible>>,
+    impl std::future::Future<Output = Result<Response<ResponseBody<String>>, Infallible>>,
     InFlightProbe,
 ) {
     let (started_tx, started) = oneshot::channel();

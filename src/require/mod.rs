@@ -12,15 +12,51 @@
 //!   method and the body. When the holder advertised no URL (or is unknown, as while the
 //!   election starts) the answer is the 503 above.
 //!
+//! Every refusal carries a JSON [`Refusal`] body (`{"error": "not_primary" | "no_primary" | …,
+//! "holder": …, "retry_after_ms": …, "message": …}`, `content-type: application/json`).
+//!
+//! # In flight
+//!
 //! An admitted request carries the [`TermContext`] of the term it was admitted under in its
 //! extensions (`Extension<TermContext>`, or the [`PrimaryTerm`](crate::PrimaryTerm) extractor),
 //! so the handler can put the term into downstream writes and check
-//! [`is_valid`](TermContext::is_valid) before side effects. The gate also counts the request as
-//! in flight until its response future completes: step-down and shutdown wait for it (up to the
-//! grace) before they release the lock (DESIGN §3.5).
+//! [`is_valid`](TermContext::is_valid) before side effects. The gate counts the request as in
+//! flight **until its response body has ended** (or been dropped, as when the client goes
+//! away), not only until the handler returns: a streamed body is part of the request. Step-down
+//! and shutdown wait for it, up to the [grace](crate::ElectorBuilder::grace), before they
+//! release the lock. The order is: stop admitting, cancel the term, wait for tasks and requests
+//! in flight up to the grace, abort what is left, release the lock.
+//!
+//! When the grace runs out, what is left of a gated request is aborted, before the lock is
+//! released:
+//!
+//! - a handler that has not returned is dropped (its future is not polled again) and the client
+//!   gets a `503` with the [`Refusal`] `"aborted"`;
+//! - a response body still streaming ends with an [`Aborted`] error instead of its next frame; the
+//!   inner body is dropped unpolled, and the client sees the response cut short (hyper closes
+//!   the HTTP/1.1 connection or resets the HTTP/2 stream), never a clean end.
+//!
+//! No code of an aborted request runs after its current poll returns, so a handler that stops at
+//! `.await` points cannot act after the lock is released. Side effects already made stay made:
+//! carry the term into downstream writes. Routes without the gate that use the
+//! [`PrimaryTerm`](crate::PrimaryTerm) extractor are waited for until the handler returns, and are
+//! not aborted.
+//!
+//! # Where to redirect, and what refusals show
+//!
+//! A holder's advertised URL is checked when it is set ([`ElectorBuilder::advertise`]: an
+//! absolute `http`/`https` URL with a host, an optional port and an optional path prefix; no
+//! user information, query or fragment) and again before every redirect, since it is read from
+//! the backend: a URL that fails the check is never a redirect target (the answer is the 503,
+//! and the gate logs a warning). With [`trusted_origins`](RequirePrimaryLayer::trusted_origins)
+//! only the listed [`Origin`]s are redirect targets.
+//!
+//! A refusal body names the holder (host, pid, advertised URL): put gated routes where the
+//! clients that see them may know the cluster's layout — an admin listener or an internal
+//! network — and keep them, like `/health/role`, off public routes.
 //!
 //! The gate reads the role from the request's extensions, where [`PrimaryLayer`] puts it; without
-//! that layer it answers `500` and logs why. Give it a handle with
+//! that layer it answers `500` (with a [`Refusal`] `"missing_layer"`) and logs why. Give it a handle with
 //! [`with_handle`](RequirePrimaryLayer::with_handle) to use it alone.
 //!
 //! [`ElectorBuilder::advertise`]: crate::ElectorBuilder::advertise
@@ -85,21 +121,31 @@
 //! # }
 //! ```
 
-use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::header::{LOCATION, RETRY_AFTER};
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri};
-use pin_project_lite::pin_project;
+use http::header::LOCATION;
+use http::{HeaderValue, Request, Response, StatusCode, Uri};
+use http_body::Body;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::header::X_PRIMARY_HOLDER;
 use crate::role::{Holder, InFlight, RoleHandle, TermContext};
+
+mod body;
+mod future;
+mod origin;
+mod refusal;
+
+pub use self::body::{Aborted, ResponseBody};
+pub use self::future::ResponseFuture;
+use self::origin::AdvertisedUrl;
+pub use self::origin::Origin;
+pub(crate) use self::origin::check_advertised;
+pub(crate) use self::refusal::MISSING_LAYER;
+pub use self::refusal::Refusal;
 
 /// The default `Retry-After` of a refusal, in seconds.
 const DEFAULT_RETRY_AFTER: u64 = 1;
@@ -116,6 +162,8 @@ struct Config {
     redirect: bool,
     retry_after: u64,
     handle: Option<RoleHandle>,
+    /// `None`: any valid advertised URL is a redirect target.
+    trusted: Option<Arc<[Origin]>>,
 }
 
 impl Default for RequirePrimaryLayer {
@@ -133,12 +181,14 @@ impl RequirePrimaryLayer {
                 redirect: false,
                 retry_after: DEFAULT_RETRY_AFTER,
                 handle: None,
+                trusted: None,
             },
         }
     }
 
     /// Answers `307 Temporary Redirect` to the holder's advertised URL instead, keeping the path
-    /// and the query, when the holder advertised one; `503` otherwise.
+    /// and the query, when the holder advertised one (a valid one, from a
+    /// [trusted origin](Self::trusted_origins) if a list is set); `503` otherwise.
     ///
     /// # Examples
     ///
@@ -163,6 +213,45 @@ impl RequirePrimaryLayer {
     /// ```
     pub fn redirect(mut self) -> Self {
         self.config.redirect = true;
+        self
+    }
+
+    /// Redirects only to holders whose advertised URL has one of these origins (scheme, host and
+    /// port); a holder elsewhere gets the `503`, and a warning is logged. Without this list any
+    /// valid advertised URL is a target. Use it when the backend's records could be written by
+    /// someone other than your nodes.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use axum::{Router, body::Body, routing::post};
+    /// use http::{Request, StatusCode};
+    /// use tower::ServiceExt;
+    /// use tower_primary::require::Origin;
+    /// use tower_primary::{Holder, NodeId, PrimaryLayer, RequirePrimaryLayer, Role, RoleHandle};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let gate = RequirePrimaryLayer::new()
+    ///     .redirect()
+    ///     .trusted_origins(["http://10.0.0.7:8080".parse::<Origin>()?, "http://10.0.0.8:8080".parse()?]);
+    /// let app = |url: &str| {
+    ///     let holder = Holder::new(&NodeId::new("web-1"), 7).with_url(Some(url.to_owned()));
+    ///     Router::new()
+    ///         .route("/admin", post(|| async { "done" }).layer(gate.clone()))
+    ///         .layer(PrimaryLayer::new(RoleHandle::fixed(Role::Secondary { holder: Some(holder) })))
+    /// };
+    /// let req = || Request::post("/admin").body(Body::empty());
+    ///
+    /// let res = app("http://10.0.0.8:8080").oneshot(req()?).await?;
+    /// assert_eq!(res.status(), StatusCode::TEMPORARY_REDIRECT);
+    /// let res = app("http://203.0.113.9").oneshot(req()?).await?;
+    /// assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn trusted_origins(mut self, origins: impl IntoIterator<Item = Origin>) -> Self {
+        self.config.trusted = Some(origins.into_iter().collect());
         self
     }
 
@@ -193,6 +282,9 @@ impl<S> Layer<S> for RequirePrimaryLayer {
 }
 
 /// The service of [`RequirePrimaryLayer`]: calls the inner service only on the primary.
+///
+/// Its response body is a [`ResponseBody`] around the inner service's: the inner body on an
+/// admitted request, a JSON [`Refusal`] otherwise.
 #[derive(Clone, Debug)]
 pub struct RequirePrimary<S> {
     inner: S,
@@ -226,9 +318,9 @@ impl<S> RequirePrimary<S> {
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RequirePrimary<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    ResBody: Default,
+    ResBody: Body,
 {
-    type Response = Response<ResBody>;
+    type Response = Response<ResponseBody<ResBody>>;
     type Error = S::Error;
     type Future = ResponseFuture<S::Future, ResBody>;
 
@@ -248,19 +340,15 @@ where
         };
         match decision {
             Ok((ctx, in_flight)) => {
-                req.extensions_mut().insert(ctx);
-                ResponseFuture {
-                    kind: Kind::Admitted {
-                        future: self.inner.call(req),
-                        in_flight: Some(in_flight),
-                    },
-                }
+                req.extensions_mut().insert(ctx.clone());
+                ResponseFuture::admitted(
+                    self.inner.call(req),
+                    ctx,
+                    in_flight,
+                    self.config.retry_after,
+                )
             }
-            Err(response) => ResponseFuture {
-                kind: Kind::Refused {
-                    response: Some(response),
-                },
-            },
+            Err(response) => ResponseFuture::refused(response),
         }
     }
 }
@@ -291,42 +379,75 @@ pub(crate) fn other_holder(handle: &RoleHandle) -> Option<Holder> {
     handle.holder().filter(|h| h.id != handle.node().id())
 }
 
-/// `Retry-After` and, when known, `x-primary-holder`.
-pub(crate) fn refusal_headers(headers: &mut HeaderMap, holder: Option<&Holder>, retry_after: u64) {
-    headers.insert(RETRY_AFTER, HeaderValue::from(retry_after));
-    if let Some(id) = holder.and_then(|h| HeaderValue::try_from(h.id.as_str()).ok()) {
-        headers.insert(X_PRIMARY_HOLDER, id);
-    }
-}
-
 impl Config {
-    fn refuse<B: Default>(&self, handle: &RoleHandle, uri: &Uri) -> Response<B> {
-        let holder = other_holder(handle);
-        let mut res = Response::new(B::default());
+    fn refuse<B>(&self, handle: &RoleHandle, uri: &Uri) -> Response<ResponseBody<B>> {
+        let refusal = Refusal::not_primary(handle.lock(), other_holder(handle), self.retry_after);
         if self.redirect
-            && let Some(location) = holder.as_ref().and_then(|h| redirect_location(h, uri))
+            && let Some(location) = refusal
+                .holder
+                .as_ref()
+                .and_then(|h| self.redirect_location(h, uri))
         {
-            *res.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+            let refusal = Refusal {
+                retry_after_ms: None,
+                ..refusal
+            };
+            let mut res = refusal.response(StatusCode::TEMPORARY_REDIRECT);
             res.headers_mut().insert(LOCATION, location);
-            if let Some(id) = holder.and_then(|h| HeaderValue::try_from(h.id).ok()) {
-                res.headers_mut().insert(X_PRIMARY_HOLDER, id);
-            }
             return res;
         }
-        *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-        refusal_headers(res.headers_mut(), holder.as_ref(), self.retry_after);
-        res
+        refusal.response(StatusCode::SERVICE_UNAVAILABLE)
+    }
+
+    /// The holder's advertised URL with the request's path and query, if it is a valid
+    /// redirect target.
+    fn redirect_location(&self, holder: &Holder, uri: &Uri) -> Option<HeaderValue> {
+        let url = holder.url.as_deref()?;
+        let advertised = match AdvertisedUrl::parse(url) {
+            Ok(advertised) => advertised,
+            Err(rule) => {
+                warn_unusable_url(holder, url, rule);
+                return None;
+            }
+        };
+        if let Some(trusted) = &self.trusted
+            && !trusted.contains(&advertised.origin)
+        {
+            warn_unusable_url(
+                holder,
+                url,
+                "its origin is not one of the gate's trusted origins",
+            );
+            return None;
+        }
+        let path = uri
+            .path_and_query()
+            .map(|pq| pq.as_str())
+            .filter(|p| p.starts_with('/'))
+            .unwrap_or("/");
+        HeaderValue::try_from(advertised.join(path)).ok()
     }
 }
 
-/// The holder's advertised URL with the request's path and query.
-fn redirect_location(holder: &Holder, uri: &Uri) -> Option<HeaderValue> {
-    let base = holder.url.as_deref()?.trim_end_matches('/');
-    if base.is_empty() {
-        return None;
+/// Logs that a holder's URL cannot be a redirect target: once per URL in a row, since every
+/// redirect would repeat it while that holder keeps the lock.
+fn warn_unusable_url(holder: &Holder, url: &str, why: &str) {
+    static LAST: Mutex<Option<String>> = Mutex::new(None);
+    let mut last = LAST
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if last.as_deref() == Some(url) {
+        tracing::debug!(holder = %holder.id, url, why, "not redirecting to the holder's URL");
+        return;
     }
-    let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
-    HeaderValue::try_from(format!("{base}{path}")).ok()
+    *last = Some(url.to_owned());
+    tracing::warn!(
+        holder = %holder.id,
+        term = holder.term,
+        url,
+        why,
+        "the holder's advertised URL is not a valid redirect target; answering 503"
+    );
 }
 
 /// Logs, once per process, that a request reached `what` without the role in its extensions:
@@ -341,65 +462,7 @@ pub(crate) fn log_missing_layer(what: &'static str) {
     }
 }
 
-fn missing_layer<B: Default>() -> Response<B> {
+fn missing_layer<B>() -> Response<ResponseBody<B>> {
     log_missing_layer("RequirePrimaryLayer (without with_handle)");
-    let mut res = Response::new(B::default());
-    *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-    res
-}
-
-pin_project! {
-    /// The response future of [`RequirePrimary`].
-    pub struct ResponseFuture<F, B> {
-        #[pin]
-        kind: Kind<F, B>,
-    }
-}
-
-pin_project! {
-    #[project = KindProj]
-    enum Kind<F, B> {
-        Admitted {
-            #[pin]
-            future: F,
-            in_flight: Option<InFlight>,
-        },
-        Refused {
-            response: Option<Response<B>>,
-        },
-    }
-}
-
-impl<F, B> fmt::Debug for ResponseFuture<F, B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match &self.kind {
-            Kind::Admitted { .. } => "admitted",
-            Kind::Refused { .. } => "refused",
-        };
-        f.debug_struct("ResponseFuture")
-            .field("kind", &kind)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<F, B, E> Future for ResponseFuture<F, B>
-where
-    F: Future<Output = Result<Response<B>, E>>,
-{
-    type Output = Result<Response<B>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().kind.project() {
-            KindProj::Admitted { future, in_flight } => {
-                let out = std::task::ready!(future.poll(cx));
-                // The request is no longer in flight once the handler has produced its response.
-                in_flight.take();
-                Poll::Ready(out)
-            }
-            // The Future contract forbids polling again after `Ready`.
-            KindProj::Refused { response } => Poll::Ready(Ok(response
-                .take()
-                .expect("RequirePrimary's ResponseFuture polled after completion"))),
-        }
-    }
+    Refusal::missing_layer(MISSING_LAYER.to_owned()).response(StatusCode::INTERNAL_SERVER_ERROR)
 }

@@ -1,0 +1,181 @@
+//! The response body of the gate: counts an admitted request as in flight until its body ends.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+use crate::error::BoxError;
+use crate::role::InFlight;
+
+pin_project! {
+    /// The response body of [`RequirePrimary`](super::RequirePrimary).
+    ///
+    /// On an admitted request it is the handler's body, counted as in flight in its term until
+    /// it ends (or is dropped): step-down and shutdown wait for it up to the grace. When the
+    /// grace runs out first, the body ends with an [`Aborted`] error instead of its next frame,
+    /// and the inner body is dropped unpolled. On a refusal it is the
+    /// [JSON refusal](super::Refusal).
+    pub struct ResponseBody<B> {
+        #[pin]
+        kind: Kind<B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    #[project_replace = KindReplace]
+    enum Kind<B> {
+        Admitted {
+            #[pin]
+            body: B,
+            #[pin]
+            aborted: WaitForCancellationFutureOwned,
+            abort: CancellationToken,
+            in_flight: InFlight,
+        },
+        Full {
+            data: Option<Bytes>,
+        },
+        Ended,
+    }
+}
+
+impl<B> ResponseBody<B> {
+    /// An admitted body, counted by `in_flight` until it ends; cut when `abort` fires.
+    pub(crate) fn admitted(body: B, abort: CancellationToken, in_flight: InFlight) -> Self
+    where
+        B: Body,
+    {
+        if body.is_end_stream() {
+            // Nothing to stream (e.g. an empty body): the request is done now.
+            return ResponseBody { kind: Kind::Ended };
+        }
+        ResponseBody {
+            kind: Kind::Admitted {
+                body,
+                aborted: abort.clone().cancelled_owned(),
+                abort,
+                in_flight,
+            },
+        }
+    }
+
+    /// A complete body (a refusal).
+    pub(crate) fn full(data: Bytes) -> Self {
+        let data = (!data.is_empty()).then_some(data);
+        ResponseBody {
+            kind: Kind::Full { data },
+        }
+    }
+}
+
+impl<B> fmt::Debug for ResponseBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match &self.kind {
+            Kind::Admitted { .. } => "admitted",
+            Kind::Full { .. } => "refusal",
+            Kind::Ended => "ended",
+        };
+        f.debug_struct("ResponseBody")
+            .field("kind", &kind)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> Body for ResponseBody<B>
+where
+    B: Body,
+    B::Data: From<Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let mut kind = self.project().kind;
+        let (frame, end) = match kind.as_mut().project() {
+            KindProj::Admitted {
+                mut body,
+                aborted,
+                abort,
+                ..
+            } => {
+                if abort.is_cancelled() {
+                    (Some(Err(Aborted::new().into())), true)
+                } else {
+                    match body.as_mut().poll_frame(cx) {
+                        Poll::Ready(None) => (None, true),
+                        Poll::Ready(Some(Err(err))) => (Some(Err(err.into())), true),
+                        Poll::Ready(Some(Ok(frame))) => (Some(Ok(frame)), body.is_end_stream()),
+                        Poll::Pending => {
+                            // Registered only when the body waits: a ready body pays an atomic
+                            // read per frame, not the token's lock.
+                            ready!(aborted.poll(cx));
+                            (Some(Err(Aborted::new().into())), true)
+                        }
+                    }
+                }
+            }
+            KindProj::Full { data } => {
+                let frame = data.take().map(|d| Ok(Frame::data(d.into())));
+                (frame, true)
+            }
+            KindProj::Ended => (None, false),
+        };
+        if end {
+            // Drops the inner body and the in-flight count: the request is over.
+            kind.project_replace(Kind::Ended);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Admitted { body, .. } => body.is_end_stream(),
+            Kind::Full { data } => data.is_none(),
+            Kind::Ended => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Admitted { body, .. } => body.size_hint(),
+            Kind::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            Kind::Ended => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// The error a gated response body ends with when the grace after the end of its term ran out
+/// before the body did: the response was cut, and the client sees it truncated (hyper closes
+/// the connection, or resets the HTTP/2 stream).
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Aborted {}
+
+impl Aborted {
+    fn new() -> Self {
+        Aborted {}
+    }
+}
+
+impl fmt::Display for Aborted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(
+            "the primary's term ended and its grace period ran out before the response body did",
+        )
+    }
+}
+
+impl std::error::Error for Aborted {}
