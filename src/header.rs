@@ -1,4 +1,4 @@
-//! The HTTP header names tower-primary sets (DESIGN §6).
+//! The HTTP header names tower-primary sets.
 //!
 //! - [`X_PRIMARY_HOLDER`]: the id of the node that holds the lock, on refusals (503) and
 //!   redirects (307) of the [primary-only gate](crate::RequirePrimaryLayer) when the holder is

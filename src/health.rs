@@ -1,5 +1,4 @@
-//! Health endpoints: `/health/role` (who this node is, what role it has, and who is primary;
-//! DESIGN §6) and `/health/ready` ([`Readiness`]: are the run-once jobs this node needs done).
+//! Health endpoints: `/health/role` (who this node is, what role it has, and who is primary) and `/health/ready` ([`Readiness`]: are the run-once jobs this node needs done).
 //!
 //! # `/health/role`
 //!
@@ -22,6 +21,10 @@
 //! answers `503` (with the same body) on every node but the primary. Both read the role that
 //! [`PrimaryLayer`](crate::PrimaryLayer) put into the request (feature `axum`); on other stacks,
 //! serve [`RoleReport::new`] as JSON.
+//!
+//! The report shows host names, process ids and the advertised URLs of this node and the holder:
+//! serve it to your orchestrator, load balancer and operators (an internal listener or network),
+//! not on public routes. The same goes for the gate's [refusal bodies](crate::require::Refusal).
 //!
 //! # Examples
 //!
@@ -218,7 +221,7 @@ pub struct JobReport {
     pub done: bool,
 }
 
-/// The body of `/health/role` (DESIGN §6). Serialize it on any stack; deserialize it in clients
+/// The body of `/health/role`. Serialize it on any stack; deserialize it in clients
 /// and tests.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]

@@ -178,12 +178,13 @@
 //! # Shutdown
 //!
 //! [`Elector::shutdown`] (and [`Elector::shutdown_signal`], the future axum's graceful shutdown
-//! wants) hands the lock over in this order (DESIGN §3.5):
+//! wants) hands the lock over in this order:
 //!
 //! 1. stop admitting primary-only work ([`RoleHandle::is_primary`] turns false);
 //! 2. cancel the term ([`TermContext::cancelled`] resolves in every singleton task);
-//! 3. wait for the singleton tasks and in-flight gated requests ([`TermContext::in_flight`]) up to
-//!    the grace period, and abort what is left;
+//! 3. wait for the singleton tasks and in-flight gated requests ([`TermContext::in_flight`]; a
+//!    gated request until its response body has ended) up to the grace period, and abort what is
+//!    left (tasks are aborted, gated handlers dropped, gated response bodies cut with an error);
 //! 4. release the lock, which wakes the waiting nodes at once;
 //! 5. return, so the server can stop accepting connections and drain.
 //!

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::timeout;
 use tower::{Layer, ServiceExt, service_fn};
 use tower_primary::health::{self, RoleReport};
-use tower_primary::require::ResponseBody;
+use tower_primary::require::{Origin, ResponseBody};
 use tower_primary::{
     Clock, CurrentRole, Elector, Holder, MemoryBackend, NodeId, PrimaryLayer, PrimaryTerm,
     RequirePrimaryLayer, Role, RoleHandle, TermContext,
@@ -800,6 +800,102 @@ async fn a_streaming_body_that_outlives_the_grace_is_cut_and_the_lock_released()
         .expect("the lock was not released after the grace");
     a.shutdown().await;
     b.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_http_client_sees_a_body_cut_after_the_grace_as_truncated() {
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+
+    let elector = Elector::builder("streaming-http")
+        .backend(MemoryBackend::new())
+        .grace(Duration::from_millis(300))
+        .spawn()
+        .unwrap();
+    elector.handle().wait_primary().await;
+    // One chunk, then a body that never ends on its own.
+    let stream = futures_util::StreamExt::chain(
+        futures_util::stream::iter([Ok(Bytes::from("first"))]),
+        futures_util::stream::pending(),
+    );
+    let app = streaming_app(elector.handle(), stream);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let client = Client::builder(TokioExecutor::new()).build_http::<http_body_util::Empty<Bytes>>();
+    let res = client
+        .get(format!("http://{addr}/stream").parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut body = res.into_body();
+    let first = timeout(EVENT_BOUND, body.frame())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.into_data().unwrap(), "first");
+
+    timeout(EVENT_BOUND, elector.step_down())
+        .await
+        .expect("the step-down did not end after the grace")
+        .unwrap();
+    let end = timeout(EVENT_BOUND, body.frame())
+        .await
+        .expect("the client saw neither an end nor an error");
+    assert!(
+        matches!(end, Some(Err(_))),
+        "the client did not see the response cut: {end:?}"
+    );
+    elector.shutdown().await;
+}
+
+#[tokio::test]
+async fn gate_redirects_only_to_trusted_origins() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let trusted: Vec<Origin> = ["http://10.0.0.7:8080", "https://primary.example"]
+        .into_iter()
+        .map(|o| o.parse().unwrap())
+        .collect();
+    let gate = RequirePrimaryLayer::new()
+        .redirect()
+        .trusted_origins(trusted);
+    for (url, redirected) in [
+        ("http://10.0.0.7:8080", true),
+        ("http://10.0.0.7:8080/app", true),
+        ("https://Primary.Example:443/", true),
+        ("http://10.0.0.7:8081", false),
+        ("https://10.0.0.7:8080", false),
+        ("http://primary.example", false),
+        ("http://203.0.113.9", false),
+    ] {
+        let counted = runs.clone();
+        let app = Router::new()
+            .route(
+                "/admin",
+                post(move || {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    async { "ran" }
+                })
+                .layer(gate.clone()),
+            )
+            .layer(PrimaryLayer::new(secondary_of(holder(
+                "web-1",
+                7,
+                Some(url),
+            ))));
+        let res = call(&app, "POST", "/admin").await;
+        let want = if redirected {
+            StatusCode::TEMPORARY_REDIRECT
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        assert_eq!(res.status(), want, "{url}");
+        assert_eq!(res.headers().contains_key("location"), redirected, "{url}");
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+    assert!("http://10.0.0.7:8080/app".parse::<Origin>().is_err());
 }
 
 // ---------------------------------------------------------------------------------------------
