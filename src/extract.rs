@@ -12,7 +12,7 @@
 //! without the layer, and `Option<PrimaryTerm>` is `None` on every node but the primary — for
 //! handlers that serve everywhere but do a little more on the primary.
 //!
-//! Rejections carry the JSON [`Refusal`](crate::require::Refusal) body of the gate: the `500` says
+//! Rejections carry the JSON [`Refusal`] body of the gate: the `500` says
 //! what is missing (*add PrimaryLayer to the router*), and the `503` of [`PrimaryTerm`] is the
 //! same answer as the [gate's](crate::RequirePrimaryLayer). Behind the gate [`PrimaryTerm`]
 //! returns the term the gate admitted the request under. A [`PrimaryTerm`] counts as in flight
