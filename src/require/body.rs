@@ -21,6 +21,9 @@ pin_project! {
     /// grace runs out first, the body ends with an [`Aborted`] error instead of its next frame,
     /// and the inner body is dropped unpolled. On a refusal it is the
     /// [JSON refusal](super::Refusal).
+    ///
+    /// It is not `Unpin` (it waits on the term's abort signal in place): hyper and axum pin it;
+    /// to poll it by hand, pin it first (`std::pin::pin!`, `Box::pin`).
     pub struct ResponseBody<B> {
         #[pin]
         kind: Kind<B>,
@@ -179,3 +182,92 @@ impl fmt::Display for Aborted {
 }
 
 impl std::error::Error for Aborted {}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::pin;
+
+    use futures_util::future::poll_fn;
+    use http_body_util::{BodyExt, Full, StreamBody};
+
+    use super::*;
+    use crate::role::{Role, RoleHandle, TermContext};
+
+    fn term() -> TermContext {
+        RoleHandle::fixed(Role::primary(1)).term_context().unwrap()
+    }
+
+    fn admitted<B: Body>(ctx: &TermContext, body: B) -> ResponseBody<B> {
+        ResponseBody::admitted(body, ctx.abort_token().clone(), ctx.in_flight())
+    }
+
+    #[tokio::test]
+    async fn a_full_body_keeps_its_size_and_is_counted_until_its_last_frame() {
+        let ctx = term();
+        // Not `Unpin` (it holds the abort's wait future), as hyper and axum's `Body::new` allow.
+        let mut body = pin!(admitted(&ctx, Full::new(Bytes::from("hello"))));
+        assert_eq!(body.size_hint().exact(), Some(5));
+        assert!(!body.is_end_stream());
+        assert_eq!(ctx.tracker().len(), 1);
+        let frame = body.as_mut().frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "hello");
+        // The inner body said it has ended: the request is no longer in flight.
+        assert!(body.is_end_stream());
+        assert_eq!(body.size_hint().exact(), Some(0));
+        assert_eq!(ctx.tracker().len(), 0);
+        assert!(body.frame().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn an_empty_body_is_not_in_flight_at_all() {
+        let ctx = term();
+        let body = admitted(&ctx, Full::new(Bytes::new()));
+        assert!(body.is_end_stream());
+        assert_eq!(ctx.tracker().len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_body_is_no_longer_in_flight() {
+        let ctx = term();
+        let stream = futures_util::stream::pending::<Result<Frame<Bytes>, std::io::Error>>();
+        let body = admitted(&ctx, StreamBody::new(stream));
+        assert!(!body.is_end_stream());
+        assert_eq!(ctx.tracker().len(), 1);
+        drop(body);
+        assert_eq!(ctx.tracker().len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_body_is_cut_when_the_abort_fires() {
+        let ctx = term();
+        let stream = futures_util::stream::pending::<Result<Frame<Bytes>, std::io::Error>>();
+        let mut body = pin!(admitted(&ctx, StreamBody::new(stream)));
+        let pending = poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx).is_pending())).await;
+        assert!(pending);
+        ctx.abort_token().cancel();
+        let err = body.as_mut().frame().await.unwrap().unwrap_err();
+        assert!(err.is::<Aborted>(), "{err}");
+        assert_eq!(ctx.tracker().len(), 0);
+        assert!(body.is_end_stream());
+        assert!(body.frame().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_refusal_is_one_frame_of_known_size() {
+        let mut body = pin!(ResponseBody::<Full<Bytes>>::full(Bytes::from("{}")));
+        assert_eq!(body.size_hint().exact(), Some(2));
+        assert!(!body.is_end_stream());
+        assert_eq!(
+            body.as_mut()
+                .frame()
+                .await
+                .unwrap()
+                .unwrap()
+                .into_data()
+                .unwrap(),
+            "{}"
+        );
+        assert!(body.is_end_stream());
+        assert!(body.frame().await.is_none());
+    }
+}
