@@ -289,8 +289,9 @@ impl ElectorBuilder {
     /// # Errors
     ///
     /// [`ConfigError`] naming the setting and the rule it broke: an invalid lock name, no
-    /// backend, an advertised URL that is not an `http`/`https` URL, a zero grace, a lease below the backend's minimum, a margin of a third of the
-    /// lease or more, an unusable lock directory, or no tokio runtime.
+    /// backend, an advertised URL that is not an `http`/`https` URL, a zero grace, a lease below
+    /// the backend's minimum, a margin of a third of the lease or more, an unusable lock
+    /// directory, or no tokio runtime.
     pub fn spawn(self) -> Result<Elector, ConfigError> {
         self.prepare()?.spawn()
     }

@@ -12,10 +12,10 @@
 //! without the layer, and `Option<PrimaryTerm>` is `None` on every node but the primary — for
 //! handlers that serve everywhere but do a little more on the primary.
 //!
-//! Rejections carry the JSON [`Refusal`] body of the gate: the `500` says
-//! what is missing (*add PrimaryLayer to the router*), and the `503` of [`PrimaryTerm`] is the
-//! same answer as the [gate's](crate::RequirePrimaryLayer). Behind the gate [`PrimaryTerm`]
-//! returns the term the gate admitted the request under. A [`PrimaryTerm`] counts as in flight
+//! Rejections carry the JSON [`Refusal`] body of the gate: the `500` says what is missing (*add
+//! PrimaryLayer to the router*), and the `503` of [`PrimaryTerm`] is the same answer as the
+//! [gate's](crate::RequirePrimaryLayer). Behind the gate [`PrimaryTerm`] returns the term the gate
+//! admitted the request under. A [`PrimaryTerm`] counts as in flight
 //! while it lives, so step-down and shutdown wait for the handler (up to the grace) before they
 //! release the lock, also on routes without the gate; only the gate also waits for the response
 //! body and aborts what is left after the grace.

@@ -1,4 +1,5 @@
-//! Health endpoints: `/health/role` (who this node is, what role it has, and who is primary) and `/health/ready` ([`Readiness`]: are the run-once jobs this node needs done).
+//! Health endpoints: `/health/role` (who this node is, what role it has, and who is primary)
+//! and `/health/ready` ([`Readiness`]: are the run-once jobs this node needs done).
 //!
 //! # `/health/role`
 //!
@@ -221,8 +222,7 @@ pub struct JobReport {
     pub done: bool,
 }
 
-/// The body of `/health/role`. Serialize it on any stack; deserialize it in clients
-/// and tests.
+/// The body of `/health/role`. Serialize it on any stack; deserialize it in clients and tests.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct RoleReport {

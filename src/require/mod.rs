@@ -56,8 +56,8 @@
 //! network — and keep them, like `/health/role`, off public routes.
 //!
 //! The gate reads the role from the request's extensions, where [`PrimaryLayer`] puts it; without
-//! that layer it answers `500` (with a [`Refusal`] `"missing_layer"`) and logs why. Give it a handle with
-//! [`with_handle`](RequirePrimaryLayer::with_handle) to use it alone.
+//! that layer it answers `500` (with a [`Refusal`] `"missing_layer"`) and logs why. Give it a
+//! handle with [`with_handle`](RequirePrimaryLayer::with_handle) to use it alone.
 //!
 //! [`ElectorBuilder::advertise`]: crate::ElectorBuilder::advertise
 //! [`PrimaryLayer`]: crate::PrimaryLayer
@@ -234,12 +234,16 @@ impl RequirePrimaryLayer {
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let gate = RequirePrimaryLayer::new()
     ///     .redirect()
-    ///     .trusted_origins(["http://10.0.0.7:8080".parse::<Origin>()?, "http://10.0.0.8:8080".parse()?]);
+    ///     .trusted_origins([
+    ///         "http://10.0.0.7:8080".parse::<Origin>()?,
+    ///         "http://10.0.0.8:8080".parse()?,
+    ///     ]);
     /// let app = |url: &str| {
     ///     let holder = Holder::new(&NodeId::new("web-1"), 7).with_url(Some(url.to_owned()));
+    ///     let role = RoleHandle::fixed(Role::Secondary { holder: Some(holder) });
     ///     Router::new()
     ///         .route("/admin", post(|| async { "done" }).layer(gate.clone()))
-    ///         .layer(PrimaryLayer::new(RoleHandle::fixed(Role::Secondary { holder: Some(holder) })))
+    ///         .layer(PrimaryLayer::new(role))
     /// };
     /// let req = || Request::post("/admin").body(Body::empty());
     ///

@@ -10,9 +10,10 @@ use crate::error::ConfigError;
 
 /// An HTTP origin: `http` or `https`, a host and a port, nothing else.
 ///
-/// The entries of [`RequirePrimaryLayer::trusted_origins`](super::RequirePrimaryLayer::trusted_origins).
-/// Parsed with [`http::Uri`]; the host is compared without regard to case and a missing port is
-/// the scheme's default, so `http://Web-1` and `http://web-1:80` are the same origin.
+/// The entries of
+/// [`RequirePrimaryLayer::trusted_origins`](super::RequirePrimaryLayer::trusted_origins). Parsed
+/// with [`http::Uri`]; the host is compared without regard to case and a missing port is the
+/// scheme's default, so `http://Web-1` and `http://web-1:80` are the same origin.
 ///
 /// # Examples
 ///
@@ -21,7 +22,8 @@ use crate::error::ConfigError;
 ///
 /// let origin: Origin = "http://10.0.0.7:8080".parse()?;
 /// assert_eq!(origin.to_string(), "http://10.0.0.7:8080");
-/// assert_eq!("HTTPS://Primary.Example:443/".parse::<Origin>()?.to_string(), "https://primary.example");
+/// let origin: Origin = "HTTPS://Primary.Example:443/".parse()?;
+/// assert_eq!(origin.to_string(), "https://primary.example");
 ///
 /// // Not an origin: a path, user information, another scheme.
 /// assert!("http://10.0.0.7:8080/app".parse::<Origin>().is_err());

@@ -18,7 +18,8 @@ pub(crate) const MISSING_LAYER: &str = "no RoleHandle in the request extensions:
 ///
 /// ```json
 /// {"error": "not_primary", "holder": {"id": "web-1:77", "host": "web-1", "pid": 77, …},
-///  "retry_after_ms": 1000, "message": "not primary for lock \"jobs\"; the primary is web-1:77 (term 12)"}
+///  "retry_after_ms": 1000,
+///  "message": "not primary for lock \"jobs\"; the primary is web-1:77 (term 12)"}
 /// ```
 ///
 /// It names the holder (host, pid, advertised URL): serve gated routes to the clients that may
