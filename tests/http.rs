@@ -1,8 +1,10 @@
 //! The HTTP integration: `PrimaryLayer`, the primary-only gate, the extractors and `/health/role`.
 //!
 //! - tower `oneshot` tests for every branch: primary, secondary, starting, missing layer, redirect
-//!   with and without an advertised URL, a request in flight during step-down (on tokio's paused
-//!   clock, with the memory backend);
+//!   with and without an advertised URL (valid, invalid, trusted or not), the JSON refusal body,
+//!   requests and streaming response bodies in flight during step-down and after the grace (on
+//!   tokio's paused clock, with the memory backend);
+//! - a client over real HTTP that sees a body cut after the grace as truncated;
 //! - real HTTP over 127.0.0.1 between two server processes that share a lock directory: this test
 //!   binary re-executes itself in server-node mode (`server_node` below).
 
