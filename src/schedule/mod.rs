@@ -18,6 +18,7 @@ mod job;
 mod once;
 mod spec;
 
-pub use self::job::{Run, ScheduleHandle};
+pub use self::job::{Run, RunNowError, ScheduleHandle};
 pub use self::once::RunOnce;
+pub(crate) use self::spec::Since;
 pub use self::spec::{Missed, Schedule};
