@@ -29,9 +29,9 @@ impl Backoff {
         let jitter = if span == 0 {
             0
         } else {
-            random_u64() % (span + 1)
+            random_u64() % span.saturating_add(1)
         };
-        half + Duration::from_nanos(jitter)
+        half.saturating_add(Duration::from_nanos(jitter))
     }
 
     pub(crate) fn reset(&mut self) {
