@@ -1,23 +1,4 @@
 //! When a job runs: [`Schedule`] (an interval or a cron expression) and the [`Missed`] policy.
-//!
-//! # Slots, time zones and daylight-saving time
-//!
-//! Every slot is an instant. An interval's slots are multiples of the interval since the Unix epoch.
-//! A cron expression is read on the wall clock of its [time zone](Schedule::timezone), and where
-//! that clock jumps:
-//!
-//! - an expression whose hour field is `*` (a minute or second pattern such as
-//!   `0 */15 * * * *`, or hourly `0 0 * * * *`) runs at every instant of real time whose local
-//!   time matches: in the hour that repeats when clocks fall back it runs again, and the hour
-//!   skipped when they spring forward has no such instant;
-//! - any other expression names fixed local times: a time that does not exist (skipped when
-//!   clocks spring forward) runs at the first instant after the gap, once however many times of
-//!   the gap match; a time that exists twice (clocks fall back) runs once, at its first
-//!   occurrence.
-//!
-//! Catch-up after an outage walks back from now, so [`Missed::CatchUpLatest`] costs one step
-//! however long the outage, and [`Missed::CatchUpAll`] at most [`Missed::MAX_CATCH_UP`] steps. A
-//! search for the next slot is bounded too: cron years end at 2100.
 
 use std::fmt;
 use std::str::FromStr;
@@ -33,7 +14,7 @@ use crate::error::ConfigError;
 
 /// When a scheduled job runs: every interval, or on a cron expression.
 ///
-/// See the [module docs](self) for how cron expressions meet daylight-saving time.
+/// See the [module docs](crate::schedule) for how cron expressions meet daylight-saving time.
 ///
 /// # Examples
 ///
@@ -169,7 +150,7 @@ impl Schedule {
     }
 
     /// Reads cron expressions in the IANA time zone `name` (e.g. `"Europe/Berlin"`); see the
-    /// [module docs](self) for daylight-saving time.
+    /// [module docs](crate::schedule) for daylight-saving time.
     ///
     /// # Errors
     ///
