@@ -706,7 +706,6 @@ fn catch_up_after_a_long_outage_runs_the_latest_slots() {
     );
     assert_eq!(
         every_second
-            .clone()
             .missed(Missed::CatchUpAll { max: 3 })
             .missed_slots(last, now),
         [
