@@ -19,18 +19,19 @@ impl Backoff {
         }
     }
 
-    /// The next delay: uniformly in `[d/2, d]` where `d` doubles from `min` up to `max`.
+    /// The next delay: uniformly in `[d/2, d]` where `d` doubles from `min` up to `max`
+    /// (saturating: no setting can make it overflow).
     pub(crate) fn next_delay(&mut self) -> Duration {
         let d = self.next;
-        self.next = (d * 2).min(self.max);
+        self.next = d.saturating_mul(2).min(self.max);
         let half = d / 2;
         let span = u64::try_from((d - half).as_nanos()).unwrap_or(u64::MAX);
         let jitter = if span == 0 {
             0
         } else {
-            random_u64() % (span + 1)
+            random_u64() % span.saturating_add(1)
         };
-        half + Duration::from_nanos(jitter)
+        half.saturating_add(Duration::from_nanos(jitter))
     }
 
     pub(crate) fn reset(&mut self) {
@@ -61,5 +62,16 @@ mod tests {
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn huge_bounds_saturate_instead_of_overflowing() {
+        let mut b = Backoff::new(Duration::MAX / 3, Duration::MAX);
+        for _ in 0..4 {
+            assert!(b.next_delay() >= Duration::MAX / 6);
+        }
+        let mut b = Backoff::new(Duration::MAX, Duration::MAX);
+        assert!(b.next_delay() >= Duration::MAX / 2);
+        assert!(b.next_delay() >= Duration::MAX / 2);
     }
 }

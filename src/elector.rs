@@ -104,7 +104,7 @@ impl Lease {
         }
     }
 
-    /// Sets the margin. It must be shorter than `ttl / 3`.
+    /// Sets the margin. It must be longer than zero and shorter than `ttl / 3`.
     #[must_use]
     pub fn with_margin(mut self, margin: Duration) -> Self {
         self.margin = margin;
@@ -148,6 +148,16 @@ impl Lease {
                 rule: format!("must be at least {min:?} on this backend"),
             });
         }
+        at_most_a_day("lease", self.ttl)?;
+        if self.margin.is_zero() {
+            return Err(ConfigError::InvalidTiming {
+                setting: "lease margin",
+                value: self.margin,
+                rule: "must be longer than zero: a primary must stop acting before its lease \
+                       can expire"
+                    .to_owned(),
+            });
+        }
         if self.margin >= self.ttl / 3 {
             return Err(ConfigError::InvalidTiming {
                 setting: "lease margin",
@@ -160,6 +170,22 @@ impl Lease {
         }
         Ok(())
     }
+}
+
+/// The longest any duration setting of the elector may be. Longer ones are mistakes (a unit
+/// mix-up) and would overflow timer arithmetic.
+const MAX_SETTING: Duration = Duration::from_secs(86_400);
+
+/// Refuses a duration setting over [`MAX_SETTING`].
+fn at_most_a_day(setting: &'static str, value: Duration) -> Result<(), ConfigError> {
+    if value > MAX_SETTING {
+        return Err(ConfigError::InvalidTiming {
+            setting,
+            value,
+            rule: "must be at most 1 day (86400 s)".to_owned(),
+        });
+    }
+    Ok(())
 }
 
 impl Default for Lease {
@@ -290,8 +316,9 @@ impl ElectorBuilder {
     ///
     /// [`ConfigError`] naming the setting and the rule it broke: an invalid lock name, no
     /// backend, an advertised URL that is not an `http`/`https` URL, a zero grace, a lease below
-    /// the backend's minimum, a margin of a third of the lease or more, an unusable lock
-    /// directory, or no tokio runtime.
+    /// the backend's minimum, a margin of zero or of a third of the lease or more, a duration
+    /// setting (grace, retry backoff, rejoin delay, liveness bound, lease) over 1 day, an unusable
+    /// lock directory, or no tokio runtime.
     pub fn spawn(self) -> Result<Elector, ConfigError> {
         self.prepare()?.spawn()
     }
@@ -326,6 +353,11 @@ impl ElectorBuilder {
                 rule: "must be longer than zero".to_owned(),
             });
         }
+        at_most_a_day("grace", self.grace)?;
+        at_most_a_day("retry backoff minimum", self.retry_min)?;
+        at_most_a_day("retry backoff maximum", self.retry_max)?;
+        at_most_a_day("rejoin delay", self.rejoin_delay)?;
+        at_most_a_day("liveness bound", self.liveness_bound)?;
         let lease = match backend.min_lease() {
             Some(min) => {
                 let lease = self.lease.unwrap_or_default();
@@ -742,6 +774,14 @@ struct Campaign {
     tick: Duration,
 }
 
+/// The instant `d` from now; for a delay past tokio's range, a year from now (saturating rather
+/// than overflowing).
+fn after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365))
+}
+
 /// Polls an optional future; pends forever when there is none.
 async fn maybe<F: Future + Unpin>(slot: &mut Option<F>) -> F::Output {
     match slot {
@@ -775,7 +815,7 @@ impl Campaign {
                     return;
                 }
                 Leave::StepDown(_) => {
-                    hold_off = Some(Instant::now() + self.rejoin_delay);
+                    hold_off = Some(after(self.rejoin_delay));
                 }
                 Leave::Lost(_) | Leave::Fenced if self.exit_on_loss => {
                     tracing::info!(
@@ -789,7 +829,7 @@ impl Campaign {
                     // Rejoin after a short, growing pause, unless another node takes the lock
                     // first: a node whose renewals keep failing must not re-take the lock
                     // ahead of the waiters its release has just woken.
-                    hold_off = Some(Instant::now() + self.backoff.next_delay());
+                    hold_off = Some(after(self.backoff.next_delay()));
                 }
             }
         }
@@ -833,10 +873,10 @@ impl Campaign {
                 (None, Some(w)) => attempt_at.min(w),
                 (None, None) => attempt_at,
                 (Some(_), Some(w)) => w,
-                (Some(_), None) => Instant::now() + Duration::from_secs(86_400),
+                (Some(_), None) => after(Duration::from_secs(86_400)),
             }
             // An idle loop still stamps its heartbeat.
-            .min(Instant::now() + self.tick);
+            .min(after(self.tick));
             tokio::select! {
                 biased;
                 cmd = self.cmd_rx.recv() => match cmd {
@@ -867,7 +907,7 @@ impl Campaign {
                                 retry_in = ?delay,
                                 "acquire failed; staying secondary"
                             );
-                            attempt_at = Instant::now() + delay;
+                            attempt_at = after(delay);
                             self.publish_secondary(last_holder.clone());
                         }
                     }
@@ -884,7 +924,7 @@ impl Campaign {
                             crate::metrics::backend_error(&self.shared.lock, "watch");
                             let delay = watch_retry.next_delay();
                             tracing::warn!(lock = %self.shared.lock, error = %Chain(&err), "cannot watch the holder record; retrying");
-                            watch_at = Some(Instant::now() + delay);
+                            watch_at = Some(after(delay));
                         }
                     }
                 },
@@ -895,7 +935,7 @@ impl Campaign {
                             crate::metrics::backend_error(&self.shared.lock, "watch");
                             tracing::warn!(lock = %self.shared.lock, error = %Chain(&err), "holder watch failed; re-subscribing");
                             watch = None;
-                            watch_at = Some(Instant::now() + watch_retry.next_delay());
+                            watch_at = Some(after(watch_retry.next_delay()));
                         }
                     }
                 },
@@ -987,7 +1027,7 @@ impl Campaign {
                 },
                 err = leadership.lost() => break Leave::Lost(err),
                 // Wakes at the deadline, and at least every tick to stamp the heartbeat.
-                () = tokio::time::sleep_until(clock.to_tokio_instant(deadline).min(Instant::now() + self.tick)) => {}
+                () = tokio::time::sleep_until(clock.to_tokio_instant(deadline).min(after(self.tick))) => {}
                 sent = async { match renewals.as_mut() { Some(r) => r.changed().await, None => std::future::pending().await } } => {
                     // Renewals run inside the backend; this is where the elector sees one confirmed.
                     let took = clock.now().saturating_duration_since(sent);
@@ -1037,8 +1077,8 @@ impl Campaign {
             other => tracing::info!(%lock, %node, term, reason = other.reason(), "stepping down"),
         }
         crate::metrics::transition(&lock, leave.reason());
-        // 2. Cancel the term.
-        ctx.token().cancel();
+        // 2. Cancel the term (ordered with task starts: none starts after this).
+        tasks.end_term(&ctx);
         // 3. Wait for tasks and in-flight gated requests, up to the grace; 4. abort the rest.
         let clock = self.shared.clock;
         self.shared

@@ -205,34 +205,25 @@ pub(crate) fn schedule_run(lock: &str, job: &str, ok: bool) {
     let _ = (lock, job, ok);
 }
 
-/// Counts the slots of `schedule` that passed after `last` up to `now`, as a new term finds them.
+/// Counts the slots of `schedule` owed since `since` up to `now`, as a new term finds them (up to
+/// [`Missed::MAX_CATCH_UP`](crate::schedule::Missed::MAX_CATCH_UP): the count walks back from
+/// `now`, and a long outage must not cost a long scan).
 pub(crate) fn schedule_missed(
     lock: &str,
     job: &str,
     schedule: &crate::schedule::Schedule,
-    last: Option<chrono::DateTime<chrono::Utc>>,
+    since: crate::schedule::Since,
     now: chrono::DateTime<chrono::Utc>,
 ) {
     #[cfg(feature = "metrics")]
     {
-        // Bounded: a fine schedule after a long outage would otherwise take long to count.
-        const MAX: u64 = 100_000;
-        let Some(mut cursor) = last else { return };
-        let mut slots = 0;
-        while slots < MAX {
-            match schedule.next_after(cursor) {
-                Some(next) if next <= now => {
-                    slots += 1;
-                    cursor = next;
-                }
-                _ => break,
-            }
-        }
+        let cap = crate::schedule::Missed::MAX_CATCH_UP;
+        let slots = schedule.count_owed(since, now, cap);
         if slots > 0 {
             ::metrics::counter!(SCHEDULE_MISSED, "lock" => lock.to_owned(), "job" => job.to_owned())
-                .increment(slots);
+                .increment(u64::try_from(slots).unwrap_or(u64::MAX));
         }
     }
     #[cfg(not(feature = "metrics"))]
-    let _ = (lock, job, schedule, last, now);
+    let _ = (lock, job, schedule, since, now);
 }

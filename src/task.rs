@@ -3,10 +3,15 @@
 //! Each promotion starts one supervisor per registered task, in a per-term [`TaskSet`]. The
 //! supervisor calls the factory with the term's [`TermContext`], restarts it with backoff after an
 //! `Err` or a panic while the term lasts, and stops after an `Ok`.
+//!
+//! A task is never started for a term that has ended: the supervisor checks the term and calls the
+//! factory under a per-term gate held shared, and [`TaskSet::end_term`] cancels the term's token
+//! under the same gate held exclusively. So either the task started before the cancellation (and
+//! sees it), or the supervisor sees the term cancelled and starts nothing.
 
 use std::fmt;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -52,6 +57,8 @@ pub(crate) struct TaskSet {
     started: usize,
     set: JoinSet<()>,
     names: Vec<(tokio::task::Id, String)>,
+    /// Held shared while a task is checked and started, exclusively while the term is cancelled.
+    gate: Arc<RwLock<()>>,
 }
 
 impl TaskSet {
@@ -60,7 +67,14 @@ impl TaskSet {
             started: 0,
             set: JoinSet::new(),
             names: Vec::new(),
+            gate: Arc::new(RwLock::new(())),
         }
+    }
+
+    /// Cancels the term's token, ordered with every task start: no task starts after this.
+    pub(crate) fn end_term(&self, ctx: &TermContext) {
+        let _closed = self.gate.write().unwrap_or_else(PoisonError::into_inner);
+        ctx.token().cancel();
     }
 
     /// Starts the registered tasks not started yet in this term.
@@ -69,7 +83,9 @@ impl TaskSet {
             return;
         }
         for spec in &specs[self.started.min(specs.len())..] {
-            let handle = self.set.spawn(supervise(spec.clone(), ctx.clone()));
+            let handle = self
+                .set
+                .spawn(supervise(spec.clone(), ctx.clone(), self.gate.clone()));
             self.names.push((handle.id(), spec.name.clone()));
         }
         self.started = specs.len();
@@ -98,7 +114,7 @@ impl TaskSet {
     }
 }
 
-async fn supervise(spec: Arc<TaskSpec>, ctx: TermContext) {
+async fn supervise(spec: Arc<TaskSpec>, ctx: TermContext, gate: Arc<RwLock<()>>) {
     let name = spec.name.as_str();
     let lock = ctx.lock().to_owned();
     let term = ctx.term();
@@ -109,9 +125,17 @@ async fn supervise(spec: Arc<TaskSpec>, ctx: TermContext) {
             return;
         }
         tracing::debug!(%lock, task = name, term, "singleton task starting");
+        let run = {
+            // The check and the start, under the gate that the term's cancellation takes too.
+            let _open = gate.read().unwrap_or_else(PoisonError::into_inner);
+            if !ctx.is_valid() {
+                tracing::debug!(%lock, task = name, term, "the term ended before the task started");
+                return;
+            }
+            std::panic::catch_unwind(AssertUnwindSafe(|| (spec.factory)(ctx.clone())))
+        };
         crate::metrics::task_started(&lock, name, restart);
         restart = true;
-        let run = std::panic::catch_unwind(AssertUnwindSafe(|| (spec.factory)(ctx.clone())));
         let outcome = match run {
             Ok(fut) => AssertUnwindSafe(fut).catch_unwind().await,
             Err(panic) => Err(panic),

@@ -9,7 +9,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, advance, timeout};
 use tower_primary::{
-    Clock, ConfigError, Elector, Error, Lease, MemoryBackend, NodeId, Role, RoleHandle,
+    Clock, ConfigError, Elector, ElectorBuilder, Error, Lease, MemoryBackend, NodeId, Role,
+    RoleHandle,
 };
 
 const LEASE: Duration = Duration::from_secs(3);
@@ -478,4 +479,184 @@ async fn a_node_whose_renewals_keep_failing_does_not_starve_a_healthy_waiter() {
     assert!(ctx.term() > first);
     a.shutdown().await;
     b.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn huge_or_zero_settings_are_refused_at_spawn_with_the_rule_they_broke() {
+    let huge = Duration::MAX;
+    let base = || {
+        Elector::builder("x")
+            .backend(MemoryBackend::new().with_lease())
+            .clock(Clock::tokio())
+    };
+    let cases: Vec<(ElectorBuilder, &str)> = vec![
+        (base().grace(huge), "invalid grace"),
+        (base().retry_backoff(huge, huge), "invalid retry backoff"),
+        (
+            base().retry_backoff(Duration::from_millis(100), huge),
+            "invalid retry backoff maximum",
+        ),
+        (base().rejoin_delay(huge), "invalid rejoin delay"),
+        (base().liveness_bound(huge), "invalid liveness bound"),
+        (base().lease(Lease::new(huge)), "invalid lease"),
+        (
+            base().lease(Lease::new(Duration::from_secs(3)).with_margin(Duration::ZERO)),
+            "invalid lease margin",
+        ),
+    ];
+    for (builder, expect) in cases {
+        let err = builder
+            .spawn()
+            .map(|e| drop(tokio::spawn(async move { e.shutdown().await })))
+            .expect_err(expect)
+            .to_string();
+        assert!(
+            err.starts_with(expect) && err.contains("must"),
+            "{err:?} should start with {expect:?} and say the rule"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn largest_accepted_settings_do_not_panic_when_backoff_and_delays_grow() {
+    let backend = MemoryBackend::new().with_lease();
+    let day = Duration::from_secs(86_400);
+    let e = Elector::builder("x")
+        .backend(backend.clone())
+        .lease(Lease::new(day))
+        .grace(day)
+        .retry_backoff(day, day)
+        .rejoin_delay(day)
+        .liveness_bound(day)
+        .clock(Clock::tokio())
+        .spawn()
+        .unwrap();
+    e.handle().wait_primary().await;
+    // A failing backend makes the backoff grow, a loss starts the rejoin delay.
+    backend.faults().set_failing(true);
+    backend.faults().lose_locks(&backend);
+    let mut role = e.handle();
+    wait_role(&mut role, |r| !matches!(r, Role::Primary { .. })).await;
+    advance(day * 3).await;
+    settle().await;
+    backend.faults().set_failing(false);
+    advance(day * 3).await;
+    let ctx = timeout(day * 10, role.wait_primary())
+        .await
+        .expect("primary again: the campaign loop survived");
+    assert!(ctx.term() > 1);
+    e.shutdown().await;
+}
+
+// ------------------------------------------------------------------------------------------------
+// A singleton task never starts for a term that has ended.
+
+mod start_race {
+    use std::sync::{Mutex, OnceLock};
+    use std::time::Duration;
+
+    use tokio::sync::mpsc;
+    use tower_primary::TermContext;
+    use tracing::field::{Field, Visit};
+    use tracing_subscriber::layer::{Context, SubscriberExt};
+
+    pub(super) const LOCK: &str = "start-race";
+    pub(super) const TASK: &str = "late-starter";
+
+    /// What the hook needs from the test: the term to wait for, and where to say it is waiting.
+    pub(super) struct Hook {
+        pub(super) term: OnceLock<TermContext>,
+        pub(super) entered: Mutex<Option<mpsc::UnboundedSender<()>>>,
+    }
+
+    pub(super) static HOOK: Hook = Hook {
+        term: OnceLock::new(),
+        entered: Mutex::new(None),
+    };
+
+    #[derive(Default)]
+    struct Fields {
+        message: String,
+        lock: String,
+        task: String,
+    }
+
+    impl Visit for Fields {
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            let v = format!("{value:?}");
+            match field.name() {
+                "message" => self.message = v,
+                "lock" => self.lock = v,
+                "task" => self.task = v.trim_matches('"').to_owned(),
+                _ => {}
+            }
+        }
+    }
+
+    /// Stops the thread that is starting the task, at the elector's "starting" event, until the
+    /// term has been cancelled: the widest possible race between the start and the end of a term.
+    struct Layer;
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Layer {
+        fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
+            let mut f = Fields::default();
+            event.record(&mut f);
+            if f.lock != LOCK || f.task != TASK || !f.message.contains("starting") {
+                return;
+            }
+            let Some(entered) = HOOK.entered.lock().unwrap().take() else {
+                return;
+            };
+            entered.send(()).ok();
+            let started = std::time::Instant::now();
+            while started.elapsed() < Duration::from_secs(10) {
+                if HOOK.term.get().is_some_and(|t| t.token().is_cancelled()) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+
+    pub(super) fn install() {
+        let subscriber = tracing_subscriber::registry().with(Layer);
+        tracing::subscriber::set_global_default(subscriber).expect("the only subscriber");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_is_never_started_for_a_term_that_ended_while_it_was_being_started() {
+    let (entered_tx, mut entered) = mpsc::unbounded_channel();
+    *start_race::HOOK.entered.lock().unwrap() = Some(entered_tx);
+    start_race::install();
+    let e = Elector::builder(start_race::LOCK)
+        .backend(MemoryBackend::new())
+        .grace(Duration::from_secs(20))
+        .spawn()
+        .unwrap();
+    let starts = Arc::new(std::sync::Mutex::new(Vec::new()));
+    e.singleton_task(start_race::TASK, {
+        let starts = starts.clone();
+        move |ctx: tower_primary::TermContext| {
+            // What the factory sees when it is called: was the term already over?
+            starts.lock().unwrap().push(ctx.token().is_cancelled());
+            async move {
+                ctx.cancelled().await;
+                Ok::<_, std::io::Error>(())
+            }
+        }
+    });
+    let ctx = e.handle().wait_primary().await;
+    start_race::HOOK.term.set(ctx).ok();
+    // The supervisor has passed its own checks and is about to start the task: end the term.
+    timeout(Duration::from_secs(20), entered.recv())
+        .await
+        .expect("the task's start was reached")
+        .unwrap();
+    e.shutdown().await;
+    let starts = starts.lock().unwrap().clone();
+    assert!(
+        starts.iter().all(|cancelled| !cancelled),
+        "a task was started for a cancelled term: {starts:?}"
+    );
 }

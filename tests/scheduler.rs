@@ -615,6 +615,29 @@ async fn emails_and_reports_survive_five_kills_of_the_primary_worker() {
         );
     }
 
+    // No work starts in a worker after it began stepping down for the shutdown (its term is over).
+    for (i, line) in log_lines.iter().enumerate() {
+        if !(line.contains("stepping down") && line.contains("shutdown")) {
+            continue;
+        }
+        let Some(pid) = field(line, "node")
+            .and_then(|node| node.split(':').find_map(|part| part.parse::<u32>().ok()))
+        else {
+            continue;
+        };
+        let late: Vec<&String> = log_lines[i..]
+            .iter()
+            .filter(|l| {
+                (l.contains("email sender started ") || l.contains("report started "))
+                    && field(l, "pid") == Some(pid.to_string().as_str())
+            })
+            .collect();
+        assert!(
+            late.is_empty(),
+            "worker {pid} started work after stepping down:\n{line}\n{late:?}"
+        );
+    }
+
     // ---- The files ----
     let dir = service.dir();
     // No email lost; nothing but the accepted ones (the malformed requests changed nothing).

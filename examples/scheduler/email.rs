@@ -182,12 +182,17 @@ impl Sender {
     /// Runs for one term: waits for the migration, then sends the outbox, oldest first, until
     /// the term ends.
     pub(crate) async fn run(self, ctx: TermContext, migration: RunOnce) -> Result<(), BoxError> {
+        // The term's end first: a sender whose term ended while it waited does not start.
         tokio::select! {
-            () = migration.wait() => {}
+            biased;
             () = ctx.cancelled() => return Ok(()),
+            () = migration.wait() => {}
         }
         // Only the primary writes sent/: what a killed primary left half-written goes.
         remove_stale_tmp(&self.dirs.sent()).await;
+        if !ctx.is_valid() {
+            return Ok(());
+        }
         tracing::info!(
             "email sender started term={} pid={}",
             ctx.term(),

@@ -44,9 +44,11 @@ async fn write_report(
 ) -> std::io::Result<()> {
     let ctx = run.ctx();
     let ended = || std::io::Error::other("the term ended before the report was written");
+    // The term's end first: a run whose term ended while it waited does not start.
     tokio::select! {
-        () = migration.wait() => {}
+        biased;
         () = ctx.cancelled() => return Err(ended()),
+        () = migration.wait() => {}
     }
     let slot = slot_name(run.slot());
     let (term, pid, manual) = (run.term(), std::process::id(), run.is_manual());
@@ -60,6 +62,9 @@ async fn write_report(
     }
     // Only the primary's report job writes reports/, one run at a time.
     remove_stale_tmp(&dirs.reports()).await;
+    if !ctx.is_valid() {
+        return Err(ended());
+    }
     let start = now_ns();
     tracing::info!("report started slot={slot} term={term} pid={pid} manual={manual}");
     let sent = count(&dirs.sent(), ".eml").await;

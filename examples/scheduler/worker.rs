@@ -13,7 +13,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tower_primary::backend::Backend;
 use tower_primary::health::{self, Readiness};
-use tower_primary::schedule::{Missed, RunOnce, Schedule, ScheduleHandle};
+use tower_primary::schedule::{Missed, RunNowError, RunOnce, Schedule, ScheduleHandle};
 use tower_primary::{
     BoxError, CurrentRole, Elector, FileLock, Lease, PrimaryLayer, RequirePrimaryLayer, Role,
     TermContext, terminate_signal,
@@ -332,15 +332,24 @@ async fn index_page(State(app): State<App>, role: CurrentRole) -> String {
 }
 
 /// `POST /admin/report-now` (primary only): queues a run through the report's own schedule, so
-/// it never overlaps a scheduled run.
+/// it never overlaps a scheduled run. 429 when the queue of runs asked for is full.
 async fn report_now(State(app): State<App>) -> Response {
     match app.report.run_now() {
-        Some(slot) => {
+        Ok(slot) => {
             let slot = report::slot_name(slot);
             tracing::info!("report queued slot={slot} pid={}", app.pid);
             (StatusCode::ACCEPTED, Json(json!({ "slot": slot }))).into_response()
         }
-        None => (
+        Err(RunNowError::Full { capacity, .. }) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(axum::http::header::RETRY_AFTER, "1")],
+            Json(json!({
+                "error": "queue_full",
+                "message": format!("{capacity} report runs are already waiting; try again later"),
+            })),
+        )
+            .into_response(),
+        Err(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({ "error": "this worker stopped being primary; try again" })),
         )

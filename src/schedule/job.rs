@@ -9,8 +9,9 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 use tokio::sync::{Mutex, mpsc};
 
-use super::spec::Schedule;
+use super::spec::{Schedule, Since};
 use crate::backend::check_key;
+use crate::backoff::Backoff;
 use crate::elector::{Elector, State};
 use crate::error::{BoxError, ConfigError, Error};
 use crate::role::{RoleHandle, TermContext};
@@ -91,7 +92,29 @@ pub struct ScheduleHandle {
     key: Arc<str>,
     role: RoleHandle,
     state: State,
-    trigger: mpsc::UnboundedSender<Trigger>,
+    trigger: mpsc::Sender<Trigger>,
+}
+
+/// Why [`ScheduleHandle::run_now`] did not queue a run.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunNowError {
+    /// This node is not primary: route the request to the primary (e.g. behind the primary-only
+    /// gate).
+    #[error("not primary: schedule {job:?} runs on the primary only")]
+    NotPrimary {
+        /// The job's name.
+        job: String,
+    },
+    /// The queue of runs asked for is full ([`Schedule::queue`]); nothing was queued. Ask
+    /// again later (an HTTP handler answers 429).
+    #[error("schedule {job:?} already has {capacity} runs waiting; try again later")]
+    Full {
+        /// The job's name.
+        job: String,
+        /// The queue's capacity.
+        capacity: usize,
+    },
 }
 
 /// A [`ScheduleHandle::run_now`] request: the term that accepted it and its slot.
@@ -109,23 +132,34 @@ impl ScheduleHandle {
     }
 
     /// Asks for a run now, through the schedule's own loop, so it never overlaps a scheduled run.
-    /// Its slot is the current time. Returns that slot, or `None` when this node is not primary
-    /// (route such requests to the primary, e.g. behind the primary-only gate).
+    /// Its slot is the current time; returns that slot.
     ///
     /// The run belongs to the current term: it waits for the term's schedule loop (also one that
     /// has not started yet, or is restarting after a failed run), and it is dropped if the term
-    /// ends first. A manual run is not recorded as a completed slot.
-    #[must_use = "None means the run was not queued"]
-    pub fn run_now(&self) -> Option<DateTime<Utc>> {
-        let ctx = self.role.term_context()?;
+    /// ends first. A manual run is not recorded as a completed slot. At most
+    /// [`Schedule::queue`] runs (64 by default) wait at once.
+    ///
+    /// # Errors
+    ///
+    /// [`RunNowError::NotPrimary`] when this node is not primary, [`RunNowError::Full`] when
+    /// the queue is full. Nothing was queued then.
+    pub fn run_now(&self) -> Result<DateTime<Utc>, RunNowError> {
+        let not_primary = || RunNowError::NotPrimary {
+            job: self.name.to_string(),
+        };
+        let ctx = self.role.term_context().ok_or_else(not_primary)?;
         let slot = Utc::now();
-        self.trigger
-            .send(Trigger {
-                term: ctx.term(),
-                slot,
-            })
-            .ok()
-            .map(|()| slot)
+        match self.trigger.try_send(Trigger {
+            term: ctx.term(),
+            slot,
+        }) {
+            Ok(()) => Ok(slot),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(RunNowError::Full {
+                job: self.name.to_string(),
+                capacity: self.trigger.max_capacity(),
+            }),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(not_primary()),
+        }
     }
 
     /// The last slot recorded as completed (by any node), read through the
@@ -144,7 +178,7 @@ struct Job {
     key: String,
     schedule: Schedule,
     state: State,
-    triggers: Mutex<mpsc::UnboundedReceiver<Trigger>>,
+    triggers: Mutex<mpsc::Receiver<Trigger>>,
 }
 
 impl Elector {
@@ -152,12 +186,15 @@ impl Elector {
     /// underneath).
     ///
     /// The last completed slot is stored through the [state API](Elector::state) under
-    /// `schedule:<name>`, guarded by the term. So:
-    /// - a slot runs at least once, and by one term at a time (a term's runs are cancelled, then
-    ///   aborted after the grace, before the lock is released);
+    /// `schedule:<name>`, guarded by the term. The first primary to run the job stores there the
+    /// slot it is responsible from (the first slot after it took the job on: a daily job deployed
+    /// after today's time waits for tomorrow). So:
+    /// - a slot runs at least once from then on, and by one term at a time (a term's runs are
+    ///   cancelled, then aborted after the grace, before the lock is released);
     /// - a slot runs again only if the term running it ended before recording its completion (or
     ///   the job failed: `Err` or a panic restarts the job with backoff, and the slot counts as
-    ///   missed);
+    ///   missed) — also the very first slot; a completion that the backend fails to record is
+    ///   retried with backoff while the term lasts, never run again by the same term;
     /// - on promotion the new primary handles the slots that passed since the last completed one
     ///   by the schedule's [`Missed`](super::Missed) policy, and so does a primary whose run
     ///   outlasted the next slots (runs of one job never overlap);
@@ -190,7 +227,10 @@ impl Elector {
     ///
     /// # Errors
     ///
-    /// [`ConfigError::InvalidStateKey`] when `schedule:<name>` is not a valid state key.
+    /// [`ConfigError::InvalidStateKey`] when `schedule:<name>` is not a valid state key;
+    /// [`ConfigError::InvalidSchedule`] for a [`CatchUpAll`](super::Missed::CatchUpAll) above
+    /// [`Missed::MAX_CATCH_UP`](super::Missed::MAX_CATCH_UP) or a [queue](Schedule::queue) of 0
+    /// or over 65 536.
     pub fn schedule<F, Fut, E>(
         &self,
         name: &str,
@@ -204,7 +244,8 @@ impl Elector {
     {
         let key = format!("schedule:{name}");
         check_key(&key)?;
-        let (trigger, triggers) = mpsc::unbounded_channel();
+        schedule.validate()?;
+        let (trigger, triggers) = mpsc::channel(schedule.queue_capacity());
         let spec = Arc::new(Job {
             name: name.into(),
             key: key.clone(),
@@ -245,10 +286,24 @@ impl Job {
                 queue.push_back((t.slot, true));
             }
         }
-        let last = self.last_completed().await?;
         let now = Utc::now();
-        let missed = self.schedule.missed_slots(last, now);
-        crate::metrics::schedule_missed(ctx.lock(), &self.name, &self.schedule, last, now);
+        let since = match self.progress().await? {
+            Some(since) => since,
+            None => {
+                // The first term to run the job: it is responsible from the next slot on, and
+                // says so before that slot can start, so a successor reruns it if it is cut short.
+                let Some(first) = self.schedule.next_after(now) else {
+                    return Ok(());
+                };
+                let marker = format!("{FROM_PREFIX}{}", first.timestamp_millis());
+                if !self.record(&marker, &ctx).await {
+                    return Ok(());
+                }
+                Since::From(first)
+            }
+        };
+        let missed = self.schedule.due(since, now);
+        crate::metrics::schedule_missed(ctx.lock(), &self.name, &self.schedule, since, now);
         if !missed.is_empty() {
             tracing::info!(job = %self.name, term, missed = missed.len(), "running missed slots");
         }
@@ -256,17 +311,21 @@ impl Job {
         for slot in missed.into_iter().rev() {
             queue.push_front((slot, false));
         }
-        // The latest slot handled (or `now` when there is none): the next slot comes after it.
-        let mut cursor = last.map_or(now, |l| l.max(now));
+        // The latest slot handled (or `now`): the next slot comes after it.
+        let mut cursor = match since {
+            Since::After(last) => last.max(now),
+            Since::From(_) => now,
+        };
         loop {
             let (slot, manual) = match queue.pop_front() {
                 Some(next) => next,
                 None => {
                     // Slots that passed during a long run count as missed too.
                     let now = Utc::now();
-                    let late = self.schedule.missed_slots(Some(cursor), now);
+                    let late = self.schedule.due(Since::After(cursor), now);
                     if !late.is_empty() {
                         tracing::info!(job = %self.name, term, missed = late.len(), "slots passed during a run");
+                        cursor = now;
                         queue.extend(late.into_iter().map(|slot| (slot, false)));
                         continue;
                     }
@@ -301,18 +360,89 @@ impl Job {
             if manual {
                 continue;
             }
-            let value = slot.timestamp_millis().to_string();
-            match self.state.store(&self.key, value.as_bytes(), &ctx).await {
-                Ok(()) => cursor = slot,
-                Err(Error::StaleTerm { .. }) => return Ok(()),
-                Err(e) => return Err(e.into()),
+            // Recorded, or the term is over: either way this term never runs the slot again.
+            if !self
+                .record(&slot.timestamp_millis().to_string(), &ctx)
+                .await
+            {
+                return Ok(());
+            }
+            cursor = cursor.max(slot);
+        }
+    }
+
+    /// Stores `value` as the job's record under the term of `ctx`, retrying backend errors with
+    /// backoff while the term lasts. `false` when the term is over (or a newer term wrote it).
+    async fn record(&self, value: &str, ctx: &TermContext) -> bool {
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+        loop {
+            match self.state.store(&self.key, value.as_bytes(), ctx).await {
+                Ok(()) => return true,
+                Err(Error::StaleTerm { .. }) => return false,
+                Err(err) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(
+                        job = %self.name,
+                        term = ctx.term(),
+                        error = %crate::error::Chain(&err),
+                        retry_in = ?delay,
+                        "cannot record the job's progress; retrying"
+                    );
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = ctx.cancelled() => return false,
+                    }
+                }
             }
         }
     }
 
-    async fn last_completed(&self) -> Result<Option<DateTime<Utc>>, Error> {
-        last_completed(&self.state, &self.name, &self.key).await
+    /// Where the slots owed start: after the last completed slot, or from the first slot the job
+    /// is responsible for; `None` when no term has run the job yet.
+    async fn progress(&self) -> Result<Option<Since>, Error> {
+        Ok(read_record(&self.state, &self.name, &self.key)
+            .await?
+            .map(|r| match r {
+                Record::Completed(t) => Since::After(t),
+                Record::From(t) => Since::From(t),
+            }))
     }
+}
+
+/// The prefix of a record that holds the first slot a job is responsible for, rather than the
+/// last completed slot (a bare number of Unix milliseconds).
+const FROM_PREFIX: &str = "from:";
+
+/// A job's record under `schedule:<name>`.
+enum Record {
+    /// The last completed slot.
+    Completed(DateTime<Utc>),
+    /// No slot completed yet; the job is owed slots from this one on.
+    From(DateTime<Utc>),
+}
+
+async fn read_record(state: &State, name: &str, key: &str) -> Result<Option<Record>, Error> {
+    let Some(stored) = state.load(key).await? else {
+        return Ok(None);
+    };
+    let text = std::str::from_utf8(&stored.value).unwrap_or("").trim();
+    let (from, ms) = match text.strip_prefix(FROM_PREFIX) {
+        Some(ms) => (true, ms),
+        None => (false, text),
+    };
+    let Some(t) = ms
+        .parse::<i64>()
+        .ok()
+        .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
+    else {
+        tracing::warn!(job = %name, %key, "corrupt schedule record; starting the job afresh");
+        return Ok(None);
+    };
+    Ok(Some(if from {
+        Record::From(t)
+    } else {
+        Record::Completed(t)
+    }))
 }
 
 async fn last_completed(
@@ -320,17 +450,10 @@ async fn last_completed(
     name: &str,
     key: &str,
 ) -> Result<Option<DateTime<Utc>>, Error> {
-    let Some(stored) = state.load(key).await? else {
-        return Ok(None);
-    };
-    let parsed = std::str::from_utf8(&stored.value)
-        .ok()
-        .and_then(|s| s.trim().parse::<i64>().ok())
-        .and_then(|ms| Utc.timestamp_millis_opt(ms).single());
-    if parsed.is_none() {
-        tracing::warn!(job = %name, %key, "corrupt last-slot record; treating the job as never run");
-    }
-    Ok(parsed)
+    Ok(match read_record(state, name, key).await? {
+        Some(Record::Completed(t)) => Some(t),
+        Some(Record::From(_)) | None => None,
+    })
 }
 
 /// Sleeps until the wall clock reads `t`, re-reading it at least every minute so a clock step is

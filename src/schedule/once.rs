@@ -192,6 +192,10 @@ async fn watch_done(
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
+        // A subscription that delivered a change, or outlived a re-check, was healthy: the next
+        // failure starts the backoff afresh. One that fails at once (a broken directory watch,
+        // say) is retried later and later, never in a tight loop.
+        let mut healthy = false;
         let attempt = async {
             let mut changes = state.watch(&key).await?;
             loop {
@@ -199,7 +203,10 @@ async fn watch_done(
                     return Ok::<_, Error>(());
                 }
                 // A slow re-check as a safety net under the notification.
-                let _ = tokio::time::timeout(Duration::from_secs(5), changes.changed()).await;
+                match tokio::time::timeout(Duration::from_secs(5), changes.changed()).await {
+                    Ok(Ok(())) | Err(_) => healthy = true,
+                    Ok(Err(err)) => return Err(err),
+                }
             }
         };
         let res = tokio::select! {
@@ -207,15 +214,19 @@ async fn watch_done(
             () = done.closed() => return,
             _ = stopped.wait_for(|s| *s) => return,
         };
+        if healthy {
+            backoff.reset();
+        }
         match res {
             Ok(()) => {
                 done.send_replace(true);
                 return;
             }
             Err(err) => {
-                tracing::warn!(job = %key, error = %err, "cannot read the run-once record; retrying");
+                let delay = backoff.next_delay();
+                tracing::warn!(job = %key, error = %err, retry_in = ?delay, "cannot follow the run-once record; subscribing again");
                 tokio::select! {
-                    () = tokio::time::sleep(backoff.next_delay()) => {}
+                    () = tokio::time::sleep(delay) => {}
                     _ = stopped.wait_for(|s| *s) => return,
                 }
             }
