@@ -89,7 +89,7 @@ async fn command<T: redis::FromRedisValue>(server: &RedisServer, cmd: &redis::Cm
 }
 
 /// Waits until the server has been up for `lease + 1 s`, so that the restart guard lets
-/// acquisitions through (a fresh server refuses them for that long).
+/// acquisitions through (a fresh server refuses them for the maximum lease + 1 s).
 async fn wait_uptime(server: &RedisServer, lease: Duration) {
     let need = lease + Duration::from_secs(1);
     loop {
@@ -140,7 +140,12 @@ impl Fixture for RedisFixture {
         let Some(proxy) = self.proxies.get(i) else {
             return Connection::new(backend(&self.server, &self.prefix));
         };
-        let url = format!("redis://{}/0?prefix={}", proxy.addr(), self.prefix);
+        let url = format!(
+            "redis://{}/0?prefix={}{}",
+            proxy.addr(),
+            self.prefix,
+            max_lease_param(MAX_LEASE)
+        );
         Connection::new(RedisBackend::new(&url).unwrap()).with_faults(ProxyFaults {
             proxy: proxy.clone(),
             server: self.server.url(),
@@ -897,6 +902,51 @@ async fn an_evicting_maxmemory_policy_is_refused() {
         msg.contains("maxmemory-policy") && msg.contains("volatile-lru"),
         "{msg}"
     );
+    // Opted in: granted.
+    let allowed = backend(&server, &prefix("eviction"))
+        .allow_eviction(true)
+        .lock("evict")
+        .unwrap();
+    let held = tokio::time::timeout(WAIT, allowed.acquire(request("a", lease)))
+        .await
+        .expect("a grant once eviction is allowed")
+        .unwrap();
+    held.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_lease_above_the_recorded_maximum_is_refused() {
+    let Some(server) = redis().await else { return };
+    let prefix = prefix("max-lease");
+    warm_up(&server, &prefix, "max").await;
+    // Someone lowered the recorded maximum below this node's lease.
+    let _: i64 = command(
+        &server,
+        redis::cmd("HSET")
+            .arg(format!("{{{prefix}:max}}:lease"))
+            .arg("max_ms")
+            .arg(1000),
+    )
+    .await;
+    let lock = backend(&server, &prefix).lock("max").unwrap();
+    let err = tokio::time::timeout(WAIT, lock.acquire(request("a", MAX_LEASE)))
+        .await
+        .expect("a refusal, not a wait")
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(
+            &err,
+            Error::Config(ConfigError::InvalidTiming {
+                setting: "lease",
+                ..
+            })
+        ) && msg.contains("1000 ms"),
+        "{msg}"
+    );
+    // And a lease above the backend's own maximum never reaches Redis.
+    let err = lock.acquire(request("a", MAX_LEASE * 2)).await.unwrap_err();
+    assert!(matches!(err, Error::Config(_)), "{err}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -27,6 +27,8 @@
 //! | `{p:name}:lock` | string, `PX lease` | a random 128-bit token of the holder |
 //! | `{p:name}:holder` | hash, same expiry | `token`, `term`, `lease_ms`, `record` (the [`Holder`] as JSON) |
 //! | `{p:name}:term` | string, no expiry | the last term issued |
+//! | `{p:name}:lease` | hash, no expiry | `until`: server time (ms) until which the last holder may act; `max_ms`: the largest maximum lease of the lock's nodes |
+//! | `{p:name}:abandoned:<token>` | string, 10 min expiry | an acquisition that gave up; a late request with that token is refused |
 //! | `{p:name}:state:<key>` | hash | `value`, `term` of a state value |
 //! | `{p:name}:events` | channel | `acquired <term>`, `released <term>`, `state <key>` |
 //!
@@ -35,17 +37,34 @@
 //!   published. Terms therefore rise even when Redis restarts empty (a plain `INCR` would start at
 //!   1 again), as long as the Redis host's wall clock does not step back and fewer than a million
 //!   terms are issued per second.
-//! - **No overlap after a Redis restart.** The script refuses to grant while the server's uptime is
-//!   below the lease + 1 s. A holder whose key vanished in the restart has, by then, passed its own
-//!   deadline (its last renewal was confirmed by the old server) and fenced itself. This needs
-//!   every node of a lock to use the same lease: a node whose lease differs from the current
-//!   holder's refuses to acquire, with an error naming both.
+//! - **No overlap when the lock key is lost.** Every grant and renewal records, in the lease
+//!   record that never expires, `until` = server `TIME` + the holder's lease; an acquisition waits
+//!   while `TIME < until`, so a lock key that was deleted (`DEL`) or evicted costs its holder's
+//!   lease, not an overlap (the holder itself steps down at its next renewal). A clean release
+//!   sets `until` to the server's time, after its token check, so handover stays in
+//!   milliseconds. When the record itself is gone (a fresh lock, `FLUSHALL`, a restart without
+//!   data, an upgrade from a version without it), the first acquisition re-creates it with
+//!   `until` = now + the **maximum lease** and waits that long once. And after a restart, nothing
+//!   is granted while the server's uptime is below the maximum lease + 1 s (a restart that loads
+//!   an old RDB or AOF file brings back an old `until`). A holder whose key vanished has, by
+//!   then, passed its own deadline and fenced itself. The maximum lease (default 30 s) is a
+//!   setting of the backend ([`RedisBackend::with_max_lease`], `max_lease=` in the backend
+//!   string); a node with a longer lease does not spawn, and the largest maximum of the lock's
+//!   nodes is kept in the record. A node whose lease differs from the current holder's still
+//!   refuses to acquire, with an error naming both (nodes of older versions rely on it).
+//! - **Evicting servers are refused.** A `maxmemory-policy` other than `noeviction` (read from
+//!   `INFO memory`, as `CONFIG` is often disabled) makes acquisitions fail with an error naming
+//!   it, unless allowed with [`RedisBackend::allow_eviction`].
 //! - **Renewal** runs inside the backend every `lease / 3`, on a connection of its own, as an
 //!   owner-checked script (`PEXPIRE` only if the token is still ours). Each confirmed renewal is
 //!   reported with its send time, from which the elector computes the deadline. Transient errors
 //!   (the first command after a Redis restart fails) are retried quickly until the deadline; a
 //!   refusal (the key is gone or someone else's) ends the term at once.
 //! - **Release** is an owner-checked script that deletes the keys and publishes `released`.
+//!   An acquisition that fails in a way its request may still reach the server (a timeout, a
+//!   broken connection) is abandoned: the release, on a new connection, also leaves a tombstone
+//!   for the acquisition's token, so that the old request, should it arrive later, grants
+//!   nothing. A grant that arrives after its acquisition was dropped is released at once.
 //! - **Waiters wake at once on a release** (pub/sub). After a crash they wake when the holder's key
 //!   runs out: each waiter sleeps for the key's remaining `PTTL` and tries again at once, so a crash
 //!   costs the lease, not the lease plus a poll interval. Key-expiry notifications are used as
@@ -63,12 +82,23 @@
 //! # What is not guaranteed
 //!
 //! One Redis primary is assumed. Replication is asynchronous: a failover to a replica (Sentinel,
-//! Cluster) can lose the lock key without the uptime reset this backend watches for, and two nodes
-//! can then be primary until the old one's next renewal. Key expiry follows the Redis host's wall
+//! Cluster) can bring back an older lease record without the uptime reset this backend watches
+//! for, and two nodes can then be primary until the old one's next renewal. Key expiry follows the Redis host's wall
 //! clock; a forward step there shortens every lease (keep the margin, use slewing NTP). Settings
 //! made with `CONFIG SET` are lost when Redis restarts; the backend sets key events again when it
 //! reconnects. As with every lease, a paused holder resumes not primary, but work it already
 //! started must carry the term to be refused downstream.
+//!
+//! # Mixing with version 0.1.0
+//!
+//! The lock, holder and term keys keep their format, and the scripts of 0.1.0 ignore the lease
+//! record, so old and new nodes share a lock: each waits while the other holds the lock key,
+//! nodes of both versions refuse a holder with another lease, and terms keep rising (both take
+//! `max(last + 1, server time in µs)`). A new node finding no lease record (the first one after
+//! the upgrade) waits the maximum lease once. The new guarantees (no grant before a lost key's
+//! `until`, the longer restart guard, eviction refused) hold only among new nodes: an old node
+//! still grants as soon as the lock key is gone and the server has been up for its own lease +
+//! 1 s, and its holders do not record `until`.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -293,13 +323,22 @@ impl RedisBackend {
     ///
     /// ```
     /// use std::time::Duration;
+    /// use tower_primary::backend::Backend;
     /// use tower_primary::backend::redis::RedisBackend;
+    /// use tower_primary::{Elector, Lease};
     ///
     /// let backend = RedisBackend::new("redis://127.0.0.1:6379")?
     ///     .with_max_lease(Duration::from_secs(10))?;
-    /// assert_eq!(backend.max_lease(), Duration::from_secs(10));
+    /// assert_eq!(backend.max_lease(), Some(Duration::from_secs(10)));
     /// let same = RedisBackend::new("redis://127.0.0.1:6379?max_lease=10s")?;
-    /// assert_eq!(same.max_lease(), Duration::from_secs(10));
+    /// assert_eq!(same.max_lease(), Some(Duration::from_secs(10)));
+    ///
+    /// // A longer lease does not spawn.
+    /// let refused = Elector::builder("jobs")
+    ///     .backend(same)
+    ///     .lease(Lease::new(Duration::from_secs(20)))
+    ///     .spawn();
+    /// assert!(matches!(refused, Err(tower_primary::ConfigError::InvalidTiming { .. })));
     /// # Ok::<(), tower_primary::ConfigError>(())
     /// ```
     ///
@@ -319,12 +358,6 @@ impl RedisBackend {
         })?;
         self.max_lease = max;
         Ok(self)
-    }
-
-    /// The maximum lease; see [`with_max_lease`](Self::with_max_lease).
-    #[must_use]
-    pub fn max_lease(&self) -> Duration {
-        self.max_lease
     }
 
     /// Whether to campaign on a server whose `maxmemory-policy` may evict keys (anything but
@@ -388,6 +421,10 @@ impl Backend for RedisBackend {
 
     fn min_lease(&self) -> Option<Duration> {
         Some(MIN_LEASE)
+    }
+
+    fn max_lease(&self) -> Option<Duration> {
+        Some(self.max_lease)
     }
 
     fn lock(&self, name: &str) -> Result<Arc<dyn Lock>, ConfigError> {
@@ -1701,9 +1738,9 @@ mod tests {
     #[test]
     fn max_lease_comes_from_the_url_or_the_builder() {
         let b = RedisBackend::new("redis://h/1").unwrap();
-        assert_eq!(b.max_lease(), DEFAULT_MAX_LEASE);
+        assert_eq!(b.max_lease(), Some(DEFAULT_MAX_LEASE));
         let b = RedisBackend::new("redis://h/1?max_lease=2500ms&prefix=x").unwrap();
-        assert_eq!(b.max_lease(), Duration::from_millis(2500));
+        assert_eq!(b.max_lease(), Some(Duration::from_millis(2500)));
         for bad in ["redis://h/1?max_lease=500ms", "redis://h/1?max_lease=soon"] {
             let err = RedisBackend::new(bad).unwrap_err().to_string();
             assert!(err.contains("max_lease"), "{bad}: {err}");
