@@ -914,6 +914,51 @@ async fn an_evicting_maxmemory_policy_is_refused() {
     held.release().await.unwrap();
 }
 
+/// The lease record's `until` and the server's time, in ms.
+async fn recorded_until(server: &RedisServer, prefix: &str, lock: &str) -> (i64, i64) {
+    let until: Option<i64> = command(
+        server,
+        redis::cmd("HGET")
+            .arg(format!("{{{prefix}:{lock}}}:lease"))
+            .arg("until"),
+    )
+    .await;
+    let (secs, micros): (i64, i64) = command(server, &redis::cmd("TIME")).await;
+    (until.expect("a lease record"), secs * 1000 + micros / 1000)
+}
+
+#[tokio::test]
+async fn renewals_keep_the_lock_and_move_the_recorded_lease_end() {
+    let Some(server) = redis().await else { return };
+    let prefix = prefix("renew-until");
+    warm_up(&server, &prefix, "renew").await;
+    let lease = MAX_LEASE;
+    let lock = backend(&server, &prefix).lock("renew").unwrap();
+    let mut held = lock.acquire(request("a", lease)).await.unwrap();
+    let renewals = held.renewals().unwrap();
+    let first = renewals.latest();
+    let (until, now) = recorded_until(&server, &prefix, "renew").await;
+    assert!(
+        until > now && until <= now + 2000,
+        "until {until}, now {now}"
+    );
+    // Several renewals later (a lease and a half), still held, and `until` moved on.
+    tokio::select! {
+        err = held.lost() => panic!("lost the lock: {err}"),
+        () = tokio::time::sleep(lease * 3 / 2) => {}
+    }
+    assert!(renewals.latest() > first, "no renewal was confirmed");
+    let (later, now) = recorded_until(&server, &prefix, "renew").await;
+    assert!(later > until && later > now, "until {later}, now {now}");
+    held.release().await.unwrap();
+    // A clean release ends the recorded lease at once.
+    let (released, now) = recorded_until(&server, &prefix, "renew").await;
+    assert!(
+        released <= now,
+        "until {released} after the release, now {now}"
+    );
+}
+
 #[tokio::test]
 async fn a_lease_above_the_recorded_maximum_is_refused() {
     let Some(server) = redis().await else { return };

@@ -76,17 +76,18 @@
 //!
 //! # Backend string
 //!
-//! `redis://[user:pass@]host:port[/db][?prefix=p]`, or `rediss://…` for TLS (rustls, with the
-//! system's root certificates). `prefix` is removed before the URL reaches the Redis driver.
+//! `redis://[user:pass@]host:port[/db][?prefix=p][&max_lease=30s]`, or `rediss://…` for TLS
+//! (rustls, with the system's root certificates). `prefix` and `max_lease` (see
+//! [`RedisBackend::with_max_lease`]) are removed before the URL reaches the Redis driver.
 //!
 //! # What is not guaranteed
 //!
 //! One Redis primary is assumed. Replication is asynchronous: a failover to a replica (Sentinel,
-//! Cluster) can bring back an older lease record without the uptime reset this backend watches
-//! for, and two nodes can then be primary until the old one's next renewal. Key expiry follows the Redis host's wall
-//! clock; a forward step there shortens every lease (keep the margin, use slewing NTP). Settings
-//! made with `CONFIG SET` are lost when Redis restarts; the backend sets key events again when it
-//! reconnects. As with every lease, a paused holder resumes not primary, but work it already
+//! Cluster) can lose the lock key and bring back an older lease record without the uptime reset
+//! this backend watches for, and two nodes can then be primary until the old one's next renewal.
+//! Key expiry and `until` follow the Redis host's wall clock; a forward step there shortens every
+//! lease (keep the margin, use slewing NTP). Settings made with `CONFIG SET` are lost when Redis
+//! restarts; the backend sets key events again when it reconnects. As with every lease, a paused holder resumes not primary, but work it already
 //! started must carry the term to be refused downstream.
 //!
 //! # Mixing with version 0.1.0
@@ -193,8 +194,9 @@ impl fmt::Debug for RedisBackend {
 }
 
 impl RedisBackend {
-    /// A backend for the server at `url`: `redis://[user:pass@]host:port[/db][?prefix=p]` or
-    /// `rediss://…` (TLS). Nothing is connected until a lock is used.
+    /// A backend for the server at `url`:
+    /// `redis://[user:pass@]host:port[/db][?prefix=p][&max_lease=30s]` or `rediss://…` (TLS).
+    /// Nothing is connected until a lock is used.
     ///
     /// ```
     /// use tower_primary::backend::redis::RedisBackend;
@@ -648,9 +650,9 @@ static RENEW: LazyLock<Script> = LazyLock::new(|| {
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   redis.call('PEXPIRE', KEYS[2], ARGV[2])
-  local until = now_ms() + tonumber(ARGV[2])
+  local ends = now_ms() + tonumber(ARGV[2])
   local u = tonumber(redis.call('HGET', KEYS[3], 'until'))
-  if not u or u < until then redis.call('HSET', KEYS[3], 'until', tostring(until)) end
+  if not u or u < ends then redis.call('HSET', KEYS[3], 'until', tostring(ends)) end
   return 1
 end
 return 0
@@ -1268,7 +1270,7 @@ impl Lock for RedisLock {
                         )) as Box<dyn Leadership>);
                     }
                     Attempt::Wait(ms) => {
-                        if !told_restart {
+                        if !told_restart && ms >= 1000 {
                             told_restart = true;
                             tracing::info!(
                                 lock = %self.shared.name,
