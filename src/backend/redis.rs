@@ -1752,7 +1752,7 @@ mod tests {
             b.with_max_lease(Duration::from_secs(9))
                 .unwrap()
                 .max_lease(),
-            Duration::from_secs(9)
+            Some(Duration::from_secs(9))
         );
     }
 }
