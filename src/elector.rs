@@ -362,6 +362,13 @@ impl ElectorBuilder {
             Some(min) => {
                 let lease = self.lease.unwrap_or_default();
                 lease.validate(min)?;
+                if let Some(max) = backend.max_lease().filter(|max| lease.ttl() > *max) {
+                    return Err(ConfigError::InvalidTiming {
+                        setting: "lease",
+                        value: lease.ttl(),
+                        rule: format!("must not exceed the backend's maximum lease {max:?}"),
+                    });
+                }
                 Some(lease)
             }
             None => {

@@ -1059,7 +1059,8 @@ async fn status_reports_and_follows_the_redis_holder() {
     };
     let name = "status-redis";
     let lease = Lease::new(Duration::from_secs(1));
-    let url = format!("{}?prefix=status-test", server.url());
+    // The maximum lease bounds the wait of a fresh server (default 30 s).
+    let url = format!("{}?prefix=status-test&max_lease=1s", server.url());
     let node = |id: &str| {
         Elector::builder(name)
             .backend(tower_primary::backend::from_url(&url).unwrap())

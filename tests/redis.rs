@@ -1,7 +1,9 @@
 //! The Redis backend against real `redis-server`s: the conformance suite, the backend's own
-//! behaviour (terms across a restart, the restart guard, lease mismatch, waking on expiry), and
-//! fault tests with real node processes (SIGKILL, SIGTERM, SIGSTOP, Redis killed and restarted
-//! empty, a stalled TCP proxy).
+//! behaviour (terms across a restart, the restart guard, lease mismatch, the lease record and
+//! maximum lease, eviction refused, waking on expiry, acquisitions abandoned or dropped while
+//! their request is in flight), and fault tests with real node processes (SIGKILL, SIGTERM,
+//! SIGSTOP, Redis killed and restarted empty also during a lease change, `FLUSHALL`, a deleted
+//! lock key, a stalled TCP proxy).
 //!
 //! Every test starts its own `redis-server` on a free port
 //! ([`RedisServer`](tower_primary::testing::servers::RedisServer)) and uses its own key prefix
@@ -55,8 +57,24 @@ async fn redis() -> Option<RedisServer> {
     servers::require("redis-server", RedisServer::start().await)
 }
 
+/// The maximum lease the tests give their backends (a fresh server or lock waits it once).
+const MAX_LEASE: Duration = Duration::from_secs(2);
+
+/// `&max_lease=<ms>ms`: the backend-string parameter for a maximum lease of `max`.
+fn max_lease_param(max: Duration) -> String {
+    format!("&max_lease={}ms", max.as_millis())
+}
+
 fn backend(server: &RedisServer, prefix: &str) -> RedisBackend {
-    RedisBackend::new(&format!("{}/0?prefix={prefix}", server.url())).unwrap()
+    backend_at(&server.url(), prefix)
+}
+
+fn backend_at(url: &str, prefix: &str) -> RedisBackend {
+    RedisBackend::new(&format!(
+        "{url}/0?prefix={prefix}{}",
+        max_lease_param(MAX_LEASE)
+    ))
+    .unwrap()
 }
 
 fn request(node: &str, lease: Duration) -> AcquireRequest {
@@ -73,7 +91,7 @@ async fn command<T: redis::FromRedisValue>(server: &RedisServer, cmd: &redis::Cm
 }
 
 /// Waits until the server has been up for `lease + 1 s`, so that the restart guard lets
-/// acquisitions through (a fresh server refuses them for that long).
+/// acquisitions through (a fresh server refuses them for the maximum lease + 1 s).
 async fn wait_uptime(server: &RedisServer, lease: Duration) {
     let need = lease + Duration::from_secs(1);
     loop {
@@ -124,7 +142,12 @@ impl Fixture for RedisFixture {
         let Some(proxy) = self.proxies.get(i) else {
             return Connection::new(backend(&self.server, &self.prefix));
         };
-        let url = format!("redis://{}/0?prefix={}", proxy.addr(), self.prefix);
+        let url = format!(
+            "redis://{}/0?prefix={}{}",
+            proxy.addr(),
+            self.prefix,
+            max_lease_param(MAX_LEASE)
+        );
         Connection::new(RedisBackend::new(&url).unwrap()).with_faults(ProxyFaults {
             proxy: proxy.clone(),
             server: self.server.url(),
@@ -258,16 +281,17 @@ async fn rediss_speaks_tls_and_fails_closed_on_a_plain_server() {
 }
 
 #[tokio::test]
-async fn acquisition_waits_until_redis_has_been_up_longer_than_the_lease() {
+async fn acquisition_waits_until_redis_has_been_up_longer_than_the_maximum_lease() {
     let Some(server) = redis().await else { return };
     let started = Instant::now();
     let lease = Duration::from_secs(1);
     let lock = backend(&server, &prefix("uptime")).lock("guarded").unwrap();
     let held = lock.acquire(request("a", lease)).await.unwrap();
-    // A holder whose key vanished in a restart fences itself within a lease of it: nobody may be
-    // granted the lock before the server has been up for the lease + 1 s.
+    // A holder whose key vanished in a restart fences itself within its lease, at most the
+    // maximum lease: nobody may be granted the lock before the server has been up for the
+    // maximum lease + 1 s, whatever its own lease.
     assert!(
-        started.elapsed() >= lease + Duration::from_secs(1),
+        started.elapsed() >= MAX_LEASE + Duration::from_secs(1),
         "granted {:?} after the server started",
         started.elapsed()
     );
@@ -491,7 +515,12 @@ async fn setup(test: &str, lease: Duration) -> Option<Setup> {
     let server = redis().await?;
     wait_uptime(&server, lease).await;
     let config = NodeConfig::new(
-        format!("{}/0?prefix={}", server.url(), prefix(test)),
+        format!(
+            "{}/0?prefix={}{}",
+            server.url(),
+            prefix(test),
+            max_lease_param(lease)
+        ),
         test.to_owned(),
     )
     .lease(lease)
@@ -688,4 +717,507 @@ async fn stalled_proxy_makes_the_primary_step_down_before_a_successor_appears() 
     );
     proxy.cut();
     proxy.resume();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lost lock keys: a restart during a lease change, FLUSHALL, DEL, eviction
+
+/// Wakes every waiter of the lock at once, as any node's release message would.
+async fn wake_waiters(server: &RedisServer, prefix: &str, lock: &str) {
+    let _: i64 = command(
+        server,
+        redis::cmd("PUBLISH")
+            .arg(format!("{{{prefix}:{lock}}}:events"))
+            .arg("released 0"),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn redis_restarted_empty_during_a_lease_change_never_gives_two_primaries() {
+    // A rolling change of the lease from 30 s to 5 s: node A (30 s) holds, node B (5 s) waits.
+    // Redis restarts without its data while A is cut off from it (A keeps believing it holds the
+    // lock until its own deadline). B must not become primary before that deadline.
+    let _serial = SERIAL.lock().await;
+    let Some(mut server) = redis().await else {
+        return;
+    };
+    let long = Duration::from_secs(30);
+    let short = Duration::from_secs(5);
+    let prefix = prefix("lease-change");
+    let url = format!("{}/0?prefix={prefix}", server.url());
+    let proxy = TcpProxy::start(server.addr()).await.unwrap();
+    let command = NodeCommand::test_entry("node_entry").expect("the test binary's path");
+    let a_config = NodeConfig::new(
+        url.replace(&server.addr().to_string(), &proxy.addr().to_string()),
+        "change",
+    )
+    .lease(long)
+    .grace(Duration::from_secs(2));
+    let mut cluster = Cluster::new(command, a_config.clone());
+    let a = cluster.spawn_node_with(&a_config).unwrap();
+    let (first, term) = cluster
+        .wait_single_primary(Duration::from_secs(90))
+        .await
+        .unwrap();
+    assert_eq!(first, a);
+    let b_config = NodeConfig::new(url, "change")
+        .lease(short)
+        .grace(Duration::from_secs(2));
+    cluster.spawn_node_with(&b_config).unwrap();
+    cluster.wait_settled(WAIT).await.unwrap();
+
+    proxy.stall();
+    let killed = tower_primary::clock::monotonic_nanos();
+    server.kill();
+    server.restart().await.unwrap();
+    let next = cluster
+        .wait_primary_after(term, a, Duration::from_secs(120))
+        .await
+        .unwrap();
+    let a_end = cluster
+        .wait_event("the cut-off primary to step down", WAIT, |e| {
+            e.pid == a && matches!(e.kind, EventKind::TaskCancelled { term: t } if t == term)
+        })
+        .await
+        .unwrap();
+    assert!(
+        a_end.at < next.at,
+        "B became primary {:.1} ms after the restart, A stepped down only after {:.1} ms\n{}",
+        ms(killed, next.at),
+        ms(killed, a_end.at),
+        cluster.dump()
+    );
+    cluster.assert_history_ok();
+    println!(
+        "lease change 30 s → 5 s, Redis restarted empty: A stepped down after {:.1} ms, B primary \
+         after {:.1} ms",
+        ms(killed, a_end.at),
+        ms(killed, next.at)
+    );
+    proxy.cut();
+    proxy.resume();
+}
+
+#[derive(Clone, Copy, Debug)]
+enum KeyLoss {
+    FlushAll,
+    DelLockKey,
+}
+
+/// A primary cut off from Redis (a stalled proxy) while its lock key is lost to `loss`; a waiter
+/// is woken at once. The waiter must not become primary before the cut-off one stepped down.
+async fn lost_key_never_gives_two_primaries(test: &str, loss: KeyLoss) {
+    let lease = Duration::from_secs(2);
+    let Some(mut s) = setup(test, lease).await else {
+        return;
+    };
+    let proxy = TcpProxy::start(s.server.addr()).await.unwrap();
+    let mut through_proxy = s.config.clone();
+    through_proxy.backend = s
+        .config
+        .backend
+        .replace(&s.server.addr().to_string(), &proxy.addr().to_string());
+    let a = s.cluster.spawn_node_with(&through_proxy).unwrap();
+    let (first, term) = s.cluster.wait_single_primary(WAIT).await.unwrap();
+    assert_eq!(first, a);
+    s.cluster.spawn_nodes(1).unwrap();
+    s.cluster.wait_settled(WAIT).await.unwrap();
+
+    let prefix = s
+        .config
+        .backend
+        .split("prefix=")
+        .nth(1)
+        .and_then(|p| p.split('&').next())
+        .unwrap()
+        .to_owned();
+    proxy.stall();
+    let lost = tower_primary::clock::monotonic_nanos();
+    match loss {
+        KeyLoss::FlushAll => {
+            let () = command(&s.server, &redis::cmd("FLUSHALL")).await;
+        }
+        KeyLoss::DelLockKey => {
+            let n: i64 = command(
+                &s.server,
+                redis::cmd("DEL").arg(format!("{{{prefix}:{test}}}:lock")),
+            )
+            .await;
+            assert_eq!(n, 1, "no lock key to delete");
+        }
+    }
+    wake_waiters(&s.server, &prefix, test).await;
+    let next = s.cluster.wait_primary_after(term, a, WAIT).await.unwrap();
+    let a_end = s
+        .cluster
+        .wait_event("the cut-off primary to step down", WAIT, |e| {
+            e.pid == a && matches!(e.kind, EventKind::TaskCancelled { term: t } if t == term)
+        })
+        .await
+        .unwrap();
+    assert!(
+        a_end.at < next.at,
+        "{loss:?}: a successor after {:.1} ms, the old primary stepped down after {:.1} ms\n{}",
+        ms(lost, next.at),
+        ms(lost, a_end.at),
+        s.cluster.dump()
+    );
+    s.cluster.assert_history_ok();
+    println!(
+        "{loss:?} while a cut-off primary held (lease {lease:?}): it stepped down after {:.1} ms, \
+         successor after {:.1} ms",
+        ms(lost, a_end.at),
+        ms(lost, next.at)
+    );
+    proxy.cut();
+    proxy.resume();
+}
+
+#[tokio::test]
+async fn flushall_while_a_primary_holds_never_gives_two_primaries() {
+    lost_key_never_gives_two_primaries("flushall", KeyLoss::FlushAll).await;
+}
+
+#[tokio::test]
+async fn deleted_lock_key_never_gives_two_primaries() {
+    lost_key_never_gives_two_primaries("del-lock", KeyLoss::DelLockKey).await;
+}
+
+#[tokio::test]
+async fn an_evicting_maxmemory_policy_is_refused() {
+    let Some(server) = servers::require(
+        "redis-server",
+        RedisServer::start_with(&["--maxmemory", "64mb", "--maxmemory-policy", "volatile-lru"])
+            .await,
+    ) else {
+        return;
+    };
+    let lease = Duration::from_secs(1);
+    wait_uptime(&server, MAX_LEASE).await;
+    let lock = backend(&server, &prefix("eviction")).lock("evict").unwrap();
+    let res = tokio::time::timeout(WAIT, lock.acquire(request("a", lease)))
+        .await
+        .expect("a refusal, not a wait");
+    let err = res.expect_err("granted under an evicting maxmemory-policy");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("maxmemory-policy") && msg.contains("volatile-lru"),
+        "{msg}"
+    );
+    // Opted in: granted.
+    let allowed = backend(&server, &prefix("eviction"))
+        .allow_eviction(true)
+        .lock("evict")
+        .unwrap();
+    let held = tokio::time::timeout(WAIT, allowed.acquire(request("a", lease)))
+        .await
+        .expect("a grant once eviction is allowed")
+        .unwrap();
+    held.release().await.unwrap();
+}
+
+/// The lease record's `until` and the server's time, in ms.
+async fn recorded_until(server: &RedisServer, prefix: &str, lock: &str) -> (i64, i64) {
+    let until: Option<i64> = command(
+        server,
+        redis::cmd("HGET")
+            .arg(format!("{{{prefix}:{lock}}}:lease"))
+            .arg("until"),
+    )
+    .await;
+    let (secs, micros): (i64, i64) = command(server, &redis::cmd("TIME")).await;
+    (until.expect("a lease record"), secs * 1000 + micros / 1000)
+}
+
+#[tokio::test]
+async fn renewals_keep_the_lock_and_move_the_recorded_lease_end() {
+    let Some(server) = redis().await else { return };
+    let prefix = prefix("renew-until");
+    warm_up(&server, &prefix, "renew").await;
+    let lease = MAX_LEASE;
+    let lock = backend(&server, &prefix).lock("renew").unwrap();
+    let mut held = lock.acquire(request("a", lease)).await.unwrap();
+    let renewals = held.renewals().unwrap();
+    let first = renewals.latest();
+    let (until, now) = recorded_until(&server, &prefix, "renew").await;
+    assert!(
+        until > now && until <= now + 2000,
+        "until {until}, now {now}"
+    );
+    // Several renewals later (a lease and a half), still held, and `until` moved on.
+    tokio::select! {
+        err = held.lost() => panic!("lost the lock: {err}"),
+        () = tokio::time::sleep(lease * 3 / 2) => {}
+    }
+    assert!(renewals.latest() > first, "no renewal was confirmed");
+    let (later, now) = recorded_until(&server, &prefix, "renew").await;
+    assert!(later > until && later > now, "until {later}, now {now}");
+    held.release().await.unwrap();
+    // A clean release ends the recorded lease at once.
+    let (released, now) = recorded_until(&server, &prefix, "renew").await;
+    assert!(
+        released <= now,
+        "until {released} after the release, now {now}"
+    );
+}
+
+#[tokio::test]
+async fn a_lease_above_the_recorded_maximum_is_refused() {
+    let Some(server) = redis().await else { return };
+    let prefix = prefix("max-lease");
+    warm_up(&server, &prefix, "max").await;
+    // Someone lowered the recorded maximum below this node's lease.
+    let _: i64 = command(
+        &server,
+        redis::cmd("HSET")
+            .arg(format!("{{{prefix}:max}}:lease"))
+            .arg("max_ms")
+            .arg(1000),
+    )
+    .await;
+    let lock = backend(&server, &prefix).lock("max").unwrap();
+    let err = tokio::time::timeout(WAIT, lock.acquire(request("a", MAX_LEASE)))
+        .await
+        .expect("a refusal, not a wait")
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(
+            &err,
+            Error::Config(ConfigError::InvalidTiming {
+                setting: "lease",
+                ..
+            })
+        ) && msg.contains("1000 ms"),
+        "{msg}"
+    );
+    // And a lease above the backend's own maximum never reaches Redis.
+    let err = lock.acquire(request("a", MAX_LEASE * 2)).await.unwrap_err();
+    assert!(matches!(err, Error::Config(_)), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Acquisitions that end while their request is in flight
+
+/// A TCP proxy that holds the first request mentioning `pattern` (and everything after it on
+/// that connection) until [`pass`](Self::pass), and reports when the server's reply to it came
+/// back, and how many later requests mentioning `pattern` were answered on other connections.
+struct HoldingProxy {
+    addr: std::net::SocketAddr,
+    state: Arc<HoldState>,
+}
+
+struct HoldState {
+    pattern: Vec<u8>,
+    claimed: std::sync::atomic::AtomicBool,
+    held: tokio::sync::watch::Sender<bool>,
+    pass: tokio::sync::watch::Sender<bool>,
+    replied: tokio::sync::watch::Sender<bool>,
+    /// Replies to requests mentioning `pattern` on connections that were not held.
+    others_answered: tokio::sync::watch::Sender<usize>,
+}
+
+fn mentions(chunk: &[u8], pattern: &[u8]) -> bool {
+    chunk.windows(pattern.len()).any(|w| w == pattern)
+}
+
+impl HoldingProxy {
+    async fn start(upstream: std::net::SocketAddr, pattern: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(HoldState {
+            pattern: pattern.as_bytes().to_vec(),
+            claimed: false.into(),
+            held: tokio::sync::watch::channel(false).0,
+            pass: tokio::sync::watch::channel(false).0,
+            replied: tokio::sync::watch::channel(false).0,
+            others_answered: tokio::sync::watch::channel(0).0,
+        });
+        let st = state.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let st = st.clone();
+                tokio::spawn(async move {
+                    if let Ok(server) = tokio::net::TcpStream::connect(upstream).await {
+                        HoldingProxy::run(client, server, st).await;
+                    }
+                });
+            }
+        });
+        HoldingProxy { addr, state }
+    }
+
+    async fn run(client: tokio::net::TcpStream, server: tokio::net::TcpStream, st: Arc<HoldState>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut cr, mut cw) = client.into_split();
+        let (mut sr, mut sw) = server.into_split();
+        let holding = std::sync::atomic::AtomicBool::new(false);
+        let asked = AtomicUsize::new(0);
+        let up = async {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let n = cr.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                if mentions(&buf[..n], &st.pattern) {
+                    if !holding.load(Ordering::SeqCst) && !st.claimed.swap(true, Ordering::SeqCst) {
+                        holding.store(true, Ordering::SeqCst);
+                        st.held.send_replace(true);
+                        let _ = st.pass.subscribe().wait_for(|p| *p).await;
+                    } else if !holding.load(Ordering::SeqCst) {
+                        asked.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                if sw.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+            if holding.load(Ordering::SeqCst) {
+                // The client went away; its held request still reaches the server.
+                let _ = st.pass.subscribe().wait_for(|p| *p).await;
+                let _ = st.replied.subscribe().wait_for(|r| *r).await;
+            }
+        };
+        let down = async {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let n = sr.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                if holding.load(Ordering::SeqCst) && *st.pass.borrow() {
+                    st.replied.send_replace(true);
+                } else if asked.swap(0, Ordering::SeqCst) > 0 {
+                    st.others_answered.send_modify(|n| *n += 1);
+                }
+                let _ = cw.write_all(&buf[..n]).await;
+                if *st.replied.borrow() && holding.load(Ordering::SeqCst) {
+                    break;
+                }
+            }
+        };
+        tokio::join!(up, down);
+    }
+
+    async fn wait_held(&self) {
+        let _ = self.state.held.subscribe().wait_for(|h| *h).await;
+    }
+
+    fn pass(&self) {
+        self.state.pass.send_replace(true);
+    }
+
+    async fn wait_replied(&self) {
+        let _ = self.state.replied.subscribe().wait_for(|r| *r).await;
+    }
+
+    async fn wait_others_answered(&self, n: usize) {
+        let _ = self
+            .state
+            .others_answered
+            .subscribe()
+            .wait_for(|m| *m >= n)
+            .await;
+    }
+}
+
+/// Acquires and releases `lock` once directly: the scripts are loaded and the lock's records
+/// exist, so that the next acquisition is a single request.
+async fn warm_up(server: &RedisServer, prefix: &str, lock: &str) {
+    wait_uptime(server, MAX_LEASE).await;
+    let l = backend(server, prefix).lock(lock).unwrap();
+    let held = tokio::time::timeout(WAIT, l.acquire(request("warm-up", MAX_LEASE)))
+        .await
+        .unwrap()
+        .unwrap();
+    held.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_abandoned_acquisition_that_arrives_late_leaves_no_lock_behind() {
+    // The acquisition's request is delayed on its connection beyond the command timeout; the
+    // backend gives up and releases on a new connection, which overtakes the delayed request.
+    let Some(server) = redis().await else { return };
+    let prefix = prefix("late-acquire");
+    warm_up(&server, &prefix, "late").await;
+    let lock_key = format!("{{{prefix}:late}}:lock");
+    let proxy = HoldingProxy::start(server.addr(), &lock_key).await;
+    let lock = backend_at(&format!("redis://{}", proxy.addr), &prefix)
+        .key_events(KeyEvents::Off)
+        .lock("late")
+        .unwrap();
+    let mut acquiring = lock.acquire(request("a", MAX_LEASE));
+    tokio::select! {
+        res = &mut acquiring => panic!("acquired through a held request: {:?}", res.map(|l| l.term())),
+        () = proxy.wait_held() => {}
+    }
+    let err = tokio::time::timeout(WAIT, acquiring)
+        .await
+        .expect("the acquisition to give up")
+        .expect_err("granted while its request was held");
+    println!("acquisition gave up: {err}");
+    // The abandon-release went out on another connection and was answered.
+    tokio::time::timeout(WAIT, proxy.wait_others_answered(1))
+        .await
+        .expect("the abandon-release to reach the server");
+    proxy.pass();
+    tokio::time::timeout(WAIT, proxy.wait_replied())
+        .await
+        .expect("the delayed acquisition to reach the server");
+    let owner: Option<String> = command(&server, redis::cmd("GET").arg(&lock_key)).await;
+    let pttl: i64 = command(&server, redis::cmd("PTTL").arg(&lock_key)).await;
+    assert!(
+        owner.is_none(),
+        "the late acquisition left a lock nobody holds (token {owner:?}, {pttl} ms to live)"
+    );
+    // And another node gets the lock at once.
+    let other = backend(&server, &prefix).lock("late").unwrap();
+    let next = tokio::time::timeout(MAX_LEASE / 2, other.acquire(request("b", MAX_LEASE)))
+        .await
+        .expect("the lock to be free")
+        .unwrap();
+    next.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_grant_dropped_with_its_acquisition_is_released_at_once() {
+    // The grant is on its way to an acquisition that is dropped before it looks (an elector
+    // shutting down): the lock must be handed over at once, not after the lease.
+    let Some(server) = redis().await else { return };
+    let prefix = prefix("dropped-grant");
+    let lease = MAX_LEASE;
+    warm_up(&server, &prefix, "grant").await;
+    let lock_key = format!("{{{prefix}:grant}}:lock");
+    let proxy = HoldingProxy::start(server.addr(), &lock_key).await;
+    let lock = backend_at(&format!("redis://{}", proxy.addr), &prefix)
+        .key_events(KeyEvents::Off)
+        .lock("grant")
+        .unwrap();
+    let mut acquiring = lock.acquire(request("a", lease));
+    tokio::select! {
+        res = &mut acquiring => panic!("acquired through a held request: {:?}", res.map(|l| l.term())),
+        () = proxy.wait_held() => {}
+    }
+    proxy.pass();
+    proxy.wait_replied().await;
+    // Give the grant time to reach the acquisition's channel, without polling the acquisition.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let owner: Option<String> = command(&server, redis::cmd("GET").arg(&lock_key)).await;
+    assert!(owner.is_some(), "the acquisition was not granted");
+    drop(acquiring);
+    let dropped = Instant::now();
+    let other = backend(&server, &prefix).lock("grant").unwrap();
+    let next = tokio::time::timeout(WAIT, other.acquire(request("b", lease)))
+        .await
+        .expect("b to acquire")
+        .unwrap();
+    let took = dropped.elapsed();
+    println!("grant dropped with its acquisition → next node acquired after {took:?}");
+    assert!(
+        took < lease / 2,
+        "the dropped grant held the lock for {took:?} (lease {lease:?})"
+    );
+    next.release().await.unwrap();
 }

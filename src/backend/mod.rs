@@ -78,6 +78,12 @@ pub trait Backend: fmt::Debug + Send + Sync + 'static {
     /// is held while the holder's process or session lives; the elector's lease is then ignored).
     fn min_lease(&self) -> Option<Duration>;
 
+    /// The longest lease the backend accepts, if it has a limit (the default: none). An elector
+    /// with a longer lease does not spawn.
+    fn max_lease(&self) -> Option<Duration> {
+        None
+    }
+
     /// The lock `name`, checked and prepared without network I/O. Called once per elector, at
     /// `spawn()`; errors here are configuration errors.
     fn lock(&self, name: &str) -> Result<Arc<dyn Lock>, ConfigError>;
@@ -90,6 +96,9 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     fn min_lease(&self) -> Option<Duration> {
         (**self).min_lease()
     }
+    fn max_lease(&self) -> Option<Duration> {
+        (**self).max_lease()
+    }
     fn lock(&self, name: &str) -> Result<Arc<dyn Lock>, ConfigError> {
         (**self).lock(name)
     }
@@ -101,6 +110,9 @@ impl<B: Backend + ?Sized> Backend for Arc<B> {
     }
     fn min_lease(&self) -> Option<Duration> {
         (**self).min_lease()
+    }
+    fn max_lease(&self) -> Option<Duration> {
+        (**self).max_lease()
     }
     fn lock(&self, name: &str) -> Result<Arc<dyn Lock>, ConfigError> {
         (**self).lock(name)

@@ -27,6 +27,8 @@
 //! | `{p:name}:lock` | string, `PX lease` | a random 128-bit token of the holder |
 //! | `{p:name}:holder` | hash, same expiry | `token`, `term`, `lease_ms`, `record` (the [`Holder`] as JSON) |
 //! | `{p:name}:term` | string, no expiry | the last term issued |
+//! | `{p:name}:lease` | hash, no expiry | `until`: server time (ms) until which the last holder may act; `max_ms`: the largest maximum lease of the lock's nodes |
+//! | `{p:name}:abandoned:<token>` | string, 10 min expiry | an acquisition that gave up; a late request with that token is refused |
 //! | `{p:name}:state:<key>` | hash | `value`, `term` of a state value |
 //! | `{p:name}:events` | channel | `acquired <term>`, `released <term>`, `state <key>` |
 //!
@@ -35,17 +37,34 @@
 //!   published. Terms therefore rise even when Redis restarts empty (a plain `INCR` would start at
 //!   1 again), as long as the Redis host's wall clock does not step back and fewer than a million
 //!   terms are issued per second.
-//! - **No overlap after a Redis restart.** The script refuses to grant while the server's uptime is
-//!   below the lease + 1 s. A holder whose key vanished in the restart has, by then, passed its own
-//!   deadline (its last renewal was confirmed by the old server) and fenced itself. This needs
-//!   every node of a lock to use the same lease: a node whose lease differs from the current
-//!   holder's refuses to acquire, with an error naming both.
+//! - **No overlap when the lock key is lost.** Every grant and renewal records, in the lease
+//!   record that never expires, `until` = server `TIME` + the holder's lease; an acquisition waits
+//!   while `TIME < until`, so a lock key that was deleted (`DEL`) or evicted costs its holder's
+//!   lease, not an overlap (the holder itself steps down at its next renewal). A clean release
+//!   sets `until` to the server's time, after its token check, so handover stays in
+//!   milliseconds. When the record itself is gone (a fresh lock, `FLUSHALL`, a restart without
+//!   data, an upgrade from a version without it), the first acquisition re-creates it with
+//!   `until` = now + the **maximum lease** and waits that long once. And after a restart, nothing
+//!   is granted while the server's uptime is below the maximum lease + 1 s (a restart that loads
+//!   an old RDB or AOF file brings back an old `until`). A holder whose key vanished has, by
+//!   then, passed its own deadline and fenced itself. The maximum lease (default 30 s) is a
+//!   setting of the backend ([`RedisBackend::with_max_lease`], `max_lease=` in the backend
+//!   string); a node with a longer lease does not spawn, and the largest maximum of the lock's
+//!   nodes is kept in the record. A node whose lease differs from the current holder's still
+//!   refuses to acquire, with an error naming both (nodes of older versions rely on it).
+//! - **Evicting servers are refused.** A `maxmemory-policy` other than `noeviction` (read from
+//!   `INFO memory`, as `CONFIG` is often disabled) makes acquisitions fail with an error naming
+//!   it, unless allowed with [`RedisBackend::allow_eviction`].
 //! - **Renewal** runs inside the backend every `lease / 3`, on a connection of its own, as an
 //!   owner-checked script (`PEXPIRE` only if the token is still ours). Each confirmed renewal is
 //!   reported with its send time, from which the elector computes the deadline. Transient errors
 //!   (the first command after a Redis restart fails) are retried quickly until the deadline; a
 //!   refusal (the key is gone or someone else's) ends the term at once.
 //! - **Release** is an owner-checked script that deletes the keys and publishes `released`.
+//!   An acquisition that fails in a way its request may still reach the server (a timeout, a
+//!   broken connection) is abandoned: the release, on a new connection, also leaves a tombstone
+//!   for the acquisition's token, so that the old request, should it arrive later, grants
+//!   nothing. A grant that arrives after its acquisition was dropped is released at once.
 //! - **Waiters wake at once on a release** (pub/sub). After a crash they wake when the holder's key
 //!   runs out: each waiter sleeps for the key's remaining `PTTL` and tries again at once, so a crash
 //!   costs the lease, not the lease plus a poll interval. Key-expiry notifications are used as
@@ -57,22 +76,35 @@
 //!
 //! # Backend string
 //!
-//! `redis://[user:pass@]host:port[/db][?prefix=p]`, or `rediss://…` for TLS (rustls, with the
-//! system's root certificates). `prefix` is removed before the URL reaches the Redis driver.
+//! `redis://[user:pass@]host:port[/db][?prefix=p][&max_lease=30s]`, or `rediss://…` for TLS
+//! (rustls, with the system's root certificates). `prefix` and `max_lease` (see
+//! [`RedisBackend::with_max_lease`]) are removed before the URL reaches the Redis driver.
 //!
 //! # What is not guaranteed
 //!
 //! One Redis primary is assumed. Replication is asynchronous: a failover to a replica (Sentinel,
-//! Cluster) can lose the lock key without the uptime reset this backend watches for, and two nodes
-//! can then be primary until the old one's next renewal. Key expiry follows the Redis host's wall
-//! clock; a forward step there shortens every lease (keep the margin, use slewing NTP). Settings
-//! made with `CONFIG SET` are lost when Redis restarts; the backend sets key events again when it
-//! reconnects. As with every lease, a paused holder resumes not primary, but work it already
+//! Cluster) can lose the lock key and bring back an older lease record without the uptime reset
+//! this backend watches for, and two nodes can then be primary until the old one's next renewal.
+//! Key expiry and `until` follow the Redis host's wall clock; a forward step there shortens every
+//! lease (keep the margin, use slewing NTP). Settings made with `CONFIG SET` are lost when Redis
+//! restarts; the backend sets key events again when it reconnects. As with every lease, a paused holder resumes not primary, but work it already
 //! started must carry the term to be refused downstream.
+//!
+//! # Mixing with version 0.1.0
+//!
+//! The lock, holder and term keys keep their format, and the scripts of 0.1.0 ignore the lease
+//! record, so old and new nodes share a lock: each waits while the other holds the lock key,
+//! nodes of both versions refuse a holder with another lease, and terms keep rising (both take
+//! `max(last + 1, server time in µs)`). A new node finding no lease record (the first one after
+//! the upgrade) waits the maximum lease once. The new guarantees (no grant before a lost key's
+//! `until`, the longer restart guard, eviction refused) hold only among new nodes: an old node
+//! still grants as soon as the lock key is gone and the server has been up for its own lease +
+//! 1 s, and its holders do not record `until`.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -106,8 +138,14 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often the event connection is checked with a `PING`.
 const PING_EVERY: Duration = Duration::from_secs(2);
-/// Extra uptime, beyond the lease, that Redis must have before a lock is granted.
+/// Extra uptime, beyond the maximum lease, that Redis must have before a lock is granted.
 const RESTART_GUARD: Duration = Duration::from_secs(1);
+/// The maximum lease when none is given: see [`RedisBackend::with_max_lease`].
+pub const DEFAULT_MAX_LEASE: Duration = Duration::from_secs(30);
+/// How long an abandoned acquisition's token stays refused. A request delayed on a connection
+/// that the client has closed reaches the server, if at all, within the kernel's retries for
+/// orphaned sockets (well under a minute on Linux); this is far beyond them.
+const ABANDONED_FOR: Duration = Duration::from_secs(600);
 
 /// Whether waiters also listen for Redis key-expiry notifications (a crashed holder's key
 /// running out). Waiters sleep until the key's remaining time to live in any case, so these only
@@ -138,6 +176,8 @@ pub struct RedisBackend {
     shown: String,
     prefix: String,
     key_events: KeyEvents,
+    max_lease: Duration,
+    allow_eviction: bool,
     commands: Arc<Conn>,
 }
 
@@ -147,13 +187,16 @@ impl fmt::Debug for RedisBackend {
             .field("url", &self.shown)
             .field("prefix", &self.prefix)
             .field("key_events", &self.key_events)
+            .field("max_lease", &self.max_lease)
+            .field("allow_eviction", &self.allow_eviction)
             .finish_non_exhaustive()
     }
 }
 
 impl RedisBackend {
-    /// A backend for the server at `url`: `redis://[user:pass@]host:port[/db][?prefix=p]` or
-    /// `rediss://…` (TLS). Nothing is connected until a lock is used.
+    /// A backend for the server at `url`:
+    /// `redis://[user:pass@]host:port[/db][?prefix=p][&max_lease=30s]` or `rediss://…` (TLS).
+    /// Nothing is connected until a lock is used.
     ///
     /// ```
     /// use tower_primary::backend::redis::RedisBackend;
@@ -186,6 +229,7 @@ impl RedisBackend {
             None => (url, None),
         };
         let mut prefix = DEFAULT_PREFIX.to_owned();
+        let mut max_lease = DEFAULT_MAX_LEASE;
         let mut passed = Vec::new();
         for pair in query.into_iter().flat_map(|q| q.split('&')) {
             if pair.is_empty() {
@@ -194,6 +238,12 @@ impl RedisBackend {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             match k {
                 "prefix" => prefix = v.to_owned(),
+                "max_lease" => {
+                    max_lease = humantime::parse_duration(v)
+                        .map_err(|e| invalid(format!("max_lease {v:?}: {e}")))?;
+                    validate_max_lease(max_lease)
+                        .map_err(|rule| invalid(format!("max_lease {v:?} {rule}")))?;
+                }
                 // Query parameters the driver itself understands.
                 "protocol" | "insecure" | "lib_name" | "lib_ver" => passed.push(pair),
                 "lease" | "ttl" => {
@@ -231,6 +281,8 @@ impl RedisBackend {
             shown,
             prefix,
             key_events: KeyEvents::default(),
+            max_lease,
+            allow_eviction: false,
         })
     }
 
@@ -262,6 +314,85 @@ impl RedisBackend {
     pub fn prefix(&self) -> &str {
         &self.prefix
     }
+
+    /// Sets the maximum lease of every node of this backend's locks (default
+    /// [`DEFAULT_MAX_LEASE`], 30 s; `max_lease=<duration>` in the backend string). A node whose
+    /// lease is longer does not start. It bounds the wait when the lock's records are gone: after
+    /// Redis restarts, nothing is granted before the server has been up for the maximum lease +
+    /// 1 s, and when the lease record is missing (a fresh lock, `FLUSHALL`, a deleted key) the
+    /// first acquisition waits the maximum lease once. The largest maximum any node used is
+    /// recorded in Redis and applies to every node while the record lasts.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_primary::backend::Backend;
+    /// use tower_primary::backend::redis::RedisBackend;
+    /// use tower_primary::{Elector, Lease};
+    ///
+    /// let backend = RedisBackend::new("redis://127.0.0.1:6379")?
+    ///     .with_max_lease(Duration::from_secs(10))?;
+    /// assert_eq!(backend.max_lease(), Some(Duration::from_secs(10)));
+    /// let same = RedisBackend::new("redis://127.0.0.1:6379?max_lease=10s")?;
+    /// assert_eq!(same.max_lease(), Some(Duration::from_secs(10)));
+    ///
+    /// // A longer lease does not spawn.
+    /// let refused = Elector::builder("jobs")
+    ///     .backend(same)
+    ///     .lease(Lease::new(Duration::from_secs(20)))
+    ///     .spawn();
+    /// assert!(matches!(refused, Err(tower_primary::ConfigError::InvalidTiming { .. })));
+    /// # Ok::<(), tower_primary::ConfigError>(())
+    /// ```
+    ///
+    /// Lowering it safely: first run every node with leases no longer than the new maximum (a
+    /// rolling restart), then with the new maximum, then lower the recorded value with
+    /// `HSET {<prefix>:<lock>}:lease max_ms <milliseconds>`. Until then the recorded, larger
+    /// maximum applies.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::InvalidTiming`] when `max` is shorter than the shortest lease (1 s).
+    pub fn with_max_lease(mut self, max: Duration) -> Result<Self, ConfigError> {
+        validate_max_lease(max).map_err(|rule| ConfigError::InvalidTiming {
+            setting: "maximum lease",
+            value: max,
+            rule: rule.to_owned(),
+        })?;
+        self.max_lease = max;
+        Ok(self)
+    }
+
+    /// Whether to campaign on a server whose `maxmemory-policy` may evict keys (anything but
+    /// `noeviction`; default `false`). The policy is read from `INFO memory` at every
+    /// acquisition; with an evicting policy and without this setting, acquisitions fail with an
+    /// error naming the policy and the node stays secondary.
+    ///
+    /// Evicting the lock key makes its holder step down at its next renewal; successors still
+    /// wait for the holder's recorded lease (or the maximum lease if that record was evicted
+    /// too, which only `allkeys-*` policies do), so leadership can change under memory pressure
+    /// but two nodes are not primary at once. Allow it only when that is acceptable.
+    ///
+    /// ```
+    /// use tower_primary::backend::redis::RedisBackend;
+    ///
+    /// let backend = RedisBackend::new("redis://127.0.0.1:6379")?.allow_eviction(true);
+    /// # Ok::<(), tower_primary::ConfigError>(())
+    /// ```
+    #[must_use]
+    pub fn allow_eviction(mut self, allow: bool) -> Self {
+        self.allow_eviction = allow;
+        self
+    }
+}
+
+fn validate_max_lease(max: Duration) -> Result<(), &'static str> {
+    if max < MIN_LEASE {
+        return Err("must be at least the shortest lease, 1 s");
+    }
+    if max > Duration::from_secs(86_400) {
+        return Err("must be at most a day");
+    }
+    Ok(())
 }
 
 fn validate_prefix(prefix: &str) -> Result<(), &'static str> {
@@ -294,6 +425,10 @@ impl Backend for RedisBackend {
         Some(MIN_LEASE)
     }
 
+    fn max_lease(&self) -> Option<Duration> {
+        Some(self.max_lease)
+    }
+
     fn lock(&self, name: &str) -> Result<Arc<dyn Lock>, ConfigError> {
         validate_lock_name(name)?;
         let keys = Keys::new(&self.prefix, name, self.client.get_connection_info());
@@ -306,6 +441,9 @@ impl Backend for RedisBackend {
                 client: self.client.clone(),
                 commands: self.commands.clone(),
                 lease: Arc::new(Conn::new(self.client.clone())),
+                max_lease_ms: lease_ms(self.max_lease),
+                seen_max_ms: AtomicU64::new(0),
+                allow_eviction: self.allow_eviction,
                 events,
                 subscriber: Mutex::new(None),
                 tokens: Mutex::new(HashMap::new()),
@@ -321,6 +459,10 @@ struct Keys {
     lock: String,
     holder: String,
     term: String,
+    /// The lease record: `until` (server ms) and `max_ms`; never expires.
+    lease: String,
+    /// The prefix of abandoned acquisitions' tombstones.
+    abandoned: String,
     state: String,
     channel: String,
     /// The keyspace channel of the lock key, and the database's expired-keys channel.
@@ -338,6 +480,8 @@ impl Keys {
             keyevent: format!("__keyevent@{db}__:expired"),
             holder: format!("{tag}:holder"),
             term: format!("{tag}:term"),
+            lease: format!("{tag}:lease"),
+            abandoned: format!("{tag}:abandoned:"),
             state: format!("{tag}:state:"),
             channel: format!("{tag}:events"),
             lock,
@@ -346,6 +490,10 @@ impl Keys {
 
     fn state(&self, key: &str) -> String {
         format!("{}{key}", self.state)
+    }
+
+    fn abandoned(&self, token: &str) -> String {
+        format!("{}{token}", self.abandoned)
     }
 }
 
@@ -422,70 +570,115 @@ impl Conn {
 /// where Lua's numbers are doubles).
 const LUA_NEWER: &str = "local function newer(a, b) return #a > #b or (#a == #b and a > b) end\n";
 
-/// KEYS: lock, holder, term. ARGV: token, lease ms, record JSON, minimum uptime ms, channel.
-/// Returns `{"granted", term}`, `{"held", pttl, holder lease ms}` or `{"wait", ms}`.
+/// `now_ms()`: the server's `TIME` in milliseconds (exact in a Lua double for millennia).
+const LUA_NOW: &str = "local function now_ms() local t = redis.call('TIME') \
+return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) end\n";
+
+/// KEYS: lock, holder, term, lease record, this token's tombstone. ARGV: token, lease ms,
+/// record JSON, maximum lease ms, channel, eviction allowed (`1`/`0`), restart guard ms.
+/// Returns `{"granted", term, max ms}`, `{"held", pttl, holder lease ms}`, `{"wait", ms}`,
+/// `{"policy", maxmemory-policy}`, `{"too_long", max ms}` or `{"abandoned"}`.
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        "{LUA_NEWER}{}",
+        "{LUA_NEWER}{LUA_NOW}{}",
         r"
-local info = redis.call('INFO', 'server')
-local up = tonumber(string.match(info, 'uptime_in_seconds:(%d+)')) or 0
-local wait = tonumber(ARGV[4]) - up * 1000
-if wait > 0 then return {'wait', tostring(wait)} end
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  if redis.call('GET', KEYS[1]) == ARGV[1] then
-    -- Granted by an earlier try of this acquisition whose reply was lost.
-    redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    redis.call('PEXPIRE', KEYS[2], ARGV[2])
-    return {'granted', redis.call('HGET', KEYS[2], 'term')}
-  end
+if redis.call('EXISTS', KEYS[5]) == 1 then return {'abandoned'} end
+if ARGV[6] ~= '1' then
+  local policy = string.match(redis.call('INFO', 'memory'), 'maxmemory_policy:([%w%-]+)')
+  if policy and policy ~= 'noeviction' then return {'policy', policy} end
+end
+local lease = tonumber(ARGV[2])
+local now = now_ms()
+local mine = redis.call('GET', KEYS[1])
+if mine == ARGV[1] then
+  -- Granted by an earlier try of this acquisition whose reply was lost.
+  redis.call('PEXPIRE', KEYS[1], lease)
+  redis.call('PEXPIRE', KEYS[2], lease)
+  local u = tonumber(redis.call('HGET', KEYS[4], 'until'))
+  if not u or u < now + lease then redis.call('HSET', KEYS[4], 'until', tostring(now + lease)) end
+  return {'granted', redis.call('HGET', KEYS[2], 'term'), redis.call('HGET', KEYS[4], 'max_ms') or ''}
+end
+if mine then
   return {'held', tostring(redis.call('PTTL', KEYS[1])), redis.call('HGET', KEYS[2], 'lease_ms') or ''}
 end
+local max = tonumber(ARGV[4])
+local rec = redis.call('HMGET', KEYS[4], 'until', 'max_ms')
+if not rec[1] then
+  -- The record is gone (a fresh lock, FLUSHALL, a deleted key, a restart without data): a
+  -- holder may act for up to the maximum lease.
+  redis.call('HSET', KEYS[4], 'until', tostring(now + max), 'max_ms', tostring(math.max(max, tonumber(rec[2]) or 0)))
+  return {'wait', tostring(max)}
+end
+local recorded = tonumber(rec[2])
+if recorded and lease > recorded then return {'too_long', rec[2]} end
+if not recorded or recorded < max then
+  redis.call('HSET', KEYS[4], 'max_ms', ARGV[4])
+  recorded = max
+end
+local up = tonumber(string.match(redis.call('INFO', 'server'), 'uptime_in_seconds:(%d+)')) or 0
+local wait = recorded + tonumber(ARGV[7]) - up * 1000
+if wait > 0 then return {'wait', tostring(wait)} end
+local u = tonumber(rec[1]) or 0
+if now < u then return {'wait', tostring(u - now)} end
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', lease) then
+  return {'held', tostring(redis.call('PTTL', KEYS[1])), ''}
+end
 local t = redis.call('TIME')
-local now = t[1] .. string.format('%06d', tonumber(t[2]))
+local stamp = t[1] .. string.format('%06d', tonumber(t[2]))
 local last = redis.call('GET', KEYS[3])
-if last and not newer(now, last) then
+if last and not newer(stamp, last) then
   redis.call('INCR', KEYS[3])
 else
-  redis.call('SET', KEYS[3], now)
+  redis.call('SET', KEYS[3], stamp)
 end
 local term = redis.call('GET', KEYS[3])
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], 'token', ARGV[1], 'term', term, 'lease_ms', ARGV[2], 'record', ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], lease)
+redis.call('HSET', KEYS[4], 'until', tostring(now + lease))
 redis.call('PUBLISH', ARGV[5], 'acquired ' .. term)
-return {'granted', term}
+return {'granted', term, tostring(recorded)}
 "
     ))
 });
 
-/// KEYS: lock, holder. ARGV: token, lease ms. Returns 1 if renewed, 0 if not ours.
+/// KEYS: lock, holder, lease record. ARGV: token, lease ms. Returns 1 if renewed, 0 if not ours.
 static RENEW: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(&format!(
+        "{LUA_NOW}{}",
         r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  local ends = now_ms() + tonumber(ARGV[2])
+  local u = tonumber(redis.call('HGET', KEYS[3], 'until'))
+  if not u or u < ends then redis.call('HSET', KEYS[3], 'until', tostring(ends)) end
   return 1
 end
 return 0
 ",
-    )
+    ))
 });
 
-/// KEYS: lock, holder. ARGV: token, channel. Returns 1 if released, 0 if not ours.
+/// KEYS: lock, holder, lease record, this token's tombstone. ARGV: token, channel, tombstone ms
+/// (`0`: none). Returns 1 if released, 0 if not ours. With a tombstone, a later acquisition
+/// request carrying this token is refused.
 static RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(&format!(
+        "{LUA_NOW}{}",
         r"
+if ARGV[3] ~= '0' then redis.call('SET', KEYS[4], '1', 'PX', ARGV[3]) end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   local term = redis.call('HGET', KEYS[2], 'term') or ''
   redis.call('DEL', KEYS[1], KEYS[2])
+  -- Ours, so the recorded lease is ours: successors need not wait for it.
+  redis.call('HSET', KEYS[3], 'until', tostring(now_ms()))
   redis.call('PUBLISH', ARGV[2], 'released ' .. term)
   return 1
 end
 return 0
 ",
-    )
+    ))
 });
 
 /// KEYS: lock, holder, state. ARGV: token, term, value, channel, state key.
@@ -515,6 +708,11 @@ struct LockShared {
     commands: Arc<Conn>,
     /// This lock's connection for acquire, renewals and release.
     lease: Arc<Conn>,
+    /// The backend's maximum lease, in ms.
+    max_lease_ms: u64,
+    /// The largest maximum lease recorded in Redis that this process has seen.
+    seen_max_ms: AtomicU64,
+    allow_eviction: bool,
     events: Arc<Events>,
     subscriber: Mutex<Option<JoinHandle<()>>>,
     /// The tokens of the terms this node holds, for state writes.
@@ -797,9 +995,56 @@ fn unexpected(what: &str, reply: &[String]) -> Error {
 
 /// One acquisition attempt's outcome.
 enum Attempt {
-    Granted(u64),
+    Granted(Grant),
     Held { pttl_ms: i64, lease_ms: Option<u64> },
     Wait(u64),
+}
+
+/// What the acquire script answered.
+enum Reply {
+    Granted { term: u64, max_ms: Option<u64> },
+    Held { pttl_ms: i64, lease_ms: Option<u64> },
+    Wait(u64),
+    Policy(String),
+    TooLong(u64),
+    Abandoned,
+}
+
+/// A granted lock on its way to the acquisition that asked for it: released (with a release
+/// message, so successors take over at once) if dropped before [`take`](Self::take)n, e.g. with
+/// an acquisition that was cancelled while the grant was in flight.
+struct Grant {
+    shared: Arc<LockShared>,
+    token: Option<String>,
+    term: u64,
+}
+
+impl Grant {
+    fn take(mut self) -> (String, u64) {
+        (self.token.take().unwrap_or_default(), self.term)
+    }
+}
+
+impl Drop for Grant {
+    fn drop(&mut self) {
+        let Some(token) = self.token.take() else {
+            return;
+        };
+        let shared = self.shared.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    if let Err(err) = release(&shared, &token, false).await {
+                        tracing::warn!(lock = %shared.name, error = %err, "cannot release a grant nobody took; it runs out with its lease");
+                    }
+                });
+            }
+            Err(_) => tracing::warn!(
+                lock = %shared.name,
+                "a grant nobody took outlived its runtime; it runs out with its lease"
+            ),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -809,14 +1054,18 @@ struct RedisLock {
 
 impl RedisLock {
     /// Runs the acquire script once. The script runs in a task of its own, so a grant whose
-    /// caller has gone (or that failed in a way that may have reached the server) is released.
+    /// caller has gone is released ([`Grant`]), and a request that failed in a way that may still
+    /// reach the server is abandoned: released with a tombstone, so that the request, should it
+    /// arrive after the release (it may, on its old connection), is refused.
     async fn attempt(&self, token: &str, lease_ms: u64, record: &str) -> Result<Attempt, Error> {
         let shared = self.shared.clone();
         let token = token.to_owned();
         let record = record.to_owned();
         let (tx, rx) = oneshot::channel();
         tokio::spawn(async move {
-            let min_uptime = lease_ms.saturating_add(lease_ms_of(RESTART_GUARD));
+            let max_ms = shared
+                .max_lease_ms
+                .max(shared.seen_max_ms.load(Ordering::Relaxed));
             let mut tries = 0;
             let res = loop {
                 tries += 1;
@@ -826,16 +1075,21 @@ impl RedisLock {
                         let keys = shared.keys.clone();
                         let token = token.clone();
                         let record = record.clone();
+                        let allow = if shared.allow_eviction { "1" } else { "0" };
                         async move {
                             ACQUIRE
                                 .key(&keys.lock)
                                 .key(&keys.holder)
                                 .key(&keys.term)
+                                .key(&keys.lease)
+                                .key(keys.abandoned(&token))
                                 .arg(&token)
                                 .arg(lease_ms)
                                 .arg(&record)
-                                .arg(min_uptime)
+                                .arg(max_ms)
                                 .arg(&keys.channel)
+                                .arg(allow)
+                                .arg(lease_ms_of(RESTART_GUARD))
                                 .invoke_async::<Vec<String>>(&mut c)
                                 .await
                         }
@@ -846,17 +1100,57 @@ impl RedisLock {
                 // for one token.
                 match res {
                     Err(err) if tries < 2 && is_connection_error(&err) => continue,
-                    res => break res.and_then(|reply| parse_attempt(&reply)),
+                    res => break res.and_then(|reply| parse_reply(&reply)),
                 }
             };
-            let failed = res.is_err();
-            let abandoned = match tx.send(res) {
-                Ok(()) => failed,
-                Err(res) => matches!(res, Ok(Attempt::Granted(_)) | Err(_)),
+            let res = match res {
+                Ok(Reply::Granted { term, max_ms }) => {
+                    if let Some(max) = max_ms {
+                        shared.seen_max_ms.fetch_max(max, Ordering::Relaxed);
+                    }
+                    Ok(Ok(Attempt::Granted(Grant {
+                        shared: shared.clone(),
+                        token: Some(token.clone()),
+                        term,
+                    })))
+                }
+                Ok(Reply::Held { pttl_ms, lease_ms }) => {
+                    Ok(Ok(Attempt::Held { pttl_ms, lease_ms }))
+                }
+                Ok(Reply::Wait(ms)) => Ok(Ok(Attempt::Wait(ms))),
+                Ok(Reply::Policy(policy)) => Ok(Err(Error::backend_msg(
+                    NAME,
+                    format!(
+                        "lock {:?}: the server's maxmemory-policy is {policy}, which may evict \
+                         the lock's keys; set maxmemory-policy noeviction, or allow eviction \
+                         with RedisBackend::allow_eviction(true)",
+                        shared.name
+                    ),
+                ))),
+                Ok(Reply::TooLong(max)) => Ok(Err(Error::Config(ConfigError::InvalidTiming {
+                    setting: "lease",
+                    value: Duration::from_millis(lease_ms),
+                    rule: format!(
+                        "must not exceed the maximum lease recorded for lock {:?} ({max} ms)",
+                        shared.name
+                    ),
+                }))),
+                Ok(Reply::Abandoned) => Err(Error::backend_msg(
+                    NAME,
+                    "acquire: this acquisition was abandoned",
+                )),
+                Err(err) => Err(err),
             };
-            if abandoned {
-                // Nobody will hold this token: make sure the server does not either.
-                let _ = release(&shared, &token).await;
+            match res {
+                // An answer: the request is done. A grant nobody takes releases itself.
+                Ok(answer) => {
+                    let _ = tx.send(answer);
+                }
+                // The request may still reach the server: make sure it grants nothing.
+                Err(err) => {
+                    let _ = tx.send(Err(err));
+                    let _ = release(&shared, &token, true).await;
+                }
             }
         });
         rx.await
@@ -882,22 +1176,33 @@ fn lease_ms_of(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-fn parse_attempt(reply: &[String]) -> Result<Attempt, Error> {
+fn parse_reply(reply: &[String]) -> Result<Reply, Error> {
+    let number = |s: &String| s.parse::<u64>().map_err(|_| unexpected("acquire", reply));
     match reply {
-        [kind, term, ..] if kind == "granted" => Ok(Attempt::Granted(parse_term("term", term)?)),
-        [kind, pttl, lease] if kind == "held" => Ok(Attempt::Held {
+        [kind, term, rest @ ..] if kind == "granted" => Ok(Reply::Granted {
+            term: parse_term("term", term)?,
+            max_ms: rest.first().and_then(|m| m.parse().ok()),
+        }),
+        [kind, pttl, lease] if kind == "held" => Ok(Reply::Held {
             pttl_ms: pttl.parse().map_err(|_| unexpected("acquire", reply))?,
             lease_ms: lease.parse().ok(),
         }),
-        [kind, ms, ..] if kind == "wait" => Ok(Attempt::Wait(
-            ms.parse().map_err(|_| unexpected("acquire", reply))?,
-        )),
+        [kind, ms, ..] if kind == "wait" => Ok(Reply::Wait(number(ms)?)),
+        [kind, policy] if kind == "policy" => Ok(Reply::Policy(policy.clone())),
+        [kind, max] if kind == "too_long" => Ok(Reply::TooLong(number(max)?)),
+        [kind] if kind == "abandoned" => Ok(Reply::Abandoned),
         _ => Err(unexpected("acquire", reply)),
     }
 }
 
-/// Runs the release script (owner-checked, publishes `released`).
-async fn release(shared: &LockShared, token: &str) -> Result<bool, Error> {
+/// Runs the release script (owner-checked, publishes `released`). `abandon` also leaves a
+/// tombstone that refuses any later acquisition request with this token.
+async fn release(shared: &LockShared, token: &str, abandon: bool) -> Result<bool, Error> {
+    let tombstone_ms = if abandon {
+        lease_ms_of(ABANDONED_FOR)
+    } else {
+        0
+    };
     shared
         .lease
         .run("release", COMMAND_TIMEOUT, |mut c| {
@@ -907,8 +1212,11 @@ async fn release(shared: &LockShared, token: &str) -> Result<bool, Error> {
                 RELEASE
                     .key(&keys.lock)
                     .key(&keys.holder)
+                    .key(&keys.lease)
+                    .key(keys.abandoned(&token))
                     .arg(&token)
                     .arg(&keys.channel)
+                    .arg(tombstone_ms)
                     .invoke_async::<i64>(&mut c)
                     .await
             }
@@ -923,6 +1231,17 @@ impl Lock for RedisLock {
             let lease = req.lease.unwrap_or_default();
             lease.validate(MIN_LEASE)?;
             let ms = lease_ms(lease.ttl());
+            if ms > self.shared.max_lease_ms {
+                return Err(Error::Config(ConfigError::InvalidTiming {
+                    setting: "lease",
+                    value: lease.ttl(),
+                    rule: format!(
+                        "must not exceed the Redis backend's maximum lease ({} ms; see \
+                         RedisBackend::with_max_lease)",
+                        self.shared.max_lease_ms
+                    ),
+                }));
+            }
             self.shared.ensure_subscriber();
             let token = new_token();
             let mut record = req.holder(0);
@@ -937,7 +1256,8 @@ impl Lock for RedisLock {
                     instant: Instant::now(),
                 };
                 match self.attempt(&token, ms, &record_json).await? {
-                    Attempt::Granted(term) => {
+                    Attempt::Granted(grant) => {
+                        let (token, term) = grant.take();
                         record.term = term;
                         return Ok(Box::new(RedisLeadership::start(
                             self.shared.clone(),
@@ -950,16 +1270,17 @@ impl Lock for RedisLock {
                         )) as Box<dyn Leadership>);
                     }
                     Attempt::Wait(ms) => {
-                        if !told_restart {
+                        if !told_restart && ms >= 1000 {
                             told_restart = true;
                             tracing::info!(
                                 lock = %self.shared.name,
                                 wait_ms = ms,
-                                "Redis started less than the lease + 1 s ago; waiting so that an \
-                                 earlier holder whose key was lost has fenced itself"
+                                "waiting until an earlier holder whose lock key may have been \
+                                 lost (Redis restarted, flushed, or the key deleted or evicted) \
+                                 has passed its lease"
                             );
                         }
-                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                        tokio::time::sleep(Duration::from_millis(ms.saturating_add(1))).await;
                     }
                     Attempt::Held {
                         pttl_ms,
@@ -1223,6 +1544,7 @@ async fn renew(
                     RENEW
                         .key(&keys.lock)
                         .key(&keys.holder)
+                        .key(&keys.lease)
                         .arg(&token)
                         .arg(ms)
                         .invoke_async::<i64>(&mut c)
@@ -1288,7 +1610,7 @@ impl Leadership for RedisLeadership {
             let mut delay = Duration::from_millis(50);
             let mut tries = 0;
             loop {
-                match release(&self.shared, &self.token).await {
+                match release(&self.shared, &self.token, false).await {
                     Ok(_) => return Ok(()),
                     Err(err) if tries >= 2 => return Err(err),
                     Err(_) => {
@@ -1347,6 +1669,8 @@ mod tests {
         assert_eq!(k.lock, "{p:jobs}:lock");
         assert_eq!(k.holder, "{p:jobs}:holder");
         assert_eq!(k.term, "{p:jobs}:term");
+        assert_eq!(k.lease, "{p:jobs}:lease");
+        assert_eq!(k.abandoned("t0"), "{p:jobs}:abandoned:t0");
         assert_eq!(k.state("x.y"), "{p:jobs}:state:x.y");
         assert_eq!(k.channel, "{p:jobs}:events");
         assert_eq!(k.keyspace, "__keyspace@2__:{p:jobs}:lock");
@@ -1363,30 +1687,72 @@ mod tests {
     }
 
     #[test]
-    fn attempt_replies_are_parsed() {
+    fn acquire_replies_are_parsed() {
         let s = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
         assert!(matches!(
-            parse_attempt(&s(&["granted", "1796022380000063"])),
-            Ok(Attempt::Granted(1_796_022_380_000_063))
+            parse_reply(&s(&["granted", "1796022380000063", "30000"])),
+            Ok(Reply::Granted {
+                term: 1_796_022_380_000_063,
+                max_ms: Some(30_000)
+            })
         ));
         assert!(matches!(
-            parse_attempt(&s(&["held", "1234", "2000"])),
-            Ok(Attempt::Held {
+            parse_reply(&s(&["granted", "7", ""])),
+            Ok(Reply::Granted {
+                term: 7,
+                max_ms: None
+            })
+        ));
+        assert!(matches!(
+            parse_reply(&s(&["held", "1234", "2000"])),
+            Ok(Reply::Held {
                 pttl_ms: 1234,
                 lease_ms: Some(2000)
             })
         ));
         assert!(matches!(
-            parse_attempt(&s(&["held", "-1", ""])),
-            Ok(Attempt::Held {
+            parse_reply(&s(&["held", "-1", ""])),
+            Ok(Reply::Held {
                 pttl_ms: -1,
                 lease_ms: None
             })
         ));
         assert!(matches!(
-            parse_attempt(&s(&["wait", "900"])),
-            Ok(Attempt::Wait(900))
+            parse_reply(&s(&["wait", "900"])),
+            Ok(Reply::Wait(900))
         ));
-        assert!(parse_attempt(&s(&["what"])).is_err());
+        assert!(matches!(
+            parse_reply(&s(&["policy", "volatile-lru"])),
+            Ok(Reply::Policy(p)) if p == "volatile-lru"
+        ));
+        assert!(matches!(
+            parse_reply(&s(&["too_long", "5000"])),
+            Ok(Reply::TooLong(5000))
+        ));
+        assert!(matches!(
+            parse_reply(&s(&["abandoned"])),
+            Ok(Reply::Abandoned)
+        ));
+        assert!(parse_reply(&s(&["what"])).is_err());
+        assert!(parse_reply(&s(&["wait", "soon"])).is_err());
+    }
+
+    #[test]
+    fn max_lease_comes_from_the_url_or_the_builder() {
+        let b = RedisBackend::new("redis://h/1").unwrap();
+        assert_eq!(b.max_lease(), Some(DEFAULT_MAX_LEASE));
+        let b = RedisBackend::new("redis://h/1?max_lease=2500ms&prefix=x").unwrap();
+        assert_eq!(b.max_lease(), Some(Duration::from_millis(2500)));
+        for bad in ["redis://h/1?max_lease=500ms", "redis://h/1?max_lease=soon"] {
+            let err = RedisBackend::new(bad).unwrap_err().to_string();
+            assert!(err.contains("max_lease"), "{bad}: {err}");
+        }
+        assert!(b.clone().with_max_lease(Duration::from_millis(10)).is_err());
+        assert_eq!(
+            b.with_max_lease(Duration::from_secs(9))
+                .unwrap()
+                .max_lease(),
+            Some(Duration::from_secs(9))
+        );
     }
 }

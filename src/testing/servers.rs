@@ -159,6 +159,8 @@ pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     dir: TempDir,
+    /// Extra `redis-server` arguments, kept across restarts.
+    extra: Vec<String>,
 }
 
 impl RedisServer {
@@ -168,12 +170,23 @@ impl RedisServer {
     ///
     /// When `redis-server` is missing or does not come up.
     pub async fn start() -> Result<Self, String> {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts one with extra `redis-server` arguments (kept across [`restart`](Self::restart)),
+    /// e.g. `["--maxmemory", "64mb", "--maxmemory-policy", "volatile-lru"]`.
+    ///
+    /// # Errors
+    ///
+    /// When `redis-server` is missing, refuses the arguments or does not come up.
+    pub async fn start_with(extra: &[&str]) -> Result<Self, String> {
         let port = free_port().map_err(|e| e.to_string())?;
         let dir = TempDir::new("redis").map_err(|e| e.to_string())?;
         let mut server = RedisServer {
             child: None,
             port,
             dir,
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
         };
         server.restart().await?;
         Ok(server)
@@ -219,6 +232,7 @@ impl RedisServer {
         ]
         .iter()
         .map(|s| (*s).to_owned())
+        .chain(self.extra.iter().cloned())
         .collect();
         let log = self.dir.path().join("redis.log");
         let mut child = spawn("redis-server", &args, &log)?;
