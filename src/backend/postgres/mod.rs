@@ -162,6 +162,8 @@ impl fmt::Debug for PostgresBackend {
             .field("sslmode", &s.ssl_mode)
             .field("liveness_every", &s.liveness_every)
             .field("liveness_timeout", &s.liveness_timeout)
+            .field("fencing_bound", &s.fencing_bound)
+            .field("max_fencing_bound", &s.max_fencing_bound())
             .finish_non_exhaustive()
     }
 }
@@ -214,14 +216,40 @@ impl PostgresBackend {
     }
 
     /// How often the holder checks its lock session, and how long it waits for the answer
-    /// before it steps down. Default 500 ms and 1 s. `2 × every + timeout` must be shorter than
-    /// the [server's dead-peer detection](Self::server_keepalive).
+    /// before it steps down. Default 150 ms and 200 ms (about 7 queries a second, on the holder
+    /// only). `2 × every + timeout` must be shorter than the
+    /// [server's dead-peer detection](Self::server_keepalive), and `every + timeout` plus a
+    /// tenth of the [fencing bound](Self::fencing_bound) plus 50 ms shorter than that bound.
     #[must_use]
     pub fn liveness(self, every: Duration, timeout: Duration) -> Self {
         self.edit(|s| {
             s.liveness_every = every;
             s.liveness_timeout = timeout;
         })
+    }
+
+    /// This node's **fencing bound**: when it holds the lock, how long a successor that has no
+    /// proof that it stepped down (a clean release, or its process gone on the successor's
+    /// host) waits after the server granted it the lock. Every confirmed liveness check renews
+    /// the holder's term for this long (less a tenth as margin), so the holder stops acting
+    /// before a successor starts, also when the server closed its sessions without it hearing
+    /// of it. Recorded in the holder record as `lease_ms`. Default 500 ms; it must exceed what a
+    /// healthy holder needs between two checks (see [`liveness`](Self::liveness)).
+    #[must_use]
+    pub fn fencing_bound(self, bound: Duration) -> Self {
+        self.edit(|s| s.fencing_bound = bound)
+    }
+
+    /// The longest a successor waits for a predecessor without proof that it stepped down: the
+    /// cap on a recorded fencing bound, and the wait for a record without one (written by an
+    /// older version). Default: the larger of the
+    /// [server's dead-peer detection](Self::server_keepalive) (4 s by default; older versions
+    /// fenced their terms by it) and [`fencing_bound`](Self::fencing_bound). A lock session
+    /// that the server shows idle for longer than this plus one liveness interval belongs to a
+    /// stopped node, and waiting nodes end it.
+    #[must_use]
+    pub fn max_fencing_bound(self, max: Duration) -> Self {
+        self.edit(|s| s.max_fencing_bound = Some(max))
     }
 
     /// The TCP keepalive the lock session asks the server (and its own socket) to use:
@@ -350,9 +378,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("dead-peer"), "{err}");
+        let err = b
+            .clone()
+            .fencing_bound(Duration::from_millis(300))
+            .lock("jobs")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("fencing bound"), "{err}");
         assert!(
             b.server_keepalive(Duration::from_secs(10), Duration::from_secs(2), 3)
                 .liveness(Duration::from_secs(2), Duration::from_secs(2))
+                .fencing_bound(Duration::from_secs(5))
                 .lock("jobs")
                 .is_ok()
         );
