@@ -480,7 +480,7 @@ mod tests {
     fn liveness_must_beat_the_servers_dead_peer_detection() {
         let mut s = Settings::from_url("postgres://root@127.0.0.1/test").unwrap();
         s.validate().unwrap();
-        s.liveness_timeout = Duration::from_secs(3);
+        s.liveness_timeout = Duration::from_secs(4);
         let err = s.validate().unwrap_err().to_string();
         assert!(err.contains("dead-peer detection"), "{err}");
         s.keepalive_idle = Duration::from_secs(10);
@@ -494,7 +494,7 @@ mod tests {
         // 150 ms + 200 ms + 50 ms + 50 ms < 500 ms.
         s.validate().unwrap();
         assert_eq!(s.max_fencing_bound(), Duration::from_secs(4));
-        s.fencing_bound = Duration::from_millis(450);
+        s.fencing_bound = Duration::from_millis(400);
         let err = s.validate().unwrap_err().to_string();
         assert!(err.contains("fencing bound"), "{err}");
         assert!(err.contains("healthy holder"), "{err}");
