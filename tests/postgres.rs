@@ -348,7 +348,11 @@ impl Fixture for PgFixture {
             proxy.addr(),
             &format!("{}&application_name={tag}&connect_timeout=1", self.params),
         );
-        let backend = PostgresBackend::new(&url).expect("a valid URL");
+        // The suite pauses a holder's runtime for 1 s and expects it to keep its term: a holder
+        // keeps it for its fencing bound (less a tenth) after its last liveness check.
+        let backend = PostgresBackend::new(&url)
+            .expect("a valid URL")
+            .fencing_bound(Duration::from_secs(2));
         let admin_url = self.server.url_via(self.server.addr, "sslmode=disable");
         Connection::new(backend).with_faults(PgFaults {
             proxy,
