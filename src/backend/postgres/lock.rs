@@ -1353,3 +1353,58 @@ mod tests {
         lb.release().await.unwrap();
     }
 }
+
+#[cfg(test)]
+mod step_down_tests {
+    use super::*;
+    use crate::NodeId;
+
+    /// A holder whose second connection comes back but cannot take the step-down lock again
+    /// ends its term: successors would no longer wait for it.
+    #[tokio::test]
+    async fn a_failed_retake_of_the_step_down_lock_ends_the_term() {
+        let url = format!(
+            "{}?namespace=retake-{}-{:x}&schema=tp_lock_order",
+            crate::testing::servers::postgres_url(),
+            std::process::id(),
+            crate::clock::monotonic_nanos()
+        );
+        let settings = Arc::new(Settings::from_url(&url).unwrap());
+        let a = PgLock::new(settings, "jobs");
+        let Some(mut la) = crate::testing::servers::require(
+            "PostgreSQL",
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                a.acquire(AcquireRequest::new(NodeId::new("a"))),
+            )
+            .await
+            .map_err(|_| "timed out".to_owned())
+            .and_then(|r| r.map_err(|e| e.to_string())),
+        ) else {
+            return;
+        };
+        let AuxState::Ready(conn, _) = a.shared.aux.state.borrow().clone() else {
+            panic!("a's second connection is not up");
+        };
+        let (admin, driver) = tokio_postgres::connect(
+            &crate::testing::servers::postgres_url(),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .unwrap();
+        tokio::spawn(driver);
+        // The connection drops; before it is back, another session holds the step-down lock.
+        a.shared.aux_delay_ms.store(500, Ordering::SeqCst);
+        conn.kill();
+        let take = a.shared.sql.ack_wait.split(';').next().unwrap().to_owned();
+        tokio::time::timeout(Duration::from_secs(5), admin.batch_execute(&take))
+            .await
+            .expect("the step-down lock was not freed with the connection")
+            .unwrap();
+        let lost = tokio::time::timeout(Duration::from_secs(10), la.lost())
+            .await
+            .expect("the term went on without the step-down lock");
+        assert!(lost.to_string().contains("step-down"), "{lost}");
+        la.release().await.unwrap();
+    }
+}
