@@ -45,6 +45,9 @@ struct Shared {
     /// step-down lock again: successors would no longer wait for this node, so the term ends.
     /// A fresh token for every term.
     step_down_broken: Mutex<CancellationToken>,
+    /// The term this node holds, once recorded: a reconnected second connection records its
+    /// new server process in that term's holder row.
+    held_term: Mutex<Option<u64>>,
     /// Test hook: how long each (re)connection of the second connection is held back, in ms.
     #[cfg(test)]
     aux_delay_ms: std::sync::atomic::AtomicU64,
@@ -89,6 +92,7 @@ impl PgLock {
                 sql,
                 step_down_lock: tokio::sync::Mutex::new(false),
                 step_down_broken: Mutex::new(CancellationToken::new()),
+                held_term: Mutex::new(None),
                 #[cfg(test)]
                 aux_delay_ms: std::sync::atomic::AtomicU64::new(0),
                 aux: Aux {
@@ -210,6 +214,22 @@ impl Shared {
                             // Successors would not wait for this node: end the term.
                             tracing::warn!(lock = %self.name, "postgres: could not take the step-down lock again after reconnecting; ending the term");
                             lock_map(&self.step_down_broken).cancel();
+                        } else if let Some(term) =
+                            (*wanted).then(|| *lock_map(&self.held_term)).flatten()
+                        {
+                            // So that waiters can end this connection too if this node stops.
+                            let _ = tokio::time::timeout(
+                                self.settings.request_timeout,
+                                conn.client.query_typed(
+                                    &self.sql.update_aux,
+                                    &[
+                                        (&self.sql.key, Type::INT8),
+                                        (&term_i64(term), Type::INT8),
+                                        (&pid, Type::INT4),
+                                    ],
+                                ),
+                            )
+                            .await;
                         }
                         self.aux
                             .state
@@ -288,6 +308,7 @@ impl Shared {
     /// the node stepped down and its tasks finished): a successor waits for this.
     async fn release_step_down_lock(&self) {
         let mut wanted = self.step_down_lock.lock().await;
+        *lock_map(&self.held_term) = None;
         if !std::mem::replace(&mut *wanted, false) {
             return;
         }
@@ -657,6 +678,7 @@ async fn run_term(
             return;
         }
     };
+    *lock_map(&shared.held_term) = Some(term);
     let (lost_tx, lost_rx) = watch::channel(None);
     let (release_tx, release_rx) = oneshot::channel();
     let (renew_tx, renewals) = renewals(sent);

@@ -57,6 +57,8 @@ pub(super) struct Sql {
     pub(super) predecessor: String,
     /// Typed: marks the holder record of term `$2` as cleanly released (`$1` key).
     pub(super) mark_released: String,
+    /// Typed: `$1` key, `$2` term, `$3` the second connection's new server process.
+    pub(super) update_aux: String,
     /// Simple query with the wait in seconds appended: sleeps on the server (the session stays
     /// active, so no waiting node takes it for a stopped one).
     pub(super) sleep: String,
@@ -204,6 +206,9 @@ impl Sql {
                 "WITH c AS (SELECT set_config('synchronous_commit', 'off', true)) \
                  UPDATE {s}.holders h SET holder = jsonb_set(h.holder, '{{released}}', 'true') \
                  FROM c WHERE h.key = $1 AND h.term = $2"
+            ),
+            update_aux: format!(
+                "UPDATE {s}.holders SET aux_pid = $3 WHERE key = $1 AND term = $2 AND aux_term = $2"
             ),
             sleep: "SELECT pg_sleep(".to_owned(),
             end_stopped: format!(
