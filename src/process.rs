@@ -80,17 +80,14 @@ impl ProcessIdentity {
         if pid <= 0 {
             return false;
         }
-        match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
-            Err(nix::errno::Errno::ESRCH) => return true,
-            Ok(()) | Err(_) => {}
+        let pid = nix::unistd::Pid::from_raw(pid);
+        if nix::sys::signal::kill(pid, None) == Err(nix::errno::Errno::ESRCH) {
+            return true;
         }
         match stat_of(self.pid) {
             Some((start_time, state)) => start_time != self.start_time || state == 'Z',
             // The process went between kill(2) and the read.
-            None => matches!(
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
-                Err(nix::errno::Errno::ESRCH)
-            ),
+            None => nix::sys::signal::kill(pid, None) == Err(nix::errno::Errno::ESRCH),
         }
     }
 
@@ -192,8 +189,8 @@ mod tests {
         assert!(id.is_gone());
         let other_boot = ProcessIdentity {
             boot_id: "another".to_owned(),
-            ..me.clone()
+            ..me
         };
-        assert!(!me.same_host(&other_boot));
+        assert!(!other_boot.same_host(&id));
     }
 }
