@@ -148,6 +148,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn holder_records_carry_the_process_and_the_release_mark_optionally() {
+        // A record of an older version: no process, not released.
+        let old = r#"{"id":"a","host":"h","pid":7,"worker":null,"url":null,"term":3,
+            "since":"2026-12-06T05:00:00.000Z","lease_ms":null}"#;
+        let h: crate::Holder = serde_json::from_str(old).unwrap();
+        assert_eq!((&h.process, h.released), (&None, false));
+        // Without them, a record is written as before.
+        let json = serde_json::to_value(&h).unwrap();
+        assert!(json.get("process").is_none() && json.get("released").is_none());
+        let mut h = h;
+        h.process = Some(ProcessIdentity {
+            boot_id: "b".to_owned(),
+            pid_ns: 4_026_531_836,
+            pid: 7,
+            start_time: 99,
+        });
+        h.released = true;
+        let json = serde_json::to_value(&h).unwrap();
+        assert_eq!(json["process"]["pid_ns"], 4_026_531_836_u64);
+        assert_eq!(json["released"], true);
+        let back: crate::Holder = serde_json::from_value(json).unwrap();
+        assert_eq!(back, h);
+    }
+
+    #[test]
     fn stat_lines_are_read_after_the_command() {
         let line = "42 (a (b) c) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 10";
         assert_eq!(parse_stat(line), Some((98765, 'S')));
