@@ -976,3 +976,66 @@ async fn a_stopped_waiter_granted_the_lock_is_ended_and_never_becomes_primary() 
     );
     n.cluster.kill_all(WAIT).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_silent_holder_is_ended_by_waiters_only_with_the_rights_to_see_and_signal_it() {
+    let Some(env) = Env::new("stopped_rights").await else {
+        return;
+    };
+    // A role that may neither see nor signal the admin's sessions owns this test's schema.
+    env.admin
+        .batch_execute(&format!(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'tp_pg_limited') \
+             THEN CREATE ROLE tp_pg_limited LOGIN; END IF; END $$; \
+             CREATE SCHEMA IF NOT EXISTS {schema} AUTHORIZATION tp_pg_limited; \
+             GRANT CREATE ON DATABASE \"{db}\" TO tp_pg_limited",
+            schema = env.schema,
+            db = env.server.config.get_dbname().unwrap_or("postgres"),
+        ))
+        .await
+        .expect("a limited role");
+    // A session of another role takes the key and goes silent, as a stopped node's would.
+    let stuck = env.server.admin().await;
+    stuck
+        .execute("SELECT pg_advisory_lock($1)", &[&env.key("jobs")])
+        .await
+        .unwrap();
+    let short = |url: &str| {
+        PostgresBackend::new(url)
+            .unwrap()
+            .max_fencing_bound(Duration::from_secs(1))
+    };
+    let db = env
+        .server
+        .config
+        .get_dbname()
+        .unwrap_or("postgres")
+        .to_owned();
+    let limited = short(&format!(
+        "postgres://tp_pg_limited@{}/{db}?{}",
+        env.server.addr,
+        env.params()
+    ))
+    .lock("jobs")
+    .unwrap();
+    let mut waiter = acquire_in_background(&limited, "limited");
+    // Idle far past the 1.15 s limit and checked twice: the limited waiter cannot tell, so it
+    // leaves the session alone and keeps waiting.
+    let waited = tokio::time::timeout(Duration::from_secs(5), &mut waiter).await;
+    assert!(waited.is_err(), "the limited waiter acquired: {waited:?}");
+    stuck
+        .execute("SELECT 1", &[])
+        .await
+        .expect("the silent session was ended");
+    waiter.abort();
+    // A waiter of the same role ends it and takes the lock.
+    let allowed = short(&env.url()).lock("jobs").unwrap();
+    let l = within(
+        "the allowed waiter to acquire",
+        allowed.acquire(req("allowed")),
+    )
+    .await
+    .unwrap();
+    assert!(stuck.execute("SELECT 1", &[]).await.is_err());
+    l.release().await.unwrap();
+}
