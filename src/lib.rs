@@ -237,6 +237,7 @@ pub mod header;
 pub mod health;
 pub mod layer;
 pub mod metrics;
+pub mod process;
 pub mod require;
 pub mod role;
 pub mod schedule;

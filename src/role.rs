@@ -172,8 +172,17 @@ pub struct Holder {
     /// When this primary period began, wall-clock, for display only (RFC 3339).
     #[serde(with = "rfc3339")]
     pub since: SystemTime,
-    /// The lease in milliseconds, on backends that have one.
+    /// The lease in milliseconds, on backends that have one; on PostgreSQL the holder's
+    /// fencing bound (how long a successor that cannot prove it gone waits for it).
     pub lease_ms: Option<u64>,
+    /// The holder's process, so that a successor on the same host can tell when it is gone
+    /// (`None` in records of older versions and where `/proc` cannot tell).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<crate::process::ProcessIdentity>,
+    /// Set by the holder itself once its term has ended cleanly (stepped down, then released):
+    /// its successor need not wait for it. `false` in records of older versions.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub released: bool,
 }
 
 impl Holder {
@@ -189,6 +198,8 @@ impl Holder {
             term,
             since: SystemTime::now(),
             lease_ms: None,
+            process: None,
+            released: false,
         }
     }
 

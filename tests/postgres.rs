@@ -32,7 +32,10 @@ use tower_primary::backend::postgres::{PostgresBackend, advisory_key};
 use tower_primary::backend::{AcquireRequest, Backend, Leadership, Lock};
 use tower_primary::clock::monotonic_nanos;
 use tower_primary::testing::conformance::{Connection, Fault, FaultHooks, Fixture};
-use tower_primary::testing::node::{Cluster, EventKind, NodeCommand, NodeConfig, Succession};
+use tower_primary::testing::history::History;
+use tower_primary::testing::node::{
+    Cluster, EventKind, NodeCommand, NodeConfig, NodeSignal, Succession,
+};
 use tower_primary::testing::proxy::TcpProxy;
 use tower_primary::testing::servers::{self, PgBouncer};
 use tower_primary::{Error, NodeId};
@@ -207,6 +210,24 @@ impl Env {
         row.get(0)
     }
 
+    /// Server processes holding the key's step-down lock (`objsubid = 2`, shared).
+    async fn step_down_holders(&self, lock: &str) -> Vec<i32> {
+        let key = self.key(lock);
+        let bits = u64::from_ne_bytes(key.to_ne_bytes());
+        let rows = self
+            .admin
+            .query(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' \
+                 AND classid = $1::text::oid AND objid = $2::text::oid AND objsubid = 2 \
+                 AND granted AND mode = 'ShareLock' \
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                &[&(bits >> 32).to_string(), &(bits & 0xffff_ffff).to_string()],
+            )
+            .await
+            .expect("query pg_locks");
+        rows.iter().map(|r| r.get(0)).collect()
+    }
+
     async fn terminate(&self, pid: i32) {
         let row = self
             .admin
@@ -327,7 +348,11 @@ impl Fixture for PgFixture {
             proxy.addr(),
             &format!("{}&application_name={tag}&connect_timeout=1", self.params),
         );
-        let backend = PostgresBackend::new(&url).expect("a valid URL");
+        // The suite pauses a holder's runtime for 1 s and expects it to keep its term: a holder
+        // keeps it for its fencing bound (less a tenth) after its last liveness check.
+        let backend = PostgresBackend::new(&url)
+            .expect("a valid URL")
+            .fencing_bound(Duration::from_secs(2));
         let admin_url = self.server.url_via(self.server.addr, "sslmode=disable");
         Connection::new(backend).with_faults(PgFaults {
             proxy,
@@ -370,7 +395,13 @@ async fn acquiring_records_the_holder_and_releasing_clears_it() {
     let leadership = lock.acquire(req("a")).await.unwrap();
     let holder = lock.holder().await.unwrap().expect("a holder");
     assert_eq!((holder.id.as_str(), holder.term), ("a", leadership.term()));
-    assert_eq!(holder.lease_ms, None);
+    // The fencing bound, and the process a successor on this host can watch.
+    assert_eq!(holder.lease_ms, Some(500));
+    assert_eq!(
+        holder.process.as_ref().map(|p| p.pid),
+        Some(std::process::id())
+    );
+    assert!(!holder.released);
     assert_eq!(&holder, leadership.holder());
     let pid = env.holder_pid("jobs").await;
     assert_eq!(env.lock_rows("jobs").await, [(pid, true)]);
@@ -381,16 +412,18 @@ async fn acquiring_records_the_holder_and_releasing_clears_it() {
 }
 
 #[tokio::test]
-async fn liveness_checks_are_renewals_of_a_lease_implied_by_the_servers_keepalive() {
+async fn liveness_checks_are_renewals_of_a_lease_implied_by_the_fencing_bound() {
     let Some(env) = Env::new("implied_lease").await else {
         return;
     };
     let lock = env.backend().lock("jobs").unwrap();
     let leadership = lock.acquire(req("a")).await.unwrap();
-    // The server frees a silent holder's lock after its keepalive gives up (2 s + 2 × 1 s by
-    // default): the elector fences the term a margin before that after the last good check.
+    // A successor without a death certificate waits the holder's fencing bound (500 ms by
+    // default) after its grant: the elector fences the term a margin before that after the
+    // last good check.
     let lease = leadership.implied_lease().expect("an implied lease");
-    assert_eq!(lease.ttl(), Duration::from_secs(4));
+    assert_eq!(lease.ttl(), Duration::from_millis(500));
+    assert_eq!(lease.margin(), Duration::from_millis(50));
     let mut renewals = leadership.renewals().expect("liveness checks as renewals");
     let first = renewals.latest();
     let next = within("a liveness check", renewals.changed()).await;
@@ -767,4 +800,242 @@ async fn a_stalled_primary_steps_down_before_the_server_frees_its_lock() {
         ms(cut_at, next.at)
     );
     n.cluster.kill_all(WAIT).await.unwrap();
+}
+
+// ------------------------------------------------------------------------------------------------
+// Double faults: both connections of a holder gone at once, stopped nodes
+
+#[tokio::test]
+async fn a_holder_whose_connections_are_all_terminated_is_waited_for_by_its_successor() {
+    let Some(env) = Env::new("both_terminated").await else {
+        return;
+    };
+    let backend = env.backend();
+    let (a_lock, b_lock) = (backend.lock("jobs").unwrap(), backend.lock("jobs").unwrap());
+    let mut a = a_lock.acquire(req("a")).await.unwrap();
+    let b = acquire_in_background(&b_lock, "b");
+    env.wait_waiters("jobs", 1).await;
+
+    // An administrator ends every session of a's node: the second connection first (the
+    // step-down lock goes with it), then the lock session.
+    let lock_pid = env.holder_pid("jobs").await;
+    for pid in env.step_down_holders("jobs").await {
+        env.terminate(pid).await;
+    }
+    env.terminate(lock_pid).await;
+    within("a to see the loss", a.lost()).await;
+    env.wait_locks("jobs", "b to hold the key", |rows| {
+        rows.iter().any(|(_, granted)| *granted)
+    })
+    .await;
+    // a's process lives on and has not released its term: b may not be primary yet (a clean
+    // release or the predecessor's fencing bound, counted from b's grant).
+    let granted_at = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !b.is_finished(),
+        "b acquired while a's term had not been released"
+    );
+    let b = within("b to acquire", b).await.unwrap().unwrap();
+    assert!(
+        granted_at.elapsed() >= Duration::from_millis(350),
+        "b acquired {:?} after its grant, before a's fencing bound",
+        granted_at.elapsed()
+    );
+    let holder = b_lock.holder().await.unwrap().expect("a holder");
+    assert_eq!(holder.id, "b");
+    assert_eq!(holder.lease_ms, Some(500), "{holder:?}");
+    assert!(holder.process.is_some(), "{holder:?}");
+    drop(a);
+    b.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_asymmetric_partition_of_the_primary_never_overlaps_its_successor() {
+    let Some(mut n) = nodes("proc_drop").await else {
+        return;
+    };
+    let proxy = TcpProxy::start(n.env.server.addr).await.unwrap();
+    let mut via_proxy = n.cluster.config().clone();
+    via_proxy.backend = n.env.server.url_via(proxy.addr(), &n.env.params());
+    let old = n.cluster.spawn_node_with(&via_proxy).unwrap();
+    let (p, term) = n.cluster.wait_single_primary(WAIT).await.unwrap();
+    assert_eq!(p, old);
+    n.cluster.spawn_nodes(2).unwrap();
+    n.cluster.wait_settled(WAIT).await.unwrap();
+
+    // The server closes both of the primary's sessions; the primary hears nothing.
+    let cut_at = monotonic_nanos();
+    proxy.cut_upstream();
+    let next = n.cluster.wait_primary_after(term, old, WAIT).await.unwrap();
+    let stepped_down = n
+        .cluster
+        .wait_event("the cut-off primary to step down", WAIT, |e| {
+            e.pid == old && matches!(e.kind, EventKind::TaskCancelled { term: t } if t == term)
+        })
+        .await
+        .unwrap()
+        .at;
+    assert!(stepped_down < next.at, "{}", n.cluster.dump());
+    n.cluster.assert_history_ok();
+    eprintln!(
+        "upstream cut → old primary stepped down {:.3} ms; successor {:.3} ms",
+        ms(cut_at, stepped_down),
+        ms(cut_at, next.at)
+    );
+    n.cluster.kill_all(WAIT).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_stopped_primary_is_ended_by_a_waiter_and_resumes_as_secondary() {
+    let Some(mut n) = nodes("proc_sigstop").await else {
+        return;
+    };
+    n.cluster.spawn_nodes(3).unwrap();
+    let (old, term) = n.cluster.wait_settled(WAIT).await.unwrap();
+    // Its kernel keeps answering keepalives: the server keeps its sessions.
+    let stopped = n.cluster.signal(old, NodeSignal::Stop).await.unwrap();
+    let next = n.cluster.wait_primary_after(term, old, WAIT).await.unwrap();
+    let new_term = next.term().unwrap();
+    let resumed = n.cluster.signal(old, NodeSignal::Cont).await.unwrap();
+    n.cluster
+        .wait_event("the resumed node to report secondary", WAIT, |e| {
+            e.pid == old
+                && e.at > resumed
+                && matches!(e.kind, EventKind::Secondary { holder_term: Some(t), .. } if t >= new_term)
+        })
+        .await
+        .unwrap();
+    let events = n.cluster.events();
+    let late_tick = events.iter().find(|e| {
+        e.pid == old
+            && e.at > resumed
+            && matches!(e.kind, EventKind::Tick { term: t, .. } if t == term)
+    });
+    assert!(late_tick.is_none(), "{late_tick:?}\n{}", n.cluster.dump());
+    assert!(stopped < next.at, "{}", n.cluster.dump());
+    // Apart from the frozen period (which ended at its deadline, unseen), no overlap.
+    let mut others = History::new();
+    for p in n.cluster.history().periods() {
+        if !(p.node == old.to_string() && p.term == term) {
+            others.push(p.clone());
+        }
+    }
+    let report = others.check();
+    assert!(report.is_ok(), "{report}\n{}", n.cluster.dump());
+    n.cluster.wait_settled(WAIT).await.unwrap();
+    eprintln!(
+        "SIGSTOP of the primary → successor primary {:.1} ms",
+        ms(stopped, next.at)
+    );
+    n.cluster.kill_all(WAIT).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_stopped_waiter_granted_the_lock_is_ended_and_never_becomes_primary() {
+    let Some(mut n) = nodes("proc_stopped_waiter").await else {
+        return;
+    };
+    let first = n.cluster.spawn_node().unwrap();
+    let (p, term) = n.cluster.wait_single_primary(WAIT).await.unwrap();
+    assert_eq!(p, first);
+    // The head of the queue, stopped while it waits.
+    let stuck = n.cluster.spawn_node().unwrap();
+    n.env.wait_waiters("jobs", 1).await;
+    let stopped = n.cluster.signal(stuck, NodeSignal::Stop).await.unwrap();
+    let other = n.cluster.spawn_node().unwrap();
+    n.env.wait_waiters("jobs", 2).await;
+    // The server grants the key to the stopped node.
+    n.cluster.signal(first, NodeSignal::Term).await.unwrap();
+    let next = n
+        .cluster
+        .wait_primary_after(term, first, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(next.pid, other, "{}", n.cluster.dump());
+    let resumed = n.cluster.signal(stuck, NodeSignal::Cont).await.unwrap();
+    n.cluster
+        .wait_event("the resumed node to report secondary", WAIT, |e| {
+            e.pid == stuck && e.at > resumed && matches!(e.kind, EventKind::Secondary { .. })
+        })
+        .await
+        .unwrap();
+    assert!(
+        !n.cluster
+            .events()
+            .iter()
+            .any(|e| e.pid == stuck && matches!(e.kind, EventKind::Primary { .. })),
+        "{}",
+        n.cluster.dump()
+    );
+    n.cluster.assert_history_ok();
+    n.cluster.wait_settled(WAIT).await.unwrap();
+    eprintln!(
+        "SIGSTOP of the head waiter, then handover → successor primary {:.1} ms",
+        ms(stopped, next.at)
+    );
+    n.cluster.kill_all(WAIT).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_silent_holder_is_ended_by_waiters_only_with_the_rights_to_see_and_signal_it() {
+    let Some(env) = Env::new("stopped_rights").await else {
+        return;
+    };
+    // A role that may neither see nor signal the admin's sessions owns this test's schema.
+    env.admin
+        .batch_execute(&format!(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'tp_pg_limited') \
+             THEN CREATE ROLE tp_pg_limited LOGIN; END IF; END $$; \
+             CREATE SCHEMA IF NOT EXISTS {schema} AUTHORIZATION tp_pg_limited; \
+             GRANT CREATE ON DATABASE \"{db}\" TO tp_pg_limited",
+            schema = env.schema,
+            db = env.server.config.get_dbname().unwrap_or("postgres"),
+        ))
+        .await
+        .expect("a limited role");
+    // A session of another role takes the key and goes silent, as a stopped node's would.
+    let stuck = env.server.admin().await;
+    stuck
+        .execute("SELECT pg_advisory_lock($1)", &[&env.key("jobs")])
+        .await
+        .unwrap();
+    let short = |url: &str| {
+        PostgresBackend::new(url)
+            .unwrap()
+            .max_fencing_bound(Duration::from_secs(1))
+    };
+    let db = env
+        .server
+        .config
+        .get_dbname()
+        .unwrap_or("postgres")
+        .to_owned();
+    let limited = short(&format!(
+        "postgres://tp_pg_limited@{}/{db}?{}",
+        env.server.addr,
+        env.params()
+    ))
+    .lock("jobs")
+    .unwrap();
+    let mut waiter = acquire_in_background(&limited, "limited");
+    // Idle far past the 1.15 s limit and checked twice: the limited waiter cannot tell, so it
+    // leaves the session alone and keeps waiting.
+    let waited = tokio::time::timeout(Duration::from_secs(5), &mut waiter).await;
+    assert!(waited.is_err(), "the limited waiter acquired: {waited:?}");
+    stuck
+        .execute("SELECT 1", &[])
+        .await
+        .expect("the silent session was ended");
+    waiter.abort();
+    // A waiter of the same role ends it and takes the lock.
+    let allowed = short(&env.url()).lock("jobs").unwrap();
+    let l = within(
+        "the allowed waiter to acquire",
+        allowed.acquire(req("allowed")),
+    )
+    .await
+    .unwrap();
+    assert!(stuck.execute("SELECT 1", &[]).await.is_err());
+    l.release().await.unwrap();
 }

@@ -20,6 +20,11 @@ pub(super) const DEFAULT_NAMESPACE: &str = "default";
 /// How long a liveness check waits for an answer after its timeout ran out, so that a process
 /// that was not running (stopped, frozen) reads the answer that is waiting before it judges.
 pub(super) const ANSWER_GRACE: Duration = Duration::from_millis(100);
+/// Scheduling jitter a healthy holder's liveness checks are allowed on top of their interval
+/// and timeout before its fencing bound runs out.
+pub(super) const JITTER: Duration = Duration::from_millis(50);
+/// How often a waiting node looks for a stopped holder to end (see `stopped_after`).
+pub(super) const STOPPED_CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// How a connection is encrypted.
 #[derive(Clone)]
@@ -43,6 +48,11 @@ pub(super) struct Settings {
     pub(super) schema: String,
     pub(super) liveness_every: Duration,
     pub(super) liveness_timeout: Duration,
+    /// This node's fencing bound: recorded as `lease_ms`, the lease its liveness checks renew.
+    pub(super) fencing_bound: Duration,
+    /// The longest fencing bound a successor waits for (a corrupt or older record); `None`:
+    /// the larger of the server's dead-peer detection and `fencing_bound`.
+    pub(super) max_fencing_bound: Option<Duration>,
     pub(super) keepalive_idle: Duration,
     pub(super) keepalive_interval: Duration,
     pub(super) keepalive_count: u32,
@@ -131,8 +141,10 @@ impl Settings {
             url: super::super::redact(url),
             namespace,
             schema,
-            liveness_every: Duration::from_millis(500),
-            liveness_timeout: Duration::from_secs(1),
+            liveness_every: Duration::from_millis(150),
+            liveness_timeout: Duration::from_millis(200),
+            fencing_bound: Duration::from_millis(500),
+            max_fencing_bound: None,
             keepalive_idle: Duration::from_secs(2),
             keepalive_interval: Duration::from_secs(1),
             keepalive_count: 2,
@@ -146,6 +158,27 @@ impl Settings {
     /// last liveness query may have reached the server that much before the partition).
     pub(super) fn server_detection(&self) -> Duration {
         self.keepalive_idle + self.keepalive_interval * self.keepalive_count
+    }
+
+    /// The longest a successor waits for a predecessor without a death certificate: the
+    /// configured maximum, else the larger of the server's dead-peer detection (the implied
+    /// lease of older versions) and this node's own bound.
+    pub(super) fn max_fencing_bound(&self) -> Duration {
+        self.max_fencing_bound
+            .unwrap_or_else(|| self.server_detection().max(self.fencing_bound))
+    }
+
+    /// The margin the elector fences a term by before its implied lease runs out.
+    pub(super) fn fencing_margin(&self) -> Duration {
+        self.fencing_bound / 10
+    }
+
+    /// How long a lock session may look idle on the server before a waiting node ends it as
+    /// stopped: longer than any successor waits without a query running (its predecessor's
+    /// bound, at most `max_fencing_bound`) plus one liveness interval (a healthy holder's
+    /// session is idle between checks).
+    pub(super) fn stopped_after(&self) -> Duration {
+        self.max_fencing_bound() + self.liveness_every
     }
 
     /// Checks the settings (at `lock()`, i.e. `spawn()` time).
@@ -192,6 +225,35 @@ impl Settings {
                      detection (keepalive idle + interval × count = {:?}), so a partitioned \
                      holder steps down before the server frees its lock",
                     self.server_detection()
+                ),
+            });
+        }
+        // A healthy holder renews its implied lease (the bound) at every check: the next check
+        // must be confirmed before the bound, less the margin, runs out.
+        let healthy = self.liveness_every + self.liveness_timeout + self.fencing_margin() + JITTER;
+        if self.fencing_bound <= healthy {
+            return Err(ConfigError::InvalidTiming {
+                setting: "postgres fencing bound",
+                value: self.fencing_bound,
+                rule: format!(
+                    "must be longer than what a healthy holder needs between two confirmed \
+                     liveness checks: interval ({:?}) + timeout ({:?}) + margin (a tenth of the \
+                     bound, {:?}) + {JITTER:?} = {healthy:?}",
+                    self.liveness_every,
+                    self.liveness_timeout,
+                    self.fencing_margin()
+                ),
+            });
+        }
+        if let Some(max) = self.max_fencing_bound
+            && max < self.fencing_bound
+        {
+            return Err(ConfigError::InvalidTiming {
+                setting: "postgres maximum fencing bound",
+                value: max,
+                rule: format!(
+                    "must be at least this node's fencing bound ({:?})",
+                    self.fencing_bound
                 ),
             });
         }
@@ -418,11 +480,31 @@ mod tests {
     fn liveness_must_beat_the_servers_dead_peer_detection() {
         let mut s = Settings::from_url("postgres://root@127.0.0.1/test").unwrap();
         s.validate().unwrap();
-        s.liveness_timeout = Duration::from_secs(3);
+        s.liveness_timeout = Duration::from_secs(4);
         let err = s.validate().unwrap_err().to_string();
         assert!(err.contains("dead-peer detection"), "{err}");
         s.keepalive_idle = Duration::from_secs(10);
+        s.fencing_bound = Duration::from_secs(5);
         s.validate().unwrap();
+    }
+
+    #[test]
+    fn the_fencing_bound_must_exceed_what_a_healthy_holder_needs() {
+        let mut s = Settings::from_url("postgres://root@127.0.0.1/test").unwrap();
+        // 150 ms + 200 ms + 50 ms + 50 ms < 500 ms.
+        s.validate().unwrap();
+        assert_eq!(s.max_fencing_bound(), Duration::from_secs(4));
+        s.fencing_bound = Duration::from_millis(400);
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("fencing bound"), "{err}");
+        assert!(err.contains("healthy holder"), "{err}");
+        s.fencing_bound = Duration::from_secs(1);
+        s.max_fencing_bound = Some(Duration::from_millis(800));
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("maximum fencing bound"), "{err}");
+        s.max_fencing_bound = Some(Duration::from_secs(2));
+        s.validate().unwrap();
+        assert_eq!(s.stopped_after(), Duration::from_millis(2150));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use tokio_postgres::{Row, SimpleQueryMessage};
 use tokio_util::sync::CancellationToken;
 
 use super::NAME;
-use super::config::{ANSWER_GRACE, Settings};
+use super::config::{ANSWER_GRACE, STOPPED_CHECK_EVERY, Settings};
 use super::conn::{Conn, OnNotify, connect, describe, pg_error};
 use super::sql::Sql;
 use crate::backend::{
@@ -21,9 +21,10 @@ use crate::backend::{
     VersionChanges, renewals,
 };
 use crate::backoff::Backoff;
-use crate::clock::Clock;
+use crate::clock::{Clock, Timestamp};
 use crate::elector::Lease;
 use crate::error::Error;
+use crate::process::ProcessIdentity;
 use crate::role::Holder;
 
 /// A lock name on PostgreSQL, as one elector sees it.
@@ -40,6 +41,16 @@ struct Shared {
     /// a term begins until it has ended. Held while the lock operations run, so a reconnection
     /// never takes it again after a release.
     step_down_lock: tokio::sync::Mutex<bool>,
+    /// Cancelled when the second connection came back during a term but could not take the
+    /// step-down lock again: successors would no longer wait for this node, so the term ends.
+    /// A fresh token for every term.
+    step_down_broken: Mutex<CancellationToken>,
+    /// The term this node holds, once recorded: a reconnected second connection records its
+    /// new server process in that term's holder row.
+    held_term: Mutex<Option<u64>>,
+    /// Test hook: how long each (re)connection of the second connection is held back, in ms.
+    #[cfg(test)]
+    aux_delay_ms: std::sync::atomic::AtomicU64,
 }
 
 /// The second connection: LISTEN, holder record, state.
@@ -80,6 +91,10 @@ impl PgLock {
                 name: name.to_owned(),
                 sql,
                 step_down_lock: tokio::sync::Mutex::new(false),
+                step_down_broken: Mutex::new(CancellationToken::new()),
+                held_term: Mutex::new(None),
+                #[cfg(test)]
+                aux_delay_ms: std::sync::atomic::AtomicU64::new(0),
                 aux: Aux {
                     state: watch::channel(AuxState::Connecting).0,
                     holder: watch::channel(0).0,
@@ -142,6 +157,13 @@ impl Shared {
                 shared.on_notify(payload);
             }
         });
+        #[cfg(test)]
+        {
+            let delay = self.aux_delay_ms.load(Ordering::SeqCst);
+            if delay > 0 {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+            }
+        }
         let app = format!("aux {}", self.name);
         let conn = connect(&self.settings, Some(&app), Some(on_notify)).await?;
         let prepare = async {
@@ -189,7 +211,25 @@ impl Shared {
                         // again, so that a successor still waits for this node to step down.
                         let wanted = self.step_down_lock.lock().await;
                         if *wanted && !self.take_step_down_lock(&conn).await {
-                            tracing::warn!(lock = %self.name, "postgres: could not take the step-down lock again after reconnecting");
+                            // Successors would not wait for this node: end the term.
+                            tracing::warn!(lock = %self.name, "postgres: could not take the step-down lock again after reconnecting; ending the term");
+                            lock_map(&self.step_down_broken).cancel();
+                        } else if let Some(term) =
+                            (*wanted).then(|| *lock_map(&self.held_term)).flatten()
+                        {
+                            // So that waiters can end this connection too if this node stops.
+                            let _ = tokio::time::timeout(
+                                self.settings.request_timeout,
+                                conn.client.query_typed(
+                                    &self.sql.update_aux,
+                                    &[
+                                        (&self.sql.key, Type::INT8),
+                                        (&term_i64(term), Type::INT8),
+                                        (&pid, Type::INT4),
+                                    ],
+                                ),
+                            )
+                            .await;
                         }
                         self.aux
                             .state
@@ -233,15 +273,34 @@ impl Shared {
         }
     }
 
-    /// Takes the step-down lock (shared) on the second connection before a term begins.
-    async fn hold_step_down_lock(self: &Arc<Self>) -> Result<(), Error> {
-        let mut wanted = self.step_down_lock.lock().await;
-        *wanted = true;
-        let (conn, _) = self.aux().await?;
-        if self.take_step_down_lock(&conn).await {
-            Ok(())
-        } else {
-            Err(self.backend_error("could not take the step-down lock on the second connection"))
+    /// Takes the step-down lock (shared) on the second connection before a term begins;
+    /// returns the connection's server process id and the token cancelled if a reconnection
+    /// cannot take it again.
+    ///
+    /// The guard is never held while waiting for the connection: `supervise` needs it to
+    /// publish a new connection. The lock is taken under the guard on the connection that is
+    /// current then, so that a reconnection never takes it a second time.
+    async fn hold_step_down_lock(self: &Arc<Self>) -> Result<(i32, CancellationToken), Error> {
+        loop {
+            let (conn, _) = self.aux().await?;
+            let mut wanted = self.step_down_lock.lock().await;
+            let current = match &*self.aux.state.borrow() {
+                AuxState::Ready(c, pid) if Arc::ptr_eq(c, &conn) && !c.is_ended() => Some(*pid),
+                _ => None,
+            };
+            let Some(pid) = current else {
+                // Replaced meanwhile: wait for the new one, without the guard.
+                continue;
+            };
+            *wanted = true;
+            let broken = CancellationToken::new();
+            *lock_map(&self.step_down_broken) = broken.clone();
+            return if self.take_step_down_lock(&conn).await {
+                Ok((pid, broken))
+            } else {
+                Err(self
+                    .backend_error("could not take the step-down lock on the second connection"))
+            };
         }
     }
 
@@ -249,6 +308,7 @@ impl Shared {
     /// the node stepped down and its tasks finished): a successor waits for this.
     async fn release_step_down_lock(&self) {
         let mut wanted = self.step_down_lock.lock().await;
+        *lock_map(&self.held_term) = None;
         if !std::mem::replace(&mut *wanted, false) {
             return;
         }
@@ -577,11 +637,11 @@ async fn run_term(
     let outcome = async {
         let pid = prepare_session(&shared, &session).await?;
         wait_for_lock(&shared, &session, pid, aux_pid, &mut grant).await?;
-        Ok::<_, Abandon>(pid)
+        Ok::<_, Abandon>((pid, req.clock.now()))
     }
     .await;
-    let pid = match outcome {
-        Ok(pid) => pid,
+    let (pid, granted_at) = match outcome {
+        Ok(v) => v,
         Err(abandon) => {
             session.close(&settings).await;
             if let Abandon::Failed(e) = abandon {
@@ -593,15 +653,16 @@ async fn run_term(
     // This dedicated session holds the key from here on: every failure gives it back.
     let outcome = async {
         wait_for_predecessor(&shared, &session, &mut grant).await?;
-        shared.hold_step_down_lock().await?;
+        wait_out_predecessor(&shared, &session, &req.clock, granted_at, &mut grant).await?;
+        let (aux_pid, broken) = shared.hold_step_down_lock().await?;
         // The server hears this session no earlier than now: the first "renewal".
         let sent = req.clock.now();
-        record_holder(&shared, &session, pid, &req)
+        record_holder(&shared, &session, pid, aux_pid, &req)
             .await
-            .map(|(term, holder)| (term, holder, sent))
+            .map(|(term, holder)| (term, holder, sent, broken))
     }
     .await;
-    let (term, holder, sent) = match outcome {
+    let (term, holder, sent, broken) = match outcome {
         Ok(v) => v,
         Err(abandon) => {
             shared.release_step_down_lock().await;
@@ -617,6 +678,7 @@ async fn run_term(
             return;
         }
     };
+    *lock_map(&shared.held_term) = Some(term);
     let (lost_tx, lost_rx) = watch::channel(None);
     let (release_tx, release_rx) = oneshot::channel();
     let (renew_tx, renewals) = renewals(sent);
@@ -625,7 +687,7 @@ async fn run_term(
         term,
         holder,
         renewals,
-        implied: Lease::new(settings.server_detection()),
+        implied: Lease::new(settings.fencing_bound).with_margin(settings.fencing_margin()),
         lost: lost_rx,
         release: Some(release_tx),
     };
@@ -637,7 +699,21 @@ async fn run_term(
         clock: req.clock,
         confirmed: renew_tx,
     };
-    hold(&shared, session, pid, &liveness, lost_tx, release_rx).await;
+    let term = Term {
+        term,
+        session,
+        pid,
+        step_down_broken: broken,
+    };
+    hold(&shared, term, &liveness, lost_tx, release_rx).await;
+}
+
+/// The lock session of a term.
+struct Term {
+    term: u64,
+    session: Conn,
+    pid: i32,
+    step_down_broken: CancellationToken,
 }
 
 /// Where `hold` reports its confirmed liveness checks.
@@ -709,7 +785,7 @@ async fn configure_session(s: &Settings, session: &Conn) -> Result<i32, tokio_po
 /// Blocks in `pg_advisory_lock` until granted; cancels the wait if the caller goes away.
 /// Refuses a session that is not a dedicated server session (a transaction pooler).
 async fn wait_for_lock(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     session: &Conn,
     pid: i32,
     aux_pid: i32,
@@ -719,6 +795,7 @@ async fn wait_for_lock(
     let mut lock = std::pin::pin!(session.client.simple_query(&shared.sql.lock));
     let result = tokio::select! {
         r = &mut lock => r,
+        never = end_stopped_holders(shared) => match never {},
         () = grant.closed() => {
             // Cancel the wait; if the grant won the race, give it back before closing.
             if let Err(e) = session.cancel(&s.tls).await {
@@ -766,6 +843,162 @@ async fn wait_for_lock(
     Ok(())
 }
 
+/// While this node waits for the key, ends the sessions of a node that holds it but has stopped
+/// (`SIGSTOP`, a frozen VM whose kernel still answers keepalives): the server shows its lock
+/// session idle for longer than any healthy node leaves it (`Settings::stopped_after`). A
+/// healthy holder's liveness checks keep its session busy, and a successor waits out its
+/// predecessor's bound in a server-side sleep. A stopped holder has fenced itself long before
+/// (its term lasts one fencing bound past its last check), and its successor still waits for
+/// that bound. Needs the holder's role, or `pg_signal_backend` and `pg_read_all_stats`.
+async fn end_stopped_holders(shared: &Arc<Shared>) -> std::convert::Infallible {
+    let s = &shared.settings;
+    let idle_ms = i64::try_from(s.stopped_after().as_millis()).unwrap_or(i64::MAX);
+    let mut warned = false;
+    loop {
+        tokio::time::sleep(STOPPED_CHECK_EVERY).await;
+        let rows = shared
+            .aux_query(
+                "end a stopped holder's sessions",
+                &shared.sql.end_stopped,
+                &[(&shared.sql.key, Type::INT8), (&idle_ms, Type::INT8)],
+            )
+            .await;
+        let problem = match rows {
+            Ok(rows) => {
+                let get = |i| {
+                    rows.first()
+                        .and_then(|r| r.try_get::<_, Option<i64>>(i).ok())
+                        .flatten()
+                        .unwrap_or(0)
+                };
+                let (ended, aux_ended, hidden) = (get(0), get(1), get(2));
+                if ended > 0 {
+                    tracing::warn!(
+                        lock = %shared.name,
+                        idle_over = ?s.stopped_after(),
+                        second_connections = aux_ended,
+                        "postgres: ended the sessions of a stopped node holding the lock"
+                    );
+                }
+                (hidden > 0).then(|| {
+                    "the holder's session is not visible to this role (pg_stat_activity)".to_owned()
+                })
+            }
+            Err(e) => {
+                let message = e.to_string();
+                message.contains("42501").then_some(message)
+            }
+        };
+        if let Some(problem) = problem
+            && !warned
+        {
+            warned = true;
+            crate::metrics::backend_error(&shared.name, "end_stopped_holder");
+            tracing::warn!(
+                lock = %shared.name,
+                problem = %problem,
+                "postgres: a stopped node holding the lock cannot be ended: grant this role \
+                 pg_signal_backend and pg_read_all_stats, or use the same role on every node; \
+                 until then a stopped holder keeps the lock until it resumes"
+            );
+        }
+    }
+}
+
+/// Once granted the key, waits until the previous holder can no longer act: at once when its
+/// record carries a clean release or it ran on this host and its process is gone (a death
+/// certificate); otherwise until its fencing bound (its recorded `lease_ms`, at most
+/// `max_fencing_bound`; the maximum for a record without one) has passed since the grant. The
+/// server frees a session lock when it closes the session, which it can do while the holder
+/// still believes it holds the lock (both of its connections ended by an administrator, an
+/// asymmetric partition): the holder's term ends one bound after its last good liveness check,
+/// which came before the grant. The wait is a server-side sleep on the lock session, so the
+/// session stays active and no other waiter takes this node for a stopped one.
+async fn wait_out_predecessor(
+    shared: &Shared,
+    session: &Conn,
+    clock: &Clock,
+    granted_at: Timestamp,
+    grant: &mut oneshot::Sender<Result<PgLeadership, Error>>,
+) -> Result<(), Abandon> {
+    let s = &shared.settings;
+    let sql = &shared.sql;
+    let read = tokio::time::timeout(
+        s.request_timeout,
+        session.client.query_typed(
+            &sql.predecessor,
+            &[
+                (&sql.key, Type::INT8),
+                (&s.namespace, Type::TEXT),
+                (&shared.name, Type::TEXT),
+            ],
+        ),
+    )
+    .await;
+    let rows = match read {
+        Ok(Ok(rows)) => rows,
+        Ok(Err(e)) => return Err(pg_error("read the previous holder's record", e).into()),
+        Err(_) => {
+            return Err(shared
+                .backend_error("read the previous holder's record: timed out")
+                .into());
+        }
+    };
+    // No record: nobody has held this lock since the table was made.
+    let Some(json) = rows.first().and_then(|r| r.try_get::<_, String>(0).ok()) else {
+        return Ok(());
+    };
+    let max = s.max_fencing_bound();
+    let bound = match serde_json::from_str::<Holder>(&json) {
+        Ok(h) if h.released => return Ok(()),
+        Ok(h) => {
+            let bound = h.lease_ms.map_or(max, Duration::from_millis).min(max);
+            let until = granted_at.saturating_add(bound);
+            if let (Some(theirs), Some(mine)) = (&h.process, ProcessIdentity::current())
+                && mine.same_host(theirs)
+            {
+                let left = until.saturating_duration_since(clock.now());
+                let gone = tokio::select! {
+                    gone = theirs.wait_gone(left) => gone,
+                    () = grant.closed() => return Err(Abandon::Gone),
+                };
+                if gone {
+                    return Ok(());
+                }
+            }
+            tracing::debug!(lock = %shared.name, predecessor = %h.id, term = h.term, bound = ?bound, "postgres: waiting out the previous holder's fencing bound");
+            bound
+        }
+        Err(e) => {
+            tracing::warn!(lock = %shared.name, error = %e, bound = ?max, "postgres: unreadable previous holder record; waiting the maximum fencing bound");
+            max
+        }
+    };
+    let until = granted_at.saturating_add(bound);
+    let left = until.saturating_duration_since(clock.now());
+    if !left.is_zero() {
+        let statement = format!("{}{:.6})", sql.sleep, left.as_secs_f64());
+        let mut sleep = std::pin::pin!(session.client.simple_query(&statement));
+        let slept = tokio::select! {
+            r = &mut sleep => r,
+            () = grant.closed() => {
+                if let Err(e) = session.cancel(&s.tls).await {
+                    tracing::debug!(lock = %shared.name, error = %describe(&e), "postgres: cancel request failed");
+                }
+                let _ = tokio::time::timeout(s.request_timeout, &mut sleep).await;
+                return Err(Abandon::Gone);
+            }
+        };
+        slept.map_err(|e| pg_error("wait out the previous holder's fencing bound", e))?;
+    }
+    // The server's sleep ran on its clock: make sure of it on ours.
+    let left = until.saturating_duration_since(clock.now());
+    if !left.is_zero() {
+        tokio::time::sleep(left).await;
+    }
+    Ok(())
+}
+
 /// Waits until the previous holder has stepped down: it holds the step-down lock (shared) on its
 /// second connection until its elector released the term, or until its process is gone. A
 /// holder whose lock session was terminated (`pg_terminate_backend`) learns of it a moment after
@@ -806,6 +1039,7 @@ async fn record_holder(
     shared: &Shared,
     session: &Conn,
     pid: i32,
+    aux_pid: i32,
     req: &AcquireRequest,
 ) -> Result<(u64, Holder), Abandon> {
     let s = &shared.settings;
@@ -848,7 +1082,10 @@ async fn record_holder(
             .backend_error("draw a term: the sequence returned no positive value")
             .into());
     };
-    let json = serde_json::to_string(&req.holder(0))
+    let mut record = req.holder(0);
+    record.lease_ms = Some(u64::try_from(s.fencing_bound.as_millis()).unwrap_or(u64::MAX));
+    record.process = ProcessIdentity::current();
+    let json = serde_json::to_string(&record)
         .map_err(|e| Error::backend(NAME, "encode the holder record", e))?;
     // The record as readers will see it (the stored time has millisecond precision).
     let mut holder: Holder = serde_json::from_str(&json)
@@ -864,6 +1101,7 @@ async fn record_holder(
                 (&json, Type::TEXT),
                 (&sql.channel, Type::TEXT),
                 (&term, Type::INT8),
+                (&aux_pid, Type::INT4),
             ],
         ),
     )
@@ -898,14 +1136,19 @@ async fn record_holder(
 /// Holds the lock: checks the session every interval, releases on request or when the
 /// leadership is dropped, reports a loss.
 async fn hold(
-    shared: &Shared,
-    session: Conn,
-    pid: i32,
+    shared: &Arc<Shared>,
+    term: Term,
     liveness: &Liveness,
     lost: watch::Sender<Option<String>>,
     mut release: oneshot::Receiver<ReleaseReply>,
 ) {
     let s = &shared.settings;
+    let Term {
+        term,
+        session,
+        pid,
+        step_down_broken,
+    } = term;
     enum Next {
         Release(Option<ReleaseReply>),
         Lost(String),
@@ -916,10 +1159,17 @@ async fn hold(
             biased;
             cmd = &mut release => Next::Release(cmd.ok()),
             reason = session.ended() => Next::Lost(format!("the lock session ended: {reason}")),
+            () = step_down_broken.cancelled() => Next::Lost(
+                "the second connection came back but could not take the step-down lock again".to_owned(),
+            ),
             () = tokio::time::sleep(s.liveness_every) => Next::Check,
         };
         match next {
             Next::Release(reply) => {
+                if reply.is_some() {
+                    // The elector has stepped down: the successor need not wait for this node.
+                    mark_released(shared, &session, term).await;
+                }
                 shared.release_step_down_lock().await;
                 let result = release_lock(shared, &session).await;
                 session.close(s).await;
@@ -948,9 +1198,39 @@ async fn hold(
     // The elector releases after the node stepped down and its tasks ended (or drops the
     // leadership): only then may a successor act.
     let reply = release.await.ok();
+    if reply.is_some() {
+        // Stepped down: a successor waiting out this node's bound may read this mark.
+        let _ = shared
+            .aux_query(
+                "mark the holder record released",
+                &shared.sql.mark_released,
+                &[(&shared.sql.key, Type::INT8), (&term_i64(term), Type::INT8)],
+            )
+            .await;
+    }
     shared.release_step_down_lock().await;
     if let Some(reply) = reply {
         let _ = reply.send(Ok(()));
+    }
+}
+
+fn term_i64(term: u64) -> i64 {
+    i64::try_from(term).unwrap_or(i64::MAX)
+}
+
+/// Marks this term's holder record as cleanly released (only this term's: a node that is
+/// behind never marks its successor's record). A failure only costs the successor its wait.
+async fn mark_released(shared: &Shared, session: &Conn, term: u64) {
+    let marked = tokio::time::timeout(
+        shared.settings.request_timeout,
+        session.client.query_typed(
+            &shared.sql.mark_released,
+            &[(&shared.sql.key, Type::INT8), (&term_i64(term), Type::INT8)],
+        ),
+    )
+    .await;
+    if !matches!(marked, Ok(Ok(_))) {
+        tracing::debug!(lock = %shared.name, term, "postgres: could not mark the holder record released");
     }
 }
 
@@ -1009,5 +1289,144 @@ async fn release_lock(shared: &Shared, session: &Conn) -> Result<(), Error> {
         Err(_) => {
             Err(shared.backend_error(format!("release: timed out after {:?}", s.request_timeout)))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::NodeId;
+
+    /// A waiter granted the key while its second connection reconnects must not stall: the
+    /// step-down guard is not held while waiting for that connection (`supervise` needs it to
+    /// publish the new one; before, the wait ran into its 10 s timeout).
+    #[tokio::test]
+    async fn a_grant_during_a_reconnection_of_the_second_connection_does_not_stall() {
+        let url = format!(
+            "{}?namespace=lockorder-{}-{:x}&schema=tp_lock_order",
+            crate::testing::servers::postgres_url(),
+            std::process::id(),
+            crate::clock::monotonic_nanos()
+        );
+        let settings = Arc::new(Settings::from_url(&url).unwrap());
+        let a = PgLock::new(settings.clone(), "jobs");
+        let req = |id: &str| AcquireRequest::new(NodeId::new(id));
+        let Some(la) = crate::testing::servers::require(
+            "PostgreSQL",
+            tokio::time::timeout(Duration::from_secs(10), a.acquire(req("a")))
+                .await
+                .map_err(|_| "timed out".to_owned())
+                .and_then(|r| r.map_err(|e| e.to_string())),
+        ) else {
+            return;
+        };
+        let b = Arc::new(PgLock::new(settings, "jobs"));
+        let waiter = {
+            let b = b.clone();
+            tokio::spawn(async move { b.acquire(req("b")).await })
+        };
+        // b waits in the queue (its lock session asked for the key).
+        let mut rx = b.shared.aux.state.subscribe();
+        let Ok(state) = rx.wait_for(|s| matches!(s, AuxState::Ready(..))).await else {
+            panic!("b's second connection never came up");
+        };
+        let AuxState::Ready(conn, _) = state.clone() else {
+            unreachable!()
+        };
+        drop(state);
+        let (admin, driver) = tokio_postgres::connect(
+            &crate::testing::servers::postgres_url(),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .unwrap();
+        tokio::spawn(driver);
+        let key = b.shared.sql.key;
+        loop {
+            let waiting: i64 = admin
+                .query_one(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+                     AND classid = ($1::bigint >> 32)::text::oid \
+                     AND objid = ($1::bigint & 4294967295)::text::oid AND objsubid = 1",
+                    &[&key],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if waiting == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // b's second connection drops and takes a while to come back; a releases meanwhile.
+        b.shared.aux_delay_ms.store(1_000, Ordering::SeqCst);
+        conn.kill();
+        rx.wait_for(|s| !matches!(s, AuxState::Ready(..)))
+            .await
+            .unwrap();
+        let released = tokio::time::Instant::now();
+        la.release().await.unwrap();
+        let lb = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("b stalled after its grant")
+            .unwrap()
+            .unwrap();
+        eprintln!("b primary {:?} after a released", released.elapsed());
+        lb.release().await.unwrap();
+    }
+}
+
+#[cfg(test)]
+mod step_down_tests {
+    use super::*;
+    use crate::NodeId;
+
+    /// A holder whose second connection comes back but cannot take the step-down lock again
+    /// ends its term: successors would no longer wait for it.
+    #[tokio::test]
+    async fn a_failed_retake_of_the_step_down_lock_ends_the_term() {
+        let url = format!(
+            "{}?namespace=retake-{}-{:x}&schema=tp_lock_order",
+            crate::testing::servers::postgres_url(),
+            std::process::id(),
+            crate::clock::monotonic_nanos()
+        );
+        let settings = Arc::new(Settings::from_url(&url).unwrap());
+        let a = PgLock::new(settings, "jobs");
+        let Some(mut la) = crate::testing::servers::require(
+            "PostgreSQL",
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                a.acquire(AcquireRequest::new(NodeId::new("a"))),
+            )
+            .await
+            .map_err(|_| "timed out".to_owned())
+            .and_then(|r| r.map_err(|e| e.to_string())),
+        ) else {
+            return;
+        };
+        let AuxState::Ready(conn, _) = a.shared.aux.state.borrow().clone() else {
+            panic!("a's second connection is not up");
+        };
+        let (admin, driver) = tokio_postgres::connect(
+            &crate::testing::servers::postgres_url(),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .unwrap();
+        tokio::spawn(driver);
+        // The connection drops; before it is back, another session holds the step-down lock.
+        a.shared.aux_delay_ms.store(500, Ordering::SeqCst);
+        conn.kill();
+        let take = a.shared.sql.ack_wait.split(';').next().unwrap().to_owned();
+        tokio::time::timeout(Duration::from_secs(5), admin.batch_execute(&take))
+            .await
+            .expect("the step-down lock was not freed with the connection")
+            .unwrap();
+        let lost = tokio::time::timeout(Duration::from_secs(10), la.lost())
+            .await
+            .expect("the term went on without the step-down lock");
+        assert!(lost.to_string().contains("step-down"), "{lost}");
+        la.release().await.unwrap();
     }
 }

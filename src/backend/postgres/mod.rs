@@ -46,14 +46,43 @@
 //! the successor waits for that holder to step down, so their periods never overlap. A holder
 //! whose process died loses both connections at once, and the wait costs nothing.
 //!
+//! **Death certificates and the fencing bound.** The step-down lock lives on a connection of its
+//! own, which the server can close too: an administrator may end both of a holder's sessions, or
+//! the server may give up on a holder that hears nothing from it (an asymmetric partition). So a
+//! node granted the key then reads its predecessor's holder record, and starts at once only with
+//! proof that the predecessor can no longer act:
+//!
+//! - the record is marked `released`: the predecessor wrote that itself, for its own term only,
+//!   after it had stepped down (a clean release, or after a loss once its elector let go);
+//! - the record's [`ProcessIdentity`](crate::process::ProcessIdentity) is on this host (same boot
+//!   id and PID namespace) and that process is gone (waited for up to the bound: a killed process
+//!   closes its sockets a moment before it has exited).
+//!
+//! Otherwise it waits the predecessor's **fencing bound** ([`PostgresBackend::fencing_bound`],
+//! recorded as `lease_ms`; at most [`PostgresBackend::max_fencing_bound`], which is also what a
+//! record without one gets), counted from its grant, in a server-side `pg_sleep` on its lock
+//! session. Every good liveness check renews the holder's term for its bound, less a tenth: the
+//! last one came before the server freed the key, so the holder has stopped acting before its
+//! successor starts.
+//!
+//! **Stopped nodes.** A node stopped while it holds the key (`SIGSTOP`, a frozen VM) keeps its
+//! sessions: its kernel answers keepalives. While they wait, nodes look every 2 s for a lock
+//! session of the key that the server shows idle for longer than the maximum fencing bound plus
+//! one liveness interval — a healthy holder's checks and a successor's sleep keep theirs active —
+//! and end it with `pg_terminate_backend`, together with that holder's second connection. That
+//! needs the holder's role, or `pg_signal_backend` and `pg_read_all_stats`; without them a
+//! warning says so, and a stopped holder keeps the lock until it resumes (it then reads as not
+//! primary at once and steps down).
+//!
 //! **Terms** come from a sequence (`nextval` at each acquisition), which never goes backwards,
 //! also across server restarts. The term and the [`Holder`](crate::Holder) record are written to
 //! the holder row, and a `NOTIFY` tells the secondaries. The holder row's commit does not wait for
 //! the disk (`synchronous_commit = off` for that statement; the term's own commit does): a server
 //! crash ends every session, and with it every term, anyway.
 //!
-//! **Liveness.** The holder checks its lock session every 500 ms ([`PostgresBackend::liveness`]):
-//! a query, answered within 1 s, that its server process still holds the key in `pg_locks`. On a
+//! **Liveness.** The holder checks its lock session every 150 ms ([`PostgresBackend::liveness`];
+//! about 7 queries a second, on the holder only): a query, answered within 200 ms, that its
+//! server process still holds the key in `pg_locks`. On a
 //! failure, a timeout or the end of the connection it reports the loss at once and the elector
 //! steps down. (An answer that arrived while the process was not running — stopped, frozen — is
 //! still read: a timed-out check waits 100 ms more before it judges.) Both connections set the
@@ -64,12 +93,14 @@
 //! server's detection time, which [`Backend::lock`] checks. Server-wide `statement_timeout`,
 //! `lock_timeout` and `idle_session_timeout` are switched off on both.
 //!
-//! **Handover**: the step-down lock is given back, then an explicit `pg_advisory_unlock` (closing
+//! **Handover**: the holder record is marked `released`, the step-down lock is given back, then an
+//! explicit `pg_advisory_unlock` (closing
 //! the connection frees the lock only when the server gets to it), then `NOTIFY`, then the session
 //! is closed.
 //!
 //! **Tables** (created if missing, in the schema `tower_primary` unless configured):
-//! `holders (key, namespace, lock_name, term, backend_pid, holder jsonb, acquired_at)`,
+//! `holders (key, namespace, lock_name, term, backend_pid, holder jsonb, acquired_at, aux_pid,
+//! aux_term)`,
 //! `state (namespace, lock_name, state_key, value bytea, term, updated_at)` and the sequence
 //! `terms`. [`Lock::holder`] reports a holder only while `pg_locks` shows its session holding the
 //! key. A state write is accepted only while the writing term's session holds the key (the holder
@@ -78,25 +109,23 @@
 //!
 //! # Guarantees
 //!
-//! - At most one primary per lock name: the server grants a session lock to one session, and a
-//!   successor waits for its predecessor's step-down lock. When a holder's process dies, its
-//!   sockets close and the server frees both locks in milliseconds.
-//! - A holder cut off from the server (partition, stalled proxy) steps down within
-//!   `interval + timeout + 100 ms` (1.6 s by default); the server frees its locks no earlier than
-//!   its keepalive detection time (4 s by default) after the partition began. This rests on the
-//!   server honouring the session's keepalive settings, as PostgreSQL does on TCP connections.
-//!   A whole machine frozen for longer than that (a VM pause) reads as not primary the moment it
-//!   resumes: every good liveness check counts as a renewal of a lease the backend implies (the
-//!   keepalive detection time, see `Leadership::implied_lease`), and the elector fences the
-//!   term a margin before it runs out.
-//! - Not covered: an asymmetric partition in which the server closes the holder's connections
-//!   while the holder hears nothing (no FIN, no RST). The server frees the lock at once and a
-//!   successor takes over in milliseconds, while the old holder acts until its next liveness
-//!   check fails (up to `interval + timeout`, 1.5 s by default; measured 1.25 s with
-//!   `examples/chaos --faults drop`). Fence downstream writes with the term: in those runs the
-//!   fence refused every one of the old holder's writes.
-//! - A stopped (`SIGSTOP`) holder keeps its lock: its kernel still answers keepalives. Stopped
-//!   for longer than the implied lease, it fences itself when it resumes and hands over.
+//! - At most one primary per lock name: the server grants a session lock to one session, a
+//!   successor waits for its predecessor's step-down lock, and then for its fencing bound unless
+//!   it holds a death certificate. When a holder's process dies, its sockets close and the server
+//!   frees both locks in milliseconds; a successor on the same host sees the process gone.
+//! - Failover: milliseconds after a clean release or a death certified on the same host;
+//!   otherwise (another host, a holder whose sessions the server closed) the predecessor's
+//!   fencing bound after the grant, 500 ms by default.
+//! - A holder cut off from the server (partition, stalled proxy, sessions closed without it
+//!   hearing) stops acting one fencing bound (less a tenth) after its last good liveness check:
+//!   every good check counts as a renewal of a lease the backend implies (see
+//!   `Leadership::implied_lease`). A whole machine frozen for longer (a VM pause) reads as not
+//!   primary the moment it resumes. The holder also steps down within
+//!   `interval + timeout + 100 ms`, before the server's keepalive detection frees its locks, which
+//!   older versions rely on.
+//! - A stopped (`SIGSTOP`) holder keeps its lock until a waiting node ends its sessions (after
+//!   the maximum fencing bound plus one interval, checked every 2 s); it fences itself when it
+//!   resumes.
 //! - Terms strictly increase while the database keeps its data. Advisory locks are not
 //!   replicated: after a failover to a replica every holder's connection ends and it steps down;
 //!   a sequence value could in theory go back after such a failover (values are WAL-logged ahead
@@ -162,6 +191,8 @@ impl fmt::Debug for PostgresBackend {
             .field("sslmode", &s.ssl_mode)
             .field("liveness_every", &s.liveness_every)
             .field("liveness_timeout", &s.liveness_timeout)
+            .field("fencing_bound", &s.fencing_bound)
+            .field("max_fencing_bound", &s.max_fencing_bound())
             .finish_non_exhaustive()
     }
 }
@@ -214,14 +245,40 @@ impl PostgresBackend {
     }
 
     /// How often the holder checks its lock session, and how long it waits for the answer
-    /// before it steps down. Default 500 ms and 1 s. `2 × every + timeout` must be shorter than
-    /// the [server's dead-peer detection](Self::server_keepalive).
+    /// before it steps down. Default 150 ms and 200 ms (about 7 queries a second, on the holder
+    /// only). `2 × every + timeout` must be shorter than the
+    /// [server's dead-peer detection](Self::server_keepalive), and `every + timeout` plus a
+    /// tenth of the [fencing bound](Self::fencing_bound) plus 50 ms shorter than that bound.
     #[must_use]
     pub fn liveness(self, every: Duration, timeout: Duration) -> Self {
         self.edit(|s| {
             s.liveness_every = every;
             s.liveness_timeout = timeout;
         })
+    }
+
+    /// This node's **fencing bound**: when it holds the lock, how long a successor that has no
+    /// proof that it stepped down (a clean release, or its process gone on the successor's
+    /// host) waits after the server granted it the lock. Every confirmed liveness check renews
+    /// the holder's term for this long (less a tenth as margin), so the holder stops acting
+    /// before a successor starts, also when the server closed its sessions without it hearing
+    /// of it. Recorded in the holder record as `lease_ms`. Default 500 ms; it must exceed what a
+    /// healthy holder needs between two checks (see [`liveness`](Self::liveness)).
+    #[must_use]
+    pub fn fencing_bound(self, bound: Duration) -> Self {
+        self.edit(|s| s.fencing_bound = bound)
+    }
+
+    /// The longest a successor waits for a predecessor without proof that it stepped down: the
+    /// cap on a recorded fencing bound, and the wait for a record without one (written by an
+    /// older version). Default: the larger of the
+    /// [server's dead-peer detection](Self::server_keepalive) (4 s by default; older versions
+    /// fenced their terms by it) and [`fencing_bound`](Self::fencing_bound). A lock session
+    /// that the server shows idle for longer than this plus one liveness interval belongs to a
+    /// stopped node, and waiting nodes end it.
+    #[must_use]
+    pub fn max_fencing_bound(self, max: Duration) -> Self {
+        self.edit(|s| s.max_fencing_bound = Some(max))
     }
 
     /// The TCP keepalive the lock session asks the server (and its own socket) to use:
@@ -350,9 +407,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("dead-peer"), "{err}");
+        let err = b
+            .clone()
+            .fencing_bound(Duration::from_millis(300))
+            .lock("jobs")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("fencing bound"), "{err}");
         assert!(
             b.server_keepalive(Duration::from_secs(10), Duration::from_secs(2), 3)
                 .liveness(Duration::from_secs(2), Duration::from_secs(2))
+                .fencing_bound(Duration::from_secs(5))
                 .lock("jobs")
                 .is_ok()
         );

@@ -4,6 +4,24 @@
 //! outside (names, records, state) goes in as a parameter. Statements on the lock session use the
 //! simple-query protocol or unnamed statements (`query_typed`), never named prepared statements,
 //! so that nothing depends on server-side statement state.
+//!
+//! # Mixing versions
+//!
+//! The holder table only grows: the columns `aux_pid` and `aux_term` (the second connection's
+//! server process and the term it was recorded for) are added with `ADD COLUMN IF NOT EXISTS`,
+//! nullable; the fencing bound (`lease_ms`), the process identity (`process`) and the clean
+//! release mark (`released`) live in the holder JSON as optional fields. Nodes of 0.1.0 keep
+//! working beside newer ones on one lock:
+//!
+//! - an old node reading a new row ignores the fields it does not know; its inserts name their
+//!   columns, so they stay valid, and leave `aux_pid`/`aux_term` as they were — a newer node
+//!   uses `aux_pid` only when `aux_term` equals the row's term. Newer holders keep taking the
+//!   step-down lock that old successors wait for. An old successor does not wait for a fencing
+//!   bound: beside old nodes, a holder that loses both connections at once can still overlap
+//!   its successor as it could before.
+//! - a new node reading an old row finds no `lease_ms`, `process` or `released`: no death
+//!   certificate, so it waits the full bound (`max_fencing_bound`, by default the server's
+//!   dead-peer detection, which old holders fenced their terms by).
 
 use super::advisory_key;
 
@@ -34,6 +52,22 @@ pub(super) struct Sql {
     pub(super) ack_take: String,
     /// Simple query: gives the shared step-down lock back.
     pub(super) ack_release: String,
+    /// Typed: `$1` key, `$2` namespace, `$3` lock name → the last holder's JSON (the
+    /// predecessor's record, read by a node that was just granted the key).
+    pub(super) predecessor: String,
+    /// Typed: marks the holder record of term `$2` as cleanly released (`$1` key).
+    pub(super) mark_released: String,
+    /// Typed: `$1` key, `$2` term, `$3` the second connection's new server process.
+    pub(super) update_aux: String,
+    /// Simple query with the wait in seconds appended: sleeps on the server (the session stays
+    /// active, so no waiting node takes it for a stopped one).
+    pub(super) sleep: String,
+    /// Typed: ends the sessions of a node that holds the key while its lock session has been
+    /// idle on the server for longer than `$2` milliseconds (a stopped process): that session
+    /// and, when the holder row names it for the current term and it holds the step-down lock,
+    /// its second connection. `$1` key → (lock sessions ended, second connections ended,
+    /// holders whose activity this role cannot see).
+    pub(super) end_stopped: String,
     /// Simple query: (backend pid, whether this backend holds the key).
     pub(super) held: String,
     /// Simple query: as `held`, and a new term from the sequence (its commit is durable when
@@ -42,7 +76,8 @@ pub(super) struct Sql {
     /// Simple query: unlock, then NOTIFY (delivered at the end of the implicit transaction).
     pub(super) release: String,
     /// Typed: records the holder of term `$6`. `$1` key, `$2` namespace, `$3` lock name,
-    /// `$4` holder JSON, `$5` channel → (term or NULL, notified, owner of the key's row).
+    /// `$4` holder JSON, `$5` channel, `$7` the second connection's server process → (term or
+    /// NULL, notified, owner of the key's row).
     pub(super) acquired: String,
     /// Typed: `$1` key, `$2` namespace, `$3` lock name → the holder JSON while its session holds
     /// the key.
@@ -85,7 +120,10 @@ impl Sql {
             key,
             setup_check: format!(
                 "SELECT to_regclass('{s}.holders') IS NOT NULL AND to_regclass('{s}.state') IS NOT NULL \
-                 AND to_regclass('{s}.terms') IS NOT NULL"
+                 AND to_regclass('{s}.terms') IS NOT NULL \
+                 AND EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a \
+                   WHERE a.attrelid = to_regclass('{s}.holders') AND a.attname = 'aux_term' \
+                   AND NOT a.attisdropped)"
             ),
             setup: format!(
                 "BEGIN; SELECT pg_advisory_xact_lock({setup_key}); \
@@ -99,6 +137,8 @@ impl Sql {
                    backend_pid integer NOT NULL, \
                    holder jsonb NOT NULL, \
                    acquired_at timestamptz NOT NULL DEFAULT now()); \
+                 ALTER TABLE {s}.holders ADD COLUMN IF NOT EXISTS aux_pid integer, \
+                   ADD COLUMN IF NOT EXISTS aux_term bigint; \
                  CREATE TABLE IF NOT EXISTS {s}.state ( \
                    namespace text NOT NULL, \
                    lock_name text NOT NULL, \
@@ -145,15 +185,48 @@ impl Sql {
             acquired: format!(
                 "WITH c AS (SELECT set_config('synchronous_commit', 'off', true)), \
                  up AS ( \
-                   INSERT INTO {s}.holders AS h (key, namespace, lock_name, term, backend_pid, holder, acquired_at) \
-                   SELECT $1, $2, $3, $6, pg_backend_pid(), jsonb_set($4::jsonb, '{{term}}', to_jsonb($6::bigint)), now() FROM c \
+                   INSERT INTO {s}.holders AS h (key, namespace, lock_name, term, backend_pid, holder, acquired_at, aux_pid, aux_term) \
+                   SELECT $1, $2, $3, $6, pg_backend_pid(), jsonb_set($4::jsonb, '{{term}}', to_jsonb($6::bigint)), now(), $7, $6 FROM c \
                    ON CONFLICT (key) DO UPDATE SET term = EXCLUDED.term, backend_pid = EXCLUDED.backend_pid, \
-                     holder = EXCLUDED.holder, acquired_at = EXCLUDED.acquired_at \
+                     holder = EXCLUDED.holder, acquired_at = EXCLUDED.acquired_at, \
+                     aux_pid = EXCLUDED.aux_pid, aux_term = EXCLUDED.aux_term \
                    WHERE h.namespace = EXCLUDED.namespace AND h.lock_name = EXCLUDED.lock_name \
                    RETURNING h.term), \
                  n AS (SELECT pg_notify($5, 'holder') FROM up) \
                  SELECT (SELECT term FROM up), (SELECT count(*) FROM n), \
                    (SELECT o.namespace || '/' || o.lock_name FROM {s}.holders o WHERE o.key = $1)"
+            ),
+            predecessor: format!(
+                "SELECT h.holder::text FROM {s}.holders h \
+                 WHERE h.key = $1 AND h.namespace = $2 AND h.lock_name = $3"
+            ),
+            // Written before the unlock (or, after a loss, once the node has stepped down);
+            // never durable on its own: a lost mark only costs the successor its wait.
+            mark_released: format!(
+                "WITH c AS (SELECT set_config('synchronous_commit', 'off', true)) \
+                 UPDATE {s}.holders h SET holder = jsonb_set(h.holder, '{{released}}', 'true') \
+                 FROM c WHERE h.key = $1 AND h.term = $2"
+            ),
+            update_aux: format!(
+                "UPDATE {s}.holders SET aux_pid = $3 WHERE key = $1 AND term = $2 AND aux_term = $2"
+            ),
+            sleep: "SELECT pg_sleep(".to_owned(),
+            end_stopped: format!(
+                "WITH t AS ( \
+                   SELECT l.pid FROM {rows} AND EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a \
+                     WHERE a.pid = l.pid AND a.state = 'idle' \
+                     AND clock_timestamp() - a.state_change > $2::bigint * interval '1 millisecond')), \
+                 x AS (SELECT t.pid, pg_terminate_backend(t.pid) AS ok FROM t), \
+                 y AS (SELECT pg_terminate_backend(h.aux_pid) AS ok FROM {s}.holders h JOIN x ON h.backend_pid = x.pid \
+                   WHERE h.key = $1 AND h.aux_term = h.term AND h.aux_pid IS NOT NULL \
+                   AND EXISTS (SELECT 1 FROM pg_catalog.pg_locks d WHERE d.locktype = 'advisory' \
+                     AND d.pid = h.aux_pid AND d.objsubid = 2 AND d.granted AND d.mode = 'ShareLock' \
+                     AND d.classid = '{hi_oid}'::oid AND d.objid = '{lo_oid}'::oid)) \
+                 SELECT (SELECT count(*) FROM x WHERE x.ok), (SELECT count(*) FROM y WHERE y.ok), \
+                   (SELECT count(*) FROM {rows} AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a \
+                     WHERE a.pid = l.pid AND a.state IS NOT NULL))",
+                hi_oid = bits >> 32,
+                lo_oid = bits & 0xffff_ffff
             ),
             holder: format!(
                 "SELECT h.holder::text FROM {s}.holders h \
