@@ -138,6 +138,11 @@ const MAX_GRANT_ATTEMPTS: u32 = 16;
 const MAX_HOLDER_BYTES: u64 = 64 * 1024;
 const STATE_MAGIC: &str = "tower-primary-state";
 
+/// The largest state value the file backend keeps: 16 MiB. [`Lock::store`] refuses a larger one
+/// with [`Error::ValueTooLarge`], and [`Lock::load`] reports a larger file as
+/// [`Error::Corrupt`] without reading it.
+pub const MAX_STATE_VALUE: usize = 16 * 1024 * 1024;
+
 /// Locks in a directory, with `flock(2)`. See the [module docs](self).
 ///
 /// # Examples
@@ -187,6 +192,8 @@ impl FileLock {
                 watch: Mutex::new(None),
                 blocked: watch::channel(0).0,
                 stale_grants: watch::channel(0).0,
+                #[cfg(test)]
+                disk: tests::SlowDisk::new(),
             }),
         })
     }
@@ -609,6 +616,9 @@ struct Inner {
     blocked: watch::Sender<u64>,
     /// Grants dropped because the path no longer named the locked file (observed by tests).
     stale_grants: watch::Sender<u64>,
+    /// A disk that stalls on demand, in tests.
+    #[cfg(test)]
+    disk: tests::SlowDisk,
 }
 
 impl fmt::Debug for Inner {
@@ -622,6 +632,14 @@ impl fmt::Debug for Inner {
 }
 
 impl Inner {
+    /// Where tests stall file operation `op` to play a slow disk.
+    fn disk(&self, op: &'static str) {
+        #[cfg(test)]
+        self.disk.pass(op);
+        #[cfg(not(test))]
+        let _ = op;
+    }
+
     /// A backend error, logged.
     fn io(&self, what: String, err: io::Error) -> Error {
         tracing::warn!(lock = %self.name, backend = NAME, error = %err, "{what}");
@@ -868,6 +886,7 @@ impl Inner {
 
     /// Who holds the lock, if the record is plausibly current.
     fn current_holder(&self) -> Result<Option<Holder>, Error> {
+        self.disk("holder");
         let holder = match self.read_holder() {
             Ok(Record::Found(h)) => h,
             Ok(Record::Missing) => return Ok(None),
@@ -973,6 +992,7 @@ impl Inner {
                 current: newer.or(live_term),
             });
         }
+        self.disk("store");
         ensure_state_dir(&self.paths.state_dir).map_err(|e| {
             self.io(
                 format!(
@@ -1071,6 +1091,7 @@ impl Lock for DirLock {
     fn load<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Stored>, Error>> {
         Box::pin(async move {
             validate_key(key)?;
+            self.inner.disk("load");
             match self.inner.read_state(key) {
                 Ok(Record::Found(s)) => Ok(Some(s)),
                 Ok(Record::Missing) => Ok(None),
@@ -1374,6 +1395,7 @@ impl HeldLock {
         if live.as_ref().is_some_and(|l| l.term == self.term) {
             *live = None;
         }
+        inner.disk("release");
         // While still holding: delete the record if it is ours (or damaged, and the lock file
         // is still ours), so nobody reads it as current after the unlock.
         let ours = match inner.read_holder() {
@@ -1585,6 +1607,281 @@ mod tests {
         fn text(&self) -> String {
             String::from_utf8_lossy(&lock(&self.0)).into_owned()
         }
+    }
+
+    /// A disk that stalls on demand: the named operations wait in [`pass`](Self::pass) until
+    /// [`free`](Self::free) (or, so that a runtime blocked by one cannot hang a test, until
+    /// `PATIENCE` is over).
+    pub(super) struct SlowDisk {
+        /// The stalled operations, and how many calls wait in a stall now.
+        stalled: Mutex<(Vec<&'static str>, usize)>,
+        freed: std::sync::Condvar,
+        /// Operations that reached a stall.
+        stalls: watch::Sender<u64>,
+    }
+
+    impl SlowDisk {
+        pub(super) fn new() -> Self {
+            SlowDisk {
+                stalled: Mutex::new((Vec::new(), 0)),
+                freed: std::sync::Condvar::new(),
+                stalls: watch::channel(0).0,
+            }
+        }
+
+        pub(super) fn pass(&self, op: &'static str) {
+            let mut stalled = lock(&self.stalled);
+            if !stalled.0.contains(&op) {
+                return;
+            }
+            stalled.1 += 1;
+            self.stalls.send_modify(bump);
+            let until = Instant::now() + PATIENCE;
+            while stalled.0.contains(&op) {
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                stalled = self
+                    .freed
+                    .wait_timeout(stalled, left)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .0;
+            }
+            stalled.1 -= 1;
+        }
+
+        fn stall(&self, op: &'static str) {
+            lock(&self.stalled).0.push(op);
+        }
+
+        /// How many calls wait in a stall now.
+        fn waiting(&self) -> usize {
+            lock(&self.stalled).1
+        }
+
+        fn free(&self) {
+            lock(&self.stalled).0.clear();
+            self.freed.notify_all();
+        }
+    }
+
+    /// Runs `fut` (an operation of `lock`) with `op` stalled on the disk, and checks that the
+    /// runtime stays free meanwhile: a timer set once the operation waits on the disk fires
+    /// while it still waits. On a current-thread runtime, an operation that blocks the thread
+    /// leaves the stall (after its `PATIENCE`) before the timer can fire.
+    async fn stalled<T: Send + 'static>(
+        lock: &DirLock,
+        op: &'static str,
+        fut: impl Future<Output = T> + Send + 'static,
+    ) -> T {
+        let disk = &lock.inner.disk;
+        let before = *disk.stalls.borrow();
+        disk.stall(op);
+        let task = tokio::spawn(fut);
+        counted(&disk.stalls, before + 1, "the operation to reach the disk").await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let blocked = disk.waiting() == 0;
+        disk.free();
+        assert!(
+            !blocked,
+            "{op}: the timer fired only after the stalled operation ended: it blocked the runtime"
+        );
+        within(op, task).await.unwrap()
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn stalled_file_operations_leave_the_runtime_free() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = Arc::new(open(tmp.path(), "jobs"));
+
+        let lease = a.acquire(req("a")).await.unwrap();
+        let term = lease.term();
+        let l = a.clone();
+        stalled(&a, "store", async move { l.store("k", b"v", term).await })
+            .await
+            .unwrap();
+        let l = a.clone();
+        let loaded = stalled(&a, "load", async move { l.load("k").await }).await;
+        assert_eq!(loaded.unwrap(), Some(Stored::new(b"v".to_vec(), term)));
+        let l = a.clone();
+        let holder = stalled(&a, "holder", async move { l.holder().await }).await;
+        assert_eq!(holder.unwrap().as_ref(), Some(lease.holder()));
+        stalled(&a, "release", lease.release()).await.unwrap();
+        assert_eq!(a.holder().await.unwrap(), None);
+    }
+
+    /// A state write stalled on the disk keeps the lock until it is done, but a release that
+    /// meets it waits without blocking the runtime; the next holder gets a higher term and sees
+    /// the write.
+    #[tokio::test(flavor = "current_thread")]
+    async fn release_waits_for_a_stalled_store_without_blocking_the_runtime() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, c) = (Arc::new(open(tmp.path(), "jobs")), open(tmp.path(), "jobs"));
+        let lease = a.acquire(req("a")).await.unwrap();
+        let term = lease.term();
+        let disk = &a.inner.disk;
+        disk.stall("store");
+        let l = a.clone();
+        let store = tokio::spawn(async move { l.store("k", b"v", term).await });
+        counted(&disk.stalls, 1, "the store to reach the disk").await;
+
+        let release = tokio::spawn(lease.release());
+        let mut next = c.acquire(req("c"));
+        assert!((&mut next).now_or_never().is_none());
+        counted(&c.inner.blocked, 1, "c to wait in flock").await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let blocked = disk.waiting() == 0;
+        disk.free();
+        assert!(
+            !blocked,
+            "the release blocked the runtime until the stalled store ended"
+        );
+        within("the store", store).await.unwrap().unwrap();
+        within("the release", release).await.unwrap().unwrap();
+        let next = within("c's grant", next).await.unwrap();
+        assert!(next.term() > term);
+        assert_eq!(
+            c.load("k").await.unwrap(),
+            Some(Stored::new(b"v".to_vec(), term))
+        );
+        next.release().await.unwrap();
+    }
+
+    /// State files that are damaged, too large or not files at all are reported as corrupt;
+    /// nothing larger than the maximum is read into memory.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn oversized_and_garbled_state_values_are_clear_errors() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = open(tmp.path(), "jobs");
+        let dir = &a.inner.paths.state_dir;
+        let corrupt = |r: Result<Option<Stored>, Error>| match r {
+            Err(Error::Corrupt { what, problem, .. }) => format!("{what}: {problem}"),
+            Err(other) => panic!("expected a corrupt-record error, got {other:?}"),
+            Ok(v) => panic!(
+                "expected a corrupt-record error, got a value of {:?} bytes",
+                v.map(|s| s.value.len())
+            ),
+        };
+
+        // A header that claims, and a (sparse) file that holds, far more than the maximum.
+        let big = 4 * MAX_STATE_VALUE as u64;
+        let mut header = format!("{STATE_MAGIC} 1 7 {big}\n").into_bytes();
+        let f = File::create(dir.join("big")).unwrap();
+        f.write_all_at(&header, 0).unwrap();
+        f.set_len(header.len() as u64 + big).unwrap();
+        let problem = corrupt(a.load("big").await);
+        assert!(
+            problem.contains("big") && problem.contains("larger"),
+            "{problem}"
+        );
+
+        // An honest header, but more bytes than it says.
+        header = format!("{STATE_MAGIC} 1 7 3\n").into_bytes();
+        f.write_all_at(&header, 0).unwrap();
+        let problem = corrupt(a.load("big").await);
+        assert!(
+            problem.contains("larger") || problem.contains("holds"),
+            "{problem}"
+        );
+
+        for (key, bytes) in [
+            (
+                "garbled",
+                &b"\x00\xff\xfe garbage without a header line"[..],
+            ),
+            ("no-magic", &b"something-else 1 7 1\nx"[..]),
+            ("short", &b"tower-primary-state 1 7 99\nshort"[..]),
+            ("bad-term", &b"tower-primary-state 1 -7 1\nx"[..]),
+            ("empty", &b""[..]),
+        ] {
+            fs::write(dir.join(key), bytes).unwrap();
+            let problem = corrupt(a.load(key).await);
+            assert!(problem.contains(key), "{problem}");
+        }
+
+        // A FIFO would block a reader for ever; it is refused at once.
+        let fifo = dir.join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let unblock = std::thread::spawn({
+            let fifo = fifo.clone();
+            move || {
+                // Only a safety net for a reader stuck in open(2), so the test ends.
+                std::thread::sleep(PATIENCE);
+                let _ = OpenOptions::new()
+                    .write(true)
+                    .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+                    .open(&fifo);
+            }
+        });
+        let started = Instant::now();
+        let problem = corrupt(a.load("fifo").await);
+        assert!(started.elapsed() < PATIENCE, "the FIFO blocked the load");
+        assert!(problem.contains("regular file"), "{problem}");
+        drop(unblock);
+
+        // A store of more than the maximum is refused with a typed error, and stores nothing.
+        let lease = a.acquire(req("a")).await.unwrap();
+        let value = vec![b'x'; MAX_STATE_VALUE + 1];
+        match a.store("k", &value, lease.term()).await {
+            Err(Error::ValueTooLarge { key, size, max, .. }) => {
+                assert_eq!(
+                    (key.as_str(), size, max),
+                    ("k", value.len() as u64, MAX_STATE_VALUE as u64)
+                );
+            }
+            other => panic!("expected ValueTooLarge, got {:?}", other.err()),
+        }
+        assert_eq!(a.load("k").await.unwrap(), None);
+        let value = vec![b'y'; MAX_STATE_VALUE];
+        a.store("k", &value, lease.term()).await.unwrap();
+        assert_eq!(
+            a.load("k").await.unwrap().unwrap().value.len(),
+            MAX_STATE_VALUE
+        );
+        // A corrupt value is overwritten by the holder's next store.
+        a.store("garbled", b"fixed", lease.term()).await.unwrap();
+        assert_eq!(
+            a.load("garbled").await.unwrap(),
+            Some(Stored::new(b"fixed".to_vec(), lease.term()))
+        );
+        lease.release().await.unwrap();
+    }
+
+    /// A holder record that is damaged, too large or not a file is an error, not a holder.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn oversized_and_garbled_holder_records_are_clear_errors() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = open(tmp.path(), "jobs");
+        let path = a.inner.paths.holder.clone();
+        let corrupt = |r: Result<Option<Holder>, Error>| match r {
+            Err(Error::Corrupt { what, problem, .. }) => format!("{what}: {problem}"),
+            other => panic!("expected a corrupt-record error, got {other:?}"),
+        };
+        let f = File::create(&path).unwrap();
+        f.set_len(1 << 30).unwrap();
+        drop(f);
+        let problem = corrupt(a.holder().await);
+        assert!(
+            problem.contains("holder") && problem.contains("larger"),
+            "{problem}"
+        );
+
+        fs::write(&path, b"{\"id\": \"x\", \"term\": ").unwrap();
+        let problem = corrupt(a.holder().await);
+        assert!(problem.contains("holder"), "{problem}");
+
+        fs::remove_file(&path).unwrap();
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let problem = corrupt(within("holder() on a FIFO", a.holder()).await);
+        assert!(problem.contains("regular file"), "{problem}");
+
+        // The next holder replaces whatever is there, and its term rises.
+        fs::remove_file(&path).unwrap();
+        fs::write(&path, vec![b'{'; 100_000]).unwrap();
+        let lease = a.acquire(req("a")).await.unwrap();
+        assert_eq!(a.holder().await.unwrap().as_ref(), Some(lease.holder()));
+        lease.release().await.unwrap();
     }
 
     #[test]
