@@ -104,7 +104,7 @@
 //! # }
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::fs::{self, DirBuilder, File, OpenOptions, TryLockError};
@@ -136,6 +136,8 @@ const TERM_LEN: u64 = 21;
 const MAX_GRANT_ATTEMPTS: u32 = 16;
 /// A larger holder record is corrupt.
 const MAX_HOLDER_BYTES: u64 = 64 * 1024;
+/// The longest header line of a state file, line end included.
+const MAX_STATE_HEADER: u64 = 128;
 const STATE_MAGIC: &str = "tower-primary-state";
 
 /// The largest state value the file backend keeps: 16 MiB. [`Lock::store`] refuses a larger one
@@ -189,6 +191,8 @@ impl FileLock {
                 paths,
                 host: hostname(),
                 live: Mutex::new(None),
+                writes: watch::channel(0).0,
+                waiting: Mutex::new(Waiting::default()),
                 watch: Mutex::new(None),
                 blocked: watch::channel(0).0,
                 stale_grants: watch::channel(0).0,
@@ -351,16 +355,33 @@ fn ensure_state_dir(path: &Path) -> io::Result<()> {
     }
 }
 
-/// Reads a file without following a symbolic link, up to `limit` bytes (one more is read, so
-/// the caller can tell a file that is too large).
-fn read_nofollow(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+/// Opens a record file for reading: no symbolic link (`ELOOP`), and without blocking (a FIFO
+/// planted there would block `open(2)` until a writer came); `Ok(Err(problem))` for anything
+/// but a regular file.
+fn open_record(path: &Path) -> io::Result<Result<(File, u64), String>> {
     let file = OpenOptions::new()
         .read(true)
-        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .custom_flags((nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK).bits())
         .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Ok(Err(format!(
+            "is not a regular file ({:?})",
+            meta.file_type()
+        )));
+    }
+    Ok(Ok((file, meta.len())))
+}
+
+/// Reads at most the first `n` bytes of a record file.
+fn read_prefix(path: &Path, n: u64) -> io::Result<Result<Vec<u8>, String>> {
+    let (file, _) = match open_record(path)? {
+        Ok(f) => f,
+        Err(problem) => return Ok(Err(problem)),
+    };
     let mut buf = Vec::new();
-    file.take(limit.saturating_add(1)).read_to_end(&mut buf)?;
-    Ok(buf)
+    file.take(n).read_to_end(&mut buf)?;
+    Ok(Ok(buf))
 }
 
 /// Writes `bytes` to `dir/name` atomically: a temporary file, rename. With `durable`, the file is
@@ -403,26 +424,40 @@ enum Record<T> {
     Found(T),
 }
 
-/// Reads a record that is absent, damaged, or present; an I/O error is an `Err`.
+/// Reads a record that is absent, damaged, or present; an I/O error is an `Err`. A file larger
+/// than `limit` bytes is damaged, and is not read: nothing larger is ever allocated.
 fn read_record<T>(
     path: &Path,
     limit: u64,
     parse: impl FnOnce(&[u8]) -> Result<T, String>,
 ) -> io::Result<Record<T>> {
-    match read_nofollow(path, limit) {
-        Ok(bytes) if bytes.len() as u64 > limit => {
-            Ok(Record::Corrupt(format!("larger than {limit} bytes")))
-        }
-        Ok(bytes) => Ok(match parse(&bytes) {
-            Ok(v) => Record::Found(v),
-            Err(problem) => Record::Corrupt(problem),
-        }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Record::Missing),
+    let (file, len) = match open_record(path) {
+        Ok(Ok(opened)) => opened,
+        Ok(Err(problem)) => return Ok(Record::Corrupt(problem)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Record::Missing),
         Err(e) if e.raw_os_error() == Some(Errno::ELOOP as i32) => {
-            Ok(Record::Corrupt("is a symbolic link".to_owned()))
+            return Ok(Record::Corrupt("is a symbolic link".to_owned()));
         }
-        Err(e) => Err(e),
+        Err(e) => return Err(e),
+    };
+    let too_large = || {
+        Record::Corrupt(format!(
+            "is larger than {limit} bytes, the most this file may hold"
+        ))
+    };
+    if len > limit {
+        return Ok(too_large());
     }
+    // The file may have grown since the `fstat`: read one byte more than allowed to tell.
+    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    file.take(limit.saturating_add(1)).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Ok(too_large());
+    }
+    Ok(match parse(&bytes) {
+        Ok(v) => Record::Found(v),
+        Err(problem) => Record::Corrupt(problem),
+    })
 }
 
 fn parse_holder(bytes: &[u8]) -> Result<Holder, String> {
@@ -508,7 +543,7 @@ fn encode_state(value: &[u8], term: u64) -> Vec<u8> {
 fn parse_state_header(bytes: &[u8]) -> Result<(u64, u64, usize), String> {
     let end = bytes
         .iter()
-        .take(128)
+        .take(MAX_STATE_HEADER as usize)
         .position(|b| *b == b'\n')
         .ok_or("no header line")?;
     let line = std::str::from_utf8(&bytes[..end]).map_err(|_| "header is not UTF-8")?;
@@ -525,9 +560,14 @@ fn parse_state_header(bytes: &[u8]) -> Result<(u64, u64, usize), String> {
     let term = term
         .parse()
         .map_err(|_| format!("bad term in header {line:?}"))?;
-    let len = len
+    let len: u64 = len
         .parse()
         .map_err(|_| format!("bad length in header {line:?}"))?;
+    if len > MAX_STATE_VALUE as u64 {
+        return Err(format!(
+            "the header says {len} bytes, larger than the maximum of {MAX_STATE_VALUE}"
+        ));
+    }
     Ok((term, len, end + 1))
 }
 
@@ -560,10 +600,55 @@ impl FileId {
 }
 
 /// The lock this `Lock` object holds now.
-#[derive(Debug)]
 struct Live {
     term: u64,
     id: FileId,
+    /// The locked file. The kernel keeps the lock until the last descriptor of this open file
+    /// closes, so a state write holding a clone keeps the lock until it is done.
+    file: Arc<File>,
+}
+
+impl fmt::Debug for Live {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Live")
+            .field("term", &self.term)
+            .field("inode", &self.id.ino)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A write made under the live term (a state value, a holder record repair): it keeps the lock
+/// file open, and so the lock held, until it is dropped, and a release waits for it before it
+/// deletes the holder record.
+struct WriteGuard {
+    inner: Arc<Inner>,
+    file: Option<Arc<File>>,
+    id: FileId,
+}
+
+impl Drop for WriteGuard {
+    fn drop(&mut self) {
+        // The descriptor first: a release that sees no write in flight then owns the last one.
+        drop(self.file.take());
+        self.inner.writes.send_modify(|n| *n -= 1);
+    }
+}
+
+/// An acquire waiting for the waiter thread of its lock object.
+struct Pending {
+    req: AcquireRequest,
+    tx: oneshot::Sender<Result<HeldLock, Error>>,
+    /// The acquirer's tracing context, for what the waiter thread logs for it.
+    dispatch: tracing::Dispatch,
+    span: tracing::Span,
+}
+
+/// The waiter thread of a lock object and the acquires it serves, oldest first.
+#[derive(Default)]
+struct Waiting {
+    /// A waiter thread runs; it ends when no acquire waits any more.
+    running: bool,
+    queue: VecDeque<Pending>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -608,8 +693,13 @@ struct Inner {
     name: String,
     paths: Paths,
     host: String,
-    /// The lock held through this object, if any: what `store` checks.
+    /// The lock held through this object, if any: what `store` checks. Held only for
+    /// moments, never across file I/O.
     live: Mutex<Option<Live>>,
+    /// Writes in flight under the live term ([`WriteGuard`]s).
+    writes: watch::Sender<u64>,
+    /// Acquires waiting for the one thread that waits in `flock` for this object.
+    waiting: Mutex<Waiting>,
     /// The directory watch, created on first use and again after it broke.
     watch: Mutex<Option<Arc<DirWatch>>>,
     /// Times a waiting thread went into a blocking `flock` (observed by tests).
@@ -640,6 +730,38 @@ impl Inner {
         let _ = op;
     }
 
+    /// A guard for a write under `term`, if `term` holds the lock through this object now.
+    fn write_guard(self: &Arc<Self>, term: u64) -> Result<WriteGuard, Option<u64>> {
+        let live = lock(&self.live);
+        match live.as_ref() {
+            Some(l) if l.term == term => {
+                self.writes.send_modify(|n| *n += 1);
+                Ok(WriteGuard {
+                    inner: self.clone(),
+                    file: Some(l.file.clone()),
+                    id: l.id,
+                })
+            }
+            Some(l) => Err(Some(l.term)),
+            None => Err(None),
+        }
+    }
+
+    /// Ends the live term `term` (if it is the live one): no write can start under it any more.
+    fn end_term(&self, term: u64) {
+        let mut live = lock(&self.live);
+        if live.as_ref().is_some_and(|l| l.term == term) {
+            *live = None;
+        }
+    }
+
+    /// Waits until no write is in flight under an ended term.
+    async fn writes_done(&self) {
+        let mut rx = self.writes.subscribe();
+        // The sender lives in `self`: this cannot fail.
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+
     /// A backend error, logged.
     fn io(&self, what: String, err: io::Error) -> Error {
         tracing::warn!(lock = %self.name, backend = NAME, error = %err, "{what}");
@@ -668,28 +790,111 @@ impl Inner {
     }
 
     fn read_state(&self, key: &str) -> io::Result<Record<Stored>> {
-        read_record(&self.state_path(key), u64::MAX - 1, parse_state)
+        read_record(
+            &self.state_path(key),
+            MAX_STATE_HEADER + MAX_STATE_VALUE as u64,
+            parse_state,
+        )
     }
 
-    /// Runs on the acquiring thread: waits for the lock on the file the path names, then takes
-    /// a term. `None` when the acquiring future was dropped.
-    fn grant(
-        self: &Arc<Self>,
-        req: &AcquireRequest,
-        tx: &oneshot::Sender<Result<HeldLock, Error>>,
-    ) -> Option<Result<HeldLock, Error>> {
-        match self.wait_for_lock(tx) {
-            Ok(Some((file, id))) => Some(self.take_term(file, id, req)),
-            Ok(None) => None,
-            Err(e) => Some(Err(e)),
+    /// Queues an acquire for the waiter thread, starting it if none runs. One thread per lock
+    /// object waits in `flock` for all its acquires, so acquires that are given up while the
+    /// lock is held elsewhere do not leave a blocked thread each: the next acquire takes over
+    /// the waiting thread.
+    fn enqueue(self: &Arc<Self>, pending: Pending) -> Result<(), Error> {
+        let mut waiting = lock(&self.waiting);
+        waiting.queue.retain(|p| !p.tx.is_closed());
+        waiting.queue.push_back(pending);
+        if waiting.running {
+            return Ok(());
+        }
+        let inner = self.clone();
+        // A dedicated thread, not `spawn_blocking`: a task blocked in flock would keep a dropped
+        // tokio runtime from shutting down.
+        match std::thread::Builder::new()
+            .name("tower-primary-flock".to_owned())
+            .spawn(move || inner.serve())
+        {
+            Ok(_) => {
+                waiting.running = true;
+                Ok(())
+            }
+            Err(e) => {
+                waiting.queue.pop_back();
+                Err(self.io("cannot start the lock waiting thread".to_owned(), e))
+            }
+        }
+    }
+
+    /// Whether an acquire still waits.
+    fn anyone_waiting(&self) -> bool {
+        lock(&self.waiting).queue.iter().any(|p| !p.tx.is_closed())
+    }
+
+    /// The oldest acquire that still waits, taken off the queue.
+    fn next_waiting(&self) -> Option<Pending> {
+        let mut waiting = lock(&self.waiting);
+        while let Some(p) = waiting.queue.pop_front() {
+            if !p.tx.is_closed() {
+                return Some(p);
+            }
+        }
+        None
+    }
+
+    /// The waiter thread: serves the queued acquires one after the other, and ends when none is
+    /// left.
+    fn serve(self: Arc<Self>) {
+        loop {
+            let context = {
+                let mut waiting = lock(&self.waiting);
+                waiting.queue.retain(|p| !p.tx.is_closed());
+                match waiting.queue.front() {
+                    Some(p) => (p.dispatch.clone(), p.span.clone()),
+                    None => {
+                        waiting.running = false;
+                        return;
+                    }
+                }
+            };
+            let (dispatch, span) = context;
+            tracing::dispatcher::with_default(&dispatch, || span.in_scope(|| self.serve_one()));
+        }
+    }
+
+    /// Waits for the lock, and hands it with a new term to the oldest acquire still waiting. A
+    /// grant that nobody waits for any more is unlocked at once.
+    fn serve_one(self: &Arc<Self>) {
+        match self.wait_for_lock() {
+            Ok(Some((file, id))) => {
+                let Some(pending) = self.next_waiting() else {
+                    tracing::debug!(lock = %self.name, "the acquire was given up while waiting; unlocking the grant");
+                    return;
+                };
+                let granted = self.take_term(file, id, &pending.req);
+                let to_sync = granted
+                    .as_ref()
+                    .ok()
+                    .and_then(|h| h.file.as_deref()?.try_clone().ok());
+                // If the acquirer is gone, the grant comes back and is dropped here, which
+                // deletes its holder record and unlocks.
+                let _ = pending.tx.send(granted);
+                if let Some(file) = to_sync {
+                    sync_term(&file, &self.name);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                if let Some(pending) = self.next_waiting() {
+                    let _ = pending.tx.send(Err(e));
+                }
+            }
         }
     }
 
     /// Locks the file the path names, waiting (blocking) as long as needed.
-    fn wait_for_lock(
-        &self,
-        tx: &oneshot::Sender<Result<HeldLock, Error>>,
-    ) -> Result<Option<(File, FileId)>, Error> {
+    /// `None` when no acquire waits any more.
+    fn wait_for_lock(&self) -> Result<Option<(File, FileId)>, Error> {
         let path = &self.paths.lock;
         for attempt in 1..=MAX_GRANT_ATTEMPTS {
             let file = open_lock_file(path)
@@ -716,8 +921,8 @@ impl Inner {
                     return Err(self.io(format!("cannot lock the lock file {}", path.display()), e));
                 }
             }
-            if tx.is_closed() {
-                tracing::debug!(lock = %self.name, "acquire was cancelled while waiting; unlocking the grant");
+            if !self.anyone_waiting() {
+                tracing::debug!(lock = %self.name, "the acquire was given up while waiting; unlocking the grant");
                 return Ok(None);
             }
             let held = FileId::of(&file.metadata().map_err(|e| {
@@ -771,15 +976,16 @@ impl Inner {
             )
         })?;
         // From here on, dropping `held` deletes our holder record and unlocks.
+        let file = Arc::new(file);
         let held = HeldLock {
             inner: self.clone(),
-            file: Some(file),
+            file: Some(file.clone()),
             id,
             term,
             record: stored_form(req.holder(term)),
         };
         self.write_holder(&held.record)?;
-        *lock(&self.live) = Some(Live { term, id });
+        *lock(&self.live) = Some(Live { term, id, file });
         tracing::debug!(lock = %self.name, term, "acquired the file lock");
         Ok(held)
     }
@@ -841,7 +1047,9 @@ impl Inner {
             if validate_key(key).is_err() {
                 continue;
             }
-            match read_nofollow(&entry.path(), 127).map(|b| parse_state_header(&b)) {
+            let header = read_prefix(&entry.path(), MAX_STATE_HEADER)
+                .map(|b| b.and_then(|b| parse_state_header(&b)));
+            match header {
                 Ok(Ok((term, _, _))) => max = max.max(term),
                 Ok(Err(problem)) => tracing::warn!(
                     lock = %self.name,
@@ -876,9 +1084,16 @@ impl Inner {
     }
 
     /// Rewrites a damaged or missing holder record, if `term` still holds the lock here.
-    fn rewrite_holder(&self, term: u64, id: FileId, record: &Holder) -> Result<(), Error> {
-        let live = lock(&self.live);
-        if !live.as_ref().is_some_and(|l| l.term == term && l.id == id) {
+    fn rewrite_holder(
+        self: &Arc<Self>,
+        term: u64,
+        id: FileId,
+        record: &Holder,
+    ) -> Result<(), Error> {
+        let Ok(guard) = self.write_guard(term) else {
+            return Ok(());
+        };
+        if guard.id != id {
             return Ok(());
         }
         self.write_holder(record)
@@ -895,9 +1110,17 @@ impl Inner {
                     lock = %self.name,
                     path = %self.paths.holder.display(),
                     problem,
-                    "corrupt holder record; reading it as no holder until the holder rewrites it"
+                    "corrupt holder record; the holder rewrites it"
                 );
-                return Ok(None);
+                return Err(Error::Corrupt {
+                    backend: NAME,
+                    what: format!(
+                        "holder record of lock {:?} ({})",
+                        self.name,
+                        self.paths.holder.display()
+                    ),
+                    problem,
+                });
             }
             Err(e) => {
                 return Err(self.io(
@@ -930,7 +1153,7 @@ impl Inner {
     fn lock_is_free(&self) -> io::Result<bool> {
         let file = match OpenOptions::new()
             .read(true)
-            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+            .custom_flags((nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK).bits())
             .open(&self.paths.lock)
         {
             Ok(f) => f,
@@ -952,21 +1175,60 @@ impl Inner {
         fs::symlink_metadata(&self.paths.lock).is_ok_and(|m| FileId::of(&m) == id)
     }
 
-    fn store(&self, key: &str, value: &[u8], term: u64) -> Result<(), Error> {
-        // Held across the write: release and loss take it before unlocking, so a write that
-        // passed the check finishes before any other term can hold the lock.
-        let live = lock(&self.live);
-        let (holds, live_term) = match live.as_ref() {
-            Some(l) if l.term == term => {
-                let holds = self.path_names(l.id);
-                if !holds {
-                    tracing::warn!(lock = %self.name, term, "the lock file was deleted or replaced; refusing the state write");
-                }
-                (holds, None)
+    fn load(&self, key: &str) -> Result<Option<Stored>, Error> {
+        self.disk("load");
+        match self.read_state(key) {
+            Ok(Record::Found(s)) => Ok(Some(s)),
+            Ok(Record::Missing) => Ok(None),
+            Ok(Record::Corrupt(problem)) => {
+                tracing::warn!(
+                    lock = %self.name,
+                    key,
+                    problem,
+                    "corrupt state value; the next store replaces it"
+                );
+                Err(Error::Corrupt {
+                    backend: NAME,
+                    what: format!(
+                        "state value {key:?} of lock {:?} ({})",
+                        self.name,
+                        self.state_path(key).display()
+                    ),
+                    problem,
+                })
             }
-            Some(l) => (false, Some(l.term)),
-            None => (false, None),
+            Err(e) => Err(self.io(
+                format!(
+                    "cannot read the state value {}",
+                    self.state_path(key).display()
+                ),
+                e,
+            )),
+        }
+    }
+
+    fn store(self: &Arc<Self>, key: &str, value: &[u8], term: u64) -> Result<(), Error> {
+        if value.len() > MAX_STATE_VALUE {
+            return Err(Error::ValueTooLarge {
+                backend: NAME,
+                key: key.to_owned(),
+                size: value.len() as u64,
+                max: MAX_STATE_VALUE as u64,
+            });
+        }
+        // The guard keeps the lock held until the write is done, so a write that passed the
+        // check finishes before any other term can hold the lock.
+        let (guard, live_term) = match self.write_guard(term) {
+            Ok(guard) => (Some(guard), None),
+            Err(live_term) => (None, live_term),
         };
+        let holds = guard.as_ref().is_some_and(|g| {
+            let holds = self.path_names(g.id);
+            if !holds {
+                tracing::warn!(lock = %self.name, term, "the lock file was deleted or replaced; refusing the state write");
+            }
+            holds
+        });
         let stored = match self.read_state(key) {
             Ok(Record::Found(s)) => Some(s.term),
             Ok(Record::Missing) => None,
@@ -1002,7 +1264,7 @@ impl Inner {
                 e,
             )
         })?;
-        write_atomic(
+        let written = write_atomic(
             &self.paths.state_dir,
             OsStr::new(key),
             &encode_state(value, term),
@@ -1016,8 +1278,26 @@ impl Inner {
                 ),
                 e,
             )
-        })
+        });
+        drop(guard);
+        written
     }
+}
+
+/// Runs short file I/O on tokio's blocking pool, in the caller's tracing context. Never a wait
+/// without bound: a `spawn_blocking` task blocked in `flock` would keep a dropped runtime from
+/// shutting down, so lock waits run on the waiter thread.
+async fn blocking<T: Send + 'static>(
+    what: &'static str,
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    let dispatch = tracing::dispatcher::get_default(Clone::clone);
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || {
+        tracing::dispatcher::with_default(&dispatch, || span.in_scope(f))
+    })
+    .await
+    .map_err(|e| Error::backend(NAME, format!("the file task that {what} failed"), e))?
 }
 
 /// The lock of one name in one directory.
@@ -1026,12 +1306,29 @@ struct DirLock {
     inner: Arc<Inner>,
 }
 
+impl DirLock {
+    /// The directory watch, set up off the runtime.
+    async fn dir_watch(&self) -> Result<Arc<DirWatch>, Error> {
+        let inner = self.inner.clone();
+        blocking("watches the lock directory", move || inner.dir_watch()).await
+    }
+}
+
 impl Lock for DirLock {
     fn acquire(&self, req: AcquireRequest) -> BoxFuture<'_, Result<Box<dyn Leadership>, Error>> {
         Box::pin(async move {
             let inner = self.inner.clone();
-            // Subscribed before the grant, so no change of the path after it is missed.
-            let watch = match inner.dir_watch() {
+            // Queued at the first poll, so the wait starts at once.
+            let (tx, rx) = oneshot::channel();
+            inner.enqueue(Pending {
+                req,
+                tx,
+                dispatch: tracing::dispatcher::get_default(Clone::clone),
+                span: tracing::Span::current(),
+            })?;
+            // Meanwhile, the watch that `lost` follows. A change of the path before it is
+            // subscribed is still seen: `lost` checks the path after subscribing.
+            let watch = match self.dir_watch().await {
                 Ok(w) => Some(w),
                 Err(_) => {
                     tracing::warn!(lock = %inner.name, "loss of the lock is detected by the 1 s re-check only");
@@ -1039,31 +1336,6 @@ impl Lock for DirLock {
                 }
             };
             let entry = watch.as_ref().map(|w| w.signals.entry.subscribe());
-            let (tx, rx) = oneshot::channel();
-            let dispatch = tracing::dispatcher::get_default(Clone::clone);
-            let span = tracing::Span::current();
-            let thread_inner = inner.clone();
-            std::thread::Builder::new()
-                .name("tower-primary-flock".to_owned())
-                .spawn(move || {
-                    tracing::dispatcher::with_default(&dispatch, || {
-                        span.in_scope(|| {
-                            if let Some(granted) = thread_inner.grant(&req, &tx) {
-                                let to_sync = granted
-                                    .as_ref()
-                                    .ok()
-                                    .and_then(|h| h.file.as_ref()?.try_clone().ok());
-                                // If the future is gone, the grant comes back and is dropped
-                                // here, which deletes its holder record and unlocks.
-                                let _ = tx.send(granted);
-                                if let Some(file) = to_sync {
-                                    sync_term(&file, &thread_inner.name);
-                                }
-                            }
-                        });
-                    });
-                })
-                .map_err(|e| inner.io("cannot start the lock waiting thread".to_owned(), e))?;
             let held = rx.await.map_err(|_| {
                 Error::backend_msg(NAME, "the lock waiting thread ended without an answer")
             })??;
@@ -1077,12 +1349,15 @@ impl Lock for DirLock {
     }
 
     fn holder(&self) -> BoxFuture<'_, Result<Option<Holder>, Error>> {
-        Box::pin(async move { self.inner.current_holder() })
+        let inner = self.inner.clone();
+        Box::pin(blocking("reads the holder record", move || {
+            inner.current_holder()
+        }))
     }
 
     fn watch_holder(&self) -> BoxFuture<'_, Result<Box<dyn Changes>, Error>> {
         Box::pin(async move {
-            let watch = self.inner.dir_watch()?;
+            let watch = self.dir_watch().await?;
             let rx = watch.signals.entry.subscribe();
             Ok(Box::new(DirChanges { watch, rx }) as Box<dyn Changes>)
         })
@@ -1091,27 +1366,9 @@ impl Lock for DirLock {
     fn load<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Stored>, Error>> {
         Box::pin(async move {
             validate_key(key)?;
-            self.inner.disk("load");
-            match self.inner.read_state(key) {
-                Ok(Record::Found(s)) => Ok(Some(s)),
-                Ok(Record::Missing) => Ok(None),
-                Ok(Record::Corrupt(problem)) => {
-                    tracing::warn!(
-                        lock = %self.inner.name,
-                        key,
-                        problem,
-                        "corrupt state value; reading it as absent until the next store"
-                    );
-                    Ok(None)
-                }
-                Err(e) => Err(self.inner.io(
-                    format!(
-                        "cannot read the state value {}",
-                        self.inner.state_path(key).display()
-                    ),
-                    e,
-                )),
-            }
+            let inner = self.inner.clone();
+            let key = key.to_owned();
+            blocking("reads a state value", move || inner.load(&key)).await
         })
     }
 
@@ -1123,21 +1380,30 @@ impl Lock for DirLock {
     ) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(async move {
             validate_key(key)?;
+            if value.len() > MAX_STATE_VALUE {
+                return Err(Error::ValueTooLarge {
+                    backend: NAME,
+                    key: key.to_owned(),
+                    size: value.len() as u64,
+                    max: MAX_STATE_VALUE as u64,
+                });
+            }
             let inner = self.inner.clone();
             let key = key.to_owned();
             let value = value.to_vec();
-            // fsync off the runtime; a write that outlives a dropped future still runs under
-            // the check in `Inner::store`.
-            tokio::task::spawn_blocking(move || inner.store(&key, &value, term))
-                .await
-                .map_err(|e| Error::backend(NAME, "the state write task failed", e))?
+            // A write that outlives a dropped future still runs under the check in
+            // `Inner::store`, and keeps the lock until it is done.
+            blocking("writes a state value", move || {
+                inner.store(&key, &value, term)
+            })
+            .await
         })
     }
 
     fn watch_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Box<dyn Changes>, Error>> {
         Box::pin(async move {
             validate_key(key)?;
-            let watch = self.inner.dir_watch()?;
+            let watch = self.dir_watch().await?;
             let rx = watch.signals.subscribe_key(key);
             Ok(Box::new(DirChanges { watch, rx }) as Box<dyn Changes>)
         })
@@ -1314,10 +1580,10 @@ impl Changes for DirChanges {
 }
 
 /// A held flock with its term. Dropping it releases: the holder record (if ours) is deleted,
-/// then the file is unlocked and closed.
+/// then the file is unlocked and closed (on tokio's blocking pool when dropped inside a runtime).
 struct HeldLock {
     inner: Arc<Inner>,
-    file: Option<File>,
+    file: Option<Arc<File>>,
     id: FileId,
     term: u64,
     record: Holder,
@@ -1329,77 +1595,133 @@ enum Check {
     Lost(String),
 }
 
-impl HeldLock {
-    fn check(&self) -> Check {
-        let inner = &self.inner;
-        let path = &inner.paths.lock;
-        match fs::symlink_metadata(path) {
-            Ok(m) if FileId::of(&m) == self.id => {}
-            Ok(m) => {
-                return Check::Lost(format!(
-                    "the lock file {} was replaced: the path names inode {} on device {}, not \
-                     the locked inode {}",
-                    path.display(),
-                    m.ino(),
-                    m.dev(),
-                    self.id.ino
-                ));
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Check::Lost(format!(
-                    "the lock file {} was deleted (the locked inode {} is no longer linked there)",
-                    path.display(),
-                    self.id.ino
-                ));
-            }
-            Err(e) => {
-                return Check::Lost(format!(
-                    "cannot check the lock file {}: {e}",
-                    path.display()
-                ));
-            }
+/// Checks, for the holder of `term` on the file `id`, that the path still names the locked
+/// file and that the holder record names this holder. Blocking file I/O.
+fn check(inner: &Inner, id: FileId, term: u64, holder: &str) -> Check {
+    let path = &inner.paths.lock;
+    match fs::symlink_metadata(path) {
+        Ok(m) if FileId::of(&m) == id => {}
+        Ok(m) => {
+            return Check::Lost(format!(
+                "the lock file {} was replaced: the path names inode {} on device {}, not the \
+                 locked inode {}",
+                path.display(),
+                m.ino(),
+                m.dev(),
+                id.ino
+            ));
         }
-        let problem = match inner.read_holder() {
-            Ok(Record::Found(h)) if h.id == self.record.id && h.term == self.term => {
-                return Check::Held { repair: false };
-            }
-            Ok(Record::Found(h)) if h.term > self.term => {
-                return Check::Lost(format!(
-                    "a holder record with a newer term appeared (term {}, holder {:?})",
-                    h.term, h.id
-                ));
-            }
-            Ok(Record::Found(h)) => format!("it names {:?} with term {}", h.id, h.term),
-            Ok(Record::Missing) => "it is missing".to_owned(),
-            Ok(Record::Corrupt(problem)) => format!("it is corrupt: {problem}"),
-            Err(e) => {
-                tracing::warn!(lock = %inner.name, error = %e, "cannot read the holder record");
-                return Check::Held { repair: false };
-            }
-        };
-        tracing::warn!(
-            lock = %inner.name,
-            path = %inner.paths.holder.display(),
-            term = self.term,
-            "the holder record does not name this primary ({problem}); rewriting it"
-        );
-        Check::Held { repair: true }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Check::Lost(format!(
+                "the lock file {} was deleted (the locked inode {} is no longer linked there)",
+                path.display(),
+                id.ino
+            ));
+        }
+        Err(e) => {
+            return Check::Lost(format!(
+                "cannot check the lock file {}: {e}",
+                path.display()
+            ));
+        }
+    }
+    let problem = match inner.read_holder() {
+        Ok(Record::Found(h)) if h.id == holder && h.term == term => {
+            return Check::Held { repair: false };
+        }
+        Ok(Record::Found(h)) if h.term > term => {
+            return Check::Lost(format!(
+                "a holder record with a newer term appeared (term {}, holder {:?})",
+                h.term, h.id
+            ));
+        }
+        Ok(Record::Found(h)) => format!("it names {:?} with term {}", h.id, h.term),
+        Ok(Record::Missing) => "it is missing".to_owned(),
+        Ok(Record::Corrupt(problem)) => format!("it is corrupt: {problem}"),
+        Err(e) => {
+            tracing::warn!(lock = %inner.name, error = %e, "cannot read the holder record");
+            return Check::Held { repair: false };
+        }
+    };
+    tracing::warn!(
+        lock = %inner.name,
+        path = %inner.paths.holder.display(),
+        term,
+        "the holder record does not name this primary ({problem}); rewriting it"
+    );
+    Check::Held { repair: true }
+}
+
+impl HeldLock {
+    /// Ends the term (no state write starts under it any more) and takes the lock out of
+    /// `self`, still held; `None` if that was done before.
+    fn end(&mut self) -> Option<Releasing> {
+        let file = self.file.take()?;
+        self.inner.end_term(self.term);
+        Some(Releasing {
+            inner: self.inner.clone(),
+            file: Some(file),
+            id: self.id,
+            term: self.term,
+            holder: self.record.id.clone(),
+        })
     }
 
-    fn release(&mut self) -> Result<(), Error> {
+    /// Releases: waits (without blocking the runtime) for the writes still in flight under the
+    /// term, then deletes the record and unlocks on the blocking pool.
+    async fn release(&mut self) -> Result<(), Error> {
+        let Some(releasing) = self.end() else {
+            return Ok(());
+        };
+        releasing.inner.writes_done().await;
+        blocking("releases the lock", move || releasing.finish()).await
+    }
+}
+
+impl Drop for HeldLock {
+    fn drop(&mut self) {
+        let Some(releasing) = self.end() else {
+            return;
+        };
+        // Inside a runtime: off its threads. If the task never runs (the runtime is shutting
+        // down), dropping `releasing` finishes the release where it is dropped.
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    releasing.inner.writes_done().await;
+                    let _ = blocking("releases the lock", move || releasing.finish()).await;
+                });
+            }
+            Err(_) => drop(releasing),
+        }
+    }
+}
+
+/// A lock whose term has ended, still held until [`finish`](Self::finish) (or drop) deletes the
+/// holder record, if it is ours, and unlocks. Blocking file I/O.
+struct Releasing {
+    inner: Arc<Inner>,
+    file: Option<Arc<File>>,
+    id: FileId,
+    term: u64,
+    holder: String,
+}
+
+impl Releasing {
+    fn finish(mut self) -> Result<(), Error> {
+        self.finish_now()
+    }
+
+    fn finish_now(&mut self) -> Result<(), Error> {
         let Some(file) = self.file.take() else {
             return Ok(());
         };
         let inner = &self.inner;
-        let mut live = lock(&inner.live);
-        if live.as_ref().is_some_and(|l| l.term == self.term) {
-            *live = None;
-        }
         inner.disk("release");
         // While still holding: delete the record if it is ours (or damaged, and the lock file
         // is still ours), so nobody reads it as current after the unlock.
         let ours = match inner.read_holder() {
-            Ok(Record::Found(h)) => h.id == self.record.id && h.term == self.term,
+            Ok(Record::Found(h)) => h.id == self.holder && h.term == self.term,
             Ok(Record::Corrupt(_)) => inner.path_names(self.id),
             Ok(Record::Missing) | Err(_) => false,
         };
@@ -1411,9 +1733,12 @@ impl HeldLock {
         } else {
             Ok(())
         };
-        let unlocked = file.unlock();
-        drop(file);
-        drop(live);
+        // A write still in flight (only after a drop, which does not wait) holds another
+        // reference: the lock is then freed when it is done.
+        let unlocked = match Arc::try_unwrap(file) {
+            Ok(file) => file.unlock(),
+            Err(_) => Ok(()),
+        };
         tracing::debug!(lock = %inner.name, term = self.term, "released the file lock");
         removed.map_err(|e| {
             inner.io(
@@ -1428,10 +1753,10 @@ impl HeldLock {
     }
 }
 
-impl Drop for HeldLock {
+impl Drop for Releasing {
     fn drop(&mut self) {
-        // Errors are logged by `release`; the file is closed (and so unlocked) in any case.
-        let _ = self.release();
+        // Errors are logged by `finish_now`; the file is closed (and so unlocked) in any case.
+        let _ = self.finish_now();
     }
 }
 
@@ -1456,14 +1781,36 @@ impl fmt::Debug for FileLeadership {
 
 impl FileLeadership {
     /// Subscribes again if the directory watch broke (or never started).
-    fn renew_watch(&mut self) {
+    async fn renew_watch(&mut self) {
         if self.watch.as_ref().is_some_and(|w| !w.signals.is_broken()) {
             return;
         }
-        if let Ok(w) = self.held.inner.dir_watch() {
+        let inner = self.held.inner.clone();
+        if let Ok(w) = blocking("watches the lock directory", move || inner.dir_watch()).await {
             self.entry = Some(w.signals.entry.subscribe());
             self.watch = Some(w);
         }
+    }
+
+    /// Checks the lock and repairs the holder record, off the runtime.
+    async fn check(&self) -> Check {
+        let inner = self.held.inner.clone();
+        let (id, term, record) = (self.held.id, self.held.term, self.held.record.clone());
+        let checked = blocking("checks the lock file", move || {
+            let checked = check(&inner, id, term, &record.id);
+            if let Check::Held { repair: true } = checked
+                && let Err(e) = inner.rewrite_holder(term, id, &record)
+            {
+                tracing::warn!(lock = %inner.name, error = %e, "the holder record rewrite failed");
+            }
+            Ok(checked)
+        })
+        .await;
+        checked.unwrap_or_else(|e| {
+            // The check could not run (the runtime is shutting down): the next round retries.
+            tracing::warn!(lock = %self.held.inner.name, error = %e, "cannot check the lock file");
+            Check::Held { repair: false }
+        })
     }
 }
 
@@ -1489,32 +1836,14 @@ impl Leadership for FileLeadership {
                         reason: reason.clone(),
                     };
                 }
-                self.renew_watch();
+                self.renew_watch().await;
                 if let Some(rx) = &mut self.entry {
                     rx.borrow_and_update();
                 }
-                match self.held.check() {
-                    Check::Lost(reason) => {
-                        let mut live = lock(&self.held.inner.live);
-                        if live.as_ref().is_some_and(|l| l.term == self.held.term) {
-                            *live = None;
-                        }
-                        self.lost = Some(reason);
-                        continue;
-                    }
-                    Check::Held { repair: true } => {
-                        let inner = self.held.inner.clone();
-                        let (term, id, record) =
-                            (self.held.term, self.held.id, self.held.record.clone());
-                        let repaired = tokio::task::spawn_blocking(move || {
-                            inner.rewrite_holder(term, id, &record)
-                        })
-                        .await;
-                        if let Err(e) = repaired {
-                            tracing::warn!(lock = %self.held.inner.name, error = %e, "the holder record rewrite failed");
-                        }
-                    }
-                    Check::Held { repair: false } => {}
+                if let Check::Lost(reason) = self.check().await {
+                    self.held.inner.end_term(self.held.term);
+                    self.lost = Some(reason);
+                    continue;
                 }
                 let entry = &mut self.entry;
                 let changed = async {
@@ -1535,7 +1864,7 @@ impl Leadership for FileLeadership {
     }
 
     fn release(mut self: Box<Self>) -> BoxFuture<'static, Result<(), Error>> {
-        Box::pin(async move { self.held.release() })
+        Box::pin(async move { self.held.release().await })
     }
 }
 
@@ -2007,12 +2336,21 @@ mod tests {
         assert!(second.term() > first_term);
         assert_eq!(second.holder().id, "b");
         assert_eq!(a.holder().await.unwrap().unwrap().id, "b");
+        // Dropping a leadership releases it (off the runtime's threads, so a moment later).
+        let mut changes = a.watch_holder().await.unwrap();
         drop(second);
-        assert_eq!(
-            a.holder().await.unwrap(),
-            None,
-            "dropping a leadership releases it"
-        );
+        within("the dropped leadership's release", async {
+            while a.holder().await.unwrap().is_some() {
+                changes.changed().await.unwrap();
+            }
+        })
+        .await;
+        within("a's grant", a.acquire(req("a")))
+            .await
+            .unwrap()
+            .release()
+            .await
+            .unwrap();
     }
 
     /// Prints release-to-grant times: the term and holder record writes (three fsyncs) are
@@ -2251,14 +2589,15 @@ mod tests {
         let mine = lease.holder().clone();
         let mut changes = a.watch_holder().await.unwrap();
         fs::write(&a.inner.paths.holder, b"{\"id\": tru").unwrap();
-        assert_eq!(
-            a.holder().await.unwrap(),
-            None,
-            "a corrupt record reads as no holder"
+        let err = a.holder().await.unwrap_err();
+        assert!(
+            matches!(&err, Error::Corrupt { what, .. } if what.contains("holder record")),
+            "a corrupt record is an error: {err}"
         );
         let repaired = async {
             loop {
-                if a.holder().await.unwrap().as_ref() == Some(&mine) {
+                // Until the rewrite, the damaged record reads as an error.
+                if a.holder().await.ok().flatten().as_ref() == Some(&mine) {
                     break;
                 }
                 changes.changed().await.unwrap();
@@ -2276,7 +2615,8 @@ mod tests {
         fs::remove_file(&a.inner.paths.holder).unwrap();
         let repaired = async {
             loop {
-                if a.holder().await.unwrap().as_ref() == Some(&mine) {
+                // Until the rewrite, the damaged record reads as an error.
+                if a.holder().await.ok().flatten().as_ref() == Some(&mine) {
                     break;
                 }
                 changes.changed().await.unwrap();
@@ -2368,13 +2708,14 @@ mod tests {
         fs::write(paths.state_dir.join("k2"), encode_state(b"n", tb + 1000)).unwrap();
         assert_eq!(stale(b.store("k2", b"x", tb).await), Some(tb + 1000));
 
-        // A corrupt value reads as absent and is repaired by the next store.
+        // A corrupt value is an error, and is repaired by the next store.
         fs::write(
             paths.state_dir.join("k3"),
             b"tower-primary-state 1 7 99\nshort",
         )
         .unwrap();
-        assert_eq!(b.load("k3").await.unwrap(), None);
+        let err = b.load("k3").await.unwrap_err();
+        assert!(matches!(err, Error::Corrupt { .. }), "{err}");
         assert!(
             logs.text().contains("corrupt state value"),
             "{}",
