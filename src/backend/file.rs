@@ -11,7 +11,7 @@
 //! |---|---|---|
 //! | `<dir>/<name>.lock` | the file that is locked; bytes 0‥21 hold the last term as 20 decimal digits and `\n` | the term: by each new holder, `pwrite` before it becomes primary, `fsync` right after |
 //! | `<dir>/<name>.holder` | the holder record, a [`Holder`] as JSON | by the holder, atomically (temporary file, `rename`; not fsynced: a record a crash left behind is recognised as stale); deleted on release |
-//! | `<dir>/<name>.state/<key>` | state values: a line `tower-primary-state 1 <term> <length>`, then the value | by the holder, atomically and durably (temporary file, `fsync`, `rename`, `fsync` of the directory) |
+//! | `<dir>/<name>.state/<key>` | state values of at most [`MAX_STATE_VALUE`] (16 MiB): a line `tower-primary-state 1 <term> <length>`, then the value | by the holder, atomically and durably (temporary file, `fsync`, `rename`, `fsync` of the directory) |
 //! | `<dir>/.<file>.<pid>.<n>.tmp` | temporary files of the atomic writes | renamed into place at once |
 //!
 //! The lock file is opened read-write with `O_NOFOLLOW` and `O_CLOEXEC`, created with mode 0600,
@@ -35,10 +35,17 @@
 //!
 //! # How it works
 //!
-//! - **Acquire**: a dedicated thread (not `spawn_blocking`, which would keep a dropped tokio
-//!   runtime from shutting down) opens the lock file, tries `LOCK_EX | LOCK_NB`, and if the lock
-//!   is busy blocks in `flock(LOCK_EX)`. If the acquiring future was dropped meanwhile, the grant
-//!   is dropped (unlocked) at once.
+//! - **Acquire**: one dedicated waiter thread per `Lock` object (not `spawn_blocking`, which
+//!   would keep a dropped tokio runtime from shutting down) opens the lock file, tries
+//!   `LOCK_EX | LOCK_NB`, and if the lock is busy blocks in `flock(LOCK_EX)`. It serves the
+//!   object's acquires in turn and ends when none waits: an acquire that is given up while
+//!   another process holds the lock leaves the waiting thread to the next acquire rather than a
+//!   blocked thread each, and a grant that arrives when nobody waits any more is unlocked at
+//!   once.
+//! - **Off the runtime**: everything else that touches the disk (holder and state reads, state
+//!   writes with their `fsync`s, the loss check, release) runs on tokio's blocking pool, so a
+//!   slow disk never stalls the runtime; no mutex is held across file I/O that the runtime
+//!   waits for.
 //! - **Inode check**: after every grant, the locked file's (device, inode) is compared with what
 //!   the path names now. A waiter that was blocked on a file which has since been deleted or
 //!   replaced drops that lock, reopens the path and waits again: it never becomes primary on a
@@ -51,7 +58,12 @@
 //!   (checked with a shared `flock` probe), is stale and reads as `None`. Secondaries follow the
 //!   record through inotify.
 //! - **State**: [`Lock::store`] writes only while this very lock object holds the lock with that
-//!   term, the lock file is still the locked one, and no newer term has written the key.
+//!   term, the lock file is still the locked one, and no newer term has written the key. A write
+//!   under way keeps the lock held until it is done; a release waits for it.
+//! - **Damaged files**: a state value or holder record that cannot be parsed, is larger than its
+//!   limit, or is not a regular file (a FIFO would block a reader) is an [`Error::Corrupt`]
+//!   naming the file, read without blocking and never beyond the limit. The holder rewrites its
+//!   record; the next [`Lock::store`] of the key replaces a damaged value.
 //!
 //! # Guarantees and hazards
 //!
@@ -2432,6 +2444,57 @@ mod tests {
         let err = b.store("k", b"x", third.term()).await.unwrap_err();
         assert!(matches!(err, Error::StaleTerm { .. }), "{err}");
         third.release().await.unwrap();
+    }
+
+    /// Dropping a runtime while one of its tasks waits for the lock returns at once: the wait
+    /// runs on the waiter thread, not on the runtime's blocking pool. Acquires given up in a row
+    /// share that one waiting thread.
+    #[test]
+    fn dropping_a_runtime_while_an_acquire_waits_returns_at_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (open(tmp.path(), "jobs"), Arc::new(open(tmp.path(), "jobs")));
+        let runtime = |flavor| {
+            match flavor {
+                "current" => tokio::runtime::Builder::new_current_thread(),
+                _ => tokio::runtime::Builder::new_multi_thread(),
+            }
+            .enable_all()
+            .build()
+            .unwrap()
+        };
+        let rt = runtime("current");
+        let first = rt.block_on(a.acquire(req("a"))).unwrap();
+        for _ in 0..5 {
+            let _in_runtime = rt.enter();
+            let mut given_up = b.acquire(req("b"));
+            assert!((&mut given_up).now_or_never().is_none());
+        }
+        let waiting = b.clone();
+        rt.spawn(async move { waiting.acquire(req("b")).await.map(drop) });
+        rt.block_on(counted(&b.inner.blocked, 1, "b to wait in flock"));
+        assert_eq!(
+            *b.inner.blocked.borrow(),
+            1,
+            "one thread waits for all of b's acquires"
+        );
+
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(rt);
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(PATIENCE)
+            .expect("dropping the runtime hung on the acquire waiting in flock");
+
+        // The waiting thread, left without an acquire, unlocks its grant at once.
+        drop(first);
+        let rt = runtime("multi");
+        let c = open(tmp.path(), "jobs");
+        rt.block_on(async {
+            let third = within("c's grant", c.acquire(req("c"))).await.unwrap();
+            assert!(lock(&b.inner.live).is_none(), "b never became the holder");
+            third.release().await.unwrap();
+        });
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
