@@ -274,6 +274,72 @@ async fn child_process_of_the_primary_does_not_keep_the_lock() {
     );
 }
 
+/// Threads of this process whose name (`/proc/self/task/*/comm`, 15 bytes at most) starts with
+/// `prefix`.
+fn threads_named(prefix: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task")
+        .flatten()
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm"))
+                .is_ok_and(|name| name.trim_end().starts_with(prefix))
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn cancelled_acquires_do_not_pile_up_waiting_threads() {
+    use futures_util::FutureExt as _;
+    use tower_primary::NodeId;
+    use tower_primary::backend::{AcquireRequest, Backend as _};
+
+    // Thread names are cut to 15 bytes by the kernel.
+    const WAITER: &str = "tower-primary-f";
+    const CANCELLED: usize = 20;
+    let mut s = setup("cancelled-acquires", |c| c).await;
+    s.cluster.spawn_node().unwrap();
+    let (holder_pid, term) = s.cluster.wait_settled(WAIT).await.unwrap();
+
+    // Another process holds the lock; acquires from this one wait, and are given up.
+    let lock = FileLock::new(&s.dir).lock(&s.lock).unwrap();
+    let before = threads_named(WAITER);
+    for _ in 0..CANCELLED {
+        let mut acquire = lock.acquire(AcquireRequest::new(NodeId::new("impatient")));
+        assert!(
+            (&mut acquire).now_or_never().is_none(),
+            "got a lock that another process holds"
+        );
+    }
+    let after = threads_named(WAITER);
+    eprintln!(
+        "{CANCELLED} cancelled acquires while another process holds the lock: {} waiting \
+         threads left (before: {before}, after: {after})",
+        after.saturating_sub(before)
+    );
+    assert!(
+        after <= before + 2,
+        "{CANCELLED} cancelled acquires left {} threads waiting in flock",
+        after - before
+    );
+
+    // The holder dies: the next acquire gets the lock, with a higher term.
+    s.cluster
+        .signal(holder_pid, NodeSignal::Kill)
+        .await
+        .unwrap();
+    s.cluster.wait_exit(holder_pid, WAIT).await.unwrap();
+    let leadership = tokio::time::timeout(
+        WAIT,
+        lock.acquire(AcquireRequest::new(NodeId::new("patient"))),
+    )
+    .await
+    .expect("the lock after its holder died")
+    .unwrap();
+    assert!(leadership.term() > term);
+    assert_eq!(leadership.holder().id, "patient");
+    leadership.release().await.unwrap();
+}
+
 #[tokio::test]
 async fn deleted_lock_file_makes_the_old_primary_step_down() {
     let mut s = setup("deleted-file", |c| c).await;
@@ -388,70 +454,4 @@ async fn symlinked_lock_directory_is_refused() {
         .expect("an error line");
     assert!(error.to_string().contains("symlink"), "{error}");
     assert!(!real.join("symlinked-dir.lock").exists());
-}
-
-/// Threads of this process whose name (`/proc/self/task/*/comm`, 15 bytes at most) starts with
-/// `prefix`.
-fn threads_named(prefix: &str) -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .expect("/proc/self/task")
-        .flatten()
-        .filter(|task| {
-            std::fs::read_to_string(task.path().join("comm"))
-                .is_ok_and(|name| name.trim_end().starts_with(prefix))
-        })
-        .count()
-}
-
-#[tokio::test]
-async fn cancelled_acquires_do_not_pile_up_waiting_threads() {
-    use futures_util::FutureExt as _;
-    use tower_primary::NodeId;
-    use tower_primary::backend::{AcquireRequest, Backend as _};
-
-    // Thread names are cut to 15 bytes by the kernel.
-    const WAITER: &str = "tower-primary-f";
-    const CANCELLED: usize = 20;
-    let mut s = setup("cancelled-acquires", |c| c).await;
-    s.cluster.spawn_node().unwrap();
-    let (holder_pid, term) = s.cluster.wait_settled(WAIT).await.unwrap();
-
-    // Another process holds the lock; acquires from this one wait, and are given up.
-    let lock = FileLock::new(&s.dir).lock(&s.lock).unwrap();
-    let before = threads_named(WAITER);
-    for _ in 0..CANCELLED {
-        let mut acquire = lock.acquire(AcquireRequest::new(NodeId::new("impatient")));
-        assert!(
-            (&mut acquire).now_or_never().is_none(),
-            "got a lock that another process holds"
-        );
-    }
-    let after = threads_named(WAITER);
-    eprintln!(
-        "{CANCELLED} cancelled acquires while another process holds the lock: {} waiting \
-         threads left (before: {before}, after: {after})",
-        after.saturating_sub(before)
-    );
-    assert!(
-        after <= before + 2,
-        "{CANCELLED} cancelled acquires left {} threads waiting in flock",
-        after - before
-    );
-
-    // The holder dies: the next acquire gets the lock, with a higher term.
-    s.cluster
-        .signal(holder_pid, NodeSignal::Kill)
-        .await
-        .unwrap();
-    s.cluster.wait_exit(holder_pid, WAIT).await.unwrap();
-    let leadership = tokio::time::timeout(
-        WAIT,
-        lock.acquire(AcquireRequest::new(NodeId::new("patient"))),
-    )
-    .await
-    .expect("the lock after its holder died")
-    .unwrap();
-    assert!(leadership.term() > term);
-    assert_eq!(leadership.holder().id, "patient");
-    leadership.release().await.unwrap();
 }
