@@ -87,6 +87,7 @@ impl HeldLock {
             id: self.id,
             term: self.term,
             holder: self.record.id.clone(),
+            here: false,
         })
     }
 
@@ -103,20 +104,8 @@ impl HeldLock {
 
 impl Drop for HeldLock {
     fn drop(&mut self) {
-        let Some(releasing) = self.end() else {
-            return;
-        };
-        // Inside a runtime: off its threads. If the task never runs (the runtime is shutting
-        // down), dropping `releasing` finishes the release where it is dropped.
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(async move {
-                    releasing.inner.writes_done().await;
-                    let _ = blocking("releases the lock", move || releasing.finish()).await;
-                });
-            }
-            Err(_) => drop(releasing),
-        }
+        // Dropping the `Releasing` finishes the release (see its `Drop`).
+        drop(self.end());
     }
 }
 
@@ -128,6 +117,8 @@ pub(super) struct Releasing {
     pub(super) id: FileId,
     pub(super) term: u64,
     pub(super) holder: String,
+    /// Finish on the thread that drops it, even inside a runtime.
+    pub(super) here: bool,
 }
 
 impl Releasing {
@@ -178,6 +169,29 @@ impl Releasing {
 
 impl Drop for Releasing {
     fn drop(&mut self) {
+        if self.file.is_none() {
+            return;
+        }
+        // Dropped inside a runtime (a leadership dropped, a release cancelled): finish off its
+        // threads, after the writes in flight. If that task never runs (the runtime is shutting
+        // down), its copy finishes where it is dropped.
+        if !self.here
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let rest = Releasing {
+                inner: self.inner.clone(),
+                file: self.file.take(),
+                id: self.id,
+                term: self.term,
+                holder: std::mem::take(&mut self.holder),
+                here: true,
+            };
+            runtime.spawn(async move {
+                rest.inner.clone().writes_done().await;
+                let _ = blocking("releases the lock", move || rest.finish()).await;
+            });
+            return;
+        }
         // Errors are logged by `finish_now`; the file is closed (and so unlocked) in any case.
         let _ = self.finish_now();
     }
