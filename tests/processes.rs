@@ -303,6 +303,8 @@ async fn cancelled_acquires_do_not_pile_up_waiting_threads() {
     // Another process holds the lock; acquires from this one wait, and are given up.
     let lock = FileLock::new(&s.dir).lock(&s.lock).unwrap();
     let before = threads_named(WAITER);
+    // All threads too: a thread is listed from its creation on, before it names itself.
+    let all_before = threads_named("");
     for _ in 0..CANCELLED {
         let mut acquire = lock.acquire(AcquireRequest::new(NodeId::new("impatient")));
         assert!(
@@ -311,10 +313,17 @@ async fn cancelled_acquires_do_not_pile_up_waiting_threads() {
         );
     }
     let after = threads_named(WAITER);
+    let all_after = threads_named("");
     eprintln!(
-        "{CANCELLED} cancelled acquires while another process holds the lock: {} waiting \
-         threads left (before: {before}, after: {after})",
-        after.saturating_sub(before)
+        "{CANCELLED} cancelled acquires while another process holds the lock: {} more waiting \
+         threads, {} more threads in all",
+        after.saturating_sub(before),
+        all_after.saturating_sub(all_before)
+    );
+    assert!(
+        all_after <= all_before + 2,
+        "{CANCELLED} cancelled acquires left {} more threads",
+        all_after - all_before
     );
     assert!(
         after <= before + 2,

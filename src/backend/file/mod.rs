@@ -697,7 +697,8 @@ impl Lock for DirLock {
     fn acquire(&self, req: AcquireRequest) -> BoxFuture<'_, Result<Box<dyn Leadership>, Error>> {
         Box::pin(async move {
             let inner = self.inner.clone();
-            // Queued at the first poll, so the wait starts at once.
+            // Queued at the first poll, so the wait starts at once; nothing else runs before
+            // the grant, so an acquire given up at once costs no thread.
             let (tx, rx) = oneshot::channel();
             inner.enqueue(Pending {
                 req,
@@ -705,23 +706,15 @@ impl Lock for DirLock {
                 dispatch: tracing::dispatcher::get_default(Clone::clone),
                 span: tracing::Span::current(),
             })?;
-            // Meanwhile, the watch that `lost` follows. A change of the path before it is
-            // subscribed is still seen: `lost` checks the path after subscribing.
-            let watch = match self.dir_watch().await {
-                Ok(w) => Some(w),
-                Err(_) => {
-                    tracing::warn!(lock = %inner.name, "loss of the lock is detected by the 1 s re-check only");
-                    None
-                }
-            };
-            let entry = watch.as_ref().map(|w| w.signals.entry.subscribe());
             let held = rx.await.map_err(|_| {
                 Error::backend_msg(NAME, "the lock waiting thread ended without an answer")
             })??;
+            // `lost` sets up the directory watch it follows; it checks the path after
+            // subscribing, so no change since the grant is missed.
             Ok(Box::new(FileLeadership {
                 held,
-                watch,
-                entry,
+                watch: None,
+                entry: None,
                 lost: None,
             }) as Box<dyn Leadership>)
         })
