@@ -440,10 +440,6 @@ impl Inner {
         )
     }
 
-    /// Queues an acquire for the waiter thread, starting it if none runs. One thread per lock
-    /// object waits in `flock` for all its acquires, so acquires that are given up while the
-    /// lock is held elsewhere do not leave a blocked thread each: the next acquire takes over
-    /// the waiting thread.
     fn write_holder(&self, record: &Holder) -> Result<(), Error> {
         let json = serde_json::to_vec(record).map_err(|e| {
             tracing::warn!(lock = %self.name, error = %e, "cannot encode the holder record");

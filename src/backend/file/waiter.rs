@@ -20,6 +20,10 @@ pub(super) struct Waiting {
 }
 
 impl Inner {
+    /// Queues an acquire for the waiter thread, starting it if none runs. One thread per lock
+    /// object waits in `flock` for all its acquires, so acquires that are given up while the
+    /// lock is held elsewhere do not leave a blocked thread each: the next acquire takes over
+    /// the waiting thread.
     pub(super) fn enqueue(self: &Arc<Self>, pending: Pending) -> Result<(), Error> {
         let mut waiting = lock(&self.waiting);
         waiting.queue.retain(|p| !p.tx.is_closed());
