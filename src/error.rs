@@ -157,6 +157,21 @@ pub enum Error {
         /// The lock name.
         lock: String,
     },
+    /// A state value is larger than the backend keeps; nothing was stored. The file backend keeps
+    /// up to 16 MiB (`backend::file::MAX_STATE_VALUE`).
+    #[error(
+        "state value {key:?} of {size} bytes is larger than the {max} bytes the {backend} backend keeps"
+    )]
+    ValueTooLarge {
+        /// The backend's name.
+        backend: &'static str,
+        /// The state key.
+        key: String,
+        /// The size of the value given.
+        size: u64,
+        /// The largest value the backend keeps.
+        max: u64,
+    },
 }
 
 impl Error {

@@ -27,6 +27,44 @@ mod file {
         let dir = tempfile::tempdir().expect("a temporary directory");
         conformance::from_fn(move || Connection::new(FileLock::new(dir.path())))
     });
+
+    /// Through the elector's state API: a value above the file backend's maximum is refused
+    /// with a typed error and stores nothing; a damaged value on disk is a corrupt-record error.
+    #[tokio::test]
+    async fn state_values_are_bounded_and_damage_is_reported() {
+        use tower_primary::backend::file::MAX_STATE_VALUE;
+        use tower_primary::{Elector, Error, NodeId};
+
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let elector = Elector::builder("bounded-state")
+            .backend(FileLock::new(dir.path()))
+            .node(NodeId::new("a"))
+            .spawn()
+            .unwrap();
+        let ctx = elector.handle().wait_primary().await;
+        let state = elector.state();
+        let too_large = vec![0u8; MAX_STATE_VALUE + 1];
+        match state.store("big", &too_large, &ctx).await {
+            Err(Error::ValueTooLarge { size, max, .. }) => {
+                assert_eq!(
+                    (size, max),
+                    (too_large.len() as u64, MAX_STATE_VALUE as u64)
+                );
+            }
+            other => panic!("expected ValueTooLarge, got {:?}", other.err()),
+        }
+        assert!(state.load("big").await.unwrap().is_none());
+        state.store("ok", b"value", &ctx).await.unwrap();
+        assert_eq!(state.load("ok").await.unwrap().unwrap().value, b"value");
+
+        let file = dir.path().join("bounded-state.state").join("ok");
+        std::fs::write(&file, b"not a state file").unwrap();
+        match state.load("ok").await {
+            Err(Error::Corrupt { what, .. }) => assert!(what.contains("\"ok\""), "{what}"),
+            other => panic!("expected a corrupt-record error, got {other:?}"),
+        }
+        elector.shutdown().await;
+    }
 }
 
 /// Backends that break the contract on purpose: the suite must fail on each.

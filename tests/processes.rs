@@ -274,6 +274,81 @@ async fn child_process_of_the_primary_does_not_keep_the_lock() {
     );
 }
 
+/// Threads of this process whose name (`/proc/self/task/*/comm`, 15 bytes at most) starts with
+/// `prefix`.
+fn threads_named(prefix: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task")
+        .flatten()
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm"))
+                .is_ok_and(|name| name.trim_end().starts_with(prefix))
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn cancelled_acquires_do_not_pile_up_waiting_threads() {
+    use futures_util::FutureExt as _;
+    use tower_primary::NodeId;
+    use tower_primary::backend::{AcquireRequest, Backend as _};
+
+    // Thread names are cut to 15 bytes by the kernel.
+    const WAITER: &str = "tower-primary-f";
+    const CANCELLED: usize = 20;
+    let mut s = setup("cancelled-acquires", |c| c).await;
+    s.cluster.spawn_node().unwrap();
+    let (holder_pid, term) = s.cluster.wait_settled(WAIT).await.unwrap();
+
+    // Another process holds the lock; acquires from this one wait, and are given up.
+    let lock = FileLock::new(&s.dir).lock(&s.lock).unwrap();
+    let before = threads_named(WAITER);
+    // All threads too: a thread is listed from its creation on, before it names itself.
+    let all_before = threads_named("");
+    for _ in 0..CANCELLED {
+        let mut acquire = lock.acquire(AcquireRequest::new(NodeId::new("impatient")));
+        assert!(
+            (&mut acquire).now_or_never().is_none(),
+            "got a lock that another process holds"
+        );
+    }
+    let after = threads_named(WAITER);
+    let all_after = threads_named("");
+    eprintln!(
+        "{CANCELLED} cancelled acquires while another process holds the lock: {} more waiting \
+         threads, {} more threads in all",
+        after.saturating_sub(before),
+        all_after.saturating_sub(all_before)
+    );
+    assert!(
+        all_after <= all_before + 2,
+        "{CANCELLED} cancelled acquires left {} more threads",
+        all_after - all_before
+    );
+    assert!(
+        after <= before + 2,
+        "{CANCELLED} cancelled acquires left {} threads waiting in flock",
+        after - before
+    );
+
+    // The holder dies: the next acquire gets the lock, with a higher term.
+    s.cluster
+        .signal(holder_pid, NodeSignal::Kill)
+        .await
+        .unwrap();
+    s.cluster.wait_exit(holder_pid, WAIT).await.unwrap();
+    let leadership = tokio::time::timeout(
+        WAIT,
+        lock.acquire(AcquireRequest::new(NodeId::new("patient"))),
+    )
+    .await
+    .expect("the lock after its holder died")
+    .unwrap();
+    assert!(leadership.term() > term);
+    assert_eq!(leadership.holder().id, "patient");
+    leadership.release().await.unwrap();
+}
+
 #[tokio::test]
 async fn deleted_lock_file_makes_the_old_primary_step_down() {
     let mut s = setup("deleted-file", |c| c).await;

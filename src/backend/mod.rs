@@ -391,6 +391,11 @@ pub const BACKEND_ENV: &str = "TOWER_PRIMARY_BACKEND";
 /// [`ConfigError::InvalidBackendUrl`] for an unknown scheme or a malformed string,
 /// [`ConfigError::FeatureDisabled`] (naming the feature) for a backend that is not compiled in.
 pub fn from_url(url: &str) -> Result<Box<dyn Backend>, ConfigError> {
+    // Drivers' messages may quote parts of the string; none of them may show a password.
+    parse_backend(url).map_err(|e| without_passwords(url, e))
+}
+
+fn parse_backend(url: &str) -> Result<Box<dyn Backend>, ConfigError> {
     let invalid = |problem: &str| ConfigError::InvalidBackendUrl {
         url: redact(url),
         problem: problem.to_owned(),
@@ -467,19 +472,102 @@ fn file_backend(_path: &str) -> Result<Box<dyn Backend>, ConfigError> {
     })
 }
 
-/// The string with any password replaced, for error messages.
-fn redact(url: &str) -> String {
+/// The string with any password replaced by `***`, for error messages and `Debug` output.
+///
+/// Passwords are often pasted without percent-encoding, so the user information is taken to end
+/// at the **last** `@` of the string (RFC 3986 would end it at the first `/`, `?` or `#`): a
+/// password holding `/`, `@`, `?`, `#` or `:` is hidden whole, at the price of hiding a little
+/// more than the password when a query value holds an `@`. A `password=` query parameter (as
+/// PostgreSQL strings may carry) is hidden too. A string without a password comes back as it is.
+pub(crate) fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => {
-            let userinfo = &rest[..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:***{}", &rest[at..])
+    let (userinfo, tail) = match rest.rfind('@') {
+        // Without a `:` there is no password before the `@` (`user@host`, or an `@` in a query
+        // value); the query is still searched for one below.
+        Some(at) if rest[..at].contains(':') => {
+            let user = rest[..at].split(':').next().unwrap_or_default();
+            (format!("{user}:***@"), &rest[at + 1..])
         }
-        None => url.to_owned(),
+        _ => (String::new(), rest),
+    };
+    format!("{scheme}://{userinfo}{}", redact_password_parameters(tail))
+}
+
+/// `password=…` parameters (after `?` or `&`) with their values replaced by `***`; a value runs
+/// to the next `&`.
+fn redact_password_parameters(text: &str) -> String {
+    const KEY: &str = "password=";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find(KEY) {
+        let starts_parameter =
+            rest[..i].ends_with(['?', '&']) || (i == 0 && out.ends_with(['?', '&']));
+        out.push_str(&rest[..i + KEY.len()]);
+        rest = &rest[i + KEY.len()..];
+        if starts_parameter {
+            let end = rest.find('&').unwrap_or(rest.len());
+            if end > 0 {
+                out.push_str("***");
+            }
+            rest = &rest[end..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The passwords `redact` hides in `url`, and the pieces of each between the characters that
+/// parsers split at (`/ ? # @ : & =`), longest first: other code (a driver, a query parser) may
+/// quote a piece in its message.
+fn passwords_in(url: &str) -> Vec<&str> {
+    const KEY: &str = "password=";
+    let Some((_, rest)) = url.split_once("://") else {
+        return Vec::new();
+    };
+    let mut whole = Vec::new();
+    if let Some(at) = rest.rfind('@')
+        && let Some((_, password)) = rest[..at].split_once(':')
+    {
+        whole.push(password);
+    }
+    let mut query = rest;
+    while let Some(i) = query.find(KEY) {
+        let starts_parameter = query[..i].ends_with(['?', '&']);
+        query = &query[i + KEY.len()..];
+        if starts_parameter {
+            whole.push(&query[..query.find('&').unwrap_or(query.len())]);
+        }
+    }
+    let mut found: Vec<&str> = whole
+        .iter()
+        .flat_map(|p| std::iter::once(*p).chain(p.split(['/', '?', '#', '@', ':', '&', '='])))
+        // Shorter pieces would mask ordinary words of a message.
+        .filter(|p| p.len() >= 3)
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    found.dedup();
+    found
+}
+
+/// A configuration error about `url` with every password of `url` masked in its message.
+fn without_passwords(url: &str, err: ConfigError) -> ConfigError {
+    match err {
+        ConfigError::InvalidBackendUrl {
+            url: shown,
+            problem,
+        } => {
+            let mut problem = problem;
+            for password in passwords_in(url) {
+                problem = problem.replace(password, "***");
+            }
+            ConfigError::InvalidBackendUrl {
+                url: shown,
+                problem,
+            }
+        }
+        other => other,
     }
 }
 
@@ -569,6 +657,88 @@ mod tests {
             .to_string();
         assert!(!err.contains("hunter2"), "{err}");
         assert!(err.contains("user:***@host"), "{err}");
+    }
+
+    /// Passwords with characters that should have been percent-encoded, in every scheme: the
+    /// password, and every piece of it between those characters, must appear in no error.
+    #[test]
+    fn redaction_hides_every_part_of_any_password() {
+        let passwords = [
+            "hunter2xx",
+            "pa55/w0rd",
+            "pa55@w0rd",
+            "pa55?w0rd",
+            "pa55#w0rd",
+            "pa55:w0rd",
+            "p4ss/w0rd@h0st/db?x=yy#zz:qq",
+            "/leading5lash",
+            "trailing5lash/",
+            "@at5ign",
+            "s3cret%2Fenc",
+        ];
+        let shapes = [
+            "redis://user:{pw}@127.0.0.1:6379/0",
+            "redis://:{pw}@127.0.0.1/0?prefix=p",
+            "rediss://user:{pw}@host:6380/1?bogus=1",
+            "redis://user:{pw}@host/0?lease=5s",
+            "postgres://u:{pw}@h/db",
+            "postgresql://u:{pw}@h:5432/db?sslmode=nope",
+            "postgres://u:{pw}@h/db?namespace=bad%ZZ",
+            "postgres://h/db?user=u&password={pw}&sslmode=nope",
+            "etcd://u:{pw}@a:2379,b:2379",
+            "etcds://u:{pw}@a:2379/extra/path",
+            "etcd://u:{pw}@a:2379?prefix=/bad prefix",
+            "nope://u:{pw}@host/db",
+            "file://u:{pw}@host/dir",
+        ];
+        for pw in passwords {
+            let pieces: Vec<&str> = pw
+                .split(['/', '@', '?', '#', ':', '='])
+                .filter(|p| p.len() >= 4)
+                .collect();
+            for shape in shapes {
+                let url = shape.replace("{pw}", pw);
+                let shown = redact(&url);
+                let err = match from_url(&url) {
+                    Ok(backend) => format!("{backend:?}"),
+                    Err(e) => format!("{e} {e:?}"),
+                };
+                for text in [&shown, &err] {
+                    assert!(!text.contains(pw), "{url} -> {text}");
+                    for piece in &pieces {
+                        assert!(!text.contains(piece), "{url} -> {text} (shows {piece:?})");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn redaction_keeps_what_is_not_a_password() {
+        for (url, shown) in [
+            ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+            ("redis://user@host/0", "redis://user@host/0"),
+            (
+                "postgres://root@127.0.0.1:5432/test",
+                "postgres://root@127.0.0.1:5432/test",
+            ),
+            (
+                "etcd://a:2379,b:2379?prefix=x",
+                "etcd://a:2379,b:2379?prefix=x",
+            ),
+            ("/var/lib/app", "/var/lib/app"),
+            ("file:///run/app", "file:///run/app"),
+            ("redis://u:pw@h:1/0", "redis://u:***@h:1/0"),
+            ("redis://u:pa/ss@h/0", "redis://u:***@h/0"),
+            ("redis://:pw@h", "redis://:***@h"),
+            ("postgres://u:p@w@h/db", "postgres://u:***@h/db"),
+            (
+                "postgres://h/db?user=u&password=pw&sslmode=require",
+                "postgres://h/db?user=u&password=***&sslmode=require",
+            ),
+        ] {
+            assert_eq!(redact(url), shown, "{url}");
+        }
     }
 
     #[test]

@@ -1,0 +1,141 @@
+//! The lock directory and the files of one lock name in it.
+
+use super::*;
+
+/// The files of one lock name.
+#[derive(Debug)]
+pub(super) struct Paths {
+    pub(super) dir: PathBuf,
+    pub(super) lock: PathBuf,
+    pub(super) holder: PathBuf,
+    pub(super) state_dir: PathBuf,
+    pub(super) lock_file: OsString,
+    pub(super) holder_file: OsString,
+    pub(super) state_name: OsString,
+}
+
+impl Paths {
+    /// Checks the directory and prepares the lock file and the state directory.
+    pub(super) fn checked(given: &Path, name: &str) -> Result<Paths, ConfigError> {
+        let problem = |problem: String| ConfigError::LockDir {
+            path: given.to_owned(),
+            problem,
+        };
+        if given.as_os_str().is_empty() {
+            return Err(problem("the path is empty".to_owned()));
+        }
+        // Collecting the components drops a trailing slash, which would make lstat follow a
+        // symbolic link.
+        let dir: PathBuf = std::path::absolute(given)
+            .map_err(|e| problem(format!("cannot be made absolute: {e}")))?
+            .components()
+            .collect();
+        let meta = match fs::symlink_metadata(&dir) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(problem(
+                    "does not exist; create it first, owned by the service user (for example with \
+                     systemd RuntimeDirectory= or StateDirectory=)"
+                        .to_owned(),
+                ));
+            }
+            Err(e) => return Err(problem(format!("cannot be inspected: {e}"))),
+        };
+        if meta.file_type().is_symlink() {
+            return Err(problem(
+                "is a symbolic link; give the real directory (a symlinked lock directory is \
+                 refused, so the lock cannot be redirected)"
+                    .to_owned(),
+            ));
+        }
+        if !meta.is_dir() {
+            return Err(problem("is not a directory".to_owned()));
+        }
+        // access(2) is what the kernel would decide for this process's (real) user. Root passes
+        // it on any permission bits; a read-only file system still fails, and so does creating
+        // the lock file below.
+        if let Err(errno) = nix::unistd::access(&dir, AccessFlags::W_OK | AccessFlags::X_OK) {
+            return Err(problem(format!(
+                "is not writable by this process ({errno}); the service user must own it"
+            )));
+        }
+        if meta.mode() & 0o002 != 0 {
+            tracing::warn!(
+                dir = %dir.display(),
+                "the lock directory is writable by every user: anyone can delete or replace the \
+                 lock file; use a private directory such as /run/<app> or /var/lib/<app>"
+            );
+        }
+        let lock_file = OsString::from(format!("{name}.lock"));
+        let holder_file = OsString::from(format!("{name}.holder"));
+        let state_name = OsString::from(format!("{name}.state"));
+        let paths = Paths {
+            lock: dir.join(&lock_file),
+            holder: dir.join(&holder_file),
+            state_dir: dir.join(&state_name),
+            dir,
+            lock_file,
+            holder_file,
+            state_name,
+        };
+        let shown = paths.lock_file.to_string_lossy();
+        let file = open_lock_file(&paths.lock).map_err(|e| {
+            problem(match Errno::from_raw(e.raw_os_error().unwrap_or(0)) {
+                Errno::ELOOP => format!("{shown} is a symbolic link (refused)"),
+                Errno::EISDIR => format!("{shown} is a directory"),
+                Errno::EACCES | Errno::EPERM | Errno::EROFS => {
+                    format!("is not writable: cannot create or open {shown} for writing: {e}")
+                }
+                _ => format!("cannot open {shown}: {e}"),
+            })
+        })?;
+        let file_meta = file
+            .metadata()
+            .map_err(|e| problem(format!("cannot inspect {shown}: {e}")))?;
+        if !file_meta.is_file() {
+            return Err(problem(format!("{shown} is not a regular file")));
+        }
+        if file_meta.mode() & 0o077 != 0 {
+            tracing::warn!(
+                path = %paths.lock.display(),
+                mode = format_args!("{:o}", file_meta.mode() & 0o777),
+                "the lock file is accessible to other users, who can then hold the lock; chmod 600 it"
+            );
+        }
+        ensure_state_dir(&paths.state_dir).map_err(|e| {
+            problem(format!(
+                "cannot create the state directory {}: {e}",
+                paths.state_name.to_string_lossy()
+            ))
+        })?;
+        Ok(paths)
+    }
+}
+
+/// Opens (creating if needed) the lock file: read-write, 0600, no symlinks, close-on-exec.
+pub(super) fn open_lock_file(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(path)
+}
+
+/// Creates the state directory (0700) if missing; refuses anything but a real directory.
+pub(super) fn ensure_state_dir(path: &Path) -> io::Result<()> {
+    match DirBuilder::new().mode(0o700).create(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            let meta = fs::symlink_metadata(path)?;
+            if meta.is_dir() {
+                Ok(())
+            } else {
+                Err(io::Error::other("exists and is not a directory"))
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
