@@ -211,6 +211,11 @@ impl RedisBackend {
     /// [`ConfigError::InvalidBackendUrl`] for a malformed URL, an unknown crate parameter or an
     /// invalid prefix (passwords are not repeated in the message).
     pub fn new(url: &str) -> Result<Self, ConfigError> {
+        // The driver's messages may quote parts of the URL; none of them may show a password.
+        Self::parse(url).map_err(|e| super::without_passwords(url, e))
+    }
+
+    fn parse(url: &str) -> Result<Self, ConfigError> {
         let shown = super::redact(url);
         let invalid = |problem: String| ConfigError::InvalidBackendUrl {
             url: shown.clone(),
@@ -261,13 +266,7 @@ impl RedisBackend {
         } else {
             format!("{base}?{}", passed.join("&"))
         };
-        let client = Client::open(driver_url.as_str()).map_err(|e| {
-            let mut msg = e.to_string();
-            if let Some(pw) = password_of(url).filter(|p| !p.is_empty()) {
-                msg = msg.replace(pw, "***");
-            }
-            invalid(msg)
-        })?;
+        let client = Client::open(driver_url.as_str()).map_err(|e| invalid(e.to_string()))?;
         if scheme == "rediss" {
             // The driver builds its TLS config with rustls's process-wide crypto provider; make
             // sure there is one (ring) unless the application installed its own.
@@ -406,14 +405,6 @@ fn validate_prefix(prefix: &str) -> Result<(), &'static str> {
         return Err("may only hold ASCII letters, digits, '.', '_', ':' and '-'");
     }
     Ok(())
-}
-
-/// The password in a URL's user info, to keep it out of error messages.
-fn password_of(url: &str) -> Option<&str> {
-    let rest = url.split_once("://")?.1;
-    let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
-    let userinfo = &authority[..authority.rfind('@')?];
-    userinfo.split_once(':').map(|(_, p)| p)
 }
 
 impl Backend for RedisBackend {

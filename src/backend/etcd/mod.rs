@@ -162,7 +162,7 @@ impl EtcdBackend {
     ///
     /// [`ConfigError::InvalidBackendUrl`] naming what is wrong (never repeating a password).
     pub fn from_url(url: &str) -> Result<Self, ConfigError> {
-        let parsed = url::parse(url)?;
+        let parsed = url::parse(url).map_err(|e| super::without_passwords(url, e))?;
         let mut backend = EtcdBackend::new(parsed.endpoints).with_tls(parsed.tls);
         if let Some((name, password)) = parsed.user {
             backend = backend.with_user(name, password);

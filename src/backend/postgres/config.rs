@@ -118,13 +118,8 @@ impl Settings {
         } else {
             format!("{base}?{}", passed.join("&"))
         };
-        let mut pg = tokio_postgres::Config::from_str(&driver_url).map_err(|e| {
-            let mut msg = e.to_string();
-            if let Some(pw) = password_of(url).filter(|p| !p.is_empty()) {
-                msg = msg.replace(pw, "***");
-            }
-            invalid(msg)
-        })?;
+        let mut pg =
+            tokio_postgres::Config::from_str(&driver_url).map_err(|e| invalid(e.to_string()))?;
         let (mode, tls) = tls_for(ssl_mode, root_cert.as_deref()).map_err(invalid)?;
         pg.ssl_mode(mode);
         if pg.get_application_name().is_none() {
@@ -314,14 +309,6 @@ fn percent_decode(s: &str) -> Option<String> {
         }
     }
     String::from_utf8(out).ok()
-}
-
-/// The password in a URL's user info, if any.
-fn password_of(url: &str) -> Option<&str> {
-    let rest = url.split_once("://")?.1;
-    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
-    let userinfo = &authority[..authority.rfind('@')?];
-    userinfo.split_once(':').map(|(_, pw)| pw)
 }
 
 /// The driver's SSL mode and the connector, as libpq reads `sslmode`: `prefer` and `require`

@@ -215,7 +215,10 @@ impl PostgresBackend {
     /// an unknown `sslmode`, or an unreadable `sslrootcert`.
     pub fn new(url: &str) -> Result<Self, ConfigError> {
         Ok(PostgresBackend {
-            settings: Arc::new(Settings::from_url(url)?),
+            // The driver's messages may quote parts of the URL; none may show a password.
+            settings: Arc::new(
+                Settings::from_url(url).map_err(|e| super::without_passwords(url, e))?,
+            ),
         })
     }
 
