@@ -86,6 +86,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use tower_primary::clock::monotonic_nanos;
+use tower_primary::testing::host::SimulatedHost;
 use tower_primary::testing::node::{Cluster, NodeCommand, NodeConfig};
 use tower_primary::testing::witness::Witness;
 
@@ -94,14 +95,16 @@ use crate::report::RunData;
 use crate::setup::Setup;
 
 const USAGE: &str = "usage: chaos [--backend file|redis|postgres|etcd|<backend string>] \
-                     [--nodes N] [--duration D] [--seed N] [--lease D] \
-                     [--faults kill,stop,term,cut,restart,drop] [--fault-every A..B] \
-                     [--write-every D] [--out DIR]";
+                     [--nodes N] [--hosts N] [--duration D] [--seed N] [--lease D] \
+                     [--faults kill,stop,term,cut,restart,drop,kill-conns,flush,lease-change,\
+                     stop-waiter] [--fault-every A..B] [--write-every D] [--bound D] [--out DIR]";
 
 #[derive(Debug)]
 struct Args {
     backend: String,
     nodes: usize,
+    hosts: Option<usize>,
+    bound: Option<Duration>,
     duration: Duration,
     seed: Option<u64>,
     lease: Option<Duration>,
@@ -120,6 +123,8 @@ impl Args {
         let mut parsed = Args {
             backend: "file".to_owned(),
             nodes: 5,
+            hosts: None,
+            bound: None,
             duration: Duration::from_secs(60),
             seed: None,
             lease: None,
@@ -143,6 +148,16 @@ impl Args {
                         .parse()
                         .map_err(|e| format!("--nodes {value:?}: {e}"))?;
                 }
+                "--hosts" => {
+                    let n: usize = value
+                        .parse()
+                        .map_err(|e| format!("--hosts {value:?}: {e}"))?;
+                    if n == 0 {
+                        return Err("--hosts must be at least 1".to_owned());
+                    }
+                    parsed.hosts = Some(n);
+                }
+                "--bound" => parsed.bound = Some(duration(&name, &value)?),
                 "--duration" => parsed.duration = duration(&name, &value)?,
                 "--seed" => {
                     parsed.seed = Some(
@@ -159,7 +174,8 @@ impl Args {
                         .map(|s| {
                             FaultKind::parse(s.trim()).ok_or_else(|| {
                                 format!(
-                                    "--faults: unknown fault {s:?} (kill, stop, term, cut, restart, drop)"
+                                    "--faults: unknown fault {s:?} (kill, stop, term, cut, \
+                                     restart, drop, kill-conns, flush, lease-change, stop-waiter)"
                                 )
                             })
                         })
@@ -224,12 +240,56 @@ fn main() -> ExitCode {
 
 type BoxError = Box<dyn std::error::Error>;
 
+/// The documented longest time without a primary once a fault is over, per backend, and what
+/// it is made of.
+fn default_bound(setup: &Setup) -> (Duration, String) {
+    let lease = setup.max_lease().unwrap_or(setup::DEFAULT_LEASE);
+    let l = humantime::format_duration(lease);
+    match setup.kind {
+        "file" => (
+            Duration::from_millis(100),
+            "file: the holder's exit, plus scheduling".to_owned(),
+        ),
+        "redis" => (
+            lease + Duration::from_secs(1),
+            format!("redis: the lease {l}, or after a restart the lease + 1 s"),
+        ),
+        "etcd" => (
+            lease + Duration::from_millis(1500),
+            format!("etcd: the lease {l} + the 500 ms expiry check, + 1 s after a restart"),
+        ),
+        _ => (
+            Duration::from_secs(1),
+            "postgres: the fencing bound 500 ms + a liveness check".to_owned(),
+        ),
+    }
+}
+
 /// Runs the whole thing; `Ok(false)` when the run found a violation.
 async fn run(args: Args) -> Result<bool, BoxError> {
     let seed = args
         .seed
         .unwrap_or_else(|| monotonic_nanos() ^ u64::from(std::process::id()));
-    let mut setup = Setup::new(&args.backend, args.nodes, args.lease).await?;
+    let mut setup = Setup::new(&args.backend, args.nodes, args.lease, &args.faults).await?;
+    // The file backend is one host by definition; a server backend's nodes are spread over two
+    // simulated hosts unless told otherwise.
+    let host_count = args
+        .hosts
+        .unwrap_or(if setup.kind == "file" { 1 } else { 2 })
+        .min(args.nodes);
+    let mut hosts = Vec::new();
+    if host_count > 1 {
+        for i in 0..host_count {
+            let host = SimulatedHost::start(format!("host-{}", i + 1))
+                .await
+                .map_err(|e| format!("cannot start simulated host {}: {e}", i + 1))?;
+            hosts.push(host);
+        }
+    }
+    let (bound, bound_what) = match args.bound {
+        Some(b) => (b, "set with --bound".to_owned()),
+        None => default_bound(&setup),
+    };
     let kinds: Vec<FaultKind> = args
         .faults
         .iter()
@@ -246,9 +306,15 @@ async fn run(args: Args) -> Result<bool, BoxError> {
         humantime::format_duration(args.pace.1)
     );
     println!(
-        "chaos: {}; {} nodes; {}; seed {seed}; faults {} every {pace}; witness writes every {}",
+        "chaos: {}; {} nodes on {}; {}; seed {seed}; faults {} every {pace}; witness writes \
+         every {}",
         setup.description,
         args.nodes,
+        if hosts.is_empty() {
+            "this host".to_owned()
+        } else {
+            format!("{} simulated hosts (a PID namespace each)", hosts.len())
+        },
         humantime::format_duration(args.duration),
         kinds
             .iter()
@@ -268,12 +334,13 @@ async fn run(args: Args) -> Result<bool, BoxError> {
     let configs: Vec<NodeConfig> = setup
         .node_backends
         .iter()
-        .map(|backend| {
+        .zip(&setup.node_leases)
+        .map(|(backend, lease)| {
             let mut c = NodeConfig::new(backend, &lock)
                 .tick(Duration::from_secs(1))
                 .witness(witness.addr(), args.write_every);
-            if let Some(lease) = setup.lease {
-                c = c.lease(lease);
+            if let Some(lease) = lease {
+                c = c.lease(*lease);
             }
             c
         })
@@ -282,6 +349,7 @@ async fn run(args: Args) -> Result<bool, BoxError> {
     let mut nemesis = Nemesis::new(
         cluster,
         configs,
+        hosts,
         seed,
         NemesisConfig {
             kinds,
@@ -331,7 +399,11 @@ async fn run(args: Args) -> Result<bool, BoxError> {
         faults: nemesis.log.clone(),
         origin,
         end,
-        lease: setup.lease,
+        lease: setup.max_lease(),
+        faults_end,
+        slack: setup.max_lease().unwrap_or(lease_ref) + Duration::from_secs(1),
+        bound,
+        bound_what,
     };
     let analysis = report::analyse(&data);
     let slot_of_pid: HashMap<String, usize> = nemesis
