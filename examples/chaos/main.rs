@@ -17,11 +17,18 @@
 //!   (`/path/dir`, `redis://…`, `postgres://…`, `etcd://…`: your own server, e.g. the machine's
 //!   `postgres://root@127.0.0.1:5432/test`; `restart` is then skipped), with the matching Cargo
 //!   feature.
-//! - `--nodes N` (default 5), `--duration D` (default `60s`), `--seed N` (default: from the
-//!   clock, printed), `--lease D` (default 2 s on Redis and etcd; ignored by the file backend and
-//!   PostgreSQL, which have no lease setting), `--faults kill,stop,term,cut,restart` (the
-//!   default; add `drop` to have it), `--fault-every A..B` (default `1s..3s`), `--write-every D`
-//!   (default `2ms`), `--out DIR` (default `target/chaos/<backend>-seed<N>`).
+//! - `--nodes N` (default 5), `--hosts N` (how many simulated hosts the nodes are spread over,
+//!   slot `s` on host `s % N`, its replacements too: each a PID namespace of its own, see
+//!   `tower_primary::testing::host`; needs root; default 2 for a server backend, 1 — this
+//!   machine as it is — for the file backend), `--duration D` (default `60s`), `--seed N`
+//!   (default: from the clock, printed), `--lease D` (default 2 s on Redis and etcd; ignored by
+//!   the file backend and PostgreSQL, which have no lease setting), `--faults LIST` (default:
+//!   every kind, those that do not apply skipped), `--fault-every A..B` (default `1s..3s`),
+//!   `--write-every D` (default `2ms`), `--bound D` (the documented longest time without a
+//!   primary once a fault is over, printed beside the measured one; default per backend: 100 ms
+//!   on the file backend (the holder's exit), the lease + 1 s on Redis (the restart guard), the
+//!   lease + 1.5 s on etcd (its 500 ms expiry check, a restart), 1 s on PostgreSQL (the fencing
+//!   bound and a liveness check)), `--out DIR` (default `target/chaos/<backend>-seed<N>`).
 //!
 //! The tool re-executes itself as `--nodes` election nodes (the node mode of
 //! `tower_primary::testing::node`), each reaching the server through a TCP proxy of its own
@@ -46,15 +53,22 @@
 //!   etcd and PostgreSQL, stopped as by a crash, keep their data), only for a server the tool
 //!   started itself.
 //!
-//! - `drop`, only when asked for (`--faults …,drop`): the server side of the node's connections
-//!   is closed at once while the node hears nothing for a pause's length — an asymmetric
-//!   partition. It breaks the PostgreSQL backend's stated assumption (the server frees a silent
-//!   holder's locks only after its dead-peer detection time, by which time the holder has stepped
-//!   down), and shows what then happens.
+//! - `drop`: the server side of the node's connections is closed at once while the node hears
+//!   nothing for a pause's length — an asymmetric partition;
+//! - `kill-conns` (PostgreSQL): `pg_terminate_backend` on every session of the node — its lock
+//!   session and its second connection, found by the `application_name` each slot's backend
+//!   string sets (`chaos<pid>-n<slot>`);
+//! - `flush` (Redis, the tool's own server): `FLUSHALL`;
+//! - `lease-change` (Redis, the tool's own server): with it in the mix every second node runs
+//!   2.5 times the lease (a rolling lease change caught halfway); the fault restarts the server
+//!   without data while the primary cannot reach it for its own lease;
+//! - `stop-waiter`: `SIGSTOP` the secondary most likely next in line (the longest waiter),
+//!   `SIGKILL` the primary and replace it, `SIGCONT` the secondary after a pause's length.
 //!
 //! Faults that do not apply are skipped and said so: `cut`, `drop` and `restart` on the file
-//! backend, `restart` on a server the tool did not start, `cut` and `drop` on a TLS or
-//! multi-host URL. The seed fixes
+//! backend, `restart`, `flush` and `lease-change` on a server the tool did not start, `cut`,
+//! `drop` and `lease-change` on a TLS or multi-host URL, `kill-conns` but on PostgreSQL,
+//! `flush` and `lease-change` but on Redis. The seed fixes
 //! the nemesis's choices (kinds, targets' primary-or-not, lengths, pauses), not the timing of
 //! the processes, so two runs with one seed are alike, not identical.
 //!
@@ -63,10 +77,15 @@
 //! earliest writes from the witness (`witness::merge`); a period ends at its reported end or its
 //! deadline, whichever comes first. Output: a summary table (failover time per fault kind, p50,
 //! p99 and max; periods; overlaps; terms rising; the longest time without a primary; writes
-//! accepted, stale writes rejected, unsafe writes), the files `summary.txt`, `periods.txt` (every
+//! accepted, stale writes rejected, unsafe writes; the documented bound beside the longest time
+//! without a primary and beside the longest such time after a fault was over; **terms that ended
+//! without a fault** — a primary period that ended although no fault touched its node or the
+//! server from just before it to a lease (or detection time) + 1 s after it was over: goal 0),
+//! the files `summary.txt`, `periods.txt` (every
 //! period by term, every fault), `timeline.svg` (which node was primary when, where the faults
 //! hit), `events.log` and `witness.log` in the output directory, and a last line
-//! `faults=<n> failovers=<n> overlaps=<n> stale_writes=<accepted n> max_gap_ms=<v>`.
+//! `faults=<n> failovers=<n> overlaps=<n> stale_writes=<accepted n> max_gap_ms=<v> bound_ms=<v>
+//! ended_without_fault=<n>`.
 //!
 //! Exit status: 0 when the run is clean; 1 on any violation (overlapping primary periods, a term
 //! that did not rise, a stale write the witness accepted, a write made while not primary) or when
@@ -420,11 +439,11 @@ async fn run(args: Args) -> Result<bool, BoxError> {
     let mut text = report::summary(&data, &analysis);
     match &recovered {
         Ok((_, s)) => text.push_str(&format!(
-            "{:<52} yes, {s:.2} s after the last fault\n",
+            "{:<54} yes, {s:.2} s after the last fault\n",
             "one primary after the faults"
         )),
         Err(_) => text.push_str(&format!(
-            "{:<52} NO, none within {recover:?} (see events.log)\n",
+            "{:<54} NO, none within {recover:?} (see events.log)\n",
             "one primary after the faults"
         )),
     }
