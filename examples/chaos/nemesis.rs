@@ -459,6 +459,55 @@ impl Nemesis {
                 };
             }
             FaultKind::LeaseChange => {
+                let start = Instant::now();
+                fault.at = monotonic_nanos();
+                // The hazard needs a primary on the longer lease and waiters on the shorter one.
+                // If the primary runs the shorter lease, pause the other nodes on it and hand
+                // over (SIGTERM), so that a node on the longer lease takes over, as the last
+                // node on the old lease does in a rolling change back to a shorter lease.
+                let longest = setup.max_lease();
+                let mut handover = String::new();
+                if let Some((slot, pid, term)) = self.primary()
+                    && setup.node_leases.get(slot).copied().flatten() != longest
+                {
+                    let states = self.cluster.states();
+                    let paused: Vec<u32> = (0..self.slots.len())
+                        .filter(|s| *s != slot)
+                        .filter(|s| setup.node_leases.get(*s).copied().flatten() != longest)
+                        .map(|s| self.slots[s])
+                        .filter(|p| states.get(p).is_some_and(|st| st.alive && !st.stopped))
+                        .collect();
+                    for p in &paused {
+                        let _ = self.cluster.signal(*p, NodeSignal::Stop).await;
+                    }
+                    if self.cluster.signal(pid, NodeSignal::Term).await.is_ok() {
+                        if self
+                            .cluster
+                            .wait_exit(pid, self.config.exit_timeout)
+                            .await
+                            .is_err()
+                        {
+                            let _ = self.cluster.signal(pid, NodeSignal::Kill).await;
+                            self.cluster.wait_exit(pid, Duration::from_secs(10)).await?;
+                        }
+                        let wait =
+                            3 * longest.unwrap_or(self.config.lease_ref) + Duration::from_secs(6);
+                        let took_over = self.cluster.wait_primary_after(term, pid, wait).await;
+                        self.respawn(slot)?;
+                        handover = format!(
+                            "{} paused, the primary on the shorter lease handed over{}; ",
+                            paused.len(),
+                            if took_over.is_ok() {
+                                ""
+                            } else {
+                                " (no one took over)"
+                            }
+                        );
+                    }
+                    for p in &paused {
+                        let _ = self.cluster.signal(*p, NodeSignal::Cont).await;
+                    }
+                }
                 let Some((slot, pid, term)) = self.primary() else {
                     return Ok(None);
                 };
@@ -470,21 +519,21 @@ impl Nemesis {
                 };
                 // The primary cannot reach the server from now until its own lease has passed:
                 // it learns of the lost key no sooner than its deadline.
-                let start = Instant::now();
-                fault.at = monotonic_nanos();
+                let partitioned = Instant::now();
                 proxy.stall();
                 server.kill();
                 let down = Duration::from_millis(self.rng.u64(0..=1000));
                 tokio::time::sleep(down).await;
                 let restarted = server.restart().await;
-                tokio::time::sleep_until(start + lease).await;
+                tokio::time::sleep_until(partitioned + lease).await;
                 proxy.cut();
                 proxy.resume();
                 restarted?;
                 fault.detail = format!(
-                    "server restarted without data after {} ms, the primary (lease {}) \
-                     partitioned for its lease",
+                    "{handover}server restarted without data after {} ms (at {} into the fault), \
+                     the primary (lease {}) partitioned for its lease",
                     down.as_millis(),
+                    secs(partitioned - start),
                     humantime::format_duration(lease)
                 );
                 (fault.slot, fault.pid, fault.primary_term) = (Some(slot), Some(pid), Some(term));
