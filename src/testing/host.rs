@@ -194,3 +194,41 @@ fn first_child(pid: u32) -> Option<u32> {
         .parse()
         .ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A command in a simulated host runs in the host's PID namespace, sees its own `/proc`,
+    /// and is told the pid the parent knows it by.
+    #[tokio::test]
+    async fn a_command_runs_in_the_hosts_namespace_and_knows_its_outer_pid() {
+        let Some(host) = crate::testing::servers::require(
+            "a simulated host (root, unshare)",
+            SimulatedHost::start("t").await,
+        ) else {
+            return;
+        };
+        let script = format!(
+            "echo $${NODE_ID_ENV}; readlink /proc/self/ns/pid; echo $$; \
+             sh -c 'readlink /proc/self'"
+        );
+        let mut cmd = host.command("sh", ["-c", script.as_str()]);
+        let child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+        let outer = child.id().unwrap();
+        let out = child.wait_with_output().await.unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert_eq!(lines[0], outer.to_string());
+        let ns = format!("pid:[{}]", host.pid_namespace().unwrap());
+        assert_eq!(lines[1], ns);
+        let inner: u32 = lines[2].parse().unwrap();
+        assert_ne!(inner, outer);
+        assert!(inner < 100, "a fresh namespace's pid: {inner}");
+        // `/proc` is the namespace's own: `/proc/self` names the process's own pid there.
+        let own: u32 = lines[3].parse().unwrap();
+        assert!(own > inner && own < 100, "{text}");
+    }
+}
