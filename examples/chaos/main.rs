@@ -443,7 +443,7 @@ async fn run(args: Args) -> Result<bool, BoxError> {
             "one primary after the faults"
         )),
         Err(_) => text.push_str(&format!(
-            "{:<54} NO, none within {recover:?} (see events.log)\n",
+            "{:<54} NO, none within {recover:?} (see liveness.txt)\n",
             "one primary after the faults"
         )),
     }
@@ -457,6 +457,10 @@ async fn run(args: Args) -> Result<bool, BoxError> {
             .join(format!("{}-seed{seed}", setup.kind))
     });
     std::fs::create_dir_all(&out)?;
+    if let Err(e) = &recovered {
+        // The wait's report: every event and the last stderr lines of every node.
+        std::fs::write(out.join("liveness.txt"), e.to_string())?;
+    }
     let mut events = data.events.clone();
     events.sort_by_key(|e| e.at);
     let events: String = events.iter().map(|e| format!("{e}\n")).collect();
