@@ -30,7 +30,7 @@
 //!
 //! let host = SimulatedHost::start("host-b").await?;
 //! let mut child = host.command("/bin/sh", ["-c", "echo $$"]).spawn()?;
-//! child.wait().await?; // printed 2: pid 1 is the host's init
+//! child.wait().await?; // printed a pid of the host's own namespace (its init is 1)
 //! # Ok(())
 //! # }
 //! ```
@@ -210,7 +210,7 @@ mod tests {
             return;
         };
         let script = format!(
-            "echo $${NODE_ID_ENV}; readlink /proc/self/ns/pid; echo $$; \
+            "echo ${NODE_ID_ENV}; readlink /proc/self/ns/pid; echo $$; \
              sh -c 'readlink /proc/self'"
         );
         let mut cmd = host.command("sh", ["-c", script.as_str()]);
