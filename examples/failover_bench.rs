@@ -2,12 +2,22 @@
 //!
 //! ```text
 //! cargo run --release --example failover_bench -- --backend file --rounds 100 [--nodes 3] [--lease 2s]
+//! cargo run --release --features postgres --example failover_bench -- \
+//!     --backend 'postgres://root@127.0.0.1:5432/test?namespace=bench' --successor-host both
 //! ```
 //!
 //! `--backend` is `file` (locks in a fresh temporary directory) or any backend string of DESIGN §7
 //! (`/path/dir`, `redis://…`, `postgres://…`, `etcd://…`, with the matching Cargo feature).
 //! `--rounds` is per series (default 100), `--nodes` how many nodes run (default 3), `--lease` the
 //! lease of lease backends (ignored by the file backend).
+//!
+//! `--successor-host same|other|both` (default `same`) says where the successor runs: `same` runs
+//! every node on this machine as it is (one host); `other` gives every node a [simulated
+//! host](tower_primary::testing::host) of its own (a PID namespace; needs root), and a
+//! replacement the host of the node it replaces, so every successor runs on another host than
+//! the node it succeeds: a backend cannot see that its predecessor's process is gone and must
+//! wait whatever it waits for a predecessor it cannot see; `both` runs the two one after the
+//! other and prints their series side by side.
 //!
 //! The program re-executes itself as `--nodes` election nodes (node mode of
 //! `tower_primary::testing::node`: each node runs an elector with a singleton task and prints
@@ -32,6 +42,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use tower_primary::clock::monotonic_nanos;
+use tower_primary::testing::history::Report as HistoryReport;
+use tower_primary::testing::host::SimulatedHost;
 use tower_primary::testing::node::{
     Cluster, Event, EventKind, NodeCommand, NodeConfig, NodeSignal,
 };
@@ -41,10 +53,29 @@ struct Args {
     rounds: usize,
     nodes: usize,
     lease: Option<Duration>,
+    placements: Vec<Placement>,
+}
+
+/// Where the successor runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Placement {
+    /// Every node on this machine's own host.
+    Same,
+    /// Every node on a simulated host of its own.
+    Other,
+}
+
+impl Placement {
+    fn label(self) -> &'static str {
+        match self {
+            Placement::Same => "same host",
+            Placement::Other => "other host",
+        }
+    }
 }
 
 const USAGE: &str = "usage: failover_bench [--backend file|<backend string>] [--rounds N] \
-                     [--nodes N] [--lease DURATION]";
+                     [--nodes N] [--lease DURATION] [--successor-host same|other|both]";
 
 impl Args {
     fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -53,6 +84,7 @@ impl Args {
             rounds: 100,
             nodes: 3,
             lease: None,
+            placements: vec![Placement::Same],
         };
         while let Some(flag) = args.next() {
             let (name, inline) = match flag.split_once('=') {
@@ -72,6 +104,18 @@ impl Args {
                         humantime::parse_duration(&value)
                             .map_err(|e| format!("--lease {value:?}: {e}"))?,
                     );
+                }
+                "--successor-host" => {
+                    parsed.placements = match value.as_str() {
+                        "same" => vec![Placement::Same],
+                        "other" => vec![Placement::Other],
+                        "both" => vec![Placement::Same, Placement::Other],
+                        v => {
+                            return Err(format!(
+                                "--successor-host {v:?}: one of same, other, both"
+                            ));
+                        }
+                    };
                 }
                 _ => return Err(format!("unknown flag {name}\n{USAGE}")),
             }
@@ -148,24 +192,127 @@ async fn run(args: Args) -> Result<(), BoxError> {
         Duration::from_secs(10).max(l * 5)
     });
 
-    let mut cluster = Cluster::new(NodeCommand::current_exe()?, config);
     println!(
-        "backend {} ({backend}), lock {lock}, {} nodes, {} rounds per series, lease {}",
+        "backend {} ({backend}), lock {lock}, {} nodes, {} rounds per series, lease {}, \
+         successor on: {}",
         args.backend,
         args.nodes,
         args.rounds,
         args.lease.map_or_else(
             || "default".to_owned(),
             |l| humantime::format_duration(l).to_string()
-        )
+        ),
+        args.placements
+            .iter()
+            .map(|p| p.label())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     // Other work on the machine shows up in the tail: say how busy it was.
     println!("load average at start: {}", load_average());
+    let mut results = Vec::new();
+    let mut reports = Vec::new();
+    for placement in args.placements.clone() {
+        let (series, report) = run_placement(&args, config.clone(), timeout, placement).await?;
+        results.extend(series);
+        reports.push((placement, report));
+    }
+
+    println!();
+    println!(
+        "{:<24} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "series", "n", "min", "p50", "p90", "p99", "max"
+    );
+    let mut p99s = Vec::new();
+    for (series, times, _) in &mut results {
+        times.sort_unstable();
+        let p = |q: f64| ms(percentile(times, q));
+        println!(
+            "{:<24} {:>5} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
+            series,
+            times.len(),
+            ms(times[0]),
+            p(50.0),
+            p(90.0),
+            p(99.0),
+            ms(times[times.len() - 1])
+        );
+        p99s.push((series.clone(), p(99.0)));
+    }
+    println!("(ms, from the signal to the successor's first singleton-task line)");
+    for (series, _, rounds) in &mut results {
+        rounds.sort_by_key(|r| std::cmp::Reverse(r.task));
+        println!("slowest {series} rounds (ms after the signal):");
+        for r in rounds.iter().take(3) {
+            println!(
+                "  round {:>3}: task start {:.3}, successor's primary line {}, old node {}",
+                r.round,
+                ms(r.task),
+                r.primary
+                    .map_or_else(|| "-".to_owned(), |t| format!("{:.3}", ms(t))),
+                r.old_gone.map_or_else(
+                    || "-".to_owned(),
+                    |(what, t)| format!("{what} {:.3}", ms(t))
+                ),
+            );
+        }
+    }
+    println!("load average at the end: {}", load_average());
+    for (placement, report) in &reports {
+        println!(
+            "{}: primary periods: {}, overlapping pairs: {}, terms not rising: {}",
+            placement.label(),
+            report.periods,
+            report.overlaps.len(),
+            report.term_regressions.len()
+        );
+    }
+    for (series, p99) in p99s {
+        // `failover_p99_ms` on this machine's host (as before), `failover_other_host_p99_ms`.
+        let key = series
+            .replace(", same host", "")
+            .replace(", other host", "_other_host");
+        println!("{key}_p99_ms={p99:.3}");
+    }
+    for (_, report) in &reports {
+        if !report.is_ok() {
+            return Err(format!("the history check failed:\n{report}").into());
+        }
+    }
+    Ok(())
+}
+
+type Series = (String, Vec<u64>, Vec<Round>);
+
+/// Runs the two series (failover, handover) with the successor placed as `placement`.
+async fn run_placement(
+    args: &Args,
+    config: NodeConfig,
+    timeout: Duration,
+    placement: Placement,
+) -> Result<(Vec<Series>, HistoryReport), BoxError> {
+    // `other`: a simulated host per node; a replacement takes the host of the node it replaces.
+    let mut hosts = Vec::new();
+    if placement == Placement::Other {
+        for i in 0..args.nodes {
+            hosts.push(SimulatedHost::start(format!("bench-host-{}", i + 1)).await?);
+        }
+    }
+    let mut host_of: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
+    let mut cluster = Cluster::new(NodeCommand::current_exe()?, config.clone());
     let started = monotonic_nanos();
-    cluster.spawn_nodes(args.nodes)?;
+    for i in 0..args.nodes {
+        if hosts.is_empty() {
+            cluster.spawn_node()?;
+        } else {
+            let pid = cluster.spawn_node_on(&hosts[i], &config)?;
+            host_of.insert(pid, i);
+        }
+    }
     let (mut primary, mut term) = cluster.wait_settled(timeout).await?;
     println!(
-        "first election: {:.1} ms from spawning the nodes to a settled cluster",
+        "{}: first election: {:.1} ms from spawning the nodes to a settled cluster",
+        placement.label(),
         ms(monotonic_nanos() - started)
     );
 
@@ -187,7 +334,15 @@ async fn run(args: Args) -> Result<(), BoxError> {
             times.push(next.at.saturating_sub(sent));
             cluster.wait_exit(primary, timeout).await?;
             slow.push(breakdown(&cluster.events(), round, sent, primary, &next));
-            cluster.spawn_node()?;
+            match host_of.get(&primary).copied() {
+                Some(h) => {
+                    let pid = cluster.spawn_node_on(&hosts[h], &config)?;
+                    host_of.insert(pid, h);
+                }
+                None => {
+                    cluster.spawn_node()?;
+                }
+            }
             let settled = cluster.wait_settled(timeout).await?;
             if settled.0 != next.pid {
                 return Err(format!(
@@ -198,65 +353,11 @@ async fn run(args: Args) -> Result<(), BoxError> {
             }
             (primary, term) = settled;
         }
-        results.push((series, times, slow));
+        results.push((format!("{series}, {}", placement.label()), times, slow));
     }
-
     let report = cluster.history().check();
     cluster.kill_all(timeout).await?;
-
-    println!();
-    println!(
-        "{:<10} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9}",
-        "series", "n", "min", "p50", "p90", "p99", "max"
-    );
-    let mut p99s = Vec::new();
-    for (series, times, _) in &mut results {
-        times.sort_unstable();
-        let p = |q: f64| ms(percentile(times, q));
-        println!(
-            "{:<10} {:>5} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
-            series,
-            times.len(),
-            ms(times[0]),
-            p(50.0),
-            p(90.0),
-            p(99.0),
-            ms(times[times.len() - 1])
-        );
-        p99s.push((*series, p(99.0)));
-    }
-    println!("(ms, from the signal to the successor's first singleton-task line)");
-    for (series, _, rounds) in &mut results {
-        rounds.sort_by_key(|r| std::cmp::Reverse(r.task));
-        println!("slowest {series} rounds (ms after the signal):");
-        for r in rounds.iter().take(3) {
-            println!(
-                "  round {:>3}: task start {:.3}, successor's primary line {}, old node {}",
-                r.round,
-                ms(r.task),
-                r.primary
-                    .map_or_else(|| "-".to_owned(), |t| format!("{:.3}", ms(t))),
-                r.old_gone.map_or_else(
-                    || "-".to_owned(),
-                    |(what, t)| format!("{what} {:.3}", ms(t))
-                ),
-            );
-        }
-    }
-    println!("load average at the end: {}", load_average());
-    println!(
-        "primary periods: {}, overlapping pairs: {}, terms not rising: {}",
-        report.periods,
-        report.overlaps.len(),
-        report.term_regressions.len()
-    );
-    for (series, p99) in p99s {
-        println!("{series}_p99_ms={p99:.3}");
-    }
-    if !report.is_ok() {
-        return Err(format!("the history check failed:\n{report}").into());
-    }
-    Ok(())
+    Ok((results, report))
 }
 
 /// Where the time of one round went, in ns after the signal.

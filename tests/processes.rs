@@ -464,3 +464,82 @@ async fn symlinked_lock_directory_is_refused() {
     assert!(error.to_string().contains("symlink"), "{error}");
     assert!(!real.join("symlinked-dir.lock").exists());
 }
+
+/// Nodes on two simulated hosts (a PID namespace each, as root): each reports the pid the parent
+/// knows it by, runs with pids of its own namespace, and the parent's signals reach it — a
+/// stopped primary keeps the file lock, a killed one is succeeded by the node on the other host.
+#[tokio::test]
+async fn nodes_on_simulated_hosts_are_signalled_through_their_namespace() {
+    use std::os::unix::fs::MetadataExt as _;
+    use tower_primary::testing::host::SimulatedHost;
+    use tower_primary::testing::servers::require;
+
+    let mut s = setup("simulated-hosts", |c| c).await;
+    let Some(a) = require("a simulated host (root)", SimulatedHost::start("a").await) else {
+        return;
+    };
+    let b = SimulatedHost::start("b").await.unwrap();
+    assert_ne!(a.pid_namespace().unwrap(), b.pid_namespace().unwrap());
+    let own_ns = std::fs::metadata("/proc/self/ns/pid").unwrap().ino();
+    assert_ne!(a.pid_namespace().unwrap(), own_ns);
+
+    let config = s.cluster.config().clone();
+    let on_a = s.cluster.spawn_node_on(&a, &config).unwrap();
+    let on_b = s.cluster.spawn_node_on(&b, &config).unwrap();
+    let (primary, term) = s.cluster.wait_settled(WAIT).await.unwrap();
+    assert!(primary == on_a || primary == on_b, "{}", s.cluster.dump());
+    for (pid, host) in [(on_a, &a), (on_b, &b)] {
+        // The node's own process lives in its host's namespace, under another pid there.
+        let node = SimulatedHost::node_pid(pid).expect("the node under nsenter");
+        let ns = std::fs::metadata(format!("/proc/{node}/ns/pid"))
+            .unwrap()
+            .ino();
+        assert_eq!(ns, host.pid_namespace().unwrap());
+        let status = std::fs::read_to_string(format!("/proc/{node}/status")).unwrap();
+        let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap();
+        assert_eq!(nspid.split_whitespace().count(), 3, "{nspid}");
+    }
+
+    // SIGSTOP reaches the primary: it stays primary (its kernel keeps the flock) and resumes.
+    s.cluster.signal(primary, NodeSignal::Stop).await.unwrap();
+    let node = SimulatedHost::node_pid(primary).unwrap();
+    let stopped = || {
+        let stat = std::fs::read_to_string(format!("/proc/{node}/stat")).unwrap();
+        stat.rsplit(')')
+            .next()
+            .unwrap()
+            .trim_start()
+            .starts_with('T')
+    };
+    let until = tokio::time::Instant::now() + WAIT;
+    while !stopped() {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the node never stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(s.cluster.wait_settled(WAIT).await.unwrap(), (primary, term));
+    s.cluster.signal(primary, NodeSignal::Cont).await.unwrap();
+    let resumed = s.cluster.events().len();
+    s.cluster
+        .wait_for("a tick after SIGCONT", WAIT, |events| {
+            events[resumed..]
+                .iter()
+                .find(|e| e.pid == primary && matches!(e.kind, EventKind::Tick { .. }))
+                .map(|_| ())
+        })
+        .await
+        .unwrap();
+
+    // SIGKILL reaches it too: the node on the other host takes over with a higher term.
+    s.cluster.signal(primary, NodeSignal::Kill).await.unwrap();
+    let next = s
+        .cluster
+        .wait_primary_after(term, primary, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(next.pid, if primary == on_a { on_b } else { on_a });
+    s.cluster.wait_exit(primary, WAIT).await.unwrap();
+    s.cluster.assert_history_ok();
+}

@@ -17,11 +17,18 @@
 //!   (`/path/dir`, `redis://…`, `postgres://…`, `etcd://…`: your own server, e.g. the machine's
 //!   `postgres://root@127.0.0.1:5432/test`; `restart` is then skipped), with the matching Cargo
 //!   feature.
-//! - `--nodes N` (default 5), `--duration D` (default `60s`), `--seed N` (default: from the
-//!   clock, printed), `--lease D` (default 2 s on Redis and etcd; ignored by the file backend and
-//!   PostgreSQL, which have no lease setting), `--faults kill,stop,term,cut,restart` (the
-//!   default; add `drop` to have it), `--fault-every A..B` (default `1s..3s`), `--write-every D`
-//!   (default `2ms`), `--out DIR` (default `target/chaos/<backend>-seed<N>`).
+//! - `--nodes N` (default 5), `--hosts N` (how many simulated hosts the nodes are spread over,
+//!   slot `s` on host `s % N`, its replacements too: each a PID namespace of its own, see
+//!   `tower_primary::testing::host`; needs root; default 2 for a server backend, 1 — this
+//!   machine as it is — for the file backend), `--duration D` (default `60s`), `--seed N`
+//!   (default: from the clock, printed), `--lease D` (default 2 s on Redis and etcd; ignored by
+//!   the file backend and PostgreSQL, which have no lease setting), `--faults LIST` (default:
+//!   every kind, those that do not apply skipped), `--fault-every A..B` (default `1s..3s`),
+//!   `--write-every D` (default `2ms`), `--bound D` (the documented longest time without a
+//!   primary once a fault is over, printed beside the measured one; default per backend: 100 ms
+//!   on the file backend (the holder's exit), the lease + 1 s on Redis (the restart guard), the
+//!   lease + 1.5 s on etcd (its 500 ms expiry check, a restart), 1 s on PostgreSQL (the fencing
+//!   bound and a liveness check)), `--out DIR` (default `target/chaos/<backend>-seed<N>`).
 //!
 //! The tool re-executes itself as `--nodes` election nodes (the node mode of
 //! `tower_primary::testing::node`), each reaching the server through a TCP proxy of its own
@@ -46,15 +53,22 @@
 //!   etcd and PostgreSQL, stopped as by a crash, keep their data), only for a server the tool
 //!   started itself.
 //!
-//! - `drop`, only when asked for (`--faults …,drop`): the server side of the node's connections
-//!   is closed at once while the node hears nothing for a pause's length — an asymmetric
-//!   partition. It breaks the PostgreSQL backend's stated assumption (the server frees a silent
-//!   holder's locks only after its dead-peer detection time, by which time the holder has stepped
-//!   down), and shows what then happens.
+//! - `drop`: the server side of the node's connections is closed at once while the node hears
+//!   nothing for a pause's length — an asymmetric partition;
+//! - `kill-conns` (PostgreSQL): `pg_terminate_backend` on every session of the node — its lock
+//!   session and its second connection, found by the `application_name` each slot's backend
+//!   string sets (`chaos<pid>-n<slot>`);
+//! - `flush` (Redis, the tool's own server): `FLUSHALL`;
+//! - `lease-change` (Redis, the tool's own server): with it in the mix every second node runs
+//!   2.5 times the lease (a rolling lease change caught halfway); the fault restarts the server
+//!   without data while the primary cannot reach it for its own lease;
+//! - `stop-waiter`: `SIGSTOP` the secondary most likely next in line (the longest waiter),
+//!   `SIGKILL` the primary and replace it, `SIGCONT` the secondary after a pause's length.
 //!
 //! Faults that do not apply are skipped and said so: `cut`, `drop` and `restart` on the file
-//! backend, `restart` on a server the tool did not start, `cut` and `drop` on a TLS or
-//! multi-host URL. The seed fixes
+//! backend, `restart`, `flush` and `lease-change` on a server the tool did not start, `cut`,
+//! `drop` and `lease-change` on a TLS or multi-host URL, `kill-conns` but on PostgreSQL,
+//! `flush` and `lease-change` but on Redis. The seed fixes
 //! the nemesis's choices (kinds, targets' primary-or-not, lengths, pauses), not the timing of
 //! the processes, so two runs with one seed are alike, not identical.
 //!
@@ -63,10 +77,15 @@
 //! earliest writes from the witness (`witness::merge`); a period ends at its reported end or its
 //! deadline, whichever comes first. Output: a summary table (failover time per fault kind, p50,
 //! p99 and max; periods; overlaps; terms rising; the longest time without a primary; writes
-//! accepted, stale writes rejected, unsafe writes), the files `summary.txt`, `periods.txt` (every
+//! accepted, stale writes rejected, unsafe writes; the documented bound beside the longest time
+//! without a primary and beside the longest such time after a fault was over; **terms that ended
+//! without a fault** — a primary period that ended although no fault touched its node or the
+//! server from just before it to a lease (or detection time) + 1 s after it was over: goal 0),
+//! the files `summary.txt`, `periods.txt` (every
 //! period by term, every fault), `timeline.svg` (which node was primary when, where the faults
 //! hit), `events.log` and `witness.log` in the output directory, and a last line
-//! `faults=<n> failovers=<n> overlaps=<n> stale_writes=<accepted n> max_gap_ms=<v>`.
+//! `faults=<n> failovers=<n> overlaps=<n> stale_writes=<accepted n> max_gap_ms=<v> bound_ms=<v>
+//! ended_without_fault=<n>`.
 //!
 //! Exit status: 0 when the run is clean; 1 on any violation (overlapping primary periods, a term
 //! that did not rise, a stale write the witness accepted, a write made while not primary) or when
@@ -86,6 +105,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use tower_primary::clock::monotonic_nanos;
+use tower_primary::testing::host::SimulatedHost;
 use tower_primary::testing::node::{Cluster, NodeCommand, NodeConfig};
 use tower_primary::testing::witness::Witness;
 
@@ -94,14 +114,16 @@ use crate::report::RunData;
 use crate::setup::Setup;
 
 const USAGE: &str = "usage: chaos [--backend file|redis|postgres|etcd|<backend string>] \
-                     [--nodes N] [--duration D] [--seed N] [--lease D] \
-                     [--faults kill,stop,term,cut,restart,drop] [--fault-every A..B] \
-                     [--write-every D] [--out DIR]";
+                     [--nodes N] [--hosts N] [--duration D] [--seed N] [--lease D] \
+                     [--faults kill,stop,term,cut,restart,drop,kill-conns,flush,lease-change,\
+                     stop-waiter] [--fault-every A..B] [--write-every D] [--bound D] [--out DIR]";
 
 #[derive(Debug)]
 struct Args {
     backend: String,
     nodes: usize,
+    hosts: Option<usize>,
+    bound: Option<Duration>,
     duration: Duration,
     seed: Option<u64>,
     lease: Option<Duration>,
@@ -120,6 +142,8 @@ impl Args {
         let mut parsed = Args {
             backend: "file".to_owned(),
             nodes: 5,
+            hosts: None,
+            bound: None,
             duration: Duration::from_secs(60),
             seed: None,
             lease: None,
@@ -143,6 +167,16 @@ impl Args {
                         .parse()
                         .map_err(|e| format!("--nodes {value:?}: {e}"))?;
                 }
+                "--hosts" => {
+                    let n: usize = value
+                        .parse()
+                        .map_err(|e| format!("--hosts {value:?}: {e}"))?;
+                    if n == 0 {
+                        return Err("--hosts must be at least 1".to_owned());
+                    }
+                    parsed.hosts = Some(n);
+                }
+                "--bound" => parsed.bound = Some(duration(&name, &value)?),
                 "--duration" => parsed.duration = duration(&name, &value)?,
                 "--seed" => {
                     parsed.seed = Some(
@@ -159,7 +193,8 @@ impl Args {
                         .map(|s| {
                             FaultKind::parse(s.trim()).ok_or_else(|| {
                                 format!(
-                                    "--faults: unknown fault {s:?} (kill, stop, term, cut, restart, drop)"
+                                    "--faults: unknown fault {s:?} (kill, stop, term, cut, \
+                                     restart, drop, kill-conns, flush, lease-change, stop-waiter)"
                                 )
                             })
                         })
@@ -224,12 +259,56 @@ fn main() -> ExitCode {
 
 type BoxError = Box<dyn std::error::Error>;
 
+/// The documented longest time without a primary once a fault is over, per backend, and what
+/// it is made of.
+fn default_bound(setup: &Setup) -> (Duration, String) {
+    let lease = setup.max_lease().unwrap_or(setup::DEFAULT_LEASE);
+    let l = humantime::format_duration(lease);
+    match setup.kind {
+        "file" => (
+            Duration::from_millis(100),
+            "file: the holder's exit, plus scheduling".to_owned(),
+        ),
+        "redis" => (
+            lease + Duration::from_secs(1),
+            format!("redis: the lease {l}, or after a restart the lease + 1 s"),
+        ),
+        "etcd" => (
+            lease + Duration::from_millis(1500),
+            format!("etcd: the lease {l} + the 500 ms expiry check, + 1 s after a restart"),
+        ),
+        _ => (
+            Duration::from_secs(1),
+            "postgres: the fencing bound 500 ms + a liveness check".to_owned(),
+        ),
+    }
+}
+
 /// Runs the whole thing; `Ok(false)` when the run found a violation.
 async fn run(args: Args) -> Result<bool, BoxError> {
     let seed = args
         .seed
         .unwrap_or_else(|| monotonic_nanos() ^ u64::from(std::process::id()));
-    let mut setup = Setup::new(&args.backend, args.nodes, args.lease).await?;
+    let mut setup = Setup::new(&args.backend, args.nodes, args.lease, &args.faults).await?;
+    // The file backend is one host by definition; a server backend's nodes are spread over two
+    // simulated hosts unless told otherwise.
+    let host_count = args
+        .hosts
+        .unwrap_or(if setup.kind == "file" { 1 } else { 2 })
+        .min(args.nodes);
+    let mut hosts = Vec::new();
+    if host_count > 1 {
+        for i in 0..host_count {
+            let host = SimulatedHost::start(format!("host-{}", i + 1))
+                .await
+                .map_err(|e| format!("cannot start simulated host {}: {e}", i + 1))?;
+            hosts.push(host);
+        }
+    }
+    let (bound, bound_what) = match args.bound {
+        Some(b) => (b, "set with --bound".to_owned()),
+        None => default_bound(&setup),
+    };
     let kinds: Vec<FaultKind> = args
         .faults
         .iter()
@@ -246,9 +325,15 @@ async fn run(args: Args) -> Result<bool, BoxError> {
         humantime::format_duration(args.pace.1)
     );
     println!(
-        "chaos: {}; {} nodes; {}; seed {seed}; faults {} every {pace}; witness writes every {}",
+        "chaos: {}; {} nodes on {}; {}; seed {seed}; faults {} every {pace}; witness writes \
+         every {}",
         setup.description,
         args.nodes,
+        if hosts.is_empty() {
+            "this host".to_owned()
+        } else {
+            format!("{} simulated hosts (a PID namespace each)", hosts.len())
+        },
         humantime::format_duration(args.duration),
         kinds
             .iter()
@@ -268,12 +353,13 @@ async fn run(args: Args) -> Result<bool, BoxError> {
     let configs: Vec<NodeConfig> = setup
         .node_backends
         .iter()
-        .map(|backend| {
+        .zip(&setup.node_leases)
+        .map(|(backend, lease)| {
             let mut c = NodeConfig::new(backend, &lock)
                 .tick(Duration::from_secs(1))
                 .witness(witness.addr(), args.write_every);
-            if let Some(lease) = setup.lease {
-                c = c.lease(lease);
+            if let Some(lease) = lease {
+                c = c.lease(*lease);
             }
             c
         })
@@ -282,6 +368,7 @@ async fn run(args: Args) -> Result<bool, BoxError> {
     let mut nemesis = Nemesis::new(
         cluster,
         configs,
+        hosts,
         seed,
         NemesisConfig {
             kinds,
@@ -331,7 +418,11 @@ async fn run(args: Args) -> Result<bool, BoxError> {
         faults: nemesis.log.clone(),
         origin,
         end,
-        lease: setup.lease,
+        lease: setup.max_lease(),
+        faults_end,
+        slack: setup.max_lease().unwrap_or(lease_ref) + Duration::from_secs(1),
+        bound,
+        bound_what,
     };
     let analysis = report::analyse(&data);
     let slot_of_pid: HashMap<String, usize> = nemesis
@@ -348,11 +439,11 @@ async fn run(args: Args) -> Result<bool, BoxError> {
     let mut text = report::summary(&data, &analysis);
     match &recovered {
         Ok((_, s)) => text.push_str(&format!(
-            "{:<52} yes, {s:.2} s after the last fault\n",
+            "{:<54} yes, {s:.2} s after the last fault\n",
             "one primary after the faults"
         )),
         Err(_) => text.push_str(&format!(
-            "{:<52} NO, none within {recover:?} (see events.log)\n",
+            "{:<54} NO, none within {recover:?} (see liveness.txt)\n",
             "one primary after the faults"
         )),
     }
@@ -366,6 +457,10 @@ async fn run(args: Args) -> Result<bool, BoxError> {
             .join(format!("{}-seed{seed}", setup.kind))
     });
     std::fs::create_dir_all(&out)?;
+    if let Err(e) = &recovered {
+        // The wait's report: every event and the last stderr lines of every node.
+        std::fs::write(out.join("liveness.txt"), e.to_string())?;
+    }
     let mut events = data.events.clone();
     events.sort_by_key(|e| e.at);
     let events: String = events.iter().map(|e| format!("{e}\n")).collect();

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tower_primary::clock::monotonic_nanos;
+use tower_primary::testing::host::SimulatedHost;
 use tower_primary::testing::node::{Cluster, EventKind, NodeConfig, NodeSignal, ObservedRole};
 
 use crate::setup::Setup;
@@ -24,28 +25,45 @@ pub(crate) enum FaultKind {
     /// Kill the server and start it again.
     Restart,
     /// The server ends the node's sessions at once while the node hears nothing (an asymmetric
-    /// partition): outside the PostgreSQL backend's model, so not in the default mix.
+    /// partition).
     Drop,
+    /// PostgreSQL: `pg_terminate_backend` on every session of the node (its lock session and its
+    /// second connection), as an administrator would.
+    KillConns,
+    /// Redis: `FLUSHALL` on the tool's own server.
+    Flush,
+    /// Redis: with every second node on another lease (a rolling lease change), restart the
+    /// server without data while the primary cannot reach it.
+    LeaseChange,
+    /// `SIGSTOP` the secondary next in line, `SIGKILL` the primary, `SIGCONT` the secondary later.
+    StopWaiter,
 }
 
 impl FaultKind {
-    pub(crate) const ALL: [FaultKind; 6] = [
+    pub(crate) const ALL: [FaultKind; 10] = [
         FaultKind::Kill,
         FaultKind::Stop,
         FaultKind::Term,
         FaultKind::Cut,
         FaultKind::Restart,
         FaultKind::Drop,
+        FaultKind::KillConns,
+        FaultKind::Flush,
+        FaultKind::LeaseChange,
+        FaultKind::StopWaiter,
     ];
 
-    /// The mix when `--faults` is not given.
-    pub(crate) const DEFAULT: [FaultKind; 5] = [
-        FaultKind::Kill,
-        FaultKind::Stop,
-        FaultKind::Term,
-        FaultKind::Cut,
-        FaultKind::Restart,
-    ];
+    /// The mix when `--faults` is not given: every kind (those that do not apply to the backend
+    /// are skipped).
+    pub(crate) const DEFAULT: [FaultKind; 10] = FaultKind::ALL;
+
+    /// Whether the fault acts on the server as a whole (every node's state there).
+    pub(crate) fn hits_server(self) -> bool {
+        matches!(
+            self,
+            FaultKind::Restart | FaultKind::Flush | FaultKind::LeaseChange
+        )
+    }
 
     pub(crate) fn as_str(self) -> &'static str {
         match self {
@@ -55,6 +73,10 @@ impl FaultKind {
             FaultKind::Cut => "cut",
             FaultKind::Restart => "restart",
             FaultKind::Drop => "drop",
+            FaultKind::KillConns => "kill-conns",
+            FaultKind::Flush => "flush",
+            FaultKind::LeaseChange => "lease-change",
+            FaultKind::StopWaiter => "stop-waiter",
         }
     }
 
@@ -79,6 +101,8 @@ pub(crate) struct Fault {
     pub(crate) slot: Option<usize>,
     /// The process hit.
     pub(crate) pid: Option<u32>,
+    /// A second process hit (`stop-waiter`: the stopped secondary).
+    pub(crate) also: Option<u32>,
     /// When it began (`CLOCK_MONOTONIC` ns; for signals, just before `kill(2)`).
     pub(crate) at: u64,
     /// When it was over: the node resumed or replaced, the connection passing, the server up.
@@ -110,6 +134,9 @@ pub(crate) struct NemesisConfig {
 pub(crate) struct Nemesis {
     pub(crate) cluster: Cluster,
     configs: Vec<NodeConfig>,
+    /// The simulated hosts (none: every node in this process's own PID namespace); slot `s`
+    /// lives on host `s % hosts.len()`, its replacements too.
+    hosts: Vec<SimulatedHost>,
     /// The current pid of every slot.
     pub(crate) slots: Vec<u32>,
     /// Every pid that ran, and its slot.
@@ -128,12 +155,14 @@ impl Nemesis {
     pub(crate) fn new(
         cluster: Cluster,
         configs: Vec<NodeConfig>,
+        hosts: Vec<SimulatedHost>,
         seed: u64,
         config: NemesisConfig,
     ) -> Self {
         Nemesis {
             cluster,
             configs,
+            hosts,
             slots: Vec::new(),
             pid_slot: HashMap::new(),
             rng: fastrand::Rng::with_seed(seed),
@@ -146,18 +175,53 @@ impl Nemesis {
     /// Starts one node per slot.
     pub(crate) fn spawn_all(&mut self) -> Result<(), BoxError> {
         for slot in 0..self.configs.len() {
-            let pid = self.cluster.spawn_node_with(&self.configs[slot])?;
+            let pid = self.spawn(slot)?;
             self.slots.push(pid);
             self.pid_slot.insert(pid, slot);
         }
         Ok(())
     }
 
+    /// Starts slot `slot`'s node, on its simulated host if there are some.
+    fn spawn(&mut self, slot: usize) -> std::io::Result<u32> {
+        let config = &self.configs[slot];
+        if self.hosts.is_empty() {
+            self.cluster.spawn_node_with(config)
+        } else {
+            let host = &self.hosts[slot % self.hosts.len()];
+            self.cluster.spawn_node_on(host, config)
+        }
+    }
+
     fn respawn(&mut self, slot: usize) -> Result<(), BoxError> {
-        let pid = self.cluster.spawn_node_with(&self.configs[slot])?;
+        let pid = self.spawn(slot)?;
         self.slots[slot] = pid;
         self.pid_slot.insert(pid, slot);
         Ok(())
+    }
+
+    /// The live, running secondary most likely next in line: the one started first (the
+    /// longest waiter).
+    fn next_in_line(&self, primary: u32) -> Option<(usize, u32)> {
+        let states = self.cluster.states();
+        let events = self.cluster.events();
+        let started = |pid: u32| {
+            events
+                .iter()
+                .find(|e| e.pid == pid && e.kind == EventKind::Spawned)
+                .map_or(u64::MAX, |e| e.at)
+        };
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, pid)| **pid != primary)
+            .filter(|(_, pid)| {
+                states.get(pid).is_some_and(|s| {
+                    s.alive && !s.stopped && matches!(s.role, Some(ObservedRole::Secondary { .. }))
+                })
+            })
+            .min_by_key(|(_, pid)| started(**pid))
+            .map(|(slot, pid)| (slot, *pid))
     }
 
     /// Injects faults until `end`, one at a time, a paced pause before each.
@@ -263,6 +327,7 @@ impl Nemesis {
             detail: String::new(),
             slot: None,
             pid: None,
+            also: None,
             at: 0,
             until: 0,
             primary_term: None,
@@ -371,6 +436,144 @@ impl Nemesis {
                 }
                 (fault.slot, fault.pid, fault.at, fault.primary_term) =
                     (Some(slot), Some(pid), at, term);
+            }
+            FaultKind::KillConns => {
+                let (slot, pid, term) = self.target();
+                let at = monotonic_nanos();
+                fault.detail = match setup.terminate_sessions(slot).await {
+                    Ok(n) => format!("pg_terminate_backend on {n} sessions of the node"),
+                    Err(e) => format!("failed: {e}"),
+                };
+                (fault.slot, fault.pid, fault.at, fault.primary_term) =
+                    (Some(slot), Some(pid), at, term);
+            }
+            FaultKind::Flush => {
+                let Some(server) = setup.server.as_ref() else {
+                    return Ok(None);
+                };
+                fault.primary_term = self.primary().map(|(_, _, t)| t);
+                fault.at = monotonic_nanos();
+                fault.detail = match server.flush().await {
+                    Ok(()) => "FLUSHALL".to_owned(),
+                    Err(e) => format!("failed: {e}"),
+                };
+            }
+            FaultKind::LeaseChange => {
+                let start = Instant::now();
+                fault.at = monotonic_nanos();
+                // The hazard needs a primary on the longer lease and waiters on the shorter one.
+                // If the primary runs the shorter lease, pause the other nodes on it and hand
+                // over (SIGTERM), so that a node on the longer lease takes over, as the last
+                // node on the old lease does in a rolling change back to a shorter lease.
+                let longest = setup.max_lease();
+                let mut handover = String::new();
+                if let Some((slot, pid, term)) = self.primary()
+                    && setup.node_leases.get(slot).copied().flatten() != longest
+                {
+                    let states = self.cluster.states();
+                    let paused: Vec<u32> = (0..self.slots.len())
+                        .filter(|s| *s != slot)
+                        .filter(|s| setup.node_leases.get(*s).copied().flatten() != longest)
+                        .map(|s| self.slots[s])
+                        .filter(|p| states.get(p).is_some_and(|st| st.alive && !st.stopped))
+                        .collect();
+                    for p in &paused {
+                        let _ = self.cluster.signal(*p, NodeSignal::Stop).await;
+                    }
+                    if self.cluster.signal(pid, NodeSignal::Term).await.is_ok() {
+                        if self
+                            .cluster
+                            .wait_exit(pid, self.config.exit_timeout)
+                            .await
+                            .is_err()
+                        {
+                            let _ = self.cluster.signal(pid, NodeSignal::Kill).await;
+                            self.cluster.wait_exit(pid, Duration::from_secs(10)).await?;
+                        }
+                        let wait =
+                            3 * longest.unwrap_or(self.config.lease_ref) + Duration::from_secs(6);
+                        let took_over = self.cluster.wait_primary_after(term, pid, wait).await;
+                        self.respawn(slot)?;
+                        handover = format!(
+                            "{} paused, the primary on the shorter lease handed over{}; ",
+                            paused.len(),
+                            if took_over.is_ok() {
+                                ""
+                            } else {
+                                " (no one took over)"
+                            }
+                        );
+                    }
+                    for p in &paused {
+                        let _ = self.cluster.signal(*p, NodeSignal::Cont).await;
+                    }
+                }
+                let Some((slot, pid, term)) = self.primary() else {
+                    return Ok(None);
+                };
+                let lease = setup.node_leases.get(slot).copied().flatten();
+                let (Some(server), Some(proxy), Some(lease)) =
+                    (setup.server.as_mut(), setup.proxies.get(slot), lease)
+                else {
+                    return Ok(None);
+                };
+                // The primary cannot reach the server from now until its own lease has passed:
+                // it learns of the lost key no sooner than its deadline.
+                let partitioned = Instant::now();
+                proxy.stall();
+                server.kill();
+                let down = Duration::from_millis(self.rng.u64(0..=1000));
+                tokio::time::sleep(down).await;
+                let restarted = server.restart().await;
+                tokio::time::sleep_until(partitioned + lease).await;
+                proxy.cut();
+                proxy.resume();
+                restarted?;
+                fault.detail = format!(
+                    "{handover}server restarted without data after {} ms (at {} into the fault), \
+                     the primary (lease {}) partitioned for its lease",
+                    down.as_millis(),
+                    secs(partitioned - start),
+                    humantime::format_duration(lease)
+                );
+                (fault.slot, fault.pid, fault.primary_term) = (Some(slot), Some(pid), Some(term));
+            }
+            FaultKind::StopWaiter => {
+                let Some((slot, pid, term)) = self.primary() else {
+                    return Ok(None);
+                };
+                let Some((wslot, waiter)) = self.next_in_line(pid) else {
+                    return Ok(None);
+                };
+                let hold = self.hold();
+                let Ok(stopped_at) = self.cluster.signal(waiter, NodeSignal::Stop).await else {
+                    return Ok(None);
+                };
+                let Ok(at) = self.cluster.signal(pid, NodeSignal::Kill).await else {
+                    let _ = self.cluster.signal(waiter, NodeSignal::Cont).await;
+                    return Ok(None);
+                };
+                self.cluster.wait_exit(pid, Duration::from_secs(10)).await?;
+                let wait = Duration::from_millis(self.rng.u64(0..=500));
+                tokio::time::sleep(wait).await;
+                self.respawn(slot)?;
+                let resume = Duration::from_nanos(stopped_at) + hold;
+                let now = Duration::from_nanos(monotonic_nanos());
+                tokio::time::sleep(resume.saturating_sub(now)).await;
+                let _ = self.cluster.signal(waiter, NodeSignal::Cont).await;
+                fault.detail = format!(
+                    "SIGSTOP node {} (next in line) for {}, SIGKILL the primary, replaced after {} ms",
+                    wslot + 1,
+                    secs(hold),
+                    wait.as_millis()
+                );
+                (
+                    fault.slot,
+                    fault.pid,
+                    fault.also,
+                    fault.at,
+                    fault.primary_term,
+                ) = (Some(slot), Some(pid), Some(waiter), at, Some(term));
             }
             FaultKind::Restart => {
                 let Some(server) = setup.server.as_mut() else {

@@ -24,8 +24,17 @@ pub(crate) struct RunData {
     pub(crate) origin: u64,
     /// When the nodes were stopped.
     pub(crate) end: u64,
-    /// The lease of lease backends.
+    /// The lease of lease backends (the longest, when nodes run different leases).
     pub(crate) lease: Option<Duration>,
+    /// When the last fault was over (`CLOCK_MONOTONIC` ns): periods that end later were ended
+    /// by the run's end.
+    pub(crate) faults_end: u64,
+    /// How long after a fault a primary period may still end because of it (the fault's effect
+    /// reaches the node no later than a lease or detection time after the fault is over).
+    pub(crate) slack: Duration,
+    /// The documented bound on the time without a primary once a fault is over, and what it is.
+    pub(crate) bound: Duration,
+    pub(crate) bound_what: String,
 }
 
 /// Failover times after the faults of one kind.
@@ -53,6 +62,13 @@ pub(crate) struct Analysis {
     pub(crate) per_kind: BTreeMap<FaultKind, KindStats>,
     /// Periods of a lease backend with no deadline written, bounded by their SIGSTOP + lease.
     pub(crate) bounded_by_stop: usize,
+    /// Periods that ended although no fault touched their node or the server around then.
+    pub(crate) ended_without_fault: Vec<Period>,
+    /// Every time without a primary, `(from, to)` in `CLOCK_MONOTONIC` ns.
+    pub(crate) gaps: Vec<(u64, u64)>,
+    /// The longest time without a primary after the last fault before it was over, and when
+    /// that gap began.
+    pub(crate) longest_after_fault: Option<(Duration, u64)>,
 }
 
 impl Analysis {
@@ -166,12 +182,66 @@ pub(crate) fn analyse(data: &RunData) -> Analysis {
             stats.failover_ms.push((p.start - f.at) as f64 / 1e6);
         }
     }
+    let slack = u64::try_from(data.slack.as_nanos()).unwrap_or(u64::MAX);
+    let before = 100_000_000; // a signal is stamped just before kill(2)
+    let ended_without_fault = history
+        .periods()
+        .iter()
+        .filter(|p| {
+            let Some(end) = p.end else { return false };
+            if end >= data.faults_end {
+                return false;
+            }
+            !data.faults.iter().any(|f| {
+                let touched = f.kind.hits_server()
+                    || [f.pid, f.also]
+                        .iter()
+                        .flatten()
+                        .any(|pid| pid.to_string() == p.node);
+                touched
+                    && end.saturating_add(before) >= f.at
+                    && end <= f.until.saturating_add(slack)
+            })
+        })
+        .cloned()
+        .collect();
+
+    let mut gaps = Vec::new();
+    let mut covered: Option<u64> = None;
+    for p in &starts {
+        if let Some(c) = covered
+            && p.start > c
+        {
+            gaps.push((c, p.start));
+        }
+        let end = p.effective_end().unwrap_or(u64::MAX);
+        covered = Some(covered.map_or(end, |c| c.max(end)));
+    }
+    let longest_after_fault = gaps
+        .iter()
+        .map(|&(from, to)| {
+            let healed = data
+                .faults
+                .iter()
+                .filter(|f| f.at <= to)
+                .map(|f| f.until)
+                .max()
+                .unwrap_or(0);
+            (
+                Duration::from_nanos(to.saturating_sub(from.max(healed))),
+                from,
+            )
+        })
+        .max();
     Analysis {
         history,
         report,
         failovers,
         per_kind,
         bounded_by_stop,
+        ended_without_fault,
+        gaps,
+        longest_after_fault,
     }
 }
 
@@ -193,7 +263,7 @@ pub(crate) fn summary(data: &RunData, a: &Analysis) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<9} {:>8} {:>10} {:>9} {:>9} {:>9} {:>9}",
+        "{:<12} {:>8} {:>10} {:>9} {:>9} {:>9} {:>9}",
         "fault", "injected", "on primary", "failovers", "p50 ms", "p99 ms", "max ms"
     );
     for (kind, s) in &a.per_kind {
@@ -201,7 +271,7 @@ pub(crate) fn summary(data: &RunData, a: &Analysis) -> String {
         v.sort_by(f64::total_cmp);
         let _ = writeln!(
             out,
-            "{:<9} {:>8} {:>10} {:>9} {:>9} {:>9} {:>9}",
+            "{:<12} {:>8} {:>10} {:>9} {:>9} {:>9} {:>9}",
             kind.as_str(),
             s.injected,
             s.on_primary,
@@ -227,7 +297,7 @@ pub(crate) fn summary(data: &RunData, a: &Analysis) -> String {
     };
     let _ = writeln!(out);
     let row = |out: &mut String, what: &str, value: String| {
-        let _ = writeln!(out, "{what:<52} {value}");
+        let _ = writeln!(out, "{what:<54} {value}");
     };
     row(
         &mut out,
@@ -266,17 +336,43 @@ pub(crate) fn summary(data: &RunData, a: &Analysis) -> String {
             h.total_overlap.as_secs_f64() * 1e3
         ),
     );
+    let bound_ms = data.bound.as_secs_f64() * 1e3;
     row(
         &mut out,
         "longest time without a primary",
         match h.longest_gap {
             Some(g) => format!(
-                "{:.1} ms (from {:.3} s)",
+                "{:.1} ms (from {:.3} s); documented bound {bound_ms:.0} ms once the fault \
+                 is over ({})",
                 g.length().as_secs_f64() * 1e3,
-                g.from.saturating_sub(data.origin) as f64 / 1e9
+                g.from.saturating_sub(data.origin) as f64 / 1e9,
+                data.bound_what
             ),
             None => "-".to_owned(),
         },
+    );
+    row(
+        &mut out,
+        "longest time without a primary after a fault was over",
+        match a.longest_after_fault {
+            Some((d, from)) => format!(
+                "{:.1} ms (of {} gaps; that one from {:.3} s); documented bound {bound_ms:.0} ms{}",
+                d.as_secs_f64() * 1e3,
+                a.gaps.len(),
+                from.saturating_sub(data.origin) as f64 / 1e9,
+                if d > data.bound {
+                    " — OVER THE BOUND"
+                } else {
+                    ""
+                }
+            ),
+            None => "-".to_owned(),
+        },
+    );
+    row(
+        &mut out,
+        "terms that ended without a fault (goal 0)",
+        a.ended_without_fault.len().to_string(),
     );
     row(&mut out, "witness writes accepted", r.accepted.to_string());
     row(
@@ -312,6 +408,15 @@ pub(crate) fn summary(data: &RunData, a: &Analysis) -> String {
             o.second.term,
             span(&o.second, data.origin),
             o.length
+        );
+    }
+    for p in &a.ended_without_fault {
+        let _ = writeln!(
+            out,
+            "ENDED WITHOUT A FAULT: pid {} term {} [{}]",
+            p.node,
+            p.term,
+            span(p, data.origin)
         );
     }
     for t in &h.term_regressions {
@@ -416,12 +521,15 @@ pub(crate) fn periods_table(
 /// The last line.
 pub(crate) fn last_line(data: &RunData, a: &Analysis) -> String {
     format!(
-        "faults={} failovers={} overlaps={} stale_writes={} max_gap_ms={:.1}",
+        "faults={} failovers={} overlaps={} stale_writes={} max_gap_ms={:.1} bound_ms={:.0} \
+         ended_without_fault={}",
         data.faults.len(),
         a.failovers,
         a.overlaps(),
         a.report.stale_accepted.len(),
-        a.max_gap_ms()
+        a.max_gap_ms(),
+        data.bound.as_secs_f64() * 1e3,
+        a.ended_without_fault.len()
     )
 }
 
@@ -453,14 +561,15 @@ mod tests {
         }
     }
 
-    fn fault(kind: FaultKind, at_ms: u64, term: Option<u64>) -> Fault {
+    fn fault(kind: FaultKind, pid: u32, at_ms: u64, until_ms: u64, term: Option<u64>) -> Fault {
         Fault {
             kind,
             detail: String::new(),
             slot: Some(0),
-            pid: Some(1),
+            pid: Some(pid),
+            also: None,
             at: at_ms * MS,
-            until: at_ms * MS,
+            until: until_ms * MS,
             primary_term: term,
         }
     }
@@ -496,13 +605,17 @@ mod tests {
                 write(2, 6, 199, Some(230), false),
             ],
             faults: vec![
-                fault(FaultKind::Kill, 100, Some(5)),
-                fault(FaultKind::Stop, 200, Some(6)),
-                fault(FaultKind::Stop, 450, None),
+                fault(FaultKind::Kill, 1, 100, 100, Some(5)),
+                fault(FaultKind::Stop, 2, 200, 400, Some(6)),
+                fault(FaultKind::Stop, 4, 450, 450, None),
             ],
             origin: 0,
             end: 500 * MS,
             lease: Some(Duration::from_millis(50)),
+            faults_end: 450 * MS,
+            slack: Duration::from_millis(60),
+            bound: Duration::from_millis(60),
+            bound_what: "lease + 10 ms".to_owned(),
         }
     }
 
@@ -522,7 +635,8 @@ mod tests {
         assert_eq!(a.max_gap_ms(), 30.0);
         assert_eq!(
             last_line(&data, &a),
-            "faults=3 failovers=2 overlaps=0 stale_writes=0 max_gap_ms=30.0"
+            "faults=3 failovers=2 overlaps=0 stale_writes=0 max_gap_ms=30.0 bound_ms=60 \
+             ended_without_fault=0"
         );
         let table = summary(&data, &a);
         assert!(
@@ -536,6 +650,29 @@ mod tests {
             periods.lines().filter(|l| l.contains(" node 1 ")).count(),
             1 + 3
         );
+    }
+
+    #[test]
+    fn terms_ending_without_a_fault_and_waits_after_faults_are_counted() {
+        let mut data = run();
+        let a = analyse(&data);
+        assert!(a.ended_without_fault.is_empty());
+        // Two gaps: after the kill (3 ms, all of it after the fault) and during the stop (none
+        // of it after the stop was over).
+        assert_eq!(a.gaps.len(), 2);
+        let (after, _) = a.longest_after_fault.unwrap();
+        assert!(after > Duration::from_millis(2) && after < Duration::from_millis(4));
+        // Node 3's term ends at 300 ms with no fault on it or the server.
+        data.events
+            .push(ev(300, 3, EventKind::TaskCancelled { term: 7 }));
+        let a = analyse(&data);
+        assert_eq!(a.ended_without_fault.len(), 1);
+        assert_eq!(a.ended_without_fault[0].node, "3");
+        assert!(last_line(&data, &a).ends_with("ended_without_fault=1"));
+        // A restart of the server around then touches every node.
+        data.faults
+            .push(fault(FaultKind::Restart, 9, 280, 290, Some(7)));
+        assert!(analyse(&data).ended_without_fault.is_empty());
     }
 
     #[test]

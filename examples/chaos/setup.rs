@@ -34,6 +34,14 @@ impl OwnServer {
             OwnServer::Postgres(s) => s.restart().await,
         }
     }
+
+    /// `FLUSHALL` on a Redis server.
+    pub(crate) async fn flush(&self) -> Result<(), String> {
+        match self {
+            OwnServer::Redis(s) => s.flush_all().await,
+            _ => Err("FLUSHALL is a Redis command".to_owned()),
+        }
+    }
 }
 
 /// The backend of one run.
@@ -51,6 +59,13 @@ pub(crate) struct Setup {
     pub(crate) proxies: Vec<TcpProxy>,
     /// The backend string of each slot.
     pub(crate) node_backends: Vec<String>,
+    /// The lease of each slot (lease backends): `lease`, or with `lease-change` in the mix,
+    /// [`OTHER_LEASE`] times it on every second slot.
+    pub(crate) node_leases: Vec<Option<Duration>>,
+    /// PostgreSQL: a connection string for the tool's own queries (`kill-conns`), and the
+    /// `application_name` prefix of each slot's sessions.
+    pub(crate) admin_url: Option<String>,
+    pub(crate) app_names: Vec<String>,
     /// Faults that do not apply here, with the reason.
     pub(crate) skipped: Vec<(FaultKind, String)>,
     _dir: Option<TempDir>,
@@ -59,6 +74,10 @@ pub(crate) struct Setup {
 /// The default lease of lease backends: short, so that failovers happen often.
 pub(crate) const DEFAULT_LEASE: Duration = Duration::from_secs(2);
 
+/// With `lease-change`, every second slot runs this many times the lease: a rolling lease
+/// change caught halfway.
+pub(crate) const OTHER_LEASE: f64 = 2.5;
+
 impl Setup {
     /// Prepares `backend` (`file`, `redis`, `postgres`, `etcd` or a backend string) for `nodes`
     /// slots.
@@ -66,8 +85,10 @@ impl Setup {
         backend: &str,
         nodes: usize,
         lease: Option<Duration>,
+        faults: &[FaultKind],
     ) -> Result<Setup, String> {
         let tag = format!("chaos{}", std::process::id());
+        let mut admin_url: Option<String> = None;
         let (kind, url, server, mut description) = match backend {
             "file" => {
                 let dir = TempDir::new("chaos").map_err(|e| format!("temporary directory: {e}"))?;
@@ -99,6 +120,7 @@ impl Setup {
                     .map_err(|e| format!("cannot start a PostgreSQL cluster: {e}"))?;
                 let url = format!("{}?namespace={tag}", pg.url());
                 let d = format!("postgres, its own throwaway cluster at {}", pg.addr());
+                admin_url = Some(pg.url());
                 ("postgres", url, Some(OwnServer::Postgres(pg)), d)
             }
             other => {
@@ -144,6 +166,51 @@ impl Setup {
                     .to_owned(),
             ));
         }
+        if kind != "redis" {
+            skipped.push((FaultKind::Flush, "FLUSHALL is a Redis fault".to_owned()));
+            skipped.push((
+                FaultKind::LeaseChange,
+                "a lease change with a restart without data is a Redis fault".to_owned(),
+            ));
+        } else if server.is_none() {
+            let why = "the tool flushes and restarts only a Redis server it started itself \
+                       (give `--backend redis`)";
+            skipped.push((FaultKind::Flush, why.to_owned()));
+            skipped.push((FaultKind::LeaseChange, why.to_owned()));
+        }
+        let mut app_names = Vec::new();
+        let mut url = url;
+        if kind == "postgres" {
+            if !cfg!(feature = "postgres") {
+                skipped.push((
+                    FaultKind::KillConns,
+                    "built without the `postgres` feature".to_owned(),
+                ));
+            } else if url.contains("application_name=") {
+                skipped.push((
+                    FaultKind::KillConns,
+                    "the URL sets application_name, by which the tool finds a node's sessions"
+                        .to_owned(),
+                ));
+            } else {
+                // Each slot's sessions carry the slot in their application_name.
+                app_names = (0..nodes).map(|s| format!("{tag}-n{}", s + 1)).collect();
+                if admin_url.is_none() {
+                    admin_url = Some(url.split('?').next().unwrap_or(&url).to_owned());
+                }
+                if !url.contains('?') {
+                    url.push('?');
+                } else {
+                    url.push('&');
+                }
+                url.push_str("application_name=");
+            }
+        } else {
+            skipped.push((
+                FaultKind::KillConns,
+                "pg_terminate_backend is a PostgreSQL fault".to_owned(),
+            ));
+        }
         let mut proxies = Vec::new();
         let node_backends = match proxied(&url) {
             Ok((upstream, before, after)) => {
@@ -160,10 +227,33 @@ impl Setup {
             }
             Err(why) => {
                 skipped.push((FaultKind::Drop, why.clone()));
+                skipped.push((FaultKind::LeaseChange, why.clone()));
                 skipped.push((FaultKind::Cut, why));
                 vec![url.clone(); nodes]
             }
         };
+        let node_backends: Vec<String> = node_backends
+            .into_iter()
+            .enumerate()
+            .map(|(slot, b)| match app_names.get(slot) {
+                Some(name) => format!("{b}{name}"),
+                None => b,
+            })
+            .collect();
+        let mixed = faults.contains(&FaultKind::LeaseChange)
+            && skipped.iter().all(|(k, _)| *k != FaultKind::LeaseChange);
+        let node_leases: Vec<Option<Duration>> = (0..nodes)
+            .map(|slot| match lease {
+                Some(l) if mixed && slot % 2 == 1 => Some(l.mul_f64(OTHER_LEASE)),
+                other => other,
+            })
+            .collect();
+        if mixed && let Some(l) = lease {
+            description.push_str(&format!(
+                " (every second node {}: a rolling lease change)",
+                humantime::format_duration(l.mul_f64(OTHER_LEASE))
+            ));
+        }
         Ok(Setup {
             kind,
             description,
@@ -171,9 +261,52 @@ impl Setup {
             server,
             proxies,
             node_backends,
+            node_leases,
+            admin_url,
+            app_names,
             skipped,
             _dir: None,
         })
+    }
+
+    /// The longest lease of any slot.
+    pub(crate) fn max_lease(&self) -> Option<Duration> {
+        self.node_leases.iter().flatten().max().copied()
+    }
+
+    /// Ends every session of `slot`'s node on the server (`pg_terminate_backend`), found by
+    /// the slot's `application_name`: its lock session and its second connection. Returns how
+    /// many were ended.
+    #[cfg(feature = "postgres")]
+    pub(crate) async fn terminate_sessions(&self, slot: usize) -> Result<u64, String> {
+        let (Some(url), Some(name)) = (&self.admin_url, self.app_names.get(slot)) else {
+            return Err("no application_name for this slot".to_owned());
+        };
+        let connect = tokio_postgres::connect(url, tokio_postgres::NoTls);
+        let (client, connection) = tokio::time::timeout(Duration::from_secs(5), connect)
+            .await
+            .map_err(|_| "connecting took over 5 s".to_owned())?
+            .map_err(|e| format!("connect: {e}"))?;
+        let conn = tokio::spawn(connection);
+        let pattern = format!("{name} %");
+        let row = client
+            .query_one(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE application_name LIKE $1 AND pid <> pg_backend_pid()",
+                &[&pattern],
+            )
+            .await
+            .map_err(|e| format!("pg_terminate_backend: {e}"));
+        drop(client);
+        let _ = conn.await;
+        let n: i64 = row?.get(0);
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// Without the `postgres` feature there is no PostgreSQL node to end the sessions of.
+    #[cfg(not(feature = "postgres"))]
+    pub(crate) async fn terminate_sessions(&self, _slot: usize) -> Result<u64, String> {
+        Err("built without the `postgres` feature".to_owned())
     }
 
     /// Whether `kind` applies here.
@@ -190,6 +323,9 @@ fn file_setup(path: &str, nodes: usize) -> Setup {
         server: None,
         proxies: Vec::new(),
         node_backends: vec![path.to_owned(); nodes],
+        node_leases: vec![None; nodes],
+        admin_url: None,
+        app_names: Vec::new(),
         skipped: vec![
             (
                 FaultKind::Cut,
@@ -202,6 +338,18 @@ fn file_setup(path: &str, nodes: usize) -> Setup {
             (
                 FaultKind::Restart,
                 "the file backend has no server".to_owned(),
+            ),
+            (
+                FaultKind::KillConns,
+                "the file backend has no sessions".to_owned(),
+            ),
+            (
+                FaultKind::Flush,
+                "the file backend has no server".to_owned(),
+            ),
+            (
+                FaultKind::LeaseChange,
+                "the file backend has no lease".to_owned(),
             ),
         ],
         _dir: None,

@@ -22,6 +22,10 @@ fn fault_color(kind: FaultKind) -> RGBColor {
         FaultKind::Cut => RGBColor(230, 130, 0),
         FaultKind::Restart => RGBColor(200, 0, 0),
         FaultKind::Drop => RGBColor(160, 60, 0),
+        FaultKind::KillConns => RGBColor(0, 150, 150),
+        FaultKind::Flush => RGBColor(220, 0, 120),
+        FaultKind::LeaseChange => RGBColor(120, 0, 0),
+        FaultKind::StopWaiter => RGBColor(60, 60, 160),
     }
 }
 
@@ -226,7 +230,11 @@ pub(crate) fn draw(
         (RED.mix(1.0), "overlap (framed), unsafe write"),
         (REJECTED.mix(1.0), "stale write rejected (dot)"),
     ];
-    for kind in FaultKind::ALL {
+    // Only the kinds this run injected: the legend must fit beside the rows.
+    for kind in FaultKind::ALL
+        .into_iter()
+        .filter(|k| data.faults.iter().any(|f| f.kind == *k))
+    {
         let text = match kind {
             FaultKind::Kill => "kill: SIGKILL, replaced (x)",
             FaultKind::Term => "term: SIGTERM, replaced",
@@ -234,6 +242,10 @@ pub(crate) fn draw(
             FaultKind::Cut => "cut or stall via the proxy",
             FaultKind::Restart => "server restart",
             FaultKind::Drop => "drop: server side closed",
+            FaultKind::KillConns => "kill-conns: sessions ended",
+            FaultKind::Flush => "flush: FLUSHALL",
+            FaultKind::LeaseChange => "lease-change: restart, mixed leases",
+            FaultKind::StopWaiter => "stop-waiter: waiter stopped, kill",
         };
         entries.push((fault_color(kind).mix(0.7), text));
     }

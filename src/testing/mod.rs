@@ -9,9 +9,12 @@
 //!   line.
 //! - [`witness`]: a fenced witness (a store that refuses older terms) that primaries write to, and
 //!   the check of what they wrote against the primary periods.
+//! - [`host`]: simulated hosts (a PID namespace each), so that nodes on one machine can stand for
+//!   nodes on different machines.
 
 pub mod conformance;
 pub mod history;
+pub mod host;
 pub mod node;
 pub mod proxy;
 pub mod servers;

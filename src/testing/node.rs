@@ -21,8 +21,9 @@
 //! | `TOWER_PRIMARY_TEST_TICK` | how often the singleton task ticks (default `100ms`) |
 //! | `TOWER_PRIMARY_TEST_SPAWN` | optional command (split on whitespace) that the singleton task spawns with [`std::process::Command`] at the start of every term, e.g. `sleep 30` |
 //! | `TOWER_PRIMARY_TEST_PARENT_PIPE=1` | exit when stdin reaches end-of-file (the parent died) |
-//! | `TOWER_PRIMARY_TEST_WITNESS` | optional `host:port` of a [fenced witness](crate::testing::witness) to write to while primary, as node `<pid>` |
+//! | `TOWER_PRIMARY_TEST_WITNESS` | optional `host:port` of a [fenced witness](crate::testing::witness) to write to while primary, as node `<pid>` (its [`reported_pid`]) |
 //! | `TOWER_PRIMARY_TEST_WITNESS_EVERY` | how often to write to the witness (default `2ms`) |
+//! | `TOWER_PRIMARY_TEST_NODE_ID` | optional pid to report instead of its own in events and witness writes ([`reported_pid`]; set for a node in a [simulated host](super::host)) |
 //!
 //! The node spawns an [`Elector`] on a current-thread runtime, registers a singleton task that
 //! reports its start at once and then ticks, and prints one line per role change. On `SIGTERM` it
@@ -105,6 +106,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use super::host::SimulatedHost;
 use crate::clock::monotonic_nanos;
 use crate::elector::{Elector, Lease};
 use crate::role::{Role, RoleHandle, TermContext};
@@ -444,7 +446,7 @@ impl Event {
     pub fn now(kind: EventKind) -> Self {
         Event {
             at: monotonic_nanos(),
-            pid: std::process::id(),
+            pid: reported_pid(),
             kind,
         }
     }
@@ -588,6 +590,20 @@ pub fn is_node_process() -> bool {
     std::env::var(NODE_ENV).is_ok_and(|v| v.trim() == "1")
 }
 
+/// The pid this process reports itself as: [`NODE_ID_ENV`](super::host::NODE_ID_ENV) when set
+/// (a node in a [simulated host](super::host), whose own pid is one of its namespace), else its
+/// own pid.
+#[must_use]
+pub fn reported_pid() -> u32 {
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *PID.get_or_init(|| {
+        std::env::var(super::host::NODE_ID_ENV)
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(std::process::id)
+    })
+}
+
 /// Prints `kind` as a protocol line of this process, now, and flushes stdout.
 pub fn emit(kind: EventKind) {
     let line = Event::now(kind).to_string();
@@ -683,7 +699,7 @@ pub async fn run_node(config: NodeConfig) -> i32 {
         }
     });
     if let Some((addr, every)) = config.witness {
-        let node = std::process::id().to_string();
+        let node = reported_pid().to_string();
         crate::testing::witness::write_while_primary(&elector, addr, node, every);
     }
     tokio::select! {
@@ -1205,8 +1221,35 @@ impl Cluster {
     /// When the process cannot be spawned.
     pub fn spawn_node_with(&mut self, config: &NodeConfig) -> std::io::Result<u32> {
         let mut cmd = tokio::process::Command::new(&self.command.program);
-        cmd.args(&self.command.args)
-            .envs(self.command.envs.iter().map(|(k, v)| (k, v)))
+        cmd.args(&self.command.args);
+        self.spawn_command(cmd, config, false)
+    }
+
+    /// Starts one node with its own configuration inside a [`SimulatedHost`] (its own PID
+    /// namespace); returns the pid the node reports itself as, which [`signal`](Self::signal)
+    /// and every other method take like any node's pid. Signals reach the node's process itself
+    /// (its pid on this machine, found through the host); a `SIGCONT` also resumes the `nsenter`
+    /// process that waits for it (which stops itself when its child stops).
+    ///
+    /// # Errors
+    ///
+    /// When the process cannot be spawned.
+    pub fn spawn_node_on(
+        &mut self,
+        host: &SimulatedHost,
+        config: &NodeConfig,
+    ) -> std::io::Result<u32> {
+        let cmd = host.command(&self.command.program, &self.command.args);
+        self.spawn_command(cmd, config, true)
+    }
+
+    fn spawn_command(
+        &mut self,
+        mut cmd: tokio::process::Command,
+        config: &NodeConfig,
+        hosted: bool,
+    ) -> std::io::Result<u32> {
+        cmd.envs(self.command.envs.iter().map(|(k, v)| (k, v)))
             .envs(config.to_env())
             .env(NODE_ENV, "1")
             .env(PARENT_PIPE_ENV, "1")
@@ -1231,7 +1274,7 @@ impl Cluster {
             tokio::spawn(read_stderr(err, stderr.clone()));
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        let supervisor = tokio::spawn(supervise(child, pid, self.log.clone(), rx));
+        let supervisor = tokio::spawn(supervise(child, pid, hosted, self.log.clone(), rx));
         self.nodes.push(NodeProcess {
             pid,
             signals: tx,
@@ -1638,6 +1681,20 @@ fn single_primary(events: &[Event], settled: bool) -> Option<(u32, u64)> {
     others_ok.then_some((pid, term))
 }
 
+/// The node process that `nsenter` process `nsenter` started: waits up to 2 s for it to appear.
+async fn hosted_node_pid(nsenter: u32) -> Option<u32> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        if let Some(pid) = SimulatedHost::node_pid(nsenter) {
+            return Some(pid);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 async fn read_events(
     out: impl AsyncRead + Unpin,
     log: EventLog,
@@ -1671,22 +1728,39 @@ fn keep_line(lines: &Mutex<VecDeque<String>>, line: String) {
 async fn supervise(
     mut child: tokio::process::Child,
     pid: u32,
+    hosted: bool,
     log: EventLog,
     mut signals: mpsc::UnboundedReceiver<SignalRequest>,
 ) {
     // Held open for the node's life: the node exits when it closes (the parent is gone).
     let _stdin = child.stdin.take();
+    // A hosted node's own process, the child of `nsenter` (found at the first signal).
+    let mut node_pid: Option<u32> = None;
     let status = loop {
         tokio::select! {
             status = child.wait() => break status,
             Some((signal, reply)) = signals.recv() => {
                 // `child.id()` is `None` once reaped, so a recycled pid is never signalled.
-                let result = match child.id() {
-                    Some(id) => {
+                let target = match child.id() {
+                    Some(id) if hosted => match node_pid {
+                        Some(n) => Some((n, Some(id))),
+                        None => {
+                            node_pid = hosted_node_pid(id).await;
+                            node_pid.map(|n| (n, Some(id)))
+                        }
+                    },
+                    Some(id) => Some((id, None)),
+                    None => None,
+                };
+                let result = match target {
+                    Some((id, nsenter)) => {
                         let at = monotonic_nanos();
-                        let target = nix::unistd::Pid::from_raw(i32::try_from(id).unwrap_or(i32::MAX));
-                        match nix::sys::signal::kill(target, signal.to_nix()) {
+                        let raw = |id: u32| nix::unistd::Pid::from_raw(i32::try_from(id).unwrap_or(i32::MAX));
+                        match nix::sys::signal::kill(raw(id), signal.to_nix()) {
                             Ok(()) => {
+                                if let (NodeSignal::Cont, Some(n)) = (signal, nsenter) {
+                                    let _ = nix::sys::signal::kill(raw(n), signal.to_nix());
+                                }
                                 log.push(Event { at, pid, kind: EventKind::Signalled { signal } });
                                 Ok(at)
                             }

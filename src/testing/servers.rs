@@ -211,6 +211,23 @@ impl RedisServer {
         }
     }
 
+    /// Deletes every key on the server (`FLUSHALL`), as an administrator's mistake would.
+    ///
+    /// # Errors
+    ///
+    /// When the server does not answer `+OK`.
+    pub async fn flush_all(&self) -> Result<(), String> {
+        let addr = self.addr();
+        let reply = tokio::task::spawn_blocking(move || exchange(addr, b"FLUSHALL\r\n"))
+            .await
+            .map_err(|e| e.to_string())?;
+        match reply {
+            Some(r) if r.starts_with("+OK") => Ok(()),
+            Some(r) => Err(format!("FLUSHALL: {}", r.trim())),
+            None => Err("FLUSHALL: no answer".to_owned()),
+        }
+    }
+
     /// Starts the server again on the same port (empty), killing it first if it runs.
     ///
     /// # Errors
