@@ -27,8 +27,9 @@
 //!   `--write-every D` (default `2ms`), `--bound D` (the documented longest time without a
 //!   primary once a fault is over, printed beside the measured one; default per backend: 100 ms
 //!   on the file backend (the holder's exit), the lease + 1 s on Redis (the restart guard), the
-//!   lease + 1.5 s on etcd (its 500 ms expiry check, a restart), 1 s on PostgreSQL (the fencing
-//!   bound and a liveness check)), `--out DIR` (default `target/chaos/<backend>-seed<N>`).
+//!   lease + 1.5 s on etcd (its 500 ms expiry check, a restart), 6.5 s on PostgreSQL (a stopped
+//!   holder is ended after the maximum fencing bound, 4 s, the waiters' 2 s check and a liveness
+//!   check; a crash costs the 500 ms fencing bound at most)), `--out DIR` (default `target/chaos/<backend>-seed<N>`).
 //!
 //! The tool re-executes itself as `--nodes` election nodes (the node mode of
 //! `tower_primary::testing::node`), each reaching the server through a TCP proxy of its own
@@ -271,15 +272,18 @@ fn default_bound(setup: &Setup) -> (Duration, String) {
         ),
         "redis" => (
             lease + Duration::from_secs(1),
-            format!("redis: the lease {l}, or after a restart the lease + 1 s"),
+            format!("redis: the lease; after a flush or a restart the maximum lease {l} + 1 s"),
         ),
         "etcd" => (
             lease + Duration::from_millis(1500),
             format!("etcd: the lease {l} + the 500 ms expiry check, + 1 s after a restart"),
         ),
         _ => (
-            Duration::from_secs(1),
-            "postgres: the fencing bound 500 ms + a liveness check".to_owned(),
+            Duration::from_millis(6500),
+            "postgres: 500 ms (the fencing bound) after a crash or a dropped connection; a \
+             stopped holder or waiter is ended after the maximum bound 4 s + the waiters' 2 s \
+             check + a liveness check"
+                .to_owned(),
         ),
     }
 }

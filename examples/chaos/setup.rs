@@ -248,6 +248,20 @@ impl Setup {
                 other => other,
             })
             .collect();
+        // On the tool's own Redis, the maximum lease is the longest lease of the run, so that a
+        // flush or a restart without data costs that lease (+ 1 s), not the backend's default
+        // maximum.
+        let longest = node_leases.iter().flatten().max().copied();
+        let node_backends = match longest {
+            Some(l) if kind == "redis" && server.is_some() => node_backends
+                .into_iter()
+                .map(|b| {
+                    let sep = if b.contains('?') { '&' } else { '?' };
+                    format!("{b}{sep}max_lease={}ms", l.as_millis())
+                })
+                .collect(),
+            _ => node_backends,
+        };
         if mixed && let Some(l) = lease {
             description.push_str(&format!(
                 " (every second node {}: a rolling lease change)",
@@ -403,19 +417,7 @@ fn proxied(url: &str) -> Result<(SocketAddr, String, String), String> {
 }
 
 /// The URL without its password.
-pub(crate) fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let end = rest.find(['/', '?']).unwrap_or(rest.len());
-    match rest[..end].rfind('@') {
-        Some(at) => match rest[..at].split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***{}", &rest[at..]),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
-}
+pub(crate) use tower_primary::backend::redact;
 
 #[cfg(test)]
 mod tests {

@@ -479,7 +479,19 @@ fn file_backend(_path: &str) -> Result<Box<dyn Backend>, ConfigError> {
 /// password holding `/`, `@`, `?`, `#` or `:` is hidden whole, at the price of hiding a little
 /// more than the password when a query value holds an `@`. A `password=` query parameter (as
 /// PostgreSQL strings may carry) is hidden too. A string without a password comes back as it is.
-pub(crate) fn redact(url: &str) -> String {
+///
+/// ```
+/// use tower_primary::backend::redact;
+///
+/// assert_eq!(redact("redis://app:pa/ss@h:6379/0"), "redis://app:***@h:6379/0");
+/// assert_eq!(
+///     redact("postgres://h/db?password=x&sslmode=require"),
+///     "postgres://h/db?password=***&sslmode=require"
+/// );
+/// assert_eq!(redact("postgres://root@127.0.0.1/test"), "postgres://root@127.0.0.1/test");
+/// ```
+#[must_use]
+pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
