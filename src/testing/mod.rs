@@ -9,10 +9,13 @@
 //!   line.
 //! - [`witness`]: a fenced witness (a store that refuses older terms) that primaries write to, and
 //!   the check of what they wrote against the primary periods.
+//! - [`old_version`]: the node binary of an older commit, for tests that run old and new nodes on
+//!   one lock (a rolling upgrade).
 
 pub mod conformance;
 pub mod history;
 pub mod node;
+pub mod old_version;
 pub mod proxy;
 pub mod servers;
 pub mod witness;

@@ -1204,9 +1204,25 @@ impl Cluster {
     ///
     /// When the process cannot be spawned.
     pub fn spawn_node_with(&mut self, config: &NodeConfig) -> std::io::Result<u32> {
-        let mut cmd = tokio::process::Command::new(&self.command.program);
-        cmd.args(&self.command.args)
-            .envs(self.command.envs.iter().map(|(k, v)| (k, v)))
+        let command = self.command.clone();
+        self.spawn_node_running(&command, config)
+    }
+
+    /// Starts one node that runs `command` instead of the cluster's, with `config`; returns its
+    /// pid. Mixed-version tests run an older build's node beside the current one this way
+    /// ([`old_version`](crate::testing::old_version)): both speak the same protocol.
+    ///
+    /// # Errors
+    ///
+    /// When the process cannot be spawned.
+    pub fn spawn_node_running(
+        &mut self,
+        command: &NodeCommand,
+        config: &NodeConfig,
+    ) -> std::io::Result<u32> {
+        let mut cmd = tokio::process::Command::new(&command.program);
+        cmd.args(&command.args)
+            .envs(command.envs.iter().map(|(k, v)| (k, v)))
             .envs(config.to_env())
             .env(NODE_ENV, "1")
             .env(PARENT_PIPE_ENV, "1")
