@@ -99,7 +99,8 @@ async fn old_build() -> Option<OldBuild> {
 /// Old and new nodes of one lock, the versions by pid, and the witness they write to.
 struct Mixed {
     cluster: Cluster,
-    config: NodeConfig,
+    old_config: NodeConfig,
+    new_config: NodeConfig,
     old: NodeCommand,
     versions: HashMap<u32, Version>,
     witness: Witness,
@@ -107,15 +108,19 @@ struct Mixed {
 }
 
 impl Mixed {
-    async fn new(config: NodeConfig) -> Option<Mixed> {
+    /// Old nodes run with `old_config`, new ones with `new_config`: the same lock and backend,
+    /// and only settings that each version understands.
+    async fn new(old_config: NodeConfig, new_config: NodeConfig) -> Option<Mixed> {
         let serial = SERIAL.lock().await;
         let old = old_build().await?.node_command();
         let witness = Witness::start().await.expect("a witness");
-        let config = config.witness(witness.addr(), WRITE_EVERY);
+        let old_config = old_config.witness(witness.addr(), WRITE_EVERY);
+        let new_config = new_config.witness(witness.addr(), WRITE_EVERY);
         let new = NodeCommand::test_entry("node_entry").expect("the test binary's path");
         Some(Mixed {
-            cluster: Cluster::new(new, config.clone()),
-            config,
+            cluster: Cluster::new(new, new_config.clone()),
+            old_config,
+            new_config,
             old,
             versions: HashMap::new(),
             witness,
@@ -125,8 +130,8 @@ impl Mixed {
 
     fn spawn(&mut self, version: Version) -> u32 {
         let pid = match version {
-            Version::Old => self.cluster.spawn_node_running(&self.old, &self.config),
-            Version::New => self.cluster.spawn_node_with(&self.config),
+            Version::Old => self.cluster.spawn_node_running(&self.old, &self.old_config),
+            Version::New => self.cluster.spawn_node_with(&self.new_config),
         }
         .unwrap_or_else(|e| panic!("cannot start a {version} node: {e}"));
         self.versions.insert(pid, version);
@@ -168,11 +173,10 @@ impl Mixed {
             .unwrap_or_else(|e| panic!("{e}\n{}", self.versions_line()))
     }
 
-    /// Every check on everything so far: the nodes' events (no overlap, terms rise) and the
-    /// witness's writes merged in (deadlines bound the periods of frozen nodes; no write by a node
-    /// that was not primary).
+    /// Every check on everything so far: the periods from the nodes' events with the witness's
+    /// writes merged in (a frozen node's period ends at the deadline it wrote with, as it never
+    /// reports its end), no two overlap, terms rise, and no node wrote while not primary.
     fn check(&self) {
-        self.cluster.assert_history_ok();
         let records = self.witness.records();
         let merged = witness::merge(&self.cluster.history(), &records);
         let report = witness::check(&merged, &records);
@@ -285,6 +289,31 @@ impl Mixed {
         self.check();
     }
 
+    /// `SIGSTOP` of a `primary` node whose secondaries are all `others` nodes, for `frozen`, then
+    /// `SIGCONT`: whoever is primary afterwards, and whether or not anyone succeeded the frozen
+    /// node meanwhile, no two periods overlap (the frozen node's ends at its deadline at the
+    /// latest) and terms rise.
+    async fn freeze(&mut self, primary: Version, others: Version, frozen: Duration) {
+        let (old, term) = self.primary_with_secondaries(primary, others, 2).await;
+        self.cluster.signal(old, NodeSignal::Stop).await.unwrap();
+        // The fault itself lasts this long; nothing is awaited.
+        tokio::time::sleep(frozen).await;
+        let resumed = self.cluster.signal(old, NodeSignal::Cont).await.unwrap();
+        self.cluster
+            .wait_event("the resumed node to report anything", WAIT, |e| {
+                e.pid == old && e.at > resumed && !matches!(e.kind, EventKind::Signalled { .. })
+            })
+            .await
+            .unwrap();
+        let (pid, now) = self.settled().await;
+        println!(
+            "SIGSTOP of the {primary} primary (term {term}) for {frozen:?}, then SIGCONT → \
+             primary: the {} node {pid}, term {now}",
+            self.version(pid)
+        );
+        self.check();
+    }
+
     /// A rolling upgrade of three `from` nodes to `to` nodes, one at a time, the primary last
     /// (each leaves by `SIGTERM` and its replacement joins before the next one leaves), then the
     /// same back: every handover crosses versions at least once.
@@ -372,7 +401,8 @@ mod postgres {
     }
 
     async fn mixed(test: &str) -> Option<Mixed> {
-        Mixed::new(config(test).await?).await
+        let config = config(test).await?;
+        Mixed::new(config.clone(), config).await
     }
 
     #[tokio::test]
@@ -407,6 +437,26 @@ mod postgres {
         m.terminate(Version::New, Version::Old).await;
     }
 
+    /// Longer than a new waiter takes to end an idle lock session and wait out a record
+    /// without a fencing bound (about 4 s each by default).
+    const FROZEN: Duration = Duration::from_secs(10);
+
+    #[tokio::test]
+    async fn postgres_old_primary_frozen_and_resumed_beside_new_nodes() {
+        let Some(mut m) = mixed("pg-stop-old").await else {
+            return;
+        };
+        m.freeze(Version::Old, Version::New, FROZEN).await;
+    }
+
+    #[tokio::test]
+    async fn postgres_new_primary_frozen_and_resumed_beside_old_nodes() {
+        let Some(mut m) = mixed("pg-stop-new").await else {
+            return;
+        };
+        m.freeze(Version::New, Version::Old, FROZEN).await;
+    }
+
     #[tokio::test]
     async fn postgres_rolling_upgrade_and_rollback() {
         let Some(mut m) = mixed("pg-roll").await else {
@@ -422,22 +472,34 @@ mod postgres {
 #[cfg(feature = "redis")]
 mod redis {
     use super::*;
+    use tower_primary::backend::redis::RedisBackend;
     use tower_primary::testing::servers::RedisServer;
 
     /// One lease for every node of a lock, old and new: a node with another lease refuses to
     /// campaign.
     const LEASE: Duration = Duration::from_secs(1);
 
+    /// The maximum lease of new nodes, where the current version has that setting (0.1.0
+    /// refuses the parameter): it bounds how long the first grant of a fresh lock and a fresh
+    /// server wait.
+    const MAX_LEASE: &str = "max_lease=2s";
+
     /// A `redis-server` of the test's own; the nodes wait out its start-up guard themselves.
     async fn mixed(test: &str) -> Option<(Mixed, RedisServer)> {
         let server = servers::require("redis-server", RedisServer::start().await)?;
-        let config = NodeConfig::new(
-            format!("{}/0?prefix={}", server.url(), unique(test)),
-            "jobs",
-        )
-        .lease(LEASE)
-        .grace(Duration::from_secs(2));
-        Some((Mixed::new(config).await?, server))
+        let url = format!("{}/0?prefix={}", server.url(), unique(test));
+        let config = |url: String| {
+            NodeConfig::new(url, "jobs")
+                .lease(LEASE)
+                .grace(Duration::from_secs(2))
+        };
+        let new_url = format!("{url}&{MAX_LEASE}");
+        let new_url = if RedisBackend::new(&new_url).is_ok() {
+            new_url
+        } else {
+            url.clone()
+        };
+        Some((Mixed::new(config(url), config(new_url)).await?, server))
     }
 
     #[tokio::test]
