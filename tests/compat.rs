@@ -15,8 +15,8 @@
 //! node that was no longer primary fails the test. The history is checked with the events of every
 //! node (no two periods overlap, terms rise) and with the witness's writes.
 //!
-//! PostgreSQL is `DATABASE_URL` or `postgres://root@127.0.0.1:5432/test`, with a namespace of each
-//! test's own in schema `tp_compat`; Redis is a `redis-server` of each test's own. Tests run one at
+//! PostgreSQL is `DATABASE_URL` or `postgres://root@127.0.0.1:5432/test`, with a schema of each
+//! test's own (dropped when it passes); Redis is a `redis-server` of each test's own. Tests run one at
 //! a time.
 //!
 //! ```text
@@ -380,7 +380,30 @@ fn unique(test: &str) -> String {
 mod postgres {
     use super::*;
 
-    async fn config(test: &str) -> Option<NodeConfig> {
+    /// A schema of the test's own, created by whichever node comes first (an old primary
+    /// creates the tables of 0.1.0, which new nodes then extend, as in an upgrade); dropped by
+    /// [`remove`](Self::remove) at the end of a test that passed.
+    struct Schema {
+        url: String,
+        name: String,
+    }
+
+    impl Schema {
+        async fn remove(self) {
+            let Ok((client, conn)) =
+                tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await
+            else {
+                return;
+            };
+            tokio::spawn(conn);
+            let drop = format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name);
+            if let Err(e) = client.batch_execute(&drop).await {
+                eprintln!("could not drop schema {}: {e}", self.name);
+            }
+        }
+    }
+
+    async fn mixed(test: &str) -> Option<(Mixed, Schema)> {
         let url = servers::postgres_url();
         let probe = async {
             let connect = tokio_postgres::connect(&url, tokio_postgres::NoTls);
@@ -395,46 +418,52 @@ mod postgres {
             }
         };
         servers::require(&format!("PostgreSQL at {url}"), probe.await)?;
+        let schema = format!("tp_compat_{}_{:x}", std::process::id(), monotonic_nanos());
         let sep = if url.contains('?') { '&' } else { '?' };
-        let backend = format!("{url}{sep}namespace={}&schema=tp_compat", unique(test));
-        Some(NodeConfig::new(backend, "jobs").grace(Duration::from_secs(2)))
-    }
-
-    async fn mixed(test: &str) -> Option<Mixed> {
-        let config = config(test).await?;
-        Mixed::new(config.clone(), config).await
+        let backend = format!("{url}{sep}namespace={}&schema={schema}", unique(test));
+        let config = NodeConfig::new(backend, "jobs").grace(Duration::from_secs(2));
+        let mixed = Mixed::new(config.clone(), config).await?;
+        Some((mixed, Schema { url, name: schema }))
     }
 
     #[tokio::test]
     async fn postgres_old_primary_killed_new_node_succeeds() {
-        let Some(mut m) = mixed("pg-kill-old").await else {
+        let Some((mut m, schema)) = mixed("pg-kill-old").await else {
             return;
         };
         m.kill(Version::Old, Version::New).await;
+        drop(m);
+        schema.remove().await;
     }
 
     #[tokio::test]
     async fn postgres_new_primary_killed_old_node_succeeds() {
-        let Some(mut m) = mixed("pg-kill-new").await else {
+        let Some((mut m, schema)) = mixed("pg-kill-new").await else {
             return;
         };
         m.kill(Version::New, Version::Old).await;
+        drop(m);
+        schema.remove().await;
     }
 
     #[tokio::test]
     async fn postgres_old_primary_hands_over_to_a_new_node() {
-        let Some(mut m) = mixed("pg-term-old").await else {
+        let Some((mut m, schema)) = mixed("pg-term-old").await else {
             return;
         };
         m.terminate(Version::Old, Version::New).await;
+        drop(m);
+        schema.remove().await;
     }
 
     #[tokio::test]
     async fn postgres_new_primary_hands_over_to_an_old_node() {
-        let Some(mut m) = mixed("pg-term-new").await else {
+        let Some((mut m, schema)) = mixed("pg-term-new").await else {
             return;
         };
         m.terminate(Version::New, Version::Old).await;
+        drop(m);
+        schema.remove().await;
     }
 
     /// Longer than a new waiter takes to end an idle lock session and wait out a record
@@ -443,26 +472,32 @@ mod postgres {
 
     #[tokio::test]
     async fn postgres_old_primary_frozen_and_resumed_beside_new_nodes() {
-        let Some(mut m) = mixed("pg-stop-old").await else {
+        let Some((mut m, schema)) = mixed("pg-stop-old").await else {
             return;
         };
         m.freeze(Version::Old, Version::New, FROZEN).await;
+        drop(m);
+        schema.remove().await;
     }
 
     #[tokio::test]
     async fn postgres_new_primary_frozen_and_resumed_beside_old_nodes() {
-        let Some(mut m) = mixed("pg-stop-new").await else {
+        let Some((mut m, schema)) = mixed("pg-stop-new").await else {
             return;
         };
         m.freeze(Version::New, Version::Old, FROZEN).await;
+        drop(m);
+        schema.remove().await;
     }
 
     #[tokio::test]
     async fn postgres_rolling_upgrade_and_rollback() {
-        let Some(mut m) = mixed("pg-roll").await else {
+        let Some((mut m, schema)) = mixed("pg-roll").await else {
             return;
         };
         m.roll(Version::Old, Version::New).await;
+        drop(m);
+        schema.remove().await;
     }
 }
 
