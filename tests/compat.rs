@@ -515,9 +515,10 @@ mod redis {
     const LEASE: Duration = Duration::from_secs(1);
 
     /// The maximum lease of new nodes, where the current version has that setting (0.1.0
-    /// refuses the parameter): it bounds how long the first grant of a fresh lock and a fresh
-    /// server wait.
-    const MAX_LEASE: &str = "max_lease=2s";
+    /// refuses the parameter): the lease itself, which every node of the lock uses. It bounds how
+    /// long the first grant of a fresh lock or server waits, and the first new successor of an
+    /// old holder (whose records carry no lease end).
+    const MAX_LEASE: &str = "max_lease=1s";
 
     /// A `redis-server` of the test's own; the nodes wait out its start-up guard themselves.
     async fn mixed(test: &str) -> Option<(Mixed, RedisServer)> {
