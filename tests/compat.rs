@@ -34,7 +34,7 @@ use std::time::Duration;
 use tokio::sync::{Mutex, MutexGuard};
 use tower_primary::clock::monotonic_nanos;
 use tower_primary::testing::node::{Cluster, EventKind, NodeCommand, NodeConfig, NodeSignal};
-use tower_primary::testing::old_version::{OldBuild, OldVersion, OldVersionError};
+use tower_primary::testing::old_version::{OldBuild, OldVersion};
 use tower_primary::testing::servers;
 use tower_primary::testing::witness::{self, Witness};
 
@@ -79,13 +79,7 @@ fn old_versions_dir() -> PathBuf {
 
 async fn old_build() -> Option<OldBuild> {
     let old = OldVersion::new(OLD, env!("CARGO_MANIFEST_DIR")).dir(old_versions_dir());
-    let built = match old.build().await {
-        Err(e @ OldVersionError::Unavailable(_)) => {
-            servers::require::<OldBuild, _>(&format!("tower-primary at {OLD}"), Err(e))?
-        }
-        // A checkout that has the commit but cannot build it is broken: never a skip.
-        built => built.unwrap_or_else(|e| panic!("{e}")),
-    };
+    let built = old.require().await?;
     if !built.took.is_zero() {
         println!(
             "old version {OLD} checked out and built in {:.1} s: {}",

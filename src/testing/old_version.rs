@@ -19,22 +19,23 @@
 //! build's output goes to `<dir>/<commit>.build.log`.
 //!
 //! A checkout without git or without the commit (a source tarball, a shallow clone) cannot build
-//! an old version: [`OldVersionError::Unavailable`]; tests pass it to
-//! [`servers::require`](crate::testing::servers::require), which skips loudly, or fails under
-//! `TOWER_PRIMARY_REQUIRE_BACKENDS=1`. A failed build is [`OldVersionError::Build`], never a skip.
+//! an old version: [`OldVersionError::Unavailable`]. [`OldVersion::require`] then skips loudly,
+//! as [`servers::require`](crate::testing::servers::require) does for a missing server, or fails
+//! under `TOWER_PRIMARY_REQUIRE_BACKENDS=1`. A failed build is [`OldVersionError::Build`], never a
+//! skip.
 //!
 //! ```no_run
 //! # async fn t() {
 //! use std::path::Path;
 //! use tower_primary::testing::node::{Cluster, NodeCommand, NodeConfig};
 //! use tower_primary::testing::old_version::OldVersion;
-//! use tower_primary::testing::servers;
 //!
-//! // In an integration test: the repository, and the old versions next to the target directory.
+//! // The repository of this checkout; old versions next to its builds (an integration test
+//! // finds its target directory as the parent of `env!("CARGO_TARGET_TMPDIR")`).
 //! let old = OldVersion::new("be74ccc", env!("CARGO_MANIFEST_DIR"))
-//!     .dir(Path::new(env!("CARGO_TARGET_TMPDIR")).join("../old-versions"));
-//! let Some(old) = servers::require("tower-primary be74ccc", old.build_blocking()) else {
-//!     return;
+//!     .dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("target/old-versions"));
+//! let Some(old) = old.require().await else {
+//!     return; // skipped, loudly: no git or no such commit here
 //! };
 //! let config = NodeConfig::new("redis://127.0.0.1:6379?prefix=doc", "jobs");
 //! let mut cluster = Cluster::new(NodeCommand::test_entry("node_entry").unwrap(), config.clone());
@@ -177,6 +178,26 @@ impl OldVersion {
         tokio::task::spawn_blocking(move || this.build_blocking())
             .await
             .unwrap_or_else(|e| Err(OldVersionError::Build(format!("the build panicked: {e}"))))
+    }
+
+    /// [`build`](Self::build) for a test: `None` after a loud `SKIPPED` message when this
+    /// checkout cannot provide the commit ([`servers::require`](crate::testing::servers::require),
+    /// which fails instead under `TOWER_PRIMARY_REQUIRE_BACKENDS=1`).
+    ///
+    /// # Panics
+    ///
+    /// When the build fails, or the commit is unavailable and backends are required.
+    pub async fn require(&self) -> Option<OldBuild> {
+        match self.build().await {
+            Err(e @ OldVersionError::Unavailable(_)) => {
+                crate::testing::servers::require::<OldBuild, _>(
+                    &format!("tower-primary at {}", self.commit),
+                    Err(e),
+                )
+            }
+            // A checkout that has the commit but cannot build it is broken: never a skip.
+            built => Some(built.unwrap_or_else(|e| panic!("{e}"))),
+        }
     }
 
     fn checkout_and_build(&self) -> Result<OldBuild, OldVersionError> {
@@ -396,6 +417,18 @@ mod tests {
             .build_blocking()
             .unwrap_err();
         assert!(matches!(err, OldVersionError::Unavailable(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn require_skips_an_unavailable_commit_unless_backends_are_required() {
+        let dir = crate::testing::servers::TempDir::new("old-version").unwrap();
+        let old = OldVersion::new("be74ccc", dir.path());
+        if crate::testing::servers::backends_required() {
+            let joined = tokio::spawn(async move { old.require().await }).await;
+            assert!(joined.is_err_and(|e| e.is_panic()));
+        } else {
+            assert!(old.require().await.is_none());
+        }
     }
 
     #[test]
