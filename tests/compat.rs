@@ -160,11 +160,25 @@ impl Mixed {
         (first, term)
     }
 
+    /// Waits until one node is primary, known to all others. A cluster that never settles is
+    /// most often split (each version holding a lock of its own): the history check says so
+    /// first.
     async fn settled(&self) -> (u32, u64) {
-        self.cluster
-            .wait_settled(WAIT)
-            .await
-            .unwrap_or_else(|e| panic!("{e}\n{}", self.versions_line()))
+        match self.cluster.wait_settled(WAIT).await {
+            Ok(settled) => settled,
+            Err(e) => {
+                let report = self.cluster.history().check();
+                panic!(
+                    "{}{report}\n{e}\n{}",
+                    if report.is_ok() {
+                        ""
+                    } else {
+                        "TWO PRIMARIES AT ONCE: "
+                    },
+                    self.versions_line()
+                )
+            }
+        }
     }
 
     /// Every check on everything so far: the periods from the nodes' events with the witness's
