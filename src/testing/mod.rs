@@ -11,11 +11,14 @@
 //!   the check of what they wrote against the primary periods.
 //! - [`host`]: simulated hosts (a PID namespace each), so that nodes on one machine can stand for
 //!   nodes on different machines.
+//! - [`old_version`]: the node binary of an older commit, for tests that run old and new nodes on
+//!   one lock (a rolling upgrade).
 
 pub mod conformance;
 pub mod history;
 pub mod host;
 pub mod node;
+pub mod old_version;
 pub mod proxy;
 pub mod servers;
 pub mod witness;

@@ -1220,9 +1220,25 @@ impl Cluster {
     ///
     /// When the process cannot be spawned.
     pub fn spawn_node_with(&mut self, config: &NodeConfig) -> std::io::Result<u32> {
-        let mut cmd = tokio::process::Command::new(&self.command.program);
-        cmd.args(&self.command.args);
-        self.spawn_command(cmd, config, false)
+        let command = self.command.clone();
+        self.spawn_node_running(&command, config)
+    }
+
+    /// Starts one node that runs `command` instead of the cluster's, with `config`; returns its
+    /// pid. Mixed-version tests run an older build's node beside the current one this way
+    /// ([`old_version`](crate::testing::old_version)): both speak the same protocol.
+    ///
+    /// # Errors
+    ///
+    /// When the process cannot be spawned.
+    pub fn spawn_node_running(
+        &mut self,
+        command: &NodeCommand,
+        config: &NodeConfig,
+    ) -> std::io::Result<u32> {
+        let mut cmd = tokio::process::Command::new(&command.program);
+        cmd.args(&command.args);
+        self.spawn_command(cmd, &command.envs, config, false)
     }
 
     /// Starts one node with its own configuration inside a [`SimulatedHost`] (its own PID
@@ -1240,16 +1256,18 @@ impl Cluster {
         config: &NodeConfig,
     ) -> std::io::Result<u32> {
         let cmd = host.command(&self.command.program, &self.command.args);
-        self.spawn_command(cmd, config, true)
+        let envs = self.command.envs.clone();
+        self.spawn_command(cmd, &envs, config, true)
     }
 
     fn spawn_command(
         &mut self,
         mut cmd: tokio::process::Command,
+        envs: &[(OsString, OsString)],
         config: &NodeConfig,
         hosted: bool,
     ) -> std::io::Result<u32> {
-        cmd.envs(self.command.envs.iter().map(|(k, v)| (k, v)))
+        cmd.envs(envs.iter().map(|(k, v)| (k, v)))
             .envs(config.to_env())
             .env(NODE_ENV, "1")
             .env(PARENT_PIPE_ENV, "1")
