@@ -499,6 +499,29 @@ async fn nodes_on_simulated_hosts_are_signalled_through_their_namespace() {
         let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap();
         assert_eq!(nspid.split_whitespace().count(), 3, "{nspid}");
     }
+    // The node on the other host (another PID namespace, where the holder's pid means nothing)
+    // still reports the holder: the lock file, not a pid check, decides.
+    let other = if primary == on_a { on_b } else { on_a };
+    s.cluster
+        .wait_for(
+            "the other host's node to report the holder",
+            WAIT,
+            |events| {
+                let last = events.iter().rev().find(|e| {
+                    e.pid == other
+                        && matches!(e.kind, EventKind::Secondary { .. } | EventKind::Started)
+                })?;
+                match last.kind {
+                    EventKind::Secondary {
+                        holder_term: Some(t),
+                        ..
+                    } if t == term => Some(()),
+                    _ => None,
+                }
+            },
+        )
+        .await
+        .unwrap();
 
     // SIGSTOP reaches the primary: it stays primary (its kernel keeps the flock) and resumes.
     s.cluster.signal(primary, NodeSignal::Stop).await.unwrap();

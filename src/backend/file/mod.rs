@@ -475,6 +475,18 @@ impl Inner {
     }
 
     /// Who holds the lock, if the record is plausibly current.
+    /// Whether the process a holder record names has certainly ended. With a process identity
+    /// (written by this version) only a process of this host's PID namespace can be checked; a
+    /// holder in another one (another container on the same volume) is left to the lock probe.
+    /// A record without one falls back to the host name and the pid.
+    fn holder_has_exited(&self, holder: &Holder) -> bool {
+        match &holder.process {
+            Some(process) => crate::process::ProcessIdentity::current()
+                .is_some_and(|me| me.same_host(process) && process.is_gone()),
+            None => holder.host == self.host && !pid_alive(holder.pid),
+        }
+    }
+
     fn current_holder(&self) -> Result<Option<Holder>, Error> {
         self.disk("holder");
         let holder = match self.read_holder() {
@@ -507,7 +519,7 @@ impl Inner {
                 ));
             }
         };
-        if holder.host == self.host && !pid_alive(holder.pid) {
+        if self.holder_has_exited(&holder) {
             tracing::debug!(lock = %self.name, pid = holder.pid, "the holder record names a process that has exited");
             return Ok(None);
         }

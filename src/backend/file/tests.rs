@@ -839,6 +839,45 @@ async fn stale_holder_records_are_not_reported() {
 }
 
 #[tokio::test]
+async fn a_holder_in_another_pid_namespace_is_reported_while_it_holds_the_lock() {
+    let Some(me) = crate::process::ProcessIdentity::current() else {
+        return; // no /proc: nothing to compare
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let a = open(tmp.path(), "jobs");
+    let b = open(tmp.path(), "jobs");
+    let lease = b.acquire(req("b")).await.unwrap();
+
+    // A holder on this host name but in another PID namespace (another container on one
+    // volume): its pid means nothing here, so only the lock file can tell whether it holds.
+    let mut record = lease.holder().clone();
+    record.pid = 4_000_000; // above any pid_max: no process here has it
+    let mut elsewhere = me.clone();
+    elsewhere.pid_ns = me.pid_ns.wrapping_add(1);
+    elsewhere.pid = record.pid;
+    record.process = Some(elsewhere);
+    fs::write(&a.inner.paths.holder, serde_json::to_vec(&record).unwrap()).unwrap();
+    assert_eq!(
+        a.holder().await.unwrap().map(|h| h.term),
+        Some(record.term),
+        "a holder that cannot be checked from here is reported while the lock is held"
+    );
+
+    // The same record in this namespace, with a pid that has exited: not reported.
+    record.process = Some(crate::process::ProcessIdentity {
+        pid: record.pid,
+        ..me
+    });
+    fs::write(&a.inner.paths.holder, serde_json::to_vec(&record).unwrap()).unwrap();
+    assert_eq!(
+        a.holder().await.unwrap(),
+        None,
+        "the holder process has exited"
+    );
+    lease.release().await.unwrap();
+}
+
+#[tokio::test]
 async fn state_store_with_a_wrong_or_stale_term_is_refused() {
     let logs = Logs::default();
     let _guard = logs.capture();

@@ -205,7 +205,12 @@ impl Inner {
             file: Some(file.clone()),
             id,
             term,
-            record: stored_form(req.holder(term)),
+            record: stored_form({
+                let mut record = req.holder(term);
+                // Lets a reader tell whether this process is gone, and whether it can tell.
+                record.process = crate::process::ProcessIdentity::current();
+                record
+            }),
         };
         self.write_holder(&held.record)?;
         *lock(&self.live) = Some(Live { term, id, file });
