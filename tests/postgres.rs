@@ -396,7 +396,7 @@ async fn acquiring_records_the_holder_and_releasing_clears_it() {
     let holder = lock.holder().await.unwrap().expect("a holder");
     assert_eq!((holder.id.as_str(), holder.term), ("a", leadership.term()));
     // The fencing bound, and the process a successor on this host can watch.
-    assert_eq!(holder.lease_ms, Some(500));
+    assert_eq!(holder.lease_ms, Some(450));
     assert_eq!(
         holder.process.as_ref().map(|p| p.pid),
         Some(std::process::id())
@@ -418,12 +418,12 @@ async fn liveness_checks_are_renewals_of_a_lease_implied_by_the_fencing_bound() 
     };
     let lock = env.backend().lock("jobs").unwrap();
     let leadership = lock.acquire(req("a")).await.unwrap();
-    // A successor without a death certificate waits the holder's fencing bound (500 ms by
+    // A successor without a death certificate waits the holder's fencing bound (450 ms by
     // default) after its grant: the elector fences the term a margin before that after the
     // last good check.
     let lease = leadership.implied_lease().expect("an implied lease");
-    assert_eq!(lease.ttl(), Duration::from_millis(500));
-    assert_eq!(lease.margin(), Duration::from_millis(50));
+    assert_eq!(lease.ttl(), Duration::from_millis(450));
+    assert_eq!(lease.margin(), Duration::from_millis(45));
     let mut renewals = leadership.renewals().expect("liveness checks as renewals");
     let first = renewals.latest();
     let next = within("a liveness check", renewals.changed()).await;
@@ -844,7 +844,7 @@ async fn a_holder_whose_connections_are_all_terminated_is_waited_for_by_its_succ
     );
     let holder = b_lock.holder().await.unwrap().expect("a holder");
     assert_eq!(holder.id, "b");
-    assert_eq!(holder.lease_ms, Some(500), "{holder:?}");
+    assert_eq!(holder.lease_ms, Some(450), "{holder:?}");
     assert!(holder.process.is_some(), "{holder:?}");
     drop(a);
     b.release().await.unwrap();

@@ -29,7 +29,7 @@
 //!   on the file backend (the holder's exit), the lease + 1 s on Redis (the restart guard), the
 //!   lease + 1.5 s on etcd (its 500 ms expiry check, a restart), 6.5 s on PostgreSQL (a stopped
 //!   holder is ended after the maximum fencing bound, 4 s, the waiters' 2 s check and a liveness
-//!   check; a crash costs the 500 ms fencing bound at most)), `--out DIR` (default `target/chaos/<backend>-seed<N>`).
+//!   check; a crash costs the 450 ms fencing bound at most)), `--out DIR` (default `target/chaos/<backend>-seed<N>`).
 //!
 //! The tool re-executes itself as `--nodes` election nodes (the node mode of
 //! `tower_primary::testing::node`), each reaching the server through a TCP proxy of its own
@@ -280,7 +280,7 @@ fn default_bound(setup: &Setup) -> (Duration, String) {
         ),
         _ => (
             Duration::from_millis(6500),
-            "postgres: 500 ms (the fencing bound) after a crash or a dropped connection; a \
+            "postgres: 450 ms (the fencing bound) after a crash or a dropped connection; a \
              stopped holder or waiter is ended after the maximum bound 4 s + the waiters' 2 s \
              check + a liveness check"
                 .to_owned(),

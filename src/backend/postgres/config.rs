@@ -138,7 +138,7 @@ impl Settings {
             schema,
             liveness_every: Duration::from_millis(150),
             liveness_timeout: Duration::from_millis(200),
-            fencing_bound: Duration::from_millis(500),
+            fencing_bound: Duration::from_millis(450),
             max_fencing_bound: None,
             keepalive_idle: Duration::from_secs(2),
             keepalive_interval: Duration::from_secs(1),
@@ -478,7 +478,7 @@ mod tests {
     #[test]
     fn the_fencing_bound_must_exceed_what_a_healthy_holder_needs() {
         let mut s = Settings::from_url("postgres://root@127.0.0.1/test").unwrap();
-        // 150 ms + 200 ms + 50 ms + 50 ms < 500 ms.
+        // 150 ms + 200 ms + 45 ms + 50 ms < 450 ms.
         s.validate().unwrap();
         assert_eq!(s.max_fencing_bound(), Duration::from_secs(4));
         s.fencing_bound = Duration::from_millis(400);

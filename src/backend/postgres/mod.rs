@@ -115,7 +115,7 @@
 //!   frees both locks in milliseconds; a successor on the same host sees the process gone.
 //! - Failover: milliseconds after a clean release or a death certified on the same host;
 //!   otherwise (another host, a holder whose sessions the server closed) the predecessor's
-//!   fencing bound after the grant, 500 ms by default.
+//!   fencing bound after the grant, 450 ms by default.
 //! - A holder cut off from the server (partition, stalled proxy, sessions closed without it
 //!   hearing) stops acting one fencing bound (less a tenth) after its last good liveness check:
 //!   every good check counts as a renewal of a lease the backend implies (see
@@ -265,7 +265,7 @@ impl PostgresBackend {
     /// host) waits after the server granted it the lock. Every confirmed liveness check renews
     /// the holder's term for this long (less a tenth as margin), so the holder stops acting
     /// before a successor starts, also when the server closed its sessions without it hearing
-    /// of it. Recorded in the holder record as `lease_ms`. Default 500 ms; it must exceed what a
+    /// of it. Recorded in the holder record as `lease_ms`. Default 450 ms; it must exceed what a
     /// healthy holder needs between two checks (see [`liveness`](Self::liveness)).
     #[must_use]
     pub fn fencing_bound(self, bound: Duration) -> Self {
