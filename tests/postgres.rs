@@ -661,6 +661,22 @@ struct Nodes {
     _serial: MutexGuard<'static, ()>,
 }
 
+impl Nodes {
+    /// A first node that reaches the server through a proxy of its own and becomes primary
+    /// alone, then `followers` more nodes, settled: the proxy, the primary's pid and its term.
+    async fn primary_behind_a_proxy(&mut self, followers: usize) -> (TcpProxy, u32, u64) {
+        let proxy = TcpProxy::start(self.env.server.addr).await.unwrap();
+        let mut via_proxy = self.cluster.config().clone();
+        via_proxy.backend = self.env.server.url_via(proxy.addr(), &self.env.params());
+        let primary = self.cluster.spawn_node_with(&via_proxy).unwrap();
+        let (first, term) = self.cluster.wait_single_primary(WAIT).await.unwrap();
+        assert_eq!(first, primary);
+        self.cluster.spawn_nodes(followers).unwrap();
+        self.cluster.wait_settled(WAIT).await.unwrap();
+        (proxy, primary, term)
+    }
+}
+
 async fn nodes(test: &str) -> Option<Nodes> {
     let env = Env::new(test).await?;
     let serial = SERIAL.lock().await;
@@ -754,15 +770,7 @@ async fn a_stalled_primary_steps_down_before_the_server_frees_its_lock() {
     let Some(mut n) = nodes("proc_stall").await else {
         return;
     };
-    let proxy = TcpProxy::start(n.env.server.addr).await.unwrap();
-    // The first node reaches the server through the proxy and becomes primary alone.
-    let mut via_proxy = n.cluster.config().clone();
-    via_proxy.backend = n.env.server.url_via(proxy.addr(), &n.env.params());
-    let old = n.cluster.spawn_node_with(&via_proxy).unwrap();
-    let (p, term) = n.cluster.wait_single_primary(WAIT).await.unwrap();
-    assert_eq!(p, old);
-    n.cluster.spawn_nodes(2).unwrap();
-    n.cluster.wait_settled(WAIT).await.unwrap();
+    let (proxy, old, term) = n.primary_behind_a_proxy(2).await;
 
     let stalled_at = monotonic_nanos();
     proxy.stall();
@@ -855,14 +863,7 @@ async fn an_asymmetric_partition_of_the_primary_never_overlaps_its_successor() {
     let Some(mut n) = nodes("proc_drop").await else {
         return;
     };
-    let proxy = TcpProxy::start(n.env.server.addr).await.unwrap();
-    let mut via_proxy = n.cluster.config().clone();
-    via_proxy.backend = n.env.server.url_via(proxy.addr(), &n.env.params());
-    let old = n.cluster.spawn_node_with(&via_proxy).unwrap();
-    let (p, term) = n.cluster.wait_single_primary(WAIT).await.unwrap();
-    assert_eq!(p, old);
-    n.cluster.spawn_nodes(2).unwrap();
-    n.cluster.wait_settled(WAIT).await.unwrap();
+    let (proxy, old, term) = n.primary_behind_a_proxy(2).await;
 
     // The server closes both of the primary's sessions; the primary hears nothing.
     let cut_at = monotonic_nanos();

@@ -510,6 +510,25 @@ struct Setup {
     _serial: MutexGuard<'static, ()>,
 }
 
+impl Setup {
+    /// A first node that reaches the server through a proxy of its own and becomes primary,
+    /// then `followers` more nodes, settled: the proxy, the primary's pid and its term.
+    async fn primary_behind_a_proxy(&mut self, followers: usize) -> (TcpProxy, u32, u64) {
+        let proxy = TcpProxy::start(self.server.addr()).await.unwrap();
+        let mut through_proxy = self.config.clone();
+        through_proxy.backend = self
+            .config
+            .backend
+            .replace(&self.server.addr().to_string(), &proxy.addr().to_string());
+        let primary = self.cluster.spawn_node_with(&through_proxy).unwrap();
+        let (first, term) = self.cluster.wait_single_primary(WAIT).await.unwrap();
+        assert_eq!(first, primary);
+        self.cluster.spawn_nodes(followers).unwrap();
+        self.cluster.wait_settled(WAIT).await.unwrap();
+        (proxy, primary, term)
+    }
+}
+
 async fn setup(test: &str, lease: Duration) -> Option<Setup> {
     let serial = SERIAL.lock().await;
     let server = redis().await?;
@@ -678,17 +697,7 @@ async fn stalled_proxy_makes_the_primary_step_down_before_a_successor_appears() 
     let Some(mut s) = setup("stalled-proxy", lease).await else {
         return;
     };
-    let proxy = TcpProxy::start(s.server.addr()).await.unwrap();
-    let mut through_proxy = s.config.clone();
-    through_proxy.backend = s
-        .config
-        .backend
-        .replace(&s.server.addr().to_string(), &proxy.addr().to_string());
-    let stalled_node = s.cluster.spawn_node_with(&through_proxy).unwrap();
-    let (first, term) = s.cluster.wait_single_primary(WAIT).await.unwrap();
-    assert_eq!(first, stalled_node);
-    s.cluster.spawn_nodes(2).unwrap();
-    s.cluster.wait_settled(WAIT).await.unwrap();
+    let (proxy, first, term) = s.primary_behind_a_proxy(2).await;
 
     let stalled_at = tower_primary::clock::monotonic_nanos();
     proxy.stall();
@@ -812,17 +821,7 @@ async fn lost_key_never_gives_two_primaries(test: &str, loss: KeyLoss) {
     let Some(mut s) = setup(test, lease).await else {
         return;
     };
-    let proxy = TcpProxy::start(s.server.addr()).await.unwrap();
-    let mut through_proxy = s.config.clone();
-    through_proxy.backend = s
-        .config
-        .backend
-        .replace(&s.server.addr().to_string(), &proxy.addr().to_string());
-    let a = s.cluster.spawn_node_with(&through_proxy).unwrap();
-    let (first, term) = s.cluster.wait_single_primary(WAIT).await.unwrap();
-    assert_eq!(first, a);
-    s.cluster.spawn_nodes(1).unwrap();
-    s.cluster.wait_settled(WAIT).await.unwrap();
+    let (proxy, a, term) = s.primary_behind_a_proxy(1).await;
 
     let prefix = s
         .config
