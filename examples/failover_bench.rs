@@ -6,7 +6,8 @@
 //!     --backend 'postgres://root@127.0.0.1:5432/test?namespace=bench' --successor-host both
 //! ```
 //!
-//! `--backend` is `file` (locks in a fresh temporary directory) or any backend string of DESIGN §7
+//! `--backend` is `file` (locks in a fresh temporary directory) or any backend string
+//! that `tower_primary::backend::from_url` takes
 //! (`/path/dir`, `redis://…`, `postgres://…`, `etcd://…`, with the matching Cargo feature).
 //! `--rounds` is per series (default 100), `--nodes` how many nodes run (default 3), `--lease` the
 //! lease of lease backends (ignored by the file backend).

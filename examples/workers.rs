@@ -12,7 +12,7 @@
 //! supervisor restarts the dead worker as a secondary. Ctrl-C (or SIGTERM to the supervisor) stops
 //! every worker gracefully: the primary hands over before it exits.
 //!
-//! `--backend` takes any backend string (DESIGN §7: `redis://…`, `postgres://…`, `etcd://…` with
+//! `--backend` takes any backend string (`redis://…`, `postgres://…`, `etcd://…` with
 //! the matching Cargo feature) instead of the file backend, and `--lease` the lease of lease
 //! backends; with a lease backend a killed primary is succeeded after its lease runs out.
 

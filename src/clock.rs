@@ -1,6 +1,6 @@
 //! The clock that deadlines are read on.
 //!
-//! A lease backend's primary must stop acting once its lease could have expired (DESIGN §3.1). The
+//! A lease backend's primary must stop acting once its lease could have expired. The
 //! elector, [`RoleHandle::is_primary`](crate::RoleHandle::is_primary) and
 //! [`TermContext::is_valid`](crate::TermContext::is_valid) all compare against a deadline read on
 //! one [`Clock`]:

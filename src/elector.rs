@@ -9,7 +9,7 @@
 //!    renewals (lease backends), and starts the [singleton tasks](Elector::singleton_task);
 //! 3. leaves the term when the backend reports a loss, the deadline passes (self-fencing), or the
 //!    user asks for [`step_down`](Elector::step_down) or [`shutdown`](Elector::shutdown), in the
-//!    order of DESIGN §3.5: stop admitting primary-only work, cancel the term, wait for tasks and
+//!    shutdown order: stop admitting primary-only work, cancel the term, wait for tasks and
 //!    in-flight gated requests up to the grace, abort the rest, release the lock;
 //! 4. campaigns again (unless [`exit_on_loss`](ElectorBuilder::exit_on_loss) is set).
 //!
@@ -67,8 +67,8 @@ use crate::watchdog::Phase;
 /// The lease of a lease backend (Redis, etcd): how long the lock stays held without renewal, and
 /// the safety margin the primary stops acting before it.
 ///
-/// A primary acts only until `send time of the last confirmed renewal + ttl - margin`
-/// (DESIGN §3.1). Backends renew every `ttl / 3`.
+/// A primary acts only until `send time of the last confirmed renewal + ttl - margin`.
+/// Backends renew every `ttl / 3`.
 ///
 /// # Examples
 ///
@@ -278,7 +278,7 @@ impl ElectorBuilder {
         self
     }
 
-    /// Stop campaigning after losing the lock (DESIGN §3.4: by default a node rejoins). Watch
+    /// Stop campaigning after losing the lock (by default a node rejoins). Watch
     /// [`Elector::stopped`] to exit the process.
     pub fn exit_on_loss(mut self, exit: bool) -> Self {
         self.exit_on_loss = exit;
@@ -529,7 +529,7 @@ impl Elector {
         }
     }
 
-    /// Registers a task that runs only while this node is primary (DESIGN §3.8).
+    /// Registers a task that runs only while this node is primary.
     ///
     /// On every promotion `factory` is called with the term's [`TermContext`] and the future it
     /// returns is run:
@@ -575,7 +575,7 @@ impl Elector {
         let _ = self.inner.cmd.send(Command::TaskAdded);
     }
 
-    /// Hands the lock over now (DESIGN §3.5 order), then campaigns again after the
+    /// Hands the lock over now (the shutdown order), then campaigns again after the
     /// [rejoin delay](ElectorBuilder::rejoin_delay) or as soon as it reads another node's holder
     /// record. A node that takes the lock and gives it back before this one reads the record
     /// does not end the hold-off: if every node steps down in such quick succession, the lock
@@ -594,7 +594,7 @@ impl Elector {
         rx.await.map_err(|_| self.shut_down_error())?
     }
 
-    /// Stops the campaign: if primary, hands over in the order of DESIGN §3.5 (stop admitting
+    /// Stops the campaign: if primary, hands over in the shutdown order (stop admitting
     /// primary-only work, cancel the term, wait for tasks and gated requests up to the grace,
     /// abort the rest, release the lock). Returns when that is done. Idempotent.
     pub async fn shutdown(&self) {
@@ -673,7 +673,7 @@ pub async fn terminate_signal() {
 }
 
 /// The state API of one lock, from [`Elector::state`]: small values kept by the backend, which
-/// only the term holding the lock may write (DESIGN §5).
+/// only the term holding the lock may write.
 ///
 /// # Examples
 ///
@@ -986,7 +986,7 @@ impl Campaign {
         }
     }
 
-    /// Holds one term until it ends, then leaves it in the order of DESIGN §3.5.
+    /// Holds one term until it ends, then leaves it in the shutdown order.
     async fn lead(&mut self, mut leadership: Box<dyn Leadership>) -> Leave {
         let term = leadership.term();
         let holder = leadership.holder().clone();

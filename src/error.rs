@@ -41,7 +41,7 @@ pub enum ConfigError {
         /// What is wrong with it: missing, a symlink, not a directory, not writable.
         problem: String,
     },
-    /// A backend string (DESIGN §7) could not be parsed.
+    /// A backend string could not be parsed.
     #[error("invalid backend string {url:?}: {problem}")]
     InvalidBackendUrl {
         /// The string given (passwords are not repeated).

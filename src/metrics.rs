@@ -1,5 +1,5 @@
 //! Metrics: who is primary, how often that changes, how long acquisitions and renewals take, and
-//! what singleton tasks and schedules do (DESIGN §6).
+//! what singleton tasks and schedules do.
 //!
 //! With the `metrics` feature the elector, the task supervisor and the schedules record on the
 //! [`metrics`](https://docs.rs/metrics) facade: install any recorder (e.g.

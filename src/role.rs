@@ -4,7 +4,7 @@
 //! A [`RoleHandle`] is a `watch` receiver plus an atomic deadline. Reading it never blocks and never
 //! does I/O, so it can sit on the request path. [`RoleHandle::is_primary`] compares the deadline of
 //! the current term with the [`Clock`] itself: a process resumed after `SIGSTOP` past its lease sees
-//! "not primary" before the elector task has run (DESIGN §3.1).
+//! "not primary" before the elector task has run.
 //!
 //! # Examples
 //!
@@ -35,7 +35,7 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 use crate::clock::{Clock, Timestamp};
 use crate::watchdog::{Liveness, Watchdog};
 
-/// Environment variable holding this process's worker index (DESIGN §6).
+/// Environment variable holding this process's worker index.
 pub const WORKER_ENV: &str = "TOWER_PRIMARY_WORKER";
 
 /// The identity of one node (process) taking part in elections.
@@ -139,7 +139,7 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".to_owned())
 }
 
-/// Who holds a lock: the record every backend stores and `/health/role` shows (DESIGN §6).
+/// Who holds a lock: the record every backend stores and `/health/role` shows.
 ///
 /// # Examples
 ///

@@ -1,4 +1,4 @@
-//! Singleton tasks: futures that run only while this node is primary (DESIGN §3.8).
+//! Singleton tasks: futures that run only while this node is primary.
 //!
 //! Each promotion starts one supervisor per registered task, in a per-term [`TaskSet`]. The
 //! supervisor calls the factory with the term's [`TermContext`], restarts it with backoff after an

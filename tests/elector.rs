@@ -152,7 +152,7 @@ async fn task_is_cancelled_at_once_when_the_lock_is_lost_and_the_node_rejoins() 
         "cancellation was not immediate"
     );
 
-    // It campaigns again (DESIGN §3.4) and gets a higher term; the task restarts.
+    // It campaigns again and gets a higher term; the task restarts.
     let second = handle.wait_primary().await;
     assert!(second.term() > first.term());
     assert_eq!(events.recv().await, Some(Ev::Start(second.term())));

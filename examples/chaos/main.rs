@@ -13,7 +13,8 @@
 //! - `--backend`: `file` (a fresh temporary directory); `redis`, `etcd` or `postgres` (a server of
 //!   the tool's own on free ports, which the `restart` fault may kill: `redis-server`, `etcd` or
 //!   the PostgreSQL server programs must be installed; a throwaway PostgreSQL cluster is made
-//!   with `initdb`, through `runuser -u postgres` as root); or any backend string of DESIGN §7
+//!   with `initdb`, through `runuser -u postgres` as root); or any backend string
+//!   that `tower_primary::backend::from_url` takes
 //!   (`/path/dir`, `redis://…`, `postgres://…`, `etcd://…`: your own server, e.g. the machine's
 //!   `postgres://root@127.0.0.1:5432/test`; `restart` is then skipped), with the matching Cargo
 //!   feature.

@@ -6,7 +6,7 @@
 //! cargo run --example status --features redis -- --backend redis://127.0.0.1:6379 --lock jobs --watch
 //! ```
 //!
-//! `--backend` takes a backend string (DESIGN §7: a directory, `file:///dir`, `redis://…`,
+//! `--backend` takes a backend string (a directory, `file:///dir`, `redis://…`,
 //! `postgres://…`, `etcd://…`, with the backend's feature on); without it,
 //! `TOWER_PRIMARY_BACKEND`. It reads the holder record only: it never takes the lock.
 

@@ -7,7 +7,7 @@
 //! Without a lease (the default) a lock is held until it is released or its [`Leadership`] is
 //! dropped, like a file lock whose process exits. [`MemoryBackend::with_lease`] makes it a lease
 //! backend: the holder renews every `lease / 3`, reports each confirmed renewal's send time, and a
-//! lock that is not renewed expires — so the elector's self-fencing (DESIGN §3.1) can be tested on
+//! lock that is not renewed expires — so the elector's self-fencing can be tested on
 //! tokio's paused clock.
 //!
 //! # Examples

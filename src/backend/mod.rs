@@ -12,10 +12,10 @@
 //!   run-once jobs keep their progress there.
 //!
 //! Backends know nothing of HTTP, the elector or schedules. Renewal loops live inside the backend;
-//! the **deadline is enforced by the elector** (DESIGN §3.1) from the send times the backend reports
+//! the **deadline is enforced by the elector** from the send times the backend reports
 //! through [`Renewals`].
 //!
-//! The traits are object-safe: [`from_url`] picks a backend at run time from a string (DESIGN §7).
+//! The traits are object-safe: [`from_url`] picks a backend at run time from a string.
 //!
 //! | backend | feature | string |
 //! |---|---|---|
@@ -368,10 +368,10 @@ impl Renewals {
     }
 }
 
-/// Environment variable holding a backend string (DESIGN §7).
+/// Environment variable holding a backend string.
 pub const BACKEND_ENV: &str = "TOWER_PRIMARY_BACKEND";
 
-/// Parses a backend string (DESIGN §7): a directory path or `file:///dir` for the file backend,
+/// Parses a backend string: a directory path or `file:///dir` for the file backend,
 /// `memory://name`, and the server backends when their Cargo feature is on.
 ///
 /// # Examples

@@ -1,4 +1,4 @@
-//! The backend conformance suite: one set of checks every backend must pass (DESIGN §3, §5).
+//! The backend conformance suite: one set of checks every backend must pass.
 //!
 //! A backend author implements [`Fixture`] — how to open a new, independent [`Connection`] (one
 //! node), the lease to use, and optionally [fault hooks](FaultHooks) — and runs every check
@@ -56,7 +56,7 @@
 //! | [`self_fencing_when_the_backend_fails`] | the same when every call of the holder's connection fails |
 //! | [`fail_closed_on_backend_errors`] | a node whose backend fails never becomes primary, even on a free lock; it does once the backend works |
 //! | [`task_cancelled_when_the_term_ends`] | singleton tasks see `cancelled()` on step-down and on a loss, and start afresh in the next term |
-//! | [`shutdown_cancels_tasks_before_release`] | DESIGN §3.5: tasks see cancellation (with `is_primary()` false) and finish before the lock is released |
+//! | [`shutdown_cancels_tasks_before_release`] | Tasks see cancellation (with `is_primary()` false) and finish before the lock is released |
 //! | [`shutdown_aborts_tasks_after_the_grace`] | a task that ignores cancellation is aborted after the grace, before the release |
 //! | [`state_api_guards_terms`] | `store`/`load`/`watch_key`: the holder's term writes, older terms get `StaleTerm`, a newer value is never overwritten |
 //! | [`dropped_acquire_does_not_leak_the_lock`] | an `acquire` dropped around a release never keeps the lock |
@@ -941,7 +941,7 @@ async fn self_fencing<F: Fixture + ?Sized>(fixture: &F, check: &'static str, fau
 /// With [`Fault::Fail`]: a node whose every backend call fails does not become primary, neither
 /// while another node holds the lock nor once the lock is free; when its backend works again it
 /// becomes primary with a higher term. Nothing but a successful acquisition makes a node
-/// primary (DESIGN §3.3).
+/// primary.
 ///
 /// # Panics
 ///
@@ -1077,7 +1077,7 @@ pub async fn task_cancelled_when_the_term_ends<F: Fixture + ?Sized>(fixture: &F)
     h.finish();
 }
 
-/// DESIGN §3.5: when `shutdown()` returns, the primary's task has seen its term cancelled, with
+/// When `shutdown()` returns, the primary's task has seen its term cancelled, with
 /// `is_primary()` already false, and has finished its clean-up; the successor's task starts only
 /// after that (the lock was released last).
 ///
@@ -1137,7 +1137,7 @@ pub async fn shutdown_cancels_tasks_before_release<F: Fixture + ?Sized>(fixture:
     h.finish();
 }
 
-/// DESIGN §3.5: a task that ignores cancellation is aborted when the grace is over, and only
+/// A task that ignores cancellation is aborted when the grace is over, and only
 /// then is the lock released: `shutdown()` takes at least the grace, and the successor's task
 /// starts after the stuck task was dropped.
 ///
@@ -1188,7 +1188,7 @@ pub async fn shutdown_aborts_tasks_after_the_grace<F: Fixture + ?Sized>(fixture:
     h.finish();
 }
 
-/// The state API (DESIGN §5): the primary stores under its term and every node loads the value
+/// The state API: the primary stores under its term and every node loads the value
 /// with that term; `watch_key` wakes on a change; after a handover, writes with the old term —
 /// through the elector's [`State`](crate::State) and through [`Lock::store`] on the old holder's
 /// and on another connection — fail with [`Error::StaleTerm`] and change nothing; a write with

@@ -1,5 +1,5 @@
 //! The history checker: record every primary period of one lock, then check that no two overlap
-//! and that terms rise (DESIGN §3.1, §3.2, §9).
+//! and that terms rise.
 //!
 //! A [`History`] holds [`Period`]s — a node, its term, a start, and an end — and optionally the
 //! writes nodes made to a fenced witness. [`History::check`] returns a [`Report`]: every pair of
@@ -17,7 +17,7 @@
 //!
 //! # Ends and deadlines
 //!
-//! A period ends at its reported end or at its **deadline**, whichever comes first (DESIGN §9):
+//! A period ends at its reported end or at its **deadline**, whichever comes first:
 //! on a lease backend a primary stops acting at its deadline even when it never gets to report
 //! it (a paused or killed process). A period with neither end nor deadline is *open* and counts
 //! as lasting forever: any later period of another node overlaps it. Periods are half-open

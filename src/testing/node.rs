@@ -14,7 +14,7 @@
 //! | variable | meaning |
 //! |---|---|
 //! | `TOWER_PRIMARY_TEST_NODE=1` | run as a node ([`is_node_process`]) |
-//! | `TOWER_PRIMARY_BACKEND` | the backend string (DESIGN §7), e.g. a directory for the file backend |
+//! | `TOWER_PRIMARY_BACKEND` | the backend string, e.g. a directory for the file backend |
 //! | `TOWER_PRIMARY_TEST_LOCK` | the lock name |
 //! | `TOWER_PRIMARY_TEST_LEASE` | optional lease, e.g. `2s` (ignored by backends without a lease) |
 //! | `TOWER_PRIMARY_TEST_GRACE` | optional grace, e.g. `500ms` |
@@ -55,7 +55,7 @@
 //!
 //! `task-start` and `task-cancelled` bound what a node does as primary: the task starts only after
 //! the backend granted the lock, and the elector waits for the task to end before it releases the
-//! lock (DESIGN §3.5). [`history()`] builds the primary periods from them as a
+//! lock. [`history()`] builds the primary periods from them as a
 //! [`History`].
 //!
 //! # Example
@@ -156,7 +156,7 @@ const DEFAULT_TICK: Duration = Duration::from_millis(100);
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct NodeConfig {
-    /// The backend string (DESIGN §7).
+    /// The backend string.
     pub backend: String,
     /// The lock name.
     pub lock: String,
@@ -743,7 +743,7 @@ async fn tick_while_primary(ctx: TermContext, tick: Duration, spawn: Option<&[St
             }
             _ = ticks.tick() => {
                 // A step runs only under a live term: a node resumed past its deadline (SIGSTOP)
-                // sees it ended before the elector has run (DESIGN §3.1, §3.8).
+                // sees it ended before the elector has run.
                 if !ctx.is_valid() {
                     ctx.cancelled().await;
                     emit(EventKind::TaskCancelled { term });

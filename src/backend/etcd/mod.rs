@@ -1,7 +1,7 @@
 //! The etcd backend: a lease-bound election on a key prefix, terms from etcd revisions.
 //!
 //! Enable the `etcd` feature (it builds `etcd-client`, which needs `protoc` at build time). Choose
-//! it with a backend string (DESIGN §7) or build it directly:
+//! it with a backend string or build it directly:
 //!
 //! ```no_run
 //! use tower_primary::Elector;
@@ -44,7 +44,7 @@
 //! - **Term** = the create revision of the holder's key. Revisions only grow, survive restarts of
 //!   etcd, and a later holder's key is always younger: terms strictly increase.
 //! - **Renewals.** Every confirmed keepalive is reported with its send time; the elector stops
-//!   acting at `send time + lease - margin` (DESIGN §3.1), before etcd (which counts from the
+//!   acting at `send time + lease - margin`, before etcd (which counts from the
 //!   keepalive's arrival) can expire the lease.
 //! - **Loss** is reported when a keepalive says the lease is gone, or when the watch sees the
 //!   holder's own key deleted (revoked, expired, or removed by hand) — usually well before the

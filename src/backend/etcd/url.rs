@@ -1,4 +1,4 @@
-//! Parsing of `etcd://` and `etcds://` backend strings (DESIGN §7), by hand: a list of hosts is
+//! Parsing of `etcd://` and `etcds://` backend strings, by hand: a list of hosts is
 //! not a URL the `url` crate accepts.
 
 use crate::backend::redact;

@@ -2,8 +2,7 @@
 //! terms from a sequence.
 //!
 //! For services that already have PostgreSQL and run on several hosts. Enable the `postgres`
-//! feature; pick it with [`PostgresBackend::new`] or a `postgres://…` / `postgresql://…` string
-//! (DESIGN §7).
+//! feature; pick it with [`PostgresBackend::new`] or a `postgres://…` / `postgresql://…` string.
 //!
 //! # How it works
 //!
