@@ -1,0 +1,604 @@
+//! Mixed versions on one lock: the node of an older release (0.1.0, commit [`OLD`]) and the
+//! current node run side by side, as in a rolling upgrade or a rollback, on the backends whose
+//! stored records have changed since (PostgreSQL, Redis). Under the faults the old version
+//! handled — `SIGKILL` and `SIGTERM` of the primary in both directions (an old primary succeeded
+//! by a new node, and a new primary by an old node), `SIGSTOP` beyond the lease on Redis — there
+//! are never two primaries and terms never fall.
+//!
+//! The old node is built from a git worktree of the commit
+//! ([`OldVersion`](tower_primary_lab::old_version::OldVersion), kept under
+//! `<target>/old-versions` and reused); without git or the commit (a source tarball) the tests
+//! print `SKIPPED`, or fail under `TOWER_PRIMARY_REQUIRE_BACKENDS=1`, as they do without a server.
+//!
+//! Every node writes to a [fenced witness](tower_primary_testing::witness) while primary: its
+//! writes carry deadlines, so a frozen primary's period ends at its deadline, and a write made by a
+//! node that was no longer primary fails the test. The history is checked with the events of every
+//! node (no two periods overlap, terms rise) and with the witness's writes.
+//!
+//! PostgreSQL is `DATABASE_URL` or `postgres://root@127.0.0.1:5432/test`, with a schema of each
+//! test's own (dropped when it passes); Redis is a `redis-server` of each test's own. Tests run one at
+//! a time.
+//!
+//! ```text
+//! cargo test --all-features --test compat -- --nocapture
+//! ```
+#![cfg(any(feature = "postgres", feature = "redis"))]
+
+mod common;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::sync::{Mutex, MutexGuard};
+use tower_primary::clock::monotonic_nanos;
+use tower_primary_lab::node::{Cluster, EventKind, NodeCommand, NodeConfig, NodeSignal};
+use tower_primary_lab::old_version::{OldBuild, OldVersion};
+use tower_primary_lab::servers;
+use tower_primary_testing::witness::{self, Witness};
+
+/// The reference old version: the last commit before the records changed (crate 0.1.0).
+const OLD: &str = "be74ccc";
+
+/// Bounds a broken run only. Generous: a new successor of an old primary that died without a
+/// clean release may wait its predecessor's full fencing bound.
+const WAIT: Duration = Duration::from_secs(60);
+
+/// How often a primary writes to the witness.
+const WRITE_EVERY: Duration = Duration::from_millis(5);
+
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+/// The node side of this binary: the new nodes re-execute it in node mode.
+#[test]
+fn node_entry() {
+    common::node_entry();
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Version {
+    Old,
+    New,
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Version::Old => "old",
+            Version::New => "new",
+        })
+    }
+}
+
+/// Where old versions are checked out and built: next to this build's target directory.
+fn old_versions_dir() -> PathBuf {
+    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    tmp.parent().unwrap_or(tmp).join("old-versions")
+}
+
+async fn old_build() -> Option<OldBuild> {
+    let old = OldVersion::new(OLD, env!("CARGO_MANIFEST_DIR")).dir(old_versions_dir());
+    let built = old.require().await?;
+    if !built.took.is_zero() {
+        println!(
+            "old version {OLD} checked out and built in {:.1} s: {}",
+            built.took.as_secs_f64(),
+            built.program.display()
+        );
+    }
+    Some(built)
+}
+
+/// Old and new nodes of one lock, the versions by pid, and the witness they write to.
+struct Mixed {
+    cluster: Cluster,
+    old_config: NodeConfig,
+    new_config: NodeConfig,
+    old: NodeCommand,
+    versions: HashMap<u32, Version>,
+    witness: Witness,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl Mixed {
+    /// Old nodes run with `old_config`, new ones with `new_config`: the same lock and backend,
+    /// and only settings that each version understands.
+    async fn new(old_config: NodeConfig, new_config: NodeConfig) -> Option<Mixed> {
+        let serial = SERIAL.lock().await;
+        let old = old_build().await?.node_command();
+        let witness = Witness::start().await.expect("a witness");
+        let old_config = old_config.witness(witness.addr(), WRITE_EVERY);
+        let new_config = new_config.witness(witness.addr(), WRITE_EVERY);
+        let new = NodeCommand::test_entry("node_entry").expect("the test binary's path");
+        Some(Mixed {
+            cluster: Cluster::new(new, new_config.clone()),
+            old_config,
+            new_config,
+            old,
+            versions: HashMap::new(),
+            witness,
+            _serial: serial,
+        })
+    }
+
+    fn spawn(&mut self, version: Version) -> u32 {
+        let pid = match version {
+            Version::Old => self.cluster.spawn_node_running(&self.old, &self.old_config),
+            Version::New => self.cluster.spawn_node_with(&self.new_config),
+        }
+        .unwrap_or_else(|e| panic!("cannot start a {version} node: {e}"));
+        self.versions.insert(pid, version);
+        pid
+    }
+
+    fn version(&self, pid: u32) -> Version {
+        self.versions[&pid]
+    }
+
+    /// One `primary` node, alone until it holds the lock and its task runs; then `n` nodes of
+    /// `secondaries` that settle as its secondaries. Returns the primary's pid and term.
+    async fn primary_with_secondaries(
+        &mut self,
+        primary: Version,
+        secondaries: Version,
+        n: usize,
+    ) -> (u32, u64) {
+        let first = self.spawn(primary);
+        let (pid, term) = self.settled().await;
+        assert_eq!(pid, first, "{}", self.dump());
+        for _ in 0..n {
+            self.spawn(secondaries);
+        }
+        let settled = self.settled().await;
+        assert_eq!(
+            settled,
+            (first, term),
+            "the {secondaries} nodes did not settle as secondaries of the {primary} primary\n{}",
+            self.dump()
+        );
+        (first, term)
+    }
+
+    /// Waits until one node is primary, known to all others. A cluster that never settles is
+    /// most often split (each version holding a lock of its own): the history check says so
+    /// first.
+    async fn settled(&self) -> (u32, u64) {
+        match self.cluster.wait_settled(WAIT).await {
+            Ok(settled) => settled,
+            Err(e) => {
+                let report = self.cluster.history().check();
+                panic!(
+                    "{}{report}\n{e}\n{}",
+                    if report.is_ok() {
+                        ""
+                    } else {
+                        "TWO PRIMARIES AT ONCE: "
+                    },
+                    self.versions_line()
+                )
+            }
+        }
+    }
+
+    /// Every check on everything so far: the periods from the nodes' events with the witness's
+    /// writes merged in (a frozen node's period ends at the deadline it wrote with, as it never
+    /// reports its end), no two overlap, terms rise, and no node wrote while not primary.
+    fn check(&self) {
+        let records = self.witness.records();
+        let merged = witness::merge(&self.cluster.history(), &records);
+        let report = witness::check(&merged, &records);
+        assert!(report.is_ok(), "{report}\n{}", self.dump());
+        assert!(
+            report.accepted > 0,
+            "no primary wrote to the witness\n{}",
+            self.dump()
+        );
+        let mut terms: Vec<(u64, String)> = self
+            .cluster
+            .history()
+            .periods()
+            .iter()
+            .map(|p| {
+                let pid: u32 = p.node.parse().unwrap_or_default();
+                (p.term, format!("{} ({})", p.node, self.version(pid)))
+            })
+            .collect();
+        terms.dedup();
+        println!(
+            "primaries (term, pid): {terms:?}; witness: {} accepted, {} rejected",
+            report.accepted, report.rejected
+        );
+    }
+
+    fn versions_line(&self) -> String {
+        let mut v: Vec<_> = self.versions.iter().collect();
+        v.sort();
+        format!("versions by pid: {v:?}")
+    }
+
+    fn dump(&self) -> String {
+        format!("{}\n{}", self.versions_line(), self.cluster.dump())
+    }
+
+    /// `SIGKILL` of a `primary` node whose secondaries are all `successor` nodes: one of them
+    /// succeeds it with a higher term, without overlap.
+    async fn kill(&mut self, primary: Version, successor: Version) {
+        self.primary_with_secondaries(primary, successor, 2).await;
+        let s = self.cluster.kill_primary(WAIT).await;
+        assert_eq!(self.version(s.next.pid), successor, "{}", self.dump());
+        println!(
+            "SIGKILL of the {primary} primary → {successor} successor after {:.1} ms",
+            common::ms(s.signalled_at, s.next.at)
+        );
+        self.check();
+    }
+
+    /// `SIGTERM` of a `primary` node whose secondaries are all `successor` nodes: it winds its
+    /// term down and releases; one of them succeeds it with a higher term.
+    async fn terminate(&mut self, primary: Version, successor: Version) {
+        self.primary_with_secondaries(primary, successor, 2).await;
+        let h = self.cluster.terminate_primary(WAIT).await;
+        assert_eq!(
+            self.version(h.succession.next.pid),
+            successor,
+            "{}",
+            self.dump()
+        );
+        println!(
+            "SIGTERM of the {primary} primary → {successor} successor after {:.1} ms",
+            common::ms(h.succession.signalled_at, h.succession.next.at)
+        );
+        self.check();
+    }
+
+    /// `SIGSTOP` of a `primary` node (lease `lease`) whose secondaries are all `successor` nodes,
+    /// frozen until one of them has been primary for another lease; after `SIGCONT` it runs no
+    /// step of its old term and reports the successor as holder.
+    async fn stop(&mut self, primary: Version, successor: Version, lease: Duration) {
+        let (old, term) = self.primary_with_secondaries(primary, successor, 2).await;
+        let stopped = self.cluster.signal(old, NodeSignal::Stop).await.unwrap();
+        let next = self
+            .cluster
+            .wait_primary_after(term, old, WAIT)
+            .await
+            .unwrap();
+        let new_term = next.term().unwrap_or_default();
+        assert!(new_term > term, "{}", self.dump());
+        assert_eq!(self.version(next.pid), successor, "{}", self.dump());
+        // The successor's witness writes go on while the old node stays frozen for a lease more.
+        tokio::time::sleep(lease).await;
+        let resumed = self.cluster.signal(old, NodeSignal::Cont).await.unwrap();
+        self.cluster
+            .wait_event("the resumed node to report the successor", WAIT, |e| {
+                e.pid == old
+                    && e.at > resumed
+                    && matches!(e.kind, EventKind::Secondary { holder_term: Some(t), .. } if t == new_term)
+            })
+            .await
+            .unwrap();
+        let late_tick = self.cluster.events().into_iter().find(|e| {
+            e.pid == old
+                && e.at > resumed
+                && matches!(e.kind, EventKind::Tick { term: t, .. } if t == term)
+        });
+        assert!(late_tick.is_none(), "{late_tick:?}\n{}", self.dump());
+        assert_eq!(
+            self.settled().await,
+            (next.pid, new_term),
+            "{}",
+            self.dump()
+        );
+        println!(
+            "SIGSTOP of the {primary} primary (lease {lease:?}) → {successor} successor after \
+             {:.1} ms",
+            common::ms(stopped, next.at)
+        );
+        self.check();
+    }
+
+    /// `SIGSTOP` of a `primary` node whose secondaries are all `others` nodes, for `frozen`, then
+    /// `SIGCONT`: whoever is primary afterwards, and whether or not anyone succeeded the frozen
+    /// node meanwhile, no two periods overlap (the frozen node's ends at its deadline at the
+    /// latest) and terms rise.
+    async fn freeze(&mut self, primary: Version, others: Version, frozen: Duration) {
+        let (old, term) = self.primary_with_secondaries(primary, others, 2).await;
+        self.cluster.signal(old, NodeSignal::Stop).await.unwrap();
+        // The fault itself lasts this long; nothing is awaited.
+        tokio::time::sleep(frozen).await;
+        let resumed = self.cluster.signal(old, NodeSignal::Cont).await.unwrap();
+        self.cluster
+            .wait_event("the resumed node to report anything", WAIT, |e| {
+                e.pid == old && e.at > resumed && !matches!(e.kind, EventKind::Signalled { .. })
+            })
+            .await
+            .unwrap();
+        let (pid, now) = self.settled().await;
+        println!(
+            "SIGSTOP of the {primary} primary (term {term}) for {frozen:?}, then SIGCONT → \
+             primary: the {} node {pid}, term {now}",
+            self.version(pid)
+        );
+        self.check();
+    }
+
+    /// A rolling upgrade of three `from` nodes to `to` nodes, one at a time, the primary last
+    /// (each leaves by `SIGTERM` and its replacement joins before the next one leaves), then the
+    /// same back: every handover crosses versions at least once.
+    async fn roll(&mut self, from: Version, to: Version) {
+        for _ in 0..3 {
+            self.spawn(from);
+        }
+        self.settled().await;
+        for (a, b) in [(from, to), (to, from)] {
+            for _ in 0..3 {
+                let (primary, term) = self.settled().await;
+                let states = self.cluster.states();
+                let leaving = states
+                    .values()
+                    .filter(|s| s.alive && self.version(s.pid) == a)
+                    .map(|s| s.pid)
+                    .find(|&pid| pid != primary)
+                    .unwrap_or(primary);
+                if leaving == primary {
+                    let h = self.cluster.terminate_primary(WAIT).await;
+                    assert!(h.succession.next.term().unwrap_or_default() > term);
+                    println!(
+                        "SIGTERM of the {a} primary → {} successor",
+                        self.version(h.succession.next.pid)
+                    );
+                } else {
+                    self.cluster
+                        .signal(leaving, NodeSignal::Term)
+                        .await
+                        .unwrap();
+                    let exit = self.cluster.wait_exit(leaving, WAIT).await.unwrap();
+                    assert_eq!(exit, (Some(0), None), "{}", self.dump());
+                }
+                self.spawn(b);
+            }
+            let (primary, _) = self.settled().await;
+            assert_eq!(self.version(primary), b, "{}", self.dump());
+            let alive: Vec<Version> = self
+                .cluster
+                .states()
+                .values()
+                .filter(|s| s.alive)
+                .map(|s| self.version(s.pid))
+                .collect();
+            assert_eq!(alive, [b, b, b], "{}", self.dump());
+        }
+        self.check();
+    }
+}
+
+/// A unique suffix for this run's namespaces, prefixes and lock names.
+fn unique(test: &str) -> String {
+    format!(
+        "compat-{test}-{}-{:x}",
+        std::process::id(),
+        monotonic_nanos()
+    )
+}
+
+// ------------------------------------------------------------------------------------------------
+// PostgreSQL
+
+#[cfg(feature = "postgres")]
+mod postgres {
+    use super::*;
+
+    /// A schema of the test's own, created by whichever node comes first (an old primary
+    /// creates the tables of 0.1.0, which new nodes then extend, as in an upgrade); dropped by
+    /// [`remove`](Self::remove) at the end of a test that passed.
+    struct Schema {
+        url: String,
+        name: String,
+    }
+
+    impl Schema {
+        async fn remove(self) {
+            let Ok((client, conn)) =
+                tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await
+            else {
+                return;
+            };
+            tokio::spawn(conn);
+            let drop = format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name);
+            if let Err(e) = client.batch_execute(&drop).await {
+                eprintln!("could not drop schema {}: {e}", self.name);
+            }
+        }
+    }
+
+    async fn mixed(test: &str) -> Option<(Mixed, Schema)> {
+        let url = servers::postgres_url();
+        let probe = async {
+            let connect = tokio_postgres::connect(&url, tokio_postgres::NoTls);
+            match tokio::time::timeout(Duration::from_secs(5), connect).await {
+                Ok(Ok((client, conn))) => {
+                    drop(client);
+                    let _ = conn.await;
+                    Ok(())
+                }
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("connect timed out".to_owned()),
+            }
+        };
+        servers::require(&format!("PostgreSQL at {url}"), probe.await)?;
+        let schema = format!("tp_compat_{}_{:x}", std::process::id(), monotonic_nanos());
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let backend = format!("{url}{sep}namespace={}&schema={schema}", unique(test));
+        let config = NodeConfig::new(backend, "jobs").grace(Duration::from_secs(2));
+        let mixed = Mixed::new(config.clone(), config).await?;
+        Some((mixed, Schema { url, name: schema }))
+    }
+
+    #[tokio::test]
+    async fn postgres_old_primary_killed_new_node_succeeds() {
+        let Some((mut m, schema)) = mixed("pg-kill-old").await else {
+            return;
+        };
+        m.kill(Version::Old, Version::New).await;
+        drop(m);
+        schema.remove().await;
+    }
+
+    #[tokio::test]
+    async fn postgres_new_primary_killed_old_node_succeeds() {
+        let Some((mut m, schema)) = mixed("pg-kill-new").await else {
+            return;
+        };
+        m.kill(Version::New, Version::Old).await;
+        drop(m);
+        schema.remove().await;
+    }
+
+    #[tokio::test]
+    async fn postgres_old_primary_hands_over_to_a_new_node() {
+        let Some((mut m, schema)) = mixed("pg-term-old").await else {
+            return;
+        };
+        m.terminate(Version::Old, Version::New).await;
+        drop(m);
+        schema.remove().await;
+    }
+
+    #[tokio::test]
+    async fn postgres_new_primary_hands_over_to_an_old_node() {
+        let Some((mut m, schema)) = mixed("pg-term-new").await else {
+            return;
+        };
+        m.terminate(Version::New, Version::Old).await;
+        drop(m);
+        schema.remove().await;
+    }
+
+    /// Longer than a new waiter takes to end an idle lock session and wait out a record
+    /// without a fencing bound (about 4 s each by default).
+    const FROZEN: Duration = Duration::from_secs(10);
+
+    #[tokio::test]
+    async fn postgres_old_primary_frozen_and_resumed_beside_new_nodes() {
+        let Some((mut m, schema)) = mixed("pg-stop-old").await else {
+            return;
+        };
+        m.freeze(Version::Old, Version::New, FROZEN).await;
+        drop(m);
+        schema.remove().await;
+    }
+
+    #[tokio::test]
+    async fn postgres_new_primary_frozen_and_resumed_beside_old_nodes() {
+        let Some((mut m, schema)) = mixed("pg-stop-new").await else {
+            return;
+        };
+        m.freeze(Version::New, Version::Old, FROZEN).await;
+        drop(m);
+        schema.remove().await;
+    }
+
+    #[tokio::test]
+    async fn postgres_rolling_upgrade_and_rollback() {
+        let Some((mut m, schema)) = mixed("pg-roll").await else {
+            return;
+        };
+        m.roll(Version::Old, Version::New).await;
+        drop(m);
+        schema.remove().await;
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Redis
+
+#[cfg(feature = "redis")]
+mod redis {
+    use super::*;
+    use tower_primary::backend::redis::RedisBackend;
+    use tower_primary_lab::servers::RedisServer;
+
+    /// One lease for every node of a lock, old and new: a node with another lease refuses to
+    /// campaign.
+    const LEASE: Duration = Duration::from_secs(1);
+
+    /// The maximum lease of new nodes, where the current version has that setting (0.1.0
+    /// refuses the parameter): the lease itself, which every node of the lock uses. It bounds how
+    /// long the first grant of a fresh lock or server waits, and the first new successor of an
+    /// old holder (whose records carry no lease end).
+    const MAX_LEASE: &str = "max_lease=1s";
+
+    /// A `redis-server` of the test's own; the nodes wait out its start-up guard themselves.
+    async fn mixed(test: &str) -> Option<(Mixed, RedisServer)> {
+        let server = servers::require("redis-server", RedisServer::start().await)?;
+        let url = format!("{}/0?prefix={}", server.url(), unique(test));
+        let config = |url: String| {
+            NodeConfig::new(url, "jobs")
+                .lease(LEASE)
+                .grace(Duration::from_secs(2))
+        };
+        let new_url = format!("{url}&{MAX_LEASE}");
+        let new_url = if RedisBackend::new(&new_url).is_ok() {
+            new_url
+        } else {
+            url.clone()
+        };
+        Some((Mixed::new(config(url), config(new_url)).await?, server))
+    }
+
+    #[tokio::test]
+    async fn redis_old_primary_killed_new_node_succeeds() {
+        let Some((mut m, _server)) = mixed("redis-kill-old").await else {
+            return;
+        };
+        m.kill(Version::Old, Version::New).await;
+    }
+
+    #[tokio::test]
+    async fn redis_new_primary_killed_old_node_succeeds() {
+        let Some((mut m, _server)) = mixed("redis-kill-new").await else {
+            return;
+        };
+        m.kill(Version::New, Version::Old).await;
+    }
+
+    #[tokio::test]
+    async fn redis_old_primary_hands_over_to_a_new_node() {
+        let Some((mut m, _server)) = mixed("redis-term-old").await else {
+            return;
+        };
+        m.terminate(Version::Old, Version::New).await;
+    }
+
+    #[tokio::test]
+    async fn redis_new_primary_hands_over_to_an_old_node() {
+        let Some((mut m, _server)) = mixed("redis-term-new").await else {
+            return;
+        };
+        m.terminate(Version::New, Version::Old).await;
+    }
+
+    #[tokio::test]
+    async fn redis_old_primary_frozen_beyond_its_lease_new_node_succeeds() {
+        let Some((mut m, _server)) = mixed("redis-stop-old").await else {
+            return;
+        };
+        m.stop(Version::Old, Version::New, LEASE).await;
+    }
+
+    #[tokio::test]
+    async fn redis_new_primary_frozen_beyond_its_lease_old_node_succeeds() {
+        let Some((mut m, _server)) = mixed("redis-stop-new").await else {
+            return;
+        };
+        m.stop(Version::New, Version::Old, LEASE).await;
+    }
+
+    #[tokio::test]
+    async fn redis_rolling_upgrade_and_rollback() {
+        let Some((mut m, _server)) = mixed("redis-roll").await else {
+            return;
+        };
+        m.roll(Version::Old, Version::New).await;
+    }
+}

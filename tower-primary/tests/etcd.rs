@@ -1,0 +1,905 @@
+//! The etcd backend against real `etcd` servers: the conformance suite, the backend's own
+//! behaviour (terms are create revisions, a waiter whose lease ran out never wins, loss on a
+//! deleted key, the key layout, TLS), and real processes under faults (SIGKILL, SIGTERM, SIGSTOP
+//! past the lease, an etcd restart, a stalled connection).
+//!
+//! Every test starts its own `etcd` (`tower_primary_lab::servers::EtcdServer`: free ports, a
+//! temporary data directory) and skips loudly when there is none (fails under
+//! `TOWER_PRIMARY_REQUIRE_BACKENDS=1`). Tests that run node processes or restart the server take
+//! a shared lock, so they run one at a time. They assert order and the absence of overlapping
+//! primary periods; times are printed (`--nocapture`), never asserted tightly.
+//!
+//! The process tests re-execute this binary as nodes (see `tests/processes.rs` and
+//! `tower_primary_lab::node`).
+//!
+//! ```text
+//! cargo test --features etcd --test etcd -- --nocapture
+//! ```
+#![cfg(feature = "etcd")]
+
+mod common;
+
+use common::ms;
+
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use etcd_client::{Client, GetOptions, SortOrder, SortTarget};
+use tokio::sync::{Mutex, MutexGuard};
+use tower_primary::backend::etcd::EtcdBackend;
+use tower_primary::backend::{
+    AcquireRequest, Backend, BoxFuture, Changes, Leadership, Lock, Stored, from_url,
+};
+use tower_primary::clock::monotonic_nanos;
+use tower_primary::{ConfigError, Elector, Error, Holder, Lease, NodeId};
+use tower_primary_lab::node::{Cluster, EventKind, NodeCommand, NodeConfig, NodeSignal};
+use tower_primary_lab::proxy::TcpProxy;
+use tower_primary_lab::servers::{self, EtcdServer};
+use tower_primary_testing::conformance::{Connection, Fault, FaultHooks, Fixture};
+use tower_primary_testing::history::History;
+
+/// The lease every test uses: etcd's minimum.
+const LEASE: Duration = Duration::from_secs(2);
+
+/// Generous: elections take milliseconds and failovers a lease; this only bounds a broken run.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Held by tests that run node processes or kill the server: they run one at a time.
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+/// An etcd of the test's own, or `None` (skipped loudly) when there is none.
+async fn etcd() -> Option<EtcdServer> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("tower_primary=info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+    servers::require("etcd", EtcdServer::start().await)
+}
+
+/// A plain etcd-client on the server, to look at and change what the backend stored.
+async fn admin(server: &EtcdServer) -> Client {
+    Client::connect([format!("http://{}", server.addr())], None)
+        .await
+        .expect("an etcd client")
+}
+
+/// A key prefix of the test's own.
+fn prefix(test: &str) -> String {
+    format!("test/{test}-{}", std::process::id())
+}
+
+// ------------------------------------------------------------------------------------------------
+// The conformance suite.
+
+/// One etcd per check; every connection goes through a TCP proxy of its own, so a fault can be
+/// injected into one node's connection:
+///
+/// - `Fail` and `StopRenewals` stall the proxy (every call of that connection, renewals
+///   included, hangs and times out; nothing is released);
+/// - `LoseLocks` revokes, through another client, the leases of the terms this connection won
+///   (as if etcd had expired them).
+struct EtcdFixture {
+    server: EtcdServer,
+    prefix: String,
+}
+
+impl EtcdFixture {
+    async fn start() -> Option<Self> {
+        Some(EtcdFixture {
+            server: etcd().await?,
+            prefix: prefix("conformance"),
+        })
+    }
+}
+
+impl Fixture for EtcdFixture {
+    fn connect(&self) -> Connection {
+        let upstream = self.server.addr();
+        let proxy = tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(TcpProxy::start(upstream))
+        })
+        .map(Arc::new)
+        .expect("a TCP proxy");
+        let backend = EtcdBackend::new([proxy.addr().to_string()])
+            .with_prefix(self.prefix.clone())
+            .with_request_timeout(Duration::from_secs(2));
+        let won = Won::default();
+        let hooks = EtcdFaults {
+            proxy: proxy.clone(),
+            server: upstream.to_string(),
+            won: won.clone(),
+        };
+        Connection::new(Tracked {
+            inner: backend,
+            won,
+            _proxy: proxy,
+        })
+        .with_faults(hooks)
+    }
+
+    fn lease(&self) -> Option<Lease> {
+        Some(Lease::new(LEASE))
+    }
+}
+
+/// The terms a connection won.
+type Won = Arc<StdMutex<Vec<u64>>>;
+
+#[derive(Debug)]
+struct EtcdFaults {
+    proxy: Arc<TcpProxy>,
+    server: String,
+    won: Won,
+}
+
+impl FaultHooks for EtcdFaults {
+    fn supports(&self, _fault: Fault) -> bool {
+        true
+    }
+
+    fn inject(&self, fault: Fault) {
+        match fault {
+            Fault::Fail | Fault::StopRenewals => self.proxy.stall(),
+            Fault::LoseLocks => {
+                let terms = self.won.lock().unwrap().clone();
+                let server = self.server.clone();
+                tokio::task::block_in_place(|| {
+                    tokio::runtime::Handle::current().block_on(revoke_terms(&server, &terms));
+                });
+            }
+            _ => unreachable!("a fault this fixture does not know: {fault:?}"),
+        }
+    }
+
+    fn heal(&self, fault: Fault) {
+        if matches!(fault, Fault::Fail | Fault::StopRenewals) {
+            self.proxy.resume();
+        }
+    }
+}
+
+/// Revokes the leases of the candidate keys whose create revisions are `terms`.
+async fn revoke_terms(server: &str, terms: &[u64]) {
+    let mut client = Client::connect([format!("http://{server}")], None)
+        .await
+        .expect("an etcd client");
+    let all = client
+        .get("test/", Some(GetOptions::new().with_prefix()))
+        .await
+        .expect("a read of every key");
+    for kv in all.kvs() {
+        let is_candidate = kv.key_str().is_ok_and(|k| k.contains("/election/"));
+        if is_candidate && terms.contains(&u64::try_from(kv.create_revision()).unwrap()) {
+            client.lease_revoke(kv.lease()).await.expect("a revoke");
+        }
+    }
+}
+
+/// An [`EtcdBackend`] that remembers the terms it won, for `LoseLocks`, and keeps its proxy
+/// running as long as it is used.
+#[derive(Clone, Debug)]
+struct Tracked {
+    inner: EtcdBackend,
+    won: Won,
+    _proxy: Arc<TcpProxy>,
+}
+
+impl Backend for Tracked {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn min_lease(&self) -> Option<Duration> {
+        self.inner.min_lease()
+    }
+
+    fn lock(&self, name: &str) -> Result<Arc<dyn Lock>, ConfigError> {
+        Ok(Arc::new(TrackedLock {
+            inner: self.inner.lock(name)?,
+            won: self.won.clone(),
+            _proxy: self._proxy.clone(),
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct TrackedLock {
+    inner: Arc<dyn Lock>,
+    won: Won,
+    // An elector keeps only its lock, not the backend.
+    _proxy: Arc<TcpProxy>,
+}
+
+impl Lock for TrackedLock {
+    fn acquire(&self, req: AcquireRequest) -> BoxFuture<'_, Result<Box<dyn Leadership>, Error>> {
+        Box::pin(async move {
+            let leadership = self.inner.acquire(req).await?;
+            self.won.lock().unwrap().push(leadership.term());
+            Ok(leadership)
+        })
+    }
+
+    fn holder(&self) -> BoxFuture<'_, Result<Option<Holder>, Error>> {
+        self.inner.holder()
+    }
+
+    fn watch_holder(&self) -> BoxFuture<'_, Result<Box<dyn Changes>, Error>> {
+        self.inner.watch_holder()
+    }
+
+    fn load<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Stored>, Error>> {
+        self.inner.load(key)
+    }
+
+    fn store<'a>(
+        &'a self,
+        key: &'a str,
+        value: &'a [u8],
+        term: u64,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        self.inner.store(key, value, term)
+    }
+
+    fn watch_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Box<dyn Changes>, Error>> {
+        self.inner.watch_key(key)
+    }
+}
+
+mod conformance {
+    use super::EtcdFixture;
+
+    tower_primary_testing::conformance_tests!(match EtcdFixture::start().await {
+        Some(fixture) => fixture,
+        None => return,
+    });
+}
+
+// ------------------------------------------------------------------------------------------------
+// The backend's own behaviour, in process.
+
+/// Every key under `prefix/` in creation order, with create revisions and leases.
+async fn keys(client: &mut Client, prefix: &str) -> Vec<(String, i64, i64, Vec<u8>)> {
+    let opts = GetOptions::new()
+        .with_prefix()
+        .with_sort(SortTarget::Create, SortOrder::Ascend);
+    let resp = client
+        .get(format!("{prefix}/"), Some(opts))
+        .await
+        .expect("a read");
+    resp.kvs()
+        .iter()
+        .map(|kv| {
+            (
+                kv.key_str().expect("a UTF-8 key").to_owned(),
+                kv.create_revision(),
+                kv.lease(),
+                kv.value().to_vec(),
+            )
+        })
+        .collect()
+}
+
+fn request(id: &str) -> AcquireRequest {
+    AcquireRequest::new(NodeId::new(id)).with_lease(Some(Lease::new(LEASE)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn term_is_the_holder_keys_create_revision_and_the_record_its_value() {
+    let Some(server) = etcd().await else { return };
+    let prefix = prefix("layout");
+    let backend = EtcdBackend::new([server.addr().to_string()]).with_prefix(prefix.clone());
+    let lock = backend.lock("jobs").unwrap();
+    let leadership = lock.acquire(request("a")).await.unwrap();
+
+    let mut admin = admin(&server).await;
+    let stored = keys(&mut admin, &prefix).await;
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    let (key, create, lease, value) = &stored[0];
+    assert!(
+        key.starts_with(&format!("{prefix}/jobs/election/")),
+        "{key}"
+    );
+    assert_eq!(u64::try_from(*create).unwrap(), leadership.term());
+    assert_ne!(*lease, 0, "the holder key is not bound to a lease");
+    let record: Holder = serde_json::from_slice(value).unwrap();
+    assert_eq!(record.id, "a");
+    assert_eq!(record.term, leadership.term());
+    assert_eq!(record.lease_ms, Some(2000));
+    assert_eq!(&record, leadership.holder());
+    let seen = lock.holder().await.unwrap().expect("a holder");
+    assert_eq!((seen.id.as_str(), seen.term), ("a", leadership.term()));
+
+    // A released lock has no key left: the lease was revoked.
+    leadership.release().await.unwrap();
+    assert!(keys(&mut admin, &prefix).await.is_empty());
+    assert_eq!(lock.holder().await.unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_values_are_stored_under_the_prefix_with_their_term() {
+    let Some(server) = etcd().await else { return };
+    let prefix = prefix("state");
+    let backend = EtcdBackend::new([server.addr().to_string()]).with_prefix(prefix.clone());
+    let lock = backend.lock("jobs").unwrap();
+    let leadership = lock.acquire(request("a")).await.unwrap();
+    let term = leadership.term();
+    lock.store("last-run", b"2026-11-30", term).await.unwrap();
+
+    let mut admin = admin(&server).await;
+    let resp = admin
+        .get(format!("{prefix}/jobs/state/last-run"), None)
+        .await
+        .unwrap();
+    let raw = resp.kvs().first().expect("the state key").value().to_vec();
+    assert_eq!(raw[..8], term.to_be_bytes());
+    assert_eq!(&raw[8..], b"2026-11-30");
+    assert_eq!(
+        lock.load("last-run").await.unwrap(),
+        Some(Stored::new(b"2026-11-30".to_vec(), term))
+    );
+    // A value too short to hold a term is reported as corrupt, not misread.
+    admin
+        .put(format!("{prefix}/jobs/state/bad"), "x", None)
+        .await
+        .unwrap();
+    assert!(matches!(lock.load("bad").await, Err(Error::Corrupt { .. })));
+    leadership.release().await.unwrap();
+}
+
+/// The pitfall measured on etcd's own Campaign (research E5): a waiter whose lease ran out while
+/// it waited must not win when the holder lets go. Here the waiter's connection is stalled past its
+/// lease, so etcd expires its lease and deletes its candidate key; then the holder releases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiter_whose_lease_ran_out_while_waiting_does_not_win() {
+    let Some(server) = etcd().await else { return };
+    let prefix = prefix("e5");
+    let proxy = TcpProxy::start(server.addr()).await.unwrap();
+    let direct = EtcdBackend::new([server.addr().to_string()]).with_prefix(prefix.clone());
+    let stalled = EtcdBackend::new([proxy.addr().to_string()])
+        .with_prefix(prefix.clone())
+        .with_request_timeout(Duration::from_secs(30));
+    let lock_a = direct.lock("jobs").unwrap();
+    let lock_b = stalled.lock("jobs").unwrap();
+    let a = lock_a.acquire(request("a")).await.unwrap();
+
+    let mut admin = admin(&server).await;
+    let mut watch = admin
+        .watch(
+            format!("{prefix}/jobs/election/"),
+            Some(etcd_client::WatchOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    let waiter = tokio::spawn(async move { lock_b.acquire(request("b")).await.map(|l| l.term()) });
+    // b's candidate key appears…
+    let b_key = next_event(&mut watch, etcd_client::EventType::Put).await;
+    proxy.stall();
+    // …and goes when etcd expires b's lease, which b cannot renew.
+    let gone = next_event(&mut watch, etcd_client::EventType::Delete).await;
+    assert_eq!(gone, b_key);
+    a.release().await.unwrap();
+    let a_gone = next_event(&mut watch, etcd_client::EventType::Delete).await;
+    assert_ne!(a_gone, b_key);
+    assert!(!waiter.is_finished(), "b's acquire ended while stalled");
+
+    // b hears about it all at once: its acquire must fail, not win.
+    proxy.resume();
+    let outcome = tokio::time::timeout(WAIT, waiter).await.unwrap().unwrap();
+    let err = outcome.expect_err("a waiter whose lease had run out became primary");
+    assert!(matches!(err, Error::Backend { .. }), "{err:?}");
+    assert!(keys(&mut admin, &prefix).await.is_empty());
+}
+
+/// The key of the next event of `kind` on `watch`.
+async fn next_event(watch: &mut etcd_client::WatchStream, kind: etcd_client::EventType) -> String {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let resp = watch.message().await.unwrap().expect("the watch goes on");
+            for e in resp.events() {
+                if e.event_type() == kind {
+                    return e.kv().unwrap().key_str().unwrap().to_owned();
+                }
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {kind:?} event within {WAIT:?}"))
+}
+
+/// A holder whose key is deleted by hand keeps renewing its lease, so its deadline keeps moving:
+/// only the watch on its own key can tell it the lock is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holder_whose_key_is_deleted_learns_it_from_the_watch() {
+    let Some(server) = etcd().await else { return };
+    let prefix = prefix("deleted-key");
+    let backend = EtcdBackend::new([server.addr().to_string()]).with_prefix(prefix.clone());
+    let lock = backend.lock("jobs").unwrap();
+    let mut a = lock.acquire(request("a")).await.unwrap();
+    let mut renewals = a.renewals().expect("etcd is a lease backend");
+    let first = renewals.latest();
+    // Renewals are confirmed (send times rise) while the lock is held.
+    let renewed = tokio::time::timeout(WAIT, renewals.changed())
+        .await
+        .unwrap();
+    assert!(renewed > first);
+
+    let mut admin = admin(&server).await;
+    let stored = keys(&mut admin, &prefix).await;
+    admin.delete(stored[0].0.clone(), None).await.unwrap();
+    let lost = tokio::time::timeout(WAIT, a.lost()).await.unwrap();
+    assert!(
+        matches!(&lost, Error::Lost { reason, .. } if reason.contains("deleted")),
+        "{lost:?}"
+    );
+    // The lock is free for the next node, with a higher term.
+    let b = tokio::time::timeout(WAIT, lock.acquire(request("b")))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(b.term() > a.term());
+    a.release().await.unwrap();
+    b.release().await.unwrap();
+}
+
+/// Dropping an acquire that already created its candidate key revokes the lease at once, rather
+/// than leaving the key to expire with the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_acquire_revokes_its_lease() {
+    let Some(server) = etcd().await else { return };
+    let prefix = prefix("dropped");
+    let backend = EtcdBackend::new([server.addr().to_string()]).with_prefix(prefix.clone());
+    let lock = backend.lock("jobs").unwrap();
+    let a = lock.acquire(request("a")).await.unwrap();
+
+    let mut admin = admin(&server).await;
+    let mut watch = admin
+        .watch(
+            format!("{prefix}/jobs/election/"),
+            Some(etcd_client::WatchOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    let waiting = {
+        let lock = lock.clone();
+        tokio::spawn(async move { lock.acquire(request("b")).await.map(|l| l.term()) })
+    };
+    let b_key = next_event(&mut watch, etcd_client::EventType::Put).await;
+    let b_lease = keys(&mut admin, &prefix)
+        .await
+        .into_iter()
+        .find(|k| k.0 == b_key)
+        .expect("b's key")
+        .2;
+    let remaining = admin.lease_time_to_live(b_lease, None).await.unwrap().ttl();
+    assert!(remaining > 0, "b's lease is already gone");
+    let dropped = std::time::Instant::now();
+    waiting.abort();
+    let gone = next_event(&mut watch, etcd_client::EventType::Delete).await;
+    let took = dropped.elapsed();
+    assert_eq!(gone, b_key);
+    // Revoked, not expired: b's keepalives (every lease / 3) had left it more than half the lease.
+    assert!(
+        took < LEASE / 2,
+        "b's key went {took:?} after the drop: it expired"
+    );
+    let ttl = admin.lease_time_to_live(b_lease, None).await.unwrap().ttl();
+    assert_eq!(ttl, -1, "b's lease still exists");
+    let holder = lock.holder().await.unwrap().map(|h| h.id);
+    assert_eq!(holder.as_deref(), Some("a"));
+    a.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_strings_reach_the_server_under_their_prefix() {
+    let Some(server) = etcd().await else { return };
+    let prefix = prefix("from-url");
+    let url = format!("{}?prefix={prefix}", server.url());
+    let backend = from_url(&url).unwrap();
+    assert_eq!(backend.name(), "etcd");
+    assert_eq!(backend.min_lease(), Some(Duration::from_secs(2)));
+    let elector = Elector::builder("jobs")
+        .backend(backend)
+        .node(NodeId::new("a"))
+        .lease(Lease::new(LEASE))
+        .spawn()
+        .unwrap();
+    let ctx = tokio::time::timeout(WAIT, elector.handle().wait_primary())
+        .await
+        .unwrap();
+    let mut admin = admin(&server).await;
+    let stored = keys(&mut admin, &prefix).await;
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(u64::try_from(stored[0].1).unwrap(), ctx.term());
+    elector.shutdown().await;
+    assert!(keys(&mut admin, &prefix).await.is_empty());
+}
+
+#[tokio::test]
+async fn leases_under_two_seconds_are_refused_at_spawn() {
+    let err = Elector::builder("jobs")
+        .backend(EtcdBackend::new(["127.0.0.1:2379"]))
+        .lease(Lease::new(Duration::from_millis(1500)))
+        .spawn()
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ConfigError::InvalidTiming {
+                setting: "lease",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("2s"), "{err}");
+}
+
+// ------------------------------------------------------------------------------------------------
+// Real processes under faults.
+
+/// The node side of this binary: runs as a node when `TOWER_PRIMARY_TEST_NODE=1`.
+#[test]
+fn node_entry() {
+    common::node_entry();
+}
+
+struct Setup {
+    cluster: Cluster,
+    server: EtcdServer,
+    url: String,
+    lock: String,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl Setup {
+    /// A node configuration on `backend` for this test's lock, with the 2 s lease.
+    fn config(&self, backend: &str) -> NodeConfig {
+        NodeConfig::new(backend, &self.lock).lease(LEASE)
+    }
+}
+
+/// An etcd of its own and a cluster (no node yet) on it, under the serial lock.
+async fn setup(test: &str) -> Option<Setup> {
+    let serial = SERIAL.lock().await;
+    let server = etcd().await?;
+    let url = format!("{}?prefix={}", server.url(), prefix(test));
+    let config = NodeConfig::new(&url, test).lease(LEASE);
+    let command = NodeCommand::test_entry("node_entry").expect("the test binary's path");
+    Some(Setup {
+        cluster: Cluster::new(command, config),
+        server,
+        url,
+        lock: test.to_owned(),
+        _serial: serial,
+    })
+}
+
+fn assert_no_overlap(history: &History, cluster: &Cluster) {
+    let report = history.check();
+    assert!(report.is_ok(), "{report}\n{}", cluster.dump());
+}
+
+/// The latest a node frozen or killed at `at` can still act: its last renewal was sent before,
+/// so its deadline is at most one lease (less the margin) later.
+fn deadline_bound(at: u64) -> u64 {
+    let lease = Lease::new(LEASE);
+    at + u64::try_from((lease.ttl() - lease.margin()).as_nanos()).unwrap()
+}
+
+/// The cluster's history with the period of `(pid, term)` bounded by `deadline`.
+fn with_deadline(cluster: &Cluster, pid: u32, term: u64, deadline: u64) -> History {
+    let mut history = History::new();
+    for p in cluster.history().periods() {
+        let mut p = p.clone();
+        if p.node == pid.to_string() && p.term == term {
+            p = p.with_deadline(deadline);
+        }
+        history.push(p);
+    }
+    history
+}
+
+#[tokio::test]
+async fn killed_primary_is_succeeded_by_one_node_with_a_higher_term() {
+    let Some(mut s) = setup("etcd-sigkill").await else {
+        return;
+    };
+    s.cluster.spawn_nodes(3).unwrap();
+    let failover = s.cluster.kill_primary(WAIT).await;
+    eprintln!(
+        "etcd SIGKILL → successor primary after {:.1} ms (lease {LEASE:?})",
+        ms(failover.signalled_at, failover.next.at)
+    );
+}
+
+#[tokio::test]
+async fn terminated_primary_hands_over_before_it_exits() {
+    let Some(mut s) = setup("etcd-sigterm").await else {
+        return;
+    };
+    s.cluster.spawn_nodes(3).unwrap();
+    let handover = s.cluster.terminate_primary(WAIT).await.succession;
+    eprintln!(
+        "etcd SIGTERM → successor primary after {:.1} ms (handover, lease {LEASE:?})",
+        ms(handover.signalled_at, handover.next.at)
+    );
+}
+
+#[tokio::test]
+async fn stopped_primary_reads_not_primary_when_it_resumes_after_its_lease() {
+    let Some(mut s) = setup("etcd-sigstop").await else {
+        return;
+    };
+    s.cluster.spawn_nodes(3).unwrap();
+    let (old, term) = s.cluster.wait_settled(WAIT).await.unwrap();
+
+    let stopped_at = s.cluster.signal(old, NodeSignal::Stop).await.unwrap();
+    // etcd expires the frozen node's lease; another node takes over.
+    let next = s.cluster.wait_primary_after(term, old, WAIT).await.unwrap();
+    let deadline = deadline_bound(stopped_at);
+    assert!(
+        next.at > deadline,
+        "a successor before the frozen node's deadline\n{}",
+        s.cluster.dump()
+    );
+
+    let resumed_at = s.cluster.signal(old, NodeSignal::Cont).await.unwrap();
+    let first = s
+        .cluster
+        .wait_event("the resumed node's first event", WAIT, |e| {
+            e.pid == old && e.at > resumed_at
+        })
+        .await
+        .unwrap();
+    // Its first word after resuming is that its term is over, never a step of the old term.
+    assert!(
+        matches!(
+            first.kind,
+            EventKind::TaskCancelled { term: t } if t == term
+        ) || matches!(first.kind, EventKind::Secondary { .. }),
+        "the resumed primary's first event was {first:?}\n{}",
+        s.cluster.dump()
+    );
+    s.cluster
+        .wait_event("the resumed node's task to end", WAIT, |e| {
+            e.pid == old && matches!(e.kind, EventKind::TaskCancelled { term: t } if t == term)
+        })
+        .await
+        .unwrap();
+    assert!(
+        s.cluster
+            .first_event(
+                old,
+                resumed_at,
+                |k| matches!(k, EventKind::Tick { term: t, .. } if *t == term)
+            )
+            .is_none(),
+        "the resumed node ticked in its old term\n{}",
+        s.cluster.dump()
+    );
+    let (now, now_term) = s.cluster.wait_settled(WAIT).await.unwrap();
+    assert_eq!(now, next.pid);
+    assert!(now_term > term);
+    assert_no_overlap(&with_deadline(&s.cluster, old, term, deadline), &s.cluster);
+    eprintln!(
+        "etcd SIGSTOP → successor after {:.1} ms; resumed node's first event {:?} {:.1} ms after SIGCONT",
+        ms(stopped_at, next.at),
+        first.kind,
+        ms(resumed_at, first.at)
+    );
+}
+
+#[tokio::test]
+async fn terms_keep_rising_across_etcd_restarts() {
+    let Some(mut s) = setup("etcd-restart").await else {
+        return;
+    };
+    s.cluster.spawn_nodes(3).unwrap();
+    let (first, t1) = s.cluster.wait_settled(WAIT).await.unwrap();
+
+    // A short outage: the primary may keep its term (etcd refreshes leases on restart) or lose it.
+    s.server.kill();
+    let down_at = monotonic_nanos();
+    s.server.restart().await.unwrap();
+    let (second, t2) = s.cluster.wait_settled(WAIT).await.unwrap();
+    assert!(
+        t2 >= t1 && (t2 > t1 || second == first),
+        "{}",
+        s.cluster.dump()
+    );
+
+    // A long one: the primary fences itself by its deadline, with etcd still down.
+    s.server.kill();
+    s.cluster
+        .wait_event("the primary to step down while etcd is down", WAIT, |e| {
+            e.pid == second && matches!(e.kind, EventKind::TaskCancelled { term } if term == t2)
+        })
+        .await
+        .unwrap();
+    s.server.restart().await.unwrap();
+    let next = s.cluster.wait_primary_after(t2, 0, WAIT).await.unwrap();
+    let (third, t3) = s.cluster.wait_settled(WAIT).await.unwrap();
+    assert!(t3 > t2, "{}", s.cluster.dump());
+
+    let history = s.cluster.history();
+    let terms: Vec<u64> = history.periods().iter().map(|p| p.term).collect();
+    assert!(
+        terms.windows(2).all(|w| w[0] < w[1]),
+        "terms did not rise: {terms:?}\n{}",
+        s.cluster.dump()
+    );
+    assert_no_overlap(&history, &s.cluster);
+    eprintln!(
+        "etcd restarts: terms {terms:?}; primary {first} → {second} → {third}; \
+         new primary {:.1} ms after the first kill",
+        ms(down_at, next.at)
+    );
+}
+
+#[tokio::test]
+async fn primary_behind_a_stalled_connection_steps_down_before_a_successor_appears() {
+    let Some(mut s) = setup("etcd-stall").await else {
+        return;
+    };
+    let proxy = TcpProxy::start(s.server.addr()).await.unwrap();
+    let through_proxy = s
+        .url
+        .replace(&s.server.addr().to_string(), &proxy.addr().to_string());
+    let a = s
+        .cluster
+        .spawn_node_with(&s.config(&through_proxy))
+        .unwrap();
+    let term = s
+        .cluster
+        .wait_event("the proxied node to become primary", WAIT, |e| {
+            e.pid == a && matches!(e.kind, EventKind::Primary { .. })
+        })
+        .await
+        .unwrap()
+        .term()
+        .unwrap();
+    s.cluster.spawn_nodes(2).unwrap();
+    assert_eq!(s.cluster.wait_settled(WAIT).await.unwrap(), (a, term));
+
+    let stalled_at = monotonic_nanos();
+    proxy.stall();
+    let next = s.cluster.wait_primary_after(term, a, WAIT).await.unwrap();
+    let stepped_down = s
+        .cluster
+        .first_event(
+            a,
+            stalled_at,
+            |k| matches!(k, EventKind::TaskCancelled { term: t } if *t == term),
+        )
+        .unwrap_or_else(|| {
+            panic!(
+                "the stalled primary never stepped down\n{}",
+                s.cluster.dump()
+            )
+        });
+    assert!(
+        stepped_down.at < next.at,
+        "the successor appeared before the stalled primary stepped down\n{}",
+        s.cluster.dump()
+    );
+    assert_no_overlap(&s.cluster.history(), &s.cluster);
+    proxy.resume();
+    let (now, now_term) = s.cluster.wait_settled(WAIT).await.unwrap();
+    assert!(now_term > term);
+    eprintln!(
+        "etcd stalled connection: primary stepped down {:.1} ms after the stall, successor \
+         (pid {now}) {:.1} ms after it",
+        ms(stalled_at, stepped_down.at),
+        ms(stalled_at, next.at)
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
+// TLS.
+
+/// A throwaway CA and a server certificate for 127.0.0.1 in `dir`, made with the `openssl` tool:
+/// `(ca.pem, server.pem, server.key)`.
+fn make_certificates(dir: &std::path::Path) -> Result<[std::path::PathBuf; 3], String> {
+    let run = |args: &[&str]| -> Result<(), String> {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .map_err(|e| format!("cannot run openssl: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &["-keyout", "ca.key", "-out", "ca.pem"],
+        &["-days", "2", "-subj", "/CN=tower-primary test CA"],
+    ]
+    .concat())?;
+    run(&[
+        &["req"][..],
+        &ec,
+        &[
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    ]
+    .concat())?;
+    std::fs::write(
+        dir.join("ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .map_err(|e| e.to_string())?;
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext",
+    ])?;
+    Ok(["ca.pem", "server.pem", "server.key"].map(|f| dir.join(f)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcds_connects_with_tls_and_refuses_an_unknown_server_certificate() {
+    let dir = servers::TempDir::new("etcd-tls").unwrap();
+    let Some([ca, cert, key]) = servers::require("openssl", make_certificates(dir.path())) else {
+        return;
+    };
+    let Some(server) = servers::require("etcd with TLS", EtcdServer::start_tls(&cert, &key).await)
+    else {
+        return;
+    };
+    let url = format!("{}?prefix={}", server.url(), prefix("tls"));
+    assert!(url.starts_with("etcds://"), "{url}");
+
+    // The system's roots do not know the test CA: no connection, no lock (fail closed).
+    let untrusted = EtcdBackend::from_url(&url).unwrap().lock("jobs").unwrap();
+    let refused = tokio::time::timeout(WAIT, untrusted.acquire(request("x")))
+        .await
+        .expect("a refused TLS connection is an error, not a hang");
+    assert!(matches!(refused, Err(Error::Backend { .. })), "{refused:?}");
+
+    let trusted = EtcdBackend::from_url(&url)
+        .unwrap()
+        .with_ca_pem(std::fs::read(&ca).unwrap())
+        .lock("jobs")
+        .unwrap();
+    let leadership = tokio::time::timeout(WAIT, trusted.acquire(request("a")))
+        .await
+        .unwrap()
+        .unwrap();
+    let holder = trusted.holder().await.unwrap().expect("a holder");
+    assert_eq!((holder.id.as_str(), holder.term), ("a", leadership.term()));
+    leadership.release().await.unwrap();
+    assert_eq!(trusted.holder().await.unwrap(), None);
+}

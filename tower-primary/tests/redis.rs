@@ -1,0 +1,1222 @@
+//! The Redis backend against real `redis-server`s: the conformance suite, the backend's own
+//! behaviour (terms across a restart, the restart guard, lease mismatch, the lease record and
+//! maximum lease, eviction refused, waking on expiry, acquisitions abandoned or dropped while
+//! their request is in flight), and fault tests with real node processes (SIGKILL, SIGTERM,
+//! SIGSTOP, Redis killed and restarted empty also during a lease change, `FLUSHALL`, a deleted
+//! lock key, a stalled TCP proxy).
+//!
+//! Every test starts its own `redis-server` on a free port
+//! ([`RedisServer`](tower_primary_lab::servers::RedisServer)) and uses its own key prefix
+//! and lock names; tests that start node processes or kill servers take a shared lock and run one
+//! at a time. Without `redis-server` the tests print `SKIPPED` (or fail when
+//! `TOWER_PRIMARY_REQUIRE_BACKENDS=1`).
+//!
+//! The process tests re-execute this binary in node mode (`tower_primary_lab::node`); times
+//! are printed (`--nocapture`), and only order and the absence of overlap are asserted, with
+//! bounds of several leases.
+//!
+//! ```text
+//! cargo test --features redis --test redis -- --nocapture
+//! ```
+#![cfg(feature = "redis")]
+
+mod common;
+
+use common::ms;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Mutex, MutexGuard};
+use tokio::time::Instant;
+use tower_primary::backend::redis::{KeyEvents, RedisBackend};
+use tower_primary::backend::{AcquireRequest, Backend};
+use tower_primary::{Clock, ConfigError, Error, Lease, NodeId};
+use tower_primary_lab::node::{Cluster, EventKind, NodeCommand, NodeConfig, NodeSignal};
+use tower_primary_lab::proxy::TcpProxy;
+use tower_primary_lab::servers::{self, RedisServer};
+use tower_primary_testing::conformance::{Connection, Fault, FaultHooks, Fixture};
+use tower_primary_testing::history::History;
+
+/// Bounds a broken run only; elections take milliseconds to a lease.
+const WAIT: Duration = Duration::from_secs(30);
+
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+/// A key prefix of its own for every test (and run).
+fn prefix(test: &str) -> String {
+    format!(
+        "t-{test}-{}-{:x}",
+        std::process::id(),
+        tower_primary::clock::monotonic_nanos()
+    )
+}
+
+async fn redis() -> Option<RedisServer> {
+    servers::require("redis-server", RedisServer::start().await)
+}
+
+/// The maximum lease the tests give their backends (a fresh server or lock waits it once).
+const MAX_LEASE: Duration = Duration::from_secs(2);
+
+/// `&max_lease=<ms>ms`: the backend-string parameter for a maximum lease of `max`.
+fn max_lease_param(max: Duration) -> String {
+    format!("&max_lease={}ms", max.as_millis())
+}
+
+fn backend(server: &RedisServer, prefix: &str) -> RedisBackend {
+    backend_at(&server.url(), prefix)
+}
+
+fn backend_at(url: &str, prefix: &str) -> RedisBackend {
+    RedisBackend::new(&format!(
+        "{url}/0?prefix={prefix}{}",
+        max_lease_param(MAX_LEASE)
+    ))
+    .unwrap()
+}
+
+fn request(node: &str, lease: Duration) -> AcquireRequest {
+    AcquireRequest::new(NodeId::new(node))
+        .with_lease(Some(Lease::new(lease)))
+        .with_clock(Clock::system())
+}
+
+/// A plain command on a direct connection (the test's view of the server).
+async fn command<T: redis::FromRedisValue>(server: &RedisServer, cmd: &redis::Cmd) -> T {
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    cmd.query_async(&mut conn).await.unwrap()
+}
+
+/// Waits until the server has been up for `lease + 1 s`, so that the restart guard lets
+/// acquisitions through (a fresh server refuses them for the maximum lease + 1 s).
+async fn wait_uptime(server: &RedisServer, lease: Duration) {
+    let need = lease + Duration::from_secs(1);
+    loop {
+        let info: String = command(server, redis::cmd("INFO").arg("server")).await;
+        let up = info
+            .lines()
+            .find_map(|l| l.strip_prefix("uptime_in_seconds:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if Duration::from_secs(up) >= need {
+            return;
+        }
+        tokio::time::sleep(need - Duration::from_secs(up)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The conformance suite
+
+/// One `redis-server` per check; every node reaches it through a TCP proxy of its own, so a
+/// fault hits one node only.
+struct RedisFixture {
+    server: RedisServer,
+    prefix: String,
+    proxies: Vec<Arc<TcpProxy>>,
+    next: AtomicUsize,
+}
+
+impl RedisFixture {
+    async fn start() -> Option<Self> {
+        let server = redis().await?;
+        let mut proxies = Vec::new();
+        for _ in 0..12 {
+            proxies.push(Arc::new(TcpProxy::start(server.addr()).await.unwrap()));
+        }
+        Some(RedisFixture {
+            prefix: prefix("conformance"),
+            server,
+            proxies,
+            next: AtomicUsize::new(0),
+        })
+    }
+}
+
+impl Fixture for RedisFixture {
+    fn connect(&self) -> Connection {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        let Some(proxy) = self.proxies.get(i) else {
+            return Connection::new(backend(&self.server, &self.prefix));
+        };
+        let url = format!(
+            "redis://{}/0?prefix={}{}",
+            proxy.addr(),
+            self.prefix,
+            max_lease_param(MAX_LEASE)
+        );
+        Connection::new(RedisBackend::new(&url).unwrap()).with_faults(ProxyFaults {
+            proxy: proxy.clone(),
+            server: self.server.url(),
+            prefix: self.prefix.clone(),
+        })
+    }
+
+    fn lease(&self) -> Option<Lease> {
+        Some(Lease::new(Duration::from_secs(1)))
+    }
+}
+
+/// Faults through the node's proxy: `Fail` stalls every byte (calls time out), healing drops the
+/// held bytes and the connections; `LoseLocks` deletes the lock keys of the fixture's prefix
+/// behind the holders' backs (the fixture's checks have one holder at that point).
+#[derive(Debug)]
+struct ProxyFaults {
+    proxy: Arc<TcpProxy>,
+    server: String,
+    prefix: String,
+}
+
+impl FaultHooks for ProxyFaults {
+    fn supports(&self, fault: Fault) -> bool {
+        matches!(fault, Fault::Fail | Fault::LoseLocks)
+    }
+
+    fn inject(&self, fault: Fault) {
+        match fault {
+            Fault::Fail => self.proxy.stall(),
+            Fault::LoseLocks => {
+                let client = redis::Client::open(self.server.as_str()).unwrap();
+                let mut conn = client.get_connection().unwrap();
+                let locks: Vec<String> = redis::cmd("KEYS")
+                    .arg(format!("{{{}:*}}:lock", self.prefix))
+                    .query(&mut conn)
+                    .unwrap();
+                for lock in locks {
+                    let holder = lock.replace("}:lock", "}:holder");
+                    let () = redis::cmd("DEL")
+                        .arg(&lock)
+                        .arg(&holder)
+                        .query(&mut conn)
+                        .unwrap();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn heal(&self, fault: Fault) {
+        if fault == Fault::Fail {
+            self.proxy.cut();
+            self.proxy.resume();
+        }
+    }
+}
+
+mod conformance {
+    use super::RedisFixture;
+
+    tower_primary_testing::conformance_tests!(match RedisFixture::start().await {
+        Some(fixture) => fixture,
+        None => return,
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The backend's own behaviour
+
+#[tokio::test]
+async fn backend_strings_reach_redis_with_database_and_prefix() {
+    let Some(server) = redis().await else { return };
+    let prefix = prefix("strings");
+    let lease = Duration::from_secs(1);
+    wait_uptime(&server, lease).await;
+    let backend =
+        tower_primary::backend::from_url(&format!("{}/3?prefix={prefix}", server.url())).unwrap();
+    assert_eq!(backend.name(), "redis");
+    assert_eq!(backend.min_lease(), Some(Duration::from_secs(1)));
+    let lock = backend.lock("jobs").unwrap();
+    let held = lock.acquire(request("a", lease)).await.unwrap();
+
+    let key = format!("{{{prefix}:jobs}}:lock");
+    let in_db3: i64 = command(&server, redis::cmd("EXISTS").arg(&key).arg("ignored")).await;
+    assert_eq!(in_db3, 0, "the lock was written to database 0");
+    let client = redis::Client::open(format!("{}/3", server.url())).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let token: Option<String> = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(token.map(|t| t.len()), Some(32), "a 128-bit hex token");
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(pttl > 0 && pttl <= 1000, "PX lease: {pttl}");
+
+    let holder = lock.holder().await.unwrap().expect("a holder");
+    assert_eq!(holder.id, "a");
+    assert_eq!(holder.term, held.term());
+    assert_eq!(holder.lease_ms, Some(1000));
+    held.release().await.unwrap();
+    assert_eq!(lock.holder().await.unwrap(), None);
+    let gone: i64 = redis::cmd("EXISTS")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(gone, 0);
+}
+
+#[tokio::test]
+async fn rediss_speaks_tls_and_fails_closed_on_a_plain_server() {
+    let Some(server) = redis().await else { return };
+    let url = server.url().replace("redis://", "rediss://");
+    let lock = RedisBackend::new(&format!("{url}?prefix={}", prefix("tls")))
+        .unwrap()
+        .lock("tls")
+        .unwrap();
+    // A TLS handshake against a plain-text port fails: an error, never a panic or a grant.
+    let res = tokio::time::timeout(WAIT, lock.acquire(request("a", Duration::from_secs(1))))
+        .await
+        .expect("an answer");
+    let err = res.expect_err("a plain-text server cannot grant a TLS client");
+    assert!(matches!(err, Error::Backend { .. }), "{err}");
+    assert!(lock.holder().await.is_err());
+}
+
+#[tokio::test]
+async fn acquisition_waits_until_redis_has_been_up_longer_than_the_maximum_lease() {
+    let Some(server) = redis().await else { return };
+    let started = Instant::now();
+    let lease = Duration::from_secs(1);
+    let lock = backend(&server, &prefix("uptime")).lock("guarded").unwrap();
+    let held = lock.acquire(request("a", lease)).await.unwrap();
+    // A holder whose key vanished in a restart fences itself within its lease, at most the
+    // maximum lease: nobody may be granted the lock before the server has been up for the
+    // maximum lease + 1 s, whatever its own lease.
+    assert!(
+        started.elapsed() >= MAX_LEASE + Duration::from_secs(1),
+        "granted {:?} after the server started",
+        started.elapsed()
+    );
+    held.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn terms_rise_when_redis_restarts_without_its_data() {
+    let _serial = SERIAL.lock().await;
+    let Some(mut server) = redis().await else {
+        return;
+    };
+    let lease = Duration::from_secs(1);
+    wait_uptime(&server, lease).await;
+    let prefix = prefix("restart-terms");
+    let lock = backend(&server, &prefix).lock("terms").unwrap();
+    let mut last = 0;
+    for _ in 0..3 {
+        let held = lock.acquire(request("a", lease)).await.unwrap();
+        assert!(held.term() > last);
+        last = held.term();
+        held.release().await.unwrap();
+    }
+    // A plain INCR would start at 1 again here.
+    server.restart().await.unwrap();
+    let empty: i64 = command(
+        &server,
+        redis::cmd("EXISTS").arg(format!("{{{prefix}:terms}}:term")),
+    )
+    .await;
+    assert_eq!(empty, 0, "the restarted server kept its data");
+    let held = tokio::time::timeout(WAIT, lock.acquire(request("a", lease)))
+        .await
+        .expect("an acquisition after the restart")
+        .unwrap();
+    assert!(
+        held.term() > last,
+        "term {} after the restart is not above {last}",
+        held.term()
+    );
+    held.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn holder_loses_the_lock_when_redis_restarts_empty() {
+    let _serial = SERIAL.lock().await;
+    let Some(mut server) = redis().await else {
+        return;
+    };
+    let lease = Duration::from_secs(1);
+    wait_uptime(&server, lease).await;
+    let lock = backend(&server, &prefix("restart-loss"))
+        .lock("lost")
+        .unwrap();
+    let mut held = lock.acquire(request("a", lease)).await.unwrap();
+    let renewals = held.renewals().expect("a lease backend reports renewals");
+    let killed_at = Clock::system().now();
+    server.kill();
+    server.restart().await.unwrap();
+    // The first command after the restart fails; the next renewal finds the key gone.
+    let err = tokio::time::timeout(WAIT, held.lost())
+        .await
+        .expect("the loss to be reported");
+    assert!(matches!(err, Error::Lost { .. }), "{err}");
+    // Nothing sent after the kill was confirmed: the term ended by its old deadline.
+    assert!(
+        renewals.latest() < killed_at,
+        "a renewal was confirmed after the restart"
+    );
+}
+
+#[tokio::test]
+async fn a_node_with_another_lease_refuses_to_campaign() {
+    let Some(server) = redis().await else { return };
+    wait_uptime(&server, Duration::from_secs(2)).await;
+    let b = backend(&server, &prefix("lease-mismatch"));
+    let lock = b.lock("mixed").unwrap();
+    let held = lock
+        .acquire(request("a", Duration::from_secs(2)))
+        .await
+        .unwrap();
+    let err = tokio::time::timeout(WAIT, lock.acquire(request("b", Duration::from_secs(1))))
+        .await
+        .expect("a refusal, not a wait")
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(
+            &err,
+            Error::Config(ConfigError::InvalidTiming {
+                setting: "lease",
+                ..
+            })
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("2000 ms") && msg.contains("same lease"),
+        "{msg}"
+    );
+    held.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn waiter_wakes_when_a_crashed_holders_key_runs_out() {
+    let Some(server) = redis().await else { return };
+    let lease = Duration::from_secs(1);
+    wait_uptime(&server, lease).await;
+    let prefix = prefix("expiry");
+    let a = backend(&server, &prefix).lock("crash").unwrap();
+    let b = backend(&server, &prefix).lock("crash").unwrap();
+    // Key events are off on this server: the waiter must wake from the key's PTTL, not a poll.
+    let held = a.acquire(request("a", lease)).await.unwrap();
+    let ta = held.term();
+    drop(held); // like a crash: no release, renewals stop
+    let dropped = Instant::now();
+    let next = tokio::time::timeout(WAIT, b.acquire(request("b", lease)))
+        .await
+        .expect("b to acquire")
+        .unwrap();
+    let took = dropped.elapsed();
+    assert!(next.term() > ta);
+    // Not before the key ran out (it was set or renewed at most a lease ago); and without a
+    // poll interval on top (generous: several leases would mean polling).
+    assert!(took <= lease * 3, "{took:?}");
+    println!("crashed holder (lease {lease:?}) → waiter acquired after {took:?}");
+    next.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn key_events_can_be_enabled_and_wake_waiters() {
+    let _serial = SERIAL.lock().await;
+    let Some(server) = redis().await else { return };
+    let lease = Duration::from_secs(1);
+    wait_uptime(&server, lease).await;
+    let prefix = prefix("keyevents");
+    let a = backend(&server, &prefix)
+        .key_events(KeyEvents::Enable)
+        .lock("events")
+        .unwrap();
+    // Subscribing sets the server's notify-keyspace-events (opt-in).
+    let _watch = a.watch_holder().await.unwrap();
+    let flags: Vec<String> = command(
+        &server,
+        redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("notify-keyspace-events"),
+    )
+    .await;
+    let flags = flags.get(1).cloned().unwrap_or_default();
+    assert!(
+        flags.contains('K') && (flags.contains('x') || flags.contains('A')),
+        "{flags:?}"
+    );
+    let b = backend(&server, &prefix).lock("events").unwrap();
+    let held = b.acquire(request("b", lease)).await.unwrap();
+    let mut changes = a.watch_holder().await.unwrap();
+    drop(held); // no release: only the key's expiry can tell
+    tokio::time::timeout(WAIT, changes.changed())
+        .await
+        .expect("a key event")
+        .unwrap();
+    let took = tokio::time::timeout(WAIT, async {
+        loop {
+            if a.holder().await.unwrap().is_none() {
+                return;
+            }
+            changes.changed().await.unwrap();
+        }
+    })
+    .await;
+    assert!(took.is_ok(), "the expired holder is still reported");
+}
+
+#[tokio::test]
+async fn state_writes_need_the_holding_term() {
+    let Some(server) = redis().await else { return };
+    let lease = Duration::from_secs(1);
+    wait_uptime(&server, lease).await;
+    let prefix = prefix("state");
+    let a = backend(&server, &prefix).lock("state").unwrap();
+    let b = backend(&server, &prefix).lock("state").unwrap();
+    let held = a.acquire(request("a", lease)).await.unwrap();
+    let term = held.term();
+    a.store("cursor", b"1", term).await.unwrap();
+    // Another node naming the holder's term is not the holder.
+    let err = b.store("cursor", b"2", term).await.unwrap_err();
+    assert!(matches!(err, Error::StaleTerm { .. }), "{err}");
+    let mut watch = b.watch_key("cursor").await.unwrap();
+    a.store("cursor", b"3", term).await.unwrap();
+    tokio::time::timeout(WAIT, watch.changed())
+        .await
+        .expect("a state notification")
+        .unwrap();
+    let stored = b.load("cursor").await.unwrap().unwrap();
+    assert_eq!((stored.value.as_slice(), stored.term), (&b"3"[..], term));
+    held.release().await.unwrap();
+    let err = a.store("cursor", b"4", term).await.unwrap_err();
+    assert!(matches!(err, Error::StaleTerm { .. }), "{err}");
+    assert_eq!(b.load("missing").await.unwrap(), None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Real processes
+
+/// The node side of this binary: the process tests re-execute it in node mode.
+#[test]
+fn node_entry() {
+    common::node_entry();
+}
+
+struct Setup {
+    cluster: Cluster,
+    server: RedisServer,
+    config: NodeConfig,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl Setup {
+    /// A first node that reaches the server through a proxy of its own and becomes primary,
+    /// then `followers` more nodes, settled: the proxy, the primary's pid and its term.
+    async fn primary_behind_a_proxy(&mut self, followers: usize) -> (TcpProxy, u32, u64) {
+        let proxy = TcpProxy::start(self.server.addr()).await.unwrap();
+        let mut through_proxy = self.config.clone();
+        through_proxy.backend = self
+            .config
+            .backend
+            .replace(&self.server.addr().to_string(), &proxy.addr().to_string());
+        let primary = self.cluster.spawn_node_with(&through_proxy).unwrap();
+        let (first, term) = self.cluster.wait_single_primary(WAIT).await.unwrap();
+        assert_eq!(first, primary);
+        self.cluster.spawn_nodes(followers).unwrap();
+        self.cluster.wait_settled(WAIT).await.unwrap();
+        (proxy, primary, term)
+    }
+}
+
+async fn setup(test: &str, lease: Duration) -> Option<Setup> {
+    let serial = SERIAL.lock().await;
+    let server = redis().await?;
+    wait_uptime(&server, lease).await;
+    let config = NodeConfig::new(
+        format!(
+            "{}/0?prefix={}{}",
+            server.url(),
+            prefix(test),
+            max_lease_param(lease)
+        ),
+        test.to_owned(),
+    )
+    .lease(lease)
+    .grace(Duration::from_secs(2));
+    let command = NodeCommand::test_entry("node_entry").expect("the test binary's path");
+    Some(Setup {
+        cluster: Cluster::new(command, config.clone()),
+        server,
+        config,
+        _serial: serial,
+    })
+}
+
+#[tokio::test]
+async fn sigkill_of_the_primary_elects_exactly_one_successor_with_a_higher_term() {
+    let lease = Duration::from_secs(1);
+    let Some(mut s) = setup("sigkill", lease).await else {
+        return;
+    };
+    s.cluster.spawn_nodes(3).unwrap();
+    let failover = s.cluster.kill_primary(WAIT).await;
+    let took = Duration::from_nanos(failover.next.at - failover.signalled_at);
+    assert!(took < lease * 5, "{took:?}\n{}", s.cluster.dump());
+    println!("SIGKILL (lease {lease:?}) → successor primary after {took:?}");
+}
+
+#[tokio::test]
+async fn sigterm_hands_over_before_the_lease_could_expire() {
+    // A long lease: the key would outlive the primary by at least 2/3 of it.
+    let lease = Duration::from_secs(6);
+    let Some(mut s) = setup("sigterm", lease).await else {
+        return;
+    };
+    s.cluster.spawn_nodes(3).unwrap();
+    let handover = s.cluster.terminate_primary(WAIT).await.succession;
+    let took = Duration::from_nanos(handover.next.at - handover.signalled_at);
+    assert!(
+        took < lease * 2 / 3,
+        "the successor waited for the lease: {took:?}\n{}",
+        s.cluster.dump()
+    );
+    println!("SIGTERM → successor primary after {took:?}");
+}
+
+#[tokio::test]
+async fn sigstopped_primary_is_succeeded_and_resumes_as_secondary() {
+    let lease = Duration::from_secs(1);
+    let Some(mut s) = setup("sigstop", lease).await else {
+        return;
+    };
+    s.cluster.spawn_nodes(3).unwrap();
+    let (old, term) = s.cluster.wait_settled(WAIT).await.unwrap();
+    let stopped = s.cluster.signal(old, NodeSignal::Stop).await.unwrap();
+    let next = s.cluster.wait_primary_after(term, old, WAIT).await.unwrap();
+    let new_term = next.term().unwrap();
+    assert!(new_term > term);
+    // Frozen well beyond its lease before it resumes.
+    tokio::time::sleep(lease).await;
+    let resumed = s.cluster.signal(old, NodeSignal::Cont).await.unwrap();
+    s.cluster
+        .wait_event("the resumed node to report secondary", WAIT, |e| {
+            e.pid == old
+                && e.at > resumed
+                && matches!(e.kind, EventKind::Secondary { holder_term: Some(t), .. } if t == new_term)
+        })
+        .await
+        .unwrap();
+    let events = s.cluster.events();
+    // Not one task step of the old term after the resume: it ended by its deadline.
+    let late_tick = events.iter().find(|e| {
+        e.pid == old
+            && e.at > resumed
+            && matches!(e.kind, EventKind::Tick { term: t, .. } if t == term)
+    });
+    assert!(late_tick.is_none(), "{late_tick:?}\n{}", s.cluster.dump());
+    assert!(
+        s.cluster
+            .first_event(
+                old,
+                0,
+                |k| matches!(k, EventKind::TaskCancelled { term: t } if *t == term)
+            )
+            .is_some()
+    );
+    assert!(
+        stopped < next.at && next.at < resumed,
+        "{}",
+        s.cluster.dump()
+    );
+    assert_eq!(
+        s.cluster.wait_settled(WAIT).await.unwrap(),
+        (next.pid, new_term)
+    );
+    // Apart from the frozen period (which ended at its deadline, unseen), no overlap.
+    let mut others = History::new();
+    for p in s.cluster.history().periods() {
+        if !(p.node == old.to_string() && p.term == term) {
+            others.push(p.clone());
+        }
+    }
+    let report = others.check();
+    assert!(report.is_ok(), "{report}\n{}", s.cluster.dump());
+    println!(
+        "SIGSTOP (lease {lease:?}) → successor primary after {:.1} ms",
+        ms(stopped, next.at)
+    );
+}
+
+#[tokio::test]
+async fn redis_restarted_empty_never_gives_two_primaries() {
+    let lease = Duration::from_secs(1);
+    let Some(mut s) = setup("redis-restart", lease).await else {
+        return;
+    };
+    s.cluster.spawn_nodes(3).unwrap();
+    let (old, term) = s.cluster.wait_settled(WAIT).await.unwrap();
+    let killed = tower_primary::clock::monotonic_nanos();
+    s.server.kill();
+    s.server.restart().await.unwrap();
+    let restarted = tower_primary::clock::monotonic_nanos();
+    let next = s
+        .cluster
+        .wait_event("a primary after the restart", WAIT, |e| {
+            e.at > killed && matches!(e.kind, EventKind::Primary { .. })
+        })
+        .await
+        .unwrap();
+    let (now, now_term) = s.cluster.wait_settled(WAIT).await.unwrap();
+    assert!(
+        now_term > term,
+        "term {now_term} after the restart, {term} before"
+    );
+    let old_end = s
+        .cluster
+        .first_event(
+            old,
+            0,
+            |k| matches!(k, EventKind::TaskCancelled { term: t } if *t == term),
+        )
+        .expect("the old primary to step down");
+    assert!(old_end.at < next.at, "{}", s.cluster.dump());
+    s.cluster.assert_history_ok();
+    println!(
+        "Redis killed and restarted empty ({:.1} ms down): old primary (pid {old}) stepped down \
+         after {:.1} ms, new primary pid {now} (term {now_term}) after {:.1} ms",
+        ms(killed, restarted),
+        ms(killed, old_end.at),
+        ms(killed, next.at)
+    );
+}
+
+#[tokio::test]
+async fn stalled_proxy_makes_the_primary_step_down_before_a_successor_appears() {
+    let lease = Duration::from_secs(1);
+    let Some(mut s) = setup("stalled-proxy", lease).await else {
+        return;
+    };
+    let (proxy, first, term) = s.primary_behind_a_proxy(2).await;
+
+    let stalled_at = tower_primary::clock::monotonic_nanos();
+    proxy.stall();
+    let stepped_down = s
+        .cluster
+        .wait_event("the cut-off primary to step down", WAIT, |e| {
+            e.pid == first && matches!(e.kind, EventKind::TaskCancelled { term: t } if t == term)
+        })
+        .await
+        .unwrap();
+    let next = s
+        .cluster
+        .wait_primary_after(term, first, WAIT)
+        .await
+        .unwrap();
+    assert!(
+        stepped_down.at < next.at,
+        "the successor appeared before the old primary stepped down\n{}",
+        s.cluster.dump()
+    );
+    s.cluster.assert_history_ok();
+    println!(
+        "stalled proxy: primary stepped down after {:.1} ms, successor after {:.1} ms",
+        ms(stalled_at, stepped_down.at),
+        ms(stalled_at, next.at)
+    );
+    proxy.cut();
+    proxy.resume();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lost lock keys: a restart during a lease change, FLUSHALL, DEL, eviction
+
+/// Wakes every waiter of the lock at once, as any node's release message would.
+async fn wake_waiters(server: &RedisServer, prefix: &str, lock: &str) {
+    let _: i64 = command(
+        server,
+        redis::cmd("PUBLISH")
+            .arg(format!("{{{prefix}:{lock}}}:events"))
+            .arg("released 0"),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn redis_restarted_empty_during_a_lease_change_never_gives_two_primaries() {
+    // A rolling change of the lease from 30 s to 5 s: node A (30 s) holds, node B (5 s) waits.
+    // Redis restarts without its data while A is cut off from it (A keeps believing it holds the
+    // lock until its own deadline). B must not become primary before that deadline.
+    let _serial = SERIAL.lock().await;
+    let Some(mut server) = redis().await else {
+        return;
+    };
+    let long = Duration::from_secs(30);
+    let short = Duration::from_secs(5);
+    let prefix = prefix("lease-change");
+    let url = format!("{}/0?prefix={prefix}", server.url());
+    let proxy = TcpProxy::start(server.addr()).await.unwrap();
+    let command = NodeCommand::test_entry("node_entry").expect("the test binary's path");
+    let a_config = NodeConfig::new(
+        url.replace(&server.addr().to_string(), &proxy.addr().to_string()),
+        "change",
+    )
+    .lease(long)
+    .grace(Duration::from_secs(2));
+    let mut cluster = Cluster::new(command, a_config.clone());
+    let a = cluster.spawn_node_with(&a_config).unwrap();
+    let (first, term) = cluster
+        .wait_single_primary(Duration::from_secs(90))
+        .await
+        .unwrap();
+    assert_eq!(first, a);
+    let b_config = NodeConfig::new(url, "change")
+        .lease(short)
+        .grace(Duration::from_secs(2));
+    cluster.spawn_node_with(&b_config).unwrap();
+    cluster.wait_settled(WAIT).await.unwrap();
+
+    proxy.stall();
+    let killed = tower_primary::clock::monotonic_nanos();
+    server.kill();
+    server.restart().await.unwrap();
+    let next = cluster
+        .wait_primary_after(term, a, Duration::from_secs(120))
+        .await
+        .unwrap();
+    let a_end = cluster
+        .wait_event("the cut-off primary to step down", WAIT, |e| {
+            e.pid == a && matches!(e.kind, EventKind::TaskCancelled { term: t } if t == term)
+        })
+        .await
+        .unwrap();
+    assert!(
+        a_end.at < next.at,
+        "B became primary {:.1} ms after the restart, A stepped down only after {:.1} ms\n{}",
+        ms(killed, next.at),
+        ms(killed, a_end.at),
+        cluster.dump()
+    );
+    cluster.assert_history_ok();
+    println!(
+        "lease change 30 s → 5 s, Redis restarted empty: A stepped down after {:.1} ms, B primary \
+         after {:.1} ms",
+        ms(killed, a_end.at),
+        ms(killed, next.at)
+    );
+    proxy.cut();
+    proxy.resume();
+}
+
+#[derive(Clone, Copy, Debug)]
+enum KeyLoss {
+    FlushAll,
+    DelLockKey,
+}
+
+/// A primary cut off from Redis (a stalled proxy) while its lock key is lost to `loss`; a waiter
+/// is woken at once. The waiter must not become primary before the cut-off one stepped down.
+async fn lost_key_never_gives_two_primaries(test: &str, loss: KeyLoss) {
+    let lease = Duration::from_secs(2);
+    let Some(mut s) = setup(test, lease).await else {
+        return;
+    };
+    let (proxy, a, term) = s.primary_behind_a_proxy(1).await;
+
+    let prefix = s
+        .config
+        .backend
+        .split("prefix=")
+        .nth(1)
+        .and_then(|p| p.split('&').next())
+        .unwrap()
+        .to_owned();
+    proxy.stall();
+    let lost = tower_primary::clock::monotonic_nanos();
+    match loss {
+        KeyLoss::FlushAll => {
+            let () = command(&s.server, &redis::cmd("FLUSHALL")).await;
+        }
+        KeyLoss::DelLockKey => {
+            let n: i64 = command(
+                &s.server,
+                redis::cmd("DEL").arg(format!("{{{prefix}:{test}}}:lock")),
+            )
+            .await;
+            assert_eq!(n, 1, "no lock key to delete");
+        }
+    }
+    wake_waiters(&s.server, &prefix, test).await;
+    let next = s.cluster.wait_primary_after(term, a, WAIT).await.unwrap();
+    let a_end = s
+        .cluster
+        .wait_event("the cut-off primary to step down", WAIT, |e| {
+            e.pid == a && matches!(e.kind, EventKind::TaskCancelled { term: t } if t == term)
+        })
+        .await
+        .unwrap();
+    assert!(
+        a_end.at < next.at,
+        "{loss:?}: a successor after {:.1} ms, the old primary stepped down after {:.1} ms\n{}",
+        ms(lost, next.at),
+        ms(lost, a_end.at),
+        s.cluster.dump()
+    );
+    s.cluster.assert_history_ok();
+    println!(
+        "{loss:?} while a cut-off primary held (lease {lease:?}): it stepped down after {:.1} ms, \
+         successor after {:.1} ms",
+        ms(lost, a_end.at),
+        ms(lost, next.at)
+    );
+    proxy.cut();
+    proxy.resume();
+}
+
+#[tokio::test]
+async fn flushall_while_a_primary_holds_never_gives_two_primaries() {
+    lost_key_never_gives_two_primaries("flushall", KeyLoss::FlushAll).await;
+}
+
+#[tokio::test]
+async fn deleted_lock_key_never_gives_two_primaries() {
+    lost_key_never_gives_two_primaries("del-lock", KeyLoss::DelLockKey).await;
+}
+
+#[tokio::test]
+async fn an_evicting_maxmemory_policy_is_refused() {
+    let Some(server) = servers::require(
+        "redis-server",
+        RedisServer::start_with(&["--maxmemory", "64mb", "--maxmemory-policy", "volatile-lru"])
+            .await,
+    ) else {
+        return;
+    };
+    let lease = Duration::from_secs(1);
+    wait_uptime(&server, MAX_LEASE).await;
+    let lock = backend(&server, &prefix("eviction")).lock("evict").unwrap();
+    let res = tokio::time::timeout(WAIT, lock.acquire(request("a", lease)))
+        .await
+        .expect("a refusal, not a wait");
+    let err = res.expect_err("granted under an evicting maxmemory-policy");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("maxmemory-policy") && msg.contains("volatile-lru"),
+        "{msg}"
+    );
+    // Opted in: granted.
+    let allowed = backend(&server, &prefix("eviction"))
+        .allow_eviction(true)
+        .lock("evict")
+        .unwrap();
+    let held = tokio::time::timeout(WAIT, allowed.acquire(request("a", lease)))
+        .await
+        .expect("a grant once eviction is allowed")
+        .unwrap();
+    held.release().await.unwrap();
+}
+
+/// The lease record's `until` and the server's time, in ms.
+async fn recorded_until(server: &RedisServer, prefix: &str, lock: &str) -> (i64, i64) {
+    let until: Option<i64> = command(
+        server,
+        redis::cmd("HGET")
+            .arg(format!("{{{prefix}:{lock}}}:lease"))
+            .arg("until"),
+    )
+    .await;
+    let (secs, micros): (i64, i64) = command(server, &redis::cmd("TIME")).await;
+    (until.expect("a lease record"), secs * 1000 + micros / 1000)
+}
+
+#[tokio::test]
+async fn renewals_keep_the_lock_and_move_the_recorded_lease_end() {
+    let Some(server) = redis().await else { return };
+    let prefix = prefix("renew-until");
+    warm_up(&server, &prefix, "renew").await;
+    let lease = MAX_LEASE;
+    let lock = backend(&server, &prefix).lock("renew").unwrap();
+    let mut held = lock.acquire(request("a", lease)).await.unwrap();
+    let renewals = held.renewals().unwrap();
+    let first = renewals.latest();
+    let (until, now) = recorded_until(&server, &prefix, "renew").await;
+    assert!(
+        until > now && until <= now + 2000,
+        "until {until}, now {now}"
+    );
+    // Several renewals later (a lease and a half), still held, and `until` moved on.
+    tokio::select! {
+        err = held.lost() => panic!("lost the lock: {err}"),
+        () = tokio::time::sleep(lease * 3 / 2) => {}
+    }
+    assert!(renewals.latest() > first, "no renewal was confirmed");
+    let (later, now) = recorded_until(&server, &prefix, "renew").await;
+    assert!(later > until && later > now, "until {later}, now {now}");
+    held.release().await.unwrap();
+    // A clean release ends the recorded lease at once.
+    let (released, now) = recorded_until(&server, &prefix, "renew").await;
+    assert!(
+        released <= now,
+        "until {released} after the release, now {now}"
+    );
+}
+
+#[tokio::test]
+async fn a_lease_above_the_recorded_maximum_is_refused() {
+    let Some(server) = redis().await else { return };
+    let prefix = prefix("max-lease");
+    warm_up(&server, &prefix, "max").await;
+    // Someone lowered the recorded maximum below this node's lease.
+    let _: i64 = command(
+        &server,
+        redis::cmd("HSET")
+            .arg(format!("{{{prefix}:max}}:lease"))
+            .arg("max_ms")
+            .arg(1000),
+    )
+    .await;
+    let lock = backend(&server, &prefix).lock("max").unwrap();
+    let err = tokio::time::timeout(WAIT, lock.acquire(request("a", MAX_LEASE)))
+        .await
+        .expect("a refusal, not a wait")
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(
+            &err,
+            Error::Config(ConfigError::InvalidTiming {
+                setting: "lease",
+                ..
+            })
+        ) && msg.contains("1000 ms"),
+        "{msg}"
+    );
+    // And a lease above the backend's own maximum never reaches Redis.
+    let err = lock.acquire(request("a", MAX_LEASE * 2)).await.unwrap_err();
+    assert!(matches!(err, Error::Config(_)), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Acquisitions that end while their request is in flight
+
+/// A TCP proxy that holds the first request mentioning `pattern` (and everything after it on
+/// that connection) until [`pass`](Self::pass), and reports when the server's reply to it came
+/// back, and how many later requests mentioning `pattern` were answered on other connections.
+struct HoldingProxy {
+    addr: std::net::SocketAddr,
+    state: Arc<HoldState>,
+}
+
+struct HoldState {
+    pattern: Vec<u8>,
+    claimed: std::sync::atomic::AtomicBool,
+    held: tokio::sync::watch::Sender<bool>,
+    pass: tokio::sync::watch::Sender<bool>,
+    replied: tokio::sync::watch::Sender<bool>,
+    /// Replies to requests mentioning `pattern` on connections that were not held.
+    others_answered: tokio::sync::watch::Sender<usize>,
+}
+
+fn mentions(chunk: &[u8], pattern: &[u8]) -> bool {
+    chunk.windows(pattern.len()).any(|w| w == pattern)
+}
+
+impl HoldingProxy {
+    async fn start(upstream: std::net::SocketAddr, pattern: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(HoldState {
+            pattern: pattern.as_bytes().to_vec(),
+            claimed: false.into(),
+            held: tokio::sync::watch::channel(false).0,
+            pass: tokio::sync::watch::channel(false).0,
+            replied: tokio::sync::watch::channel(false).0,
+            others_answered: tokio::sync::watch::channel(0).0,
+        });
+        let st = state.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let st = st.clone();
+                tokio::spawn(async move {
+                    if let Ok(server) = tokio::net::TcpStream::connect(upstream).await {
+                        HoldingProxy::run(client, server, st).await;
+                    }
+                });
+            }
+        });
+        HoldingProxy { addr, state }
+    }
+
+    async fn run(client: tokio::net::TcpStream, server: tokio::net::TcpStream, st: Arc<HoldState>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut cr, mut cw) = client.into_split();
+        let (mut sr, mut sw) = server.into_split();
+        let holding = std::sync::atomic::AtomicBool::new(false);
+        let asked = AtomicUsize::new(0);
+        let up = async {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let n = cr.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                if mentions(&buf[..n], &st.pattern) {
+                    if !holding.load(Ordering::SeqCst) && !st.claimed.swap(true, Ordering::SeqCst) {
+                        holding.store(true, Ordering::SeqCst);
+                        st.held.send_replace(true);
+                        let _ = st.pass.subscribe().wait_for(|p| *p).await;
+                    } else if !holding.load(Ordering::SeqCst) {
+                        asked.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                if sw.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+            if holding.load(Ordering::SeqCst) {
+                // The client went away; its held request still reaches the server.
+                let _ = st.pass.subscribe().wait_for(|p| *p).await;
+                let _ = st.replied.subscribe().wait_for(|r| *r).await;
+            }
+        };
+        let down = async {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let n = sr.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                if holding.load(Ordering::SeqCst) && *st.pass.borrow() {
+                    st.replied.send_replace(true);
+                } else if asked.swap(0, Ordering::SeqCst) > 0 {
+                    st.others_answered.send_modify(|n| *n += 1);
+                }
+                let _ = cw.write_all(&buf[..n]).await;
+                if *st.replied.borrow() && holding.load(Ordering::SeqCst) {
+                    break;
+                }
+            }
+        };
+        tokio::join!(up, down);
+    }
+
+    async fn wait_held(&self) {
+        let _ = self.state.held.subscribe().wait_for(|h| *h).await;
+    }
+
+    fn pass(&self) {
+        self.state.pass.send_replace(true);
+    }
+
+    async fn wait_replied(&self) {
+        let _ = self.state.replied.subscribe().wait_for(|r| *r).await;
+    }
+
+    async fn wait_others_answered(&self, n: usize) {
+        let _ = self
+            .state
+            .others_answered
+            .subscribe()
+            .wait_for(|m| *m >= n)
+            .await;
+    }
+}
+
+/// Acquires and releases `lock` once directly: the scripts are loaded and the lock's records
+/// exist, so that the next acquisition is a single request.
+async fn warm_up(server: &RedisServer, prefix: &str, lock: &str) {
+    wait_uptime(server, MAX_LEASE).await;
+    let l = backend(server, prefix).lock(lock).unwrap();
+    let held = tokio::time::timeout(WAIT, l.acquire(request("warm-up", MAX_LEASE)))
+        .await
+        .unwrap()
+        .unwrap();
+    held.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_abandoned_acquisition_that_arrives_late_leaves_no_lock_behind() {
+    // The acquisition's request is delayed on its connection beyond the command timeout; the
+    // backend gives up and releases on a new connection, which overtakes the delayed request.
+    let Some(server) = redis().await else { return };
+    let prefix = prefix("late-acquire");
+    warm_up(&server, &prefix, "late").await;
+    let lock_key = format!("{{{prefix}:late}}:lock");
+    let proxy = HoldingProxy::start(server.addr(), &lock_key).await;
+    let lock = backend_at(&format!("redis://{}", proxy.addr), &prefix)
+        .key_events(KeyEvents::Off)
+        .lock("late")
+        .unwrap();
+    let mut acquiring = lock.acquire(request("a", MAX_LEASE));
+    tokio::select! {
+        res = &mut acquiring => panic!("acquired through a held request: {:?}", res.map(|l| l.term())),
+        () = proxy.wait_held() => {}
+    }
+    let err = tokio::time::timeout(WAIT, acquiring)
+        .await
+        .expect("the acquisition to give up")
+        .expect_err("granted while its request was held");
+    println!("acquisition gave up: {err}");
+    // The abandon-release went out on another connection and was answered.
+    tokio::time::timeout(WAIT, proxy.wait_others_answered(1))
+        .await
+        .expect("the abandon-release to reach the server");
+    proxy.pass();
+    tokio::time::timeout(WAIT, proxy.wait_replied())
+        .await
+        .expect("the delayed acquisition to reach the server");
+    let owner: Option<String> = command(&server, redis::cmd("GET").arg(&lock_key)).await;
+    let pttl: i64 = command(&server, redis::cmd("PTTL").arg(&lock_key)).await;
+    assert!(
+        owner.is_none(),
+        "the late acquisition left a lock nobody holds (token {owner:?}, {pttl} ms to live)"
+    );
+    // And another node gets the lock at once.
+    let other = backend(&server, &prefix).lock("late").unwrap();
+    let next = tokio::time::timeout(MAX_LEASE / 2, other.acquire(request("b", MAX_LEASE)))
+        .await
+        .expect("the lock to be free")
+        .unwrap();
+    next.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_grant_dropped_with_its_acquisition_is_released_at_once() {
+    // The grant is on its way to an acquisition that is dropped before it looks (an elector
+    // shutting down): the lock must be handed over at once, not after the lease.
+    let Some(server) = redis().await else { return };
+    let prefix = prefix("dropped-grant");
+    let lease = MAX_LEASE;
+    warm_up(&server, &prefix, "grant").await;
+    let lock_key = format!("{{{prefix}:grant}}:lock");
+    let proxy = HoldingProxy::start(server.addr(), &lock_key).await;
+    let lock = backend_at(&format!("redis://{}", proxy.addr), &prefix)
+        .key_events(KeyEvents::Off)
+        .lock("grant")
+        .unwrap();
+    let mut acquiring = lock.acquire(request("a", lease));
+    tokio::select! {
+        res = &mut acquiring => panic!("acquired through a held request: {:?}", res.map(|l| l.term())),
+        () = proxy.wait_held() => {}
+    }
+    proxy.pass();
+    proxy.wait_replied().await;
+    // Give the grant time to reach the acquisition's channel, without polling the acquisition.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let owner: Option<String> = command(&server, redis::cmd("GET").arg(&lock_key)).await;
+    assert!(owner.is_some(), "the acquisition was not granted");
+    drop(acquiring);
+    let dropped = Instant::now();
+    let other = backend(&server, &prefix).lock("grant").unwrap();
+    let next = tokio::time::timeout(WAIT, other.acquire(request("b", lease)))
+        .await
+        .expect("b to acquire")
+        .unwrap();
+    let took = dropped.elapsed();
+    println!("grant dropped with its acquisition → next node acquired after {took:?}");
+    assert!(
+        took < lease / 2,
+        "the dropped grant held the lock for {took:?} (lease {lease:?})"
+    );
+    next.release().await.unwrap();
+}
