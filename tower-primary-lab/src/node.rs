@@ -108,8 +108,8 @@ use tokio::task::JoinHandle;
 
 use super::host::SimulatedHost;
 use tower_primary::clock::monotonic_nanos;
-use tower_primary::elector::{Elector, Lease};
 use tower_primary::role::{Role, RoleHandle, TermContext};
+use tower_primary::{Elector, Lease};
 use tower_primary_testing::history::{History, Period};
 
 /// Set to `1` in a node's environment: the process runs as a node ([`is_node_process`]).

@@ -88,9 +88,9 @@ use crate::history::{History, Period, Recorder};
 use tower_primary::backend::memory::MemoryBackend;
 use tower_primary::backend::{AcquireRequest, Backend, Lock};
 use tower_primary::clock::{Clock, Timestamp, monotonic_nanos};
-use tower_primary::elector::{Elector, ElectorBuilder, Lease};
 use tower_primary::error::Error;
 use tower_primary::role::{NodeId, RoleHandle, TermContext};
+use tower_primary::{Elector, ElectorBuilder, Lease};
 
 /// What the suite needs from a backend. See the [module docs](self).
 pub trait Fixture {
