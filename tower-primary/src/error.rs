@@ -97,6 +97,55 @@ pub enum ConfigError {
     NoBackend,
 }
 
+/// The kind of a permanent backend misconfiguration ([`Error::Misconfigured`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Misconfiguration {
+    /// The server refused the credentials.
+    Authentication,
+    /// The database (or keyspace) named does not exist.
+    MissingDatabase,
+    /// The TLS handshake failed: TLS against a plain server, a plain connection to a TLS-only
+    /// server, or a certificate that is not trusted.
+    Tls,
+    /// The lease given does not fit what the lock's other nodes or the server require.
+    IncompatibleLease,
+    /// The server, or the records on it, belong to a version this one cannot work with.
+    IncompatibleVersion,
+    /// The server or the file system refused an operation for lack of permission.
+    Permission,
+}
+
+impl Misconfiguration {
+    /// The snake-case name used in logs, metrics labels and `/health/role`:
+    /// `"authentication"`, `"missing_database"`, `"tls"`, `"incompatible_lease"`,
+    /// `"incompatible_version"`, `"permission"`.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Misconfiguration::Authentication => "authentication",
+            Misconfiguration::MissingDatabase => "missing_database",
+            Misconfiguration::Tls => "tls",
+            Misconfiguration::IncompatibleLease => "incompatible_lease",
+            Misconfiguration::IncompatibleVersion => "incompatible_version",
+            Misconfiguration::Permission => "permission",
+        }
+    }
+}
+
+impl std::fmt::Display for Misconfiguration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Misconfiguration::Authentication => "authentication failed",
+            Misconfiguration::MissingDatabase => "database does not exist",
+            Misconfiguration::Tls => "TLS handshake failed",
+            Misconfiguration::IncompatibleLease => "incompatible lease",
+            Misconfiguration::IncompatibleVersion => "incompatible version",
+            Misconfiguration::Permission => "permission denied",
+        })
+    }
+}
+
 /// A run-time error.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -111,6 +160,23 @@ pub enum Error {
         /// The backend's name (`"file"`, `"memory"`, `"redis"`...).
         backend: &'static str,
         /// What was being done.
+        message: String,
+        /// The underlying error.
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// The backend refused for a reason retrying will not fix: a permanent misconfiguration
+    /// (wrong credentials, a database that does not exist, a TLS mismatch, an incompatible lease
+    /// or version, no permission). The node stays secondary (fail closed); the elector keeps
+    /// retrying, slowly, so that a fixed configuration is picked up, and reports it (logs,
+    /// metrics, `/health/role`).
+    #[error("{backend} backend: {kind}: {message}")]
+    Misconfigured {
+        /// The backend's name.
+        backend: &'static str,
+        /// What kind of misconfiguration.
+        kind: Misconfiguration,
+        /// What is wrong, naming the setting to fix.
         message: String,
         /// The underlying error.
         #[source]
@@ -194,6 +260,30 @@ impl Error {
             backend,
             message: message.into(),
             source: None,
+        }
+    }
+
+    /// A permanent misconfiguration of `kind`, found by `backend`.
+    pub fn misconfigured(
+        backend: &'static str,
+        kind: Misconfiguration,
+        message: impl Into<String>,
+        source: Option<BoxError>,
+    ) -> Self {
+        Error::Misconfigured {
+            backend,
+            kind,
+            message: message.into(),
+            source,
+        }
+    }
+
+    /// The kind of misconfiguration, when this error is one that retrying will not fix.
+    #[must_use]
+    pub fn misconfiguration(&self) -> Option<Misconfiguration> {
+        match self {
+            Error::Misconfigured { kind, .. } => Some(*kind),
+            _ => None,
         }
     }
 }

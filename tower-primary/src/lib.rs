@@ -261,7 +261,7 @@ mod watchdog;
 pub use crate::backend::Lease;
 pub use crate::clock::Clock;
 pub use crate::elector::{Elector, ElectorBuilder, State, terminate_signal};
-pub use crate::error::{BoxError, ConfigError, Error};
+pub use crate::error::{BoxError, ConfigError, Error, Misconfiguration};
 #[cfg(feature = "axum")]
 pub use crate::http::extract::{CurrentRole, PrimaryTerm, RoleRejection};
 pub use crate::http::layer::{Primary, PrimaryLayer};
