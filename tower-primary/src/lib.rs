@@ -2,20 +2,77 @@
 //!
 //! A service started with N worker processes (or N containers) runs its startup code N times: N
 //! schedulers, N copies of every email, N migrations racing. tower-primary elects one **primary**
-//! per lock name, keeps it honest, and makes the role visible:
+//! per lock name, keeps it honest, and makes the role visible. You get:
 //!
-//! - an [`Elector`] campaigns for a lock in the background, publishes the role through a cheap
-//!   [`RoleHandle`], fails over the moment the primary dies, hands over at once on shutdown, and
+//! - an [`Elector`] that campaigns for a lock in the background, publishes the role through a
+//!   cheap [`RoleHandle`], fails over when the primary dies, hands over at once on shutdown, and
 //!   campaigns again after a loss;
-//! - every term carries a strictly increasing **term** number (a fencing token) to put into
-//!   downstream writes, so a stale primary's writes can be refused;
-//! - [singleton tasks](Elector::singleton_task) run only while this process is primary, are
+//! - a strictly increasing **term** (a fencing token) for every primary period, to put into
+//!   downstream writes so that a stale primary's writes are refused;
+//! - [singleton tasks](Elector::singleton_task) that run only while this process is primary, are
 //!   cancelled the moment it stops being primary, and start again on the next primary;
-//! - on lease backends the primary **fences itself**: [`RoleHandle::is_primary`] and
-//!   [`TermContext::is_valid`] compare the lease deadline with the clock themselves, so a process
-//!   resumed after a pause sees "not primary" before it does anything else.
+//!   [schedules](schedule) and run-once jobs on top of them (feature `schedule`);
+//! - the HTTP side in [`http`]: [`PrimaryLayer`] puts the role into every request,
+//!   [`RequirePrimaryLayer`] keeps a route to the primary, [`http::health`] serves
+//!   `/health/role`, `/health/ready` and `/health/live`, and [`http::extract`] reads the role in
+//!   handlers;
+//! - backends for one host (a lock file) and for many (Redis, PostgreSQL, etcd), chosen in code
+//!   or from a string at run time.
 //!
-//! # Example
+//! # A web service
+//!
+//! ```no_run
+//! use axum::{Router, routing::{get, post}};
+//! use tower_primary::{
+//!     Elector, FileLock, PrimaryLayer, PrimaryTerm, RequirePrimaryLayer, terminate_signal,
+//! };
+//!
+//! async fn rebuild(term: PrimaryTerm) -> String {
+//!     // Runs on the primary only; put `term` into the writes it makes (see below).
+//!     format!("rebuilt under term {}", term.term())
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let port = 8080;
+//!     // Checks the configuration now; claims the lock when the router is built.
+//!     let primary = PrimaryLayer::from_builder(
+//!         Elector::builder("my-app")
+//!             .backend(FileLock::new("/run/my-app"))
+//!             .advertise(format!("http://10.0.0.7:{port}")),
+//!     )?;
+//!
+//!     let app = Router::new()
+//!         // 503 on the other nodes, or with `.redirect()` a 307 to the primary's URL.
+//!         .route("/admin/rebuild", post(rebuild).layer(RequirePrimaryLayer::new().redirect()))
+//!         // 200 on every node: who this node is, its role, and who is primary.
+//!         .route("/health/role", get(tower_primary::http::health::role))
+//!         .layer(primary.clone()); // one elector, however many routes
+//!
+//!     let elector = primary.elector().expect("the layer owns its elector");
+//!     elector.singleton_task("nightly-report", |ctx| async move {
+//!         // Runs on one node at a time; `ctx.term()` is the fencing token, and
+//!         // `ctx.cancelled()` resolves the moment the term ends.
+//!         ctx.cancelled().await;
+//!         Ok::<_, std::io::Error>(())
+//!     });
+//!
+//!     // On SIGTERM/Ctrl-C: stop admitting gated requests, wait for those in flight (up to the
+//!     // grace), release the lock (a secondary takes over at once), then drain the server.
+//!     let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
+//!     axum::serve(listener, app)
+//!         .with_graceful_shutdown(elector.shutdown_signal(terminate_signal()))
+//!         .await?;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! With an elector of your own, use `PrimaryLayer::new(elector.handle())`; with one lock
+//! directory and defaults, `PrimaryLayer::file(dir)?`. The request path never touches the backend:
+//! the layer adds one extension insert per request. `examples/scheduler` in the repository puts it
+//! all together: an email sender and a daily report under N workers.
+//!
+//! # Without HTTP
 //!
 //! ```
 //! use std::time::Duration;
@@ -50,64 +107,7 @@
 //! # }
 //! ```
 //!
-//! # A web service
-//!
-//! [`PrimaryLayer`] puts the role into every request; [`RequirePrimaryLayer`] keeps a route to
-//! the primary (503, or a 307 to the primary's advertised URL); [`http::health::role`] serves
-//! `/health/role`, and [`http::health::Readiness`] `/health/ready` (503 until the
-//! [run-once jobs](Elector::run_once) it requires are done); the [extractors](http::extract) read the
-//! role in handlers. The request path never touches the backend: the layer adds one extension
-//! insert per request. [Schedules](schedule) run jobs on the primary every interval or on a cron
-//! expression. `examples/scheduler` puts it all together: an email sender and a daily report under
-//! N workers.
-//!
-//! ```no_run
-//! use axum::{Router, routing::{get, post}};
-//! use tower_primary::{
-//!     Elector, FileLock, PrimaryLayer, PrimaryTerm, RequirePrimaryLayer, terminate_signal,
-//! };
-//!
-//! async fn rebuild(term: PrimaryTerm) -> String {
-//!     // Runs on the primary only; `term` goes into the writes (see below).
-//!     format!("rebuilt under term {}", term.term())
-//! }
-//!
-//! #[tokio::main]
-//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//!     let port = 8080;
-//!     // Checks the configuration now; claims the lock when the router is built.
-//!     let primary = PrimaryLayer::from_builder(
-//!         Elector::builder("my-app")
-//!             .backend(FileLock::new("/run/my-app"))
-//!             .advertise(format!("http://10.0.0.7:{port}")),
-//!     )?;
-//!
-//!     let app = Router::new()
-//!         .route("/admin/rebuild", post(rebuild).layer(RequirePrimaryLayer::new().redirect()))
-//!         .route("/health/role", get(tower_primary::http::health::role))
-//!         .layer(primary.clone()); // one elector, however many routes
-//!
-//!     let elector = primary.elector().expect("the layer owns its elector");
-//!     elector.singleton_task("nightly-report", |ctx| async move {
-//!         // Runs on one node at a time; cancelled the moment the term ends.
-//!         ctx.cancelled().await;
-//!         Ok::<_, std::io::Error>(())
-//!     });
-//!
-//!     // On SIGTERM/Ctrl-C: stop admitting gated requests, wait for those in flight (up to the
-//!     // grace), release the lock (a secondary takes over at once), then drain the server.
-//!     let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
-//!     axum::serve(listener, app)
-//!         .with_graceful_shutdown(elector.shutdown_signal(terminate_signal()))
-//!         .await?;
-//!     Ok(())
-//! }
-//! ```
-//!
-//! With an elector of your own, use `PrimaryLayer::new(elector.handle())`; with one lock
-//! directory and defaults, `PrimaryLayer::file(dir)?`.
-//!
-//! ## Carry the term into downstream writes
+//! # Carry the term into downstream writes
 //!
 //! Being primary when a request starts does not mean being primary when its write lands: a
 //! pause, a partition or a slow request can outlive the term. Store the term next to the data and
@@ -157,23 +157,26 @@
 //! ```
 //!
 //! In a handler, the term comes from [`PrimaryTerm`] (or `Extension<TermContext>` behind the
-//! gate); in a singleton task, from its [`TermContext`].
+//! gate); in a singleton task, from its [`TermContext`]; in a scheduled run, from
+//! [`Run::term`](schedule::Run::term).
 //!
-//! # Backends and features
+//! # Features
 //!
 //! | feature | default | what |
 //! |---|---|---|
 //! | `file` | yes | [`FileLock`]: `flock` on a file in a directory; one host, zero setup |
-//! | `axum` | yes | axum extractors for the role ([`http::extract`]) and the [`http::health`] handlers |
-//! | — | always | [`MemoryBackend`]: in-process, with fault injection, for tests and doctests |
-//! | `redis` | no | [`RedisBackend`](backend::redis::RedisBackend): a lease (`SET NX PX`) renewed by owner-checked scripts, pub/sub handover (redis-rs, rustls); `redis://…`, `rediss://…` |
-//! | `postgres` | no | [`PostgresBackend`](backend::postgres::PostgresBackend): session advisory locks on PostgreSQL (tokio-postgres, rustls); `postgres://…` |
-//! | `etcd` | no | [`EtcdBackend`](backend::etcd::EtcdBackend): a lease-bound election on an etcd key prefix (etcd-client, rustls; building it needs `protoc`); `etcd://…`, `etcds://…` |
+//! | `axum` | yes | axum extractors for the role ([`http::extract`]) and the [`http::health`] handlers; the layer and the gate ([`http::layer`], [`http::require`]) work on any tower stack without it |
+//! | `schedule` | no | [schedules](schedule) (every interval, cron expressions in a time zone) and [run-once jobs](Elector::run_once), with [`http::health::Readiness`] |
+//! | `redis` | no | [`RedisBackend`](backend::redis::RedisBackend): a lease renewed by owner-checked scripts, pub/sub handover; `redis://…`, `rediss://…` |
+//! | `postgres` | no | [`PostgresBackend`](backend::postgres::PostgresBackend): session advisory locks; `postgres://…`, `postgresql://…` |
+//! | `etcd` | no | [`EtcdBackend`](backend::etcd::EtcdBackend): a lease-bound election on a key prefix (building it needs `protoc`); `etcd://…`, `etcds://…` |
 //! | `metrics` | no | role, transition, latency, task and schedule metrics on the `metrics` facade ([names](crate::metrics)) |
 //! | `full` | no | every optional part |
 //!
-//! A backend can be chosen at run time from a string (a flag or `TOWER_PRIMARY_BACKEND`) with
-//! [`backend::from_url`].
+//! [`MemoryBackend`], in-process with fault injection for tests, is always there. A backend can be
+//! chosen at run time from a string (a flag or `TOWER_PRIMARY_BACKEND`) with
+//! [`backend::from_url`]. Lease backends (Redis, etcd) use [`Lease::DEFAULT`] (5 s) unless the
+//! elector is given another [lease](ElectorBuilder::lease).
 //!
 //! # Shutdown
 //!
@@ -188,41 +191,24 @@
 //! 4. release the lock, which wakes the waiting nodes at once;
 //! 5. return, so the server can stop accepting connections and drain.
 //!
+//! [`Elector::step_down`] follows the same order, then campaigns again after the
+//! [rejoin delay](ElectorBuilder::rejoin_delay).
+//!
 //! # Guarantees
 //!
-//! - **At most one primary per lock name at any instant.** The file backend relies on `flock`,
-//!   which the kernel holds exactly while the holder's open file lives: a crashed holder's lock is
-//!   freed the instant its process exits, and a live holder cannot lose it. The lock file must never
-//!   be deleted; if it is, the holder notices (inotify) and steps down, and a new node never becomes
-//!   primary on a deleted inode. Lease backends rely on self-fencing under bounded clock-rate drift.
-//!   PostgreSQL session locks hold while the holder's lock session lives: a crashed holder's lock
-//!   is freed in milliseconds; a holder cut off from the server steps down by its liveness check
-//!   before the server's keepalive frees the lock; a successor waits until its predecessor has
-//!   stepped down (also after `pg_terminate_backend`); PgBouncer transaction pooling is refused.
-//!   etcd times the lease on its raft leader and deletes the holder's key when it expires; the
-//!   holder stops acting a margin before that, and also as soon as its key is gone.
-//!   Redis expires the holder's key a lease after its last renewal (on the Redis host's clock);
-//!   the holder stops acting a margin before that, by its own deadline, or as soon as a renewal is
-//!   refused. After a Redis restart no lock is granted until Redis has been up for the lease + 1 s,
-//!   so a holder whose key was lost has fenced itself first (all nodes of a lock must use the same
-//!   lease; one that differs refuses to campaign).
-//! - **Terms strictly increase** per lock name. The file backend uses `max(stored + 1, wall-clock
-//!   µs)`, so a deleted or corrupt term record still yields a higher term unless the wall clock is
-//!   set back. Redis issues `max(last + 1, server TIME in µs)` inside the acquire script, so terms
-//!   rise even after Redis restarted without its data (unless the Redis host's clock is set back).
-//!   PostgreSQL draws them from a sequence; etcd uses the holder key's create revision,
-//!   which survives restarts of etcd (not a restore of an older backup, nor a wiped data
-//!   directory).
-//! - **Fail closed.** Nothing but a successful acquisition makes a node primary; backend errors keep
-//!   it secondary and are retried with backoff.
-//! - **What it does not promise:** exactly-once execution. A primary that dies mid-job leaves the
-//!   job half done, and the next primary runs it again: make jobs idempotent, and carry the term
-//!   into downstream writes so a stale primary is refused there too. The file backend is for one
-//!   host only (not NFS); a raw `fork()` without `exec` shares the lock with the child. The Redis
-//!   backend assumes one Redis primary: replication is asynchronous, so a failover to a replica
-//!   (Sentinel, Cluster) can lose the lock key without a restart, and two nodes can then be primary
-//!   until the old one's next renewal (a third of the lease) — fence downstream writes with the
-//!   term, or use PostgreSQL or etcd where that matters.
+//! - At most one primary per lock name at any instant: the kernel's `flock` (file), a session
+//!   advisory lock with death certificates or a fencing bound (PostgreSQL), or a lease that the
+//!   primary fences itself by (Redis, etcd): [`RoleHandle::is_primary`] and
+//!   [`TermContext::is_valid`] compare the term's deadline with the clock themselves, so a process
+//!   resumed after a pause reads "not primary" before it does anything else.
+//! - Terms strictly increase per lock name, also across restarts.
+//! - Fail closed: nothing but a successful acquisition makes a node primary.
+//! - Not exactly-once: a primary that dies mid-job leaves it half done, and the next primary runs
+//!   it again. Make jobs idempotent and carry the term into downstream writes.
+//!
+//! What each backend promises, under which assumptions, and where each promise stops is stated
+//! once, in GUARANTEES.md at the root of the repository; ARCHITECTURE.md, beside it, says where in
+//! the code each invariant is kept.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 // The docs link items of every feature. With some features off those links have no target; every
 // link is checked by the documentation build with all features (docs.rs and CI).
@@ -238,6 +224,11 @@
     )),
     allow(rustdoc::broken_intra_doc_links)
 )]
+
+// The README's Rust examples compile and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;
 
 pub mod backend;
 mod backoff;

@@ -39,6 +39,9 @@
 //!   reported with its send time; the elector decides whether it extends anything.
 //! - The conformance suite (`tower_primary_testing::conformance`, a crate of its own) checks all of
 //!   this against a real server in a few lines.
+//!
+//! What each backend promises, under which assumptions, and where that stops is stated once, in
+//! GUARANTEES.md at the root of the repository.
 
 use std::fmt;
 use std::future::Future;

@@ -80,15 +80,15 @@
 //! (rustls, with the system's root certificates). `prefix` and `max_lease` (see
 //! [`RedisBackend::with_max_lease`]) are removed before the URL reaches the Redis driver.
 //!
-//! # What is not guaranteed
+//! # Guarantees
 //!
-//! One Redis primary is assumed. Replication is asynchronous: a failover to a replica (Sentinel,
-//! Cluster) can lose the lock key and bring back an older lease record without the uptime reset
-//! this backend watches for, and two nodes can then be primary until the old one's next renewal.
-//! Key expiry and `until` follow the Redis host's wall clock; a forward step there shortens every
-//! lease (keep the margin, use slewing NTP). Settings made with `CONFIG SET` are lost when Redis
-//! restarts; the backend sets key events again when it reconnects. As with every lease, a paused holder resumes not primary, but work it already
-//! started must carry the term to be refused downstream.
+//! One primary per lock name around **one Redis primary**: the holder fences itself a margin
+//! before its lease can run out, and the lease record keeps a lost key from being granted early.
+//! A crash costs the rest of the holder's lease; terms rise also across a restart without data.
+//! Not covered: a failover to an asynchronously replicated replica (Sentinel, Cluster), and a
+//! Redis host's clock that steps. The full statement, its assumptions and the bounds without a
+//! primary are in GUARANTEES.md at the root of the repository. Settings made with `CONFIG SET` are
+//! lost when Redis restarts; the backend sets key events again when it reconnects.
 //!
 //! # Mixing with version 0.1.0
 //!

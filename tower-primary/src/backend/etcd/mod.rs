@@ -38,8 +38,8 @@
 //!   the others wait on a **watch** of that prefix and try again when a key is deleted. A claim is
 //!   one transaction: if no key under the prefix is older than ours (a range compare) **and our
 //!   own key still exists with the create revision it had**, write the final holder record onto
-//!   it. etcd's own Campaign was measured returning success after the waiter's lease had expired;
-//!   the second compare is why that cannot make a primary here. A handover therefore costs the
+//!   it. etcd's own Campaign can return success after the waiter's lease has expired; the second
+//!   compare is why that cannot make a primary here. A handover therefore costs the
 //!   releaser's revoke, one watch event and one transaction.
 //! - **Term** = the create revision of the holder's key. Revisions only grow, survive restarts of
 //!   etcd, and a later holder's key is always younger: terms strictly increase.
@@ -61,11 +61,10 @@
 //! # Guarantees and limits
 //!
 //! etcd is raft-linearizable and times leases on its leader: the strongest of the lease backends.
-//! A crashed primary is replaced after the rest of its lease plus etcd's expiry check (≤ 0.5 s);
-//! a released one at once. The minimum lease is 2 s (etcd's own minimum TTL with default
-//! settings). Terms rely on etcd keeping its data: restoring an older backup or wiping the data
-//! directory can repeat terms. When etcd elects a new leader it extends every lease, so failover
-//! during etcd trouble takes longer (never shorter). Needs etcd 3.3 or newer (range compares);
+//! A crashed primary is replaced after the rest of its lease plus etcd's expiry check, a released
+//! one at once; terms rise while etcd keeps its data. The full statement, its assumptions and
+//! where it stops are in GUARANTEES.md at the root of the repository. The minimum lease is 2 s
+//! (etcd's own minimum TTL with default settings). Needs etcd 3.3 or newer (range compares);
 //! tested with 3.4.
 //!
 //! [`Holder`]: crate::Holder

@@ -65,22 +65,27 @@
 //!   naming the file, read without blocking and never beyond the limit. The holder rewrites its
 //!   record; the next [`Lock::store`] of the key replaces a damaged value.
 //!
-//! # Guarantees and hazards
+//! # Guarantees
 //!
-//! - **One host only.** flock on NFS or other network file systems is emulated or local-only;
-//!   it is not supported.
+//! At most one holder per lock name on one host, by the kernel's `flock` and the inode check; a
+//! crashed holder's lock is free the instant its process exits; terms rise across a deleted or
+//! damaged term record. The full statement, its assumptions and where it stops (network file
+//! systems, a deleted lock file, a raw `fork()`) are in GUARANTEES.md at the root of the
+//! repository.
+//!
+//! # Where to put the directory
+//!
+//! - On one host's local file system: `flock` on NFS or other network file systems is emulated or
+//!   local-only, and not supported.
 //! - **Never delete the lock file**, nor the directory (no "stale lock" clean-up, no age-based tmp
-//!   cleaners). A deleted or replaced lock file lets a new node lock a new file; the old holder
-//!   notices (bounded by inotify latency, at most about a second) and steps down, but for that
-//!   short time two nodes may act.
+//!   cleaners).
 //! - Use a private directory owned by the service user, e.g. `/run/<app>` (systemd
 //!   `RuntimeDirectory=<app>` with `RuntimeDirectoryPreserve=yes`) or `/var/lib/<app>`
 //!   (`StateDirectory=`). **Not `/tmp`**: with systemd `PrivateTmp=yes` every unit has its own
 //!   `/tmp`, so nodes in different units would never see each other's lock. Anyone who can open
 //!   the lock file can hold the lock.
-//! - A child started with `std::process::Command` (fork + exec) does not inherit the lock
-//!   (`O_CLOEXEC`). A raw `fork()` without exec **shares** the lock: it stays held until the child
-//!   exits too. Take the lock after forking workers.
+//! - Take the lock after forking workers: a raw `fork()` without exec shares it with the child
+//!   (`std::process::Command`, fork + exec, does not: `O_CLOEXEC`).
 //!
 //! # Examples
 //!

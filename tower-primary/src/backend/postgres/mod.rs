@@ -32,8 +32,8 @@
 //! taken by the server process the session started on (and not the one of the second connection),
 //! and `pg_locks` shows that process holding the key. A connection pooler in transaction or
 //! statement mode (PgBouncer `pool_mode=transaction`) fails these checks, and the node refuses
-//! the lock with an error that says so: behind such a pooler two clients both "won" the same
-//! advisory lock in a measured run. Connect directly, or through `pool_mode=session`.
+//! the lock with an error that says so: behind such a pooler two clients can both "win" the same
+//! advisory lock. Connect directly, or through `pool_mode=session`.
 //!
 //! **The previous holder steps down first.** A holder keeps a second advisory lock, the
 //! *step-down lock* (the two-int form of the same key bits, `objsubid = 2` in `pg_locks`), in
@@ -108,28 +108,13 @@
 //!
 //! # Guarantees
 //!
-//! - At most one primary per lock name: the server grants a session lock to one session, a
-//!   successor waits for its predecessor's step-down lock, and then for its fencing bound unless
-//!   it holds a death certificate. When a holder's process dies, its sockets close and the server
-//!   frees both locks in milliseconds; a successor on the same host sees the process gone.
-//! - Failover: milliseconds after a clean release or a death certified on the same host;
-//!   otherwise (another host, a holder whose sessions the server closed) the predecessor's
-//!   fencing bound after the grant, 450 ms by default.
-//! - A holder cut off from the server (partition, stalled proxy, sessions closed without it
-//!   hearing) stops acting one fencing bound (less a tenth) after its last good liveness check:
-//!   every good check counts as a renewal of a lease the backend implies (see
-//!   `Leadership::implied_lease`). A whole machine frozen for longer (a VM pause) reads as not
-//!   primary the moment it resumes. The holder also steps down within
-//!   `interval + timeout + 100 ms`, before the server's keepalive detection frees its locks, which
-//!   older versions rely on.
-//! - A stopped (`SIGSTOP`) holder keeps its lock until a waiting node ends its sessions (after
-//!   the maximum fencing bound plus one interval, checked every 2 s); it fences itself when it
-//!   resumes.
-//! - Terms strictly increase while the database keeps its data. Advisory locks are not
-//!   replicated: after a failover to a replica every holder's connection ends and it steps down;
-//!   a sequence value could in theory go back after such a failover (values are WAL-logged ahead
-//!   in batches, asynchronously replicated).
-//! - Each waiting node occupies one server connection (plus one for the second connection).
+//! At most one primary per lock name: one session holds the advisory lock, a successor waits for
+//! its predecessor's step-down, then for its fencing bound unless it holds a death certificate.
+//! Failover takes milliseconds after a clean release or a death certified on the same host, and
+//! the fencing bound (450 ms by default) otherwise. The full statement, the bounds without a
+//! primary, the assumptions and where they stop (replica failover, poolers, privileges to end a
+//! stopped holder) are in GUARANTEES.md at the root of the repository. Each waiting node occupies
+//! one server connection, plus one for its second connection.
 //!
 //! # Connection strings
 //!
