@@ -225,8 +225,8 @@
     allow(rustdoc::broken_intra_doc_links)
 )]
 
-// The README's Rust examples compile and run as doctests.
-#[cfg(doctest)]
+// The README's Rust examples compile as doctests (they use the default features).
+#[cfg(all(doctest, feature = "file", feature = "axum"))]
 #[doc = include_str!("../../README.md")]
 struct ReadmeDoctests;
 
