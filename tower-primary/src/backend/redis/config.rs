@@ -254,4 +254,77 @@ mod tests {
             Some(Duration::from_secs(9))
         );
     }
+
+    #[test]
+    fn each_bad_part_of_the_url_is_named_in_our_words() {
+        let problem = |url: &str| match RedisBackend::new(url) {
+            Err(crate::ConfigError::InvalidBackendUrl { problem, .. }) => problem,
+            other => panic!("{url}: {other:?}"),
+        };
+        assert_eq!(
+            problem("redis://"),
+            "missing host: expected redis://host[:port][/db]"
+        );
+        assert_eq!(
+            problem("redis://u:pw@:6379/1"),
+            "missing host: expected redis://host[:port][/db]"
+        );
+        assert_eq!(
+            problem("redis://h:99999"),
+            "port \"99999\": must be a number from 1 to 65535"
+        );
+        assert_eq!(
+            problem("redis://h:abc/1"),
+            "port \"abc\": must be a number from 1 to 65535"
+        );
+        assert_eq!(
+            problem("redis://h/notadb"),
+            "database \"notadb\": must be a database index (a number: 0, 1, ...)"
+        );
+        assert_eq!(
+            problem("redis://h/-1"),
+            "database \"-1\": must be a database index (a number: 0, 1, ...)"
+        );
+        assert_eq!(
+            problem("redis://h/1?nope=1"),
+            "unknown parameter \"nope\": expected prefix, max_lease, protocol, insecure, \
+             lib_name, lib_ver"
+        );
+        assert_eq!(
+            problem("redis://h/1?max_lease=soon"),
+            "parameter max_lease \"soon\": not a duration such as 30s or 2500ms (expected number \
+             at 0)"
+        );
+        assert_eq!(
+            problem("redis://h/1?max_lease=500ms"),
+            "parameter max_lease \"500ms\" must be at least the shortest lease, 1 s"
+        );
+        assert_eq!(
+            problem("http://h/1"),
+            "scheme \"http\": expected redis:// or rediss://"
+        );
+        assert_eq!(
+            problem("h:6379"),
+            "no scheme: expected redis://host[:port] or rediss://host[:port]"
+        );
+        assert_eq!(
+            problem("redis://0.0.0.0:6379"),
+            "host 0.0.0.0: a wildcard address names no server; give the server's address"
+        );
+        assert_eq!(
+            problem("redis://h#insecure"),
+            "fragment #insecure: only #insecure, with rediss://, is understood"
+        );
+        // IPv6 addresses and the driver's own fragment still parse.
+        assert!(RedisBackend::new("redis://[::1]:6379/2").is_ok());
+        assert!(RedisBackend::new("rediss://h:6380#insecure").is_ok());
+        // Never the driver's type names.
+        for bad in ["redis://", "redis://h:x", "redis://h/x", "redis://[::1"] {
+            let err = RedisBackend::new(bad).unwrap_err().to_string();
+            assert!(
+                !err.contains("InvalidClientConfig") && !err.contains(" - "),
+                "{bad}: {err}"
+            );
+        }
+    }
 }

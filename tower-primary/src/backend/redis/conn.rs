@@ -72,7 +72,9 @@ impl Conn {
                     self.reset();
                 }
                 let err = classify(what, e, self.db());
-                if broken && err.misconfiguration().is_none() {
+                // A TLS error, too, may come from a server that does not speak TLS: say so
+                // when it answers plain text.
+                if broken && matches!(err.misconfiguration(), None | Some(Misconfiguration::Tls)) {
                     return Err(self.plain_text_server(what).await.unwrap_or(err));
                 }
                 Err(err)
@@ -254,4 +256,58 @@ pub(super) fn is_connection_error(err: &Error) -> bool {
     source
         .downcast_ref::<DriverError>()
         .is_some_and(|DriverError(e)| e.is_io_error() || e.is_connection_dropped())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Chain;
+
+    #[test]
+    fn an_io_error_is_shown_once_and_retried() {
+        let refused = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        let err = classify("acquire", refused, 0);
+        assert!(err.misconfiguration().is_none(), "{err}");
+        assert!(is_connection_error(&err));
+        assert_eq!(
+            Chain(&err).to_string(),
+            "redis backend: acquire: connection refused"
+        );
+    }
+
+    #[test]
+    fn refusals_that_retrying_will_not_fix_are_misconfigurations_without_driver_names() {
+        let auth = RedisError::from((
+            ErrorKind::AuthenticationFailed,
+            "Password authentication failed",
+        ));
+        let err = classify("acquire", auth, 0);
+        assert_eq!(
+            err.misconfiguration(),
+            Some(Misconfiguration::Authentication)
+        );
+        assert_eq!(
+            Chain(&err).to_string(),
+            "redis backend: authentication failed: acquire: the server refused the user name or \
+             password of the backend string: Password authentication failed"
+        );
+
+        let select = RedisError::from((
+            ErrorKind::Server(ServerErrorKind::ResponseError),
+            "Redis server refused to switch database",
+            "DB index is out of range".to_owned(),
+        ));
+        let err = classify("acquire", select, 99);
+        assert_eq!(
+            err.misconfiguration(),
+            Some(Misconfiguration::MissingDatabase)
+        );
+        assert_eq!(
+            Chain(&err).to_string(),
+            "redis backend: database does not exist: acquire: the server has no database 99 (see \
+             its `databases` setting); choose another /db in the backend string: Redis server \
+             refused to switch database: DB index is out of range"
+        );
+        assert!(!Chain(&err).to_string().contains("ResponseError"));
+    }
 }

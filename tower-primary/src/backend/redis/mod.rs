@@ -80,6 +80,19 @@
 //! (rustls, with the system's root certificates). `prefix` and `max_lease` (see
 //! [`RedisBackend::with_max_lease`]) are removed before the URL reaches the Redis driver.
 //!
+//! # Errors
+//!
+//! A backend string with a bad part (scheme, host, port, database, parameter) is refused by
+//! [`RedisBackend::new`] with a [`ConfigError::InvalidBackendUrl`] that names the part. At run
+//! time, a refusal that retrying will not fix is an
+//! [`Error::Misconfigured`](crate::Error::Misconfigured) of its
+//! [kind](crate::Misconfiguration): a wrong or missing password (authentication), an ACL
+//! refusal (permission), a database index the server does not have (missing database),
+//! `rediss://` against a server without TLS or with an untrusted certificate (TLS), and a lease
+//! that does not fit the lock (incompatible lease: the current holder's lease differs, it
+//! exceeds the recorded maximum, or the server's `maxmemory-policy` may evict the lock's keys).
+//! An unreachable server or a timeout is an [`Error::Backend`](crate::Error::Backend), retried.
+//!
 //! # What is not guaranteed
 //!
 //! One Redis primary is assumed. Replication is asynchronous: a failover to a replica (Sentinel,
