@@ -157,10 +157,14 @@
 //! # Ok(()) }
 //! ```
 
+mod aux;
 mod config;
 mod conn;
+mod hold;
 mod lock;
+mod predecessor;
 mod sql;
+mod term;
 
 use std::fmt;
 use std::sync::Arc;
