@@ -271,3 +271,15 @@ async fn renew(
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leases_round_up_to_whole_seconds() {
+        assert_eq!(ttl_secs(Lease::new(Duration::from_secs(2))), 2);
+        assert_eq!(ttl_secs(Lease::new(Duration::from_millis(2001))), 3);
+        assert_eq!(ttl_secs(Lease::new(Duration::from_millis(2500))), 3);
+    }
+}
