@@ -10,7 +10,7 @@ use etcd_client::{
 use tokio::task::JoinHandle;
 
 use super::lock::{EtcdLock, Held, HeldSlot, term_of};
-use super::session::Session;
+use super::session::{Session, etcd_error};
 use super::watch::monitor;
 use super::{MIN_LEASE, NAME};
 use crate::backend::{AcquireRequest, BoxFuture, Leadership, Renewals};
@@ -174,7 +174,7 @@ impl EtcdLock {
                         Ok(_) => {
                             return Err(Error::backend_msg(NAME, format!("lock {:?}: the candidates' watch ended", self.name)));
                         }
-                        Err(e) => return Err(Error::backend(NAME, format!("lock {:?}: the candidates' watch failed: {e}", self.name), e)),
+                        Err(e) => return Err(etcd_error(&format!("lock {:?}: the candidates' watch failed", self.name), e)),
                     }
                 }
             }

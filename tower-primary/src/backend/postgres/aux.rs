@@ -11,6 +11,7 @@ use tokio_postgres::Row;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_util::sync::CancellationToken;
 
+use super::NAME;
 use super::conn::{Conn, OnNotify, connect, pg_error};
 use super::hold::term_i64;
 use super::lock::{Shared, first_row};
@@ -34,7 +35,8 @@ pub(super) enum AuxState {
     Connecting,
     /// The connection and its server process id.
     Ready(Arc<Conn>, i32),
-    Failed(String),
+    /// The last attempt's error (the supervisor retries).
+    Failed(Arc<Error>),
 }
 
 impl Shared {
@@ -157,9 +159,7 @@ impl Shared {
                 Err(err) => {
                     let delay = backoff.next_delay();
                     tracing::debug!(lock = %self.name, error = %err, retry_in = ?delay, "postgres: holder/state connection failed");
-                    self.aux
-                        .state
-                        .send_replace(AuxState::Failed(err.to_string()));
+                    self.aux.state.send_replace(AuxState::Failed(Arc::new(err)));
                     tokio::select! {
                         () = self.aux.stop.cancelled() => return,
                         () = tokio::time::sleep(delay) => {}
@@ -251,7 +251,7 @@ impl Shared {
         match tokio::time::timeout(limit, ready).await {
             Ok(Ok(state)) => match &*state {
                 AuxState::Ready(conn, pid) => Ok((conn.clone(), *pid)),
-                AuxState::Failed(e) => Err(self.backend_error(e.clone())),
+                AuxState::Failed(e) => Err(again(e)),
                 AuxState::Connecting => Err(self.backend_error("not connected")),
             },
             Ok(Err(_)) => Err(self.backend_error("the lock was dropped")),
@@ -287,6 +287,18 @@ impl Shared {
                 )))
             }
         }
+    }
+}
+
+/// The same error once more, for another caller (errors are not `Clone`); its kind is kept,
+/// and its message, which already holds the causes.
+fn again(e: &Error) -> Error {
+    match e {
+        Error::Misconfigured { kind, message, .. } => {
+            Error::misconfigured(NAME, *kind, message.clone(), None)
+        }
+        Error::Backend { message, .. } => Error::backend_msg(NAME, message.clone()),
+        other => Error::backend_msg(NAME, other.to_string()),
     }
 }
 
