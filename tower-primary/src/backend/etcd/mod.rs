@@ -263,7 +263,14 @@ impl EtcdBackend {
         let user = c
             .user
             .as_ref()
-            .map(|(name, _)| format!("{name}:***@"))
+            // `:***` only where there is a password to hide.
+            .map(|(name, password)| {
+                if password.is_empty() {
+                    format!("{name}@")
+                } else {
+                    format!("{name}:***@")
+                }
+            })
             .unwrap_or_default();
         format!(
             "{scheme}://{user}{}?prefix={}",
@@ -387,6 +394,19 @@ mod tests {
             EtcdBackend::new(["h:1"]).with_user("root", "hunter2")
         );
         assert!(!dbg.contains("hunter2"), "{dbg}");
+    }
+
+    #[test]
+    fn described_settings_show_a_password_only_as_stars() {
+        let with = EtcdBackend::new(["h:1"]).with_user("root", "hunter2");
+        assert_eq!(with.describe(), "etcd://root:***@h:1?prefix=tower-primary");
+        let without = EtcdBackend::new(["[::1]:2379"]).with_user("alice", "");
+        assert_eq!(
+            without.describe(),
+            "etcd://alice@[::1]:2379?prefix=tower-primary"
+        );
+        let nobody = EtcdBackend::new(["[::1]:2379"]).with_tls(true);
+        assert_eq!(nobody.describe(), "etcds://[::1]:2379?prefix=tower-primary");
     }
 
     #[test]

@@ -201,24 +201,25 @@ pub(super) async fn rpc<T>(
 /// too, since loggers often print only the top error.
 pub(super) fn etcd_error(what: &str, e: etcd_client::Error) -> Error {
     let problem = describe(&e);
+    let lower = problem.to_lowercase();
+    // The channel connects lazily: a failed handshake shows as the status of the first request
+    // ("unavailable"), in the transport's words.
+    let tls = ["tls", "certificate", "handshake", "corrupt message"]
+        .iter()
+        .any(|w| lower.contains(w));
     let kind = match &e {
+        _ if tls => Some(Misconfiguration::Tls),
         etcd_client::Error::GRpcStatus(status) => match i32::from(status.code()) {
             // gRPC codes: 16 unauthenticated, 7 permission denied.
             16 => Some(Misconfiguration::Authentication),
             7 => Some(Misconfiguration::Permission),
-            _ if problem.contains("authentication") || problem.contains("auth token") => {
+            _ if lower.contains("authentication") || lower.contains("auth token") => {
                 Some(Misconfiguration::Authentication)
             }
-            _ if problem.contains("permission denied") => Some(Misconfiguration::Permission),
+            _ if lower.contains("permission denied") => Some(Misconfiguration::Permission),
             _ => None,
         },
-        _ => {
-            let lower = problem.to_lowercase();
-            ["tls", "certificate", "handshake", "corrupt message"]
-                .iter()
-                .any(|w| lower.contains(w))
-                .then_some(Misconfiguration::Tls)
-        }
+        _ => None,
     };
     let message = format!("{what}: {problem}");
     // A status says no more than its message, and its `Display` would bring the metadata map
