@@ -544,8 +544,7 @@ async fn an_unreachable_server_is_a_backend_error_that_says_so_once() {
     let err = tokio::time::timeout(WAIT, lock.acquire(request("a")))
         .await
         .expect("an unreachable server is an error, not a hang")
-        .err()
-        .expect("no lock without a server");
+        .expect_err("no lock without a server");
     assert!(matches!(err, Error::Backend { .. }), "{err:?}");
     let text = err.to_string();
     eprintln!("{text}");
@@ -573,8 +572,7 @@ async fn tls_against_a_plain_server_is_a_misconfiguration() {
     let err = tokio::time::timeout(WAIT, lock.acquire(request("a")))
         .await
         .expect("a refused handshake is an error, not a hang")
-        .err()
-        .expect("no lock over a failed handshake");
+        .expect_err("no lock over a failed handshake");
     let text = err.to_string();
     eprintln!("{text}");
     assert_eq!(
@@ -966,9 +964,7 @@ async fn etcds_connects_with_tls_and_refuses_an_unknown_server_certificate() {
         .await
         .expect("a refused TLS connection is an error, not a hang");
     // Retrying cannot fix an untrusted certificate: a misconfiguration, reported as such.
-    let refused = refused
-        .err()
-        .expect("no lock without a trusted certificate");
+    let refused = refused.expect_err("no lock without a trusted certificate");
     assert_eq!(
         refused.misconfiguration(),
         Some(tower_primary::Misconfiguration::Tls),

@@ -393,7 +393,7 @@ mod step_down_tests {
     use crate::NodeId;
     use crate::backend::postgres::config::Settings;
     use crate::backend::postgres::lock::PgLock;
-    use crate::backend::{AcquireRequest, Leadership, Lock};
+    use crate::backend::{AcquireRequest, Lock};
 
     /// A holder whose second connection comes back but cannot take the step-down lock again
     /// ends its term: successors would no longer wait for it.
