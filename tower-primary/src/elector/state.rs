@@ -6,7 +6,7 @@ use crate::backend::{Changes, Lock, Stored};
 use crate::error::Error;
 use crate::role::TermContext;
 
-/// The state API of one lock, from [`Elector::state`]: small values kept by the backend, which
+/// The state API of one lock, from [`Elector::state`](super::Elector::state): small values kept by the backend, which
 /// only the term holding the lock may write.
 ///
 /// # Examples
