@@ -1068,3 +1068,30 @@ fn spawn_outside_a_runtime_creates_nothing_on_disk() {
         "created before the settings were checked: {left:?}"
     );
 }
+
+/// On a multi-threaded runtime too, the role is published by the time `spawn_checked` returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spawn_checked_returns_with_the_role_published() {
+    let store = MemoryBackend::new();
+    for _ in 0..20 {
+        let a = Elector::builder("checked-published")
+            .backend(store.clone())
+            .node(NodeId::new("a"))
+            .spawn_checked()
+            .await
+            .unwrap();
+        assert!(a.handle().is_primary());
+        let b = Elector::builder("checked-published")
+            .backend(store.connection())
+            .node(NodeId::new("b"))
+            .spawn_checked()
+            .await
+            .unwrap();
+        match b.handle().role() {
+            Role::Secondary { holder: Some(h) } => assert_eq!(h.id, "a"),
+            other => panic!("b should know a holds the lock: {other:?}"),
+        }
+        b.shutdown().await;
+        a.shutdown().await;
+    }
+}

@@ -178,9 +178,9 @@ impl ElectorBuilder {
     }
 
     /// Like [`spawn`](Self::spawn), then waits until the backend has answered: returns the
-    /// elector once this node has become primary or has read another node's holder record, and
-    /// the backend's error if it is [misconfigured](Error::Misconfigured), instead of retrying
-    /// for ever.
+    /// elector once this node has become primary or has read another node's holder record (its
+    /// [handle](Elector::handle) shows the role), and the backend's error if it is
+    /// [misconfigured](Error::Misconfigured), instead of retrying for ever.
     ///
     /// Transient errors (an unreachable server, a timeout) are retried with the
     /// [retry backoff](Self::retry_backoff), as the campaign always does, for up to the

@@ -233,8 +233,8 @@ impl Campaign {
         self.backoff.reset();
         attempt.span.record("term", leadership.term());
         crate::metrics::acquired(&self.shared.lock, attempt.started.elapsed());
+        // The first answer is reported once `Primary` is published (`lead`).
         self.errors.answered();
-        FirstAnswer::answered(&mut self.first_answer);
         leadership
     }
 
@@ -264,19 +264,22 @@ impl Campaign {
             Update::Changed => {}
             Update::Holder(holder) => {
                 self.errors.answered();
-                if holder
+                let other = holder
                     .as_ref()
-                    .is_some_and(|h| h.id != self.shared.node.id())
-                {
+                    .is_some_and(|h| h.id != self.shared.node.id());
+                if other {
                     // Another node took over (after our step-down, say): rejoin now.
                     attempt.rejoin_now();
-                    FirstAnswer::answered(&mut self.first_answer);
                 }
                 // Nobody holds it and our first attempt is under way: stay `Starting` rather
                 // than flash `Secondary` before `Primary`.
                 let starting = matches!(self.shared.state.borrow().role, Role::Starting);
                 if holder.is_some() || !starting || !attempt.in_flight() {
                     self.publish_secondary(holder);
+                }
+                if other {
+                    // Secondary behind a known holder, published.
+                    FirstAnswer::answered(&mut self.first_answer);
                 }
             }
             Update::Failed(failure, err) => {

@@ -5,6 +5,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::campaign::{Campaign, after};
+use super::check::FirstAnswer;
 use super::{Command, TARGET};
 use crate::backend::Leadership;
 use crate::clock::Timestamp;
@@ -54,6 +55,7 @@ impl Campaign {
             holder: Some(holder),
             term: Some(ctx.clone()),
         });
+        FirstAnswer::answered(&mut self.first_answer);
         tracing::info!(target: TARGET,
             lock = %self.shared.lock,
             node = %self.shared.node,
