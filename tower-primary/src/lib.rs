@@ -240,6 +240,7 @@
 )]
 
 pub mod backend;
+mod backend_error;
 mod backoff;
 pub mod clock;
 pub mod elector;
@@ -266,7 +267,7 @@ pub use crate::error::{BoxError, ConfigError, Error, Misconfiguration};
 pub use crate::http::extract::{CurrentRole, PrimaryTerm, RoleRejection};
 pub use crate::http::layer::{Primary, PrimaryLayer};
 pub use crate::http::require::{RequirePrimary, RequirePrimaryLayer};
-pub use crate::role::{Holder, InFlight, NodeId, Role, RoleHandle, TermContext};
+pub use crate::role::{BackendError, Holder, InFlight, NodeId, Role, RoleHandle, TermContext};
 
 #[cfg(feature = "file")]
 pub use crate::backend::file::FileLock;

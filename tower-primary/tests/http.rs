@@ -1051,7 +1051,15 @@ async fn report(app: &Router, path: &str) -> (StatusCode, RoleReport) {
     assert_eq!(res.headers()["content-type"], "application/json");
     let text = body_text(res).await;
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-    for key in ["role", "term", "lock", "node", "holder", "since"] {
+    for key in [
+        "role",
+        "term",
+        "lock",
+        "node",
+        "holder",
+        "since",
+        "backend_error",
+    ] {
         assert!(json.get(key).is_some(), "missing {key} in {text}");
     }
     for key in ["id", "host", "pid"] {
@@ -1109,6 +1117,59 @@ async fn health_role_is_200_on_every_role_and_primary_only_is_503_elsewhere() {
     let res = call(&app, "GET", "/health/primary").await;
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(res.headers()["retry-after"], "1");
+}
+
+/// A misconfigured backend is shown in `/health/role` until the backend answers again.
+#[tokio::test(start_paused = true)]
+async fn health_role_shows_a_backend_misconfiguration_until_it_is_fixed() {
+    use tower_primary::Misconfiguration;
+
+    let backend = MemoryBackend::new();
+    backend.faults().misconfigure(
+        Misconfiguration::Tls,
+        "the server requires TLS: use rediss://",
+    );
+    let elector = Elector::builder("health-misconfigured")
+        .backend(backend.clone())
+        .clock(Clock::tokio())
+        .spawn()
+        .unwrap();
+    let app = health_app(elector.handle());
+    // The failed acquisition publishes `Secondary` after recording the misconfiguration.
+    let mut role = elector.handle();
+    timeout(EVENT_BOUND, async {
+        while !matches!(role.role(), Role::Secondary { .. }) {
+            role.changed().await;
+        }
+    })
+    .await
+    .unwrap();
+    let text = body_text(call(&app, "GET", "/health/role").await).await;
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(json["role"], "secondary");
+    let shown = &json["backend_error"];
+    assert_eq!(shown["kind"], "tls");
+    assert_eq!(shown["message"], "the server requires TLS: use rediss://");
+    let since = shown["since"].as_str().unwrap();
+    assert!(humantime::parse_rfc3339(since).is_ok(), "{since}");
+    assert_eq!(
+        shown.as_object().unwrap().len(),
+        3,
+        "kind, message and since: {shown}"
+    );
+    let (status, r) = report(&app, "/health/role").await;
+    assert_eq!(status, StatusCode::OK);
+    let parsed = r.backend_error.expect("read back by clients");
+    assert_eq!(parsed.kind, Misconfiguration::Tls);
+
+    backend.faults().clear_misconfiguration();
+    timeout(EVENT_BOUND, elector.handle().wait_primary())
+        .await
+        .unwrap();
+    let (_, r) = report(&app, "/health/role").await;
+    assert_eq!(r.role, "primary");
+    assert!(r.backend_error.is_none());
+    elector.shutdown().await;
 }
 
 // ---------------------------------------------------------------------------------------------
