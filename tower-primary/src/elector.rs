@@ -196,7 +196,7 @@ impl ElectorBuilder {
     }
 
     /// Checks the configuration and prepares the backend's lock without starting the campaign:
-    /// [`PrimaryLayer::from_builder`](crate::PrimaryLayer::from_builder) checks at once and spawns
+    /// [`PrimaryLayer::new`](crate::PrimaryLayer::new) checks at once and spawns
     /// when the layer is first used.
     pub(crate) fn prepare(self) -> Result<Prepared, ConfigError> {
         validate_lock_name(&self.lock)?;
@@ -395,8 +395,8 @@ impl Elector {
 
     /// The state API of this lock: small values that only the current term may write.
     #[must_use]
-    pub fn state(&self) -> State {
-        State {
+    pub fn state(&self) -> StateStore {
+        StateStore {
             lock: self.inner.lock.clone(),
         }
     }
@@ -566,11 +566,11 @@ pub async fn terminate_signal() {
 /// # }
 /// ```
 #[derive(Clone, Debug)]
-pub struct State {
+pub struct StateStore {
     lock: Arc<dyn Lock>,
 }
 
-impl State {
+impl StateStore {
     /// Loads a value and the term that wrote it.
     ///
     /// # Errors

@@ -1135,7 +1135,7 @@ mod processes {
     use tokio::time::timeout;
     use tower_primary::http::health::{self, RoleReport};
     use tower_primary::{
-        Elector, FileLock, PrimaryLayer, RequirePrimaryLayer, RoleHandle, TermContext,
+        Elector, FileBackend, PrimaryLayer, RequirePrimaryLayer, RoleHandle, TermContext,
         terminate_signal,
     };
 
@@ -1202,7 +1202,7 @@ mod processes {
         let port = listener.local_addr().unwrap().port();
         let primary = PrimaryLayer::from_builder(
             Elector::builder(LOCK)
-                .backend(FileLock::new(dir))
+                .backend(FileBackend::new(dir))
                 .advertise(format!("http://127.0.0.1:{port}"))
                 .grace(Duration::from_secs(2)),
         )

@@ -17,7 +17,7 @@ use tower::ServiceExt;
 use tower_primary::backend::{Backend, Lock};
 use tower_primary::http::health::{self, Liveness};
 use tower_primary::{
-    Clock, Elector, FileLock, Lease, MemoryBackend, NodeId, PrimaryLayer, RoleHandle,
+    Clock, Elector, FileBackend, Lease, MemoryBackend, NodeId, PrimaryLayer, RoleHandle,
 };
 use tower_primary_lab::servers::TempDir;
 
@@ -866,7 +866,7 @@ async fn live_turns_unhealthy_when_an_aborted_task_blocks_its_thread() {
     let grace = Duration::from_millis(100);
     let dir = TempDir::new("wedged").unwrap();
     let elector = Elector::builder("wedged")
-        .backend(FileLock::new(dir.path()))
+        .backend(FileBackend::new(dir.path()))
         .grace(grace)
         .liveness_bound(bound)
         .spawn()
@@ -919,7 +919,7 @@ async fn live_turns_unhealthy_when_an_aborted_task_blocks_its_thread() {
     );
     assert!(!handle.is_primary());
     // The lock is kept while the task runs.
-    let holder = FileLock::new(dir.path())
+    let holder = FileBackend::new(dir.path())
         .lock("wedged")
         .unwrap()
         .holder()
@@ -1034,7 +1034,7 @@ async fn status_reports_and_follows_the_file_backend_holder() {
     let name = "status-file";
     let node = |id: &str| {
         Elector::builder(name)
-            .backend(FileLock::new(dir.path()))
+            .backend(FileBackend::new(dir.path()))
             .node(NodeId::new(id))
             .spawn()
             .unwrap()

@@ -15,7 +15,7 @@ use tower_primary::backend::Backend;
 use tower_primary::http::health::{self, Readiness};
 use tower_primary::schedule::{Missed, RunNowError, RunOnce, Schedule, ScheduleHandle};
 use tower_primary::{
-    BoxError, CurrentRole, Elector, FileLock, Lease, PrimaryLayer, RequirePrimaryLayer, Role,
+    BoxError, CurrentRole, Elector, FileBackend, Lease, PrimaryLayer, RequirePrimaryLayer, Role,
     TermContext, terminate_signal,
 };
 
@@ -76,7 +76,7 @@ async fn serve(index: Option<u16>, args: &Args) -> Result<(), BoxError> {
         Some(s) => tower_primary::backend::from_url(s)?,
         None => {
             std::fs::create_dir_all(dirs.locks())?;
-            Box::new(FileLock::new(dirs.locks()))
+            Box::new(FileBackend::new(dirs.locks()))
         }
     };
     let own_port = match (args.worker_ports, index) {
