@@ -17,7 +17,7 @@ use tower::ServiceExt;
 use tower_primary::backend::{Backend, Lock};
 use tower_primary::http::health::{self, Liveness};
 use tower_primary::{
-    Clock, Elector, FileBackend, Lease, MemoryBackend, NodeId, PrimaryLayer, RoleHandle,
+    AddRoleLayer, Clock, Elector, FileBackend, Lease, MemoryBackend, NodeId, RoleHandle,
 };
 use tower_primary_lab::servers::TempDir;
 
@@ -725,7 +725,7 @@ async fn acquire_renew_and_release_are_traced_with_lock_and_term() {
 fn live_app(elector: &Elector) -> Router {
     Router::new()
         .route("/health/live", get(health::live))
-        .layer(PrimaryLayer::new(elector.handle()))
+        .layer(AddRoleLayer::new(elector.handle()))
 }
 
 async fn get_live(app: &Router) -> (StatusCode, Liveness) {
