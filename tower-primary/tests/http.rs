@@ -49,6 +49,10 @@ async fn body_text(res: Response<Body>) -> String {
     String::from_utf8(bytes.to_vec()).unwrap()
 }
 
+async fn call_owned(app: Router, method: &str, uri: &str) -> Response<Body> {
+    call(&app, method, uri).await
+}
+
 async fn call(app: &Router, method: &str, uri: &str) -> Response<Body> {
     let req = Request::builder()
         .method(method)
@@ -686,6 +690,64 @@ async fn step_down_waits_for_a_gated_request_in_flight_before_releasing() {
     let res = request.await.unwrap().unwrap();
     let body = res.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(body, format!("finished term {term_a}"));
+    stepping.await.unwrap().unwrap();
+    let term_b = timeout(EVENT_BOUND, b_role.wait_primary())
+        .await
+        .unwrap()
+        .term();
+    assert!(term_b > term_a);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// An extracted `TermContext` counts as in flight while it lives, also on a route without the
+/// gate: step-down waits for the handler before it releases the lock.
+#[tokio::test(start_paused = true)]
+async fn step_down_waits_for_an_extracted_term_context_without_the_gate() {
+    let store = MemoryBackend::new();
+    let grace = Duration::from_secs(60);
+    let a = paused_node(&store, "extracted-term", "a", grace);
+    let term_a = a.handle().wait_primary().await.term();
+    let b = paused_node(&store, "extracted-term", "b", grace);
+    wait_holder(&mut b.handle(), "a").await;
+
+    let (started_tx, started_rx) = oneshot::channel::<u64>();
+    let (finish_tx, finish_rx) = oneshot::channel::<()>();
+    let channels = Arc::new(std::sync::Mutex::new(Some((started_tx, finish_rx))));
+    let app = Router::new()
+        .route(
+            "/work",
+            post(move |term: TermContext| {
+                let channels = channels.lock().unwrap().take();
+                async move {
+                    let (started, finish) = channels.expect("one request");
+                    started.send(term.term()).unwrap();
+                    finish.await.unwrap();
+                    format!("finished term {}", term.term())
+                }
+            }),
+        )
+        .layer(AddRoleLayer::new(a.handle()));
+    let request = tokio::spawn(call_owned(app, "POST", "/work"));
+    assert_eq!(started_rx.await.unwrap(), term_a);
+
+    let stepping = tokio::spawn({
+        let a = a.clone();
+        async move { a.step_down().await }
+    });
+    let mut b_role = b.handle();
+    assert!(
+        timeout(Duration::from_secs(30), b_role.wait_primary())
+            .await
+            .is_err(),
+        "b became primary while a's handler held its term"
+    );
+    assert!(!stepping.is_finished());
+
+    finish_tx.send(()).unwrap();
+    let res = request.await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(body_text(res).await, format!("finished term {term_a}"));
     stepping.await.unwrap().unwrap();
     let term_b = timeout(EVENT_BOUND, b_role.wait_primary())
         .await
