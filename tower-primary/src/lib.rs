@@ -270,8 +270,8 @@ pub use crate::http::require::{RequirePrimary, RequirePrimaryLayer};
 pub use crate::role::{Holder, InFlight, NodeId, Role, RoleHandle, TermContext};
 
 #[cfg(feature = "file")]
+pub use crate::backend::file::FileBackend;
+#[cfg(feature = "file")]
 #[allow(deprecated)]
 pub use crate::backend::file::FileLock;
-#[cfg(feature = "file")]
-pub use crate::backend::file::FileBackend;
 pub use crate::backend::memory::MemoryBackend;

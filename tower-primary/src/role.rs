@@ -515,7 +515,7 @@ pub struct TermContext {
     inner: Arc<TermInner>,
     /// Set on a context extracted from a request: the request counts as in flight while this
     /// context (or a clone of it) lives.
-    in_flight: Option<Arc<InFlight>>,
+    _in_flight: Option<Arc<InFlight>>,
 }
 
 struct TermInner {
@@ -548,13 +548,14 @@ impl TermContext {
                 tracker: TaskTracker::new(),
                 abort: CancellationToken::new(),
             }),
-            in_flight: None,
+            _in_flight: None,
         }
     }
 
     /// This context, counting `in_flight` as long as it or a clone lives (the extractor's).
+    #[cfg(feature = "axum")]
     pub(crate) fn holding(mut self, in_flight: InFlight) -> Self {
-        self.in_flight = Some(Arc::new(in_flight));
+        self._in_flight = Some(Arc::new(in_flight));
         self
     }
 

@@ -26,8 +26,8 @@ use tower::{Layer, ServiceExt, service_fn};
 use tower_primary::http::health::{self, RoleReport};
 use tower_primary::http::require::{Origin, ResponseBody};
 use tower_primary::{
-    AddRoleLayer, Clock, Elector, Holder, MemoryBackend, NodeId, PrimaryLayer,
-    RequirePrimaryLayer, Role, RoleHandle, RoleHeadersLayer, TermContext,
+    AddRoleLayer, Clock, Elector, Holder, MemoryBackend, NodeId, PrimaryLayer, RequirePrimaryLayer,
+    Role, RoleHandle, RoleHeadersLayer, TermContext,
 };
 
 /// A bound on waits for events that are expected to happen, so a bug fails the test instead of
@@ -153,8 +153,7 @@ fn owned_elector_is_checked_at_once_and_needs_a_runtime_to_claim() {
     let err = PrimaryLayer::new(Elector::builder("no-backend")).unwrap_err();
     assert!(err.to_string().contains("no backend"), "{err}");
 
-    let layer = PrimaryLayer::new(Elector::builder("no-rt").backend(MemoryBackend::new()))
-        .unwrap();
+    let layer = PrimaryLayer::new(Elector::builder("no-rt").backend(MemoryBackend::new())).unwrap();
     let inner = service_fn(|_: Request<()>| async { Ok::<_, Infallible>(Response::new(())) });
     let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| layer.layer(inner)))
         .expect_err("building the service outside a runtime must fail");
@@ -456,8 +455,16 @@ async fn every_gate_refusal_carries_a_json_body() {
 async fn a_503_refusal_body_is_the_documented_json() {
     let h = holder("web-1", 7, Some("http://10.0.0.7:8080"));
     let cases = [
-        (secondary_of(h.clone()), "not_primary", serde_json::to_value(&h).unwrap()),
-        (RoleHandle::fixed(Role::Starting), "no_primary", serde_json::Value::Null),
+        (
+            secondary_of(h.clone()),
+            "not_primary",
+            serde_json::to_value(&h).unwrap(),
+        ),
+        (
+            RoleHandle::fixed(Role::Starting),
+            "no_primary",
+            serde_json::Value::Null,
+        ),
         (
             RoleHandle::fixed(Role::Secondary { holder: None }),
             "no_primary",
@@ -498,7 +505,12 @@ async fn a_503_refusal_body_is_the_documented_json() {
             assert_eq!(body["error"], error, "{path}");
             assert_eq!(body["holder"], want_holder, "{path}");
             assert_eq!(body["retry_after_ms"], retry_after * 1000, "{path}");
-            assert!(body["message"].as_str().unwrap().starts_with("not primary for lock"));
+            assert!(
+                body["message"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("not primary for lock")
+            );
             // And it reads back as the public type.
             let refusal: tower_primary::http::require::Refusal =
                 serde_json::from_value(body).unwrap();

@@ -171,7 +171,12 @@ async fn completed(state: &StateStore, key: &str, version: &str) -> Result<bool,
 }
 
 /// Adds `version` to the record, under the term of `ctx`.
-async fn record(state: &StateStore, key: &str, version: &str, ctx: &TermContext) -> Result<(), Error> {
+async fn record(
+    state: &StateStore,
+    key: &str,
+    version: &str,
+    ctx: &TermContext,
+) -> Result<(), Error> {
     let stored = state.load(key).await?.map(|s| s.value).unwrap_or_default();
     let mut all: Vec<&[u8]> = versions(&stored)
         .filter(|v| *v != version.as_bytes())
