@@ -17,7 +17,7 @@ use http::{Request, Response};
 use http_body_util::Empty;
 use hyper::body::Bytes;
 use tower::{Layer, Service, service_fn};
-use tower_primary::{PrimaryLayer, RequirePrimaryLayer, Role, RoleHandle};
+use tower_primary::{AddRoleLayer, RequirePrimaryLayer, Role, RoleHandle, RoleHeadersLayer};
 
 /// Stands in for what axum's router inserts before a route's layers run.
 #[derive(Clone)]
@@ -64,21 +64,19 @@ fn layer(c: &mut Criterion) {
     run(
         c,
         "router_shaped/with_layer",
-        PrimaryLayer::new(role.clone()).layer(inner()),
+        AddRoleLayer::new(role.clone()).layer(inner()),
         router_shaped_request,
     );
     run(
         c,
         "router_shaped/with_layer_and_role_headers",
-        PrimaryLayer::new(role.clone())
-            .role_headers()
-            .layer(inner()),
+        AddRoleLayer::new(role.clone()).layer(RoleHeadersLayer::new().layer(inner())),
         router_shaped_request,
     );
     run(
         c,
         "router_shaped/gate_admits",
-        PrimaryLayer::new(role.clone()).layer(RequirePrimaryLayer::new().layer(inner())),
+        AddRoleLayer::new(role.clone()).layer(RequirePrimaryLayer::new().layer(inner())),
         router_shaped_request,
     );
     // For reference: the first insert into an empty map allocates it.
@@ -87,7 +85,7 @@ fn layer(c: &mut Criterion) {
     run(
         c,
         "empty_extensions/with_layer",
-        PrimaryLayer::new(role).layer(inner()),
+        AddRoleLayer::new(role).layer(inner()),
         empty,
     );
 }

@@ -34,7 +34,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tower::{Layer, Service, service_fn};
-use tower_primary::{Elector, MemoryBackend, PrimaryLayer, RequirePrimaryLayer, RoleHandle};
+use tower_primary::{AddRoleLayer, Elector, MemoryBackend, RequirePrimaryLayer, RoleHandle};
 
 /// Stands in for what axum's router inserts before a route's layers run.
 #[derive(Clone)]
@@ -103,7 +103,7 @@ fn micro(role: &RoleHandle, rounds: usize) -> f64 {
         })
     };
     let mut without = inner();
-    let mut with = PrimaryLayer::new(role.clone()).layer(inner());
+    let mut with = AddRoleLayer::new(role.clone()).layer(inner());
     let (mut a, mut b, mut diff) = (Vec::new(), Vec::new(), Vec::new());
     // One warm-up round, then the measured ones; batches alternate which variant goes first.
     for round in 0..=rounds.max(10) {
@@ -199,13 +199,13 @@ async fn main() {
     let layered = serve(
         Router::new()
             .route("/", hello())
-            .layer(PrimaryLayer::new(role.clone())),
+            .layer(AddRoleLayer::new(role.clone())),
     )
     .await;
     let gated = serve(
         Router::new()
             .route("/", hello().layer(RequirePrimaryLayer::new()))
-            .layer(PrimaryLayer::new(role.clone())),
+            .layer(AddRoleLayer::new(role.clone())),
     )
     .await;
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();

@@ -23,7 +23,7 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), tower_primary::Error> {
-//! // In production: `.backend(FileLock::new("/run/myapp"))`, or a backend string from a flag.
+//! // In production: `.backend(FileBackend::new("/run/myapp"))`, or a backend string from a flag.
 //! let elector = Elector::builder("report-scheduler")
 //!     .backend(MemoryBackend::new())
 //!     .grace(Duration::from_secs(5))
@@ -64,7 +64,7 @@
 //! ```no_run
 //! use axum::{Router, routing::{get, post}};
 //! use tower_primary::{
-//!     Elector, FileLock, PrimaryLayer, PrimaryTerm, RequirePrimaryLayer, terminate_signal,
+//!     Elector, FileBackend, PrimaryLayer, PrimaryTerm, RequirePrimaryLayer, terminate_signal,
 //! };
 //!
 //! async fn rebuild(term: PrimaryTerm) -> String {
@@ -78,7 +78,7 @@
 //!     // Checks the configuration now; claims the lock when the router is built.
 //!     let primary = PrimaryLayer::from_builder(
 //!         Elector::builder("my-app")
-//!             .backend(FileLock::new("/run/my-app"))
+//!             .backend(FileBackend::new("/run/my-app"))
 //!             .advertise(format!("http://10.0.0.7:{port}")),
 //!     )?;
 //!
@@ -163,7 +163,7 @@
 //!
 //! | feature | default | what |
 //! |---|---|---|
-//! | `file` | yes | [`FileLock`]: `flock` on a file in a directory; one host, zero setup |
+//! | `file` | yes | [`FileBackend`]: `flock` on a file in a directory; one host, zero setup |
 //! | `axum` | yes | axum extractors for the role ([`http::extract`]) and the [`http::health`] handlers |
 //! | — | always | [`MemoryBackend`]: in-process, with fault injection, for tests and doctests |
 //! | `redis` | no | [`RedisBackend`](backend::redis::RedisBackend): a lease (`SET NX PX`) renewed by owner-checked scripts, pub/sub handover (redis-rs, rustls); `redis://…`, `rediss://…` |
@@ -261,14 +261,18 @@ mod watchdog;
 
 pub use crate::backend::Lease;
 pub use crate::clock::Clock;
-pub use crate::elector::{Elector, ElectorBuilder, State, terminate_signal};
+pub use crate::elector::{Elector, ElectorBuilder, StateStore, terminate_signal};
 pub use crate::error::{BoxError, ConfigError, Error, Misconfiguration};
 #[cfg(feature = "axum")]
-pub use crate::http::extract::{CurrentRole, PrimaryTerm, RoleRejection};
-pub use crate::http::layer::{Primary, PrimaryLayer};
+#[allow(deprecated)]
+pub use crate::http::extract::{PrimaryTerm, RoleRejection};
+pub use crate::http::layer::{AddRole, AddRoleLayer, PrimaryLayer, RoleHeaders, RoleHeadersLayer};
 pub use crate::http::require::{RequirePrimary, RequirePrimaryLayer};
 pub use crate::role::{BackendError, Holder, InFlight, NodeId, Role, RoleHandle, TermContext};
 
 #[cfg(feature = "file")]
+pub use crate::backend::file::FileBackend;
+#[cfg(feature = "file")]
+#[allow(deprecated)]
 pub use crate::backend::file::FileLock;
 pub use crate::backend::memory::MemoryBackend;

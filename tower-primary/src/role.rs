@@ -523,13 +523,16 @@ impl RoleHandle {
 
 /// One primary period (term) as seen by the work that runs in it.
 ///
-/// Handed to every [singleton task](crate::Elector::singleton_task) and to handlers behind the
-/// primary-only gate. Carry [`term`](Self::term) into downstream writes so a stale primary's
+/// Handed to every [singleton task](crate::Elector::singleton_task), and to handlers as an axum
+/// extractor that succeeds only on the primary ([`http::extract`](crate::http::extract)). Carry [`term`](Self::term) into downstream writes so a stale primary's
 /// writes can be rejected (`UPDATE … WHERE term <= $term`); check [`is_valid`](Self::is_valid)
 /// before a side effect; select on [`cancelled`](Self::cancelled) to stop in time.
 #[derive(Clone)]
 pub struct TermContext {
     inner: Arc<TermInner>,
+    /// Set on a context extracted from a request: the request counts as in flight while this
+    /// context (or a clone of it) lives.
+    _in_flight: Option<Arc<InFlight>>,
 }
 
 struct TermInner {
@@ -562,7 +565,15 @@ impl TermContext {
                 tracker: TaskTracker::new(),
                 abort: CancellationToken::new(),
             }),
+            _in_flight: None,
         }
+    }
+
+    /// This context, counting `in_flight` as long as it or a clone lives (the extractor's).
+    #[cfg(feature = "axum")]
+    pub(crate) fn holding(mut self, in_flight: InFlight) -> Self {
+        self._in_flight = Some(Arc::new(in_flight));
+        self
     }
 
     /// The fencing term.

@@ -17,7 +17,7 @@ use tower::ServiceExt;
 use tower_primary::backend::{Backend, Lock};
 use tower_primary::http::health::{self, Liveness};
 use tower_primary::{
-    Clock, Elector, FileLock, Lease, MemoryBackend, NodeId, PrimaryLayer, RoleHandle,
+    AddRoleLayer, Clock, Elector, FileBackend, Lease, MemoryBackend, NodeId, RoleHandle,
 };
 use tower_primary_lab::servers::TempDir;
 
@@ -794,7 +794,7 @@ async fn acquire_renew_and_release_are_traced_with_lock_and_term() {
 fn live_app(elector: &Elector) -> Router {
     Router::new()
         .route("/health/live", get(health::live))
-        .layer(PrimaryLayer::new(elector.handle()))
+        .layer(AddRoleLayer::new(elector.handle()))
 }
 
 async fn get_live(app: &Router) -> (StatusCode, Liveness) {
@@ -935,7 +935,7 @@ async fn live_turns_unhealthy_when_an_aborted_task_blocks_its_thread() {
     let grace = Duration::from_millis(100);
     let dir = TempDir::new("wedged").unwrap();
     let elector = Elector::builder("wedged")
-        .backend(FileLock::new(dir.path()))
+        .backend(FileBackend::new(dir.path()))
         .grace(grace)
         .liveness_bound(bound)
         .spawn()
@@ -988,7 +988,7 @@ async fn live_turns_unhealthy_when_an_aborted_task_blocks_its_thread() {
     );
     assert!(!handle.is_primary());
     // The lock is kept while the task runs.
-    let holder = FileLock::new(dir.path())
+    let holder = FileBackend::new(dir.path())
         .lock("wedged")
         .unwrap()
         .holder()
@@ -1103,7 +1103,7 @@ async fn status_reports_and_follows_the_file_backend_holder() {
     let name = "status-file";
     let node = |id: &str| {
         Elector::builder(name)
-            .backend(FileLock::new(dir.path()))
+            .backend(FileBackend::new(dir.path()))
             .node(NodeId::new(id))
             .spawn()
             .unwrap()

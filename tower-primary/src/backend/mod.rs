@@ -19,7 +19,7 @@
 //!
 //! | backend | feature | string |
 //! |---|---|---|
-//! | [`FileLock`](file::FileLock) | `file` (default) | `/path/dir`, `./dir`, `file:///path/dir` |
+//! | [`FileBackend`](file::FileBackend) | `file` (default) | `/path/dir`, `./dir`, `file:///path/dir` |
 //! | [`MemoryBackend`](memory::MemoryBackend) | always | `memory://name` |
 //! | [`RedisBackend`](redis::RedisBackend) | `redis` | `redis://[user:pass@]host:port[/db][?prefix=p]`, `rediss://…` |
 //! | [`PostgresBackend`](postgres::PostgresBackend) | `postgres` | `postgres://…[?namespace=n&schema=s&sslmode=m]`, `postgresql://…` |
@@ -530,7 +530,7 @@ pub fn from_env() -> Result<Option<Box<dyn Backend>>, ConfigError> {
 
 #[cfg(feature = "file")]
 fn file_backend(path: &str) -> Result<Box<dyn Backend>, ConfigError> {
-    Ok(Box::new(file::FileLock::new(path)))
+    Ok(Box::new(file::FileBackend::new(path)))
 }
 
 #[cfg(not(feature = "file"))]

@@ -235,7 +235,7 @@ impl ElectorBuilder {
     }
 
     /// Checks the configuration and prepares the backend's lock without starting the campaign:
-    /// [`PrimaryLayer::from_builder`](crate::PrimaryLayer::from_builder) checks at once and spawns
+    /// [`PrimaryLayer::new`](crate::PrimaryLayer::new) checks at once and spawns
     /// when the layer is first used.
     pub(crate) fn prepare(self) -> Result<Prepared, ConfigError> {
         self.validate()?.prepare()

@@ -70,7 +70,7 @@ mod term;
 
 pub use self::builder::ElectorBuilder;
 pub(crate) use self::builder::Prepared;
-pub use self::state::State;
+pub use self::state::StateStore;
 
 /// The target of the elector's events and spans, whichever of its files they come from.
 const TARGET: &str = "tower_primary::elector";
@@ -121,8 +121,8 @@ impl Elector {
 
     /// The state API of this lock: small values that only the current term may write.
     #[must_use]
-    pub fn state(&self) -> State {
-        State::new(self.inner.lock.clone())
+    pub fn state(&self) -> StateStore {
+        StateStore::new(self.inner.lock.clone())
     }
 
     /// Registers a task that runs only while this node is primary.

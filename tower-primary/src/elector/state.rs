@@ -1,4 +1,4 @@
-//! [`State`]: the state API of one lock.
+//! [`StateStore`]: the state API of one lock.
 
 use std::sync::Arc;
 
@@ -27,13 +27,13 @@ use crate::role::TermContext;
 /// # }
 /// ```
 #[derive(Clone, Debug)]
-pub struct State {
+pub struct StateStore {
     lock: Arc<dyn Lock>,
 }
 
-impl State {
+impl StateStore {
     pub(super) fn new(lock: Arc<dyn Lock>) -> Self {
-        State { lock }
+        StateStore { lock }
     }
 
     /// Loads a value and the term that wrote it.

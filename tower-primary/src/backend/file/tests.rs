@@ -16,7 +16,7 @@ fn req(id: &str) -> AcquireRequest {
 }
 
 fn open(dir: &Path, name: &str) -> DirLock {
-    FileLock::new(dir).open(name).unwrap()
+    FileBackend::new(dir).open(name).unwrap()
 }
 
 async fn within<F: Future>(what: &str, fut: F) -> F::Output {
@@ -352,33 +352,33 @@ fn symlinked_dir_is_refused() {
     let link = tmp.path().join("link");
     std::os::unix::fs::symlink(&real, &link).unwrap();
     for given in [link.clone(), link.join("")] {
-        let problem = lock_dir_problem(FileLock::new(&given).lock("jobs"));
+        let problem = lock_dir_problem(FileBackend::new(&given).lock("jobs"));
         assert!(problem.contains("symbolic link"), "{problem}");
     }
     assert!(!real.join("jobs.lock").exists());
-    FileLock::new(&real).lock("jobs").unwrap();
+    FileBackend::new(&real).lock("jobs").unwrap();
 }
 
 #[test]
 fn missing_dir_and_non_directories_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let problem = lock_dir_problem(FileLock::new(tmp.path().join("nope")).lock("jobs"));
+    let problem = lock_dir_problem(FileBackend::new(tmp.path().join("nope")).lock("jobs"));
     assert!(problem.contains("does not exist"), "{problem}");
 
     let file = tmp.path().join("file");
     fs::write(&file, b"").unwrap();
-    let problem = lock_dir_problem(FileLock::new(&file).lock("jobs"));
+    let problem = lock_dir_problem(FileBackend::new(&file).lock("jobs"));
     assert!(problem.contains("not a directory"), "{problem}");
 
-    let problem = lock_dir_problem(FileLock::new("").lock("jobs"));
+    let problem = lock_dir_problem(FileBackend::new("").lock("jobs"));
     assert!(problem.contains("empty"), "{problem}");
 
     // The lock file itself must not be a symbolic link.
     std::os::unix::fs::symlink(&file, tmp.path().join("jobs.lock")).unwrap();
-    let problem = lock_dir_problem(FileLock::new(tmp.path()).lock("jobs"));
+    let problem = lock_dir_problem(FileBackend::new(tmp.path()).lock("jobs"));
     assert!(problem.contains("symbolic link"), "{problem}");
 
-    let err = FileLock::new(tmp.path()).lock("../escape").unwrap_err();
+    let err = FileBackend::new(tmp.path()).lock("../escape").unwrap_err();
     assert!(matches!(err, ConfigError::InvalidLockName { .. }), "{err}");
 }
 
@@ -391,7 +391,7 @@ fn unwritable_dir_is_refused() {
     fs::create_dir(&dir).unwrap();
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o500)).unwrap();
     let bypass = nix::unistd::access(&dir, AccessFlags::W_OK).is_ok();
-    let result = FileLock::new(&dir).lock("jobs");
+    let result = FileBackend::new(&dir).lock("jobs");
     if bypass {
         println!(
             "note: this process bypasses permission bits (root or CAP_DAC_OVERRIDE), so a \
@@ -406,7 +406,7 @@ fn unwritable_dir_is_refused() {
 
     // Where even root cannot create files (sysfs), the open fails and says so.
     if fs::symlink_metadata("/sys").is_ok_and(|m| m.is_dir()) {
-        let problem = lock_dir_problem(FileLock::new("/sys").lock("tower-primary-test"));
+        let problem = lock_dir_problem(FileBackend::new("/sys").lock("tower-primary-test"));
         assert!(problem.contains("not writable"), "{problem}");
     }
 }

@@ -34,7 +34,7 @@
 //! use http::{Request, StatusCode};
 //! use tower::ServiceExt;
 //! use tower_primary::http::health::{self, RoleReport};
-//! use tower_primary::{Elector, MemoryBackend, PrimaryLayer};
+//! use tower_primary::{AddRoleLayer, Elector, MemoryBackend};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -44,7 +44,7 @@
 //! let app = Router::new()
 //!     .route("/health/role", get(health::role))
 //!     .route("/health/primary", get(health::role_primary_only))
-//!     .layer(PrimaryLayer::new(elector.handle()));
+//!     .layer(AddRoleLayer::new(elector.handle()));
 //!
 //! let res = app.clone().oneshot(Request::get("/health/role").body(Body::empty())?).await?;
 //! assert_eq!(res.status(), StatusCode::OK);
@@ -156,14 +156,14 @@ mod live_handler {
     /// use http::{Request, StatusCode};
     /// use tower::ServiceExt;
     /// use tower_primary::http::health::{self, Liveness};
-    /// use tower_primary::{Elector, MemoryBackend, PrimaryLayer};
+    /// use tower_primary::{AddRoleLayer, Elector, MemoryBackend};
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let elector = Elector::builder("report-scheduler").backend(MemoryBackend::new()).spawn()?;
     /// let app = Router::new()
     ///     .route("/health/live", get(health::live))
-    ///     .layer(PrimaryLayer::new(elector.handle()));
+    ///     .layer(AddRoleLayer::new(elector.handle()));
     ///
     /// let res = app.oneshot(Request::get("/health/live").body(Body::empty())?).await?;
     /// assert_eq!(res.status(), StatusCode::OK);
