@@ -25,7 +25,7 @@
 //! | key | type | what |
 //! |---|---|---|
 //! | `{p:name}:lock` | string, `PX lease` | a random 128-bit token of the holder |
-//! | `{p:name}:holder` | hash, same expiry | `token`, `term`, `lease_ms`, `record` (the [`Holder`] as JSON) |
+//! | `{p:name}:holder` | hash, same expiry | `token`, `term`, `lease_ms`, `record` (the [`Holder`](crate::Holder) as JSON) |
 //! | `{p:name}:term` | string, no expiry | the last term issued |
 //! | `{p:name}:lease` | hash, no expiry | `until`: server time (ms) until which the last holder may act; `max_ms`: the largest maximum lease of the lock's nodes |
 //! | `{p:name}:abandoned:<token>` | string, 10 min expiry | an acquisition that gave up; a late request with that token is refused |
