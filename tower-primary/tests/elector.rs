@@ -1039,7 +1039,7 @@ async fn spawn_checked_retries_transient_errors_up_to_the_check_timeout() {
 fn spawn_outside_a_runtime_creates_nothing_on_disk() {
     let dir = tempfile::tempdir().unwrap();
     let err = Elector::builder("x")
-        .backend(tower_primary::FileLock::new(dir.path()))
+        .backend(tower_primary::FileBackend::new(dir.path()))
         .spawn()
         .unwrap_err();
     assert!(matches!(err, ConfigError::NoRuntime { .. }), "{err}");
@@ -1055,7 +1055,7 @@ fn spawn_outside_a_runtime_creates_nothing_on_disk() {
         .unwrap();
     rt.block_on(async {
         let err = Elector::builder("x")
-            .backend(tower_primary::FileLock::new(dir.path()))
+            .backend(tower_primary::FileBackend::new(dir.path()))
             .grace(Duration::ZERO)
             .spawn_checked()
             .await
