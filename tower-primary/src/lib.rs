@@ -214,7 +214,9 @@
 //!   which survives restarts of etcd (not a restore of an older backup, nor a wiped data
 //!   directory).
 //! - **Fail closed.** Nothing but a successful acquisition makes a node primary; backend errors keep
-//!   it secondary and are retried with backoff.
+//!   it secondary and are retried with backoff. A misconfigured backend (credentials, TLS, an
+//!   incompatible lease...) is logged at ERROR, shown by [`RoleHandle::backend_error`] and
+//!   `/health/role`, and counted; [`ElectorBuilder::spawn_checked`] returns it at start-up.
 //! - **What it does not promise:** exactly-once execution. A primary that dies mid-job leaves the
 //!   job half done, and the next primary runs it again: make jobs idempotent, and carry the term
 //!   into downstream writes so a stale primary is refused there too. The file backend is for one

@@ -150,7 +150,8 @@ pub(crate) fn renewed(lock: &str, took: Duration) {
     let _ = (lock, took);
 }
 
-/// A failed backend call, of kind `transient`.
+/// A failed backend call, of kind `transient` (the PostgreSQL backend's own calls).
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 pub(crate) fn backend_error(lock: &str, op: &'static str) {
     backend_error_kind(lock, op, None);
 }
