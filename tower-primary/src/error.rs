@@ -289,8 +289,8 @@ impl Error {
 }
 
 /// An error and its sources, `": "`-separated, for logs (`Display` of most errors leaves the
-/// sources out). A source whose text is already shown is skipped: some drivers print their
-/// cause in their own `Display` and return it as the source too.
+/// sources out). A source whose text is already shown is skipped: a backend's message carries
+/// its causes' words (loggers often print only the top error), and they are its sources too.
 pub(crate) struct Chain<'a>(pub(crate) &'a dyn std::error::Error);
 
 impl std::fmt::Display for Chain<'_> {

@@ -21,10 +21,10 @@
 //! prefix every lock lives under. User name and password are percent-decoded and never repeated
 //! in errors. No other parameter is accepted; the lease is the elector's setting.
 //!
-//! What retrying cannot fix is an [`Error::Misconfigured`](crate::Error::Misconfigured): etcd
+//! What retrying cannot fix is an [`Error::Misconfigured`]: etcd
 //! refused the credentials or the permission, or the TLS handshake failed (`etcds://` against a
 //! plain server, an untrusted certificate). An unreachable server or a timeout is an
-//! [`Error::Backend`](crate::Error::Backend), retried.
+//! [`Error::Backend`], retried.
 //!
 //! # How it works
 //!

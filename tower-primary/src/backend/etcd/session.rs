@@ -255,11 +255,21 @@ pub(super) fn describe(e: &etcd_client::Error) -> String {
     match e {
         etcd_client::Error::GRpcStatus(status) => {
             let text = status.message().trim_start_matches("etcdserver: ");
-            if text.is_empty() {
+            let mut shown = if text.is_empty() {
                 status.code().description().to_lowercase()
             } else {
                 text.to_owned()
+            };
+            // A transport failure carries its cause (connection refused, …) as the source.
+            if let Some(source) = std::error::Error::source(status) {
+                for part in crate::error::Chain(source).to_string().split(": ") {
+                    if !shown.contains(part) {
+                        shown.push_str(": ");
+                        shown.push_str(part);
+                    }
+                }
             }
+            shown
         }
         other => crate::error::Chain(other).to_string(),
     }

@@ -168,7 +168,6 @@ pub(super) fn describe(e: &tokio_postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
         return format!("{}: {} ({})", db.severity(), db.message(), db.code().code());
     }
-    // The driver's `Display` already shows its cause, which is its source too: each once.
     crate::error::Chain(e).to_string()
 }
 
