@@ -17,7 +17,7 @@
 //! }
 //!
 //! // One #[tokio::test] per check (needs tokio's `macros` and `rt-multi-thread` features).
-//! tower_primary::conformance_tests!(Memory(MemoryBackend::new()));
+//! tower_primary_testing::conformance_tests!(Memory(MemoryBackend::new()));
 //! # fn main() {}
 //! ```
 //!
@@ -437,14 +437,14 @@ pub async fn run_all<F: Fixture + ?Sized>(fixture: &F) {
 /// ```
 /// mod memory {
 ///     use tower_primary_testing::conformance::MemoryFixture;
-///     tower_primary::conformance_tests!(MemoryFixture::new());
+///     tower_primary_testing::conformance_tests!(MemoryFixture::new());
 /// }
 ///
 /// mod memory_with_lease {
 ///     use std::time::Duration;
 ///     use tower_primary::Lease;
 ///     use tower_primary_testing::conformance::MemoryFixture;
-///     tower_primary::conformance_tests!(MemoryFixture::with_lease(Lease::new(
+///     tower_primary_testing::conformance_tests!(MemoryFixture::with_lease(Lease::new(
 ///         Duration::from_secs(1)
 ///     )));
 /// }
@@ -1842,9 +1842,7 @@ impl Log {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
-        self.entries
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::sync::lock(&self.entries)
     }
 }
 

@@ -16,3 +16,5 @@
 pub mod conformance;
 pub mod history;
 pub mod witness;
+
+mod sync;
