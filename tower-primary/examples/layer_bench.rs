@@ -163,19 +163,19 @@ fn micro(role: &RoleHandle, rounds: usize) -> f64 {
         .layer(inner());
     let [.., diff] = paired(&mut headers, router_shaped_request, rounds);
     println!(
-        "    overhead with role headers           ns/req {}",
+        "    overhead with role headers       ns/req {}",
         spread(&diff, 1).1
     );
     let mut gate = PrimaryLayer::new(role.clone()).layer(RequirePrimaryLayer::new().layer(inner()));
     let [.., diff] = paired(&mut gate, router_shaped_request, rounds);
     println!(
-        "    overhead with the gate admitting     ns/req {}",
+        "    overhead with the gate admitting ns/req {}",
         spread(&diff, 1).1
     );
     let mut empty = PrimaryLayer::new(role.clone()).layer(inner());
     let [.., diff] = paired(&mut empty, empty_request, rounds);
     println!(
-        "    overhead, empty extensions map       ns/req {}",
+        "    overhead, empty extensions map   ns/req {}",
         spread(&diff, 1).1
     );
     overhead
