@@ -72,7 +72,7 @@ mod redact;
 
 pub use lease::Lease;
 pub use redact::redact;
-pub(crate) use redact::without_passwords;
+pub(crate) use redact::{passwords_in, without_passwords};
 
 /// A boxed, `Send` future, as the object-safe traits return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

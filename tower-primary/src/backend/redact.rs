@@ -116,7 +116,7 @@ fn redact_password_parameters(text: &str) -> String {
 /// The passwords `redact` hides in `url`, and the pieces of each between the characters that
 /// parsers split at (`/ ? # @ : & =`), longest first: other code (a driver, a query parser) may
 /// quote a piece in its message.
-fn passwords_in(url: &str) -> Vec<&str> {
+pub(crate) fn passwords_in(url: &str) -> Vec<&str> {
     const KEY: &str = "password=";
     let Some((_, rest)) = url.split_once("://") else {
         return Vec::new();
