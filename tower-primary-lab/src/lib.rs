@@ -15,3 +15,5 @@ pub mod node;
 pub mod old_version;
 pub mod proxy;
 pub mod servers;
+
+mod sync;

@@ -99,7 +99,7 @@ use std::fmt;
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
@@ -107,6 +107,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::host::SimulatedHost;
+use crate::sync::lock;
 use tower_primary::clock::monotonic_nanos;
 use tower_primary::role::{Role, RoleHandle, TermContext};
 use tower_primary::{Elector, Lease};
@@ -916,11 +917,6 @@ impl EventLog {
         };
         tokio::time::timeout(timeout, waiting).await.ok()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Only pushes and clones happen under these locks; a panic cannot leave them half-changed.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The role a node last reported.

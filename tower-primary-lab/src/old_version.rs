@@ -49,10 +49,11 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::node::NodeCommand;
+use crate::sync::lock;
 
 /// The example that is the node entry of 0.1.0: its `main` runs a node when
 /// `TOWER_PRIMARY_TEST_NODE=1` ([`node`](crate::node)).
@@ -144,15 +145,12 @@ impl OldVersion {
     pub fn build_blocking(&self) -> Result<OldBuild, OldVersionError> {
         static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
         let key = (self.repo.clone(), self.commit.clone(), self.example.clone());
-        let slot = CACHE
-            .get_or_init(Cache::default)
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        let slot = lock(CACHE.get_or_init(Cache::default))
             .entry(key)
             .or_default()
             .clone();
         // One build at a time per version in this process; the others wait and reuse it.
-        let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut slot = lock(&slot);
         if let Some(built) = &*slot {
             return Ok(OldBuild {
                 took: Duration::ZERO,

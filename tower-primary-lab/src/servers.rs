@@ -256,7 +256,9 @@ impl RedisServer {
         let addr = self.addr();
         let ready = tokio::task::spawn_blocking(move || {
             let res = wait_ready("redis-server", &mut child, Duration::from_secs(10), || {
-                exchange(addr, b"PING\r\n").is_some_and(|r| r.starts_with("+PONG"))
+                // A server with `--requirepass` answers `-NOAUTH`: up, too.
+                exchange(addr, b"PING\r\n")
+                    .is_some_and(|r| r.starts_with("+PONG") || r.starts_with("-NOAUTH"))
             });
             (child, res)
         })

@@ -17,7 +17,7 @@
 //! }
 //!
 //! // One #[tokio::test] per check (needs tokio's `macros` and `rt-multi-thread` features).
-//! tower_primary::conformance_tests!(Memory(MemoryBackend::new()));
+//! tower_primary_testing::conformance_tests!(Memory(MemoryBackend::new()));
 //! # fn main() {}
 //! ```
 //!
@@ -437,14 +437,14 @@ pub async fn run_all<F: Fixture + ?Sized>(fixture: &F) {
 /// ```
 /// mod memory {
 ///     use tower_primary_testing::conformance::MemoryFixture;
-///     tower_primary::conformance_tests!(MemoryFixture::new());
+///     tower_primary_testing::conformance_tests!(MemoryFixture::new());
 /// }
 ///
 /// mod memory_with_lease {
 ///     use std::time::Duration;
 ///     use tower_primary::Lease;
 ///     use tower_primary_testing::conformance::MemoryFixture;
-///     tower_primary::conformance_tests!(MemoryFixture::with_lease(Lease::new(
+///     tower_primary_testing::conformance_tests!(MemoryFixture::with_lease(Lease::new(
 ///         Duration::from_secs(1)
 ///     )));
 /// }
@@ -1190,7 +1190,7 @@ pub async fn shutdown_aborts_tasks_after_the_grace<F: Fixture + ?Sized>(fixture:
 
 /// The state API: the primary stores under its term and every node loads the value
 /// with that term; `watch_key` wakes on a change; after a handover, writes with the old term —
-/// through the elector's [`State`](tower_primary::State) and through [`Lock::store`] on the old holder's
+/// through the elector's [`StateStore`](tower_primary::StateStore) and through [`Lock::store`] on the old holder's
 /// and on another connection — fail with [`Error::StaleTerm`] and change nothing; a write with
 /// a term that never held the lock fails too; the new term's value is never overwritten by an
 /// older term.
@@ -1254,7 +1254,7 @@ pub async fn state_api_guards_terms<F: Fixture + ?Sized>(fixture: &F) {
     };
     stale(
         state_a.store(KEY, b"stale", &ctx_a).await,
-        &format!("State::store with the old term {ta}"),
+        &format!("StateStore::store with the old term {ta}"),
     );
     let a_lock = h.lock(&a.conn);
     stale(
@@ -1842,9 +1842,7 @@ impl Log {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
-        self.entries
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::sync::lock(&self.entries)
     }
 }
 

@@ -922,10 +922,7 @@ impl Recorder {
 
     fn lock(&self) -> MutexGuard<'_, History> {
         // Every update leaves the history consistent before it could panic.
-        self.inner
-            .history
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::sync::lock(&self.inner.history)
     }
 }
 

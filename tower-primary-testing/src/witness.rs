@@ -87,7 +87,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -96,6 +96,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::history::{History, Period, Report};
+use crate::sync::lock;
 use tower_primary::clock::{Timestamp, monotonic_nanos};
 use tower_primary::elector::Elector;
 use tower_primary::role::TermContext;
@@ -444,11 +445,6 @@ impl Witness {
     fn lock(&self) -> MutexGuard<'_, State> {
         lock(&self.inner.state)
     }
-}
-
-fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
-    // The fence and the log change together under the lock, with nothing that can panic between.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn offer(inner: &Inner, request: Request) -> Verdict {

@@ -6,7 +6,10 @@
 //!
 //! (a) An in-process micro-benchmark of one service call, on requests shaped as a route sees them
 //!     inside an axum `Router` (the extensions map already in use), with and without the layer:
-//!     the median over paired rounds of the difference, in ns per request.
+//!     the median over paired rounds of the difference, in ns per request. Then, each paired with
+//!     the bare service the same way, the overhead of the layer with role headers, of the layer
+//!     with the primary-only gate admitting the request, and of the layer on a request whose
+//!     extensions map is still empty (the first insert allocates it).
 //! (b) HTTP throughput of a hello-world axum server over loopback, driven by an in-process hyper
 //!     client pool, without and with `PrimaryLayer`, in paired alternating rounds; then the same
 //!     with `RequirePrimaryLayer` on the route, reported on its own line. Each round's ratio is
@@ -34,7 +37,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tower::{Layer, Service, service_fn};
-use tower_primary::{Elector, MemoryBackend, PrimaryLayer, RequirePrimaryLayer, RoleHandle};
+use tower_primary::{
+    AddRoleLayer, Elector, MemoryBackend, RequirePrimaryLayer, RoleHandle, RoleHeadersLayer,
+};
 
 /// Stands in for what axum's router inserts before a route's layers run.
 #[derive(Clone)]
@@ -81,11 +86,11 @@ fn spread(values: &[f64], digits: usize) -> (f64, String) {
 
 /// Nanoseconds spent calling `svc` on `batch` router-shaped requests, built before the clock
 /// starts (a small batch, so the requests are in cache as a server's would be).
-fn time_batch<S>(svc: &mut S, batch: usize) -> u128
+fn time_batch<S, B>(svc: &mut S, batch: usize, make: fn() -> Request<()>) -> u128
 where
-    S: Service<Request<()>, Response = Response<()>, Error = Infallible>,
+    S: Service<Request<()>, Response = Response<B>, Error = Infallible>,
 {
-    let reqs: Vec<_> = (0..batch).map(|_| router_shaped_request()).collect();
+    let reqs: Vec<_> = (0..batch).map(|_| make()).collect();
     let start = Instant::now();
     for req in reqs {
         black_box(svc.call(req).now_or_never());
@@ -93,28 +98,37 @@ where
     start.elapsed().as_nanos()
 }
 
-fn micro(role: &RoleHandle, rounds: usize) -> f64 {
-    const BATCH: usize = 256;
-    const BATCHES: usize = 400;
-    let inner = || {
-        service_fn(|req: Request<()>| {
-            drop(black_box(req));
-            std::future::ready(Ok::<_, Infallible>(Response::new(())))
-        })
-    };
+fn empty_request() -> Request<()> {
+    Request::get("/").body(()).unwrap()
+}
+
+/// The innermost service: takes the request (dropping it, as a handler would) and answers with
+/// an empty body (zero-sized, and a body the gate can wrap).
+fn inner()
+-> impl Service<Request<()>, Response = Response<Empty<Bytes>>, Error = Infallible> + Clone {
+    service_fn(|req: Request<()>| {
+        drop(black_box(req));
+        std::future::ready(Ok::<_, Infallible>(Response::new(Empty::new())))
+    })
+}
+
+/// ns/req without and with, and their difference, per measured round: one warm-up round, then
+/// the measured ones; batches alternate which variant goes first.
+fn paired<S, B>(with: &mut S, make: fn() -> Request<()>, rounds: usize) -> [Vec<f64>; 3]
+where
+    S: Service<Request<()>, Response = Response<B>, Error = Infallible>,
+{
     let mut without = inner();
-    let mut with = PrimaryLayer::new(role.clone()).layer(inner());
     let (mut a, mut b, mut diff) = (Vec::new(), Vec::new(), Vec::new());
-    // One warm-up round, then the measured ones; batches alternate which variant goes first.
     for round in 0..=rounds.max(10) {
         let (mut x, mut y) = (0, 0);
         for i in 0..BATCHES {
             if i % 2 == 0 {
-                x += time_batch(&mut without, BATCH);
-                y += time_batch(&mut with, BATCH);
+                x += time_batch(&mut without, BATCH, make);
+                y += time_batch(with, BATCH, make);
             } else {
-                y += time_batch(&mut with, BATCH);
-                x += time_batch(&mut without, BATCH);
+                y += time_batch(with, BATCH, make);
+                x += time_batch(&mut without, BATCH, make);
             }
         }
         if round == 0 {
@@ -126,6 +140,15 @@ fn micro(role: &RoleHandle, rounds: usize) -> f64 {
         b.push(y);
         diff.push(y - x);
     }
+    [a, b, diff]
+}
+
+const BATCH: usize = 256;
+const BATCHES: usize = 400;
+
+fn micro(role: &RoleHandle, rounds: usize) -> f64 {
+    let mut with = AddRoleLayer::new(role.clone()).layer(inner());
+    let [a, b, diff] = paired(&mut with, router_shaped_request, rounds);
     let (_, without_text) = spread(&a, 1);
     let (_, with_text) = spread(&b, 1);
     let (overhead, diff_text) = spread(&diff, 1);
@@ -136,6 +159,26 @@ fn micro(role: &RoleHandle, rounds: usize) -> f64 {
     println!("    without layer  ns/req {without_text}");
     println!("    with layer     ns/req {with_text}");
     println!("    layer overhead ns/req {diff_text}");
+
+    let mut headers =
+        AddRoleLayer::new(role.clone()).layer(RoleHeadersLayer::new().layer(inner()));
+    let [.., diff] = paired(&mut headers, router_shaped_request, rounds);
+    println!(
+        "    overhead with role headers       ns/req {}",
+        spread(&diff, 1).1
+    );
+    let mut gate = AddRoleLayer::new(role.clone()).layer(RequirePrimaryLayer::new().layer(inner()));
+    let [.., diff] = paired(&mut gate, router_shaped_request, rounds);
+    println!(
+        "    overhead with the gate admitting ns/req {}",
+        spread(&diff, 1).1
+    );
+    let mut empty = AddRoleLayer::new(role.clone()).layer(inner());
+    let [.., diff] = paired(&mut empty, empty_request, rounds);
+    println!(
+        "    overhead, empty extensions map   ns/req {}",
+        spread(&diff, 1).1
+    );
     overhead
 }
 
@@ -199,13 +242,13 @@ async fn main() {
     let layered = serve(
         Router::new()
             .route("/", hello())
-            .layer(PrimaryLayer::new(role.clone())),
+            .layer(AddRoleLayer::new(role.clone())),
     )
     .await;
     let gated = serve(
         Router::new()
             .route("/", hello().layer(RequirePrimaryLayer::new()))
-            .layer(PrimaryLayer::new(role.clone())),
+            .layer(AddRoleLayer::new(role.clone())),
     )
     .await;
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 use tower_primary::backend::Backend;
-use tower_primary::{Elector, FileLock, Lease, NodeId, Role, terminate_signal};
+use tower_primary::{Elector, FileBackend, Lease, NodeId, Role, terminate_signal};
 
 const WORKER_FLAG: &str = "--worker";
 
@@ -156,7 +156,7 @@ async fn any_exit(children: &mut [Child]) -> (usize, std::io::Result<std::proces
 async fn worker(index: u32, args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let backend: Box<dyn Backend> = match &args.backend {
         Some(s) => tower_primary::backend::from_url(s)?,
-        None => Box::new(FileLock::new(args.state_dir.join("locks"))),
+        None => Box::new(FileBackend::new(args.state_dir.join("locks"))),
     };
     let mut builder = Elector::builder("ticker")
         .backend(backend)

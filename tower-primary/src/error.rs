@@ -289,18 +289,23 @@ impl Error {
 }
 
 /// An error and its sources, `": "`-separated, for logs (`Display` of most errors leaves the
-/// sources out).
+/// sources out). A source whose text is already shown is skipped: a backend's message carries
+/// its causes' words (loggers often print only the top error), and they are its sources too.
 pub(crate) struct Chain<'a>(pub(crate) &'a dyn std::error::Error);
 
 impl std::fmt::Display for Chain<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
+        let mut shown = self.0.to_string();
         let mut source = self.0.source();
         while let Some(s) = source {
-            write!(f, ": {s}")?;
+            let text = s.to_string();
+            if !text.is_empty() && !shown.contains(&text) {
+                shown.push_str(": ");
+                shown.push_str(&text);
+            }
             source = s.source();
         }
-        Ok(())
+        f.write_str(&shown)
     }
 }
 
@@ -368,6 +373,38 @@ mod tests {
         assert_eq!(
             Chain(&e).to_string(),
             "file backend: cannot lock: disk on fire"
+        );
+    }
+
+    /// A driver that prints its cause and returns it as the source too does not double it.
+    #[test]
+    fn chains_show_each_cause_once() {
+        #[derive(Debug)]
+        struct Driver(std::io::Error);
+        impl std::fmt::Display for Driver {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "error connecting to server: {}", self.0)
+            }
+        }
+        impl std::error::Error for Driver {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let refused = || std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = Error::backend(
+            "postgres",
+            "connect to postgres://h/db: error connecting to server: refused",
+            Driver(refused()),
+        );
+        assert_eq!(
+            Chain(&e).to_string(),
+            "postgres backend: connect to postgres://h/db: error connecting to server: refused"
+        );
+        let e = Error::backend("postgres", "connect to postgres://h/db", Driver(refused()));
+        assert_eq!(
+            Chain(&e).to_string(),
+            "postgres backend: connect to postgres://h/db: error connecting to server: refused"
         );
     }
 

@@ -24,10 +24,10 @@
 //! ```no_run
 //! use axum::{Router, routing::{get, post}};
 //! use tower_primary::{
-//!     Elector, FileLock, PrimaryLayer, PrimaryTerm, RequirePrimaryLayer, terminate_signal,
+//!     Elector, FileBackend, PrimaryLayer, RequirePrimaryLayer, TermContext, terminate_signal,
 //! };
 //!
-//! async fn rebuild(term: PrimaryTerm) -> String {
+//! async fn rebuild(term: TermContext) -> String {
 //!     // Runs on the primary only; put `term` into the writes it makes (see below).
 //!     format!("rebuilt under term {}", term.term())
 //! }
@@ -36,9 +36,9 @@
 //! async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //!     let port = 8080;
 //!     // Checks the configuration now; claims the lock when the router is built.
-//!     let primary = PrimaryLayer::from_builder(
+//!     let primary = PrimaryLayer::new(
 //!         Elector::builder("my-app")
-//!             .backend(FileLock::new("/run/my-app"))
+//!             .backend(FileBackend::new("/run/my-app"))
 //!             .advertise(format!("http://10.0.0.7:{port}")),
 //!     )?;
 //!
@@ -49,7 +49,7 @@
 //!         .route("/health/role", get(tower_primary::http::health::role))
 //!         .layer(primary.clone()); // one elector, however many routes
 //!
-//!     let elector = primary.elector().expect("the layer owns its elector");
+//!     let elector = primary.elector();
 //!     elector.singleton_task("nightly-report", |ctx| async move {
 //!         // Runs on one node at a time; `ctx.term()` is the fencing token, and
 //!         // `ctx.cancelled()` resolves the moment the term ends.
@@ -67,8 +67,11 @@
 //! }
 //! ```
 //!
-//! With an elector of your own, use `PrimaryLayer::new(elector.handle())`; with one lock
-//! directory and defaults, `PrimaryLayer::file(dir)?`. The request path never touches the backend:
+//! With an elector of your own (or [`RoleHandle::fixed`] in a handler's unit test), use
+//! [`AddRoleLayer::new(elector.handle())`](AddRoleLayer::new); [`RoleHeadersLayer`] adds
+//! `x-primary-role` and `x-primary-term` to responses. Handlers read the role with the
+//! [extractors](http::extract): [`TermContext`] (only on the primary, else 503), [`Role`] (a
+//! snapshot) and [`RoleHandle`]. The request path never touches the backend:
 //! the layer adds one extension insert per request. `examples/scheduler` in the repository puts it
 //! all together: an email sender and a daily report under N workers.
 //!
@@ -80,7 +83,7 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), tower_primary::Error> {
-//! // In production: `.backend(FileLock::new("/run/myapp"))`, or a backend string from a flag.
+//! // In production: `.backend(FileBackend::new("/run/myapp"))`, or a backend string from a flag.
 //! let elector = Elector::builder("report-scheduler")
 //!     .backend(MemoryBackend::new())
 //!     .grace(Duration::from_secs(5))
@@ -156,15 +159,15 @@
 //! # }
 //! ```
 //!
-//! In a handler, the term comes from [`PrimaryTerm`] (or `Extension<TermContext>` behind the
-//! gate); in a singleton task, from its [`TermContext`]; in a scheduled run, from
+//! In a handler, the term comes from the [`TermContext`] extractor (on the primary only); in a
+//! singleton task, from its [`TermContext`]; in a scheduled run, from
 //! [`Run::term`](schedule::Run::term).
 //!
 //! # Features
 //!
 //! | feature | default | what |
 //! |---|---|---|
-//! | `file` | yes | [`FileLock`]: `flock` on a file in a directory; one host, zero setup |
+//! | `file` | yes | [`FileBackend`]: `flock` on a file in a directory; one host, zero setup |
 //! | `axum` | yes | axum extractors for the role ([`http::extract`]) and the [`http::health`] handlers; the layer and the gate ([`http::layer`], [`http::require`]) work on any tower stack without it |
 //! | `schedule` | no | [schedules](schedule) (every interval, cron expressions in a time zone) and [run-once jobs](Elector::run_once), with [`http::health::Readiness`] |
 //! | `redis` | no | [`RedisBackend`](backend::redis::RedisBackend): a lease renewed by owner-checked scripts, pub/sub handover; `redis://…`, `rediss://…` |
@@ -202,7 +205,10 @@
 //!   [`TermContext::is_valid`] compare the term's deadline with the clock themselves, so a process
 //!   resumed after a pause reads "not primary" before it does anything else.
 //! - Terms strictly increase per lock name, also across restarts.
-//! - Fail closed: nothing but a successful acquisition makes a node primary.
+//! - Fail closed: nothing but a successful acquisition makes a node primary. A misconfigured
+//!   backend (credentials, TLS, an incompatible lease...) is logged at ERROR once per cause, shown
+//!   by [`RoleHandle::backend_error`] and `/health/role`, and counted;
+//!   [`ElectorBuilder::spawn_checked`] returns it at start-up instead.
 //! - Not exactly-once: a primary that dies mid-job leaves it half done, and the next primary runs
 //!   it again. Make jobs idempotent and carry the term into downstream writes.
 //!
@@ -231,6 +237,7 @@
 struct ReadmeDoctests;
 
 pub mod backend;
+mod backend_error;
 mod backoff;
 pub mod clock;
 pub mod elector;
@@ -251,14 +258,18 @@ mod watchdog;
 
 pub use crate::backend::Lease;
 pub use crate::clock::Clock;
-pub use crate::elector::{Elector, ElectorBuilder, State, terminate_signal};
+pub use crate::elector::{Elector, ElectorBuilder, StateStore, terminate_signal};
 pub use crate::error::{BoxError, ConfigError, Error, Misconfiguration};
 #[cfg(feature = "axum")]
-pub use crate::http::extract::{CurrentRole, PrimaryTerm, RoleRejection};
-pub use crate::http::layer::{Primary, PrimaryLayer};
+#[allow(deprecated)]
+pub use crate::http::extract::{PrimaryTerm, RoleRejection};
+pub use crate::http::layer::{AddRole, AddRoleLayer, PrimaryLayer, RoleHeaders, RoleHeadersLayer};
 pub use crate::http::require::{RequirePrimary, RequirePrimaryLayer};
-pub use crate::role::{Holder, InFlight, NodeId, Role, RoleHandle, TermContext};
+pub use crate::role::{BackendError, Holder, InFlight, NodeId, Role, RoleHandle, TermContext};
 
 #[cfg(feature = "file")]
+pub use crate::backend::file::FileBackend;
+#[cfg(feature = "file")]
+#[allow(deprecated)]
 pub use crate::backend::file::FileLock;
 pub use crate::backend::memory::MemoryBackend;

@@ -13,7 +13,7 @@
 //! | `tower_primary_transitions_total` | counter | `lock`, `reason` | role changes, see below |
 //! | `tower_primary_acquire_seconds` | histogram | `lock` | from the start of an acquisition to the grant (includes waiting for the holder to go) |
 //! | `tower_primary_renew_seconds` | histogram | `lock` | from sending a lease renewal to the elector seeing it confirmed |
-//! | `tower_primary_backend_errors_total` | counter | `lock`, `op` | failed backend calls: `op` is `acquire`, `holder`, `watch` or `release` |
+//! | `tower_primary_backend_errors_total` | counter | `lock`, `op`, `kind` | failed backend calls: `op` is `acquire`, `holder`, `watch` or `release` (backends may add their own); `kind` is the [misconfiguration](crate::Misconfiguration::as_str) (`authentication`, `tls`…) for errors retrying will not fix, else `transient` |
 //! | `tower_primary_task_starts_total` | counter | `lock`, `task` | singleton task starts (first runs and restarts) |
 //! | `tower_primary_task_failures_total` | counter | `lock`, `task`, `kind` | task runs that ended in `error` or `panic` |
 //! | `tower_primary_task_restarts_total` | counter | `lock`, `task` | restarts after a failure, within one term |
@@ -28,7 +28,9 @@
 //! A step-down, shutdown or fencing without `released` left the lock to expire or to the
 //! holder's process exit.
 //!
-//! Useful alerts: `sum by (lock) (tower_primary_is_primary) > 1` (two primaries),
+//! Useful alerts: `tower_primary_backend_errors_total{kind!="transient"}` rising (a misconfigured
+//! backend: the node cannot become primary until it is fixed; `/health/role` says what),
+//! `sum by (lock) (tower_primary_is_primary) > 1` (two primaries),
 //! `sum by (lock) (tower_primary_is_primary) == 0` for long (nobody primary), and
 //! `rate(tower_primary_transitions_total{reason="acquired"}[10m])` (flapping).
 
@@ -44,7 +46,7 @@ pub const TRANSITIONS: &str = "tower_primary_transitions_total";
 pub const ACQUIRE_SECONDS: &str = "tower_primary_acquire_seconds";
 /// `tower_primary_renew_seconds`: from sending a renewal to seeing it confirmed.
 pub const RENEW_SECONDS: &str = "tower_primary_renew_seconds";
-/// `tower_primary_backend_errors_total{op}`: failed backend calls.
+/// `tower_primary_backend_errors_total{op, kind}`: failed backend calls.
 pub const BACKEND_ERRORS: &str = "tower_primary_backend_errors_total";
 /// `tower_primary_task_starts_total{task}`: singleton task starts.
 pub const TASK_STARTS: &str = "tower_primary_task_starts_total";
@@ -86,7 +88,10 @@ pub(crate) fn describe() {
             Unit::Seconds,
             "from sending a lease renewal to seeing it confirmed"
         );
-        describe_counter!(BACKEND_ERRORS, "failed backend calls, by operation");
+        describe_counter!(
+            BACKEND_ERRORS,
+            "failed backend calls, by operation and kind (a misconfiguration, or transient)"
+        );
         describe_counter!(TASK_STARTS, "singleton task starts");
         describe_counter!(TASK_FAILURES, "singleton task runs that failed or panicked");
         describe_counter!(TASK_RESTARTS, "singleton task restarts after a failure");
@@ -145,12 +150,28 @@ pub(crate) fn renewed(lock: &str, took: Duration) {
     let _ = (lock, took);
 }
 
-/// A failed backend call.
+/// A failed backend call, of kind `transient` (the PostgreSQL backend's own calls).
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 pub(crate) fn backend_error(lock: &str, op: &'static str) {
+    backend_error_kind(lock, op, None);
+}
+
+/// A failed backend call: `kind` is its misconfiguration, `None` for a transient error.
+pub(crate) fn backend_error_kind(
+    lock: &str,
+    op: &'static str,
+    kind: Option<crate::error::Misconfiguration>,
+) {
     #[cfg(feature = "metrics")]
-    ::metrics::counter!(BACKEND_ERRORS, "lock" => lock.to_owned(), "op" => op).increment(1);
+    ::metrics::counter!(
+        BACKEND_ERRORS,
+        "lock" => lock.to_owned(),
+        "op" => op,
+        "kind" => kind.map_or("transient", crate::error::Misconfiguration::as_str)
+    )
+    .increment(1);
     #[cfg(not(feature = "metrics"))]
-    let _ = (lock, op);
+    let _ = (lock, op, kind);
 }
 
 /// A singleton task started; `restart` when it follows a failure in the same term.

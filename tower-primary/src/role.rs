@@ -22,8 +22,8 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -32,6 +32,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
+pub use crate::backend_error::BackendError;
 use crate::clock::{Clock, Timestamp};
 use crate::watchdog::{Liveness, Watchdog};
 
@@ -295,6 +296,8 @@ pub(crate) struct Shared {
     pub(crate) state: watch::Sender<RoleState>,
     /// The elector loop's heartbeat, for `/health/live`.
     pub(crate) watchdog: Watchdog,
+    /// The misconfiguration the campaign is stuck on, if any.
+    backend_error: RwLock<Option<BackendError>>,
 }
 
 impl fmt::Debug for Shared {
@@ -321,7 +324,12 @@ impl Shared {
             deadline: AtomicU64::new(0),
             state,
             watchdog: Watchdog::unsupervised(),
+            backend_error: RwLock::new(None),
         })
+    }
+
+    pub(crate) fn set_backend_error(&self, error: Option<BackendError>) {
+        *crate::sync::write(&self.backend_error) = error;
     }
 
     pub(crate) fn set_deadline(&self, at: Timestamp) {
@@ -459,6 +467,15 @@ impl RoleHandle {
             .check(&self.shared.lock, self.shared.clock.now())
     }
 
+    /// The backend misconfiguration that keeps this node secondary, from the campaign's first
+    /// failed call with it until the backend answers again; `None` when there is none (transient
+    /// errors are not reported here). Not a role change: [`changed`](Self::changed) does not wake
+    /// for it. A lock read.
+    #[must_use]
+    pub fn backend_error(&self) -> Option<BackendError> {
+        crate::sync::read(&self.shared.backend_error).clone()
+    }
+
     /// The clock the deadline is read on.
     #[must_use]
     pub fn clock(&self) -> Clock {
@@ -506,13 +523,16 @@ impl RoleHandle {
 
 /// One primary period (term) as seen by the work that runs in it.
 ///
-/// Handed to every [singleton task](crate::Elector::singleton_task) and to handlers behind the
-/// primary-only gate. Carry [`term`](Self::term) into downstream writes so a stale primary's
+/// Handed to every [singleton task](crate::Elector::singleton_task), and to handlers as an axum
+/// extractor that succeeds only on the primary ([`http::extract`](crate::http::extract)). Carry [`term`](Self::term) into downstream writes so a stale primary's
 /// writes can be rejected (`UPDATE … WHERE term <= $term`); check [`is_valid`](Self::is_valid)
 /// before a side effect; select on [`cancelled`](Self::cancelled) to stop in time.
 #[derive(Clone)]
 pub struct TermContext {
     inner: Arc<TermInner>,
+    /// Set on a context extracted from a request: the request counts as in flight while this
+    /// context (or a clone of it) lives.
+    _in_flight: Option<Arc<InFlight>>,
 }
 
 struct TermInner {
@@ -545,7 +565,15 @@ impl TermContext {
                 tracker: TaskTracker::new(),
                 abort: CancellationToken::new(),
             }),
+            _in_flight: None,
         }
+    }
+
+    /// This context, counting `in_flight` as long as it or a clone lives (the extractor's).
+    #[cfg(feature = "axum")]
+    pub(crate) fn holding(mut self, in_flight: InFlight) -> Self {
+        self._in_flight = Some(Arc::new(in_flight));
+        self
     }
 
     /// The fencing term.

@@ -20,12 +20,12 @@ mod memory_with_lease {
 
 #[cfg(feature = "file")]
 mod file {
-    use tower_primary::FileLock;
+    use tower_primary::FileBackend;
     use tower_primary_testing::conformance::{self, Connection};
 
     tower_primary_testing::conformance_tests!({
         let dir = tempfile::tempdir().expect("a temporary directory");
-        conformance::from_fn(move || Connection::new(FileLock::new(dir.path())))
+        conformance::from_fn(move || Connection::new(FileBackend::new(dir.path())))
     });
 
     /// Through the elector's state API: a value above the file backend's maximum is refused
@@ -37,7 +37,7 @@ mod file {
 
         let dir = tempfile::tempdir().expect("a temporary directory");
         let elector = Elector::builder("bounded-state")
-            .backend(FileLock::new(dir.path()))
+            .backend(FileBackend::new(dir.path()))
             .node(NodeId::new("a"))
             .spawn()
             .unwrap();

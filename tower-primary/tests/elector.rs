@@ -9,8 +9,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, advance, timeout};
 use tower_primary::{
-    Clock, ConfigError, Elector, ElectorBuilder, Error, Lease, MemoryBackend, NodeId, Role,
-    RoleHandle,
+    Clock, ConfigError, Elector, ElectorBuilder, Error, Lease, MemoryBackend, Misconfiguration,
+    NodeId, Role, RoleHandle,
 };
 
 const LEASE: Duration = Duration::from_secs(3);
@@ -558,7 +558,7 @@ mod start_race {
     use tokio::sync::mpsc;
     use tower_primary::TermContext;
     use tracing::field::{Field, Visit};
-    use tracing_subscriber::layer::{Context, SubscriberExt};
+    use tracing_subscriber::layer::Context;
 
     pub(super) const LOCK: &str = "start-race";
     pub(super) const TASK: &str = "late-starter";
@@ -595,7 +595,7 @@ mod start_race {
 
     /// Stops the thread that is starting the task, at the elector's "starting" event, until the
     /// term has been cancelled: the widest possible race between the start and the end of a term.
-    struct Layer;
+    pub(super) struct Layer;
 
     impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Layer {
         fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
@@ -619,8 +619,7 @@ mod start_race {
     }
 
     pub(super) fn install() {
-        let subscriber = tracing_subscriber::registry().with(Layer);
-        tracing::subscriber::set_global_default(subscriber).expect("the only subscriber");
+        super::install_subscriber();
     }
 }
 
@@ -659,4 +658,440 @@ async fn task_is_never_started_for_a_term_that_ended_while_it_was_being_started(
         starts.iter().all(|cancelled| !cancelled),
         "a task was started for a cancelled term: {starts:?}"
     );
+}
+
+// ------------------------------------------------------------------------------------------------
+// A misconfigured backend: reported once per cause, visible on the handle, fail closed.
+
+/// The one subscriber of this test binary (the global default: a thread's own default can miss
+/// callsites that other tests' threads registered first, as tracing caches interest per
+/// callsite): the start-race hook and the log capture.
+fn install_subscriber() {
+    use tracing_subscriber::layer::SubscriberExt;
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let subscriber = tracing_subscriber::registry()
+            .with(start_race::Layer)
+            .with(logs::Layer);
+        tracing::subscriber::set_global_default(subscriber).expect("the only subscriber");
+    });
+}
+
+mod logs {
+    //! A subscriber layer that records the elector's events, by lock.
+
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    use tracing::field::{Field, Visit};
+    use tracing_subscriber::layer::Context;
+
+    #[derive(Clone, Debug)]
+    pub(super) struct Event {
+        pub(super) level: tracing::Level,
+        pub(super) message: String,
+        pub(super) fields: String,
+    }
+
+    #[derive(Default)]
+    struct Fields {
+        message: String,
+        lock: String,
+        all: String,
+    }
+
+    impl Visit for Fields {
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            let v = format!("{value:?}");
+            self.all.push_str(&format!("{}={v} ", field.name()));
+            match field.name() {
+                "message" => self.message = v,
+                "lock" => self.lock = v.trim_matches('"').to_owned(),
+                _ => {}
+            }
+        }
+        fn record_str(&mut self, field: &Field, value: &str) {
+            if field.name() == "lock" {
+                self.lock = value.to_owned();
+            }
+            self.all.push_str(&format!("{}={value} ", field.name()));
+        }
+    }
+
+    type Sink = Arc<Mutex<Vec<Event>>>;
+
+    /// The sinks of the locks being captured.
+    static SINKS: Mutex<Option<HashMap<&'static str, Sink>>> = Mutex::new(None);
+
+    pub(super) struct Layer;
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Layer {
+        fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
+            let mut f = Fields::default();
+            event.record(&mut f);
+            let sink = SINKS
+                .lock()
+                .unwrap()
+                .as_ref()
+                .and_then(|sinks| sinks.get(f.lock.as_str()).cloned());
+            if let Some(sink) = sink {
+                sink.lock().unwrap().push(Event {
+                    level: *event.metadata().level(),
+                    message: f.message,
+                    fields: f.all,
+                });
+            }
+        }
+    }
+
+    #[derive(Clone)]
+    pub(super) struct Events(Sink);
+
+    impl Events {
+        /// Records the events of `lock` from now on.
+        pub(super) fn capture(lock: &'static str) -> Self {
+            super::install_subscriber();
+            let sink = Sink::default();
+            SINKS
+                .lock()
+                .unwrap()
+                .get_or_insert_with(HashMap::new)
+                .insert(lock, sink.clone());
+            Events(sink)
+        }
+
+        /// The events at `level` whose message contains `text`.
+        pub(super) fn count(&self, level: tracing::Level, text: &str) -> usize {
+            self.0
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|e| e.level == level && e.message.contains(text))
+                .count()
+        }
+
+        pub(super) fn at(&self, level: tracing::Level) -> Vec<Event> {
+            let events = self.0.lock().unwrap();
+            events
+                .iter()
+                .filter(|e| e.level == level)
+                .cloned()
+                .collect()
+        }
+    }
+}
+
+/// Moves the paused clock by `total` in steps, letting the elector run at each.
+async fn run_for(total: Duration) {
+    let step = Duration::from_millis(100);
+    let mut gone = Duration::ZERO;
+    while gone < total {
+        advance(step).await;
+        settle().await;
+        gone += step;
+    }
+}
+
+fn misconfigured_elector(lock: &str, backend: &MemoryBackend) -> ElectorBuilder {
+    Elector::builder(lock)
+        .backend(backend.clone())
+        .node(NodeId::new("a"))
+        .clock(Clock::tokio())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_misconfiguration_is_logged_at_error_once_per_cause_and_its_end_at_info() {
+    use tracing::Level;
+    const LOCK: &str = "misconfigured-logs";
+    let events = logs::Events::capture(LOCK);
+    let backend = MemoryBackend::new();
+    backend
+        .faults()
+        .misconfigure(Misconfiguration::Authentication, "wrong password");
+    let a = misconfigured_elector(LOCK, &backend).spawn().unwrap();
+    let handle = a.handle();
+
+    // A minute of retries (the backoff reaches its 5 s maximum): one ERROR, no WARN.
+    run_for(Duration::from_secs(60)).await;
+    assert!(
+        !handle.is_primary(),
+        "a misconfigured backend made the node primary"
+    );
+    assert!(matches!(handle.role(), Role::Secondary { holder: None }));
+    let errors = events.at(Level::ERROR);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].message.contains("misconfigured"), "{errors:?}");
+    assert!(errors[0].fields.contains("authentication"), "{errors:?}");
+    assert!(errors[0].fields.contains("wrong password"), "{errors:?}");
+    assert_eq!(
+        events.at(Level::WARN).len(),
+        0,
+        "{:?}",
+        events.at(Level::WARN)
+    );
+    // Still retrying: the repeats go to DEBUG.
+    assert!(events.count(Level::DEBUG, "still misconfigured") >= 10);
+
+    // The same kind with another message is another cause: logged again, once.
+    backend.faults().misconfigure(
+        Misconfiguration::Authentication,
+        "user \"app\" does not exist",
+    );
+    run_for(Duration::from_secs(30)).await;
+    assert_eq!(events.at(Level::ERROR).len(), 2);
+    // So is another kind.
+    backend
+        .faults()
+        .misconfigure(Misconfiguration::Tls, "the server wants TLS");
+    run_for(Duration::from_secs(30)).await;
+    let errors = events.at(Level::ERROR);
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    assert!(errors[2].fields.contains("tls"), "{errors:?}");
+    assert_eq!(events.count(Level::INFO, "resolved"), 0);
+
+    // Fixed: the backend answers, the end is logged once, and the node becomes primary.
+    backend.faults().clear_misconfiguration();
+    let mut role = a.handle();
+    timeout(Duration::from_secs(10), role.wait_primary())
+        .await
+        .expect("primary once the backend is fixed");
+    assert_eq!(
+        events.count(Level::INFO, "resolved"),
+        1,
+        "{:?}",
+        events.at(Level::INFO)
+    );
+    assert_eq!(events.at(Level::ERROR).len(), 3);
+    a.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn transient_errors_stay_warnings_on_every_retry() {
+    use tracing::Level;
+    const LOCK: &str = "transient-logs";
+    let events = logs::Events::capture(LOCK);
+    let backend = MemoryBackend::new();
+    backend.faults().set_failing(true);
+    let a = misconfigured_elector(LOCK, &backend).spawn().unwrap();
+    run_for(Duration::from_secs(10)).await;
+    assert!(events.count(Level::WARN, "acquire failed") >= 3);
+    assert_eq!(events.at(Level::ERROR).len(), 0);
+    assert!(a.handle().backend_error().is_none());
+    a.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn backend_error_shows_the_misconfiguration_until_the_backend_answers_again() {
+    let backend = MemoryBackend::new();
+    let b = elector(&backend, "b");
+    b.handle().wait_primary().await;
+    // A second node whose backend refuses it, while b holds the lock.
+    let mine = backend.connection();
+    mine.faults().misconfigure(
+        Misconfiguration::IncompatibleLease,
+        "lease 3s, others use 10s",
+    );
+    let a = elector(&mine, "a");
+    let handle = a.handle();
+    assert!(handle.backend_error().is_none());
+    run_for(Duration::from_secs(1)).await;
+    let shown = handle
+        .backend_error()
+        .expect("the misconfiguration is shown");
+    assert_eq!(shown.kind, Misconfiguration::IncompatibleLease);
+    assert_eq!(shown.message, "lease 3s, others use 10s");
+    assert!(!handle.is_primary());
+
+    // Repeats of the same cause keep the first time it was met.
+    run_for(Duration::from_secs(20)).await;
+    assert_eq!(handle.backend_error(), Some(shown.clone()));
+
+    // Answers again (b still holds the lock): cleared, and a follows b as secondary.
+    mine.faults().clear_misconfiguration();
+    run_for(Duration::from_secs(6)).await;
+    assert!(handle.backend_error().is_none());
+    match handle.role() {
+        Role::Secondary { holder: Some(h) } => assert_eq!(h.id, "b"),
+        other => panic!("a should follow b: {other:?}"),
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+// ------------------------------------------------------------------------------------------------
+// spawn_checked
+
+#[tokio::test(start_paused = true)]
+async fn spawn_checked_returns_a_misconfiguration_at_once_and_leaves_nothing_running() {
+    let store = MemoryBackend::new();
+    let broken = store.connection();
+    broken.faults().misconfigure(
+        Misconfiguration::MissingDatabase,
+        "database \"jobs\" does not exist",
+    );
+    let started = Instant::now();
+    let err = misconfigured_elector("checked", &broken)
+        .spawn_checked()
+        .await
+        .unwrap_err();
+    assert_eq!(
+        started.elapsed(),
+        Duration::ZERO,
+        "returned at the first error"
+    );
+    assert_eq!(
+        err.misconfiguration(),
+        Some(Misconfiguration::MissingDatabase)
+    );
+    assert!(
+        err.to_string().contains("database \"jobs\" does not exist"),
+        "{err}"
+    );
+    // Nothing took the lock, nothing campaigns: the next node gets the first term.
+    broken.faults().clear_misconfiguration();
+    let other = elector(&store, "b");
+    assert_eq!(other.handle().wait_primary().await.term(), 1);
+    run_for(Duration::from_secs(10)).await;
+    assert!(other.handle().is_primary());
+    other.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn spawn_checked_is_ok_once_the_backend_answered_as_primary_or_secondary() {
+    let store = MemoryBackend::new();
+    let a = misconfigured_elector("checked-ok", &store)
+        .spawn_checked()
+        .await
+        .unwrap();
+    assert!(a.handle().is_primary());
+    let b = Elector::builder("checked-ok")
+        .backend(store.connection())
+        .node(NodeId::new("b"))
+        .clock(Clock::tokio())
+        .spawn_checked()
+        .await
+        .unwrap();
+    match b.handle().role() {
+        Role::Secondary { holder: Some(h) } => assert_eq!(h.id, "a"),
+        other => panic!("b should know a holds the lock: {other:?}"),
+    }
+    // Still campaigning: b takes over when a steps down.
+    a.step_down().await.unwrap();
+    assert_eq!(b.handle().wait_primary().await.term(), 2);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn spawn_checked_retries_transient_errors_up_to_the_check_timeout() {
+    let backend = MemoryBackend::new();
+    backend.faults().set_failing(true);
+    let started = Instant::now();
+    let err = misconfigured_elector("checked-transient", &backend)
+        .check_timeout(Duration::from_secs(5))
+        .spawn_checked()
+        .await
+        .unwrap_err();
+    assert_eq!(started.elapsed(), Duration::from_secs(5));
+    assert!(matches!(err, Error::Backend { .. }), "{err:?}");
+    assert!(err.to_string().contains("injected failure"), "{err}");
+    assert_eq!(err.misconfiguration(), None);
+
+    // A backend that does not answer at all.
+    let hung = MemoryBackend::new();
+    hung.faults().set_hung(true);
+    let err = misconfigured_elector("checked-hung", &hung)
+        .check_timeout(Duration::from_secs(2))
+        .spawn_checked()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("no answer within 2s"), "{err}");
+
+    // Errors that clear within the timeout: Ok.
+    let flaky = MemoryBackend::new();
+    flaky.faults().set_failing(true);
+    let check = tokio::spawn(misconfigured_elector("checked-flaky", &flaky).spawn_checked());
+    advance(Duration::from_secs(3)).await;
+    settle().await;
+    flaky.faults().set_failing(false);
+    let e = check
+        .await
+        .unwrap()
+        .expect("answered within the check timeout");
+    assert!(e.handle().is_primary());
+    e.shutdown().await;
+
+    // The check timeout is a checked setting.
+    let err = misconfigured_elector("x", &flaky)
+        .check_timeout(Duration::ZERO)
+        .spawn_checked()
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().starts_with("invalid check timeout"),
+        "{err}"
+    );
+}
+
+/// A call that cannot start creates nothing: the lock directory stays empty.
+#[cfg(feature = "file")]
+#[test]
+fn spawn_outside_a_runtime_creates_nothing_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = Elector::builder("x")
+        .backend(tower_primary::FileBackend::new(dir.path()))
+        .spawn()
+        .unwrap_err();
+    assert!(matches!(err, ConfigError::NoRuntime { .. }), "{err}");
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(
+        left.is_empty(),
+        "created before the runtime check: {left:?}"
+    );
+    // Neither does an invalid setting inside a runtime.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let err = Elector::builder("x")
+            .backend(tower_primary::FileBackend::new(dir.path()))
+            .grace(Duration::ZERO)
+            .spawn_checked()
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Config(_)), "{err}");
+    });
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(
+        left.is_empty(),
+        "created before the settings were checked: {left:?}"
+    );
+}
+
+/// On a multi-threaded runtime too, the role is published by the time `spawn_checked` returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spawn_checked_returns_with_the_role_published() {
+    let store = MemoryBackend::new();
+    for _ in 0..20 {
+        let a = Elector::builder("checked-published")
+            .backend(store.clone())
+            .node(NodeId::new("a"))
+            .spawn_checked()
+            .await
+            .unwrap();
+        assert!(a.handle().is_primary());
+        let b = Elector::builder("checked-published")
+            .backend(store.connection())
+            .node(NodeId::new("b"))
+            .spawn_checked()
+            .await
+            .unwrap();
+        match b.handle().role() {
+            Role::Secondary { holder: Some(h) } => assert_eq!(h.id, "a"),
+            other => panic!("b should know a holds the lock: {other:?}"),
+        }
+        b.shutdown().await;
+        a.shutdown().await;
+    }
 }

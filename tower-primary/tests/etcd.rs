@@ -516,6 +516,87 @@ async fn backend_strings_reach_the_server_under_their_prefix() {
     assert!(keys(&mut admin, &prefix).await.is_empty());
 }
 
+/// An error's text with its sources, as a logger shows it (each cause once).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut shown = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !shown.contains(&text) {
+            shown = format!("{shown}: {text}");
+        }
+        source = s.source();
+    }
+    shown
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_server_is_a_backend_error_that_says_so_once() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let lock = EtcdBackend::new([format!("127.0.0.1:{port}")])
+        .with_request_timeout(Duration::from_secs(2))
+        .lock("jobs")
+        .unwrap();
+    let err = tokio::time::timeout(WAIT, lock.acquire(request("a")))
+        .await
+        .expect("an unreachable server is an error, not a hang")
+        .expect_err("no lock without a server");
+    assert!(matches!(err, Error::Backend { .. }), "{err:?}");
+    let text = err.to_string();
+    eprintln!("{text}");
+    // The channel connects lazily: the first request says it.
+    assert!(
+        text.starts_with(
+            "etcd backend: grant a lease: tcp connect error: transport error: Connection refused"
+        ),
+        "{text}"
+    );
+    assert_eq!(text.matches("etcd backend").count(), 1, "{text}");
+    assert_eq!(chain(&err), text, "the sources add nothing new");
+    for driver_words in ["Status {", "MetadataMap", "tonic", "Error {"] {
+        assert!(!text.contains(driver_words), "{text}");
+    }
+    let segments: Vec<&str> = text.split(": ").collect();
+    for (i, s) in segments.iter().enumerate().skip(1) {
+        assert_ne!(Some(s), segments.get(i - 1), "a doubled part: {text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_against_a_plain_server_is_a_misconfiguration() {
+    let Some(server) = etcd().await else { return };
+    let lock = EtcdBackend::new([server.url().trim_start_matches("etcd://").to_owned()])
+        .with_tls(true)
+        .with_request_timeout(Duration::from_secs(3))
+        .lock("jobs")
+        .unwrap();
+    let err = tokio::time::timeout(WAIT, lock.acquire(request("a")))
+        .await
+        .expect("a refused handshake is an error, not a hang")
+        .expect_err("no lock over a failed handshake");
+    let text = err.to_string();
+    eprintln!("{text}");
+    assert_eq!(
+        err.misconfiguration(),
+        Some(tower_primary::Misconfiguration::Tls),
+        "{err:?}"
+    );
+    assert!(
+        text.starts_with("etcd backend: TLS handshake failed: grant a lease: tls handshake"),
+        "{text}"
+    );
+    assert!(
+        text.ends_with(
+            "; check etcd:// or etcds:// (does the server serve TLS?) and the CA certificate"
+        ),
+        "{text}"
+    );
+}
+
 #[tokio::test]
 async fn leases_under_two_seconds_are_refused_at_spawn() {
     let err = Elector::builder("jobs")
@@ -887,7 +968,13 @@ async fn etcds_connects_with_tls_and_refuses_an_unknown_server_certificate() {
     let refused = tokio::time::timeout(WAIT, untrusted.acquire(request("x")))
         .await
         .expect("a refused TLS connection is an error, not a hang");
-    assert!(matches!(refused, Err(Error::Backend { .. })), "{refused:?}");
+    // Retrying cannot fix an untrusted certificate: a misconfiguration, reported as such.
+    let refused = refused.expect_err("no lock without a trusted certificate");
+    assert_eq!(
+        refused.misconfiguration(),
+        Some(tower_primary::Misconfiguration::Tls),
+        "{refused:?}"
+    );
 
     let trusted = EtcdBackend::from_url(&url)
         .unwrap()

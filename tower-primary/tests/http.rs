@@ -1,4 +1,5 @@
-//! The HTTP integration: `PrimaryLayer`, the primary-only gate, the extractors and `/health/role`.
+//! The HTTP integration: `PrimaryLayer`, `AddRoleLayer`, `RoleHeadersLayer`, the primary-only gate,
+//! the extractors and `/health/role`.
 //!
 //! - tower `oneshot` tests for every branch: primary, secondary, starting, missing layer, redirect
 //!   with and without an advertised URL (valid, invalid, trusted or not), the JSON refusal body,
@@ -25,8 +26,8 @@ use tower::{Layer, ServiceExt, service_fn};
 use tower_primary::http::health::{self, RoleReport};
 use tower_primary::http::require::{Origin, ResponseBody};
 use tower_primary::{
-    Clock, CurrentRole, Elector, Holder, MemoryBackend, NodeId, PrimaryLayer, PrimaryTerm,
-    RequirePrimaryLayer, Role, RoleHandle, TermContext,
+    AddRoleLayer, Clock, Elector, Holder, MemoryBackend, NodeId, PrimaryLayer, RequirePrimaryLayer,
+    Role, RoleHandle, RoleHeadersLayer, TermContext,
 };
 
 /// A bound on waits for events that are expected to happen, so a bug fails the test instead of
@@ -46,6 +47,10 @@ async fn body_text(res: Response<Body>) -> String {
         .await
         .unwrap();
     String::from_utf8(bytes.to_vec()).unwrap()
+}
+
+async fn call_owned(app: Router, method: &str, uri: &str) -> Response<Body> {
+    call(&app, method, uri).await
 }
 
 async fn call(app: &Router, method: &str, uri: &str) -> Response<Body> {
@@ -80,13 +85,13 @@ fn admin_app(role: Option<RoleHandle>, runs: &Arc<AtomicUsize>) -> Router {
             post(handler).layer(RequirePrimaryLayer::new().redirect()),
         );
     match role {
-        Some(role) => app.layer(PrimaryLayer::new(role)),
+        Some(role) => app.layer(AddRoleLayer::new(role)),
         None => app,
     }
 }
 
 // ---------------------------------------------------------------------------------------------
-// PrimaryLayer
+// PrimaryLayer, AddRoleLayer, RoleHeadersLayer
 
 #[tokio::test]
 async fn layer_puts_the_handle_into_every_request_on_any_body_type() {
@@ -95,7 +100,7 @@ async fn layer_puts_the_handle_into_every_request_on_any_body_type() {
         let role = req.extensions().get::<RoleHandle>().map(RoleHandle::role);
         Ok::<_, Infallible>(Response::new(format!("{role:?}").into_bytes()))
     });
-    let svc = PrimaryLayer::new(RoleHandle::fixed(Role::primary(4))).layer(inner);
+    let svc = AddRoleLayer::new(RoleHandle::fixed(Role::primary(4))).layer(inner);
     let res = svc.oneshot(Request::new(String::new())).await.unwrap();
     let text = String::from_utf8(res.into_body()).unwrap();
     assert!(text.starts_with("Some(Primary { term: 4"), "{text}");
@@ -109,7 +114,7 @@ fn res_has_role_headers<B>(res: &Response<B>) -> bool {
 async fn role_headers_are_off_by_default_and_on_every_response_when_asked() {
     let route = || Router::new().route("/", get(|| async { "hi" }));
 
-    let app = route().layer(PrimaryLayer::new(RoleHandle::fixed(Role::primary(11))));
+    let app = route().layer(AddRoleLayer::new(RoleHandle::fixed(Role::primary(11))));
     assert!(!res_has_role_headers(&call(&app, "GET", "/").await));
 
     let cases = [
@@ -122,7 +127,9 @@ async fn role_headers_are_off_by_default_and_on_every_response_when_asked() {
         (RoleHandle::fixed(Role::Starting), "starting", None),
     ];
     for (role, want_role, want_term) in cases {
-        let app = route().layer(PrimaryLayer::new(role).role_headers());
+        let app = route()
+            .layer(RoleHeadersLayer::new())
+            .layer(AddRoleLayer::new(role));
         // Also on a 404 from the router's fallback.
         for path in ["/", "/missing"] {
             let res = call(&app, "GET", path).await;
@@ -141,13 +148,12 @@ async fn role_headers_are_off_by_default_and_on_every_response_when_asked() {
 #[test]
 fn owned_elector_is_checked_at_once_and_needs_a_runtime_to_claim() {
     // No runtime here: building the layer only checks the configuration.
-    let err = PrimaryLayer::from_builder(Elector::builder("bad name")).unwrap_err();
+    let err = PrimaryLayer::new(Elector::builder("bad name")).unwrap_err();
     assert!(err.to_string().contains("invalid lock name"), "{err}");
-    let err = PrimaryLayer::from_builder(Elector::builder("no-backend")).unwrap_err();
+    let err = PrimaryLayer::new(Elector::builder("no-backend")).unwrap_err();
     assert!(err.to_string().contains("no backend"), "{err}");
 
-    let layer = PrimaryLayer::from_builder(Elector::builder("no-rt").backend(MemoryBackend::new()))
-        .unwrap();
+    let layer = PrimaryLayer::new(Elector::builder("no-rt").backend(MemoryBackend::new())).unwrap();
     let inner = service_fn(|_: Request<()>| async { Ok::<_, Infallible>(Response::new(())) });
     let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| layer.layer(inner)))
         .expect_err("building the service outside a runtime must fail");
@@ -161,7 +167,7 @@ fn owned_elector_is_checked_at_once_and_needs_a_runtime_to_claim() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let elector = layer.elector().expect("an owned elector");
+        let elector = layer.elector();
         assert!(layer.is_claimed());
         timeout(EVENT_BOUND, elector.handle().wait_primary())
             .await
@@ -173,14 +179,14 @@ fn owned_elector_is_checked_at_once_and_needs_a_runtime_to_claim() {
 #[tokio::test]
 async fn owned_elector_is_claimed_once_for_all_routes_and_clones() {
     let store = MemoryBackend::new();
-    let layer = PrimaryLayer::from_builder(
+    let layer = PrimaryLayer::new(
         Elector::builder("claim-once")
             .backend(store.clone())
             .node(NodeId::new("web")),
     )
     .unwrap();
     assert!(!layer.is_claimed());
-    let whoami = || get(|role: CurrentRole| async move { format!("{:?}", role.role()) });
+    let whoami = || get(|role: Role| async move { format!("{role:?}") });
     let app = Router::new()
         .route("/a", whoami())
         .route("/b", whoami())
@@ -189,7 +195,7 @@ async fn owned_elector_is_claimed_once_for_all_routes_and_clones() {
     let other_clone = layer.clone();
     assert!(other_clone.is_claimed(), "clones share the claim");
 
-    let elector = layer.elector().unwrap();
+    let elector = layer.elector();
     let term = timeout(EVENT_BOUND, elector.handle().wait_primary())
         .await
         .unwrap()
@@ -229,26 +235,30 @@ async fn owned_elector_is_claimed_once_for_all_routes_and_clones() {
 #[cfg(feature = "file")]
 #[test]
 fn file_layer_checks_the_directory_at_once_and_claims_in_a_runtime() {
+    use tower_primary::FileBackend;
+    let file_layer = |dir: &std::path::Path| {
+        PrimaryLayer::new(Elector::builder("primary").backend(FileBackend::new(dir)))
+    };
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("does-not-exist");
-    let err = PrimaryLayer::file(&missing).unwrap_err();
+    let err = file_layer(&missing).unwrap_err();
     assert!(
         matches!(err, tower_primary::ConfigError::LockDir { .. }),
         "{err}"
     );
     // Checked here, outside a runtime; claimed inside one.
-    let layer = PrimaryLayer::file(dir.path()).unwrap();
+    let layer = file_layer(dir.path()).unwrap();
     assert!(!layer.is_claimed());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let elector = layer.elector().expect("a file layer owns its elector");
+        let elector = layer.elector();
         let ctx = timeout(EVENT_BOUND, elector.handle().wait_primary())
             .await
             .unwrap();
-        assert_eq!(ctx.lock(), tower_primary::http::layer::DEFAULT_LOCK);
+        assert_eq!(ctx.lock(), "primary");
         elector.shutdown().await;
     });
     assert!(dir.path().join("primary.lock").exists());
@@ -431,12 +441,82 @@ async fn every_gate_refusal_carries_a_json_body() {
     );
 
     // The extractor's 503 is the same answer.
-    let app = extractor_app().layer(PrimaryLayer::new(secondary_of(holder("web-9", 8, None))));
+    let app = extractor_app().layer(AddRoleLayer::new(secondary_of(holder("web-9", 8, None))));
     let refusal = refusal_of(call(&app, "POST", "/term").await).await;
     assert_eq!(refusal["error"], "not_primary");
     assert_eq!(refusal["holder"]["id"], "web-9");
     assert_eq!(refusal["retry_after_ms"], 1000);
     assert_eq!(runs.load(Ordering::SeqCst), 0);
+}
+
+/// The refusal body is exactly `{"error", "holder": Holder | null, "retry_after_ms", "message"}`,
+/// with `content-type: application/json` and a `Retry-After` that agrees with `retry_after_ms`.
+#[tokio::test]
+async fn a_503_refusal_body_is_the_documented_json() {
+    let h = holder("web-1", 7, Some("http://10.0.0.7:8080"));
+    let cases = [
+        (
+            secondary_of(h.clone()),
+            "not_primary",
+            serde_json::to_value(&h).unwrap(),
+        ),
+        (
+            RoleHandle::fixed(Role::Starting),
+            "no_primary",
+            serde_json::Value::Null,
+        ),
+        (
+            RoleHandle::fixed(Role::Secondary { holder: None }),
+            "no_primary",
+            serde_json::Value::Null,
+        ),
+    ];
+    for (role, error, want_holder) in cases {
+        let gate = RequirePrimaryLayer::new().retry_after(Duration::from_millis(2500));
+        let app = Router::new()
+            .route("/admin", post(|| async { "ran" }).layer(gate))
+            .route(
+                "/term",
+                post(|term: TermContext| async move { term.term().to_string() }),
+            )
+            .layer(AddRoleLayer::new(role));
+        // The gate (Retry-After rounded up to 3 s) and the extractor (1 s) answer alike.
+        for (path, retry_after) in [("/admin", 3), ("/term", 1)] {
+            let res = call(&app, "POST", path).await;
+            assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE, "{path}");
+            assert_eq!(
+                res.headers()["retry-after"],
+                retry_after.to_string(),
+                "{path}"
+            );
+            let body = refusal_of(res).await;
+            let mut keys: Vec<&str> = body
+                .as_object()
+                .expect("a JSON object")
+                .keys()
+                .map(String::as_str)
+                .collect();
+            keys.sort_unstable();
+            assert_eq!(
+                keys,
+                ["error", "holder", "message", "retry_after_ms"],
+                "{path}: {body}"
+            );
+            assert_eq!(body["error"], error, "{path}");
+            assert_eq!(body["holder"], want_holder, "{path}");
+            assert_eq!(body["retry_after_ms"], retry_after * 1000, "{path}");
+            assert!(
+                body["message"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("not primary for lock")
+            );
+            // And it reads back as the public type.
+            let refusal: tower_primary::http::require::Refusal =
+                serde_json::from_value(body).unwrap();
+            assert_eq!(serde_json::to_value(&refusal.holder).unwrap(), want_holder);
+        }
+    }
 }
 
 #[tokio::test]
@@ -484,7 +564,7 @@ async fn advertise_accepts_only_http_origins_and_names_the_setting() {
         let text = err.to_string();
         assert!(text.contains("advertise"), "{url:?}: {text}");
         assert!(
-            PrimaryLayer::from_builder(
+            PrimaryLayer::new(
                 Elector::builder("advertise")
                     .backend(MemoryBackend::new())
                     .advertise(url)
@@ -538,7 +618,7 @@ fn gated_probe(
             Ok::<_, Infallible>(Response::new(format!("finished term {}", ctx.term())))
         }
     });
-    let svc = PrimaryLayer::new(role).layer(RequirePrimaryLayer::new().layer(handler));
+    let svc = AddRoleLayer::new(role).layer(RequirePrimaryLayer::new().layer(handler));
     (
         svc.oneshot(Request::new(())),
         InFlightProbe {
@@ -595,7 +675,7 @@ async fn step_down_waits_for_a_gated_request_in_flight_before_releasing() {
     assert!(!admitted.is_valid());
     assert!(!a.handle().is_primary(), "no longer admitting");
     // ... and new gated requests are refused from then on.
-    let refused = PrimaryLayer::new(a.handle())
+    let refused = AddRoleLayer::new(a.handle())
         .layer(
             RequirePrimaryLayer::new().layer(service_fn(|_: Request<()>| async {
                 Ok::<_, Infallible>(Response::new(String::from("must not run")))
@@ -622,6 +702,64 @@ async fn step_down_waits_for_a_gated_request_in_flight_before_releasing() {
     let res = request.await.unwrap().unwrap();
     let body = res.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(body, format!("finished term {term_a}"));
+    stepping.await.unwrap().unwrap();
+    let term_b = timeout(EVENT_BOUND, b_role.wait_primary())
+        .await
+        .unwrap()
+        .term();
+    assert!(term_b > term_a);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// An extracted `TermContext` counts as in flight while it lives, also on a route without the
+/// gate: step-down waits for the handler before it releases the lock.
+#[tokio::test(start_paused = true)]
+async fn step_down_waits_for_an_extracted_term_context_without_the_gate() {
+    let store = MemoryBackend::new();
+    let grace = Duration::from_secs(60);
+    let a = paused_node(&store, "extracted-term", "a", grace);
+    let term_a = a.handle().wait_primary().await.term();
+    let b = paused_node(&store, "extracted-term", "b", grace);
+    wait_holder(&mut b.handle(), "a").await;
+
+    let (started_tx, started_rx) = oneshot::channel::<u64>();
+    let (finish_tx, finish_rx) = oneshot::channel::<()>();
+    let channels = Arc::new(std::sync::Mutex::new(Some((started_tx, finish_rx))));
+    let app = Router::new()
+        .route(
+            "/work",
+            post(move |term: TermContext| {
+                let channels = channels.lock().unwrap().take();
+                async move {
+                    let (started, finish) = channels.expect("one request");
+                    started.send(term.term()).unwrap();
+                    finish.await.unwrap();
+                    format!("finished term {}", term.term())
+                }
+            }),
+        )
+        .layer(AddRoleLayer::new(a.handle()));
+    let request = tokio::spawn(call_owned(app, "POST", "/work"));
+    assert_eq!(started_rx.await.unwrap(), term_a);
+
+    let stepping = tokio::spawn({
+        let a = a.clone();
+        async move { a.step_down().await }
+    });
+    let mut b_role = b.handle();
+    assert!(
+        timeout(Duration::from_secs(30), b_role.wait_primary())
+            .await
+            .is_err(),
+        "b became primary while a's handler held its term"
+    );
+    assert!(!stepping.is_finished());
+
+    finish_tx.send(()).unwrap();
+    let res = request.await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(body_text(res).await, format!("finished term {term_a}"));
     stepping.await.unwrap().unwrap();
     let term_b = timeout(EVENT_BOUND, b_role.wait_primary())
         .await
@@ -684,7 +822,7 @@ where
     };
     Router::new()
         .route("/stream", get(handler).layer(RequirePrimaryLayer::new()))
-        .layer(PrimaryLayer::new(role))
+        .layer(AddRoleLayer::new(role))
 }
 
 /// The next data frame of `body`, as text.
@@ -882,7 +1020,7 @@ async fn gate_redirects_only_to_trusted_origins() {
                 })
                 .layer(gate.clone()),
             )
-            .layer(PrimaryLayer::new(secondary_of(holder(
+            .layer(AddRoleLayer::new(secondary_of(holder(
                 "web-1",
                 7,
                 Some(url),
@@ -903,12 +1041,12 @@ async fn gate_redirects_only_to_trusted_origins() {
 // ---------------------------------------------------------------------------------------------
 // Extractors
 
-async fn describe(role: CurrentRole) -> String {
+async fn describe(role: Role, handle: RoleHandle) -> String {
     format!(
         "{} {:?} {:?}",
-        role.role().as_str(),
+        role.as_str(),
         role.term(),
-        role.holder().map(|h| h.id.clone())
+        handle.holder().map(|h| h.id)
     )
 }
 
@@ -917,15 +1055,15 @@ fn extractor_app() -> Router {
         .route("/describe", get(describe))
         .route(
             "/term",
-            post(|term: PrimaryTerm| async move { format!("term {}", term.term()) }),
+            post(|term: TermContext| async move { format!("term {}", term.term()) }),
         )
         .route(
             "/maybe-term",
-            get(|term: Option<PrimaryTerm>| async move { format!("{:?}", term.map(|t| t.term())) }),
+            get(|term: Option<TermContext>| async move { format!("{:?}", term.map(|t| t.term())) }),
         )
         .route(
             "/maybe-role",
-            get(|role: Option<CurrentRole>| async move { format!("{}", role.is_some()) }),
+            get(|role: Option<Role>| async move { format!("{}", role.is_some()) }),
         )
         .route(
             "/maybe-handle",
@@ -939,7 +1077,7 @@ fn extractor_app() -> Router {
 
 #[tokio::test]
 async fn extractors_read_a_snapshot_of_the_role() {
-    let app = extractor_app().layer(PrimaryLayer::new(RoleHandle::fixed(Role::primary(5))));
+    let app = extractor_app().layer(AddRoleLayer::new(RoleHandle::fixed(Role::primary(5))));
     assert_eq!(
         body_text(call(&app, "GET", "/describe").await).await,
         "primary Some(5) Some(\"fixed\")"
@@ -951,7 +1089,7 @@ async fn extractors_read_a_snapshot_of_the_role() {
     );
     assert_eq!(body_text(call(&app, "GET", "/handle").await).await, "fixed");
 
-    let app = extractor_app().layer(PrimaryLayer::new(secondary_of(holder("web-9", 8, None))));
+    let app = extractor_app().layer(AddRoleLayer::new(secondary_of(holder("web-9", 8, None))));
     assert_eq!(
         body_text(call(&app, "GET", "/describe").await).await,
         "secondary Some(8) Some(\"web-9\")"
@@ -964,14 +1102,14 @@ async fn extractors_read_a_snapshot_of_the_role() {
 
 #[tokio::test]
 async fn primary_term_extractor_rejects_with_503_on_other_nodes() {
-    let app = extractor_app().layer(PrimaryLayer::new(secondary_of(holder("web-9", 8, None))));
+    let app = extractor_app().layer(AddRoleLayer::new(secondary_of(holder("web-9", 8, None))));
     let res = call(&app, "POST", "/term").await;
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(res.headers()["retry-after"], "1");
     assert_eq!(res.headers()["x-primary-holder"], "web-9");
     assert!(body_text(res).await.contains("the primary is web-9"));
 
-    let app = extractor_app().layer(PrimaryLayer::new(RoleHandle::fixed(Role::Starting)));
+    let app = extractor_app().layer(AddRoleLayer::new(RoleHandle::fixed(Role::Starting)));
     let res = call(&app, "POST", "/term").await;
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(!res.headers().contains_key("x-primary-holder"));
@@ -1007,7 +1145,7 @@ async fn optional_extractors_work_without_the_layer() {
     let res = call(&app, "GET", "/maybe-term").await;
     assert_eq!(body_text(res).await, "None");
 
-    let app = extractor_app().layer(PrimaryLayer::new(RoleHandle::fixed(Role::Starting)));
+    let app = extractor_app().layer(AddRoleLayer::new(RoleHandle::fixed(Role::Starting)));
     for path in ["/maybe-role", "/maybe-handle"] {
         assert_eq!(body_text(call(&app, "GET", path).await).await, "true");
     }
@@ -1028,14 +1166,14 @@ async fn primary_term_behind_the_gate_is_the_term_the_gate_admitted() {
         .route(
             "/admin",
             post(
-                |term: PrimaryTerm, Extension(gate): Extension<TermContext>| async move {
+                |term: TermContext, Extension(gate): Extension<TermContext>| async move {
                     assert_eq!(term.term(), gate.term());
                     format!("{}", term.term())
                 },
             )
             .layer(RequirePrimaryLayer::new()),
         )
-        .layer(PrimaryLayer::new(a.handle()));
+        .layer(AddRoleLayer::new(a.handle()));
     let res = call(&app, "POST", "/admin").await;
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(body_text(res).await, ctx.term().to_string());
@@ -1051,7 +1189,15 @@ async fn report(app: &Router, path: &str) -> (StatusCode, RoleReport) {
     assert_eq!(res.headers()["content-type"], "application/json");
     let text = body_text(res).await;
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-    for key in ["role", "term", "lock", "node", "holder", "since"] {
+    for key in [
+        "role",
+        "term",
+        "lock",
+        "node",
+        "holder",
+        "since",
+        "backend_error",
+    ] {
         assert!(json.get(key).is_some(), "missing {key} in {text}");
     }
     for key in ["id", "host", "pid"] {
@@ -1067,7 +1213,7 @@ fn health_app(role: RoleHandle) -> Router {
     Router::new()
         .route("/health/role", get(health::role))
         .route("/health/primary", get(health::role_primary_only))
-        .layer(PrimaryLayer::new(role))
+        .layer(AddRoleLayer::new(role))
 }
 
 #[tokio::test]
@@ -1111,6 +1257,59 @@ async fn health_role_is_200_on_every_role_and_primary_only_is_503_elsewhere() {
     assert_eq!(res.headers()["retry-after"], "1");
 }
 
+/// A misconfigured backend is shown in `/health/role` until the backend answers again.
+#[tokio::test(start_paused = true)]
+async fn health_role_shows_a_backend_misconfiguration_until_it_is_fixed() {
+    use tower_primary::Misconfiguration;
+
+    let backend = MemoryBackend::new();
+    backend.faults().misconfigure(
+        Misconfiguration::Tls,
+        "the server requires TLS: use rediss://",
+    );
+    let elector = Elector::builder("health-misconfigured")
+        .backend(backend.clone())
+        .clock(Clock::tokio())
+        .spawn()
+        .unwrap();
+    let app = health_app(elector.handle());
+    // The failed acquisition publishes `Secondary` after recording the misconfiguration.
+    let mut role = elector.handle();
+    timeout(EVENT_BOUND, async {
+        while !matches!(role.role(), Role::Secondary { .. }) {
+            role.changed().await;
+        }
+    })
+    .await
+    .unwrap();
+    let text = body_text(call(&app, "GET", "/health/role").await).await;
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(json["role"], "secondary");
+    let shown = &json["backend_error"];
+    assert_eq!(shown["kind"], "tls");
+    assert_eq!(shown["message"], "the server requires TLS: use rediss://");
+    let since = shown["since"].as_str().unwrap();
+    assert!(humantime::parse_rfc3339(since).is_ok(), "{since}");
+    assert_eq!(
+        shown.as_object().unwrap().len(),
+        3,
+        "kind, message and since: {shown}"
+    );
+    let (status, r) = report(&app, "/health/role").await;
+    assert_eq!(status, StatusCode::OK);
+    let parsed = r.backend_error.expect("read back by clients");
+    assert_eq!(parsed.kind, Misconfiguration::Tls);
+
+    backend.faults().clear_misconfiguration();
+    timeout(EVENT_BOUND, elector.handle().wait_primary())
+        .await
+        .unwrap();
+    let (_, r) = report(&app, "/health/role").await;
+    assert_eq!(r.role, "primary");
+    assert!(r.backend_error.is_none());
+    elector.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Two server processes over real HTTP
 
@@ -1135,8 +1334,8 @@ mod processes {
     use tokio::time::timeout;
     use tower_primary::http::health::{self, RoleReport};
     use tower_primary::{
-        Elector, FileLock, PrimaryLayer, RequirePrimaryLayer, RoleHandle, TermContext,
-        terminate_signal,
+        Elector, FileBackend, PrimaryLayer, RequirePrimaryLayer, RoleHandle, RoleHeadersLayer,
+        TermContext, terminate_signal,
     };
 
     use super::EVENT_BOUND;
@@ -1200,14 +1399,13 @@ mod processes {
     async fn serve(dir: String) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let primary = PrimaryLayer::from_builder(
+        let primary = PrimaryLayer::new(
             Elector::builder(LOCK)
-                .backend(FileLock::new(dir))
+                .backend(FileBackend::new(dir))
                 .advertise(format!("http://127.0.0.1:{port}"))
                 .grace(Duration::from_secs(2)),
         )
-        .unwrap()
-        .role_headers();
+        .unwrap();
         let counts = Arc::new(Counts::default());
         let app = Router::new()
             .route("/admin", post(admin).layer(RequirePrimaryLayer::new()))
@@ -1218,8 +1416,9 @@ mod processes {
             .route("/counts", get(report_counts))
             .route("/health/role", get(health::role))
             .with_state(counts)
+            .layer(RoleHeadersLayer::new())
             .layer(primary.clone());
-        let elector = primary.elector().unwrap();
+        let elector = primary.elector();
         let mut role = elector.handle();
         println!("EVENT listening {port} {}", role.node().id());
         tokio::spawn(async move {

@@ -17,7 +17,7 @@ use tower::ServiceExt;
 use tower_primary::backend::{Backend, Lock};
 use tower_primary::http::health::{self, Liveness};
 use tower_primary::{
-    Clock, Elector, FileLock, Lease, MemoryBackend, NodeId, PrimaryLayer, RoleHandle,
+    AddRoleLayer, Clock, Elector, FileBackend, Lease, MemoryBackend, NodeId, RoleHandle,
 };
 use tower_primary_lab::servers::TempDir;
 
@@ -463,6 +463,75 @@ async fn metrics_follow_a_failover_with_values_and_lock_labels() {
     assert_eq!(*log.gauge(m::IS_PRIMARY, &lock).last().unwrap(), 0.0);
 }
 
+/// Backend errors are counted by kind: a misconfiguration under its own name, anything else as
+/// `transient`, on every retry.
+#[cfg(feature = "metrics")]
+#[tokio::test(start_paused = true)]
+async fn backend_errors_are_counted_by_kind() {
+    use tower_primary::Misconfiguration;
+    use tower_primary::metrics as m;
+
+    let log = recording::Log::default();
+    let _recorder = metrics::set_default_local_recorder(&log);
+    let name = "metrics-misconfigured";
+    let backend = MemoryBackend::new();
+    backend.faults().misconfigure(
+        Misconfiguration::Permission,
+        "cannot write the lock directory",
+    );
+    let elector = Elector::builder(name)
+        .backend(backend.clone())
+        .clock(Clock::tokio())
+        .spawn()
+        .unwrap();
+    let permission = [("lock", name), ("kind", "permission")];
+    log.wait_for("misconfigured acquisitions", |log| {
+        log.counter(
+            m::BACKEND_ERRORS,
+            &[("op", "acquire"), ("kind", "permission")],
+        ) >= 3
+    })
+    .await;
+    // The holder record cannot be followed either: counted under its own operation.
+    assert!(
+        log.counter(
+            m::BACKEND_ERRORS,
+            &[("op", "watch"), ("kind", "permission")]
+        ) >= 1
+    );
+    assert_eq!(log.counter(m::BACKEND_ERRORS, &[("kind", "transient")]), 0);
+    let misconfigured = log.counter(m::BACKEND_ERRORS, &permission);
+    assert!(!elector.handle().is_primary());
+    assert_eq!(
+        elector.handle().backend_error().map(|e| e.kind),
+        Some(Misconfiguration::Permission)
+    );
+
+    // Now merely unreachable: transient.
+    backend.faults().clear_misconfiguration();
+    backend.faults().set_failing(true);
+    log.wait_for("transient errors", |log| {
+        log.counter(
+            m::BACKEND_ERRORS,
+            &[("op", "acquire"), ("kind", "transient")],
+        ) >= 2
+    })
+    .await;
+    assert_eq!(log.counter(m::BACKEND_ERRORS, &permission), misconfigured);
+    backend.faults().set_failing(false);
+    timeout(WAIT, elector.handle().wait_primary())
+        .await
+        .unwrap();
+    assert!(elector.handle().backend_error().is_none());
+    for e in log.events().iter().filter(|e| e.name == m::BACKEND_ERRORS) {
+        assert!(
+            e.labels.iter().any(|(k, _)| k == "kind") && e.labels.iter().any(|(k, _)| k == "op"),
+            "{e:?}"
+        );
+    }
+    elector.shutdown().await;
+}
+
 /// What the example service's `/metrics` shows: the Prometheus exporter renders the role
 /// gauges and transitions with their help text and lock label.
 #[cfg(feature = "metrics")]
@@ -725,7 +794,7 @@ async fn acquire_renew_and_release_are_traced_with_lock_and_term() {
 fn live_app(elector: &Elector) -> Router {
     Router::new()
         .route("/health/live", get(health::live))
-        .layer(PrimaryLayer::new(elector.handle()))
+        .layer(AddRoleLayer::new(elector.handle()))
 }
 
 async fn get_live(app: &Router) -> (StatusCode, Liveness) {
@@ -866,7 +935,7 @@ async fn live_turns_unhealthy_when_an_aborted_task_blocks_its_thread() {
     let grace = Duration::from_millis(100);
     let dir = TempDir::new("wedged").unwrap();
     let elector = Elector::builder("wedged")
-        .backend(FileLock::new(dir.path()))
+        .backend(FileBackend::new(dir.path()))
         .grace(grace)
         .liveness_bound(bound)
         .spawn()
@@ -919,7 +988,7 @@ async fn live_turns_unhealthy_when_an_aborted_task_blocks_its_thread() {
     );
     assert!(!handle.is_primary());
     // The lock is kept while the task runs.
-    let holder = FileLock::new(dir.path())
+    let holder = FileBackend::new(dir.path())
         .lock("wedged")
         .unwrap()
         .holder()
@@ -1034,7 +1103,7 @@ async fn status_reports_and_follows_the_file_backend_holder() {
     let name = "status-file";
     let node = |id: &str| {
         Elector::builder(name)
-            .backend(FileLock::new(dir.path()))
+            .backend(FileBackend::new(dir.path()))
             .node(NodeId::new(id))
             .spawn()
             .unwrap()

@@ -613,6 +613,181 @@ async fn tls_is_used_when_the_server_offers_it_unless_disabled() {
     }
 }
 
+/// An error's text with its sources, as a logger shows it (each cause once).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut shown = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !shown.contains(&text) {
+            shown = format!("{shown}: {text}");
+        }
+        source = s.source();
+    }
+    shown
+}
+
+/// A port on which nothing listens (bound, then freed).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An acquisition's error, within the test's patience.
+async fn acquire_error(url: &str) -> Error {
+    // Shown with --nocapture: the message as users read it.
+    let shown = |e: Error| {
+        eprintln!("{url} -> {e}");
+        e
+    };
+    let lock = PostgresBackend::new(url)
+        .unwrap()
+        .connect_timeout(Duration::from_secs(3))
+        .lock("jobs")
+        .unwrap();
+    match within("an acquisition error", lock.acquire(req("a"))).await {
+        Ok(_) => panic!("{url}: acquired"),
+        Err(e) => shown(e),
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_a_backend_error_that_says_so_once() {
+    let port = free_port();
+    let url = format!("postgres://root@127.0.0.1:{port}/test");
+    let err = acquire_error(&url).await;
+    assert!(matches!(err, Error::Backend { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.starts_with(&format!(
+            "postgres backend: connect to {url}: error connecting to server: Connection refused"
+        )),
+        "{text}"
+    );
+    assert_eq!(text.matches("postgres backend").count(), 1, "{text}");
+    assert_eq!(text.matches("Connection refused").count(), 1, "{text}");
+    assert_eq!(chain(&err), text, "the sources add nothing new");
+    assert!(
+        !text.contains("Error {") && !text.contains("tokio"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_database_is_a_misconfiguration() {
+    let Some(env) = Env::new("nodb").await else {
+        return;
+    };
+    let user = env.server.config.get_user().unwrap_or("postgres");
+    let url = format!(
+        "postgres://{user}@{}/no_such_db?{}",
+        env.server.addr,
+        env.params()
+    );
+    let err = acquire_error(&url).await;
+    assert_eq!(
+        err.misconfiguration(),
+        Some(tower_primary::Misconfiguration::MissingDatabase),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.starts_with(&format!(
+            "postgres backend: database does not exist: connect to postgres://{user}@{}/no_such_db?",
+            env.server.addr
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"database "no_such_db" does not exist (3D000)"#),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("; create the database or fix its name in the connection string"),
+        "{text}"
+    );
+    assert_eq!(chain(&err), text);
+}
+
+#[tokio::test]
+async fn tls_required_of_a_server_without_it_is_a_misconfiguration() {
+    // A server that declines TLS, as PostgreSQL with `ssl = off` does: it answers the client's
+    // SSLRequest (8 bytes) with 'N'.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = [0u8; 8];
+                if socket.read_exact(&mut request).await.is_ok() {
+                    let _ = socket.write_all(b"N").await;
+                    let _ = socket.read(&mut request).await;
+                }
+            });
+        }
+    });
+    let url = format!("postgres://root@{addr}/test?sslmode=require");
+    let err = acquire_error(&url).await;
+    assert_eq!(
+        err.misconfiguration(),
+        Some(tower_primary::Misconfiguration::Tls),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert_eq!(
+        text,
+        format!(
+            "postgres backend: TLS handshake failed: connect to {url}: error performing TLS \
+             handshake: server does not support TLS; check sslmode (does the server offer TLS?) \
+             and sslrootcert"
+        )
+    );
+    assert_eq!(chain(&err), text);
+}
+
+#[tokio::test]
+async fn a_role_without_rights_is_a_misconfiguration() {
+    let Some(env) = Env::new("norights").await else {
+        return;
+    };
+    // A role that may log in (trust authentication) but not create the schema.
+    let role = "tp_no_rights";
+    env.admin
+        .batch_execute(&format!(
+            "DO $$ BEGIN CREATE ROLE {role} LOGIN; \
+             EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+        ))
+        .await
+        .unwrap();
+    let db = env.server.config.get_dbname().unwrap_or("postgres");
+    let url = format!(
+        "postgres://{role}@{}/{db}?namespace={}&schema=tp_never_created",
+        env.server.addr, env.namespace
+    );
+    let err = acquire_error(&url).await;
+    if err.misconfiguration() == Some(tower_primary::Misconfiguration::Authentication) {
+        eprintln!("the server does not let {role} log in without a password: {err}");
+        return;
+    }
+    assert_eq!(
+        err.misconfiguration(),
+        Some(tower_primary::Misconfiguration::Permission),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.starts_with(
+            r#"postgres backend: permission denied: prepare schema "tp_never_created" and LISTEN: "#
+        ),
+        "{text}"
+    );
+    assert!(text.contains("(42501)"), "{text}");
+}
+
 #[tokio::test]
 async fn pgbouncer_transaction_pooling_is_refused() {
     let Some(env) = Env::new("pgbouncer").await else {

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 use tokio::sync::{Mutex, MutexGuard};
-use tower_primary::{ConfigError, Elector, FileLock};
+use tower_primary::{ConfigError, Elector, FileBackend};
 use tower_primary_lab::node::{
     Cluster, EventKind, EventLog, NodeCommand, NodeConfig, NodeSignal, ObservedRole, Succession,
 };
@@ -301,7 +301,7 @@ async fn cancelled_acquires_do_not_pile_up_waiting_threads() {
     let (holder_pid, term) = s.cluster.wait_settled(WAIT).await.unwrap();
 
     // Another process holds the lock; acquires from this one wait, and are given up.
-    let lock = FileLock::new(&s.dir).lock(&s.lock).unwrap();
+    let lock = FileBackend::new(&s.dir).lock(&s.lock).unwrap();
     let before = threads_named(WAITER);
     // All threads too: a thread is listed from its creation on, before it names itself.
     let all_before = threads_named("");
@@ -441,7 +441,7 @@ async fn symlinked_lock_directory_is_refused() {
     std::os::unix::fs::symlink(&real, &link).unwrap();
 
     let err = Elector::builder("symlinked-dir")
-        .backend(FileLock::new(&link))
+        .backend(FileBackend::new(&link))
         .spawn()
         .unwrap_err();
     let message = err.to_string();

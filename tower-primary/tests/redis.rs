@@ -32,7 +32,7 @@ use tokio::sync::{Mutex, MutexGuard};
 use tokio::time::Instant;
 use tower_primary::backend::redis::{KeyEvents, RedisBackend};
 use tower_primary::backend::{AcquireRequest, Backend};
-use tower_primary::{Clock, ConfigError, Error, Lease, NodeId};
+use tower_primary::{Clock, Error, Lease, Misconfiguration, NodeId};
 use tower_primary_lab::node::{Cluster, EventKind, NodeCommand, NodeConfig, NodeSignal};
 use tower_primary_lab::proxy::TcpProxy;
 use tower_primary_lab::servers::{self, RedisServer};
@@ -276,8 +276,179 @@ async fn rediss_speaks_tls_and_fails_closed_on_a_plain_server() {
         .await
         .expect("an answer");
     let err = res.expect_err("a plain-text server cannot grant a TLS client");
-    assert!(matches!(err, Error::Backend { .. }), "{err}");
+    assert_eq!(err.misconfiguration(), Some(Misconfiguration::Tls), "{err}");
     assert!(lock.holder().await.is_err());
+}
+
+/// An error and its sources, as logs show them.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        text = format!("{text}: {s}");
+        source = s.source();
+    }
+    text
+}
+
+/// Words of the driver's types that must never reach a message.
+const DRIVER_NAMES: [&str; 6] = [
+    "InvalidClientConfig",
+    "AuthenticationFailed",
+    "ResponseError",
+    "Server(",
+    "NoPerm",
+    "- Io",
+];
+
+fn assert_our_words(text: &str) {
+    for name in DRIVER_NAMES {
+        assert!(!text.contains(name), "{name:?} in {text}");
+    }
+    assert_eq!(text.matches("redis backend").count(), 1, "{text}");
+}
+
+/// Acquires once (a short lease) and returns the error.
+async fn acquire_error(url: &str, test: &str) -> Error {
+    let lock = RedisBackend::new(&format!("{url}?prefix={}", prefix(test)))
+        .unwrap()
+        .lock(test)
+        .unwrap();
+    tokio::time::timeout(WAIT, lock.acquire(request("a", Duration::from_secs(1))))
+        .await
+        .expect("an answer, not a wait")
+        .expect_err("no grant")
+}
+
+#[tokio::test]
+async fn rediss_against_the_local_plain_redis_says_the_tls_handshake_failed() {
+    let plain = std::net::TcpStream::connect("127.0.0.1:6379").map_err(|e| e.to_string());
+    if servers::require("redis at 127.0.0.1:6379", plain).is_none() {
+        return;
+    }
+    let err = acquire_error("rediss://127.0.0.1:6379", "tls6379").await;
+    let text = chain(&err);
+    assert_eq!(
+        err.misconfiguration(),
+        Some(Misconfiguration::Tls),
+        "{text}"
+    );
+    assert!(
+        matches!(
+            &err,
+            Error::Misconfigured {
+                kind: Misconfiguration::Tls,
+                ..
+            }
+        ),
+        "{text}"
+    );
+    assert_eq!(
+        text,
+        "redis backend: TLS handshake failed: acquire: the server at 127.0.0.1:6379 answers \
+         without TLS and may not speak TLS: use redis:// instead of rediss://, or enable TLS on \
+         the server"
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_a_backend_error_said_once() {
+    let port = servers::free_port().unwrap();
+    let err = acquire_error(&format!("redis://127.0.0.1:{port}"), "unreachable").await;
+    let text = chain(&err);
+    assert!(matches!(err, Error::Backend { .. }), "{text}");
+    assert_eq!(err.misconfiguration(), None, "{text}");
+    assert_eq!(
+        text,
+        "redis backend: acquire: Connection refused (os error 111)"
+    );
+    assert_our_words(&text);
+}
+
+#[tokio::test]
+async fn a_wrong_or_missing_password_is_an_authentication_misconfiguration() {
+    let Some(server) = servers::require(
+        "redis-server",
+        RedisServer::start_with(&["--requirepass", "secret"]).await,
+    ) else {
+        return;
+    };
+    let wrong = server.url().replace("redis://", "redis://:hunter2@");
+    let err = acquire_error(&wrong, "wrongpass").await;
+    let text = chain(&err);
+    assert_eq!(
+        err.misconfiguration(),
+        Some(Misconfiguration::Authentication),
+        "{text}"
+    );
+    assert_eq!(
+        text,
+        "redis backend: authentication failed: acquire: the server refused the user name or \
+         password of the backend string: Password authentication failed"
+    );
+    assert!(!text.contains("hunter2"), "{text}");
+    assert_our_words(&text);
+
+    let err = acquire_error(&server.url(), "nopass").await;
+    let text = chain(&err);
+    assert_eq!(
+        err.misconfiguration(),
+        Some(Misconfiguration::Authentication),
+        "{text}"
+    );
+    assert!(
+        text.starts_with(
+            "redis backend: authentication failed: acquire: the server requires a password; \
+             give it in the backend string (redis://[user]:password@host)"
+        ),
+        "{text}"
+    );
+    assert_our_words(&text);
+}
+
+#[tokio::test]
+async fn an_acl_refusal_is_a_permission_misconfiguration() {
+    let Some(server) = servers::require(
+        "redis-server",
+        RedisServer::start_with(&["--user", "limited", "on", ">pw", "~elsewhere:*", "+@all"]).await,
+    ) else {
+        return;
+    };
+    let url = server.url().replace("redis://", "redis://limited:pw@");
+    let err = acquire_error(&url, "noperm").await;
+    let text = chain(&err);
+    assert_eq!(
+        err.misconfiguration(),
+        Some(Misconfiguration::Permission),
+        "{text}"
+    );
+    assert!(
+        text.starts_with(
+            "redis backend: permission denied: acquire: the server's ACL denies the backend \
+             string's user a command or key the backend needs"
+        ) && text.contains("NOPERM"),
+        "{text}"
+    );
+    assert_our_words(&text);
+}
+
+#[tokio::test]
+async fn a_database_index_out_of_range_is_a_missing_database() {
+    let Some(server) = redis().await else { return };
+    let err = acquire_error(&format!("{}/99", server.url()), "baddb").await;
+    let text = chain(&err);
+    assert_eq!(
+        err.misconfiguration(),
+        Some(Misconfiguration::MissingDatabase),
+        "{text}"
+    );
+    assert_eq!(
+        text,
+        "redis backend: database does not exist: acquire: the server has no database 99 (see its \
+         `databases` setting); choose another /db in the backend string: Redis server refused to \
+         switch database: DB index is out of range"
+    );
+    assert_our_words(&text);
 }
 
 #[tokio::test]
@@ -381,10 +552,10 @@ async fn a_node_with_another_lease_refuses_to_campaign() {
     assert!(
         matches!(
             &err,
-            Error::Config(ConfigError::InvalidTiming {
-                setting: "lease",
+            Error::Misconfigured {
+                kind: Misconfiguration::IncompatibleLease,
                 ..
-            })
+            }
         ),
         "{msg}"
     );
@@ -904,6 +1075,11 @@ async fn an_evicting_maxmemory_policy_is_refused() {
         msg.contains("maxmemory-policy") && msg.contains("volatile-lru"),
         "{msg}"
     );
+    assert_eq!(
+        err.misconfiguration(),
+        Some(Misconfiguration::IncompatibleLease),
+        "{msg}"
+    );
     // Opted in: granted.
     let allowed = backend(&server, &prefix("eviction"))
         .allow_eviction(true)
@@ -984,10 +1160,10 @@ async fn a_lease_above_the_recorded_maximum_is_refused() {
     assert!(
         matches!(
             &err,
-            Error::Config(ConfigError::InvalidTiming {
-                setting: "lease",
+            Error::Misconfigured {
+                kind: Misconfiguration::IncompatibleLease,
                 ..
-            })
+            }
         ) && msg.contains("1000 ms"),
         "{msg}"
     );

@@ -15,8 +15,8 @@ use tower_primary::backend::Backend;
 use tower_primary::http::health::{self, Readiness};
 use tower_primary::schedule::{Missed, RunNowError, RunOnce, Schedule, ScheduleHandle};
 use tower_primary::{
-    BoxError, CurrentRole, Elector, FileLock, Lease, PrimaryLayer, RequirePrimaryLayer, Role,
-    TermContext, terminate_signal,
+    BoxError, Elector, FileBackend, Lease, PrimaryLayer, RequirePrimaryLayer, Role, TermContext,
+    terminate_signal,
 };
 
 use super::{Args, Dirs, email, report};
@@ -76,7 +76,7 @@ async fn serve(index: Option<u16>, args: &Args) -> Result<(), BoxError> {
         Some(s) => tower_primary::backend::from_url(s)?,
         None => {
             std::fs::create_dir_all(dirs.locks())?;
-            Box::new(FileLock::new(dirs.locks()))
+            Box::new(FileBackend::new(dirs.locks()))
         }
     };
     let own_port = match (args.worker_ports, index) {
@@ -95,7 +95,9 @@ async fn serve(index: Option<u16>, args: &Args) -> Result<(), BoxError> {
     if let Some(lease) = args.lease {
         builder = builder.lease(Lease::new(lease));
     }
-    let elector = builder.spawn()?;
+    // Checks the configuration now; `elector()` claims the lock (the router shares the claim).
+    let primary = PrimaryLayer::new(builder)?;
+    let elector = primary.elector();
 
     let migration = elector.run_once("migrate", MIGRATION, {
         let dirs = dirs.clone();
@@ -148,7 +150,7 @@ async fn serve(index: Option<u16>, args: &Args) -> Result<(), BoxError> {
         .route("/emails", post(email::queue))
         .merge(admin)
         .with_state(app)
-        .layer(PrimaryLayer::new(elector.handle()));
+        .layer(primary);
 
     let shared = reuse_port_listener(args.bind)?;
     let own = match own_port {
@@ -312,7 +314,7 @@ async fn log_role_changes(elector: Elector, migration: RunOnce) {
     }
 }
 
-async fn index_page(State(app): State<App>, role: CurrentRole) -> String {
+async fn index_page(State(app): State<App>, role: Role) -> String {
     let worker = app.worker.map_or_else(|| "-".to_owned(), |i| i.to_string());
     format!(
         "tower-primary scheduler example\n\
@@ -324,7 +326,7 @@ async fn index_page(State(app): State<App>, role: CurrentRole) -> String {
          POST /admin/report-now     primary only: queue a report run\n\
          GET  /admin/status         primary only: outbox, sent, last report\n",
         app.pid,
-        role.role().as_str(),
+        role.as_str(),
         role.term()
             .map_or_else(|| "-".to_owned(), |t| t.to_string()),
         app.readiness.is_ready(),
@@ -357,8 +359,8 @@ async fn report_now(State(app): State<App>) -> Response {
     }
 }
 
-/// `GET /admin/status` (primary only).
-async fn status(State(app): State<App>, role: CurrentRole) -> Response {
+/// `GET /admin/status` (primary only): `term` is the term the gate admitted the request under.
+async fn status(State(app): State<App>, term: TermContext) -> Response {
     let last_report = match app.report.last_completed().await {
         Ok(slot) => json!(slot.map(report::slot_name)),
         Err(err) => json!(format!("unknown: {err}")),
@@ -366,7 +368,7 @@ async fn status(State(app): State<App>, role: CurrentRole) -> Response {
     Json(json!({
         "pid": app.pid,
         "worker": app.worker,
-        "term": role.term(),
+        "term": term.term(),
         "ready": app.readiness.is_ready(),
         "outbox": report::count(&app.dirs.outbox(), ".json").await,
         "sent": report::count(&app.dirs.sent(), ".eml").await,

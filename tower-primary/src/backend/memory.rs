@@ -45,7 +45,7 @@ use super::{
     AcquireRequest, Backend, BoxFuture, Changes, Leadership, Lock, RenewalSender, Renewals, Stored,
     VersionChanges, renewals,
 };
-use crate::error::{ConfigError, Error, validate_lock_name};
+use crate::error::{ConfigError, Error, Misconfiguration, validate_lock_name};
 use crate::role::Holder;
 
 const NAME: &str = "memory";
@@ -125,12 +125,18 @@ impl MemoryBackend {
 /// Fault injection for one [`MemoryBackend`] connection.
 ///
 /// ```
-/// use tower_primary::MemoryBackend;
+/// use tower_primary::{MemoryBackend, Misconfiguration};
 ///
 /// let backend = MemoryBackend::new().with_lease();
 /// backend.faults().set_failing(true); // every call errors
 /// backend.faults().set_failing(false);
 /// backend.faults().stop_renewals(true); // the holder's lease runs out
+///
+/// // Every call refuses, as a server with the wrong password would.
+/// backend
+///     .faults()
+///     .misconfigure(Misconfiguration::Authentication, "wrong password for user \"app\"");
+/// backend.faults().clear_misconfiguration();
 /// ```
 #[derive(Clone, Default)]
 pub struct Faults {
@@ -140,6 +146,7 @@ pub struct Faults {
 struct FaultState {
     id: u64,
     failing: AtomicBool,
+    misconfigured: Mutex<Option<(Misconfiguration, String)>>,
     renewals_stopped: AtomicBool,
     hung: watch::Sender<bool>,
 }
@@ -150,6 +157,7 @@ impl Default for FaultState {
         FaultState {
             id: NEXT.fetch_add(1, Ordering::Relaxed),
             failing: AtomicBool::new(false),
+            misconfigured: Mutex::new(None),
             renewals_stopped: AtomicBool::new(false),
             hung: watch::channel(false).0,
         }
@@ -160,6 +168,7 @@ impl fmt::Debug for Faults {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Faults")
             .field("failing", &self.inner.failing.load(Ordering::Relaxed))
+            .field("misconfigured", &*lock(&self.inner.misconfigured))
             .field(
                 "renewals_stopped",
                 &self.inner.renewals_stopped.load(Ordering::Relaxed),
@@ -173,6 +182,19 @@ impl Faults {
     /// Every call (acquire, holder, state, renewals) fails with a backend error while set.
     pub fn set_failing(&self, failing: bool) {
         self.inner.failing.store(failing, Ordering::SeqCst);
+    }
+
+    /// Every call (acquire, holder, state, renewals) fails with [`Error::Misconfigured`] of `kind`
+    /// and `message` until [`clear_misconfiguration`](Self::clear_misconfiguration), as a server
+    /// refusing the credentials, the database or the lease would. Takes precedence over
+    /// [`set_failing`](Self::set_failing).
+    pub fn misconfigure(&self, kind: Misconfiguration, message: impl Into<String>) {
+        *lock(&self.inner.misconfigured) = Some((kind, message.into()));
+    }
+
+    /// Ends [`misconfigure`](Self::misconfigure): calls answer again.
+    pub fn clear_misconfiguration(&self) {
+        *lock(&self.inner.misconfigured) = None;
     }
 
     /// Every call hangs while set, and goes on when cleared.
@@ -197,10 +219,14 @@ impl Faults {
         }
     }
 
-    /// Waits while hung; errors while failing.
+    /// Waits while hung; errors while misconfigured or failing.
     async fn check(&self, what: &str) -> Result<(), Error> {
         let mut rx = self.inner.hung.subscribe();
         let _ = rx.wait_for(|hung| !*hung).await;
+        if let Some((kind, message)) = lock(&self.inner.misconfigured).clone() {
+            // The same message whatever the call, as a server's refusal would be.
+            return Err(Error::misconfigured(NAME, kind, message, None));
+        }
         if self.inner.failing.load(Ordering::SeqCst) {
             return Err(Error::backend_msg(
                 NAME,

@@ -19,7 +19,7 @@
 //!
 //! | backend | feature | string |
 //! |---|---|---|
-//! | [`FileLock`](file::FileLock) | `file` (default) | `/path/dir`, `./dir`, `file:///path/dir` |
+//! | [`FileBackend`](file::FileBackend) | `file` (default) | `/path/dir`, `./dir`, `file:///path/dir` |
 //! | [`MemoryBackend`](memory::MemoryBackend) | always | `memory://name` |
 //! | [`RedisBackend`](redis::RedisBackend) | `redis` | `redis://[user:pass@]host:port[/db][?prefix=p]`, `rediss://…` |
 //! | [`PostgresBackend`](postgres::PostgresBackend) | `postgres` | `postgres://…[?namespace=n&schema=s&sslmode=m]`, `postgresql://…` |
@@ -63,6 +63,7 @@ pub mod etcd;
 pub mod file;
 mod lease;
 pub mod memory;
+mod mistyped;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres;
@@ -70,7 +71,11 @@ pub mod postgres;
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
 
+mod redact;
+
 pub use lease::Lease;
+pub use redact::redact;
+pub(crate) use redact::{passwords_in, without_passwords};
 
 /// A boxed, `Send` future, as the object-safe traits return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -410,6 +415,9 @@ fn parse_backend(url: &str) -> Result<Box<dyn Backend>, ConfigError> {
         if url.is_empty() {
             return Err(invalid("empty"));
         }
+        if let Some(mistyped) = mistyped::mistyped_url(url) {
+            return Err(mistyped.error());
+        }
         return file_backend(url);
     };
     // Unused when every server backend is compiled in.
@@ -467,7 +475,7 @@ pub fn from_env() -> Result<Option<Box<dyn Backend>>, ConfigError> {
 
 #[cfg(feature = "file")]
 fn file_backend(path: &str) -> Result<Box<dyn Backend>, ConfigError> {
-    Ok(Box::new(file::FileLock::new(path)))
+    Ok(Box::new(file::FileBackend::new(path)))
 }
 
 #[cfg(not(feature = "file"))]
@@ -476,117 +484,6 @@ fn file_backend(_path: &str) -> Result<Box<dyn Backend>, ConfigError> {
         scheme: "file".to_owned(),
         feature: "file",
     })
-}
-
-/// The string with any password replaced by `***`, for error messages and `Debug` output.
-///
-/// Passwords are often pasted without percent-encoding, so the user information is taken to end
-/// at the **last** `@` of the string (RFC 3986 would end it at the first `/`, `?` or `#`): a
-/// password holding `/`, `@`, `?`, `#` or `:` is hidden whole, at the price of hiding a little
-/// more than the password when a query value holds an `@`. A `password=` query parameter (as
-/// PostgreSQL strings may carry) is hidden too. A string without a password comes back as it is.
-///
-/// ```
-/// use tower_primary::backend::redact;
-///
-/// assert_eq!(redact("redis://app:pa/ss@h:6379/0"), "redis://app:***@h:6379/0");
-/// assert_eq!(
-///     redact("postgres://h/db?password=x&sslmode=require"),
-///     "postgres://h/db?password=***&sslmode=require"
-/// );
-/// assert_eq!(redact("postgres://root@127.0.0.1/test"), "postgres://root@127.0.0.1/test");
-/// ```
-#[must_use]
-pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let (userinfo, tail) = match rest.rfind('@') {
-        // Without a `:` there is no password before the `@` (`user@host`, or an `@` in a query
-        // value); the query is still searched for one below.
-        Some(at) if rest[..at].contains(':') => {
-            let user = rest[..at].split(':').next().unwrap_or_default();
-            (format!("{user}:***@"), &rest[at + 1..])
-        }
-        _ => (String::new(), rest),
-    };
-    format!("{scheme}://{userinfo}{}", redact_password_parameters(tail))
-}
-
-/// `password=…` parameters (after `?` or `&`) with their values replaced by `***`; a value runs
-/// to the next `&`.
-fn redact_password_parameters(text: &str) -> String {
-    const KEY: &str = "password=";
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(i) = rest.find(KEY) {
-        let starts_parameter =
-            rest[..i].ends_with(['?', '&']) || (i == 0 && out.ends_with(['?', '&']));
-        out.push_str(&rest[..i + KEY.len()]);
-        rest = &rest[i + KEY.len()..];
-        if starts_parameter {
-            let end = rest.find('&').unwrap_or(rest.len());
-            if end > 0 {
-                out.push_str("***");
-            }
-            rest = &rest[end..];
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
-/// The passwords `redact` hides in `url`, and the pieces of each between the characters that
-/// parsers split at (`/ ? # @ : & =`), longest first: other code (a driver, a query parser) may
-/// quote a piece in its message.
-fn passwords_in(url: &str) -> Vec<&str> {
-    const KEY: &str = "password=";
-    let Some((_, rest)) = url.split_once("://") else {
-        return Vec::new();
-    };
-    let mut whole = Vec::new();
-    if let Some(at) = rest.rfind('@')
-        && let Some((_, password)) = rest[..at].split_once(':')
-    {
-        whole.push(password);
-    }
-    let mut query = rest;
-    while let Some(i) = query.find(KEY) {
-        let starts_parameter = query[..i].ends_with(['?', '&']);
-        query = &query[i + KEY.len()..];
-        if starts_parameter {
-            whole.push(&query[..query.find('&').unwrap_or(query.len())]);
-        }
-    }
-    let mut found: Vec<&str> = whole
-        .iter()
-        .flat_map(|p| std::iter::once(*p).chain(p.split(['/', '?', '#', '@', ':', '&', '='])))
-        // Shorter pieces would mask ordinary words of a message.
-        .filter(|p| p.len() >= 3)
-        .collect();
-    found.sort_by_key(|p| std::cmp::Reverse(p.len()));
-    found.dedup();
-    found
-}
-
-/// A configuration error about `url` with every password of `url` masked in its message.
-pub(crate) fn without_passwords(url: &str, err: ConfigError) -> ConfigError {
-    match err {
-        ConfigError::InvalidBackendUrl {
-            url: shown,
-            problem,
-        } => {
-            let mut problem = problem;
-            for password in passwords_in(url) {
-                problem = problem.replace(password, "***");
-            }
-            ConfigError::InvalidBackendUrl {
-                url: shown,
-                problem,
-            }
-        }
-        other => other,
-    }
 }
 
 /// Checks a state key: 1 to 200 bytes of `[A-Za-z0-9._:-]`, not starting with a dot.
@@ -748,34 +645,6 @@ mod tests {
             #[cfg(feature = "etcd")]
             Some("etcd" | "etcds") => shown(etcd::EtcdBackend::from_url(url)),
             _ => String::new(),
-        }
-    }
-
-    #[test]
-    fn redaction_keeps_what_is_not_a_password() {
-        for (url, shown) in [
-            ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
-            ("redis://user@host/0", "redis://user@host/0"),
-            (
-                "postgres://root@127.0.0.1:5432/test",
-                "postgres://root@127.0.0.1:5432/test",
-            ),
-            (
-                "etcd://a:2379,b:2379?prefix=x",
-                "etcd://a:2379,b:2379?prefix=x",
-            ),
-            ("/var/lib/app", "/var/lib/app"),
-            ("file:///run/app", "file:///run/app"),
-            ("redis://u:pw@h:1/0", "redis://u:***@h:1/0"),
-            ("redis://u:pa/ss@h/0", "redis://u:***@h/0"),
-            ("redis://:pw@h", "redis://:***@h"),
-            ("postgres://u:p@w@h/db", "postgres://u:***@h/db"),
-            (
-                "postgres://h/db?user=u&password=pw&sslmode=require",
-                "postgres://h/db?user=u&password=***&sslmode=require",
-            ),
-        ] {
-            assert_eq!(redact(url), shown, "{url}");
         }
     }
 

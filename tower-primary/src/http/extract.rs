@@ -1,24 +1,25 @@
 //! axum extractors for the role (feature `axum`).
 //!
-//! All of them read what [`PrimaryLayer`](crate::PrimaryLayer) put into the request:
+//! Each is named for what it gives, and all of them read what [`PrimaryLayer`](crate::PrimaryLayer)
+//! (or [`AddRoleLayer`](crate::AddRoleLayer)) put into the request:
 //!
 //! | extractor | gives | rejects with |
 //! |---|---|---|
-//! | [`RoleHandle`] | the live handle | `500` when the layer is missing |
-//! | [`CurrentRole`] | a read-only snapshot: role, term, holder | `500` when the layer is missing |
-//! | [`PrimaryTerm`] | the [`TermContext`] of this node's term, only on the primary | `503` (with `Retry-After` and `x-primary-holder`) on other nodes, `500` when the layer is missing |
+//! | [`TermContext`] | this node's term, only on the primary: put [`term`](TermContext::term) into downstream writes | `503` (with `Retry-After` and `x-primary-holder`) on other nodes, `500` when the layer is missing |
+//! | [`Role`] | a snapshot of the role (and the term) when the request was extracted | `500` when the layer is missing |
+//! | [`RoleHandle`] | the live handle: holder, node, lock name, liveness | `500` when the layer is missing |
 //!
-//! As `Option<…>` none of them rejects: `Option<RoleHandle>` and `Option<CurrentRole>` are `None`
-//! without the layer, and `Option<PrimaryTerm>` is `None` on every node but the primary — for
+//! As `Option<…>` none of them rejects: `Option<Role>` and `Option<RoleHandle>` are `None`
+//! without the layer, and `Option<TermContext>` is `None` on every node but the primary — for
 //! handlers that serve everywhere but do a little more on the primary.
 //!
 //! Rejections carry the JSON [`Refusal`] body of the gate: the `500` says what is missing (*add
-//! PrimaryLayer to the router*), and the `503` of [`PrimaryTerm`] is the same answer as the
-//! [gate's](crate::RequirePrimaryLayer). Behind the gate [`PrimaryTerm`] returns the term the gate
-//! admitted the request under. A [`PrimaryTerm`] counts as in flight
-//! while it lives, so step-down and shutdown wait for the handler (up to the grace) before they
-//! release the lock, also on routes without the gate; only the gate also waits for the response
-//! body and aborts what is left after the grace.
+//! PrimaryLayer to the router*), and the `503` of [`TermContext`] is the same answer as the
+//! [gate's](crate::RequirePrimaryLayer). Behind the gate [`TermContext`] is the term the gate
+//! admitted the request under. An extracted [`TermContext`] counts as in flight while it (or a
+//! clone of it) lives, so step-down and shutdown wait for the handler (up to the grace) before
+//! they release the lock, also on routes without the gate; only the gate also waits for the
+//! response body and aborts what is left after the grace.
 //!
 //! # Examples
 //!
@@ -26,18 +27,18 @@
 //! use axum::{Router, body::Body, routing::{get, post}};
 //! use http::{Request, StatusCode};
 //! use tower::ServiceExt;
-//! use tower_primary::{CurrentRole, PrimaryLayer, PrimaryTerm, Role, RoleHandle};
+//! use tower_primary::{AddRoleLayer, Role, RoleHandle, TermContext};
 //!
-//! async fn whoami(role: CurrentRole) -> String {
-//!     format!("{} term={:?}", role.role().as_str(), role.term())
+//! async fn whoami(role: Role) -> String {
+//!     format!("{} term={:?}", role.as_str(), role.term())
 //! }
 //!
-//! async fn rebuild(term: PrimaryTerm) -> String {
+//! async fn rebuild(term: TermContext) -> String {
 //!     // Carry the term into the write: UPDATE … SET term = $term WHERE term <= $term
 //!     format!("rebuilt under term {}", term.term())
 //! }
 //!
-//! async fn status(primary: Option<PrimaryTerm>) -> &'static str {
+//! async fn status(primary: Option<TermContext>) -> &'static str {
 //!     if primary.is_some() { "primary" } else { "standing by" }
 //! }
 //!
@@ -46,7 +47,7 @@
 //!         .route("/whoami", get(whoami))
 //!         .route("/rebuild", post(rebuild))
 //!         .route("/status", get(status))
-//!         .layer(PrimaryLayer::new(role))
+//!         .layer(AddRoleLayer::new(role))
 //! }
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -63,8 +64,9 @@
 //! assert_eq!(axum::body::to_bytes(res.into_body(), 64).await?, "rebuilt under term 9");
 //!
 //! // Handlers can also be called directly.
-//! let role = CurrentRole::from_handle(&RoleHandle::fixed(Role::primary(9)));
-//! assert_eq!(whoami(role).await, "primary term=Some(9)");
+//! let handle = RoleHandle::fixed(Role::primary(9));
+//! assert_eq!(whoami(handle.role()).await, "primary term=Some(9)");
+//! assert_eq!(rebuild(handle.term_context().unwrap()).await, "rebuilt under term 9");
 //!
 //! // Without the layer: a 500 that says what to add.
 //! let res = Router::new().route("/whoami", get(whoami))
@@ -78,7 +80,6 @@
 
 use std::convert::Infallible;
 use std::fmt;
-use std::ops::Deref;
 
 use axum_core::extract::{FromRequestParts, OptionalFromRequestParts};
 use axum_core::response::{IntoResponse, Response};
@@ -86,7 +87,7 @@ use http::StatusCode;
 use http::request::Parts;
 
 use crate::http::require::{MISSING_LAYER, Refusal, admit, hold, log_missing_layer, other_holder};
-use crate::role::{Holder, InFlight, Role, RoleHandle, TermContext};
+use crate::role::{Holder, Role, RoleHandle, TermContext};
 
 /// The `Retry-After` of the extractor's `503`, in seconds (as the gate's default).
 const RETRY_AFTER: u64 = 1;
@@ -183,151 +184,59 @@ impl<S: Send + Sync> OptionalFromRequestParts<S> for RoleHandle {
     }
 }
 
-/// A read-only snapshot of the role, taken when the request was extracted. See the
-/// [module docs](self).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CurrentRole {
-    role: Role,
-    holder: Option<Holder>,
-}
-
-impl CurrentRole {
-    /// A snapshot of `handle` now (for calling handlers in tests).
-    #[must_use]
-    pub fn from_handle(handle: &RoleHandle) -> Self {
-        CurrentRole {
-            role: handle.role(),
-            holder: handle.holder(),
-        }
-    }
-
-    /// The role.
-    #[must_use]
-    pub fn role(&self) -> &Role {
-        &self.role
-    }
-
-    /// Whether this node was primary.
-    #[must_use]
-    pub fn is_primary(&self) -> bool {
-        self.role.is_primary()
-    }
-
-    /// The latest known term: this node's while primary, else the holder's.
-    #[must_use]
-    pub fn term(&self) -> Option<u64> {
-        self.role.term()
-    }
-
-    /// The holder as known: this node's own record while primary.
-    #[must_use]
-    pub fn holder(&self) -> Option<&Holder> {
-        self.holder.as_ref()
-    }
-}
-
-impl<S: Send + Sync> FromRequestParts<S> for CurrentRole {
+impl<S: Send + Sync> FromRequestParts<S> for Role {
     type Rejection = RoleRejection;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         handle_of(parts)
-            .map(CurrentRole::from_handle)
+            .map(RoleHandle::role)
             .ok_or(RoleRejection::MissingLayer)
     }
 }
 
-impl<S: Send + Sync> OptionalFromRequestParts<S> for CurrentRole {
+impl<S: Send + Sync> OptionalFromRequestParts<S> for Role {
     type Rejection = Infallible;
 
     async fn from_request_parts(
         parts: &mut Parts,
         _state: &S,
     ) -> Result<Option<Self>, Self::Rejection> {
-        Ok(handle_of(parts).map(CurrentRole::from_handle))
+        Ok(handle_of(parts).map(RoleHandle::role))
     }
 }
 
-/// This node's term, extracted only on the primary; rejects with `503` elsewhere. See the
-/// [module docs](self).
-///
-/// Dereferences to the [`TermContext`]: put [`term`](TermContext::term) into downstream writes,
-/// check [`is_valid`](TermContext::is_valid) before side effects. While a `PrimaryTerm` lives,
-/// step-down and shutdown wait for it (up to the grace) before they release the lock.
-#[derive(Debug)]
-pub struct PrimaryTerm {
-    ctx: TermContext,
-    _in_flight: InFlight,
+/// The former name of the [`TermContext`] extractor.
+#[deprecated(note = "extract `TermContext` itself: it succeeds only on the primary")]
+pub type PrimaryTerm = TermContext;
+
+/// This node's term if it is primary, counted as in flight while the context lives.
+fn extract_term(parts: &Parts) -> Result<TermContext, RoleRejection> {
+    let handle = handle_of(parts).ok_or(RoleRejection::MissingLayer)?;
+    // Behind the gate: the term the request was admitted under, if it still holds.
+    let admitted = match parts.extensions.get::<TermContext>() {
+        Some(ctx) => hold(ctx.clone()),
+        None => admit(handle),
+    };
+    admitted
+        .map(|(ctx, in_flight)| ctx.holding(in_flight))
+        .ok_or_else(|| RoleRejection::not_primary(handle))
 }
 
-impl PrimaryTerm {
-    /// The current term of `handle`, if this node is primary (for calling handlers in tests).
-    ///
-    /// ```
-    /// use tower_primary::{PrimaryTerm, Role, RoleHandle};
-    ///
-    /// let term = PrimaryTerm::from_handle(&RoleHandle::fixed(Role::primary(5))).unwrap();
-    /// assert_eq!(term.term(), 5);
-    /// assert!(PrimaryTerm::from_handle(&RoleHandle::fixed(Role::Starting)).is_none());
-    /// ```
-    #[must_use]
-    pub fn from_handle(handle: &RoleHandle) -> Option<Self> {
-        admit(handle).map(|(ctx, in_flight)| PrimaryTerm {
-            ctx,
-            _in_flight: in_flight,
-        })
-    }
-
-    /// The term's context.
-    #[must_use]
-    pub fn context(&self) -> &TermContext {
-        &self.ctx
-    }
-
-    /// The term's context, ending this value's in-flight count.
-    #[must_use]
-    pub fn into_context(self) -> TermContext {
-        self.ctx
-    }
-
-    fn extract(parts: &Parts) -> Result<Self, RoleRejection> {
-        let handle = handle_of(parts).ok_or(RoleRejection::MissingLayer)?;
-        // Behind the gate: the term the request was admitted under, if it still holds.
-        let admitted = match parts.extensions.get::<TermContext>() {
-            Some(ctx) => hold(ctx.clone()),
-            None => admit(handle),
-        };
-        admitted
-            .map(|(ctx, in_flight)| PrimaryTerm {
-                ctx,
-                _in_flight: in_flight,
-            })
-            .ok_or_else(|| RoleRejection::not_primary(handle))
-    }
-}
-
-impl Deref for PrimaryTerm {
-    type Target = TermContext;
-
-    fn deref(&self) -> &TermContext {
-        &self.ctx
-    }
-}
-
-impl<S: Send + Sync> FromRequestParts<S> for PrimaryTerm {
+impl<S: Send + Sync> FromRequestParts<S> for TermContext {
     type Rejection = RoleRejection;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        PrimaryTerm::extract(parts)
+        extract_term(parts)
     }
 }
 
-impl<S: Send + Sync> OptionalFromRequestParts<S> for PrimaryTerm {
+impl<S: Send + Sync> OptionalFromRequestParts<S> for TermContext {
     type Rejection = Infallible;
 
     async fn from_request_parts(
         parts: &mut Parts,
         _state: &S,
     ) -> Result<Option<Self>, Self::Rejection> {
-        Ok(PrimaryTerm::extract(parts).ok())
+        Ok(extract_term(parts).ok())
     }
 }

@@ -4,7 +4,7 @@
 //!   redirects (307) of the [primary-only gate](crate::RequirePrimaryLayer) when the holder is
 //!   known;
 //! - [`X_PRIMARY_ROLE`] and [`X_PRIMARY_TERM`]: this node's role and the latest known term, on every
-//!   response when [`PrimaryLayer::role_headers`](crate::PrimaryLayer::role_headers) is used.
+//!   response when [`RoleHeadersLayer`](crate::RoleHeadersLayer) is used.
 //!
 //! Refusals also carry the standard `Retry-After` ([`http::header::RETRY_AFTER`]).
 //!

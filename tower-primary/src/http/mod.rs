@@ -1,12 +1,14 @@
 //! The HTTP side: everything a tower or axum service needs, reading the role only.
 //!
-//! - [`layer`]: [`PrimaryLayer`](layer::PrimaryLayer) puts the [`RoleHandle`](crate::RoleHandle)
-//!   into every request (one extension insert; no lock, no I/O, no backend call).
+//! - [`layer`]: [`PrimaryLayer`](layer::PrimaryLayer) owns an elector and puts its
+//!   [`RoleHandle`](crate::RoleHandle) into every request (one extension insert; no lock, no I/O,
+//!   no backend call); [`AddRoleLayer`](layer::AddRoleLayer) does the same with a handle you
+//!   already have; [`RoleHeadersLayer`](layer::RoleHeadersLayer) shows the role on responses.
 //! - [`require`]: [`RequirePrimaryLayer`](require::RequirePrimaryLayer), the gate that keeps a
 //!   route to the primary (503 with `Retry-After`, or 307 to the primary's advertised URL).
 //! - [`extract`]: axum extractors for the role (`axum` feature).
 //! - [`health`]: the `/health/role` and `/health/ready` handlers.
-//! - [`header`]: the header names the layer and the gate set.
+//! - [`header`]: the header names the layers and the gate set.
 //!
 //! The request path never touches a backend: these modules depend on [`role`](crate::role) and
 //! nothing below it.

@@ -12,7 +12,7 @@ use tokio::sync::{Mutex, mpsc};
 use super::spec::{Schedule, Since};
 use crate::backend::check_key;
 use crate::backoff::Backoff;
-use crate::elector::{Elector, State};
+use crate::elector::{Elector, StateStore};
 use crate::error::{BoxError, ConfigError, Error};
 use crate::role::{RoleHandle, TermContext};
 
@@ -91,7 +91,7 @@ pub struct ScheduleHandle {
     name: Arc<str>,
     key: Arc<str>,
     role: RoleHandle,
-    state: State,
+    state: StateStore,
     trigger: mpsc::Sender<Trigger>,
 }
 
@@ -177,7 +177,7 @@ struct Job {
     name: Arc<str>,
     key: String,
     schedule: Schedule,
-    state: State,
+    state: StateStore,
     triggers: Mutex<mpsc::Receiver<Trigger>>,
 }
 
@@ -421,7 +421,7 @@ enum Record {
     From(DateTime<Utc>),
 }
 
-async fn read_record(state: &State, name: &str, key: &str) -> Result<Option<Record>, Error> {
+async fn read_record(state: &StateStore, name: &str, key: &str) -> Result<Option<Record>, Error> {
     let Some(stored) = state.load(key).await? else {
         return Ok(None);
     };
@@ -446,7 +446,7 @@ async fn read_record(state: &State, name: &str, key: &str) -> Result<Option<Reco
 }
 
 async fn last_completed(
-    state: &State,
+    state: &StateStore,
     name: &str,
     key: &str,
 ) -> Result<Option<DateTime<Utc>>, Error> {

@@ -8,7 +8,7 @@ use tokio::sync::watch;
 
 use crate::backend::check_key;
 use crate::backoff::Backoff;
-use crate::elector::{Elector, State};
+use crate::elector::{Elector, StateStore};
 use crate::error::{BoxError, ConfigError, Error};
 use crate::role::TermContext;
 
@@ -163,7 +163,7 @@ fn versions(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value.split(|b| *b == b'\n').filter(|v| !v.is_empty())
 }
 
-async fn completed(state: &State, key: &str, version: &str) -> Result<bool, Error> {
+async fn completed(state: &StateStore, key: &str, version: &str) -> Result<bool, Error> {
     Ok(state
         .load(key)
         .await?
@@ -171,7 +171,12 @@ async fn completed(state: &State, key: &str, version: &str) -> Result<bool, Erro
 }
 
 /// Adds `version` to the record, under the term of `ctx`.
-async fn record(state: &State, key: &str, version: &str, ctx: &TermContext) -> Result<(), Error> {
+async fn record(
+    state: &StateStore,
+    key: &str,
+    version: &str,
+    ctx: &TermContext,
+) -> Result<(), Error> {
     let stored = state.load(key).await?.map(|s| s.value).unwrap_or_default();
     let mut all: Vec<&[u8]> = versions(&stored)
         .filter(|v| *v != version.as_bytes())
@@ -184,7 +189,7 @@ async fn record(state: &State, key: &str, version: &str, ctx: &TermContext) -> R
 
 /// Follows the completion record on every node until the version is done or the elector stops.
 async fn watch_done(
-    state: State,
+    state: StateStore,
     key: Arc<str>,
     version: Arc<str>,
     done: Arc<watch::Sender<bool>>,

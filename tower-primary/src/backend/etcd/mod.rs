@@ -21,6 +21,11 @@
 //! prefix every lock lives under. User name and password are percent-decoded and never repeated
 //! in errors. No other parameter is accepted; the lease is the elector's setting.
 //!
+//! What retrying cannot fix is an [`Error::Misconfigured`]: etcd
+//! refused the credentials or the permission, or the TLS handshake failed (`etcds://` against a
+//! plain server, an untrusted certificate). An unreachable server or a timeout is an
+//! [`Error::Backend`], retried.
+//!
 //! # How it works
 //!
 //! Keys of lock `L` under prefix `P`:
@@ -69,25 +74,24 @@
 //!
 //! [`Holder`]: crate::Holder
 
+mod campaign;
+mod lock;
 mod session;
+mod state;
 mod url;
+mod watch;
 
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue,
-    PutOptions, SortOrder, SortTarget, TlsOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
-    WatchOptions, WatchStream,
-};
+use etcd_client::{Certificate, Client, ConnectOptions, TlsOptions};
 use tokio::sync::OnceCell;
-use tokio::task::JoinHandle;
 
-use self::session::{LostSender, Session, rpc};
-use super::{AcquireRequest, Backend, BoxFuture, Changes, Leadership, Lock, Renewals, Stored};
+use self::lock::EtcdLock;
+use self::session::rpc;
+use super::{Backend, Lock};
 use crate::error::{ConfigError, Error, validate_lock_name};
-use crate::role::Holder;
 
 const NAME: &str = "etcd";
 
@@ -258,7 +262,14 @@ impl EtcdBackend {
         let user = c
             .user
             .as_ref()
-            .map(|(name, _)| format!("{name}:***@"))
+            // `:***` only where there is a password to hide.
+            .map(|(name, password)| {
+                if password.is_empty() {
+                    format!("{name}@")
+                } else {
+                    format!("{name}:***@")
+                }
+            })
             .unwrap_or_default();
         format!(
             "{scheme}://{user}{}?prefix={}",
@@ -329,654 +340,9 @@ impl Backend for EtcdBackend {
         }))
     }
 }
-
-/// The term this node holds and the key that proves it, for guarded state writes.
-#[derive(Clone, Debug)]
-struct Held {
-    term: u64,
-    key: Vec<u8>,
-}
-
-type HeldSlot = Arc<Mutex<Option<Held>>>;
-
-#[derive(Clone)]
-struct EtcdLock {
-    backend: EtcdBackend,
-    name: String,
-    election: Vec<u8>,
-    state: Vec<u8>,
-    held: HeldSlot,
-}
-
-impl fmt::Debug for EtcdLock {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EtcdLock")
-            .field("lock", &self.name)
-            .field("election", &String::from_utf8_lossy(&self.election))
-            .finish_non_exhaustive()
-    }
-}
-
-/// What a claim of the lock found.
-enum Claim {
-    /// The candidate's key was the oldest and still its own: it holds the lock now.
-    Won,
-    /// An older key exists; the transaction ran at this revision.
-    Behind(i64),
-    /// Its key is gone (its lease ran out).
-    Gone,
-}
-
-impl EtcdLock {
-    fn timeout(&self) -> Duration {
-        self.backend.config.timeout
-    }
-
-    async fn rpc<T>(
-        &self,
-        what: &str,
-        fut: impl Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T, Error> {
-        rpc(
-            self.timeout(),
-            &format!("lock {:?}: {what}", self.name),
-            fut,
-        )
-        .await
-    }
-
-    fn candidate_key(&self, lease: i64) -> Vec<u8> {
-        let mut key = self.election.clone();
-        // Lease ids are positive; as u64 they print the same.
-        key.extend_from_slice(format!("{:016x}", lease.cast_unsigned()).as_bytes());
-        key
-    }
-
-    fn state_key(&self, key: &str) -> Vec<u8> {
-        let mut k = self.state.clone();
-        k.extend_from_slice(key.as_bytes());
-        k
-    }
-
-    fn corrupt(&self, what: &str, problem: impl Into<String>) -> Error {
-        Error::Corrupt {
-            backend: NAME,
-            what: format!("{what} of lock {:?}", self.name),
-            problem: problem.into(),
-        }
-    }
-
-    /// The holder record stored in `kv`, with its term (the key's create revision).
-    fn holder_from(&self, kv: &KeyValue) -> Result<Holder, Error> {
-        let mut holder: Holder = serde_json::from_slice(kv.value())
-            .map_err(|e| self.corrupt("holder record", e.to_string()))?;
-        holder.term = term_of(kv.create_revision());
-        Ok(holder)
-    }
-
-    /// Opens a watch on `key` (or every key under it) and waits until etcd confirms it, so that
-    /// nothing that happens after this returns is missed.
-    async fn watch(
-        &self,
-        client: &Client,
-        key: &[u8],
-        prefix: bool,
-        start: Option<i64>,
-    ) -> Result<WatchStream, Error> {
-        let mut options = WatchOptions::new();
-        if prefix {
-            options = options.with_prefix();
-        }
-        if let Some(start) = start {
-            options = options.with_start_revision(start);
-        }
-        let mut stream = self
-            .rpc("watch", client.clone().watch(key.to_vec(), Some(options)))
-            .await?;
-        match self.rpc("watch", stream.message()).await? {
-            Some(r) if r.created() && !r.canceled() => Ok(stream),
-            Some(r) => Err(Error::backend_msg(
-                NAME,
-                format!(
-                    "lock {:?}: watch refused: {}",
-                    self.name,
-                    if r.cancel_reason().is_empty() {
-                        "no confirmation"
-                    } else {
-                        r.cancel_reason()
-                    }
-                ),
-            )),
-            None => Err(Error::backend_msg(
-                NAME,
-                format!("lock {:?}: watch stream closed", self.name),
-            )),
-        }
-    }
-
-    /// Claims the lock in one transaction: if our key still exists with its create revision and
-    /// no older candidate does, writes the final holder record onto it; else tells why not.
-    async fn claim(
-        &self,
-        client: &Client,
-        key: &[u8],
-        rev: i64,
-        lease: i64,
-        record: Vec<u8>,
-    ) -> Result<Claim, Error> {
-        let older = GetOptions::new()
-            .with_prefix()
-            .with_keys_only()
-            .with_sort(SortTarget::Create, SortOrder::Descend)
-            .with_limit(1)
-            // 0 would mean "no bound"; our own revision is always above 1.
-            .with_max_create_revision((rev - 1).max(1));
-        let txn = Txn::new()
-            .when([
-                // Our key, not one a lapsed lease left behind (research E5).
-                Compare::create_revision(key.to_vec(), CompareOp::Equal, rev),
-                // A range compare holds for every key in it: none is older than ours.
-                Compare::create_revision(self.election.clone(), CompareOp::Greater, rev - 1)
-                    .with_prefix(),
-            ])
-            .and_then([TxnOp::put(
-                key.to_vec(),
-                record,
-                Some(PutOptions::new().with_lease(lease)),
-            )])
-            .or_else([
-                TxnOp::get(key.to_vec(), Some(GetOptions::new().with_keys_only())),
-                TxnOp::get(self.election.clone(), Some(older)),
-            ]);
-        let resp = self.rpc("claim the lock", client.clone().txn(txn)).await?;
-        if resp.succeeded() {
-            return Ok(Claim::Won);
-        }
-        let gets = gets(&resp);
-        let (Some(own), Some(older)) = (gets.first(), gets.get(1)) else {
-            return Err(self.corrupt("transaction reply", "missing range results"));
-        };
-        if own
-            .kvs()
-            .first()
-            .is_none_or(|kv| kv.create_revision() != rev)
-        {
-            return Ok(Claim::Gone);
-        }
-        if older.kvs().is_empty() {
-            // The compares and the reads saw the same revision: only a server that ignores range
-            // compares (etcd before 3.3) gets here. Waiting would wait forever.
-            return Err(Error::backend_msg(
-                NAME,
-                format!(
-                    "lock {:?}: the server refused a claim although no older candidate exists \
-                     (etcd 3.3 or newer is needed: range compares)",
-                    self.name
-                ),
-            ));
-        }
-        Ok(Claim::Behind(revision_of(&resp)))
-    }
-
-    async fn acquire_inner(&self, req: AcquireRequest) -> Result<Box<dyn Leadership>, Error> {
-        let lease = req.lease.unwrap_or_default();
-        if lease.ttl() < MIN_LEASE {
-            return Err(Error::Config(ConfigError::InvalidTiming {
-                setting: "lease",
-                value: lease.ttl(),
-                rule: format!("must be at least {MIN_LEASE:?} on the etcd backend"),
-            }));
-        }
-        let client = self.backend.client().await?;
-        // From here on, dropping `session` (an error, or this future dropped) revokes the lease and
-        // with it the candidate key: nothing is leaked.
-        let session = Session::grant(&client, lease, req.clock, self.timeout()).await?;
-        let key = self.candidate_key(session.id);
-        let candidate = serde_json::to_vec(&req.holder(0))
-            .map_err(|e| Error::backend(NAME, "encode the holder record", e))?;
-        let create = Txn::new()
-            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                key.clone(),
-                candidate,
-                Some(PutOptions::new().with_lease(session.id)),
-            )]);
-        let resp = self
-            .rpc("create the candidate key", client.clone().txn(create))
-            .await?;
-        if !resp.succeeded() {
-            return Err(self.corrupt(
-                "candidate key",
-                "a fresh lease's key already exists (another client with the same lease id?)",
-            ));
-        }
-        let rev = revision_of(&resp);
-        // Every deletion after our key was created wakes us; the reads below see all before.
-        let mut watch = self
-            .watch(&client, &self.election, true, Some(rev + 1))
-            .await?;
-        let record = loop {
-            let value = serde_json::to_vec(&req.holder(term_of(rev)))
-                .map_err(|e| Error::backend(NAME, "encode the holder record", e))?;
-            let seen = match self
-                .claim(&client, &key, rev, session.id, value.clone())
-                .await?
-            {
-                // The record exactly as every other node reads it (`since` in milliseconds).
-                Claim::Won => {
-                    break serde_json::from_slice::<Holder>(&value)
-                        .map_err(|e| Error::backend(NAME, "decode the holder record", e))?;
-                }
-                Claim::Gone => {
-                    return Err(Error::backend_msg(
-                        NAME,
-                        format!(
-                            "lock {:?}: our candidate key vanished while waiting (lease expired)",
-                            self.name
-                        ),
-                    ));
-                }
-                Claim::Behind(seen) => seen,
-            };
-            // Wait for a deletion after that read; then claim again.
-            loop {
-                tokio::select! {
-                    reason = session.lost() => {
-                        return Err(Error::backend_msg(NAME, format!("lock {:?}: while waiting: {reason}", self.name)));
-                    }
-                    msg = watch.message() => match msg {
-                        Ok(Some(r)) if !r.canceled() => {
-                            let deleted = r.events().iter().any(|e| {
-                                e.event_type() == EventType::Delete
-                                    && e.kv().is_some_and(|kv| kv.mod_revision() > seen)
-                            });
-                            if deleted {
-                                break;
-                            }
-                        }
-                        Ok(_) => {
-                            return Err(Error::backend_msg(NAME, format!("lock {:?}: the candidates' watch ended", self.name)));
-                        }
-                        Err(e) => return Err(Error::backend(NAME, format!("lock {:?}: the candidates' watch failed: {e}", self.name), e)),
-                    }
-                }
-            }
-        };
-        let term = term_of(rev);
-        // No await from here on: the grant is handed over whole, or dropped (and revoked) whole.
-        let mut session = session;
-        session.keep_on_drop();
-        *crate::sync::lock(&self.held) = Some(Held {
-            term,
-            key: key.clone(),
-        });
-        let monitor = tokio::spawn(monitor(
-            self.clone(),
-            client,
-            key,
-            rev,
-            watch,
-            session.lost_sender(),
-        ));
-        Ok(Box::new(EtcdLeadership {
-            lock: self.name.clone(),
-            term,
-            renewals: session.renewals(),
-            record,
-            session: Some(session),
-            monitor,
-            held: self.held.clone(),
-        }))
-    }
-
-    /// The term of the current holder, if any (for error messages).
-    async fn current_term(&self) -> Option<u64> {
-        self.holder_inner().await.ok().flatten().map(|h| h.term)
-    }
-
-    async fn holder_inner(&self) -> Result<Option<Holder>, Error> {
-        let client = self.backend.client().await?;
-        let oldest = GetOptions::new()
-            .with_prefix()
-            .with_sort(SortTarget::Create, SortOrder::Ascend)
-            .with_limit(1);
-        let resp = self
-            .rpc(
-                "read the holder",
-                client.clone().get(self.election.clone(), Some(oldest)),
-            )
-            .await?;
-        resp.kvs()
-            .first()
-            .map(|kv| self.holder_from(kv))
-            .transpose()
-    }
-}
-
-impl Lock for EtcdLock {
-    fn acquire(&self, req: AcquireRequest) -> BoxFuture<'_, Result<Box<dyn Leadership>, Error>> {
-        Box::pin(self.acquire_inner(req))
-    }
-
-    fn holder(&self) -> BoxFuture<'_, Result<Option<Holder>, Error>> {
-        Box::pin(self.holder_inner())
-    }
-
-    fn watch_holder(&self) -> BoxFuture<'_, Result<Box<dyn Changes>, Error>> {
-        Box::pin(async move {
-            let changes = EtcdChanges::open(self, self.election.clone(), true).await?;
-            Ok(Box::new(changes) as Box<dyn Changes>)
-        })
-    }
-
-    fn load<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Stored>, Error>> {
-        Box::pin(async move {
-            let client = self.backend.client().await?;
-            let resp = self
-                .rpc(
-                    "load a state value",
-                    client.clone().get(self.state_key(key), None),
-                )
-                .await?;
-            let Some(kv) = resp.kvs().first() else {
-                return Ok(None);
-            };
-            decode_state(kv.value()).map(Some).ok_or_else(|| {
-                self.corrupt(&format!("state value {key:?}"), "shorter than its term")
-            })
-        })
-    }
-
-    fn store<'a>(
-        &'a self,
-        key: &'a str,
-        value: &'a [u8],
-        term: u64,
-    ) -> BoxFuture<'a, Result<(), Error>> {
-        Box::pin(async move {
-            let stale = |current| Error::StaleTerm {
-                lock: self.name.clone(),
-                term,
-                current,
-            };
-            let held = crate::sync::lock(&self.held)
-                .clone()
-                .filter(|h| h.term == term);
-            let Some(held) = held else {
-                return Err(stale(self.current_term().await.filter(|c| *c != term)));
-            };
-            let client = self.backend.client().await?;
-            let Ok(rev) = i64::try_from(term) else {
-                return Err(stale(None));
-            };
-            // While our key exists with this create revision, this term holds the lock, and no
-            // newer term can have existed (its key would be younger than ours).
-            let txn = Txn::new()
-                .when([Compare::create_revision(
-                    held.key.clone(),
-                    CompareOp::Equal,
-                    rev,
-                )])
-                .and_then([TxnOp::put(
-                    self.state_key(key),
-                    encode_state(term, value),
-                    None,
-                )]);
-            let resp = self
-                .rpc("store a state value", client.clone().txn(txn))
-                .await?;
-            if resp.succeeded() {
-                Ok(())
-            } else {
-                Err(stale(self.current_term().await.filter(|c| *c != term)))
-            }
-        })
-    }
-
-    fn watch_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Box<dyn Changes>, Error>> {
-        Box::pin(async move {
-            let changes = EtcdChanges::open(self, self.state_key(key), false).await?;
-            Ok(Box::new(changes) as Box<dyn Changes>)
-        })
-    }
-}
-
-/// A watch on the holder's prefix or on a state key. After a broken stream it reopens the watch
-/// and reports a possible change (one may have been missed).
-struct EtcdChanges {
-    lock: EtcdLock,
-    key: Vec<u8>,
-    prefix: bool,
-    stream: Option<WatchStream>,
-}
-
-impl EtcdChanges {
-    async fn open(lock: &EtcdLock, key: Vec<u8>, prefix: bool) -> Result<Self, Error> {
-        let client = lock.backend.client().await?;
-        let stream = lock.watch(&client, &key, prefix, None).await?;
-        Ok(EtcdChanges {
-            lock: lock.clone(),
-            key,
-            prefix,
-            stream: Some(stream),
-        })
-    }
-}
-
-impl Changes for EtcdChanges {
-    fn changed(&mut self) -> BoxFuture<'_, Result<(), Error>> {
-        Box::pin(async move {
-            loop {
-                let Some(stream) = self.stream.as_mut() else {
-                    let client = self.lock.backend.client().await?;
-                    let stream = self
-                        .lock
-                        .watch(&client, &self.key, self.prefix, None)
-                        .await?;
-                    self.stream = Some(stream);
-                    return Ok(());
-                };
-                match stream.message().await {
-                    Ok(Some(r)) if !r.canceled() => {
-                        if !r.events().is_empty() {
-                            return Ok(());
-                        }
-                    }
-                    Ok(_) | Err(_) => self.stream = None,
-                }
-            }
-        })
-    }
-}
-
-/// Holding the lock: one term.
-struct EtcdLeadership {
-    lock: String,
-    term: u64,
-    record: Holder,
-    renewals: Renewals,
-    session: Option<Session>,
-    monitor: JoinHandle<()>,
-    held: HeldSlot,
-}
-
-impl fmt::Debug for EtcdLeadership {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EtcdLeadership")
-            .field("lock", &self.lock)
-            .field("term", &self.term)
-            .field("lease", &self.session.as_ref().map(|s| s.id))
-            .finish_non_exhaustive()
-    }
-}
-
-impl EtcdLeadership {
-    fn forget(&self) {
-        self.monitor.abort();
-        let mut held = crate::sync::lock(&self.held);
-        if held.as_ref().is_some_and(|h| h.term == self.term) {
-            *held = None;
-        }
-    }
-}
-
-impl Leadership for EtcdLeadership {
-    fn term(&self) -> u64 {
-        self.term
-    }
-
-    fn holder(&self) -> &Holder {
-        &self.record
-    }
-
-    fn renewals(&self) -> Option<Renewals> {
-        Some(self.renewals.clone())
-    }
-
-    fn lost(&mut self) -> BoxFuture<'_, Error> {
-        Box::pin(async move {
-            let reason = match &self.session {
-                Some(session) => session.lost().await,
-                None => std::future::pending().await,
-            };
-            Error::Lost {
-                lock: self.lock.clone(),
-                reason,
-            }
-        })
-    }
-
-    fn release(mut self: Box<Self>) -> BoxFuture<'static, Result<(), Error>> {
-        Box::pin(async move {
-            self.forget();
-            match self.session.take() {
-                Some(session) => session.revoke().await,
-                None => Ok(()),
-            }
-        })
-    }
-}
-
-impl Drop for EtcdLeadership {
-    fn drop(&mut self) {
-        // Dropped without release (the runtime died): the session stops renewing and the lease
-        // runs out, as after a crash; this node's deadline passes first.
-        self.forget();
-    }
-}
-
-/// Watches the holder's own key and reports its deletion as a loss. A broken watch is reopened
-/// after reading the key again, so a deletion in between is not missed.
-async fn monitor(
-    lock: EtcdLock,
-    client: Client,
-    key: Vec<u8>,
-    rev: i64,
-    watch: WatchStream,
-    lost: LostSender,
-) {
-    let mut watch = Some(watch);
-    let mut retry = crate::backoff::Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
-    loop {
-        if let Some(stream) = watch.as_mut() {
-            match stream.message().await {
-                Ok(Some(r)) if !r.canceled() => {
-                    let gone = r.events().iter().any(|e| {
-                        e.event_type() == EventType::Delete
-                            && e.kv().is_some_and(|kv| kv.key() == key.as_slice())
-                    });
-                    if gone {
-                        lost.send_replace(Some(
-                            "our key was deleted (lease revoked or expired)".to_owned(),
-                        ));
-                        return;
-                    }
-                }
-                Ok(_) | Err(_) => watch = None,
-            }
-            continue;
-        }
-        tokio::time::sleep(retry.next_delay()).await;
-        let read = lock
-            .rpc("read our key", client.clone().get(key.clone(), None))
-            .await;
-        let Ok(resp) = read else { continue };
-        if resp
-            .kvs()
-            .first()
-            .is_none_or(|kv| kv.create_revision() != rev)
-        {
-            lost.send_replace(Some(
-                "our key is gone (lease revoked or expired)".to_owned(),
-            ));
-            return;
-        }
-        let from = resp.header().map_or(rev, |h| h.revision()) + 1;
-        if let Ok(w) = lock.watch(&client, &key, false, Some(from)).await {
-            retry.reset();
-            watch = Some(w);
-        }
-    }
-}
-
-fn term_of(revision: i64) -> u64 {
-    u64::try_from(revision).unwrap_or(0)
-}
-
-fn revision_of(resp: &TxnResponse) -> i64 {
-    resp.header().map_or(0, |h| h.revision())
-}
-
-fn gets(resp: &TxnResponse) -> Vec<etcd_client::GetResponse> {
-    resp.op_responses()
-        .into_iter()
-        .filter_map(|r| match r {
-            TxnOpResponse::Get(g) => Some(g),
-            _ => None,
-        })
-        .collect()
-}
-
-fn encode_state(term: u64, value: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(8 + value.len());
-    out.extend_from_slice(&term.to_be_bytes());
-    out.extend_from_slice(value);
-    out
-}
-
-fn decode_state(raw: &[u8]) -> Option<Stored> {
-    let (term, value) = raw.split_first_chunk::<8>()?;
-    Some(Stored::new(value.to_vec(), u64::from_be_bytes(*term)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::Lease;
-
-    #[test]
-    fn state_values_carry_their_term() {
-        let raw = encode_state(42, b"hello");
-        assert_eq!(decode_state(&raw), Some(Stored::new(b"hello".to_vec(), 42)));
-        assert_eq!(
-            decode_state(&encode_state(7, b"")),
-            Some(Stored::new(Vec::new(), 7))
-        );
-        assert_eq!(decode_state(b"short"), None);
-    }
-
-    #[test]
-    fn leases_round_up_to_whole_seconds() {
-        assert_eq!(session::ttl_secs(Lease::new(Duration::from_secs(2))), 2);
-        assert_eq!(
-            session::ttl_secs(Lease::new(Duration::from_millis(2001))),
-            3
-        );
-        assert_eq!(
-            session::ttl_secs(Lease::new(Duration::from_millis(2500))),
-            3
-        );
-    }
 
     #[test]
     fn keys_are_laid_out_under_the_prefix() {
@@ -1027,6 +393,19 @@ mod tests {
             EtcdBackend::new(["h:1"]).with_user("root", "hunter2")
         );
         assert!(!dbg.contains("hunter2"), "{dbg}");
+    }
+
+    #[test]
+    fn described_settings_show_a_password_only_as_stars() {
+        let with = EtcdBackend::new(["h:1"]).with_user("root", "hunter2");
+        assert_eq!(with.describe(), "etcd://root:***@h:1?prefix=tower-primary");
+        let without = EtcdBackend::new(["[::1]:2379"]).with_user("alice", "");
+        assert_eq!(
+            without.describe(),
+            "etcd://alice@[::1]:2379?prefix=tower-primary"
+        );
+        let nobody = EtcdBackend::new(["[::1]:2379"]).with_tls(true);
+        assert_eq!(nobody.describe(), "etcds://[::1]:2379?prefix=tower-primary");
     }
 
     #[test]

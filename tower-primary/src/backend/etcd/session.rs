@@ -12,7 +12,7 @@ use super::NAME;
 use crate::backend::Lease;
 use crate::backend::{RenewalSender, Renewals, renewals};
 use crate::clock::Clock;
-use crate::error::Error;
+use crate::error::{Error, Misconfiguration};
 
 /// How soon a failed keepalive is retried (the elector's deadline bounds the whole episode).
 const RETRY: Duration = Duration::from_millis(100);
@@ -171,7 +171,7 @@ async fn revoke(client: &Client, id: i64, timeout: Duration) -> Result<(), Error
         Ok(Ok(_)) => Ok(()),
         // gRPC NOT_FOUND (5): "etcdserver: requested lease not found".
         Ok(Err(etcd_client::Error::GRpcStatus(s))) if i32::from(s.code()) == 5 => Ok(()),
-        Ok(Err(e)) => Err(Error::backend(NAME, format!("revoke the lease: {e}"), e)),
+        Ok(Err(e)) => Err(etcd_error("revoke the lease", e)),
         Err(_) => Err(Error::backend_msg(
             NAME,
             format!("revoke the lease: no answer within {timeout:?}"),
@@ -187,12 +187,91 @@ pub(super) async fn rpc<T>(
 ) -> Result<T, Error> {
     match tokio::time::timeout(timeout, fut).await {
         Ok(Ok(v)) => Ok(v),
-        // The driver's words in the message too: loggers often print only the top error.
-        Ok(Err(e)) => Err(Error::backend(NAME, format!("{what}: {e}"), e)),
+        Ok(Err(e)) => Err(etcd_error(what, e)),
         Err(_) => Err(Error::backend_msg(
             NAME,
             format!("{what}: no answer within {timeout:?}"),
         )),
+    }
+}
+
+/// The error of a failed request, in words (the driver's `Display` of a gRPC status shows its
+/// metadata map): [`Error::Misconfigured`] when retrying cannot help (credentials refused, no
+/// permission, a failed TLS handshake), else [`Error::Backend`]. The causes are in the message
+/// too, since loggers often print only the top error.
+pub(super) fn etcd_error(what: &str, e: etcd_client::Error) -> Error {
+    let problem = describe(&e);
+    let lower = problem.to_lowercase();
+    // The channel connects lazily: a failed handshake shows as the status of the first request
+    // ("unavailable"), in the transport's words.
+    let tls = ["tls", "certificate", "handshake", "corrupt message"]
+        .iter()
+        .any(|w| lower.contains(w));
+    let kind = match &e {
+        _ if tls => Some(Misconfiguration::Tls),
+        etcd_client::Error::GRpcStatus(status) => match i32::from(status.code()) {
+            // gRPC codes: 16 unauthenticated, 7 permission denied.
+            16 => Some(Misconfiguration::Authentication),
+            7 => Some(Misconfiguration::Permission),
+            _ if lower.contains("authentication") || lower.contains("auth token") => {
+                Some(Misconfiguration::Authentication)
+            }
+            _ if lower.contains("permission denied") => Some(Misconfiguration::Permission),
+            _ => None,
+        },
+        _ => None,
+    };
+    let message = format!("{what}: {problem}");
+    // A status says no more than its message, and its `Display` would bring the metadata map
+    // into every log that shows the sources.
+    let source: Option<crate::error::BoxError> = match e {
+        etcd_client::Error::GRpcStatus(_) => None,
+        other => Some(Box::new(other)),
+    };
+    match kind {
+        Some(kind) => {
+            let fix = match kind {
+                Misconfiguration::Authentication => "check the user name and password",
+                Misconfiguration::Permission => {
+                    "grant this user a role with read-write access to the key prefix"
+                }
+                _ => {
+                    "check etcd:// or etcds:// (does the server serve TLS?) and the CA certificate"
+                }
+            };
+            Error::misconfigured(NAME, kind, format!("{message}; {fix}"), source)
+        }
+        None => Error::Backend {
+            backend: NAME,
+            message,
+            source,
+        },
+    }
+}
+
+/// What went wrong, in words: a gRPC status as its message (the driver's `Display` of one shows
+/// its metadata map), anything else with its causes, each once.
+pub(super) fn describe(e: &etcd_client::Error) -> String {
+    match e {
+        etcd_client::Error::GRpcStatus(status) => {
+            let text = status.message().trim_start_matches("etcdserver: ");
+            let mut shown = if text.is_empty() {
+                status.code().description().to_lowercase()
+            } else {
+                text.to_owned()
+            };
+            // A transport failure carries its cause (connection refused, …) as the source.
+            if let Some(source) = std::error::Error::source(status) {
+                for part in crate::error::Chain(source).to_string().split(": ") {
+                    if !shown.contains(part) {
+                        shown.push_str(": ");
+                        shown.push_str(part);
+                    }
+                }
+            }
+            shown
+        }
+        other => crate::error::Chain(other).to_string(),
     }
 }
 
@@ -249,13 +328,13 @@ async fn renew(
     match stream {
         Some((keeper, responses)) => {
             if let Err(e) = keeper.keep_alive().await {
-                return Renewal::Failed(e.to_string());
+                return Renewal::Failed(describe(&e));
             }
             match responses.message().await {
                 Ok(Some(r)) if r.ttl() > 0 => Renewal::Alive,
                 Ok(Some(_)) => Renewal::Gone,
                 Ok(None) => Renewal::Failed("keepalive stream ended".to_owned()),
-                Err(e) => Renewal::Failed(e.to_string()),
+                Err(e) => Renewal::Failed(describe(&e)),
             }
         }
         None => match client.clone().lease_keep_alive(id).await {
@@ -267,7 +346,19 @@ async fn renew(
             Err(etcd_client::Error::LeaseKeepAliveError(msg)) if msg.contains("not found") => {
                 Renewal::Gone
             }
-            Err(e) => Renewal::Failed(e.to_string()),
+            Err(e) => Renewal::Failed(describe(&e)),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leases_round_up_to_whole_seconds() {
+        assert_eq!(ttl_secs(Lease::new(Duration::from_secs(2))), 2);
+        assert_eq!(ttl_secs(Lease::new(Duration::from_millis(2001))), 3);
+        assert_eq!(ttl_secs(Lease::new(Duration::from_millis(2500))), 3);
     }
 }

@@ -75,6 +75,7 @@ pub(super) fn parse(url: &str) -> Result<Parsed, ConfigError> {
                 let v = decode(v).map_err(|p| invalid(format!("prefix: {p}")))?;
                 prefix = Some(check_prefix(&v).map_err(|p| invalid(format!("prefix: {p}")))?);
             }
+            "" => return Err(invalid(format!("parameter {pair:?} has no name"))),
             other => {
                 return Err(invalid(format!(
                     "unknown parameter {other:?} (etcd strings take only `prefix`)"
@@ -133,7 +134,11 @@ pub(super) fn endpoint(host: &str) -> Result<String, String> {
         None => DEFAULT_PORT,
         Some(p) => match p.parse::<u16>() {
             Ok(p) if p != 0 => p,
-            _ => return Err(format!("invalid port {p:?} in host {host:?}")),
+            _ => {
+                return Err(format!(
+                    "invalid port {p:?} in host {host:?}: expected a number from 1 to 65535"
+                ));
+            }
         },
     };
     Ok(format!("{name}:{port}"))
@@ -242,6 +247,35 @@ mod tests {
         assert!(problem("etcd://h%20x").contains("invalid host"));
         assert!(problem("etcd://:pw@h").contains("empty user"));
         assert!(problem("redis://h").contains("etcd://"));
+    }
+
+    /// The whole problem, as users read it.
+    #[test]
+    fn problems_name_the_bad_part() {
+        for (url, expected) in [
+            (
+                "etcd://h:x",
+                r#"invalid port "x" in host "h:x": expected a number from 1 to 65535"#,
+            ),
+            (
+                "etcd://a:1,b:70000",
+                r#"invalid port "70000" in host "b:70000": expected a number from 1 to 65535"#,
+            ),
+            (
+                "etcd://h?prefix=x&lease=5s",
+                r#"unknown parameter "lease" (etcd strings take only `prefix`)"#,
+            ),
+            ("etcd://h?=x", r#"parameter "=x" has no name"#),
+            ("etcd://h%20x", r#"invalid host name "h%20x""#),
+            ("etcd://[::1", r#"unclosed '[' in host "[::1""#),
+        ] {
+            assert_eq!(problem(url), expected, "{url}");
+        }
+        let err = parse("etcd://root:hunter2@h:x").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            r#"invalid backend string "etcd://root:***@h:x": invalid port "x" in host "h:x": expected a number from 1 to 65535"#
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The file-lock backend: `flock(2)` on a file in a directory, for the processes of **one host**.
 //!
-//! [`FileLock::new(dir)`](FileLock::new) names a directory; every lock name gets its own files in
+//! [`FileBackend::new(dir)`](FileBackend::new) names a directory; every lock name gets its own files in
 //! it. The kernel grants the lock to one open file at a time and takes it back when the holder's
 //! descriptor closes, also when the holder's process dies, so a waiting node wakes at once
 //! (no lease, no polling).
@@ -90,22 +90,22 @@
 //! # Examples
 //!
 //! ```
-//! use tower_primary::{Elector, FileLock, NodeId};
+//! use tower_primary::{Elector, FileBackend, NodeId};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! // In production: FileLock::new("/run/myapp"), a directory only the service user can write.
+//! // In production: FileBackend::new("/run/myapp"), a directory only the service user can write.
 //! let dir = tempfile::tempdir()?;
 //!
 //! let first = Elector::builder("report-scheduler")
-//!     .backend(FileLock::new(dir.path()))
+//!     .backend(FileBackend::new(dir.path()))
 //!     .node(NodeId::new("a"))
 //!     .spawn()?;
 //! let term = first.handle().wait_primary().await.term();
 //!
 //! // Another node (here in the same process) waits in flock.
 //! let second = Elector::builder("report-scheduler")
-//!     .backend(FileLock::new(dir.path()))
+//!     .backend(FileBackend::new(dir.path()))
 //!     .node(NodeId::new("b"))
 //!     .spawn()?;
 //!
@@ -181,30 +181,34 @@ pub const MAX_STATE_VALUE: usize = 16 * 1024 * 1024;
 /// # Examples
 ///
 /// ```
-/// use tower_primary::FileLock;
+/// use tower_primary::FileBackend;
 /// use tower_primary::backend::Backend;
 ///
 /// let dir = tempfile::tempdir().unwrap();
-/// let backend = FileLock::new(dir.path());
+/// let backend = FileBackend::new(dir.path());
 /// assert_eq!(backend.name(), "file");
 /// assert!(backend.min_lease().is_none());
 /// backend.lock("jobs").unwrap();
 /// assert!(dir.path().join("jobs.lock").exists());
 ///
-/// let err = FileLock::new(dir.path().join("missing")).lock("jobs").unwrap_err();
+/// let err = FileBackend::new(dir.path().join("missing")).lock("jobs").unwrap_err();
 /// assert!(err.to_string().contains("does not exist"), "{err}");
 /// ```
 #[derive(Clone, Debug)]
-pub struct FileLock {
+pub struct FileBackend {
     dir: PathBuf,
 }
 
-impl FileLock {
+/// The former name of [`FileBackend`]: every backend type is now called `…Backend`.
+#[deprecated(note = "renamed to `FileBackend`, like every other backend")]
+pub type FileLock = FileBackend;
+
+impl FileBackend {
     /// Locks kept in `dir`. Nothing is checked until the elector is spawned
     /// ([`Backend::lock`]).
     #[must_use]
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        FileLock { dir: dir.into() }
+        FileBackend { dir: dir.into() }
     }
 
     /// The directory, as given.
@@ -234,7 +238,7 @@ impl FileLock {
     }
 }
 
-impl Backend for FileLock {
+impl Backend for FileBackend {
     fn name(&self) -> &'static str {
         NAME
     }
@@ -358,7 +362,7 @@ struct Inner {
 
 impl fmt::Debug for Inner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FileLock")
+        f.debug_struct("DirLock")
             .field("lock", &self.name)
             .field("dir", &self.paths.dir)
             .field("live", &self.live.try_lock().ok().as_deref())

@@ -80,6 +80,7 @@ impl Settings {
             Some((b, q)) => (b, q),
             None => (url, ""),
         };
+        super::url::check_head(&base[scheme.len() + 3..]).map_err(invalid)?;
         let mut namespace = DEFAULT_NAMESPACE.to_owned();
         let mut schema = DEFAULT_SCHEMA.to_owned();
         let mut ssl_mode = "prefer";
@@ -108,7 +109,10 @@ impl Settings {
                     }
                 }
                 "sslrootcert" => root_cert = Some(PathBuf::from(decoded)),
-                _ => passed.push(pair),
+                _ => {
+                    super::url::check_parameter(pair).map_err(invalid)?;
+                    passed.push(pair);
+                }
             }
         }
         validate_namespace(&namespace).map_err(|rule| invalid(format!("namespace: {rule}")))?;
@@ -118,8 +122,10 @@ impl Settings {
         } else {
             format!("{base}?{}", passed.join("&"))
         };
-        let mut pg =
-            tokio_postgres::Config::from_str(&driver_url).map_err(|e| invalid(e.to_string()))?;
+        let mut pg = tokio_postgres::Config::from_str(&driver_url).map_err(|e| {
+            // The driver's own words, with their cause (checked above, so rarely seen).
+            invalid(crate::error::Chain(&e).to_string())
+        })?;
         let (mode, tls) = tls_for(ssl_mode, root_cert.as_deref()).map_err(invalid)?;
         pg.ssl_mode(mode);
         if pg.get_application_name().is_none() {
@@ -287,7 +293,7 @@ pub(super) fn validate_schema(schema: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-fn percent_decode(s: &str) -> Option<String> {
+pub(super) fn percent_decode(s: &str) -> Option<String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -460,6 +466,48 @@ mod tests {
             let err = Settings::from_url(url).err().unwrap().to_string();
             assert!(err.contains(needle), "{url}: {err}");
             assert!(!err.contains("hunter2"), "{url}: {err}");
+        }
+    }
+
+    /// The whole message, as users read it: the bad part named, the password never.
+    #[test]
+    fn problems_name_the_bad_part() {
+        for (url, expected) in [
+            (
+                "postgres://root@h:notaport/db",
+                r#"invalid backend string "postgres://root@h:notaport/db": port "notaport" of host "h:notaport": expected a number from 1 to 65535"#,
+            ),
+            (
+                "postgres://u:hunter2@h:notaport/db",
+                r#"invalid backend string "postgres://u:***@h:notaport/db": port "notaport" of host "h:notaport": expected a number from 1 to 65535"#,
+            ),
+            (
+                "postgres://root@h/db?sslmod=require",
+                r#"invalid backend string "postgres://root@h/db?sslmod=require": unknown parameter "sslmod": expected one of namespace, schema, sslmode, sslrootcert, user, password, dbname, options, application_name, sslnegotiation, host, hostaddr, port, connect_timeout, tcp_user_timeout, keepalives, keepalives_idle, keepalives_interval, keepalives_retries, target_session_attrs, channel_binding, load_balance_hosts"#,
+            ),
+            (
+                "postgres://root@h/db?connect_timeout=soon",
+                r#"invalid backend string "postgres://root@h/db?connect_timeout=soon": parameter "connect_timeout": invalid value "soon", expected whole seconds"#,
+            ),
+            (
+                "postgres://root@h/db?sslmode=sometimes",
+                r#"invalid backend string "postgres://root@h/db?sslmode=sometimes": sslmode "sometimes": expected disable, allow, prefer, require, verify-ca or verify-full"#,
+            ),
+            (
+                "postgres://root@[::1/db",
+                r#"invalid backend string "postgres://root@[::1/db": host "[::1": unclosed '['"#,
+            ),
+            (
+                "postgres://root@h/d%ZZb",
+                r#"invalid backend string "postgres://root@h/d%ZZb": database name "d%ZZb": bad percent-encoding or not UTF-8"#,
+            ),
+            (
+                "postgres://root@h/db?namespace=a/b",
+                r#"invalid backend string "postgres://root@h/db?namespace=a/b": namespace: may only hold ASCII letters, digits, '.', '_' and '-'"#,
+            ),
+        ] {
+            let err = Settings::from_url(url).err().unwrap().to_string();
+            assert_eq!(err, expected, "{url}");
         }
     }
 

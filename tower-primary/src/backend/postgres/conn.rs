@@ -1,8 +1,6 @@
 //! One unpooled connection: connecting (with TLS when asked), driving the connection task,
 //! noticing when it ends, and closing it at once.
 
-use std::error::Error as _;
-use std::fmt::Write as _;
 use std::future::poll_fn;
 use std::sync::Arc;
 
@@ -14,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::NAME;
 use super::config::{Settings, Tls};
-use crate::error::Error;
+use crate::error::{Error, Misconfiguration};
 
 /// Called with the payload of every notification the connection receives.
 pub(super) type OnNotify = Arc<dyn Fn(&str) + Send + Sync>;
@@ -164,23 +162,56 @@ async fn drive<S, T>(
     ended.send_replace(Some(reason));
 }
 
-/// The error with its causes: the driver's own `Display` says only "db error".
+/// The error with its causes, each once: the driver's own `Display` of a server error says only
+/// "db error".
 pub(super) fn describe(e: &tokio_postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
         return format!("{}: {} ({})", db.severity(), db.message(), db.code().code());
     }
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let _ = write!(s, ": {cause}");
-        source = cause.source();
-    }
-    s
+    crate::error::Chain(e).to_string()
 }
 
-/// A backend error for `what` caused by `e`.
+/// A backend error for `what` caused by `e`: [`Error::Misconfigured`] when retrying cannot help
+/// (wrong credentials, no such database, no permission, TLS refused), else [`Error::Backend`].
 pub(super) fn pg_error(what: &str, e: tokio_postgres::Error) -> Error {
-    Error::backend(NAME, format!("{what}: {}", describe(&e)), e)
+    let message = format!("{what}: {}", describe(&e));
+    match misconfiguration(&e) {
+        Some((kind, fix)) => {
+            Error::misconfigured(NAME, kind, format!("{message}; {fix}"), Some(Box::new(e)))
+        }
+        None => Error::backend(NAME, message, e),
+    }
+}
+
+/// Whether `e` is a permanent misconfiguration, and what to fix.
+fn misconfiguration(e: &tokio_postgres::Error) -> Option<(Misconfiguration, &'static str)> {
+    if let Some(db) = e.as_db_error() {
+        return match db.code().code() {
+            // invalid_password, invalid_authorization_specification
+            "28P01" | "28000" => Some((
+                Misconfiguration::Authentication,
+                "check the user name and password of the connection string",
+            )),
+            // invalid_catalog_name
+            "3D000" => Some((
+                Misconfiguration::MissingDatabase,
+                "create the database or fix its name in the connection string",
+            )),
+            // insufficient_privilege
+            "42501" => Some((
+                Misconfiguration::Permission,
+                "grant this role the rights it needs (see the backend's docs) or use another role",
+            )),
+            _ => None,
+        };
+    }
+    // The driver's only public sign of a failed handshake is its message.
+    e.to_string()
+        .starts_with("error performing TLS handshake")
+        .then_some((
+            Misconfiguration::Tls,
+            "check sslmode (does the server offer TLS?) and sslrootcert",
+        ))
 }
 
 fn truncate(s: &str, max: usize) -> &str {

@@ -124,7 +124,16 @@
 //! does: `disable`; `prefer` (the default) and `require` encrypt with TLS (rustls) without
 //! verifying the server's certificate, unless `sslrootcert` names a CA file; `verify-ca` and
 //! `verify-full` verify it against the system's roots and `sslrootcert` (both check the host
-//! name). Errors never repeat the password.
+//! name). Errors never repeat the password, and name the bad part of a malformed string (a port,
+//! a host, the database name, an unknown parameter, a bad `sslmode`).
+//!
+//! # Errors
+//!
+//! What retrying cannot fix is an [`Error::Misconfigured`](crate::Error::Misconfigured): the
+//! server refused the credentials (SQLSTATE 28P01, 28000), the database does not exist (3D000),
+//! the role lacks a right it needs (42501), or the TLS handshake failed (`sslmode=require` against
+//! a server without TLS, an untrusted certificate). An unreachable server or a timeout is an
+//! [`Error::Backend`](crate::Error::Backend), retried.
 //!
 //! # Examples
 //!
@@ -142,10 +151,15 @@
 //! # Ok(()) }
 //! ```
 
+mod aux;
 mod config;
 mod conn;
+mod hold;
 mod lock;
+mod predecessor;
 mod sql;
+mod term;
+mod url;
 
 use std::fmt;
 use std::sync::Arc;

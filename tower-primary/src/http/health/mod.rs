@@ -9,12 +9,16 @@
 //!  "holder": {"id": "web-1:77", "host": "web-1", "pid": 77, "worker": null,
 //!             "url": "http://10.0.0.7:8080", "term": 12, "since": "2026-11-30T08:00:00.000Z",
 //!             "lease_ms": null},
-//!  "since": "2026-11-30T08:00:00.000Z"}
+//!  "since": "2026-11-30T08:00:00.000Z",
+//!  "backend_error": null}
 //! ```
 //!
 //! `role` is `primary`, `secondary` or `starting`; `term` is the latest known term (this node's
 //! while primary); `holder` is the holder record, this node's own while primary, `null` when
-//! unknown; `since` is when the current primary period began (wall clock, for display).
+//! unknown; `since` is when the current primary period began (wall clock, for display);
+//! `backend_error` is the backend misconfiguration that keeps this node secondary
+//! ([`BackendError`](crate::BackendError): `{"kind": "authentication", "message": "…", "since":
+//! "…"}`), `null` when there is none.
 //!
 //! [`role`] answers `200` on every role: **leadership is not readiness**, and a readiness probe
 //! that waits for the election takes secondaries out of the load balancer (or deadlocks a
@@ -34,7 +38,7 @@
 //! use http::{Request, StatusCode};
 //! use tower::ServiceExt;
 //! use tower_primary::http::health::{self, RoleReport};
-//! use tower_primary::{Elector, MemoryBackend, PrimaryLayer};
+//! use tower_primary::{AddRoleLayer, Elector, MemoryBackend};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -44,7 +48,7 @@
 //! let app = Router::new()
 //!     .route("/health/role", get(health::role))
 //!     .route("/health/primary", get(health::role_primary_only))
-//!     .layer(PrimaryLayer::new(elector.handle()));
+//!     .layer(AddRoleLayer::new(elector.handle()));
 //!
 //! let res = app.clone().oneshot(Request::get("/health/role").body(Body::empty())?).await?;
 //! assert_eq!(res.status(), StatusCode::OK);
@@ -156,14 +160,14 @@ mod live_handler {
     /// use http::{Request, StatusCode};
     /// use tower::ServiceExt;
     /// use tower_primary::http::health::{self, Liveness};
-    /// use tower_primary::{Elector, MemoryBackend, PrimaryLayer};
+    /// use tower_primary::{AddRoleLayer, Elector, MemoryBackend};
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let elector = Elector::builder("report-scheduler").backend(MemoryBackend::new()).spawn()?;
     /// let app = Router::new()
     ///     .route("/health/live", get(health::live))
-    ///     .layer(PrimaryLayer::new(elector.handle()));
+    ///     .layer(AddRoleLayer::new(elector.handle()));
     ///
     /// let res = app.oneshot(Request::get("/health/live").body(Body::empty())?).await?;
     /// assert_eq!(res.status(), StatusCode::OK);

@@ -4,7 +4,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::role::{Holder, Role, RoleHandle};
+use crate::role::{BackendError, Holder, Role, RoleHandle};
 
 /// The body of `/health/role`. Serialize it on any stack; deserialize it in clients and tests.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,6 +23,10 @@ pub struct RoleReport {
     /// When the current primary period began (wall clock, RFC 3339, for display).
     #[serde(with = "crate::rfc3339::option")]
     pub since: Option<SystemTime>,
+    /// The backend misconfiguration that keeps this node secondary, if any
+    /// ([`RoleHandle::backend_error`]); `null` otherwise (and in reports of older versions).
+    #[serde(default)]
+    pub backend_error: Option<BackendError>,
 }
 
 /// This node in a [`RoleReport`].
@@ -47,6 +51,7 @@ impl RoleReport {
     /// let json = serde_json::to_value(&report).unwrap();
     /// assert_eq!(json["role"], "starting");
     /// assert!(json["term"].is_null() && json["holder"].is_null() && json["since"].is_null());
+    /// assert!(json["backend_error"].is_null());
     /// assert_eq!(json["node"]["pid"], std::process::id());
     /// ```
     #[must_use]
@@ -70,6 +75,7 @@ impl RoleReport {
             },
             holder,
             since,
+            backend_error: handle.backend_error(),
         }
     }
 

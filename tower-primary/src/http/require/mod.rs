@@ -18,8 +18,8 @@
 //! # In flight
 //!
 //! An admitted request carries the [`TermContext`] of the term it was admitted under in its
-//! extensions (`Extension<TermContext>`, or the [`PrimaryTerm`](crate::PrimaryTerm) extractor),
-//! so the handler can put the term into downstream writes and check
+//! extensions (the [`TermContext` extractor](crate::http::extract) returns it), so the handler
+//! can put the term into downstream writes and check
 //! [`is_valid`](TermContext::is_valid) before side effects. The gate counts the request as in
 //! flight **until its response body has ended** (or been dropped, as when the client goes
 //! away), not only until the handler returns: a streamed body is part of the request. Step-down
@@ -39,7 +39,7 @@
 //! No code of an aborted request runs after its current poll returns, so a handler that stops at
 //! `.await` points cannot act after the lock is released. Side effects already made stay made:
 //! carry the term into downstream writes. Routes without the gate that use the
-//! [`PrimaryTerm`](crate::PrimaryTerm) extractor are waited for until the handler returns, and are
+//! [`TermContext` extractor](crate::http::extract) are waited for until the handler returns, and are
 //! not aborted.
 //!
 //! # Where to redirect, and what refusals show
@@ -68,7 +68,7 @@
 //! use axum::{Router, body::Body, routing::post};
 //! use http::{Request, StatusCode};
 //! use tower::ServiceExt;
-//! use tower_primary::{Holder, NodeId, PrimaryLayer, RequirePrimaryLayer, Role, RoleHandle};
+//! use tower_primary::{AddRoleLayer, Holder, NodeId, RequirePrimaryLayer, Role, RoleHandle};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -79,7 +79,7 @@
 //! let app = Router::new()
 //!     .route("/admin/rebuild", post(|| async { "rebuilt" }).layer(RequirePrimaryLayer::new()))
 //!     .route("/admin/reindex", post(|| async { "reindexed" }).layer(RequirePrimaryLayer::new().redirect()))
-//!     .layer(PrimaryLayer::new(role));
+//!     .layer(AddRoleLayer::new(role));
 //!
 //! let res = app.clone().oneshot(Request::post("/admin/rebuild").body(Body::empty())?).await?;
 //! assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -96,23 +96,23 @@
 //! On the primary the handler runs with the term it was admitted under:
 //!
 //! ```
-//! use axum::{Extension, Router, body::Body, routing::post};
+//! use axum::{Router, body::Body, routing::post};
 //! use http::Request;
 //! use tower::ServiceExt;
-//! use tower_primary::{PrimaryLayer, RequirePrimaryLayer, Role, RoleHandle, TermContext};
+//! use tower_primary::{AddRoleLayer, RequirePrimaryLayer, Role, RoleHandle, TermContext};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let app = Router::new()
 //!     .route(
 //!         "/admin/rebuild",
-//!         post(|Extension(term): Extension<TermContext>| async move {
+//!         post(|term: TermContext| async move {
 //!             // e.g. UPDATE jobs SET … WHERE id = $1 AND term <= $term
 //!             format!("rebuilt under term {}", term.term())
 //!         })
 //!         .layer(RequirePrimaryLayer::new()),
 //!     )
-//!     .layer(PrimaryLayer::new(RoleHandle::fixed(Role::primary(42))));
+//!     .layer(AddRoleLayer::new(RoleHandle::fixed(Role::primary(42))));
 //!
 //! let res = app.oneshot(Request::post("/admin/rebuild").body(Body::empty())?).await?;
 //! let body = axum::body::to_bytes(res.into_body(), 1024).await?;
@@ -196,7 +196,7 @@ impl RequirePrimaryLayer {
     /// use axum::{Router, body::Body, routing::get};
     /// use http::{Request, StatusCode};
     /// use tower::ServiceExt;
-    /// use tower_primary::{Holder, NodeId, PrimaryLayer, RequirePrimaryLayer, Role, RoleHandle};
+    /// use tower_primary::{AddRoleLayer, Holder, NodeId, RequirePrimaryLayer, Role, RoleHandle};
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -204,7 +204,7 @@ impl RequirePrimaryLayer {
     /// let holder = Holder::new(&NodeId::new("web-2"), 3);
     /// let app = Router::new()
     ///     .route("/admin", get(|| async { "ok" }).layer(RequirePrimaryLayer::new().redirect()))
-    ///     .layer(PrimaryLayer::new(RoleHandle::fixed(Role::Secondary { holder: Some(holder) })));
+    ///     .layer(AddRoleLayer::new(RoleHandle::fixed(Role::Secondary { holder: Some(holder) })));
     /// let res = app.oneshot(Request::get("/admin").body(Body::empty())?).await?;
     /// assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     /// assert_eq!(res.headers()["x-primary-holder"], "web-2");
@@ -228,7 +228,7 @@ impl RequirePrimaryLayer {
     /// use http::{Request, StatusCode};
     /// use tower::ServiceExt;
     /// use tower_primary::http::require::Origin;
-    /// use tower_primary::{Holder, NodeId, PrimaryLayer, RequirePrimaryLayer, Role, RoleHandle};
+    /// use tower_primary::{AddRoleLayer, Holder, NodeId, RequirePrimaryLayer, Role, RoleHandle};
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -243,7 +243,7 @@ impl RequirePrimaryLayer {
     ///     let role = RoleHandle::fixed(Role::Secondary { holder: Some(holder) });
     ///     Router::new()
     ///         .route("/admin", post(|| async { "done" }).layer(gate.clone()))
-    ///         .layer(PrimaryLayer::new(role))
+    ///         .layer(AddRoleLayer::new(role))
     /// };
     /// let req = || Request::post("/admin").body(Body::empty());
     ///

@@ -1,4 +1,4 @@
-//! The JSON body of every refusal of the gate and of the `PrimaryTerm` extractor.
+//! The JSON body of every refusal of the gate and of the `TermContext` extractor.
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, RETRY_AFTER};
@@ -11,10 +11,12 @@ use crate::role::Holder;
 
 /// What a `500` for a missing [`PrimaryLayer`](crate::PrimaryLayer) says.
 pub(crate) const MISSING_LAYER: &str = "no RoleHandle in the request extensions: add PrimaryLayer \
-     to the router, e.g. `.layer(PrimaryLayer::new(elector.handle()))` (tower-primary)";
+     to the router, outside the routes that read the role, e.g. \
+     `.layer(PrimaryLayer::new(Elector::builder(lock).backend(backend))?)`, or \
+     `.layer(AddRoleLayer::new(elector.handle()))` (tower-primary)";
 
 /// The JSON body of a refusal by the [primary-only gate](super::RequirePrimaryLayer) (`503`,
-/// `307`, `500`) and by the [`PrimaryTerm`](crate::PrimaryTerm) extractor (`503`):
+/// `307`, `500`) and by the [`TermContext`](crate::TermContext) extractor (`503`):
 ///
 /// ```json
 /// {"error": "not_primary", "holder": {"id": "web-1:77", "host": "web-1", "pid": 77, …},
@@ -32,13 +34,13 @@ pub(crate) const MISSING_LAYER: &str = "no RoleHandle in the request extensions:
 /// use http::{Request, StatusCode};
 /// use tower::ServiceExt;
 /// use tower_primary::http::require::Refusal;
-/// use tower_primary::{PrimaryLayer, RequirePrimaryLayer, Role, RoleHandle};
+/// use tower_primary::{AddRoleLayer, RequirePrimaryLayer, Role, RoleHandle};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let app = Router::new()
 ///     .route("/admin", post(|| async { "done" }).layer(RequirePrimaryLayer::new()))
-///     .layer(PrimaryLayer::new(RoleHandle::fixed(Role::Starting)));
+///     .layer(AddRoleLayer::new(RoleHandle::fixed(Role::Starting)));
 /// let res = app.oneshot(Request::post("/admin").body(Body::empty())?).await?;
 /// assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
 /// let body = axum::body::to_bytes(res.into_body(), 4096).await?;

@@ -1,0 +1,155 @@
+//! One lock name in etcd: its keys, and the [`Lock`] operations, which the campaign
+//! ([`super::campaign`]), the state API ([`super::state`]) and the watches ([`super::watch`])
+//! carry out.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use etcd_client::{GetOptions, KeyValue, SortOrder, SortTarget};
+
+use super::session::rpc;
+use super::watch::EtcdChanges;
+use super::{EtcdBackend, NAME};
+use crate::backend::{AcquireRequest, BoxFuture, Changes, Leadership, Lock, Stored};
+use crate::error::Error;
+use crate::role::Holder;
+
+/// The term this node holds and the key that proves it, for guarded state writes.
+#[derive(Clone, Debug)]
+pub(super) struct Held {
+    pub(super) term: u64,
+    pub(super) key: Vec<u8>,
+}
+
+pub(super) type HeldSlot = Arc<Mutex<Option<Held>>>;
+
+#[derive(Clone)]
+pub(super) struct EtcdLock {
+    pub(super) backend: EtcdBackend,
+    pub(super) name: String,
+    pub(super) election: Vec<u8>,
+    pub(super) state: Vec<u8>,
+    pub(super) held: HeldSlot,
+}
+
+impl fmt::Debug for EtcdLock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdLock")
+            .field("lock", &self.name)
+            .field("election", &String::from_utf8_lossy(&self.election))
+            .finish_non_exhaustive()
+    }
+}
+
+impl EtcdLock {
+    pub(super) fn timeout(&self) -> Duration {
+        self.backend.config.timeout
+    }
+
+    pub(super) async fn rpc<T>(
+        &self,
+        what: &str,
+        fut: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, Error> {
+        rpc(
+            self.timeout(),
+            &format!("lock {:?}: {what}", self.name),
+            fut,
+        )
+        .await
+    }
+
+    pub(super) fn candidate_key(&self, lease: i64) -> Vec<u8> {
+        let mut key = self.election.clone();
+        // Lease ids are positive; as u64 they print the same.
+        key.extend_from_slice(format!("{:016x}", lease.cast_unsigned()).as_bytes());
+        key
+    }
+
+    pub(super) fn state_key(&self, key: &str) -> Vec<u8> {
+        let mut k = self.state.clone();
+        k.extend_from_slice(key.as_bytes());
+        k
+    }
+
+    pub(super) fn corrupt(&self, what: &str, problem: impl Into<String>) -> Error {
+        Error::Corrupt {
+            backend: NAME,
+            what: format!("{what} of lock {:?}", self.name),
+            problem: problem.into(),
+        }
+    }
+
+    /// The holder record stored in `kv`, with its term (the key's create revision).
+    pub(super) fn holder_from(&self, kv: &KeyValue) -> Result<Holder, Error> {
+        let mut holder: Holder = serde_json::from_slice(kv.value())
+            .map_err(|e| self.corrupt("holder record", e.to_string()))?;
+        holder.term = term_of(kv.create_revision());
+        Ok(holder)
+    }
+
+    /// The term of the current holder, if any (for error messages).
+    pub(super) async fn current_term(&self) -> Option<u64> {
+        self.holder_inner().await.ok().flatten().map(|h| h.term)
+    }
+
+    pub(super) async fn holder_inner(&self) -> Result<Option<Holder>, Error> {
+        let client = self.backend.client().await?;
+        let oldest = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend)
+            .with_limit(1);
+        let resp = self
+            .rpc(
+                "read the holder",
+                client.clone().get(self.election.clone(), Some(oldest)),
+            )
+            .await?;
+        resp.kvs()
+            .first()
+            .map(|kv| self.holder_from(kv))
+            .transpose()
+    }
+}
+
+impl Lock for EtcdLock {
+    fn acquire(&self, req: AcquireRequest) -> BoxFuture<'_, Result<Box<dyn Leadership>, Error>> {
+        Box::pin(self.acquire_inner(req))
+    }
+
+    fn holder(&self) -> BoxFuture<'_, Result<Option<Holder>, Error>> {
+        Box::pin(self.holder_inner())
+    }
+
+    fn watch_holder(&self) -> BoxFuture<'_, Result<Box<dyn Changes>, Error>> {
+        Box::pin(async move {
+            let changes = EtcdChanges::open(self, self.election.clone(), true).await?;
+            Ok(Box::new(changes) as Box<dyn Changes>)
+        })
+    }
+
+    fn load<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Stored>, Error>> {
+        Box::pin(self.load_value(key))
+    }
+
+    fn store<'a>(
+        &'a self,
+        key: &'a str,
+        value: &'a [u8],
+        term: u64,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(self.store_value(key, value, term))
+    }
+
+    fn watch_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Box<dyn Changes>, Error>> {
+        Box::pin(async move {
+            let changes = EtcdChanges::open(self, self.state_key(key), false).await?;
+            Ok(Box::new(changes) as Box<dyn Changes>)
+        })
+    }
+}
+
+pub(super) fn term_of(revision: i64) -> u64 {
+    u64::try_from(revision).unwrap_or(0)
+}
