@@ -244,6 +244,7 @@ pub mod elector;
 pub mod error;
 pub mod http;
 pub mod metrics;
+mod origin;
 pub mod process;
 mod rfc3339;
 pub mod role;

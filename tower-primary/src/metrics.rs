@@ -227,26 +227,18 @@ pub(crate) fn schedule_run(lock: &str, job: &str, ok: bool) {
     let _ = (lock, job, ok);
 }
 
+/// Whether metrics are recorded (feature `metrics`): callers skip work whose only use is a metric.
 #[cfg(feature = "schedule")]
-/// Counts the slots of `schedule` owed since `since` up to `now`, as a new term finds them (up to
-/// [`Missed::MAX_CATCH_UP`](crate::schedule::Missed::MAX_CATCH_UP): the count walks back from
-/// `now`, and a long outage must not cost a long scan).
-pub(crate) fn schedule_missed(
-    lock: &str,
-    job: &str,
-    schedule: &crate::schedule::Schedule,
-    since: crate::schedule::Since,
-    now: chrono::DateTime<chrono::Utc>,
-) {
+pub(crate) const ENABLED: bool = cfg!(feature = "metrics");
+
+#[cfg(feature = "schedule")]
+/// `slots` of a schedule passed while no primary ran its job, as a new term finds them.
+pub(crate) fn schedule_missed(lock: &str, job: &str, slots: usize) {
     #[cfg(feature = "metrics")]
-    {
-        let cap = crate::schedule::Missed::MAX_CATCH_UP;
-        let slots = schedule.count_owed(since, now, cap);
-        if slots > 0 {
-            ::metrics::counter!(SCHEDULE_MISSED, "lock" => lock.to_owned(), "job" => job.to_owned())
-                .increment(u64::try_from(slots).unwrap_or(u64::MAX));
-        }
+    if slots > 0 {
+        ::metrics::counter!(SCHEDULE_MISSED, "lock" => lock.to_owned(), "job" => job.to_owned())
+            .increment(u64::try_from(slots).unwrap_or(u64::MAX));
     }
     #[cfg(not(feature = "metrics"))]
-    let _ = (lock, job, schedule, since, now);
+    let _ = (lock, job, slots);
 }

@@ -260,7 +260,7 @@ impl ElectorBuilder {
             });
         }
         if let Some(url) = &self.advertise {
-            crate::http::require::check_advertised(url)?;
+            crate::origin::check_advertised(url)?;
         }
         if self.liveness_bound.is_zero() {
             return Err(ConfigError::InvalidTiming {

@@ -42,5 +42,4 @@ mod spec;
 
 pub use self::job::{Run, RunNowError, ScheduleHandle};
 pub use self::once::RunOnce;
-pub(crate) use self::spec::Since;
 pub use self::spec::{Missed, Schedule};

@@ -136,16 +136,14 @@ use crate::role::{Holder, InFlight, RoleHandle, TermContext};
 
 mod body;
 mod future;
-mod origin;
 mod refusal;
 
 pub use self::body::{Aborted, ResponseBody};
 pub use self::future::ResponseFuture;
-use self::origin::AdvertisedUrl;
-pub use self::origin::Origin;
-pub(crate) use self::origin::check_advertised;
 pub(crate) use self::refusal::MISSING_LAYER;
 pub use self::refusal::Refusal;
+use crate::origin::AdvertisedUrl;
+pub use crate::origin::Origin;
 
 /// The default `Retry-After` of a refusal, in seconds.
 const DEFAULT_RETRY_AFTER: u64 = 1;

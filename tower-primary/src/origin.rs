@@ -1,4 +1,7 @@
-//! Which URLs the gate may send clients to: advertised URLs and trusted origins.
+//! Which URLs a node may advertise and the gate may send clients to: advertised URLs and trusted
+//! origins. Below both the elector (which checks the URL a node advertises) and the gate (which
+//! checks a holder's URL again before redirecting to it); public as
+//! [`http::require::Origin`](crate::http::require::Origin).
 
 use std::fmt;
 use std::str::FromStr;
@@ -11,7 +14,7 @@ use crate::error::ConfigError;
 /// An HTTP origin: `http` or `https`, a host and a port, nothing else.
 ///
 /// The entries of
-/// [`RequirePrimaryLayer::trusted_origins`](super::RequirePrimaryLayer::trusted_origins). Parsed
+/// [`RequirePrimaryLayer::trusted_origins`](crate::RequirePrimaryLayer::trusted_origins). Parsed
 /// with [`http::Uri`]; the host is compared without regard to case and a missing port is the
 /// scheme's default, so `http://Web-1` and `http://web-1:80` are the same origin.
 ///
