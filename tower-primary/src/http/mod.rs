@@ -13,6 +13,29 @@
 //! The request path never touches a backend: these modules depend on [`role`](crate::role) and
 //! nothing below it.
 
+/// `get_ref`, `get_mut` and `into_inner` for a middleware service whose wrapped service is the
+/// field `inner: S`, written once for every service of this module (as tower-http does).
+macro_rules! define_inner_service_accessors {
+    () => {
+        /// The inner service.
+        #[must_use]
+        pub fn get_ref(&self) -> &S {
+            &self.inner
+        }
+
+        /// The inner service, mutably.
+        pub fn get_mut(&mut self) -> &mut S {
+            &mut self.inner
+        }
+
+        /// The inner service, consuming this one.
+        #[must_use]
+        pub fn into_inner(self) -> S {
+            self.inner
+        }
+    };
+}
+
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub mod extract;
