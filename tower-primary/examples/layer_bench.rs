@@ -160,8 +160,7 @@ fn micro(role: &RoleHandle, rounds: usize) -> f64 {
     println!("    with layer     ns/req {with_text}");
     println!("    layer overhead ns/req {diff_text}");
 
-    let mut headers =
-        AddRoleLayer::new(role.clone()).layer(RoleHeadersLayer::new().layer(inner()));
+    let mut headers = AddRoleLayer::new(role.clone()).layer(RoleHeadersLayer::new().layer(inner()));
     let [.., diff] = paired(&mut headers, router_shaped_request, rounds);
     println!(
         "    overhead with role headers       ns/req {}",
