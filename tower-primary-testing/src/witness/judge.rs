@@ -163,11 +163,10 @@ pub fn check(history: &History, records: &[WriteRecord]) -> WitnessReport {
 }
 
 #[cfg(test)]
-
 mod tests {
-    use super::*;
     use std::time::Duration;
 
+    use super::*;
     use crate::history::Period;
     use crate::witness::Verdict;
 
