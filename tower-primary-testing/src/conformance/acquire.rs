@@ -137,11 +137,7 @@ pub async fn handover_on_shutdown<F: Fixture + ?Sized>(fixture: &F) {
     handover(fixture, "handover_on_shutdown", false).await;
 }
 
-pub(super) async fn handover<F: Fixture + ?Sized>(
-    fixture: &F,
-    check: &'static str,
-    step_down: bool,
-) {
+async fn handover<F: Fixture + ?Sized>(fixture: &F, check: &'static str, step_down: bool) {
     let h = Harness::new(fixture, check);
     let a = h.spawn("a");
     let ctx_a = h.within("a to become primary", a.primary()).await;

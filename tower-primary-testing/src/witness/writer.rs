@@ -136,7 +136,7 @@ impl Stamp {
     }
 }
 
-pub(super) fn wall_ns() -> u64 {
+fn wall_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
