@@ -53,7 +53,7 @@ impl<'f, F: Fixture + ?Sized> Harness<'f, F> {
         }
     }
 
-    pub(super) fn builder(&self, id: &str, conn: &Connection) -> ElectorBuilder {
+    fn builder(&self, id: &str, conn: &Connection) -> ElectorBuilder {
         let builder = Elector::builder(self.lock.clone())
             .backend(conn.backend().clone())
             .node(NodeId::new(id))
