@@ -31,7 +31,7 @@ pub struct Lease {
 
 impl Lease {
     /// The default lease: 5 s, margin 0.5 s, renewed every 1.67 s. A crash costs what is left of
-    /// the holder's lease (3.3–5 s); a holder keeps its term through a backend stall of up to
+    /// the holder's lease (up to 5 s); a holder keeps its term through a backend stall of up to
     /// about 2.8 s. GUARANTEES.md, at the root of the repository, gives the reasons.
     pub const DEFAULT: Lease = Lease {
         ttl: Duration::from_secs(5),
