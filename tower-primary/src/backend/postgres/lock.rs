@@ -13,9 +13,9 @@ use tokio_postgres::types::Type;
 use tokio_util::sync::CancellationToken;
 
 use super::NAME;
-use super::aux::{Aux, AuxState};
 use super::config::Settings;
 use super::conn::pg_error;
+use super::second_connection::{Aux, AuxState};
 use super::sql::Sql;
 use super::term::run_term;
 use crate::backend::{

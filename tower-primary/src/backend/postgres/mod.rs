@@ -151,12 +151,12 @@
 //! # Ok(()) }
 //! ```
 
-mod aux;
 mod config;
 mod conn;
 mod hold;
 mod lock;
 mod predecessor;
+mod second_connection;
 mod sql;
 mod term;
 mod url;
