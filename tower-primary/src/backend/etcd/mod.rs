@@ -368,7 +368,7 @@ mod tests {
     #[test]
     fn bad_settings_are_configuration_errors() {
         let err = EtcdBackend::new(["h:0"]).lock("x").unwrap_err().to_string();
-        assert!(err.contains("invalid port"), "{err}");
+        assert!(err.contains(r#"port "0" of host "h:0""#), "{err}");
         let err = EtcdBackend::new(Vec::<String>::new())
             .lock("x")
             .unwrap_err()

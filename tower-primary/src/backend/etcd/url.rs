@@ -97,30 +97,17 @@ pub(super) fn endpoint(host: &str) -> Result<String, String> {
     if host.is_empty() {
         return Err("empty host in the host list".to_owned());
     }
-    let (name, port) = if let Some(v6) = host.strip_prefix('[') {
-        let Some((addr, after)) = v6.split_once(']') else {
-            return Err(format!("unclosed '[' in host {host:?}"));
-        };
-        if addr.is_empty()
-            || !addr
+    let (name, port) = super::super::host_port::split(host)?;
+    let name = if host.starts_with('[') {
+        if name.is_empty()
+            || !name
                 .bytes()
                 .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
         {
             return Err(format!("invalid IPv6 address in host {host:?}"));
         }
-        let port = match after {
-            "" => None,
-            p => Some(
-                p.strip_prefix(':')
-                    .ok_or_else(|| format!("expected ':port' after ']' in host {host:?}"))?,
-            ),
-        };
-        (format!("[{addr}]"), port)
+        format!("[{name}]")
     } else {
-        let (name, port) = match host.split_once(':') {
-            Some((n, p)) => (n, Some(p)),
-            None => (host, None),
-        };
         if name.is_empty()
             || !name
                 .bytes()
@@ -128,19 +115,9 @@ pub(super) fn endpoint(host: &str) -> Result<String, String> {
         {
             return Err(format!("invalid host name {name:?}"));
         }
-        (name.to_owned(), port)
+        name.to_owned()
     };
-    let port = match port {
-        None => DEFAULT_PORT,
-        Some(p) => match p.parse::<u16>() {
-            Ok(p) if p != 0 => p,
-            _ => {
-                return Err(format!(
-                    "invalid port {p:?} in host {host:?}: expected a number from 1 to 65535"
-                ));
-            }
-        },
-    };
+    let port = port.unwrap_or(DEFAULT_PORT);
     Ok(format!("{name}:{port}"))
 }
 
@@ -234,9 +211,9 @@ mod tests {
     fn malformed_strings_are_refused_with_the_reason() {
         assert!(problem("etcd://").contains("empty host"));
         assert!(problem("etcd://a,,b").contains("empty host"));
-        assert!(problem("etcd://h:0").contains("invalid port"));
-        assert!(problem("etcd://h:99999").contains("invalid port"));
-        assert!(problem("etcd://h:x").contains("invalid port"));
+        assert!(problem("etcd://h:0").contains(r#"port "0" of host "h:0""#));
+        assert!(problem("etcd://h:99999").contains(r#"port "99999" of host "h:99999""#));
+        assert!(problem("etcd://h:x").contains(r#"port "x" of host "h:x""#));
         assert!(problem("etcd://h/db").contains("no path"));
         assert!(problem("etcd://[::1").contains("unclosed"));
         assert!(problem("etcd://[::1]x").contains("':port'"));
@@ -255,11 +232,11 @@ mod tests {
         for (url, expected) in [
             (
                 "etcd://h:x",
-                r#"invalid port "x" in host "h:x": expected a number from 1 to 65535"#,
+                r#"port "x" of host "h:x": expected a number from 1 to 65535"#,
             ),
             (
                 "etcd://a:1,b:70000",
-                r#"invalid port "70000" in host "b:70000": expected a number from 1 to 65535"#,
+                r#"port "70000" of host "b:70000": expected a number from 1 to 65535"#,
             ),
             (
                 "etcd://h?prefix=x&lease=5s",
@@ -267,14 +244,14 @@ mod tests {
             ),
             ("etcd://h?=x", r#"parameter "=x" has no name"#),
             ("etcd://h%20x", r#"invalid host name "h%20x""#),
-            ("etcd://[::1", r#"unclosed '[' in host "[::1""#),
+            ("etcd://[::1", r#"host "[::1": unclosed '['"#),
         ] {
             assert_eq!(problem(url), expected, "{url}");
         }
         let err = parse("etcd://root:hunter2@h:x").unwrap_err().to_string();
         assert_eq!(
             err,
-            r#"invalid backend string "etcd://root:***@h:x": invalid port "x" in host "h:x": expected a number from 1 to 65535"#
+            r#"invalid backend string "etcd://root:***@h:x": port "x" of host "h:x": expected a number from 1 to 65535"#
         );
     }
 

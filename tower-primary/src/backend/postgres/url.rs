@@ -64,34 +64,11 @@ pub(super) fn check_head(head: &str) -> Result<(), String> {
 
 /// Checks one `host[:port]` (IPv6 addresses in brackets).
 fn check_host(host: &str) -> Result<(), String> {
-    let port = if let Some(v6) = host.strip_prefix('[') {
-        let Some((_, after)) = v6.split_once(']') else {
-            return Err(format!("host {host:?}: unclosed '['"));
-        };
-        match after {
-            "" => None,
-            _ => Some(
-                after
-                    .strip_prefix(':')
-                    .ok_or_else(|| format!("host {host:?}: expected ':port' after ']'"))?,
-            ),
-        }
-    } else {
-        let (name, port) = match host.split_once(':') {
-            Some((name, port)) => (name, Some(port)),
-            None => (host, None),
-        };
-        if percent_decode(name).is_none() {
-            return Err(format!("host {name:?}: bad percent-encoding or not UTF-8"));
-        }
-        port
-    };
-    match port {
-        Some(port) if !matches!(port.parse::<u16>(), Ok(p) if p > 0) => Err(format!(
-            "port {port:?} of host {host:?}: expected a number from 1 to 65535"
-        )),
-        _ => Ok(()),
+    let (name, _) = super::super::host_port::split(host)?;
+    if !host.starts_with('[') && percent_decode(name).is_none() {
+        return Err(format!("host {name:?}: bad percent-encoding or not UTF-8"));
     }
+    Ok(())
 }
 
 /// Checks one `key=value` parameter passed on to the driver: a known name, a value it accepts.

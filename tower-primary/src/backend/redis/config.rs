@@ -129,21 +129,7 @@ fn check_authority(authority: &str) -> Result<(), String> {
         Some(at) => &authority[at + 1..],
         None => authority,
     };
-    let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-        let Some((host, after)) = v6.split_once(']') else {
-            return Err(format!("host [{v6}: the IPv6 address has no closing ']'"));
-        };
-        match after.strip_prefix(':') {
-            Some(port) => (host, Some(port)),
-            None if after.is_empty() => (host, None),
-            None => return Err(format!("host [{host}]{after}: expected [address]:port")),
-        }
-    } else {
-        match hostport.split_once(':') {
-            Some((host, port)) => (host, Some(port)),
-            None => (hostport, None),
-        }
-    };
+    let (host, _) = super::super::host_port::split(hostport)?;
     if host.is_empty() {
         return Err("missing host: expected redis://host[:port][/db]".to_owned());
     }
@@ -151,11 +137,6 @@ fn check_authority(authority: &str) -> Result<(), String> {
         return Err(format!(
             "host {host}: a wildcard address names no server; give the server's address"
         ));
-    }
-    if let Some(port) = port
-        && !port.parse::<u16>().is_ok_and(|p| p > 0)
-    {
-        return Err(format!("port {port:?}: must be a number from 1 to 65535"));
     }
     Ok(())
 }
@@ -271,11 +252,11 @@ mod tests {
         );
         assert_eq!(
             problem("redis://h:99999"),
-            "port \"99999\": must be a number from 1 to 65535"
+            "port \"99999\" of host \"h:99999\": expected a number from 1 to 65535"
         );
         assert_eq!(
             problem("redis://h:abc/1"),
-            "port \"abc\": must be a number from 1 to 65535"
+            "port \"abc\" of host \"h:abc\": expected a number from 1 to 65535"
         );
         assert_eq!(
             problem("redis://h/notadb"),
