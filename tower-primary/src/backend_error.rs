@@ -30,7 +30,6 @@ use crate::error::{Error, Misconfiguration};
 #[non_exhaustive]
 pub struct BackendError {
     /// What kind of misconfiguration.
-    #[serde(with = "kind")]
     pub kind: Misconfiguration,
     /// What is wrong, naming the setting to fix (the backend's message, without its sources).
     pub message: String,
@@ -58,61 +57,20 @@ impl BackendError {
     }
 }
 
-/// Every kind, for reading `kind` back from its name.
-const KINDS: [Misconfiguration; 6] = [
-    Misconfiguration::Authentication,
-    Misconfiguration::MissingDatabase,
-    Misconfiguration::Tls,
-    Misconfiguration::IncompatibleLease,
-    Misconfiguration::IncompatibleVersion,
-    Misconfiguration::Permission,
-];
-
-/// Fails to compile when a kind is added, until it is added to [`KINDS`] too.
-#[allow(dead_code)]
-fn every_kind_is_listed(kind: Misconfiguration) {
-    match kind {
-        Misconfiguration::Authentication
-        | Misconfiguration::MissingDatabase
-        | Misconfiguration::Tls
-        | Misconfiguration::IncompatibleLease
-        | Misconfiguration::IncompatibleVersion
-        | Misconfiguration::Permission => {}
-    }
-}
-
-/// `kind` as its snake-case name.
-mod kind {
-    use serde::{Deserialize, Deserializer, Serializer, de::Error};
-
-    use super::{KINDS, Misconfiguration};
-
-    #[allow(clippy::trivially_copy_pass_by_ref)] // serde's `with` passes a reference
-    pub(super) fn serialize<S: Serializer>(
-        kind: &Misconfiguration,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
-        s.serialize_str(kind.as_str())
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Misconfiguration, D::Error> {
-        let name = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        KINDS
-            .into_iter()
-            .find(|k| k.as_str() == name)
-            .ok_or_else(|| D::Error::custom(format!("unknown misconfiguration kind {name:?}")))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn round_trips_through_json_with_the_kind_by_name() {
-        for kind in KINDS {
+        for kind in [
+            Misconfiguration::Authentication,
+            Misconfiguration::MissingDatabase,
+            Misconfiguration::Tls,
+            Misconfiguration::IncompatibleLease,
+            Misconfiguration::IncompatibleVersion,
+            Misconfiguration::Permission,
+        ] {
             let err = Error::misconfigured("memory", kind, "fix the setting", None);
             let report = BackendError::of(&err).unwrap();
             let json = serde_json::to_value(&report).unwrap();

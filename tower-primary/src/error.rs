@@ -97,8 +97,10 @@ pub enum ConfigError {
     NoBackend,
 }
 
-/// The kind of a permanent backend misconfiguration ([`Error::Misconfigured`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// The kind of a permanent backend misconfiguration ([`Error::Misconfigured`]). In JSON, the
+/// name [`as_str`](Self::as_str) gives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Misconfiguration {
     /// The server refused the credentials.
