@@ -328,8 +328,12 @@ impl Shared {
         })
     }
 
-    pub(crate) fn set_backend_error(&self, error: Option<BackendError>) {
-        *crate::sync::write(&self.backend_error) = error;
+    pub(crate) fn backend_error(&self) -> Option<BackendError> {
+        crate::sync::read(&self.backend_error).clone()
+    }
+
+    pub(crate) fn set_backend_error(&self, error: Option<BackendError>) -> Option<BackendError> {
+        std::mem::replace(&mut *crate::sync::write(&self.backend_error), error)
     }
 
     pub(crate) fn set_deadline(&self, at: Timestamp) {
@@ -473,7 +477,7 @@ impl RoleHandle {
     /// for it. A lock read.
     #[must_use]
     pub fn backend_error(&self) -> Option<BackendError> {
-        crate::sync::read(&self.shared.backend_error).clone()
+        self.shared.backend_error()
     }
 
     /// The clock the deadline is read on.

@@ -17,16 +17,11 @@ use crate::role::{BackendError, Shared};
 pub(super) struct BackendErrors {
     shared: Arc<Shared>,
     backend: &'static str,
-    current: Option<BackendError>,
 }
 
 impl BackendErrors {
     pub(super) fn new(shared: Arc<Shared>, backend: &'static str) -> Self {
-        BackendErrors {
-            shared,
-            backend,
-            current: None,
-        }
+        BackendErrors { shared, backend }
     }
 
     /// Counts and classifies a failed call of `op`. Returns whether the caller should log it as
@@ -36,7 +31,11 @@ impl BackendErrors {
         let Some(report) = BackendError::of(err) else {
             return true;
         };
-        if self.current.as_ref().is_some_and(|c| c.same_cause(&report)) {
+        if self
+            .shared
+            .backend_error()
+            .is_some_and(|c| c.same_cause(&report))
+        {
             tracing::debug!(
                 target: TARGET,
                 lock = %self.shared.lock,
@@ -57,14 +56,13 @@ impl BackendErrors {
             error = %Chain(err),
             "backend misconfigured; staying secondary and retrying until it is fixed"
         );
-        self.shared.set_backend_error(Some(report.clone()));
-        self.current = Some(report);
+        self.shared.set_backend_error(Some(report));
         false
     }
 
     /// The backend answered: a misconfiguration reported is over.
     pub(super) fn answered(&mut self) {
-        if let Some(was) = self.current.take() {
+        if let Some(was) = self.shared.set_backend_error(None) {
             tracing::info!(
                 target: TARGET,
                 lock = %self.shared.lock,
@@ -73,7 +71,6 @@ impl BackendErrors {
                 kind = was.kind.as_str(),
                 "backend answers again; the misconfiguration is resolved"
             );
-            self.shared.set_backend_error(None);
         }
     }
 }
