@@ -97,6 +97,16 @@ pub trait Backend: fmt::Debug + Send + Sync + 'static {
         None
     }
 
+    /// Where this backend keeps its locks, without secrets: the kind, the server address(es)
+    /// and whatever else separates one election from another (database, key prefix, namespace,
+    /// directory). Two processes with equal addresses and lock names campaign for the same lock.
+    /// A host group compares it with the address in its `.host` record. The default: the
+    /// backend's [`name`](Self::name).
+    #[must_use]
+    fn address(&self) -> String {
+        self.name().to_owned()
+    }
+
     /// The lock `name`, checked and prepared without network I/O. Called once per elector, at
     /// `spawn()`; errors here are configuration errors.
     fn lock(&self, name: &str) -> Result<Arc<dyn Lock>, ConfigError>;
@@ -105,6 +115,9 @@ pub trait Backend: fmt::Debug + Send + Sync + 'static {
 impl<B: Backend + ?Sized> Backend for Box<B> {
     fn name(&self) -> &'static str {
         (**self).name()
+    }
+    fn address(&self) -> String {
+        (**self).address()
     }
     fn min_lease(&self) -> Option<Duration> {
         (**self).min_lease()
@@ -120,6 +133,9 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
 impl<B: Backend + ?Sized> Backend for Arc<B> {
     fn name(&self) -> &'static str {
         (**self).name()
+    }
+    fn address(&self) -> String {
+        (**self).address()
     }
     fn min_lease(&self) -> Option<Duration> {
         (**self).min_lease()
@@ -181,6 +197,38 @@ pub trait Lock: fmt::Debug + Send + Sync + 'static {
     /// A subscription to changes of a state value (notification where the backend has one,
     /// polling otherwise).
     fn watch_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Box<dyn Changes>, Error>>;
+
+    /// Takes over the lease that `token` names ([`Leadership::resume_token`] of a predecessor
+    /// in this process's host group), under a new term higher than the predecessor's, with
+    /// `req`'s node in the holder record. The caller has proved that the predecessor can no
+    /// longer act (its process is gone, or it passed the lease on at its exit): the backend
+    /// only checks that the lease is still the one the token names.
+    ///
+    /// `Ok(None)` when it is not (expired, released, taken by another node): the caller then
+    /// campaigns with [`acquire`](Self::acquire). The default, for backends that cannot hand a
+    /// lease from one process to another: `Ok(None)`.
+    ///
+    /// # Cancellation safety
+    ///
+    /// As [`acquire`](Self::acquire): a resumed lease whose future was dropped is released.
+    fn resume<'a>(
+        &'a self,
+        req: AcquireRequest,
+        token: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Box<dyn Leadership>>, Error>> {
+        let _ = (req, token);
+        Box::pin(async { Ok(None) })
+    }
+}
+
+/// Why the elector gives a lock up; see [`Leadership::release_for`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Release {
+    /// The node stays and lets others lead: a step-down, a loss, a fencing.
+    StepDown,
+    /// The process is shutting down: a host group may pass the lease to a sibling process.
+    Exit,
 }
 
 /// A subscription to changes; see [`Lock::watch_holder`] and [`Lock::watch_key`].
@@ -245,6 +293,24 @@ pub trait Leadership: fmt::Debug + Send + 'static {
 
     /// Gives the lock up and wakes the waiters.
     fn release(self: Box<Self>) -> BoxFuture<'static, Result<(), Error>>;
+
+    /// Gives the lock up for `why`: the elector calls this, never [`release`](Self::release)
+    /// directly. A host group passes the lease to a sibling process on [`Release::Exit`]. The
+    /// default: [`release`](Self::release).
+    #[must_use]
+    fn release_for(self: Box<Self>, why: Release) -> BoxFuture<'static, Result<(), Error>> {
+        let _ = why;
+        self.release()
+    }
+
+    /// What another process of this host group needs to take this term's lease over once this
+    /// process is gone ([`Lock::resume`]): a backend-defined string (it is kept in the host
+    /// directory, readable by the service user only). `None`, the default, for backends whose
+    /// locks cannot pass from one process to another (a session lock, a flock).
+    #[must_use]
+    fn resume_token(&self) -> Option<String> {
+        None
+    }
 }
 
 /// What the elector asks a [`Lock`] for.

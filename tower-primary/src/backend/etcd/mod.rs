@@ -91,7 +91,7 @@ use tokio::sync::OnceCell;
 use self::lock::EtcdLock;
 use self::session::rpc;
 use super::{Backend, Lock};
-use crate::error::{ConfigError, Error, validate_lock_name};
+use crate::error::{Chain, ConfigError, Error, Misconfiguration, validate_lock_name};
 
 const NAME: &str = "etcd";
 
@@ -306,16 +306,69 @@ impl EtcdBackend {
                     };
                     options = options.with_tls(tls);
                 }
-                rpc(
+                let client = rpc(
                     config.timeout,
                     "connect",
                     Client::connect(endpoints, Some(options)),
                 )
-                .await
+                .await?;
+                if config.tls {
+                    check_tls(config, &client).await?;
+                }
+                Ok(client)
             })
             .await
             .cloned()
     }
+}
+
+/// The channel connects lazily, and a server without TLS answers a TLS handshake either with
+/// bytes the handshake cannot read ("tls handshake eof", classified as TLS by `etcd_error`) or,
+/// as often, by resetting the connection, which reads as any transport failure. So a TLS client
+/// makes one request before it is used; when that fails and is not already classified, the
+/// same endpoints are asked once without TLS: an answer there means a server without TLS.
+async fn check_tls(config: &Config, client: &Client) -> Result<(), Error> {
+    let Err(err) = rpc(
+        config.timeout,
+        "check the connection",
+        client.clone().status(),
+    )
+    .await
+    else {
+        return Ok(());
+    };
+    if err.misconfiguration().is_some() {
+        return Err(err);
+    }
+    let plain: Vec<String> = config
+        .endpoints
+        .iter()
+        .filter_map(|e| url::endpoint(e).ok())
+        .map(|e| format!("http://{e}"))
+        .collect();
+    let probe = async {
+        let mut plain = Client::connect(plain, None).await?;
+        plain.status().await
+    };
+    let speaks_plain = match tokio::time::timeout(config.timeout, probe).await {
+        Ok(Ok(_)) => true,
+        // Any status but 14, "unavailable", came from a gRPC server without TLS.
+        Ok(Err(etcd_client::Error::GRpcStatus(s))) => i32::from(s.code()) != 14,
+        _ => false,
+    };
+    if speaks_plain {
+        return Err(Error::misconfigured(
+            NAME,
+            Misconfiguration::Tls,
+            format!(
+                "check the connection: the server answers without TLS ({}); check etcd:// or \
+                 etcds:// (does the server serve TLS?) and the CA certificate",
+                Chain(&err)
+            ),
+            None,
+        ));
+    }
+    Err(err)
 }
 
 impl Backend for EtcdBackend {
