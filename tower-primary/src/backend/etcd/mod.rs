@@ -89,9 +89,9 @@ use etcd_client::{Certificate, Client, ConnectOptions, TlsOptions};
 use tokio::sync::OnceCell;
 
 use self::lock::EtcdLock;
-use self::session::rpc;
+use self::session::{etcd_error, rpc};
 use super::{Backend, Lock};
-use crate::error::{Chain, ConfigError, Error, Misconfiguration, validate_lock_name};
+use crate::error::{ConfigError, Error, Misconfiguration, validate_lock_name};
 
 const NAME: &str = "etcd";
 
@@ -328,15 +328,19 @@ impl EtcdBackend {
 /// makes one request before it is used; when that fails and is not already classified, the
 /// same endpoints are asked once without TLS: an answer there means a server without TLS.
 async fn check_tls(config: &Config, client: &Client) -> Result<(), Error> {
-    let Err(err) = rpc(
-        config.timeout,
-        "check the connection",
-        client.clone().status(),
-    )
-    .await
-    else {
-        return Ok(());
+    const WHAT: &str = "check the connection";
+    let e = match tokio::time::timeout(config.timeout, client.clone().status()).await {
+        Ok(Ok(_)) => return Ok(()),
+        Ok(Err(e)) => e,
+        Err(_) => {
+            return Err(Error::backend_msg(
+                NAME,
+                format!("{WHAT}: no answer within {:?}", config.timeout),
+            ));
+        }
     };
+    let problem = session::describe(&e);
+    let err = etcd_error(WHAT, e);
     if err.misconfiguration().is_some() {
         return Err(err);
     }
@@ -361,9 +365,8 @@ async fn check_tls(config: &Config, client: &Client) -> Result<(), Error> {
             NAME,
             Misconfiguration::Tls,
             format!(
-                "check the connection: the server answers without TLS ({}); check etcd:// or \
-                 etcds:// (does the server serve TLS?) and the CA certificate",
-                Chain(&err)
+                "{WHAT}: the server answers without TLS (with TLS: {problem}); check etcd:// or \
+                 etcds:// (does the server serve TLS?) and the CA certificate"
             ),
             None,
         ));
