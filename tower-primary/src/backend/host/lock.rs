@@ -116,7 +116,7 @@ impl Group {
     }
 
     /// The token to resume from, if `.host` carries a death certificate or a handover.
-    async fn resumable(&self, req: &AcquireRequest) -> Option<String> {
+    pub(super) async fn resumable(&self, req: &AcquireRequest) -> Option<String> {
         let lock = &self.files.lock;
         let record = match self.files.read_host() {
             Ok(Read::Found(r)) => r,
@@ -174,7 +174,11 @@ impl Group {
     /// Waits for a hung candidate: returns `true` after replacing the candidate file of a
     /// candidate whose heartbeat is too old, `false` when the path names another file than
     /// `waited` (somebody else replaced it). Pends while the candidate is well.
-    async fn watch_hung(&self, waited: Option<(u64, u64)>, req: &AcquireRequest) -> bool {
+    pub(super) async fn watch_hung(
+        &self,
+        waited: Option<(u64, u64)>,
+        req: &AcquireRequest,
+    ) -> bool {
         let (period, stale_after) = heartbeat_timing(req.lease);
         loop {
             tokio::time::sleep(period).await;
