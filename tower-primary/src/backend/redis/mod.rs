@@ -119,6 +119,7 @@ mod conn;
 mod events;
 mod leadership;
 mod lock;
+mod resume;
 mod scripts;
 mod state;
 
@@ -187,6 +188,8 @@ pub struct RedisBackend {
     client: Client,
     /// The URL without password, for `Debug`.
     shown: String,
+    /// `scheme://host:port/db`, for [`Backend::address`].
+    server: String,
     prefix: String,
     key_events: KeyEvents,
     max_lease: Duration,
@@ -230,6 +233,7 @@ impl RedisBackend {
             commands: Arc::new(Conn::new(parsed.client.clone())),
             client: parsed.client,
             shown: parsed.shown,
+            server: parsed.server,
             prefix: parsed.prefix,
             key_events: KeyEvents::default(),
             max_lease: parsed.max_lease,
@@ -339,6 +343,21 @@ impl RedisBackend {
 impl Backend for RedisBackend {
     fn name(&self) -> &'static str {
         NAME
+    }
+
+    /// `scheme://host:port/db?prefix=p`, with the default port (6379) and database (0) filled
+    /// in, and without user name or password.
+    ///
+    /// ```
+    /// use tower_primary::backend::Backend;
+    /// use tower_primary::backend::redis::RedisBackend;
+    ///
+    /// let backend = RedisBackend::new("redis://app:secret@10.0.0.5/2?prefix=billing")?;
+    /// assert_eq!(backend.address(), "redis://10.0.0.5:6379/2?prefix=billing");
+    /// # Ok::<(), tower_primary::ConfigError>(())
+    /// ```
+    fn address(&self) -> String {
+        format!("{}?prefix={}", self.server, self.prefix)
     }
 
     fn min_lease(&self) -> Option<Duration> {
