@@ -2,8 +2,9 @@
 //! current node run side by side, as in a rolling upgrade or a rollback, on the backends whose
 //! stored records have changed since (PostgreSQL, Redis). Under the faults the old version
 //! handled — `SIGKILL` and `SIGTERM` of the primary in both directions (an old primary succeeded
-//! by a new node, and a new primary by an old node), `SIGSTOP` beyond the lease on Redis — there
-//! are never two primaries and terms never fall.
+//! by a new node, and a new primary by an old node), `SIGSTOP` beyond the lease on Redis, and on
+//! Redis a new holder's lease resumed by another new process (a host group's next candidate)
+//! beside old nodes — there are never two primaries and terms never fall.
 //!
 //! The old node is built from a git worktree of the commit
 //! ([`OldVersion`](tower_primary_lab::old_version::OldVersion), kept under
@@ -600,5 +601,97 @@ mod redis {
             return;
         };
         m.roll(Version::Old, Version::New).await;
+    }
+
+    /// Waits until every node of `pids` reports the holder of `term`.
+    async fn all_see(m: &Mixed, pids: &[u32], term: u64) {
+        for &pid in pids {
+            m.cluster
+                .wait_event(&format!("{pid} to see term {term}"), WAIT, |e| {
+                    e.pid == pid
+                        && matches!(e.kind, EventKind::Secondary { holder_term: Some(t), .. } if t == term)
+                })
+                .await
+                .unwrap_or_else(|e| panic!("{e}\n{}", m.dump()));
+        }
+    }
+
+    /// A new holder's lease resumed by another new process (as the next candidate of its host
+    /// group does when the first dies) while old and new nodes campaign: every node reads the
+    /// resumed holder and its higher term and stays secondary while it holds, and after its
+    /// release one of them succeeds with a higher term still. The holders of the resumed lease
+    /// run in this process; the others are node processes.
+    #[tokio::test]
+    async fn redis_new_lease_resumed_beside_old_and_new_nodes() {
+        use tower_primary::backend::{AcquireRequest, Backend};
+        use tower_primary::{Clock, Lease, NodeId};
+
+        let Some((mut m, _server)) = mixed("redis-resume").await else {
+            return;
+        };
+        let lock = || {
+            RedisBackend::new(&m.new_config.backend)
+                .unwrap()
+                .lock(&m.new_config.lock)
+                .unwrap()
+        };
+        let (first, second) = (lock(), lock());
+        let request = |id: &str| {
+            AcquireRequest::new(NodeId::new(id))
+                .with_lease(Some(Lease::new(LEASE)))
+                .with_clock(Clock::system())
+        };
+        // The fresh server's start-up guard passes first.
+        let held = first.acquire(request("first-candidate")).await.unwrap();
+        let term = held.term();
+        let pids = [
+            m.spawn(Version::Old),
+            m.spawn(Version::Old),
+            m.spawn(Version::New),
+        ];
+        all_see(&m, &pids, term).await;
+
+        // The first candidate dies (its leadership goes without release); the next resumes.
+        let token = held.resume_token().unwrap();
+        drop(held);
+        let resumed = second
+            .resume(request("next-candidate"), &token)
+            .await
+            .unwrap()
+            .expect("the lease is still the first candidate's");
+        let resumed_term = resumed.term();
+        assert!(resumed_term > term, "{resumed_term} after {term}");
+        all_see(&m, &pids, resumed_term).await;
+        // It holds on for a lease and more of its own renewals, past the first one's lease.
+        let mut renewals = resumed.renewals().unwrap();
+        for _ in 0..4 {
+            tokio::time::timeout(WAIT, renewals.changed())
+                .await
+                .expect("renewals of the resumed lease");
+        }
+        let released_at = monotonic_nanos();
+        resumed.release().await.unwrap();
+
+        let (pid, next) = m.settled().await;
+        assert!(
+            next > resumed_term,
+            "{next} after {resumed_term}\n{}",
+            m.dump()
+        );
+        let early = m
+            .cluster
+            .events()
+            .into_iter()
+            .find(|e| matches!(e.kind, EventKind::Primary { .. }) && e.at < released_at);
+        assert!(
+            early.is_none(),
+            "a node was primary while the lease was held here: {early:?}\n{}",
+            m.dump()
+        );
+        println!(
+            "terms: {term} (first candidate), {resumed_term} (resumed), {next} (the {} node {pid})",
+            m.version(pid)
+        );
+        m.check();
     }
 }

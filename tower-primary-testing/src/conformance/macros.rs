@@ -42,6 +42,7 @@ macro_rules! conformance_tests {
             shutdown_aborts_tasks_after_the_grace
             state_api_guards_terms
             dropped_acquire_does_not_leak_the_lock
+            resume_continues_the_lease_under_a_higher_term
         );
     };
     (@tests ($fixture:expr) $($check:ident)*) => {

@@ -60,6 +60,7 @@
 //! | [`shutdown_aborts_tasks_after_the_grace`] | a task that ignores cancellation is aborted after the grace, before the release |
 //! | [`state_api_guards_terms`] | `store`/`load`/`watch_key`: the holder's term writes, older terms get `StaleTerm`, a newer value is never overwritten |
 //! | [`dropped_acquire_does_not_leak_the_lock`] | an `acquire` dropped around a release never keeps the lock |
+//! | [`resume_continues_the_lease_under_a_higher_term`] | backends with resume tokens: a dead holder's lease resumed from another connection gets a higher term and the new holder record, once; the old term's writes are refused |
 //!
 //! Checks that need a fault hook or a lease the backend does not have print
 //! `skipped: <why>` and return.
@@ -79,6 +80,7 @@ mod failover;
 mod fixture;
 mod harness;
 mod macros;
+mod resume;
 mod state;
 mod tasks;
 mod thread_node;
@@ -95,6 +97,7 @@ pub use self::failover::{
 pub use self::fixture::{
     Connection, Fault, FaultHooks, Fixture, FnFixture, MemoryFixture, from_fn, unique_lock_name,
 };
+pub use self::resume::resume_continues_the_lease_under_a_higher_term;
 pub use self::state::state_api_guards_terms;
 pub use self::tasks::{
     shutdown_aborts_tasks_after_the_grace, shutdown_cancels_tasks_before_release,
@@ -119,6 +122,7 @@ pub const CHECKS: &[&str] = &[
     "shutdown_aborts_tasks_after_the_grace",
     "state_api_guards_terms",
     "dropped_acquire_does_not_leak_the_lock",
+    "resume_continues_the_lease_under_a_higher_term",
 ];
 
 /// Runs every check, one after the other. [`conformance_tests!`](crate::conformance_tests)
@@ -144,4 +148,5 @@ pub async fn run_all<F: Fixture + ?Sized>(fixture: &F) {
     shutdown_aborts_tasks_after_the_grace(fixture).await;
     state_api_guards_terms(fixture).await;
     dropped_acquire_does_not_leak_the_lock(fixture).await;
+    resume_continues_the_lease_under_a_higher_term(fixture).await;
 }

@@ -13,6 +13,8 @@ pub(super) struct Parsed {
     pub(super) client: Client,
     /// The URL without password.
     pub(super) shown: String,
+    /// `scheme://host:port/db`, port and database filled in: the server part of the address.
+    pub(super) server: String,
     pub(super) prefix: String,
     pub(super) max_lease: Duration,
 }
@@ -58,8 +60,14 @@ pub(super) fn parse(url: &str) -> Result<Parsed, ConfigError> {
         Some(i) => (&base[..i], &base[i..]),
         None => (base, ""),
     };
-    check_authority(authority).map_err(&invalid)?;
-    check_database(path).map_err(&invalid)?;
+    let (host, port) = check_authority(authority).map_err(&invalid)?;
+    let db = check_database(path).map_err(&invalid)?;
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    };
+    let server = format!("{scheme}://{host}:{}/{db}", port.unwrap_or(DEFAULT_PORT));
 
     let mut prefix = DEFAULT_PREFIX.to_owned();
     let mut max_lease = DEFAULT_MAX_LEASE;
@@ -118,18 +126,22 @@ pub(super) fn parse(url: &str) -> Result<Parsed, ConfigError> {
     Ok(Parsed {
         client,
         shown,
+        server,
         prefix,
         max_lease,
     })
 }
 
-/// Checks `[user[:pass]@]host[:port]`.
-fn check_authority(authority: &str) -> Result<(), String> {
+/// The port of `redis://host` without one (also for `rediss://`, as the driver does).
+const DEFAULT_PORT: u16 = 6379;
+
+/// Checks `[user[:pass]@]host[:port]`; returns the host (without brackets) and the port.
+fn check_authority(authority: &str) -> Result<(&str, Option<u16>), String> {
     let hostport = match authority.rfind('@') {
         Some(at) => &authority[at + 1..],
         None => authority,
     };
-    let (host, _) = super::super::host_port::split(hostport)?;
+    let (host, port) = super::super::host_port::split(hostport)?;
     if host.is_empty() {
         return Err("missing host: expected redis://host[:port][/db]".to_owned());
     }
@@ -138,14 +150,17 @@ fn check_authority(authority: &str) -> Result<(), String> {
             "host {host}: a wildcard address names no server; give the server's address"
         ));
     }
-    Ok(())
+    Ok((host, port))
 }
 
-/// Checks the path: nothing, `/`, or `/<database index>`.
-fn check_database(path: &str) -> Result<(), String> {
+/// Checks the path: nothing, `/`, or `/<database index>`; returns the index (0 when none).
+fn check_database(path: &str) -> Result<u32, String> {
     let db = path.trim_start_matches('/');
-    if db.is_empty() || db.parse::<u32>().is_ok() {
-        return Ok(());
+    if db.is_empty() {
+        return Ok(0);
+    }
+    if let Ok(index) = db.parse::<u32>() {
+        return Ok(index);
     }
     Err(format!(
         "database {db:?}: must be a database index (a number: 0, 1, ...)"
@@ -214,6 +229,19 @@ mod tests {
         assert_eq!(
             RedisBackend::new("rediss://h:6379").unwrap().prefix(),
             DEFAULT_PREFIX
+        );
+    }
+
+    #[test]
+    fn the_address_names_server_database_and_prefix_and_no_credentials() {
+        let b = RedisBackend::new("redis://u:hunter2@127.0.0.1/3?prefix=app&max_lease=5s").unwrap();
+        assert_eq!(b.address(), "redis://127.0.0.1:6379/3?prefix=app");
+        let b = RedisBackend::new("rediss://:hunter2@[::1]:6380#insecure").unwrap();
+        assert_eq!(b.address(), "rediss://[::1]:6380/0?prefix=tower-primary");
+        let b = RedisBackend::new("redis://h:6379/0").unwrap();
+        assert_eq!(
+            b.with_prefix("p").unwrap().address(),
+            RedisBackend::new("redis://h?prefix=p").unwrap().address()
         );
     }
 

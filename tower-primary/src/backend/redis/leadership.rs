@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use super::COMMAND_TIMEOUT;
 use super::lock::{LockShared, lease_ms, release};
+use super::resume::ResumeToken;
 use super::scripts::RENEW;
 use crate::backend::{BoxFuture, Leadership, Lease, RenewalSender, Renewals, renewals};
 use crate::clock::{Clock, Timestamp};
@@ -59,6 +60,7 @@ impl RedisLeadership {
         let task = tokio::spawn(renew(
             shared.clone(),
             token.clone(),
+            term,
             lease,
             clock,
             tx,
@@ -88,6 +90,7 @@ impl RedisLeadership {
 async fn renew(
     shared: Arc<LockShared>,
     token: String,
+    term: u64,
     lease: Lease,
     clock: Clock,
     tx: RenewalSender,
@@ -131,6 +134,7 @@ async fn renew(
                         .key(&keys.lease)
                         .arg(&token)
                         .arg(ms)
+                        .arg(term)
                         .invoke_async::<i64>(&mut c)
                         .await
                 }
@@ -145,8 +149,9 @@ async fn renew(
             }
             Ok(_) => {
                 let _ = lost.send(Some(
-                    "the lock key is gone or held by another node (expired, deleted, or Redis \
-                     restarted without its data)"
+                    "the lock key is gone, held by another node, or resumed under a newer term \
+                     (expired, deleted, Redis restarted without its data, or taken over by \
+                     another process of this host)"
                         .to_owned(),
                 ));
                 return;
@@ -188,13 +193,23 @@ impl Leadership for RedisLeadership {
         })
     }
 
+    fn resume_token(&self) -> Option<String> {
+        Some(
+            ResumeToken {
+                token: self.token.clone(),
+                term: self.term,
+            }
+            .encode(),
+        )
+    }
+
     fn release(mut self: Box<Self>) -> BoxFuture<'static, Result<(), Error>> {
         Box::pin(async move {
             self.stop();
             let mut delay = Duration::from_millis(50);
             let mut tries = 0;
             loop {
-                match release(&self.shared, &self.token, false).await {
+                match release(&self.shared, &self.token, Some(self.term), false).await {
                     Ok(_) => return Ok(()),
                     Err(err) if tries >= 2 => return Err(err),
                     Err(_) => {

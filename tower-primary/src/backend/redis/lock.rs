@@ -16,12 +16,14 @@ use tokio_util::sync::DropGuard;
 use super::conn::{Conn, is_connection_error};
 use super::events::{Events, subscribe};
 use super::leadership::{RedisLeadership, Sent};
-use super::scripts::{ACQUIRE, Keys, RELEASE, Reply, parse_reply, parse_term};
+use super::scripts::{ACQUIRE, Keys, RELEASE, RESUME, Reply, parse_reply, parse_term};
 use super::{ABANDONED_FOR, COMMAND_TIMEOUT, MIN_LEASE, NAME, RESTART_GUARD};
+use crate::backend::Lease;
 use crate::backend::{
     AcquireRequest, BoxFuture, Changes, Leadership, Lock, Stored, VersionChanges,
 };
 use crate::error::{ConfigError, Error, Misconfiguration};
+use crate::process::ProcessIdentity;
 use crate::role::Holder;
 
 /// What one lock shares between its handle, its leaderships and its tasks.
@@ -80,7 +82,7 @@ impl LockShared {
 }
 
 /// A random 128-bit token, in hex.
-fn new_token() -> String {
+pub(super) fn new_token() -> String {
     use std::hash::{BuildHasher, Hasher};
     use std::io::Read;
     let mut bytes = [0u8; 16];
@@ -113,24 +115,35 @@ pub(super) fn lease_ms(lease: Duration) -> u64 {
     u64::try_from(lease.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
 }
 
-/// One acquisition attempt's outcome.
-enum Attempt {
+/// What one attempt asks for: the lock, or the lease a predecessor's token names.
+pub(super) enum Ask<'a> {
+    Acquire,
+    Resume { token: &'a str, term: u64 },
+}
+
+/// One attempt's outcome.
+pub(super) enum Attempt {
     Granted(Grant),
-    Held { pttl_ms: i64, lease_ms: Option<u64> },
+    Held {
+        pttl_ms: i64,
+        lease_ms: Option<u64>,
+    },
     Wait(u64),
+    /// Resume: the lease is no longer the token's.
+    Gone,
 }
 
 /// A granted lock on its way to the acquisition that asked for it: released (with a release
 /// message, so successors take over at once) if dropped before [`take`](Self::take)n, e.g. with
 /// an acquisition that was cancelled while the grant was in flight.
-struct Grant {
+pub(super) struct Grant {
     shared: Arc<LockShared>,
     token: Option<String>,
     term: u64,
 }
 
 impl Grant {
-    fn take(mut self) -> (String, u64) {
+    pub(super) fn take(mut self) -> (String, u64) {
         (self.token.take().unwrap_or_default(), self.term)
     }
 }
@@ -141,10 +154,11 @@ impl Drop for Grant {
             return;
         };
         let shared = self.shared.clone();
+        let term = self.term;
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move {
-                    if let Err(err) = release(&shared, &token, false).await {
+                    if let Err(err) = release(&shared, &token, Some(term), false).await {
                         tracing::warn!(lock = %shared.name, error = %err, "cannot release a grant nobody took; it runs out with its lease");
                     }
                 });
@@ -163,14 +177,30 @@ pub(super) struct RedisLock {
 }
 
 impl RedisLock {
-    /// Runs the acquire script once. The script runs in a task of its own, so a grant whose
-    /// caller has gone is released ([`Grant`]), and a request that failed in a way that may still
-    /// reach the server is abandoned: released with a tombstone, so that the request, should it
-    /// arrive after the release (it may, on its old connection), is refused.
-    async fn attempt(&self, token: &str, lease_ms: u64, record: &str) -> Result<Attempt, Error> {
+    /// Runs the acquire or the resume script once, for the new `token`. The script runs in a
+    /// task of its own, so a grant whose caller has gone is released ([`Grant`]), and a request
+    /// that failed in a way that may still reach the server is abandoned: released with a
+    /// tombstone, so that the request, should it arrive after the release (it may, on its old
+    /// connection), is refused.
+    pub(super) async fn attempt(
+        &self,
+        ask: Ask<'_>,
+        token: &str,
+        lease_ms: u64,
+        record: &str,
+    ) -> Result<Attempt, Error> {
         let shared = self.shared.clone();
         let token = token.to_owned();
         let record = record.to_owned();
+        let resumed = match ask {
+            Ask::Acquire => None,
+            Ask::Resume { token, term } => Some((token.to_owned(), term)),
+        };
+        let what = if resumed.is_some() {
+            "resume"
+        } else {
+            "acquire"
+        };
         let (tx, rx) = oneshot::channel();
         tokio::spawn(async move {
             let max_ms = shared
@@ -181,19 +211,26 @@ impl RedisLock {
                 tries += 1;
                 let res = shared
                     .lease
-                    .run("acquire", COMMAND_TIMEOUT, |mut c| {
+                    .run(what, COMMAND_TIMEOUT, |mut c| {
                         let keys = shared.keys.clone();
                         let token = token.clone();
                         let record = record.clone();
+                        let resumed = resumed.clone();
                         let allow = if shared.allow_eviction { "1" } else { "0" };
                         async move {
-                            ACQUIRE
-                                .key(&keys.lock)
+                            let mut call = match &resumed {
+                                None => ACQUIRE.prepare_invoke(),
+                                Some(_) => RESUME.prepare_invoke(),
+                            };
+                            call.key(&keys.lock)
                                 .key(&keys.holder)
                                 .key(&keys.term)
                                 .key(&keys.lease)
-                                .key(keys.abandoned(&token))
-                                .arg(&token)
+                                .key(keys.abandoned(&token));
+                            if let Some((old, term)) = &resumed {
+                                call.arg(old).arg(term);
+                            }
+                            call.arg(&token)
                                 .arg(lease_ms)
                                 .arg(&record)
                                 .arg(max_ms)
@@ -228,6 +265,10 @@ impl RedisLock {
                     Ok(Ok(Attempt::Held { pttl_ms, lease_ms }))
                 }
                 Ok(Reply::Wait(ms)) => Ok(Ok(Attempt::Wait(ms))),
+                Ok(Reply::Gone) => Ok(Ok(Attempt::Gone)),
+                Ok(Reply::OtherLease(theirs)) => {
+                    Ok(Err(other_lease(&shared.name, lease_ms, theirs)))
+                }
                 // A lease the server may end early (evicting the lock key) is not the lease the
                 // node was configured with: the nearest kind, and it names the setting to change.
                 Ok(Reply::Policy(policy)) => Ok(Err(Error::misconfigured(
@@ -254,7 +295,7 @@ impl RedisLock {
                 ))),
                 Ok(Reply::Abandoned) => Err(Error::backend_msg(
                     NAME,
-                    "acquire: this acquisition was abandoned",
+                    format!("{what}: this request was abandoned"),
                 )),
                 Err(err) => Err(err),
             };
@@ -266,12 +307,65 @@ impl RedisLock {
                 // The request may still reach the server: make sure it grants nothing.
                 Err(err) => {
                     let _ = tx.send(Err(err));
-                    let _ = release(&shared, &token, true).await;
+                    let _ = release(&shared, &token, None, true).await;
                 }
             }
         });
         rx.await
-            .map_err(|_| Error::backend_msg(NAME, "acquire: the attempt's task ended"))?
+            .map_err(|_| Error::backend_msg(NAME, format!("{what}: the attempt's task ended")))?
+    }
+}
+
+/// The error of a node whose lease (`mine`, ms) differs from the holder's (`theirs`).
+pub(super) fn other_lease(lock: &str, mine: u64, theirs: u64) -> Error {
+    Error::misconfigured(
+        NAME,
+        Misconfiguration::IncompatibleLease,
+        format!(
+            "lock {lock:?}: the lease of {mine} ms differs from the lease of the current holder \
+             ({theirs} ms): all nodes of a lock must use the same lease"
+        ),
+        None,
+    )
+}
+
+/// What an acquisition or a resumption sends: the lease, checked, and the holder record.
+pub(super) struct Prepared {
+    pub(super) lease: Lease,
+    pub(super) ms: u64,
+    pub(super) record: Holder,
+    pub(super) record_json: String,
+}
+
+impl RedisLock {
+    /// Checks `req`'s lease (the backend's shortest and longest), starts the notification task,
+    /// and writes the holder record (term 0 until granted), with this process's identity.
+    pub(super) fn prepare(&self, req: &AcquireRequest) -> Result<Prepared, Error> {
+        let lease = req.lease.unwrap_or_default();
+        lease.validate(MIN_LEASE)?;
+        let ms = lease_ms(lease.ttl());
+        if ms > self.shared.max_lease_ms {
+            return Err(Error::Config(ConfigError::InvalidTiming {
+                setting: "lease",
+                value: lease.ttl(),
+                rule: format!(
+                    "must not exceed the Redis backend's maximum lease ({} ms; see \
+                     RedisBackend::with_max_lease)",
+                    self.shared.max_lease_ms
+                ),
+            }));
+        }
+        self.shared.ensure_subscriber();
+        let mut record = req.holder(0);
+        record.process = ProcessIdentity::current();
+        let record_json = serde_json::to_string(&record)
+            .map_err(|e| Error::backend(NAME, "encode the holder record", e))?;
+        Ok(Prepared {
+            lease,
+            ms,
+            record,
+            record_json,
+        })
     }
 }
 
@@ -279,11 +373,13 @@ fn lease_ms_of(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Runs the release script (owner-checked, publishes `released`). `abandon` also leaves a
-/// tombstone that refuses any later acquisition request with this token.
+/// Runs the release script (checks the token and `term`, publishes `released`). `abandon` also
+/// leaves a tombstone that refuses any later acquisition or resumption request with this token;
+/// an abandoned request does not know its term (`None`), but its token is its own.
 pub(super) async fn release(
     shared: &LockShared,
     token: &str,
+    term: Option<u64>,
     abandon: bool,
 ) -> Result<bool, Error> {
     let tombstone_ms = if abandon {
@@ -305,6 +401,7 @@ pub(super) async fn release(
                     .arg(&token)
                     .arg(&keys.channel)
                     .arg(tombstone_ms)
+                    .arg(term.map(|t| t.to_string()).unwrap_or_default())
                     .invoke_async::<i64>(&mut c)
                     .await
             }
@@ -316,25 +413,13 @@ pub(super) async fn release(
 impl Lock for RedisLock {
     fn acquire(&self, req: AcquireRequest) -> BoxFuture<'_, Result<Box<dyn Leadership>, Error>> {
         Box::pin(async move {
-            let lease = req.lease.unwrap_or_default();
-            lease.validate(MIN_LEASE)?;
-            let ms = lease_ms(lease.ttl());
-            if ms > self.shared.max_lease_ms {
-                return Err(Error::Config(ConfigError::InvalidTiming {
-                    setting: "lease",
-                    value: lease.ttl(),
-                    rule: format!(
-                        "must not exceed the Redis backend's maximum lease ({} ms; see \
-                         RedisBackend::with_max_lease)",
-                        self.shared.max_lease_ms
-                    ),
-                }));
-            }
-            self.shared.ensure_subscriber();
+            let Prepared {
+                lease,
+                ms,
+                mut record,
+                record_json,
+            } = self.prepare(&req)?;
             let token = new_token();
-            let mut record = req.holder(0);
-            let record_json = serde_json::to_string(&record)
-                .map_err(|e| Error::backend(NAME, "encode the holder record", e))?;
             let poll = lease.ttl();
             let mut told_restart = false;
             loop {
@@ -343,7 +428,7 @@ impl Lock for RedisLock {
                     at: req.clock.now(),
                     instant: Instant::now(),
                 };
-                match self.attempt(&token, ms, &record_json).await? {
+                match self.attempt(Ask::Acquire, &token, ms, &record_json).await? {
                     Attempt::Granted(grant) => {
                         let (token, term) = grant.take();
                         record.term = term;
@@ -370,22 +455,15 @@ impl Lock for RedisLock {
                         }
                         tokio::time::sleep(Duration::from_millis(ms.saturating_add(1))).await;
                     }
+                    Attempt::Gone => {
+                        return Err(Error::backend_msg(NAME, "acquire: unexpected reply gone"));
+                    }
                     Attempt::Held {
                         pttl_ms,
                         lease_ms: theirs,
                     } => {
                         if let Some(theirs) = theirs.filter(|t| *t != ms) {
-                            return Err(Error::misconfigured(
-                                NAME,
-                                Misconfiguration::IncompatibleLease,
-                                format!(
-                                    "lock {:?}: the lease of {ms} ms differs from the lease of \
-                                     the current holder ({theirs} ms): all nodes of a lock must \
-                                     use the same lease",
-                                    self.shared.name
-                                ),
-                                None,
-                            ));
+                            return Err(other_lease(&self.shared.name, ms, theirs));
                         }
                         // Wake when the holder's key runs out (a crash costs the lease, not the
                         // lease plus a poll), on a release or key event, or on the slow poll.
@@ -455,6 +533,14 @@ impl Lock for RedisLock {
 
     fn watch_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Box<dyn Changes>, Error>> {
         Box::pin(self.watch_state(key))
+    }
+
+    fn resume<'a>(
+        &'a self,
+        req: AcquireRequest,
+        token: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Box<dyn Leadership>>, Error>> {
+        Box::pin(self.resume_lease(req, token))
     }
 }
 

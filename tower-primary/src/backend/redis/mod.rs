@@ -73,6 +73,20 @@
 //!   record from the same messages.
 //! - **State values** are written by an owner-checked script: the writing term must hold the lock
 //!   key and no newer term may have written the value.
+//! - **Owner checks compare the term as well as the token.** Renewal, release and state writes
+//!   act only while the lock key holds the request's token *and* the holder record its term.
+//! - **Resuming a lease** ([`Lock::resume`](crate::backend::Lock::resume), for the next process of
+//!   a host group): a leadership's
+//!   [`resume_token`](crate::backend::Leadership::resume_token) is
+//!   `{"token":"<lock token>","term":<term>}`. The resume script, only while the lock key holds
+//!   that token and the holder record that term, sets the lock key to a new token of the resuming
+//!   process (`PX lease`), draws a new term as acquisition does, rewrites the holder record with
+//!   the resuming node (and its process identity), moves `until`, and publishes `acquired`;
+//!   otherwise it answers that the lease is gone and `resume` returns `Ok(None)`. The restart
+//!   guard, the eviction check and the lease checks of acquisition apply, not the wait for
+//!   `until` (the lease resumed is that `until`). The send time of the script is the new term's
+//!   first confirmed renewal. The predecessor's late requests carry its token and term, which the
+//!   lock no longer holds: they are refused.
 //!
 //! # Backend string
 //!
@@ -108,7 +122,9 @@
 //! The lock, holder and term keys keep their format, and the scripts of 0.1.0 ignore the lease
 //! record, so old and new nodes share a lock: each waits while the other holds the lock key,
 //! nodes of both versions refuse a holder with another lease, and terms keep rising (both take
-//! `max(last + 1, server time in µs)`). A new node finding no lease record (the first one after
+//! `max(last + 1, server time in µs)`, also for a resumption). Old nodes read the holder record
+//! a new node wrote (the JSON's new fields are ignored) and follow a resumption through its
+//! `acquired` message; only new nodes' leases are resumed. A new node finding no lease record (the first one after
 //! the upgrade) waits the maximum lease once. The new guarantees (no grant before a lost key's
 //! `until`, the longer restart guard, eviction refused) hold only among new nodes: an old node
 //! still grants as soon as the lock key is gone and the server has been up for its own lease +
@@ -119,6 +135,7 @@ mod conn;
 mod events;
 mod leadership;
 mod lock;
+mod resume;
 mod scripts;
 mod state;
 
@@ -187,6 +204,8 @@ pub struct RedisBackend {
     client: Client,
     /// The URL without password, for `Debug`.
     shown: String,
+    /// `scheme://host:port/db`, for [`Backend::address`].
+    server: String,
     prefix: String,
     key_events: KeyEvents,
     max_lease: Duration,
@@ -230,6 +249,7 @@ impl RedisBackend {
             commands: Arc::new(Conn::new(parsed.client.clone())),
             client: parsed.client,
             shown: parsed.shown,
+            server: parsed.server,
             prefix: parsed.prefix,
             key_events: KeyEvents::default(),
             max_lease: parsed.max_lease,
@@ -339,6 +359,21 @@ impl RedisBackend {
 impl Backend for RedisBackend {
     fn name(&self) -> &'static str {
         NAME
+    }
+
+    /// `scheme://host:port/db?prefix=p`, with the default port (6379) and database (0) filled
+    /// in, and without user name or password.
+    ///
+    /// ```
+    /// use tower_primary::backend::Backend;
+    /// use tower_primary::backend::redis::RedisBackend;
+    ///
+    /// let backend = RedisBackend::new("redis://app:secret@10.0.0.5/2?prefix=billing")?;
+    /// assert_eq!(backend.address(), "redis://10.0.0.5:6379/2?prefix=billing");
+    /// # Ok::<(), tower_primary::ConfigError>(())
+    /// ```
+    fn address(&self) -> String {
+        format!("{}?prefix={}", self.server, self.prefix)
     }
 
     fn min_lease(&self) -> Option<Duration> {

@@ -59,80 +59,155 @@ const LUA_NEWER: &str = "local function newer(a, b) return #a > #b or (#a == #b 
 const LUA_NOW: &str = "local function now_ms() local t = redis.call('TIME') \
 return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) end\n";
 
-/// KEYS: lock, holder, term, lease record, this token's tombstone. ARGV: token, lease ms,
-/// record JSON, maximum lease ms, channel, eviction allowed (`1`/`0`), restart guard ms.
-/// Returns `{"granted", term, max ms}`, `{"held", pttl, holder lease ms}`, `{"wait", ms}`,
-/// `{"policy", maxmemory-policy}`, `{"too_long", max ms}` or `{"abandoned"}`.
-pub(super) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
-        "{LUA_NEWER}{LUA_NOW}{}",
-        r"
-if redis.call('EXISTS', KEYS[5]) == 1 then return {'abandoned'} end
-if ARGV[6] ~= '1' then
+/// The functions the acquire and resume scripts share; their KEYS are the same: lock, holder,
+/// term, lease record, tombstone.
+///
+/// - `evicting(allowed)`: the server's `maxmemory-policy` when it may evict keys and eviction
+///   is not `allowed` (`'1'`), else `nil`.
+/// - `lease_checks(lease, max, guard, now)`: the checks before a grant, on the lease record.
+///   Returns a reply that stops the script (`wait`, `too_long`), or `nil`, the recorded maximum
+///   lease and the recorded `until`.
+/// - `regranted(lease, now)`: the reply to a retry of a request that was granted but whose reply
+///   was lost; renews the lease.
+/// - `next_term()`: draws a term, `max(last + 1, server TIME in µs)`, as the decimal string stored.
+/// - `grant(token, lease, record, now, channel)`: with the lock key already set to `token`,
+///   draws the term, writes the holder record and the lease's end, publishes `acquired`, and
+///   returns the term.
+const LUA_GRANT: &str = r"
+local function evicting(allowed)
+  if allowed == '1' then return nil end
   local policy = string.match(redis.call('INFO', 'memory'), 'maxmemory_policy:([%w%-]+)')
-  if policy and policy ~= 'noeviction' then return {'policy', policy} end
+  if policy and policy ~= 'noeviction' then return policy end
+  return nil
 end
-local lease = tonumber(ARGV[2])
-local now = now_ms()
-local mine = redis.call('GET', KEYS[1])
-if mine == ARGV[1] then
-  -- Granted by an earlier try of this acquisition whose reply was lost.
+local function lease_checks(lease, max, guard, now)
+  local rec = redis.call('HMGET', KEYS[4], 'until', 'max_ms')
+  if not rec[1] then
+    -- The record is gone (a fresh lock, FLUSHALL, a deleted key, a restart without data): a
+    -- holder may act for up to the maximum lease.
+    redis.call('HSET', KEYS[4], 'until', tostring(now + max), 'max_ms', tostring(math.max(max, tonumber(rec[2]) or 0)))
+    return {'wait', tostring(max)}
+  end
+  local recorded = tonumber(rec[2])
+  if recorded and lease > recorded then return {'too_long', rec[2]} end
+  if not recorded or recorded < max then
+    redis.call('HSET', KEYS[4], 'max_ms', tostring(max))
+    recorded = max
+  end
+  local up = tonumber(string.match(redis.call('INFO', 'server'), 'uptime_in_seconds:(%d+)')) or 0
+  local wait = recorded + guard - up * 1000
+  if wait > 0 then return {'wait', tostring(wait)} end
+  return nil, recorded, tonumber(rec[1]) or 0
+end
+local function regranted(lease, now)
   redis.call('PEXPIRE', KEYS[1], lease)
   redis.call('PEXPIRE', KEYS[2], lease)
   local u = tonumber(redis.call('HGET', KEYS[4], 'until'))
   if not u or u < now + lease then redis.call('HSET', KEYS[4], 'until', tostring(now + lease)) end
   return {'granted', redis.call('HGET', KEYS[2], 'term'), redis.call('HGET', KEYS[4], 'max_ms') or ''}
 end
+local function next_term()
+  local t = redis.call('TIME')
+  local stamp = t[1] .. string.format('%06d', tonumber(t[2]))
+  local last = redis.call('GET', KEYS[3])
+  if last and not newer(stamp, last) then
+    redis.call('INCR', KEYS[3])
+  else
+    redis.call('SET', KEYS[3], stamp)
+  end
+  return redis.call('GET', KEYS[3])
+end
+local function grant(token, lease, record, now, channel)
+  local term = next_term()
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[2], 'token', token, 'term', term, 'lease_ms', tostring(lease), 'record', record)
+  redis.call('PEXPIRE', KEYS[2], lease)
+  local u = tonumber(redis.call('HGET', KEYS[4], 'until'))
+  if not u or u < now + lease then redis.call('HSET', KEYS[4], 'until', tostring(now + lease)) end
+  redis.call('PUBLISH', channel, 'acquired ' .. term)
+  return term
+end
+";
+
+/// `ours(token, term)`: whether the lock key (`KEYS[1]`) holds `token` and the holder record
+/// (`KEYS[2]`) the term `term`, both as the client sent them: the check of every script a holder
+/// runs, so that a late request of a term that was resumed under a newer one is refused.
+const LUA_OURS: &str = "local function ours(token, term) \
+return redis.call('GET', KEYS[1]) == token and redis.call('HGET', KEYS[2], 'term') == term end\n";
+
+/// KEYS: lock, holder, term, lease record, this token's tombstone. ARGV: token, lease ms,
+/// record JSON, maximum lease ms, channel, eviction allowed (`1`/`0`), restart guard ms.
+/// Returns `{"granted", term, max ms}`, `{"held", pttl, holder lease ms}`, `{"wait", ms}`,
+/// `{"policy", maxmemory-policy}`, `{"too_long", max ms}` or `{"abandoned"}`.
+pub(super) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{LUA_NEWER}{LUA_NOW}{LUA_GRANT}{}",
+        r"
+if redis.call('EXISTS', KEYS[5]) == 1 then return {'abandoned'} end
+local policy = evicting(ARGV[6])
+if policy then return {'policy', policy} end
+local lease = tonumber(ARGV[2])
+local now = now_ms()
+local mine = redis.call('GET', KEYS[1])
+-- Granted by an earlier try of this acquisition whose reply was lost.
+if mine == ARGV[1] then return regranted(lease, now) end
 if mine then
   return {'held', tostring(redis.call('PTTL', KEYS[1])), redis.call('HGET', KEYS[2], 'lease_ms') or ''}
 end
-local max = tonumber(ARGV[4])
-local rec = redis.call('HMGET', KEYS[4], 'until', 'max_ms')
-if not rec[1] then
-  -- The record is gone (a fresh lock, FLUSHALL, a deleted key, a restart without data): a
-  -- holder may act for up to the maximum lease.
-  redis.call('HSET', KEYS[4], 'until', tostring(now + max), 'max_ms', tostring(math.max(max, tonumber(rec[2]) or 0)))
-  return {'wait', tostring(max)}
-end
-local recorded = tonumber(rec[2])
-if recorded and lease > recorded then return {'too_long', rec[2]} end
-if not recorded or recorded < max then
-  redis.call('HSET', KEYS[4], 'max_ms', ARGV[4])
-  recorded = max
-end
-local up = tonumber(string.match(redis.call('INFO', 'server'), 'uptime_in_seconds:(%d+)')) or 0
-local wait = recorded + tonumber(ARGV[7]) - up * 1000
-if wait > 0 then return {'wait', tostring(wait)} end
-local u = tonumber(rec[1]) or 0
+local stop, recorded, u = lease_checks(lease, tonumber(ARGV[4]), tonumber(ARGV[7]), now)
+if stop then return stop end
 if now < u then return {'wait', tostring(u - now)} end
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', lease) then
   return {'held', tostring(redis.call('PTTL', KEYS[1])), ''}
 end
-local t = redis.call('TIME')
-local stamp = t[1] .. string.format('%06d', tonumber(t[2]))
-local last = redis.call('GET', KEYS[3])
-if last and not newer(stamp, last) then
-  redis.call('INCR', KEYS[3])
-else
-  redis.call('SET', KEYS[3], stamp)
-end
-local term = redis.call('GET', KEYS[3])
-redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[2], 'token', ARGV[1], 'term', term, 'lease_ms', ARGV[2], 'record', ARGV[3])
-redis.call('PEXPIRE', KEYS[2], lease)
-redis.call('HSET', KEYS[4], 'until', tostring(now + lease))
-redis.call('PUBLISH', ARGV[5], 'acquired ' .. term)
+local term = grant(ARGV[1], lease, ARGV[3], now, ARGV[5])
 return {'granted', term, tostring(recorded)}
 "
     ))
 });
 
-/// KEYS: lock, holder, lease record. ARGV: token, lease ms. Returns 1 if renewed, 0 if not ours.
+/// KEYS: lock, holder, term, lease record, the new token's tombstone. ARGV: the resumed token,
+/// its term, the new token, lease ms, record JSON, maximum lease ms, channel, eviction allowed
+/// (`1`/`0`), restart guard ms.
+///
+/// Only while the lock key holds the resumed token and the holder record its term: the lock key
+/// passes to the new token, a new term is drawn as at acquisition, the holder record is rewritten
+/// and the lease starts again. The checks of acquisition apply (eviction, the holder's lease,
+/// the maximum lease, the restart guard), but not the wait for the lease's end: the lease being
+/// resumed is that end. Returns `{"granted", term, max ms}`, `{"gone"}` (the lease is not the
+/// token's any more), `{"lease", holder lease ms}` (another lease than this node's), `{"wait",
+/// ms}`, `{"policy", maxmemory-policy}`, `{"too_long", max ms}` or `{"abandoned"}`.
+pub(super) static RESUME: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{LUA_NEWER}{LUA_NOW}{LUA_GRANT}{}",
+        r"
+if redis.call('EXISTS', KEYS[5]) == 1 then return {'abandoned'} end
+local policy = evicting(ARGV[8])
+if policy then return {'policy', policy} end
+local lease = tonumber(ARGV[4])
+local now = now_ms()
+local mine = redis.call('GET', KEYS[1])
+-- Resumed by an earlier try of this resumption whose reply was lost.
+if mine == ARGV[3] then return regranted(lease, now) end
+if mine ~= ARGV[1] or redis.call('HGET', KEYS[2], 'term') ~= ARGV[2] then return {'gone'} end
+local theirs = redis.call('HGET', KEYS[2], 'lease_ms')
+if theirs and theirs ~= ARGV[4] then return {'lease', theirs} end
+local stop, recorded = lease_checks(lease, tonumber(ARGV[6]), tonumber(ARGV[9]), now)
+if stop then return stop end
+redis.call('SET', KEYS[1], ARGV[3], 'XX', 'PX', lease)
+local term = grant(ARGV[3], lease, ARGV[5], now, ARGV[7])
+return {'granted', term, tostring(recorded)}
+"
+    ))
+});
+
+/// KEYS: lock, holder, lease record. ARGV: token, lease ms, term. Returns 1 if renewed, 0 if
+/// the lock key or the term is not ours.
 pub(super) static RENEW: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        "{LUA_NOW}{}",
+        "{LUA_NOW}{LUA_OURS}{}",
         r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+if ours(ARGV[1], ARGV[3]) then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   redis.call('PEXPIRE', KEYS[2], ARGV[2])
   local ends = now_ms() + tonumber(ARGV[2])
@@ -146,15 +221,16 @@ return 0
 });
 
 /// KEYS: lock, holder, lease record, this token's tombstone. ARGV: token, channel, tombstone ms
-/// (`0`: none). Returns 1 if released, 0 if not ours. With a tombstone, a later acquisition
-/// request carrying this token is refused.
+/// (`0`: none), term (empty: whichever term the token holds, for an abandoned request whose
+/// term is unknown; its token is its own). Returns 1 if released, 0 if not ours. With a
+/// tombstone, a later acquisition or resumption request carrying this token is refused.
 pub(super) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{LUA_NOW}{}",
         r"
 if ARGV[3] ~= '0' then redis.call('SET', KEYS[4], '1', 'PX', ARGV[3]) end
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  local term = redis.call('HGET', KEYS[2], 'term') or ''
+local term = redis.call('HGET', KEYS[2], 'term') or ''
+if redis.call('GET', KEYS[1]) == ARGV[1] and (ARGV[4] == '' or term == ARGV[4]) then
   redis.call('DEL', KEYS[1], KEYS[2])
   -- Ours, so the recorded lease is ours: successors need not wait for it.
   redis.call('HSET', KEYS[3], 'until', tostring(now_ms()))
@@ -167,12 +243,12 @@ return 0
 });
 
 /// KEYS: lock, holder, state. ARGV: token, term, value, channel, state key.
-/// Returns `{"ok"}` or `{"stale", newer term or ""}`.
+/// Returns `{"ok"}` or `{"stale", the holder's or the value's newer term, or ""}`.
 pub(super) static STORE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        "{LUA_NEWER}{}",
+        "{LUA_NEWER}{LUA_OURS}{}",
         r"
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+if not ours(ARGV[1], ARGV[2]) then
   return {'stale', redis.call('HGET', KEYS[2], 'term') or ''}
 end
 local stored = redis.call('HGET', KEYS[3], 'term')
@@ -196,10 +272,20 @@ pub(super) fn unexpected(what: &str, reply: &[String]) -> Error {
     Error::backend_msg(NAME, format!("{what}: unexpected reply {reply:?}"))
 }
 
-/// What the acquire script answered.
+/// What the acquire or the resume script answered.
 pub(super) enum Reply {
-    Granted { term: u64, max_ms: Option<u64> },
-    Held { pttl_ms: i64, lease_ms: Option<u64> },
+    Granted {
+        term: u64,
+        max_ms: Option<u64>,
+    },
+    Held {
+        pttl_ms: i64,
+        lease_ms: Option<u64>,
+    },
+    /// Resume: the lease is no longer the token's.
+    Gone,
+    /// Resume: the holder's lease (ms) differs from this node's.
+    OtherLease(u64),
     Wait(u64),
     Policy(String),
     TooLong(u64),
@@ -221,6 +307,8 @@ pub(super) fn parse_reply(reply: &[String]) -> Result<Reply, Error> {
         [kind, policy] if kind == "policy" => Ok(Reply::Policy(policy.clone())),
         [kind, max] if kind == "too_long" => Ok(Reply::TooLong(number(max)?)),
         [kind] if kind == "abandoned" => Ok(Reply::Abandoned),
+        [kind] if kind == "gone" => Ok(Reply::Gone),
+        [kind, ms] if kind == "lease" => Ok(Reply::OtherLease(number(ms)?)),
         _ => Err(unexpected("acquire", reply)),
     }
 }
@@ -291,6 +379,11 @@ mod tests {
         assert!(matches!(
             parse_reply(&s(&["abandoned"])),
             Ok(Reply::Abandoned)
+        ));
+        assert!(matches!(parse_reply(&s(&["gone"])), Ok(Reply::Gone)));
+        assert!(matches!(
+            parse_reply(&s(&["lease", "2000"])),
+            Ok(Reply::OtherLease(2000))
         ));
         assert!(parse_reply(&s(&["what"])).is_err());
         assert!(parse_reply(&s(&["wait", "soon"])).is_err());
