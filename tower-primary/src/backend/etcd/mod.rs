@@ -76,6 +76,7 @@
 
 mod campaign;
 mod lock;
+mod resume;
 mod session;
 mod state;
 mod url;
@@ -380,6 +381,23 @@ impl Backend for EtcdBackend {
         Some(MIN_LEASE)
     }
 
+    /// `etcd://` or `etcds://`, the endpoints as `host:port` (the default port filled in), and
+    /// the prefix; never the user or the password.
+    fn address(&self) -> String {
+        let c = &self.config;
+        let scheme = if c.tls { "etcds" } else { "etcd" };
+        let endpoints: Vec<String> = c
+            .endpoints
+            .iter()
+            .map(|e| url::endpoint(e).unwrap_or_else(|_| e.trim().to_owned()))
+            .collect();
+        format!(
+            "{scheme}://{}?prefix={}",
+            endpoints.join(","),
+            self.prefix()
+        )
+    }
+
     fn lock(&self, name: &str) -> Result<Arc<dyn Lock>, ConfigError> {
         validate_lock_name(name)?;
         self.check()?;
@@ -413,9 +431,19 @@ mod tests {
         };
         assert_eq!(
             lock.candidate_key(0x1234),
-            b"apps/x/jobs/election/0000000000001234".to_vec()
+            b"apps/x/jobs/election/v2-0000000000001234".to_vec()
         );
         assert_eq!(lock.state_key("k"), b"apps/x/jobs/state/k".to_vec());
+        // Keys of version 0.1 are 16 hex digits: inside the old range; ours are above it.
+        let (start, end) = lock.old_keys();
+        let old = b"apps/x/jobs/election/0000000000001234".to_vec();
+        let ours = lock.candidate_key(0x1234);
+        assert!(start <= old && old < end);
+        assert!(ours >= end, "{ours:?}");
+        let highest_old = b"apps/x/jobs/election/ffffffffffffffff".to_vec();
+        assert!(highest_old < end);
+        assert!(lock.is_own_kind(&ours));
+        assert!(!lock.is_own_kind(&old));
     }
 
     #[test]
@@ -459,6 +487,15 @@ mod tests {
         );
         let nobody = EtcdBackend::new(["[::1]:2379"]).with_tls(true);
         assert_eq!(nobody.describe(), "etcds://[::1]:2379?prefix=tower-primary");
+    }
+
+    #[test]
+    fn the_address_names_scheme_endpoints_and_prefix_without_credentials() {
+        let backend =
+            EtcdBackend::from_url("etcds://root:hunter2@h1:2379,h2?prefix=/apps/x/").unwrap();
+        assert_eq!(backend.address(), "etcds://h1:2379,h2:2379?prefix=apps/x");
+        let plain = EtcdBackend::new(["[::1]:2379"]);
+        assert_eq!(plain.address(), "etcd://[::1]:2379?prefix=tower-primary");
     }
 
     #[test]
