@@ -1,6 +1,6 @@
 //! Mixed versions on one lock: the node of an older release (0.1.0, commit [`OLD`]) and the
 //! current node run side by side, as in a rolling upgrade or a rollback, on the backends whose
-//! stored records have changed since (PostgreSQL, Redis). Under the faults the old version
+//! stored records have changed since (PostgreSQL, Redis, etcd). Under the faults the old version
 //! handled — `SIGKILL` and `SIGTERM` of the primary in both directions (an old primary succeeded
 //! by a new node, and a new primary by an old node), `SIGSTOP` beyond the lease on Redis, and on
 //! Redis a new holder's lease resumed by another new process (a host group's next candidate)
@@ -23,7 +23,7 @@
 //! ```text
 //! cargo test --all-features --test compat -- --nocapture
 //! ```
-#![cfg(any(feature = "postgres", feature = "redis"))]
+#![cfg(any(feature = "postgres", feature = "redis", feature = "etcd"))]
 
 mod common;
 
@@ -693,5 +693,199 @@ mod redis {
             m.version(pid)
         );
         m.check();
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// etcd
+
+#[cfg(feature = "etcd")]
+mod etcd {
+    use super::*;
+    use std::sync::Arc;
+
+    use etcd_client::{EventType, WatchOptions};
+    use tower_primary::backend::etcd::EtcdBackend;
+    use tower_primary::backend::{AcquireRequest, Backend, Lock};
+    use tower_primary::{Lease, NodeId};
+    use tower_primary_lab::servers::EtcdServer;
+    use tower_primary_testing::history::History;
+
+    /// One lease for every node of a lock, old and new: etcd's minimum.
+    const LEASE: Duration = Duration::from_secs(2);
+
+    /// An `etcd` of the test's own and the nodes of one lock on it; also its backend string.
+    async fn mixed(test: &str) -> Option<(Mixed, EtcdServer, String)> {
+        let server = servers::require("etcd", EtcdServer::start().await)?;
+        let url = format!("{}?prefix={}", server.url(), unique(test));
+        let config = NodeConfig::new(url.clone(), "jobs")
+            .lease(LEASE)
+            .grace(Duration::from_secs(2));
+        Some((Mixed::new(config.clone(), config).await?, server, url))
+    }
+
+    #[tokio::test]
+    async fn etcd_old_primary_killed_new_node_succeeds() {
+        let Some((mut m, _server, _)) = mixed("etcd-kill-old").await else {
+            return;
+        };
+        m.kill(Version::Old, Version::New).await;
+    }
+
+    #[tokio::test]
+    async fn etcd_new_primary_killed_old_node_succeeds() {
+        let Some((mut m, _server, _)) = mixed("etcd-kill-new").await else {
+            return;
+        };
+        m.kill(Version::New, Version::Old).await;
+    }
+
+    #[tokio::test]
+    async fn etcd_old_primary_hands_over_to_a_new_node() {
+        let Some((mut m, _server, _)) = mixed("etcd-term-old").await else {
+            return;
+        };
+        m.terminate(Version::Old, Version::New).await;
+    }
+
+    #[tokio::test]
+    async fn etcd_new_primary_hands_over_to_an_old_node() {
+        let Some((mut m, _server, _)) = mixed("etcd-term-new").await else {
+            return;
+        };
+        m.terminate(Version::New, Version::Old).await;
+    }
+
+    #[tokio::test]
+    async fn etcd_rolling_upgrade_and_rollback() {
+        let Some((mut m, _server, _)) = mixed("etcd-roll").await else {
+            return;
+        };
+        m.roll(Version::Old, Version::New).await;
+    }
+
+    fn request(id: &str) -> AcquireRequest {
+        AcquireRequest::new(NodeId::new(id)).with_lease(Some(Lease::new(LEASE)))
+    }
+
+    /// Waits for the next put of a key under `watch` that is not `except`; returns the key.
+    async fn next_put(watch: &mut etcd_client::WatchStream, except: &[&str]) -> String {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                let resp = watch.message().await.unwrap().expect("the watch goes on");
+                for e in resp.events() {
+                    let key = e.kv().and_then(|kv| kv.key_str().ok()).unwrap_or_default();
+                    if e.event_type() == EventType::Put && !except.contains(&key) {
+                        return key.to_owned();
+                    }
+                }
+            }
+        })
+        .await
+        .expect("a new candidate key")
+    }
+
+    /// Resumptions next to a node of 0.1.0, whose term is its key's create revision. New nodes
+    /// run in this process, each on a connection of its own (as processes of a host group would):
+    ///
+    /// 1. new `a` holds; new `w` waits; `a` dies and `b` resumes its lease (no old node yet):
+    ///    a higher term;
+    /// 2. an old node joins and waits: its key is younger than `w`'s, which is older than the
+    ///    resumption;
+    /// 3. `b` dies; resuming its lease is refused while the old node waits (a claim out of key
+    ///    order would put a term above the old node's future one), and the dead holder's lease
+    ///    ends at once; `w`, now the oldest, gives its place to the old node, which takes the
+    ///    lock with a term above `b`'s;
+    /// 4. the old node leaves (`SIGTERM`); `w` takes the lock with a term above the old node's.
+    ///
+    /// Never two primaries (the history of the old node's events and the in-process terms), terms
+    /// rise throughout.
+    #[tokio::test]
+    async fn etcd_resume_next_to_an_old_waiting_node() {
+        let Some((mut m, server, url)) = mixed("etcd-resume").await else {
+            return;
+        };
+        let backend = EtcdBackend::from_url(&url).unwrap();
+        let prefix = backend.prefix().to_owned();
+        let connect = || -> Arc<dyn Lock> { backend.connection().lock("jobs").unwrap() };
+        let (lock_a, lock_b, lock_w) = (connect(), connect(), connect());
+        let mut history = History::new();
+        let mut admin = etcd_client::Client::connect([format!("http://{}", server.addr())], None)
+            .await
+            .unwrap();
+        let mut watch = admin
+            .watch(
+                format!("{prefix}/jobs/election/"),
+                Some(WatchOptions::new().with_prefix()),
+            )
+            .await
+            .unwrap();
+
+        // 1.
+        let a = lock_a.acquire(request("a")).await.unwrap();
+        let ta = a.term();
+        history.start("a", ta, monotonic_nanos());
+        let a_key = next_put(&mut watch, &[]).await;
+        let waiter = tokio::spawn(async move {
+            let w = lock_w.acquire(request("w")).await;
+            (w, monotonic_nanos())
+        });
+        let w_key = next_put(&mut watch, &[&a_key]).await;
+        let token = a.resume_token().unwrap();
+        drop(a);
+        history.end("a", ta, monotonic_nanos());
+        let b = lock_b.resume(request("b"), &token).await.unwrap().unwrap();
+        let tb = b.term();
+        history.start("b", tb, monotonic_nanos());
+        assert!(tb > ta, "resumed term {tb} not above {ta}");
+
+        // 2.
+        let old = m.spawn(Version::Old);
+        next_put(&mut watch, &[&a_key, &w_key]).await;
+
+        // 3.
+        let token = b.resume_token().unwrap();
+        drop(b);
+        history.end("b", tb, monotonic_nanos());
+        let refused = lock_a.resume(request("b2"), &token).await.unwrap();
+        assert!(
+            refused.is_none(),
+            "a resumption while an old node waits: term {:?}",
+            refused.map(|l| l.term())
+        );
+        let primary = m
+            .cluster
+            .wait_primary_after(tb, 0, WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", m.dump()));
+        assert_eq!(primary.pid, old, "{}", m.dump());
+        let t_old = primary.term().unwrap();
+        assert!(
+            !waiter.is_finished(),
+            "w won while the old node held the lock"
+        );
+
+        // 4.
+        m.cluster.signal(old, NodeSignal::Term).await.unwrap();
+        let exit = m.cluster.wait_exit(old, WAIT).await.unwrap();
+        assert_eq!(exit, (Some(0), None), "{}", m.dump());
+        let (w, w_at) = tokio::time::timeout(WAIT, waiter).await.unwrap().unwrap();
+        let w = w.unwrap();
+        history.start("w", w.term(), w_at);
+        assert!(
+            w.term() > t_old,
+            "w's term {} not above the old node's {t_old}",
+            w.term()
+        );
+        let tw = w.term();
+        history.end("w", tw, monotonic_nanos());
+        w.release().await.unwrap();
+
+        for p in m.cluster.history().periods() {
+            history.push(p.clone());
+        }
+        let report = history.check();
+        assert!(report.is_ok(), "{report}\n{}", m.dump());
+        println!("terms: a {ta}, b (resumed) {tb}, old node {t_old}, w {tw}");
     }
 }

@@ -1,35 +1,41 @@
 //! Campaigning for a lock: a lease, a candidate key, claims until this candidate's key is the
-//! oldest; then the term it holds.
+//! oldest; then the term it holds (the claim's revision), until it is released or lost.
 
 use std::fmt;
 
 use etcd_client::{
     Client, Compare, CompareOp, EventType, GetOptions, PutOptions, SortOrder, SortTarget, Txn,
-    TxnOp, TxnOpResponse, TxnResponse,
+    TxnOp, TxnOpResponse, TxnResponse, WatchStream,
 };
 use tokio::task::JoinHandle;
 
 use super::lock::{EtcdLock, Held, HeldSlot, term_of};
+use super::resume::Token;
 use super::session::{Session, etcd_error};
 use super::watch::monitor;
 use super::{MIN_LEASE, NAME};
-use crate::backend::{AcquireRequest, BoxFuture, Leadership, Renewals};
+use crate::backend::{AcquireRequest, BoxFuture, Leadership, Lease, Renewals};
 use crate::error::{ConfigError, Error};
 use crate::role::Holder;
 
 /// What a claim of the lock found.
 enum Claim {
-    /// The candidate's key was the oldest and still its own: it holds the lock now.
-    Won,
+    /// The candidate's key was the oldest and still its own, and no candidate of version 0.1
+    /// waited: it holds the lock now, under the claim's revision.
+    Won(i64),
     /// An older key exists; the transaction ran at this revision.
     Behind(i64),
+    /// Our key is the oldest, but a candidate of version 0.1 waits behind it: a claim now would
+    /// give a term above that candidate's future one (its create revision).
+    OldWaiting,
     /// Its key is gone (its lease ran out).
     Gone,
 }
 
 impl EtcdLock {
-    /// Claims the lock in one transaction: if our key still exists with its create revision and
-    /// no older candidate does, writes the final holder record onto it; else tells why not.
+    /// Claims the lock in one transaction: if our key still exists with its create revision, no
+    /// older candidate does and no candidate of version 0.1 does, writes the final holder record
+    /// onto it (the put's revision is the term); else tells why not.
     async fn claim(
         &self,
         client: &Client,
@@ -45,6 +51,7 @@ impl EtcdLock {
             .with_limit(1)
             // 0 would mean "no bound"; our own revision is always above 1.
             .with_max_create_revision((rev - 1).max(1));
+        let (old_start, old_end) = self.old_keys();
         let txn = Txn::new()
             .when([
                 // Our key, not one a lapsed lease left behind (research E5).
@@ -52,6 +59,9 @@ impl EtcdLock {
                 // A range compare holds for every key in it: none is older than ours.
                 Compare::create_revision(self.election.clone(), CompareOp::Greater, rev - 1)
                     .with_prefix(),
+                // And no key of version 0.1 exists (an empty range compares as revision 0).
+                Compare::create_revision(old_start.clone(), CompareOp::Equal, 0)
+                    .with_range(old_end.clone()),
             ])
             .and_then([TxnOp::put(
                 key.to_vec(),
@@ -61,13 +71,17 @@ impl EtcdLock {
             .or_else([
                 TxnOp::get(key.to_vec(), Some(GetOptions::new().with_keys_only())),
                 TxnOp::get(self.election.clone(), Some(older)),
+                TxnOp::get(
+                    old_start,
+                    Some(GetOptions::new().with_range(old_end).with_count_only()),
+                ),
             ]);
         let resp = self.rpc("claim the lock", client.clone().txn(txn)).await?;
         if resp.succeeded() {
-            return Ok(Claim::Won);
+            return Ok(Claim::Won(revision_of(&resp)));
         }
         let gets = gets(&resp);
-        let (Some(own), Some(older)) = (gets.first(), gets.get(1)) else {
+        let (Some(own), Some(older), Some(old)) = (gets.first(), gets.get(1), gets.get(2)) else {
             return Err(self.corrupt("transaction reply", "missing range results"));
         };
         if own
@@ -77,46 +91,62 @@ impl EtcdLock {
         {
             return Ok(Claim::Gone);
         }
-        if older.kvs().is_empty() {
-            // The compares and the reads saw the same revision: only a server that ignores range
-            // compares (etcd before 3.3) gets here. Waiting would wait forever.
-            return Err(Error::backend_msg(
-                NAME,
-                format!(
-                    "lock {:?}: the server refused a claim although no older candidate exists \
-                     (etcd 3.3 or newer is needed: range compares)",
-                    self.name
-                ),
-            ));
+        if !older.kvs().is_empty() {
+            return Ok(Claim::Behind(revision_of(&resp)));
         }
-        Ok(Claim::Behind(revision_of(&resp)))
+        if old.count() > 0 {
+            return Ok(Claim::OldWaiting);
+        }
+        // The compares and the reads saw the same revision: only a server that ignores range
+        // compares (etcd before 3.3) gets here. Waiting would wait forever.
+        Err(Error::backend_msg(
+            NAME,
+            format!(
+                "lock {:?}: the server refused a claim although no older candidate exists \
+                 (etcd 3.3 or newer is needed: range compares)",
+                self.name
+            ),
+        ))
     }
 
-    pub(super) async fn acquire_inner(
+    /// Gives our place up to the candidates of version 0.1 behind us: deletes our key and
+    /// creates it again (two transactions: one cannot delete and put the same key), so that it
+    /// is younger than theirs. Returns the new key's create revision.
+    async fn yield_place(
         &self,
-        req: AcquireRequest,
-    ) -> Result<Box<dyn Leadership>, Error> {
-        let lease = req.lease.unwrap_or_default();
-        if lease.ttl() < MIN_LEASE {
-            return Err(Error::Config(ConfigError::InvalidTiming {
-                setting: "lease",
-                value: lease.ttl(),
-                rule: format!("must be at least {MIN_LEASE:?} on the etcd backend"),
-            }));
-        }
-        let client = self.backend.client().await?;
-        // From here on, dropping `session` (an error, or this future dropped) revokes the lease and
-        // with it the candidate key: nothing is leaked.
-        let session = Session::grant(&client, lease, req.clock, self.timeout()).await?;
-        let key = self.candidate_key(session.id);
-        let candidate = serde_json::to_vec(&req.holder(0))
-            .map_err(|e| Error::backend(NAME, "encode the holder record", e))?;
+        client: &Client,
+        key: &[u8],
+        rev: i64,
+        lease: i64,
+        candidate: Vec<u8>,
+    ) -> Result<i64, Error> {
+        let delete = Txn::new()
+            .when([Compare::create_revision(
+                key.to_vec(),
+                CompareOp::Equal,
+                rev,
+            )])
+            .and_then([TxnOp::delete(key.to_vec(), None)]);
+        self.rpc("give our place up", client.clone().txn(delete))
+            .await?;
+        self.create_candidate(client, key, lease, candidate).await
+    }
+
+    /// Creates our candidate key on `lease` (a transaction that only creates); returns its
+    /// create revision.
+    async fn create_candidate(
+        &self,
+        client: &Client,
+        key: &[u8],
+        lease: i64,
+        candidate: Vec<u8>,
+    ) -> Result<i64, Error> {
         let create = Txn::new()
-            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .when([Compare::create_revision(key.to_vec(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(
-                key.clone(),
+                key.to_vec(),
                 candidate,
-                Some(PutOptions::new().with_lease(session.id)),
+                Some(PutOptions::new().with_lease(lease)),
             )]);
         let resp = self
             .rpc("create the candidate key", client.clone().txn(create))
@@ -127,23 +157,36 @@ impl EtcdLock {
                 "a fresh lease's key already exists (another client with the same lease id?)",
             ));
         }
-        let rev = revision_of(&resp);
+        Ok(revision_of(&resp))
+    }
+
+    pub(super) async fn acquire_inner(
+        &self,
+        req: AcquireRequest,
+    ) -> Result<Box<dyn Leadership>, Error> {
+        let lease = check_lease(&req)?;
+        let client = self.backend.client().await?;
+        // From here on, dropping `session` (an error, or this future dropped) revokes the lease and
+        // with it the candidate key: nothing is leaked.
+        let session = Session::grant(&client, lease, req.clock, self.timeout()).await?;
+        let key = self.candidate_key(session.id);
+        // The record carries no term: the claim's revision is not known before it is written.
+        // Readers take the term from the key's revisions.
+        let candidate = encode(&req.holder(0))?;
+        let mut rev = self
+            .create_candidate(&client, &key, session.id, candidate.clone())
+            .await?;
         // Every deletion after our key was created wakes us; the reads below see all before.
         let mut watch = self
             .watch(&client, &self.election, true, Some(rev + 1))
             .await?;
-        let record = loop {
-            let value = serde_json::to_vec(&req.holder(term_of(rev)))
-                .map_err(|e| Error::backend(NAME, "encode the holder record", e))?;
+        let (record, term) = loop {
+            let value = encode(&req.holder(0))?;
             let seen = match self
                 .claim(&client, &key, rev, session.id, value.clone())
                 .await?
             {
-                // The record exactly as every other node reads it (`since` in milliseconds).
-                Claim::Won => {
-                    break serde_json::from_slice::<Holder>(&value)
-                        .map_err(|e| Error::backend(NAME, "decode the holder record", e))?;
-                }
+                Claim::Won(term) => break (value, term),
                 Claim::Gone => {
                     return Err(Error::backend_msg(
                         NAME,
@@ -152,6 +195,16 @@ impl EtcdLock {
                             self.name
                         ),
                     ));
+                }
+                Claim::OldWaiting => {
+                    tracing::info!(
+                        lock = %self.name,
+                        "a node of version 0.1 waits for this lock: giving it our place"
+                    );
+                    rev = self
+                        .yield_place(&client, &key, rev, session.id, candidate.clone())
+                        .await?;
+                    continue;
                 }
                 Claim::Behind(seen) => seen,
             };
@@ -179,32 +232,75 @@ impl EtcdLock {
                 }
             }
         };
-        let term = term_of(rev);
-        // No await from here on: the grant is handed over whole, or dropped (and revoked) whole.
-        let mut session = session;
+        let record = decode(&record, term)?;
+        Ok(self.hand_over(client, session, key, term, record, watch))
+    }
+
+    /// Makes the leadership of a won claim (a fresh one or a resumption): no await, so that the
+    /// grant is handed over whole, or dropped (and revoked) whole.
+    pub(super) fn hand_over(
+        &self,
+        client: Client,
+        mut session: Session,
+        key: Vec<u8>,
+        term: i64,
+        record: Holder,
+        watch: WatchStream,
+    ) -> Box<dyn Leadership> {
         session.keep_on_drop();
+        let lease = session.id;
         *crate::sync::lock(&self.held) = Some(Held {
-            term,
+            term: term_of(term),
             key: key.clone(),
         });
         let monitor = tokio::spawn(monitor(
             self.clone(),
             client,
-            key,
-            rev,
+            key.clone(),
+            term,
             watch,
             session.lost_sender(),
         ));
-        Ok(Box::new(EtcdLeadership {
+        Box::new(EtcdLeadership {
             lock: self.name.clone(),
-            term,
+            term: term_of(term),
             renewals: session.renewals(),
             record,
+            token: Token {
+                lease,
+                key: String::from_utf8_lossy(&key).into_owned(),
+                revision: term,
+            },
             session: Some(session),
             monitor,
             held: self.held.clone(),
-        }))
+        })
     }
+}
+
+/// The lease of a request, checked against etcd's minimum.
+pub(super) fn check_lease(req: &AcquireRequest) -> Result<Lease, Error> {
+    let lease = req.lease.unwrap_or_default();
+    if lease.ttl() < MIN_LEASE {
+        return Err(Error::Config(ConfigError::InvalidTiming {
+            setting: "lease",
+            value: lease.ttl(),
+            rule: format!("must be at least {MIN_LEASE:?} on the etcd backend"),
+        }));
+    }
+    Ok(lease)
+}
+
+pub(super) fn encode(holder: &Holder) -> Result<Vec<u8>, Error> {
+    serde_json::to_vec(holder).map_err(|e| Error::backend(NAME, "encode the holder record", e))
+}
+
+/// The record exactly as every other node reads it (`since` in milliseconds), with its term.
+pub(super) fn decode(raw: &[u8], term: i64) -> Result<Holder, Error> {
+    let mut holder = serde_json::from_slice::<Holder>(raw)
+        .map_err(|e| Error::backend(NAME, "decode the holder record", e))?;
+    holder.term = term_of(term);
+    Ok(holder)
 }
 
 /// Holding the lock: one term.
@@ -212,6 +308,7 @@ struct EtcdLeadership {
     lock: String,
     term: u64,
     record: Holder,
+    token: Token,
     renewals: Renewals,
     session: Option<Session>,
     monitor: JoinHandle<()>,
@@ -264,6 +361,10 @@ impl Leadership for EtcdLeadership {
         })
     }
 
+    fn resume_token(&self) -> Option<String> {
+        Some(self.token.encode())
+    }
+
     fn release(mut self: Box<Self>) -> BoxFuture<'static, Result<(), Error>> {
         Box::pin(async move {
             self.forget();
@@ -283,11 +384,11 @@ impl Drop for EtcdLeadership {
     }
 }
 
-fn revision_of(resp: &TxnResponse) -> i64 {
+pub(super) fn revision_of(resp: &TxnResponse) -> i64 {
     resp.header().map_or(0, |h| h.revision())
 }
 
-fn gets(resp: &TxnResponse) -> Vec<etcd_client::GetResponse> {
+pub(super) fn gets(resp: &TxnResponse) -> Vec<etcd_client::GetResponse> {
     resp.op_responses()
         .into_iter()
         .filter_map(|r| match r {

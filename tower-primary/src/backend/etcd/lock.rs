@@ -15,12 +15,22 @@ use crate::backend::{AcquireRequest, BoxFuture, Changes, Leadership, Lock, Store
 use crate::error::Error;
 use crate::role::Holder;
 
-/// The term this node holds and the key that proves it, for guarded state writes.
+/// The term this node holds and the key that proves it, for guarded state writes: the key's
+/// mod revision is the term while the term lasts (nothing writes a holder's key but a claim).
 #[derive(Clone, Debug)]
 pub(super) struct Held {
     pub(super) term: u64,
     pub(super) key: Vec<u8>,
 }
+
+/// What starts the name of a candidate key of this version, after the election prefix: the
+/// mark that tells it from a key of version 0.1, whose names are 16 hex digits and so lie in
+/// [`OLD_KEYS`]. Both kinds live under one prefix, so that each version waits for the other.
+pub(super) const KEY_MARK: &str = "v2-";
+
+/// The range (after the election prefix) that holds every candidate key of version 0.1: names
+/// of 16 lowercase hex digits, from `0` up to, not including, `g`. [`KEY_MARK`] lies above it.
+const OLD_KEYS: (&str, &str) = ("0", "g");
 
 pub(super) type HeldSlot = Arc<Mutex<Option<Held>>>;
 
@@ -63,8 +73,36 @@ impl EtcdLock {
     pub(super) fn candidate_key(&self, lease: i64) -> Vec<u8> {
         let mut key = self.election.clone();
         // Lease ids are positive; as u64 they print the same.
-        key.extend_from_slice(format!("{:016x}", lease.cast_unsigned()).as_bytes());
+        key.extend_from_slice(format!("{KEY_MARK}{:016x}", lease.cast_unsigned()).as_bytes());
         key
+    }
+
+    /// The range of the candidate keys of version 0.1 (start, end): a range compare that
+    /// finds no key there proves that no node of that version campaigns.
+    pub(super) fn old_keys(&self) -> (Vec<u8>, Vec<u8>) {
+        let mut start = self.election.clone();
+        start.extend_from_slice(OLD_KEYS.0.as_bytes());
+        let mut end = self.election.clone();
+        end.extend_from_slice(OLD_KEYS.1.as_bytes());
+        (start, end)
+    }
+
+    /// Whether `key` is a candidate key of this version (else one of version 0.1, or foreign).
+    pub(super) fn is_own_kind(&self, key: &[u8]) -> bool {
+        key.strip_prefix(self.election.as_slice())
+            .is_some_and(|name| name.starts_with(KEY_MARK.as_bytes()))
+    }
+
+    /// The term a candidate key stands for: the revision of its latest claim, which is the
+    /// key's mod revision (a claim is the last write to a key of this version; a candidate
+    /// that has not claimed yet shows its creation). A key of version 0.1 stands for its create
+    /// revision, as that version reads it.
+    pub(super) fn term_of_key(&self, kv: &KeyValue) -> u64 {
+        if self.is_own_kind(kv.key()) {
+            term_of(kv.mod_revision())
+        } else {
+            term_of(kv.create_revision())
+        }
     }
 
     pub(super) fn state_key(&self, key: &str) -> Vec<u8> {
@@ -81,11 +119,11 @@ impl EtcdLock {
         }
     }
 
-    /// The holder record stored in `kv`, with its term (the key's create revision).
+    /// The holder record stored in `kv`, with its term ([`term_of_key`](Self::term_of_key)).
     pub(super) fn holder_from(&self, kv: &KeyValue) -> Result<Holder, Error> {
         let mut holder: Holder = serde_json::from_slice(kv.value())
             .map_err(|e| self.corrupt("holder record", e.to_string()))?;
-        holder.term = term_of(kv.create_revision());
+        holder.term = self.term_of_key(kv);
         Ok(holder)
     }
 
@@ -120,6 +158,14 @@ impl Lock for EtcdLock {
 
     fn holder(&self) -> BoxFuture<'_, Result<Option<Holder>, Error>> {
         Box::pin(self.holder_inner())
+    }
+
+    fn resume<'a>(
+        &'a self,
+        req: AcquireRequest,
+        token: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Box<dyn Leadership>>, Error>> {
+        Box::pin(self.resume_inner(req, token))
     }
 
     fn watch_holder(&self) -> BoxFuture<'_, Result<Box<dyn Changes>, Error>> {

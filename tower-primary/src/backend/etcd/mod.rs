@@ -32,7 +32,7 @@
 //!
 //! | key | value |
 //! |---|---|
-//! | `P/L/election/<lease id, 16 hex digits>` | one per candidate, bound to its lease: the [`Holder`] record as JSON |
+//! | `P/L/election/v2-<lease id, 16 hex digits>` | one per candidate, bound to its lease: the [`Holder`] record as JSON (its `term` field is 0: readers take the term from the key's revisions) |
 //! | `P/L/state/<key>` | a state value: the writer's term (8 bytes, big endian), then the bytes |
 //!
 //! - **Acquire.** Grant a lease of the elector's TTL (etcd counts whole seconds: it is rounded
@@ -41,27 +41,49 @@
 //!   win. Create the candidate key on the lease (a transaction that only creates). The candidate
 //!   whose key is the **oldest** under `P/L/election/` (lowest create revision) holds the lock;
 //!   the others wait on a **watch** of that prefix and try again when a key is deleted. A claim is
-//!   one transaction: if no key under the prefix is older than ours (a range compare) **and our
-//!   own key still exists with the create revision it had**, write the final holder record onto
-//!   it. etcd's own Campaign can return success after the waiter's lease has expired; the second
-//!   compare is why that cannot make a primary here. A handover therefore costs the
-//!   releaser's revoke, one watch event and one transaction.
-//! - **Term** = the create revision of the holder's key. Revisions only grow, survive restarts of
-//!   etcd, and a later holder's key is always younger: terms strictly increase.
+//!   one transaction: if no key under the prefix is older than ours (a range compare), **our
+//!   own key still exists with the create revision it had**, and no candidate key of version
+//!   0.1 exists (below), write the final holder record onto it. etcd's own Campaign can return
+//!   success after the waiter's lease has expired; the second compare is why that cannot make a
+//!   primary here. A handover therefore costs the releaser's revoke, one watch event and one
+//!   transaction.
+//! - **Term** = the revision of the latest **claim** on the holder's key: the key's mod
+//!   revision, as nothing writes a holder's key but a claim. Revisions only grow and survive
+//!   restarts of etcd; a fresh claim needs every older key gone, a resumption writes the key
+//!   again: terms strictly increase.
+//! - **Resume** ([`Lock::resume`], for the next process of a host
+//!   group once the holder's process is gone). The token ([`Leadership::resume_token`]) names the
+//!   lease, the key and the claim's revision. The new process keeps the same lease alive (etcd
+//!   leases belong to no connection: one keepalive first, whose send time starts the new
+//!   deadline) and claims the same key again in one transaction: if the key is still on that lease
+//!   and its mod revision is still the token's claim, and no key of version 0.1 exists, put the new
+//!   holder record. The key keeps its create revision, hence its place ahead of the waiters; the
+//!   put's revision is the new term. Otherwise the token resumes nothing (`None`).
 //! - **Renewals.** Every confirmed keepalive is reported with its send time; the elector stops
 //!   acting at `send time + lease - margin`, before etcd (which counts from the
 //!   keepalive's arrival) can expire the lease.
 //! - **Loss** is reported when a keepalive says the lease is gone, or when the watch sees the
-//!   holder's own key deleted (revoked, expired, or removed by hand) — usually well before the
-//!   deadline would notice.
+//!   holder's own key deleted (revoked, expired, or removed by hand) or claimed again (resumed by
+//!   another process) — usually well before the deadline would notice.
 //! - **Release** revokes the lease: the key goes, the next candidate's watch fires at once.
 //!   A dropped acquisition revokes its lease in the background. A leadership dropped without
 //!   release (its runtime died) stops renewing and lets the lease run out, like a crash.
-//! - **Holder view**: the oldest key's record (its term is the key's create revision), followed
+//! - **Holder view**: the oldest key's record (its term the key's latest claim), followed
 //!   through a watch of the prefix.
-//! - **State API**: a write is a transaction guarded by the holder key's create revision
+//! - **State API**: a write is a transaction guarded by the holder key's mod revision
 //!   (`== term`), so it succeeds only while that term holds the lock; while it does, no newer term
 //!   can exist. [`watch_key`](crate::backend::Lock::watch_key) watches the value's key.
+//!
+//! # Nodes of version 0.1 on the same lock
+//!
+//! Version 0.1 names candidate keys with the 16 hex digits alone, takes the oldest key as holder
+//! and its **create** revision as the term. Both kinds of keys live under one prefix, so each
+//! version waits for the other's holder. A claim of this version while an old candidate waits
+//! could give a term above that candidate's future one; so none is made: a candidate whose turn
+//! has come while an old key exists gives its place up (it deletes its key and creates it again,
+//! behind the old ones), and a resumption returns `None` — after revoking the dead holder's lease,
+//! so that the lock passes at once. That is a passing state of a rolling upgrade, not a
+//! misconfiguration: the process campaigns as every other.
 //!
 //! # Guarantees and limits
 //!
@@ -73,9 +95,12 @@
 //! tested with 3.4.
 //!
 //! [`Holder`]: crate::Holder
+//! [`Leadership::resume_token`]: crate::backend::Leadership::resume_token
+//! [`Lock::resume`]: crate::backend::Lock::resume
 
 mod campaign;
 mod lock;
+mod resume;
 mod session;
 mod state;
 mod url;
@@ -383,6 +408,23 @@ impl Backend for EtcdBackend {
         Some(MIN_LEASE)
     }
 
+    /// `etcd://` or `etcds://`, the endpoints as `host:port` (the default port filled in), and
+    /// the prefix; never the user or the password.
+    fn address(&self) -> String {
+        let c = &self.config;
+        let scheme = if c.tls { "etcds" } else { "etcd" };
+        let endpoints: Vec<String> = c
+            .endpoints
+            .iter()
+            .map(|e| url::endpoint(e).unwrap_or_else(|_| e.trim().to_owned()))
+            .collect();
+        format!(
+            "{scheme}://{}?prefix={}",
+            endpoints.join(","),
+            self.prefix()
+        )
+    }
+
     fn lock(&self, name: &str) -> Result<Arc<dyn Lock>, ConfigError> {
         validate_lock_name(name)?;
         self.check()?;
@@ -416,9 +458,19 @@ mod tests {
         };
         assert_eq!(
             lock.candidate_key(0x1234),
-            b"apps/x/jobs/election/0000000000001234".to_vec()
+            b"apps/x/jobs/election/v2-0000000000001234".to_vec()
         );
         assert_eq!(lock.state_key("k"), b"apps/x/jobs/state/k".to_vec());
+        // Keys of version 0.1 are 16 hex digits: inside the old range; ours are above it.
+        let (start, end) = lock.old_keys();
+        let old = b"apps/x/jobs/election/0000000000001234".to_vec();
+        let ours = lock.candidate_key(0x1234);
+        assert!(start <= old && old < end);
+        assert!(ours >= end, "{ours:?}");
+        let highest_old = b"apps/x/jobs/election/ffffffffffffffff".to_vec();
+        assert!(highest_old < end);
+        assert!(lock.is_own_kind(&ours));
+        assert!(!lock.is_own_kind(&old));
     }
 
     #[test]
@@ -462,6 +514,15 @@ mod tests {
         );
         let nobody = EtcdBackend::new(["[::1]:2379"]).with_tls(true);
         assert_eq!(nobody.describe(), "etcds://[::1]:2379?prefix=tower-primary");
+    }
+
+    #[test]
+    fn the_address_names_scheme_endpoints_and_prefix_without_credentials() {
+        let backend =
+            EtcdBackend::from_url("etcds://root:hunter2@h1:2379,h2?prefix=/apps/x/").unwrap();
+        assert_eq!(backend.address(), "etcds://h1:2379,h2:2379?prefix=apps/x");
+        let plain = EtcdBackend::new(["[::1]:2379"]);
+        assert_eq!(plain.address(), "etcd://[::1]:2379?prefix=tower-primary");
     }
 
     #[test]

@@ -75,6 +75,7 @@ impl Session {
         let keepalive = tokio::spawn(keep_alive(
             client.clone(),
             id,
+            None,
             lease.renew_every(),
             clock,
             tx,
@@ -105,6 +106,83 @@ impl Session {
             );
         }
         Ok(session)
+    }
+
+    /// Keeps an existing lease alive from this process (etcd leases belong to no connection):
+    /// one keepalive now, whose send time is the first renewal, then the loop. `None` when
+    /// the lease is gone, or was granted shorter than `lease` (the server would expire it
+    /// before this node's deadline).
+    ///
+    /// The session starts disarmed: a drop leaves the lease alone until [`arm`](Self::arm).
+    pub(super) async fn adopt(
+        client: &Client,
+        id: i64,
+        lease: Lease,
+        clock: Clock,
+        timeout: Duration,
+    ) -> Result<Option<Session>, Error> {
+        let ttl = ttl_secs(lease);
+        let live = rpc(
+            timeout,
+            "read the lease",
+            client.clone().lease_time_to_live(id, None),
+        )
+        .await?;
+        if live.ttl() <= 0 {
+            return Ok(None);
+        }
+        if live.granted_ttl() < ttl {
+            tracing::warn!(
+                lease = id,
+                granted = live.granted_ttl(),
+                asked = ttl,
+                "the lease to resume was granted shorter than this node's lease; campaigning instead"
+            );
+            return Ok(None);
+        }
+        let sent = clock.now();
+        let stream = match tokio::time::timeout(timeout, client.clone().lease_keep_alive(id)).await
+        {
+            // Opening the stream sends a keepalive and awaits its answer.
+            Ok(Ok(opened)) => opened,
+            Ok(Err(etcd_client::Error::LeaseKeepAliveError(msg))) if msg.contains("not found") => {
+                return Ok(None);
+            }
+            Ok(Err(e)) => return Err(etcd_error("keep the lease alive", e)),
+            Err(_) => {
+                return Err(Error::backend_msg(
+                    NAME,
+                    format!("keep the lease alive: no answer within {timeout:?}"),
+                ));
+            }
+        };
+        let (lost_tx, lost_rx) = watch::channel(None);
+        let lost_tx = Arc::new(lost_tx);
+        let (tx, renewals) = renewals(sent);
+        let keepalive = tokio::spawn(keep_alive(
+            client.clone(),
+            id,
+            Some(stream),
+            lease.renew_every(),
+            clock,
+            tx,
+            lost_tx.clone(),
+        ));
+        Ok(Some(Session {
+            id,
+            client: client.clone(),
+            renewals,
+            lost_tx,
+            lost_rx,
+            keepalive,
+            timeout,
+            armed: false,
+        }))
+    }
+
+    /// From now on a drop revokes the lease (in the background).
+    pub(super) fn arm(&mut self) {
+        self.armed = true;
     }
 
     /// From now on a drop stops the keepalives but leaves the lease to expire.
@@ -283,16 +361,16 @@ enum Renewal {
 
 /// The keepalive loop: one request every `every`, one answer awaited at a time (so an answer is
 /// always the answer to the request whose send time is reported), a fresh stream after any
-/// failure.
+/// failure. `stream` is one already open, if any.
 async fn keep_alive(
     client: Client,
     id: i64,
+    mut stream: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
     every: Duration,
     clock: Clock,
     tx: RenewalSender,
     lost: LostSender,
 ) {
-    let mut stream: Option<(LeaseKeeper, LeaseKeepAliveStream)> = None;
     let mut next = Instant::now() + every;
     loop {
         tokio::time::sleep_until(next).await;

@@ -47,10 +47,11 @@ impl EtcdLock {
         let Ok(rev) = i64::try_from(term) else {
             return Err(stale(None));
         };
-        // While our key exists with this create revision, this term holds the lock, and no
-        // newer term can have existed (its key would be younger than ours).
+        // While our key's latest write is this term's claim, this term holds the lock, and no
+        // newer term can have existed: a newer fresh claim needs our key gone, a resumption
+        // writes it again.
         let txn = Txn::new()
-            .when([Compare::create_revision(
+            .when([Compare::mod_revision(
                 held.key.clone(),
                 CompareOp::Equal,
                 rev,

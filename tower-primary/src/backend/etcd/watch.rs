@@ -101,13 +101,14 @@ impl Changes for EtcdChanges {
     }
 }
 
-/// Watches the holder's own key and reports its deletion as a loss. A broken watch is reopened
-/// after reading the key again, so a deletion in between is not missed.
+/// Watches the holder's own key and reports its deletion, or a claim by another process (a
+/// write of another revision than our claim's, `claim`), as a loss. A broken watch is reopened
+/// after reading the key again, so a change in between is not missed.
 pub(super) async fn monitor(
     lock: EtcdLock,
     client: Client,
     key: Vec<u8>,
-    rev: i64,
+    claim: i64,
     watch: WatchStream,
     lost: LostSender,
 ) {
@@ -117,14 +118,21 @@ pub(super) async fn monitor(
         if let Some(stream) = watch.as_mut() {
             match stream.message().await {
                 Ok(Some(r)) if !r.canceled() => {
-                    let gone = r.events().iter().any(|e| {
-                        e.event_type() == EventType::Delete
-                            && e.kv().is_some_and(|kv| kv.key() == key.as_slice())
+                    // The watch may start before our claim (an acquisition watches from its
+                    // key's creation): only what happened after the claim counts.
+                    let after = r.events().iter().find(|e| {
+                        e.kv().is_some_and(|kv| {
+                            kv.key() == key.as_slice() && kv.mod_revision() > claim
+                        })
                     });
-                    if gone {
-                        lost.send_replace(Some(
-                            "our key was deleted (lease revoked or expired)".to_owned(),
-                        ));
+                    if let Some(event) = after {
+                        let reason = match event.event_type() {
+                            EventType::Delete => "our key was deleted (lease revoked or expired)",
+                            EventType::Put => {
+                                "our key was claimed again (resumed by another process)"
+                            }
+                        };
+                        lost.send_replace(Some(reason.to_owned()));
                         return;
                     }
                 }
@@ -140,14 +148,15 @@ pub(super) async fn monitor(
         if resp
             .kvs()
             .first()
-            .is_none_or(|kv| kv.create_revision() != rev)
+            .is_none_or(|kv| kv.mod_revision() != claim)
         {
             lost.send_replace(Some(
-                "our key is gone (lease revoked or expired)".to_owned(),
+                "our key is gone or claimed again (lease revoked or expired, or resumed)"
+                    .to_owned(),
             ));
             return;
         }
-        let from = resp.header().map_or(rev, |h| h.revision()) + 1;
+        let from = resp.header().map_or(claim, |h| h.revision()) + 1;
         if let Ok(w) = lock.watch(&client, &key, false, Some(from)).await {
             retry.reset();
             watch = Some(w);
