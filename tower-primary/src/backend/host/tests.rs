@@ -463,3 +463,33 @@ async fn electors_follow_the_candidate_and_its_shutdown_hands_over() {
             .is_none()
     );
 }
+
+#[tokio::test]
+async fn a_waiting_process_is_announced_only_while_it_waits() {
+    let dir = host_dir();
+    let server = MemoryBackend::new().with_lease();
+    let a = group_lock(&server, &dir);
+    let b = group_lock(&server, &dir);
+    let files = Files::new(dir.path(), "jobs");
+    let me = ProcessIdentity::current();
+    let term = a.acquire(request("a")).await.unwrap();
+    assert!(
+        !files.live_sibling(me.as_ref()),
+        "the candidate does not announce itself"
+    );
+    let waiting = tokio::spawn(async move { b.acquire(request("b")).await });
+    eventually("the waiting process announces itself", async || {
+        files.live_sibling(me.as_ref()).then_some(())
+    })
+    .await;
+    // A process that stops waiting (its elector shuts down) is no sibling any more.
+    waiting.abort();
+    let _ = waiting.await;
+    assert!(!files.live_sibling(me.as_ref()));
+    // The announcement of a process that is gone is no sibling either, and is cleaned up.
+    let stale = dir.path().join("jobs.sibling.1.0");
+    fs::write(&stale, serde_json::to_vec(&Some(dead_process())).unwrap()).unwrap();
+    assert!(!files.live_sibling(me.as_ref()));
+    assert!(!stale.exists());
+    term.release().await.unwrap();
+}
