@@ -493,3 +493,39 @@ async fn a_waiting_process_is_announced_only_while_it_waits() {
     assert!(!stale.exists());
     term.release().await.unwrap();
 }
+
+/// What a stopped candidate finds when it runs again after a follower replaced its candidate
+/// file: its term reads as lost, its release leaves `.host` alone, and the waiting processes
+/// move to the new file.
+#[tokio::test]
+async fn a_replaced_candidate_loses_its_term_and_the_waiters_move_to_the_new_file() {
+    let dir = host_dir();
+    let server = MemoryBackend::new().with_lease();
+    let a = group_lock(&server, &dir);
+    let b = group_lock(&server, &dir);
+    let short = |node: &str| {
+        AcquireRequest::new(NodeId::new(node)).with_lease(Some(Lease::new(Duration::from_secs(3))))
+    };
+    let mut first = a.acquire(short("a")).await.unwrap();
+    let waiting = tokio::spawn(async move { b.acquire(short("b")).await });
+    let files = Files::new(dir.path(), "jobs");
+    crate::backend::file::write_atomic(dir.path(), &files.candidate_name, b"", true).unwrap();
+    let lost = tokio::time::timeout(Duration::from_secs(10), first.lost())
+        .await
+        .expect("the replaced candidate notices");
+    assert!(matches!(lost, crate::Error::Lost { .. }), "{lost}");
+    let before = fs::read(&files.host).unwrap();
+    first.release().await.unwrap();
+    assert_eq!(
+        fs::read(&files.host).unwrap(),
+        before,
+        "a replaced candidate never writes .host"
+    );
+    let second = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiter moved to the new candidate file")
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.holder().id, "b");
+    second.release().await.unwrap();
+}
