@@ -10,9 +10,10 @@ use tower_primary::error::Error;
 use tower_primary::role::NodeId;
 
 /// Resuming a lease: a holder `a` whose leadership is dropped without release (its process
-/// died) hands its lease, through [`Leadership::resume_token`], to `b` on another connection:
-/// [`Lock::resume`](tower_primary::backend::Lock::resume) returns a leadership with a higher
-/// term and `b` in the holder record, which [`Lock::holder`](tower_primary::backend::Lock::holder)
+/// died) hands its lease, through its
+/// [`resume_token`](tower_primary::backend::Leadership::resume_token), to `b` on another
+/// connection: [`Lock::resume`](tower_primary::backend::Lock::resume) returns a leadership with a
+/// higher term and `b` in the holder record, which [`Lock::holder`](tower_primary::backend::Lock::holder)
 /// and a [`watch_holder`](tower_primary::backend::Lock::watch_holder) subscription of a third
 /// connection see; its renewals go on. After that the spent token resumes nothing
 /// (`Ok(None)`), `a`'s term may no longer store state while `b`'s may, and once `b` releases,

@@ -59,8 +59,10 @@ impl RedisLeadership {
         let (lost_tx, lost) = watch::channel(None);
         let task = tokio::spawn(renew(
             shared.clone(),
-            token.clone(),
-            term,
+            Owner {
+                token: token.clone(),
+                term,
+            },
             lease,
             clock,
             tx,
@@ -87,10 +89,15 @@ impl RedisLeadership {
 
 /// The renewal loop: every `lease / 3`, and at once when the holder may have changed. Transient
 /// errors are retried quickly until the deadline; a refusal or a passed deadline ends the term.
-async fn renew(
-    shared: Arc<LockShared>,
+/// What a renewal must show to be the holder's: the lock key's token and the holder record's term.
+struct Owner {
     token: String,
     term: u64,
+}
+
+async fn renew(
+    shared: Arc<LockShared>,
+    owner: Owner,
     lease: Lease,
     clock: Clock,
     tx: RenewalSender,
@@ -126,7 +133,7 @@ async fn renew(
             .lease
             .run("renew", attempt_limit, |mut c| {
                 let keys = shared.keys.clone();
-                let token = token.clone();
+                let (token, term) = (owner.token.clone(), owner.term);
                 async move {
                     RENEW
                         .key(&keys.lock)

@@ -75,9 +75,8 @@
 //!   key and no newer term may have written the value.
 //! - **Owner checks compare the term as well as the token.** Renewal, release and state writes
 //!   act only while the lock key holds the request's token *and* the holder record its term.
-//! - **Resuming a lease** ([`Lock::resume`](crate::backend::Lock::resume), for the next process of
-//!   a host group): a leadership's
-//!   [`resume_token`](crate::backend::Leadership::resume_token) is
+//! - **Resuming a lease** ([`Lock::resume`], for the next process of a host group): a
+//!   leadership's [`resume_token`](super::Leadership::resume_token) is
 //!   `{"token":"<lock token>","term":<term>}`. The resume script, only while the lock key holds
 //!   that token and the holder record that term, sets the lock key to a new token of the resuming
 //!   process (`PX lease`), draws a new term as acquisition does, rewrites the holder record with
