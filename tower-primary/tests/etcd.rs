@@ -845,7 +845,7 @@ async fn stale_or_bad_resume_tokens_resume_nothing() {
 
 /// A state write of the resumed term arriving late (its process was already replaced) is
 /// refused on the server, and the old leadership learns from its watch that its key was claimed
-/// again; the resumed term writes.
+/// again; the resumed term writes. Releasing the old leadership then leaves the lease alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_state_write_of_the_resumed_term_is_refused() {
     let Some(server) = etcd().await else { return };
@@ -876,8 +876,24 @@ async fn late_state_write_of_the_resumed_term_is_refused() {
         lock_c.load("k").await.unwrap(),
         Some(Stored::new(b"b".to_vec(), tb))
     );
-    drop(a);
+    // The old leadership's release leaves the lease to the process that resumed it.
+    a.release().await.unwrap();
+    let mut admin = admin(&server).await;
+    let candidates = format!("{prefix}/jobs/election");
+    let stored = keys(&mut admin, &candidates).await;
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(u64::try_from(stored[0].4).unwrap(), tb);
+    assert!(
+        admin
+            .lease_time_to_live(stored[0].2, None)
+            .await
+            .unwrap()
+            .ttl()
+            > 0
+    );
+    lock_b.store("k", b"b again", tb).await.unwrap();
     b.release().await.unwrap();
+    assert!(keys(&mut admin, &candidates).await.is_empty());
 }
 
 /// While a candidate of version 0.1 waits, no claim out of key order is made: a resumption

@@ -369,7 +369,10 @@ impl Leadership for EtcdLeadership {
         Box::pin(async move {
             self.forget();
             match self.session.take() {
-                Some(session) => session.revoke().await,
+                Some(session) => {
+                    let key = self.token.key.clone().into_bytes();
+                    session.release_claim(key, self.token.revision).await
+                }
                 None => Ok(()),
             }
         })
