@@ -65,7 +65,9 @@
 //! - **Loss** is reported when a keepalive says the lease is gone, or when the watch sees the
 //!   holder's own key deleted (revoked, expired, or removed by hand) or claimed again (resumed by
 //!   another process) — usually well before the deadline would notice.
-//! - **Release** revokes the lease: the key goes, the next candidate's watch fires at once.
+//! - **Release** deletes the key while it is still this term's claim (the next candidate's
+//!   watch fires at once), then revokes the lease. A key claimed again since belongs to the
+//!   process that resumed the lease: it keeps the lease, and the release only stops renewing.
 //!   A dropped acquisition revokes its lease in the background. A leadership dropped without
 //!   release (its runtime died) stops renewing and lets the lease run out, like a crash.
 //! - **Holder view**: the oldest key's record (its term the key's latest claim), followed
