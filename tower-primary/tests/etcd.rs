@@ -1,5 +1,5 @@
 //! The etcd backend against real `etcd` servers: the conformance suite, the backend's own
-//! behaviour (terms are claim revisions, a waiter whose lease ran out never wins, loss on a
+//! behaviour (terms are create or claim revisions, a waiter whose lease ran out never wins, loss on a
 //! deleted key, the key layout, TLS, resuming a dead holder's lease, candidates of version 0.1),
 //! and real processes under faults (SIGKILL, SIGTERM, SIGSTOP past the lease, an etcd restart, a
 //! stalled connection).
@@ -161,8 +161,8 @@ impl FaultHooks for EtcdFaults {
     }
 }
 
-/// Revokes the leases of the candidate keys whose terms (claim revisions: the latest write) are
-/// `terms`.
+/// Revokes the leases of the candidate keys whose terms (their create revisions, or for a
+/// raised term their latest claim's) are among `terms`.
 async fn revoke_terms(server: &str, terms: &[u64]) {
     let mut client = Client::connect([format!("http://{server}")], None)
         .await
@@ -173,7 +173,8 @@ async fn revoke_terms(server: &str, terms: &[u64]) {
         .expect("a read of every key");
     for kv in all.kvs() {
         let is_candidate = kv.key_str().is_ok_and(|k| k.contains("/election/"));
-        if is_candidate && terms.contains(&u64::try_from(kv.mod_revision()).unwrap()) {
+        let term = |rev: i64| terms.contains(&u64::try_from(rev).unwrap());
+        if is_candidate && (term(kv.create_revision()) || term(kv.mod_revision())) {
             client.lease_revoke(kv.lease()).await.expect("a revoke");
         }
     }
@@ -308,7 +309,7 @@ fn request(id: &str) -> AcquireRequest {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn term_is_the_holder_keys_claim_revision_and_the_record_its_value() {
+async fn term_is_the_holder_keys_create_revision_and_the_record_its_value() {
     let Some(server) = etcd().await else { return };
     let prefix = prefix("layout");
     let backend = EtcdBackend::new([server.addr().to_string()]).with_prefix(prefix.clone());
@@ -318,20 +319,18 @@ async fn term_is_the_holder_keys_claim_revision_and_the_record_its_value() {
     let mut admin = admin(&server).await;
     let stored = keys(&mut admin, &prefix).await;
     assert_eq!(stored.len(), 1, "{stored:?}");
-    let (key, create, lease, value, claim) = &stored[0];
+    let (key, create, lease, value, _) = &stored[0];
     assert!(
         key.starts_with(&format!("{prefix}/jobs/election/v2-")),
         "{key}"
     );
-    // The claim is the write after the key's creation; the term is its revision.
-    assert!(claim > create, "{stored:?}");
-    assert_eq!(u64::try_from(*claim).unwrap(), leadership.term());
+    // No term was raised before the key was made: its create revision is the term, as for
+    // version 0.1.
+    assert_eq!(u64::try_from(*create).unwrap(), leadership.term());
     assert_ne!(*lease, 0, "the holder key is not bound to a lease");
-    // The stored record has no term (the claim's revision is not known before it is written).
-    let mut record: Holder = serde_json::from_slice(value).unwrap();
+    let record: Holder = serde_json::from_slice(value).unwrap();
     assert_eq!(record.id, "a");
-    assert_eq!(record.term, 0);
-    record.term = leadership.term();
+    assert_eq!(record.term, leadership.term());
     assert_eq!(record.lease_ms, Some(2000));
     assert_eq!(&record, leadership.holder());
     let seen = lock.holder().await.unwrap().expect("a holder");
@@ -537,7 +536,7 @@ async fn backend_strings_reach_the_server_under_their_prefix() {
     let mut admin = admin(&server).await;
     let stored = keys(&mut admin, &prefix).await;
     assert_eq!(stored.len(), 1, "{stored:?}");
-    assert_eq!(u64::try_from(stored[0].4).unwrap(), ctx.term());
+    assert_eq!(u64::try_from(stored[0].1).unwrap(), ctx.term());
     elector.shutdown().await;
     assert!(keys(&mut admin, &prefix).await.is_empty());
 }
@@ -764,7 +763,18 @@ async fn resume_keeps_the_lease_and_key_and_claims_a_higher_term() {
         resumed_at.elapsed().as_secs_f64() * 1e3
     );
     assert!(w.term() > tb, "waiter's term {} not above {tb}", w.term());
+    // The waiter's key is older than the resumed term: its own term is raised to its claim.
+    let candidates = format!("{prefix}/jobs/election");
+    let stored = keys(&mut admin, &candidates).await;
+    assert_eq!(u64::try_from(stored[0].4).unwrap(), w.term(), "{stored:?}");
+    let tw = w.term();
     w.release().await.unwrap();
+    // A key made after every raised term has its create revision as its term again.
+    let fresh = lock_b.acquire(request("f")).await.unwrap();
+    let stored = keys(&mut admin, &candidates).await;
+    assert_eq!(u64::try_from(stored[0].1).unwrap(), fresh.term());
+    assert!(fresh.term() > tw);
+    fresh.release().await.unwrap();
 }
 
 /// A token resumes only the term it was given by: not once another process resumed it, not
@@ -845,7 +855,7 @@ async fn stale_or_bad_resume_tokens_resume_nothing() {
 
 /// A state write of the resumed term arriving late (its process was already replaced) is
 /// refused on the server, and the old leadership learns from its watch that its key was claimed
-/// again; the resumed term writes.
+/// again; the resumed term writes. Releasing the old leadership then leaves the lease alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_state_write_of_the_resumed_term_is_refused() {
     let Some(server) = etcd().await else { return };
@@ -876,8 +886,24 @@ async fn late_state_write_of_the_resumed_term_is_refused() {
         lock_c.load("k").await.unwrap(),
         Some(Stored::new(b"b".to_vec(), tb))
     );
-    drop(a);
+    // The old leadership's release leaves the lease to the process that resumed it.
+    a.release().await.unwrap();
+    let mut admin = admin(&server).await;
+    let candidates = format!("{prefix}/jobs/election");
+    let stored = keys(&mut admin, &candidates).await;
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(u64::try_from(stored[0].4).unwrap(), tb);
+    assert!(
+        admin
+            .lease_time_to_live(stored[0].2, None)
+            .await
+            .unwrap()
+            .ttl()
+            > 0
+    );
+    lock_b.store("k", b"b again", tb).await.unwrap();
     b.release().await.unwrap();
+    assert!(keys(&mut admin, &candidates).await.is_empty());
 }
 
 /// While a candidate of version 0.1 waits, no claim out of key order is made: a resumption

@@ -20,29 +20,41 @@ use crate::role::Holder;
 
 /// What a claim of the lock found.
 enum Claim {
-    /// The candidate's key was the oldest and still its own, and no candidate of version 0.1
-    /// waited: it holds the lock now, under the claim's revision.
-    Won(i64),
+    /// The candidate's key was the oldest and still its own: it holds the lock now. `claim` is
+    /// the revision of the write, `term` the term, `record` the holder record written.
+    Won {
+        claim: i64,
+        term: i64,
+        record: Vec<u8>,
+    },
     /// An older key exists; the transaction ran at this revision.
     Behind(i64),
-    /// Our key is the oldest, but a candidate of version 0.1 waits behind it: a claim now would
-    /// give a term above that candidate's future one (its create revision).
+    /// Our key is the oldest, but a term was raised after its creation (so ours must be raised
+    /// too) while a candidate of version 0.1 waits behind it: a raised term would be above that
+    /// candidate's future one (its create revision).
     OldWaiting,
+    /// Something changed between two transactions of one claim: claim again.
+    Again,
     /// Its key is gone (its lease ran out).
     Gone,
 }
 
 impl EtcdLock {
-    /// Claims the lock in one transaction: if our key still exists with its create revision, no
-    /// older candidate does and no candidate of version 0.1 does, writes the final holder record
-    /// onto it (the put's revision is the term); else tells why not.
+    /// Claims the lock: if our key still exists with its create revision and no older
+    /// candidate does, writes the final holder record onto it; else tells why not.
+    ///
+    /// The term is the key's create revision, as in version 0.1, when no term was raised after
+    /// the key's creation (the mod revision of [`raised_key`](Self::raised_key) is below it):
+    /// every earlier term is then below it. Otherwise the term is **raised** to the claim's own
+    /// revision, which a second transaction writes, with the raised key, only while no
+    /// candidate of version 0.1 exists.
     async fn claim(
         &self,
         client: &Client,
         key: &[u8],
         rev: i64,
         lease: i64,
-        record: Vec<u8>,
+        req: &AcquireRequest,
     ) -> Result<Claim, Error> {
         let older = GetOptions::new()
             .with_prefix()
@@ -51,37 +63,56 @@ impl EtcdLock {
             .with_limit(1)
             // 0 would mean "no bound"; our own revision is always above 1.
             .with_max_create_revision((rev - 1).max(1));
+        let ours = [
+            // Our key, not one a lapsed lease left behind (research E5).
+            Compare::create_revision(key.to_vec(), CompareOp::Equal, rev),
+            // A range compare holds for every key in it: none is older than ours.
+            Compare::create_revision(self.election.clone(), CompareOp::Greater, rev - 1)
+                .with_prefix(),
+        ];
         let (old_start, old_end) = self.old_keys();
+        let record = encode(&req.holder(term_of(rev)))?;
         let txn = Txn::new()
-            .when([
-                // Our key, not one a lapsed lease left behind (research E5).
-                Compare::create_revision(key.to_vec(), CompareOp::Equal, rev),
-                // A range compare holds for every key in it: none is older than ours.
-                Compare::create_revision(self.election.clone(), CompareOp::Greater, rev - 1)
-                    .with_prefix(),
-                // And no key of version 0.1 exists (an empty range compares as revision 0).
-                Compare::create_revision(old_start.clone(), CompareOp::Equal, 0)
-                    .with_range(old_end.clone()),
-            ])
+            .when(
+                ours.iter()
+                    .cloned()
+                    .chain([Compare::mod_revision(
+                        self.raised_key(),
+                        CompareOp::Less,
+                        rev,
+                    )])
+                    .collect::<Vec<_>>(),
+            )
             .and_then([TxnOp::put(
                 key.to_vec(),
-                record,
+                record.clone(),
                 Some(PutOptions::new().with_lease(lease)),
             )])
             .or_else([
                 TxnOp::get(key.to_vec(), Some(GetOptions::new().with_keys_only())),
                 TxnOp::get(self.election.clone(), Some(older)),
+                TxnOp::get(self.raised_key(), Some(GetOptions::new().with_keys_only())),
                 TxnOp::get(
-                    old_start,
-                    Some(GetOptions::new().with_range(old_end).with_count_only()),
+                    old_start.clone(),
+                    Some(
+                        GetOptions::new()
+                            .with_range(old_end.clone())
+                            .with_count_only(),
+                    ),
                 ),
             ]);
         let resp = self.rpc("claim the lock", client.clone().txn(txn)).await?;
         if resp.succeeded() {
-            return Ok(Claim::Won(revision_of(&resp)));
+            return Ok(Claim::Won {
+                claim: revision_of(&resp),
+                term: rev,
+                record,
+            });
         }
         let gets = gets(&resp);
-        let (Some(own), Some(older), Some(old)) = (gets.first(), gets.get(1), gets.get(2)) else {
+        let (Some(own), Some(older), Some(raised), Some(old)) =
+            (gets.first(), gets.get(1), gets.get(2), gets.get(3))
+        else {
             return Err(self.corrupt("transaction reply", "missing range results"));
         };
         if own
@@ -94,19 +125,52 @@ impl EtcdLock {
         if !older.kvs().is_empty() {
             return Ok(Claim::Behind(revision_of(&resp)));
         }
+        if raised
+            .kvs()
+            .first()
+            .is_none_or(|kv| kv.mod_revision() < rev)
+        {
+            // The compares and the reads saw the same revision: only a server that ignores
+            // range compares (etcd before 3.3) gets here. Waiting would wait forever.
+            return Err(Error::backend_msg(
+                NAME,
+                format!(
+                    "lock {:?}: the server refused a claim although no older candidate exists \
+                     (etcd 3.3 or newer is needed: range compares)",
+                    self.name
+                ),
+            ));
+        }
         if old.count() > 0 {
             return Ok(Claim::OldWaiting);
         }
-        // The compares and the reads saw the same revision: only a server that ignores range
-        // compares (etcd before 3.3) gets here. Waiting would wait forever.
-        Err(Error::backend_msg(
-            NAME,
-            format!(
-                "lock {:?}: the server refused a claim although no older candidate exists \
-                 (etcd 3.3 or newer is needed: range compares)",
-                self.name
-            ),
-        ))
+        // A raised claim: the term is this write's revision.
+        let record = encode(&req.holder(0))?;
+        let txn = Txn::new()
+            .when(
+                ours.into_iter()
+                    .chain([Compare::create_revision(old_start, CompareOp::Equal, 0)
+                        .with_range(old_end)])
+                    .collect::<Vec<_>>(),
+            )
+            .and_then([
+                TxnOp::put(
+                    key.to_vec(),
+                    record.clone(),
+                    Some(PutOptions::new().with_lease(lease)),
+                ),
+                TxnOp::put(self.raised_key(), Vec::new(), None),
+            ]);
+        let resp = self.rpc("claim the lock", client.clone().txn(txn)).await?;
+        if !resp.succeeded() {
+            return Ok(Claim::Again);
+        }
+        let claim = revision_of(&resp);
+        Ok(Claim::Won {
+            claim,
+            term: claim,
+            record,
+        })
     }
 
     /// Gives our place up to the candidates of version 0.1 behind us: deletes our key and
@@ -170,8 +234,7 @@ impl EtcdLock {
         // with it the candidate key: nothing is leaked.
         let session = Session::grant(&client, lease, req.clock, self.timeout()).await?;
         let key = self.candidate_key(session.id);
-        // The record carries no term: the claim's revision is not known before it is written.
-        // Readers take the term from the key's revisions.
+        // A candidate's record has no term yet.
         let candidate = encode(&req.holder(0))?;
         let mut rev = self
             .create_candidate(&client, &key, session.id, candidate.clone())
@@ -180,13 +243,14 @@ impl EtcdLock {
         let mut watch = self
             .watch(&client, &self.election, true, Some(rev + 1))
             .await?;
-        let (record, term) = loop {
-            let value = encode(&req.holder(0))?;
-            let seen = match self
-                .claim(&client, &key, rev, session.id, value.clone())
-                .await?
-            {
-                Claim::Won(term) => break (value, term),
+        let (claim, term, record) = loop {
+            let seen = match self.claim(&client, &key, rev, session.id, &req).await? {
+                Claim::Won {
+                    claim,
+                    term,
+                    record,
+                } => break (claim, term, record),
+                Claim::Again => continue,
                 Claim::Gone => {
                     return Err(Error::backend_msg(
                         NAME,
@@ -199,7 +263,8 @@ impl EtcdLock {
                 Claim::OldWaiting => {
                     tracing::info!(
                         lock = %self.name,
-                        "a node of version 0.1 waits for this lock: giving it our place"
+                        "a term was raised since our key was made, and a node of version 0.1 \
+                         waits for this lock: giving it our place"
                     );
                     rev = self
                         .yield_place(&client, &key, rev, session.id, candidate.clone())
@@ -232,8 +297,13 @@ impl EtcdLock {
                 }
             }
         };
-        let record = decode(&record, term)?;
-        Ok(self.hand_over(client, session, key, term, record, watch))
+        let won = Claimed {
+            key,
+            term,
+            claim,
+            record: decode(&record, term)?,
+        };
+        Ok(self.hand_over(client, session, won, watch))
     }
 
     /// Makes the leadership of a won claim (a fresh one or a resumption): no await, so that the
@@ -242,22 +312,27 @@ impl EtcdLock {
         &self,
         client: Client,
         mut session: Session,
-        key: Vec<u8>,
-        term: i64,
-        record: Holder,
+        won: Claimed,
         watch: WatchStream,
     ) -> Box<dyn Leadership> {
+        let Claimed {
+            key,
+            term,
+            claim,
+            record,
+        } = won;
         session.keep_on_drop();
         let lease = session.id;
         *crate::sync::lock(&self.held) = Some(Held {
             term: term_of(term),
             key: key.clone(),
+            claim,
         });
         let monitor = tokio::spawn(monitor(
             self.clone(),
             client,
             key.clone(),
-            term,
+            claim,
             watch,
             session.lost_sender(),
         ));
@@ -269,13 +344,22 @@ impl EtcdLock {
             token: Token {
                 lease,
                 key: String::from_utf8_lossy(&key).into_owned(),
-                revision: term,
+                revision: claim,
+                term: term_of(term),
             },
             session: Some(session),
             monitor,
             held: self.held.clone(),
         })
     }
+}
+
+/// A won claim: our key, the term, the revision of the claim's write, the holder record.
+pub(super) struct Claimed {
+    pub(super) key: Vec<u8>,
+    pub(super) term: i64,
+    pub(super) claim: i64,
+    pub(super) record: Holder,
 }
 
 /// The lease of a request, checked against etcd's minimum.
@@ -369,7 +453,10 @@ impl Leadership for EtcdLeadership {
         Box::pin(async move {
             self.forget();
             match self.session.take() {
-                Some(session) => session.revoke().await,
+                Some(session) => {
+                    let key = self.token.key.clone().into_bytes();
+                    session.release_claim(key, self.token.revision).await
+                }
                 None => Ok(()),
             }
         })

@@ -15,12 +15,14 @@ use crate::backend::{AcquireRequest, BoxFuture, Changes, Leadership, Lock, Store
 use crate::error::Error;
 use crate::role::Holder;
 
-/// The term this node holds and the key that proves it, for guarded state writes: the key's
-/// mod revision is the term while the term lasts (nothing writes a holder's key but a claim).
+/// The term this node holds and the key that proves it, for guarded state writes: while the
+/// key's mod revision is still `claim` (the revision of the term's claim; nothing writes a
+/// holder's key but a claim), the term holds the lock.
 #[derive(Clone, Debug)]
 pub(super) struct Held {
     pub(super) term: u64,
     pub(super) key: Vec<u8>,
+    pub(super) claim: i64,
 }
 
 /// What starts the name of a candidate key of this version, after the election prefix: the
@@ -93,16 +95,18 @@ impl EtcdLock {
             .is_some_and(|name| name.starts_with(KEY_MARK.as_bytes()))
     }
 
-    /// The term a candidate key stands for: the revision of its latest claim, which is the
-    /// key's mod revision (a claim is the last write to a key of this version; a candidate
-    /// that has not claimed yet shows its creation). A key of version 0.1 stands for its create
-    /// revision, as that version reads it.
-    pub(super) fn term_of_key(&self, kv: &KeyValue) -> u64 {
-        if self.is_own_kind(kv.key()) {
-            term_of(kv.mod_revision())
-        } else {
-            term_of(kv.create_revision())
-        }
+    /// The key whose mod revision is the latest term **raised** above its key's create
+    /// revision: written by every claim whose term is its own revision (a resumption, or a
+    /// claim by a key older than such a term). A candidate whose key is younger than that
+    /// revision may take its create revision as its term, as version 0.1 does.
+    pub(super) fn raised_key(&self) -> Vec<u8> {
+        let base = self
+            .election
+            .strip_suffix(b"election/".as_slice())
+            .unwrap_or(&self.election);
+        let mut key = base.to_vec();
+        key.extend_from_slice(b"raised");
+        key
     }
 
     pub(super) fn state_key(&self, key: &str) -> Vec<u8> {
@@ -119,11 +123,21 @@ impl EtcdLock {
         }
     }
 
-    /// The holder record stored in `kv`, with its term ([`term_of_key`](Self::term_of_key)).
+    /// The holder record stored in `kv`, with its term. A key of this version records its term
+    /// when it is its create revision; a record with term 0 stands for the revision of the
+    /// claim that wrote it, the key's mod revision (a resumption, a raised claim; a candidate
+    /// that has not claimed yet shows its creation). A key of version 0.1 stands for its create
+    /// revision, as that version reads it.
     pub(super) fn holder_from(&self, kv: &KeyValue) -> Result<Holder, Error> {
         let mut holder: Holder = serde_json::from_slice(kv.value())
             .map_err(|e| self.corrupt("holder record", e.to_string()))?;
-        holder.term = self.term_of_key(kv);
+        holder.term = if !self.is_own_kind(kv.key()) {
+            term_of(kv.create_revision())
+        } else if holder.term == 0 {
+            term_of(kv.mod_revision())
+        } else {
+            holder.term
+        };
         Ok(holder)
     }
 

@@ -32,7 +32,8 @@
 //!
 //! | key | value |
 //! |---|---|
-//! | `P/L/election/v2-<lease id, 16 hex digits>` | one per candidate, bound to its lease: the [`Holder`] record as JSON (its `term` field is 0: readers take the term from the key's revisions) |
+//! | `P/L/election/v2-<lease id, 16 hex digits>` | one per candidate, bound to its lease: the [`Holder`] record as JSON (its `term` is 0 until the claim, and stays 0 for a raised term) |
+//! | `P/L/raised` | empty; its mod revision is the latest **raised** term (below) |
 //! | `P/L/state/<key>` | a state value: the writer's term (8 bytes, big endian), then the bytes |
 //!
 //! - **Acquire.** Grant a lease of the elector's TTL (etcd counts whole seconds: it is rounded
@@ -41,49 +42,56 @@
 //!   win. Create the candidate key on the lease (a transaction that only creates). The candidate
 //!   whose key is the **oldest** under `P/L/election/` (lowest create revision) holds the lock;
 //!   the others wait on a **watch** of that prefix and try again when a key is deleted. A claim is
-//!   one transaction: if no key under the prefix is older than ours (a range compare), **our
-//!   own key still exists with the create revision it had**, and no candidate key of version
-//!   0.1 exists (below), write the final holder record onto it. etcd's own Campaign can return
-//!   success after the waiter's lease has expired; the second compare is why that cannot make a
-//!   primary here. A handover therefore costs the releaser's revoke, one watch event and one
-//!   transaction.
-//! - **Term** = the revision of the latest **claim** on the holder's key: the key's mod
-//!   revision, as nothing writes a holder's key but a claim. Revisions only grow and survive
-//!   restarts of etcd; a fresh claim needs every older key gone, a resumption writes the key
-//!   again: terms strictly increase.
-//! - **Resume** ([`Lock::resume`], for the next process of a host
-//!   group once the holder's process is gone). The token ([`Leadership::resume_token`]) names the
-//!   lease, the key and the claim's revision. The new process keeps the same lease alive (etcd
-//!   leases belong to no connection: one keepalive first, whose send time starts the new
-//!   deadline) and claims the same key again in one transaction: if the key is still on that lease
-//!   and its mod revision is still the token's claim, and no key of version 0.1 exists, put the new
-//!   holder record. The key keeps its create revision, hence its place ahead of the waiters; the
-//!   put's revision is the new term. Otherwise the token resumes nothing (`None`).
+//!   one transaction: if no key under the prefix is older than ours (a range compare) **and our
+//!   own key still exists with the create revision it had**, write the final holder record onto
+//!   it. etcd's own Campaign can return success after the waiter's lease has expired; the second
+//!   compare is why that cannot make a primary here. A handover therefore costs the releaser's
+//!   key deletion, one watch event and one transaction.
+//! - **Term** = the create revision of the holder's key, as version 0.1 has it — unless a term
+//!   was **raised** after that key was made: a resumption (below) takes the revision of its own
+//!   claim as its term, above the create revisions of the keys waiting behind it. A claim whose
+//!   key is older than the latest raised term (the mod revision of `P/L/raised`, compared in the
+//!   claim's transaction) raises its term too, to its own claim's revision, and writes
+//!   `P/L/raised` in the same transaction. Revisions only grow and survive restarts of etcd; a
+//!   claim needs every older key gone: terms strictly increase.
+//! - **Resume** ([`Lock::resume`], for the next process of a host group once the holder's
+//!   process is gone). The token ([`Leadership::resume_token`]) names the lease, the key, the
+//!   claim's revision and the term. The new process keeps the same lease alive (etcd leases
+//!   belong to no connection: one keepalive first, whose send time starts the new deadline) and
+//!   claims the same key again in one transaction: if the key is still on that lease and its mod
+//!   revision is still the token's claim, and no key of version 0.1 exists, put the new holder
+//!   record and `P/L/raised`. The key keeps its create revision, hence its place ahead of the
+//!   waiters; the put's revision is the new term. Otherwise the token resumes nothing (`None`).
 //! - **Renewals.** Every confirmed keepalive is reported with its send time; the elector stops
 //!   acting at `send time + lease - margin`, before etcd (which counts from the
 //!   keepalive's arrival) can expire the lease.
 //! - **Loss** is reported when a keepalive says the lease is gone, or when the watch sees the
 //!   holder's own key deleted (revoked, expired, or removed by hand) or claimed again (resumed by
 //!   another process) — usually well before the deadline would notice.
-//! - **Release** revokes the lease: the key goes, the next candidate's watch fires at once.
+//! - **Release** deletes the key while it is still this term's claim (the next candidate's
+//!   watch fires at once), then revokes the lease. A key claimed again since belongs to the
+//!   process that resumed the lease: it keeps the lease, and the release only stops renewing.
 //!   A dropped acquisition revokes its lease in the background. A leadership dropped without
 //!   release (its runtime died) stops renewing and lets the lease run out, like a crash.
-//! - **Holder view**: the oldest key's record (its term the key's latest claim), followed
-//!   through a watch of the prefix.
-//! - **State API**: a write is a transaction guarded by the holder key's mod revision
-//!   (`== term`), so it succeeds only while that term holds the lock; while it does, no newer term
-//!   can exist. [`watch_key`](crate::backend::Lock::watch_key) watches the value's key.
+//! - **Holder view**: the oldest key's record, its term the record's, or for a raised term
+//!   (a record saying 0) the key's mod revision; followed through a watch of the prefix.
+//! - **State API**: a write is a transaction guarded by the holder key's mod revision (`==`
+//!   the revision of the term's claim), so it succeeds only while that term holds the lock:
+//!   while it does, no newer term can exist (a newer claim needs the key gone, a resumption
+//!   writes it). [`watch_key`](crate::backend::Lock::watch_key) watches the value's key.
 //!
 //! # Nodes of version 0.1 on the same lock
 //!
 //! Version 0.1 names candidate keys with the 16 hex digits alone, takes the oldest key as holder
-//! and its **create** revision as the term. Both kinds of keys live under one prefix, so each
-//! version waits for the other's holder. A claim of this version while an old candidate waits
-//! could give a term above that candidate's future one; so none is made: a candidate whose turn
-//! has come while an old key exists gives its place up (it deletes its key and creates it again,
-//! behind the old ones), and a resumption returns `None` — after revoking the dead holder's lease,
-//! so that the lock passes at once. That is a passing state of a rolling upgrade, not a
-//! misconfiguration: the process campaigns as every other.
+//! and its **create** revision as the term (so it reads a fresh claim of this version as its
+//! own). Both kinds of keys live under one prefix, so each version waits for the other's holder.
+//! A raised term while an old candidate waits could be above that candidate's future term; so
+//! none is made: a resumption returns `None` — after revoking the dead holder's lease, so that
+//! the lock passes at once — and a candidate whose term would be raised gives its place up (it
+//! deletes its key and creates it again, behind the old ones, where its create revision is its
+//! term). That is a passing state of a rolling upgrade, not a misconfiguration: the process
+//! campaigns as every other. Old nodes read a raised term as the key's create revision (lower):
+//! only their view of the holder is off, never their own terms.
 //!
 //! # Guarantees and limits
 //!

@@ -9,19 +9,21 @@
 use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 use serde::{Deserialize, Serialize};
 
-use super::campaign::{check_lease, decode, encode, gets, revision_of};
+use super::campaign::{Claimed, check_lease, decode, encode, gets, revision_of};
 use super::lock::EtcdLock;
 use super::session::Session;
 use crate::backend::{AcquireRequest, Leadership};
 use crate::error::Error;
 
-/// What a successor needs to take a term's lease over: the lease, the holder's key and the
-/// revision of the term's claim (which is the term). Kept as JSON in the host directory.
+/// What a successor needs to take a term's lease over: the lease, the holder's key, the
+/// revision of the term's claim (the key's mod revision while the term lasts) and the term.
+/// Kept as JSON in the host directory.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(super) struct Token {
     pub(super) lease: i64,
     pub(super) key: String,
     pub(super) revision: i64,
+    pub(super) term: u64,
 }
 
 impl Token {
@@ -32,8 +34,11 @@ impl Token {
 
     fn parse(raw: &str) -> Result<Token, String> {
         let token: Token = serde_json::from_str(raw).map_err(|e| e.to_string())?;
-        if token.lease <= 0 || token.revision <= 0 {
-            return Err("lease and revision must be positive".to_owned());
+        if token.lease <= 0 || token.revision <= 0 || token.term == 0 {
+            return Err("lease, revision and term must be positive".to_owned());
+        }
+        if i64::try_from(token.term).is_ok_and(|t| t > token.revision) {
+            return Err("the term is above the claim's revision".to_owned());
         }
         Ok(token)
     }
@@ -78,11 +83,15 @@ impl EtcdLock {
                 Compare::create_revision(old_start.clone(), CompareOp::Equal, 0)
                     .with_range(old_end.clone()),
             ])
-            .and_then([TxnOp::put(
-                key.clone(),
-                raw.clone(),
-                Some(PutOptions::new().with_lease(token.lease)),
-            )])
+            .and_then([
+                TxnOp::put(
+                    key.clone(),
+                    raw.clone(),
+                    Some(PutOptions::new().with_lease(token.lease)),
+                ),
+                // A raised term: candidates older than this write must raise theirs too.
+                TxnOp::put(self.raised_key(), Vec::new(), None),
+            ])
             .or_else([
                 TxnOp::get(key.clone(), Some(GetOptions::new().with_keys_only())),
                 TxnOp::get(
@@ -117,12 +126,16 @@ impl EtcdLock {
             }
             return Ok(None);
         }
+        // The record says term 0: the term is this claim's revision.
         let term = revision_of(&resp);
         let watch = self.watch(&client, &key, false, Some(term + 1)).await?;
-        let record = decode(&raw, term)?;
-        Ok(Some(
-            self.hand_over(client, session, key, term, record, watch),
-        ))
+        let won = Claimed {
+            key,
+            term,
+            claim: term,
+            record: decode(&raw, term)?,
+        };
+        Ok(Some(self.hand_over(client, session, won, watch)))
     }
 }
 
@@ -136,10 +149,12 @@ mod tests {
             lease: 0x1234,
             key: "p/jobs/election/v2-0000000000001234".to_owned(),
             revision: 42,
+            term: 40,
         };
         assert_eq!(Token::parse(&token.encode()), Ok(token));
         assert!(Token::parse("").is_err());
         assert!(Token::parse(r#"{"lease":1,"key":"k"}"#).is_err());
-        assert!(Token::parse(r#"{"lease":-1,"key":"k","revision":3}"#).is_err());
+        assert!(Token::parse(r#"{"lease":-1,"key":"k","revision":3,"term":3}"#).is_err());
+        assert!(Token::parse(r#"{"lease":1,"key":"k","revision":3,"term":4}"#).is_err());
     }
 }

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper};
+use etcd_client::{Client, Compare, CompareOp, LeaseKeepAliveStream, LeaseKeeper, Txn, TxnOp};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -223,6 +223,29 @@ impl Session {
         self.armed = false;
         self.keepalive.abort();
         revoke(&self.client, self.id, self.timeout).await
+    }
+
+    /// Ends a term whose claim on `key` was at revision `claim`: deletes the key if nothing has
+    /// claimed it since (which wakes the waiters), and only then revokes the lease. A key claimed
+    /// again belongs to the process that resumed this lease: then the lease is left to it, and
+    /// only the keepalives stop. Should the check fail to get an answer, the lease is revoked as
+    /// before resumptions existed.
+    pub(super) async fn release_claim(self, key: Vec<u8>, claim: i64) -> Result<(), Error> {
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, claim)])
+            .and_then([TxnOp::delete(key, None)]);
+        match rpc(self.timeout, "delete our key", self.client.clone().txn(txn)).await {
+            Ok(done) if !done.succeeded() => {
+                let mut session = self;
+                session.armed = false;
+                Ok(())
+            }
+            Ok(_) => self.revoke().await,
+            Err(err) => {
+                tracing::debug!(lease = self.id, error = %err, "deleting our key failed; revoking");
+                self.revoke().await
+            }
+        }
     }
 }
 

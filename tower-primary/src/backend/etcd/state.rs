@@ -44,9 +44,6 @@ impl EtcdLock {
             return Err(stale(self.current_term().await.filter(|c| *c != term)));
         };
         let client = self.backend.client().await?;
-        let Ok(rev) = i64::try_from(term) else {
-            return Err(stale(None));
-        };
         // While our key's latest write is this term's claim, this term holds the lock, and no
         // newer term can have existed: a newer fresh claim needs our key gone, a resumption
         // writes it again.
@@ -54,7 +51,7 @@ impl EtcdLock {
             .when([Compare::mod_revision(
                 held.key.clone(),
                 CompareOp::Equal,
-                rev,
+                held.claim,
             )])
             .and_then([TxnOp::put(
                 self.state_key(key),
