@@ -263,6 +263,41 @@ impl Settings {
 }
 
 /// Namespaces: 1 to 64 bytes of `[A-Za-z0-9._-]`.
+impl Settings {
+    /// Where the locks live, without credentials: the servers, the database, the namespace and
+    /// the schema (`postgres://h1:5432,h2:5432/db?namespace=n&schema=s`). Default ports are filled
+    /// in, so two spellings of one server compare equal.
+    pub(super) fn address(&self) -> String {
+        let ports = self.pg.get_ports();
+        let servers: Vec<String> = self
+            .pg
+            .get_hosts()
+            .iter()
+            .enumerate()
+            .map(|(i, host)| {
+                let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+                match host {
+                    tokio_postgres::config::Host::Tcp(h) if h.contains(':') => {
+                        format!("[{h}]:{port}")
+                    }
+                    tokio_postgres::config::Host::Tcp(h) => format!("{h}:{port}"),
+                    tokio_postgres::config::Host::Unix(dir) => {
+                        format!("{}:{port}", dir.display())
+                    }
+                }
+            })
+            .collect();
+        let user = self.pg.get_user().unwrap_or_default();
+        let db = self.pg.get_dbname().unwrap_or(user);
+        format!(
+            "postgres://{}/{db}?namespace={}&schema={}",
+            servers.join(","),
+            self.namespace,
+            self.schema
+        )
+    }
+}
+
 pub(super) fn validate_namespace(ns: &str) -> Result<(), &'static str> {
     if ns.is_empty() || ns.len() > 64 {
         return Err("must be 1 to 64 bytes");
@@ -437,6 +472,29 @@ mod tests {
         assert_eq!(s.connect_timeout, Duration::from_secs(3));
         assert_eq!(s.pg.get_application_name(), Some("tower-primary"));
         assert!(!s.url.contains("pw"), "{}", s.url);
+    }
+
+    #[test]
+    fn address_names_servers_database_namespace_and_schema_without_credentials() {
+        let s = Settings::from_url(
+            "postgres://u:pw@db.example:6543/app?namespace=billing&schema=locks_v1&sslmode=disable",
+        )
+        .unwrap();
+        assert_eq!(
+            s.address(),
+            "postgres://db.example:6543/app?namespace=billing&schema=locks_v1"
+        );
+        // The default port is filled in and the database defaults to the user, as in libpq, so
+        // two spellings of one election compare equal.
+        let a = Settings::from_url("postgresql://root@127.0.0.1/root").unwrap();
+        let b = Settings::from_url("postgres://root@127.0.0.1:5432").unwrap();
+        assert_eq!(a.address(), b.address());
+        assert_eq!(
+            a.address(),
+            "postgres://127.0.0.1:5432/root?namespace=default&schema=tower_primary"
+        );
+        let other = Settings::from_url("postgres://root@127.0.0.1/root?namespace=n2").unwrap();
+        assert_ne!(a.address(), other.address());
     }
 
     #[test]

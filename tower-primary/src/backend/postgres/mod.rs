@@ -351,6 +351,10 @@ impl Backend for PostgresBackend {
         NAME
     }
 
+    fn address(&self) -> String {
+        self.settings.address()
+    }
+
     fn min_lease(&self) -> Option<Duration> {
         None
     }
