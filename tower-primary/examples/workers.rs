@@ -33,11 +33,9 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 use tower_primary::backend::Backend;
-use tower_primary::{Elector, FileBackend, Lease, NodeId, Role, terminate_signal};
+use tower_primary::{Elector, FileBackend, HOST_DIR_ENV, Lease, NodeId, Role, terminate_signal};
 
 const WORKER_FLAG: &str = "--worker";
-/// The environment variable that makes the processes sharing its folder one host group.
-const HOST_DIR_ENV: &str = "TOWER_PRIMARY_HOST_DIR";
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

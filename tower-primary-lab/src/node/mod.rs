@@ -132,6 +132,6 @@ pub const WITNESS_ENV: &str = "TOWER_PRIMARY_TEST_WITNESS";
 /// How often the node writes to the witness (humantime, default `2ms`).
 pub const WITNESS_EVERY_ENV: &str = "TOWER_PRIMARY_TEST_WITNESS_EVERY";
 /// The host directory of a host group: the elector reads it when it is spawned.
-pub const HOST_DIR_ENV: &str = "TOWER_PRIMARY_HOST_DIR";
+pub use tower_primary::HOST_DIR_ENV;
 
 const DEFAULT_TICK: Duration = Duration::from_millis(100);

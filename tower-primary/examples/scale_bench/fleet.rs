@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tower_primary::clock::monotonic_nanos;
 use tower_primary_lab::host::SimulatedHost;
-use tower_primary_lab::node::{Cluster, EventKind, NodeConfig, NodeSignal};
+use tower_primary_lab::node::{Cluster, EventKind, NodeConfig, NodeSignal, ObservedRole};
 
 type BoxError = Box<dyn std::error::Error>;
 
@@ -92,9 +92,37 @@ impl Fleet {
         map
     }
 
-    /// Waits until one node is primary and every other one knows it; returns its pid and term.
+    /// Waits until one node is primary and every other one has reported a role; returns its
+    /// pid and term.
     pub(crate) async fn settled(&self) -> Result<(u32, u64), BoxError> {
         Ok(self.cluster.wait_single_primary(self.patience).await?)
+    }
+
+    /// The one live primary, if exactly one node says it is.
+    pub(crate) fn primary(&self) -> Option<(u32, u64)> {
+        let primaries: Vec<(u32, u64)> = self
+            .cluster
+            .states()
+            .values()
+            .filter(|s| s.alive)
+            .filter_map(|s| match s.role {
+                Some(ObservedRole::Primary { term }) => Some((s.pid, term)),
+                _ => None,
+            })
+            .collect();
+        match primaries[..] {
+            [one] => Some(one),
+            _ => None,
+        }
+    }
+
+    /// How many live nodes have not reported a role yet.
+    pub(crate) fn without_role(&self) -> usize {
+        self.cluster
+            .states()
+            .values()
+            .filter(|s| s.alive && s.role.is_none())
+            .count()
     }
 
     /// `SIGKILL` the primary worker while its host lives; a replacement starts on the same host

@@ -171,13 +171,15 @@ impl Server {
             return Err("not a Redis server".to_owned());
         };
         let client = redis::Client::open(s.url()).map_err(|e| e.to_string())?;
-        let mut con = tokio::time::timeout(
-            Duration::from_secs(10),
-            client.get_multiplexed_async_connection(),
-        )
-        .await
-        .map_err(|_| "connecting to Redis took over 10 s".to_owned())?
-        .map_err(|e| e.to_string())?;
+        // A loaded machine (a thousand nodes starting) answers slowly: more than the client's
+        // default timeouts.
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(30)))
+            .set_response_timeout(Some(Duration::from_secs(30)));
+        let mut con = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|e| format!("connecting to Redis: {e}"))?;
         let mut cmd = redis::cmd(args[0]);
         for a in &args[1..] {
             cmd.arg(*a);

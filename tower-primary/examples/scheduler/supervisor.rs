@@ -21,7 +21,7 @@ use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::Instant;
-use tower_primary::BoxError;
+use tower_primary::{BoxError, HOST_DIR_ENV};
 
 use super::Args;
 use super::worker::SUPERVISOR_ENV;
@@ -30,9 +30,6 @@ use super::worker::SUPERVISOR_ENV;
 /// growing delay (a crash loop must not spin).
 const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 const MAX_RESTART_DELAY: Duration = Duration::from_secs(10);
-
-/// The environment variable that makes the processes sharing its folder one host group.
-pub(crate) const HOST_DIR_ENV: &str = "TOWER_PRIMARY_HOST_DIR";
 
 /// The host group's folder for the workers: `None` for the file backend or with
 /// `--no-host-group`; else `--host-dir` or `<state-dir>/host`, created (mode 0700) if missing.
