@@ -129,11 +129,15 @@ async fn supervise(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
                 .clone()
                 .unwrap_or_else(|| args.state_dir.join("host"));
             if server {
+                // The folder readable by this user only (its parents as usual).
                 use std::os::unix::fs::DirBuilderExt as _;
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(&dir)?;
+                if let Some(parent) = dir.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    other => other?,
+                }
             }
             server.then_some(dir)
         }

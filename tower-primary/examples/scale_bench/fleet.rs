@@ -211,6 +211,23 @@ impl Fleet {
     }
 }
 
+/// CPU time (user + system) every node process has used so far, by this machine's pid, in
+/// seconds (`/proc/<pid>/stat`).
+pub(crate) fn cpu_seconds(pids: impl Iterator<Item = u32>) -> HashMap<u32, f64> {
+    // `/proc` counts in USER_HZ, 100 a second on Linux whatever the kernel's own tick.
+    let ticks = 100.0;
+    pids.filter_map(|pid| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The fields after the command name (which may hold spaces), from `state` on.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let utime: f64 = fields.get(11)?.parse().ok()?;
+        let stime: f64 = fields.get(12)?.parse().ok()?;
+        Some((pid, (utime + stime) / ticks))
+    })
+    .collect()
+}
+
 /// The host directory of host `i` under `root`, created with mode 0700.
 pub(crate) fn host_dir(root: &std::path::Path, i: usize) -> std::io::Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt as _;

@@ -31,6 +31,8 @@
 //!   `grpc_server_handled_total` counts only when a stream ends), shared out over the processes
 //!   by the data segments each connection sent (`ss`): the holder process's own rate apart, the
 //!   mean and the maximum per host of the rest;
+//! - **idle CPU** of the node processes (`/proc/<pid>/stat`, user + system, in ms per second):
+//!   the holder's, the others' mean and maximum;
 //! - **refused**: Redis's `rejected_connections`, and the nodes' log lines with PostgreSQL's "too
 //!   many clients" or Redis's "max number of clients".
 //!
@@ -261,15 +263,39 @@ async fn run(args: Args) -> Result<(), BoxError> {
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let idle = measure_idle(&server, &fleet, holder, args.window).await?;
-    let mut worker_kills = Vec::new();
-    let mut host_kills = Vec::new();
+    println!(
+        "idle: {} connections, {:.2} requests/s (the holder {:.2}), CPU ms/s per node: the holder \
+         {:.1}, the others {:.1} (max {:.1})",
+        idle.server_connections,
+        idle.total_rate,
+        idle.holder_rate,
+        idle.holder_cpu,
+        idle.others_cpu_mean,
+        idle.others_cpu_max
+    );
+    // A round that fails (no single primary within the patience) ends its series, said so in
+    // the table; the rest is still reported.
+    let mut worker_kills = Rounds::default();
+    let mut host_kills = Rounds::default();
     if failovers {
         for _ in 0..args.kills {
-            worker_kills.push(fleet.kill_worker().await?);
+            match fleet.kill_worker().await {
+                Ok(r) => worker_kills.done.push(r),
+                Err(e) => {
+                    worker_kills.failed = Some(first_line(&e));
+                    break;
+                }
+            }
         }
-        if args.hosts > 1 {
+        if args.hosts > 1 && worker_kills.failed.is_none() {
             for _ in 0..args.kills {
-                host_kills.push(fleet.kill_host().await?);
+                match fleet.kill_host().await {
+                    Ok(r) => host_kills.done.push(r),
+                    Err(e) => {
+                        host_kills.failed = Some(first_line(&e));
+                        break;
+                    }
+                }
             }
         }
     }
@@ -301,6 +327,13 @@ async fn run(args: Args) -> Result<(), BoxError> {
     rows.push((
         "idle requests/s per host, the holder apart: mean / max".to_owned(),
         format!("{:.2} / {:.2}", idle.host_mean_rate, idle.host_max_rate),
+    ));
+    rows.push((
+        "idle CPU per node, ms/s: the holder / the others' mean / max".to_owned(),
+        format!(
+            "{:.1} / {:.1} / {:.1}",
+            idle.holder_cpu, idle.others_cpu_mean, idle.others_cpu_max
+        ),
     ));
     rows.push((
         "refused by the server".to_owned(),
@@ -359,6 +392,10 @@ struct Idle {
     holder_rate: f64,
     host_mean_rate: f64,
     host_max_rate: f64,
+    /// CPU in ms per second of the window.
+    holder_cpu: f64,
+    others_cpu_mean: f64,
+    others_cpu_max: f64,
 }
 
 async fn measure_idle(
@@ -371,6 +408,8 @@ async fn measure_idle(
     let hosts = fleet.hosts.len();
     // Without a primary, host 1 stands in for the holder's host.
     let holder_host = holder.and_then(|h| fleet.host_of(h)).unwrap_or(0);
+    let pids = fleet.machine_pids();
+    let cpu_before = fleet::cpu_seconds(pids.keys().copied());
     let before = sockets::client_sockets(port).await?;
     let requests_before = server.requests().await?;
     let started = tokio::time::Instant::now();
@@ -378,7 +417,20 @@ async fn measure_idle(
     let requests_after = server.requests().await?;
     let secs = started.elapsed().as_secs_f64();
     let after = sockets::client_sockets(port).await?;
-    let pids = fleet.machine_pids();
+    let cpu_after = fleet::cpu_seconds(pids.keys().copied());
+    // CPU per node over the window, in ms per second: the holder's, and the others' mean and max.
+    let mut holder_cpu = 0.0;
+    let mut other_cpu = Vec::new();
+    for (pid, after) in &cpu_after {
+        let Some(before) = cpu_before.get(pid) else {
+            continue;
+        };
+        let ms_per_s = (after - before) * 1e3 / secs;
+        match pids.get(pid) {
+            Some((_, node)) if Some(*node) == holder => holder_cpu = ms_per_s,
+            _ => other_cpu.push(ms_per_s),
+        }
+    }
 
     // Connections per host, and the server's own count.
     let mut per_host = vec![0usize; hosts];
@@ -435,20 +487,42 @@ async fn measure_idle(
         holder_rate: share(holder_segs),
         host_mean_rate: host_rates.iter().sum::<f64>() / hosts as f64,
         host_max_rate: host_rates.iter().copied().fold(0.0, f64::max),
+        holder_cpu,
+        others_cpu_mean: if other_cpu.is_empty() {
+            0.0
+        } else {
+            other_cpu.iter().sum::<f64>() / other_cpu.len() as f64
+        },
+        others_cpu_max: other_cpu.iter().copied().fold(0.0, f64::max),
     })
 }
 
+/// The failover rounds of one kind, and why the series stopped early, if it did.
+#[derive(Default)]
+struct Rounds {
+    done: Vec<Failover>,
+    failed: Option<String>,
+}
+
+fn first_line(e: &BoxError) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_owned()
+}
+
 /// `p50 / p99 / max (k of n on the same host)`, in ms; nearest-rank percentiles.
-fn failover_stats(rounds: &[Failover]) -> String {
+fn failover_stats(series: &Rounds) -> String {
+    let rounds = &series.done;
+    let failed = series.failed.as_ref().map_or_else(String::new, |e| {
+        format!("; FAILED after {} rounds: {e}", rounds.len())
+    });
     if rounds.is_empty() {
-        return "(no rounds)".to_owned();
+        return format!("(no rounds){failed}");
     }
     let mut ms: Vec<f64> = rounds.iter().map(|r| r.took.as_secs_f64() * 1e3).collect();
     ms.sort_by(f64::total_cmp);
     let rank = |p: f64| ms[((p * ms.len() as f64).ceil() as usize).clamp(1, ms.len()) - 1];
     let same = rounds.iter().filter(|r| r.same_host).count();
     format!(
-        "{:.1} / {:.1} / {:.1} ms ({same} of {} on the same host)",
+        "{:.1} / {:.1} / {:.1} ms ({same} of {} on the same host){failed}",
         rank(0.5),
         rank(0.99),
         ms[ms.len() - 1],

@@ -45,13 +45,16 @@ fn host_dir(args: &Args, server_backend: bool) -> std::io::Result<Option<PathBuf
     Ok(Some(dir))
 }
 
-/// Creates `dir` (and its parents) readable by this user only, unless it exists.
+/// Creates `dir` readable by this user only (its parents as usual), unless it exists.
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt as _;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        other => other,
+    }
 }
 
 pub(crate) fn main(args: &Args) -> Result<(), BoxError> {
