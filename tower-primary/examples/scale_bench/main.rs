@@ -10,9 +10,10 @@
 //! ```
 //!
 //! The bench starts a server of its own (`redis-server`; `etcd`; a throwaway PostgreSQL cluster
-//! with `initdb`, `max_connections` 300, the nodes in a database `bench` of their own), then
-//! `--hosts` simulated hosts (`tower_primary_lab::host`: each a PID namespace, every process of
-//! the host — replacements too — in it) with `--workers` node processes each
+//! with `initdb`, `max_connections` 300, the nodes in a database `bench` of their own, logged in
+//! as a role that is not a superuser), then `--hosts` simulated hosts (`tower_primary_lab::host`:
+//! each a PID namespace, every process of the host — replacements too — in it) with `--workers`
+//! node processes each
 //! (`tower_primary_lab::node`: each builds its elector from its environment and campaigns for
 //! one lock). With `--host-groups on` (the default) every host has a host directory of its own,
 //! given to its nodes as `TOWER_PRIMARY_HOST_DIR`: the processes of a host campaign as one group,

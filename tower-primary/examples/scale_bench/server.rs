@@ -9,6 +9,9 @@ use tower_primary_lab::servers::{EtcdServer, PostgresServer, RedisServer};
 /// queries (in `postgres`) are not counted with theirs.
 const PG_DATABASE: &str = "bench";
 
+/// The role the nodes log in as on the bench's PostgreSQL cluster.
+const PG_ROLE: &str = "bench";
+
 /// `max_connections` of the bench's PostgreSQL cluster (the machine's server has 100).
 pub(crate) const PG_MAX_CONNECTIONS: u32 = 300;
 
@@ -29,8 +32,14 @@ impl Server {
                 let setting = format!("max_connections={PG_MAX_CONNECTIONS}");
                 let pg = PostgresServer::start_with(&[&setting]).await?;
                 let server = Server::Postgres(pg);
+                // The nodes log in as a role of their own, not a superuser: the connections
+                // PostgreSQL keeps for superusers stay free for the bench's own queries when the
+                // nodes have taken every other one.
                 server
-                    .pg_query(&format!("CREATE DATABASE {PG_DATABASE}"))
+                    .pg_query(&format!(
+                        "CREATE ROLE {PG_ROLE} LOGIN; \
+                         CREATE DATABASE {PG_DATABASE} OWNER {PG_ROLE}"
+                    ))
                     .await?;
                 Ok(server)
             }
@@ -70,7 +79,7 @@ impl Server {
             Server::Redis(s) => format!("{}?max_lease={}ms", s.url(), lease.as_millis()),
             Server::Etcd(s) => s.url(),
             Server::Postgres(s) => format!(
-                "postgres://postgres@{}/{PG_DATABASE}?application_name=scale-h{host}",
+                "postgres://{PG_ROLE}@{}/{PG_DATABASE}?application_name=scale-h{host}",
                 s.addr()
             ),
         }
