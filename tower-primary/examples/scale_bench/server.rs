@@ -35,11 +35,12 @@ impl Server {
                 // The nodes log in as a role of their own, not a superuser: the connections
                 // PostgreSQL keeps for superusers stay free for the bench's own queries when the
                 // nodes have taken every other one.
+                // (CREATE DATABASE cannot share a batch: it runs outside any transaction.)
                 server
-                    .pg_query(&format!(
-                        "CREATE ROLE {PG_ROLE} LOGIN; \
-                         CREATE DATABASE {PG_DATABASE} OWNER {PG_ROLE}"
-                    ))
+                    .pg_query(&format!("CREATE ROLE {PG_ROLE} LOGIN"))
+                    .await?;
+                server
+                    .pg_query(&format!("CREATE DATABASE {PG_DATABASE} OWNER {PG_ROLE}"))
                     .await?;
                 Ok(server)
             }
@@ -200,10 +201,13 @@ impl Server {
 
     async fn pg_query(&self, sql: &str) -> Result<(), String> {
         let client = self.pg_client().await?;
-        client
-            .batch_execute(sql)
-            .await
-            .map_err(|e| format!("{sql}: {e}"))
+        client.batch_execute(sql).await.map_err(|e| {
+            format!(
+                "{sql}: {}",
+                e.as_db_error()
+                    .map_or_else(|| e.to_string(), ToString::to_string)
+            )
+        })
     }
 
     async fn pg_value(&self, sql: &str) -> Result<String, String> {
