@@ -134,8 +134,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::errno::Errno;
 use nix::unistd::AccessFlags;
+use notify::EventKind;
 use notify::event::ModifyKind;
-use notify::{EventKind, RecursiveMode, Watcher as _};
 use tokio::sync::{oneshot, watch};
 
 use super::{
@@ -146,6 +146,7 @@ use crate::role::Holder;
 
 mod dir_watch;
 mod held;
+pub(in crate::backend) mod inotify;
 mod paths;
 mod records;
 #[cfg(test)]
@@ -264,22 +265,6 @@ impl Backend for FileBackend {
 
     fn lock(&self, name: &str) -> Result<Arc<dyn Lock>, ConfigError> {
         Ok(Arc::new(self.open(name)?))
-    }
-}
-
-/// The (device, inode) pair that identifies a file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct FileId {
-    dev: u64,
-    ino: u64,
-}
-
-impl FileId {
-    fn of(meta: &fs::Metadata) -> Self {
-        FileId {
-            dev: meta.dev(),
-            ino: meta.ino(),
-        }
     }
 }
 

@@ -1,107 +1,61 @@
-//! One inotify instance per process for the host groups' own watches (the `.host` record, the
-//! keys followers want): a process-wide `notify` watcher, one watch per host directory, with
-//! subscriptions by file name prefix. Where inotify cannot be had, subscribers poll slowly.
+//! Wake-ups at changes of some files of the host directory, on the process's one inotify
+//! instance ([`crate::backend::file::inotify`]). Where inotify cannot be had, subscribers poll
+//! slowly.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::watch;
 
-use crate::sync::lock;
+use crate::backend::file::inotify::{self, Subscription};
+use crate::backend::{BoxFuture, Changes};
+use crate::error::Error;
 
 /// How often a subscriber without inotify looks again.
 const SLOW_POLL: Duration = Duration::from_secs(1);
 
-/// Subscriptions by directory: (file name prefix, sender).
-type Subscribers = HashMap<PathBuf, Vec<(String, watch::Sender<u64>)>>;
-
-struct Shared {
-    subscribers: Arc<Mutex<Subscribers>>,
-    /// `None` when inotify could not be had. Locked apart from `subscribers`: adding a watch
-    /// waits for notify's thread, which may be delivering an event into `subscribers`.
-    watcher: Mutex<Option<notify::RecommendedWatcher>>,
-}
-
-fn shared() -> &'static Shared {
-    static SHARED: OnceLock<Shared> = OnceLock::new();
-    SHARED.get_or_init(|| {
-        let subscribers: Arc<Mutex<Subscribers>> = Arc::default();
-        let deliver = subscribers.clone();
-        let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            let subscribers = lock(&deliver);
-            match res {
-                Ok(event) if !event.kind.is_access() => {
-                    for path in &event.paths {
-                        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
-                            continue;
-                        };
-                        let name = name.to_string_lossy();
-                        for (prefix, tx) in subscribers.get(dir).into_iter().flatten() {
-                            if name.starts_with(prefix.as_str()) {
-                                tx.send_modify(|n| *n = n.wrapping_add(1));
-                            }
-                        }
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => {
-                    // A lost event: wake everyone, who then reads again.
-                    for tx in subscribers.values().flatten().map(|(_, tx)| tx) {
-                        tx.send_modify(|n| *n = n.wrapping_add(1));
-                    }
-                }
-            }
-        });
-        let watcher = match watcher {
-            Ok(w) => Some(w),
-            Err(e) => {
-                tracing::warn!(error = %e, "inotify is not available; host groups poll their directory every second");
-                None
-            }
-        };
-        Shared {
-            subscribers,
-            watcher: Mutex::new(watcher),
-        }
-    })
-}
-
 /// Wakes at changes of the files of a directory whose name starts with a prefix.
 pub(super) struct Wake {
-    rx: Option<watch::Receiver<u64>>,
+    rx: Option<(watch::Receiver<u64>, Subscription)>,
 }
 
 impl Wake {
     /// Subscribes to the files of `dir` whose name starts with `prefix`.
     pub(super) fn subscribe(dir: &Path, prefix: &str) -> Wake {
-        let shared = shared();
-        let (tx, rx) = watch::channel(0);
-        let first = {
-            let mut subscribers = lock(&shared.subscribers);
-            let list = subscribers.entry(dir.to_owned()).or_default();
-            list.retain(|(_, tx)| tx.receiver_count() > 0);
-            let first = list.is_empty();
-            list.push((prefix.to_owned(), tx));
-            first
-        };
-        let mut watcher = lock(&shared.watcher);
-        let Some(watcher) = watcher.as_mut() else {
-            return Wake { rx: None };
-        };
-        if first && let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the host directory; polling it every second");
-            return Wake { rx: None };
+        let (tx, rx) = watch::channel(0u64);
+        let prefix = prefix.to_owned();
+        let handler: inotify::Handler = Arc::new(move |res: &notify::Result<notify::Event>| {
+            let wanted = match res {
+                Ok(event) if event.kind.is_access() => false,
+                Ok(event) => {
+                    event.need_rescan()
+                        || event.paths.iter().any(|p| {
+                            p.file_name()
+                                .is_some_and(|n| n.to_string_lossy().starts_with(prefix.as_str()))
+                        })
+                }
+                Err(_) => true,
+            };
+            if wanted {
+                tx.send_modify(|n| *n = n.wrapping_add(1));
+            }
+        });
+        match inotify::subscribe(dir, handler) {
+            Ok(subscription) => Wake {
+                rx: Some((rx, subscription)),
+            },
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the host directory; polling it every second");
+                Wake { rx: None }
+            }
         }
-        Wake { rx: Some(rx) }
     }
 
     /// Resolves at the next change (or after a second, without inotify). Cancel-safe.
     pub(super) async fn changed(&mut self) {
         match &mut self.rx {
-            Some(rx) => {
+            Some((rx, _)) => {
                 if rx.changed().await.is_err() {
                     std::future::pending::<()>().await;
                 }
@@ -109,4 +63,28 @@ impl Wake {
             None => tokio::time::sleep(SLOW_POLL).await,
         }
     }
+}
+
+/// [`Changes`] that fire every second: a follower's watch of a mirror where inotify cannot be
+/// had (spurious wake-ups are allowed; the reader compares).
+pub(super) struct SlowPoll;
+
+impl Changes for SlowPoll {
+    fn changed(&mut self) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(async {
+            tokio::time::sleep(SLOW_POLL).await;
+            Ok(())
+        })
+    }
+}
+
+/// `watched`, or [`SlowPoll`] with a warning when the watch cannot be set up.
+pub(super) fn or_slow_poll(
+    watched: Result<Box<dyn Changes>, Error>,
+    what: &str,
+) -> Box<dyn Changes> {
+    watched.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot watch the {what} mirror of the host group; polling it every second");
+        Box::new(SlowPoll)
+    })
 }
