@@ -39,6 +39,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -64,6 +65,8 @@ pub struct TcpProxy {
     /// open and silent (what a server's keepalive timeout does to a partitioned client).
     cut_upstream: Arc<watch::Sender<CancellationToken>>,
     shutdown: CancellationToken,
+    /// Connections open now (accepted, not yet closed on the client side).
+    open: Arc<AtomicUsize>,
 }
 
 impl fmt::Debug for TcpProxy {
@@ -89,6 +92,7 @@ impl TcpProxy {
         let cut_all = Arc::new(watch::channel(CancellationToken::new()).0);
         let cut_upstream = Arc::new(watch::channel(CancellationToken::new()).0);
         let shutdown = CancellationToken::new();
+        let open = Arc::new(AtomicUsize::new(0));
         let accept = Accept {
             listener,
             upstream,
@@ -96,6 +100,7 @@ impl TcpProxy {
             cut_all: cut_all.clone(),
             cut_upstream: cut_upstream.clone(),
             shutdown: shutdown.clone(),
+            open: open.clone(),
         };
         tokio::spawn(accept.run());
         Ok(TcpProxy {
@@ -105,7 +110,15 @@ impl TcpProxy {
             cut_all,
             cut_upstream,
             shutdown,
+            open,
         })
+    }
+
+    /// How many client connections are open through the proxy now: whether its node talks to
+    /// the server at all (a host group's followers do not).
+    #[must_use]
+    pub fn connections(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
     }
 
     /// The address nodes connect to.
@@ -157,6 +170,16 @@ struct Accept {
     cut_all: Arc<watch::Sender<CancellationToken>>,
     cut_upstream: Arc<watch::Sender<CancellationToken>>,
     shutdown: CancellationToken,
+    open: Arc<AtomicUsize>,
+}
+
+/// Counts one open connection while it lives.
+struct Open(Arc<AtomicUsize>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Accept {
@@ -174,7 +197,10 @@ impl Accept {
                 shutdown: self.shutdown.clone(),
             };
             let upstream = self.upstream;
+            self.open.fetch_add(1, Ordering::Relaxed);
+            let open = Open(self.open.clone());
             tokio::spawn(async move {
+                let _open = open;
                 if let Ok(server) = TcpStream::connect(upstream).await {
                     let _ = client.set_nodelay(true);
                     let _ = server.set_nodelay(true);

@@ -549,6 +549,8 @@ pub struct PostgresServer {
     as_root: bool,
     running: bool,
     dir: TempDir,
+    /// Extra server settings (`name=value`), kept across restarts.
+    settings: Vec<String>,
 }
 
 impl PostgresServer {
@@ -558,6 +560,16 @@ impl PostgresServer {
     ///
     /// When the PostgreSQL server programs are missing or the cluster does not come up.
     pub async fn start() -> Result<Self, String> {
+        Self::start_with(&[]).await
+    }
+
+    /// Creates the cluster and starts it with extra server settings (`name=value`, each passed as
+    /// `-c name=value`, kept across [`restart`](Self::restart)), e.g. `["max_connections=300"]`.
+    ///
+    /// # Errors
+    ///
+    /// When the PostgreSQL server programs are missing or the cluster does not come up.
+    pub async fn start_with(settings: &[&str]) -> Result<Self, String> {
         use std::os::unix::fs::MetadataExt;
 
         let port = free_port().map_err(|e| e.to_string())?;
@@ -569,6 +581,7 @@ impl PostgresServer {
             as_root,
             running: false,
             dir,
+            settings: settings.iter().map(|s| (*s).to_owned()).collect(),
         };
         if as_root {
             server.run(
@@ -625,11 +638,15 @@ impl PostgresServer {
         let pg_ctl = self.bin.join("pg_ctl").display().to_string();
         let data = self.data_dir();
         let log = self.dir.path().join("postgres.log").display().to_string();
-        let options = format!(
+        let mut options = format!(
             "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off",
             self.port,
             self.dir_str()
         );
+        for setting in &self.settings {
+            options.push_str(" -c ");
+            options.push_str(setting);
+        }
         let args: Vec<String> = [
             "-D", &data, "-l", &log, "-o", &options, "-w", "-t", "60", "start",
         ]

@@ -15,6 +15,17 @@
 //! `--backend` takes any backend string (`redis://…`, `postgres://…`, `etcd://…` with
 //! the matching Cargo feature) instead of the file backend, and `--lease` the lease of lease
 //! backends; with a lease backend a killed primary is succeeded after its lease runs out.
+//!
+//! With a server backend the workers are one **host group**: the supervisor sets
+//! `TOWER_PRIMARY_HOST_DIR=<state-dir>/host` (created with mode 0700) in their environment, so
+//! one worker campaigns on the server for all of them and the others follow it through that
+//! folder; when that worker is killed, the next one resumes its lease at once instead of waiting
+//! for it to run out. `--host-dir DIR` chooses the folder, `--no-host-group` turns it off (every
+//! worker then campaigns on the server). The file backend needs no host group.
+//!
+//! ```text
+//! cargo run --features redis --example workers -- --workers 4 --backend redis://127.0.0.1:6379 --no-host-group
+//! ```
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -22,7 +33,7 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 use tower_primary::backend::Backend;
-use tower_primary::{Elector, FileBackend, Lease, NodeId, Role, terminate_signal};
+use tower_primary::{Elector, FileBackend, HOST_DIR_ENV, Lease, NodeId, Role, terminate_signal};
 
 const WORKER_FLAG: &str = "--worker";
 
@@ -45,6 +56,8 @@ struct Args {
     state_dir: PathBuf,
     backend: Option<String>,
     lease: Option<Duration>,
+    host_dir: Option<PathBuf>,
+    no_host_group: bool,
     worker: Option<u32>,
 }
 
@@ -55,6 +68,8 @@ impl Args {
             state_dir: PathBuf::from("./state"),
             backend: None,
             lease: None,
+            host_dir: None,
+            no_host_group: false,
             worker: None,
         };
         let mut it = std::env::args().skip(1);
@@ -66,6 +81,8 @@ impl Args {
                 }
                 "--state-dir" => args.state_dir = PathBuf::from(value()?),
                 "--backend" => args.backend = Some(value()?),
+                "--host-dir" => args.host_dir = Some(PathBuf::from(value()?)),
+                "--no-host-group" => args.no_host_group = true,
                 "--lease" => {
                     let v = value()?;
                     let lease =
@@ -78,7 +95,7 @@ impl Args {
                 "-h" | "--help" => {
                     println!(
                         "usage: workers [--workers N] [--state-dir DIR] [--backend STRING] \
-                         [--lease DURATION]"
+                         [--host-dir DIR | --no-host-group] [--lease DURATION]"
                     );
                     std::process::exit(0);
                 }
@@ -87,6 +104,9 @@ impl Args {
         }
         if args.workers == 0 {
             return Err("--workers must be at least 1".to_owned());
+        }
+        if args.no_host_group && args.host_dir.is_some() {
+            return Err("--host-dir and --no-host-group exclude each other".to_owned());
         }
         Ok(args)
     }
@@ -97,6 +117,32 @@ async fn supervise(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     if args.backend.is_none() {
         std::fs::create_dir_all(&locks)?;
     }
+    // A server backend's workers campaign as one host group, unless told not to.
+    let host_dir = match &args.backend {
+        Some(s) if !args.no_host_group => {
+            let server = !matches!(
+                tower_primary::backend::from_url(s)?.name(),
+                "file" | "memory"
+            );
+            let dir = args
+                .host_dir
+                .clone()
+                .unwrap_or_else(|| args.state_dir.join("host"));
+            if server {
+                // The folder readable by this user only (its parents as usual).
+                use std::os::unix::fs::DirBuilderExt as _;
+                if let Some(parent) = dir.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    other => other?,
+                }
+            }
+            server.then_some(dir)
+        }
+        _ => None,
+    };
     let exe = std::env::current_exe()?;
     let spawn = |index: usize| -> std::io::Result<Child> {
         let mut cmd = Command::new(&exe);
@@ -108,6 +154,11 @@ async fn supervise(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             cmd.arg("--lease")
                 .arg(humantime::format_duration(lease).to_string());
         }
+        match &host_dir {
+            Some(dir) => cmd.env(HOST_DIR_ENV, dir),
+            None if args.no_host_group => cmd.env_remove(HOST_DIR_ENV),
+            None => &mut cmd,
+        };
         cmd.arg(WORKER_FLAG)
             .arg(index.to_string())
             .env(tower_primary::role::WORKER_ENV, index.to_string())
@@ -118,7 +169,12 @@ async fn supervise(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut children = (0..args.workers)
         .map(spawn)
         .collect::<Result<Vec<_>, _>>()?;
-    tracing::info!(workers = args.workers, locks = %locks.display(), "supervisor started");
+    tracing::info!(
+        workers = args.workers,
+        locks = %locks.display(),
+        host_group = %host_dir.as_ref().map_or_else(|| "off".to_owned(), |d| d.display().to_string()),
+        "supervisor started"
+    );
     let stop = terminate_signal();
     tokio::pin!(stop);
     loop {

@@ -2,8 +2,10 @@
 
 use std::time::Duration;
 
+use std::path::PathBuf;
+
 use super::{
-    DEFAULT_TICK, GRACE_ENV, LEASE_ENV, LOCK_ENV, SPAWN_ENV, TICK_ENV, WITNESS_ENV,
+    DEFAULT_TICK, GRACE_ENV, HOST_DIR_ENV, LEASE_ENV, LOCK_ENV, SPAWN_ENV, TICK_ENV, WITNESS_ENV,
     WITNESS_EVERY_ENV,
 };
 
@@ -41,6 +43,9 @@ pub struct NodeConfig {
     /// A fenced witness to write to while primary, and how often
     /// ([`witness::write_while_primary`](tower_primary_testing::witness::write_while_primary)).
     pub witness: Option<(std::net::SocketAddr, Duration)>,
+    /// The host directory: nodes that share it campaign as one host group
+    /// (`TOWER_PRIMARY_HOST_DIR`, read by the elector when it is spawned).
+    pub host_dir: Option<PathBuf>,
 }
 
 impl NodeConfig {
@@ -55,7 +60,15 @@ impl NodeConfig {
             tick: DEFAULT_TICK,
             spawn: None,
             witness: None,
+            host_dir: None,
         }
+    }
+
+    /// Makes the node one of the host group of `dir` (`TOWER_PRIMARY_HOST_DIR`).
+    #[must_use]
+    pub fn host_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.host_dir = Some(dir.into());
+        self
     }
 
     /// Makes the node write to the [fenced witness](tower_primary_testing::witness) at `addr` every
@@ -123,6 +136,9 @@ impl NodeConfig {
                 humantime::format_duration(every).to_string(),
             ));
         }
+        if let Some(dir) = &self.host_dir {
+            env.push((HOST_DIR_ENV, dir.display().to_string()));
+        }
         env
     }
 
@@ -163,6 +179,7 @@ impl NodeConfig {
             tick: duration(TICK_ENV)?.unwrap_or(DEFAULT_TICK),
             spawn,
             witness,
+            host_dir: var(HOST_DIR_ENV).map(PathBuf::from),
         })
     }
 }
@@ -209,5 +226,18 @@ mod tests {
         );
         let env = NodeConfig::new("/tmp/x", "l").to_env();
         assert!(env.iter().all(|(k, _)| *k != WITNESS_ENV));
+    }
+
+    #[test]
+    fn node_mode_carries_the_host_dir_in_its_environment() {
+        let env = NodeConfig::new("redis://127.0.0.1:1", "l")
+            .host_dir("/tmp/host-a")
+            .to_env();
+        assert!(
+            env.contains(&(HOST_DIR_ENV, "/tmp/host-a".to_owned())),
+            "{env:?}"
+        );
+        let env = NodeConfig::new("/tmp/x", "l").to_env();
+        assert!(env.iter().all(|(k, _)| *k != HOST_DIR_ENV));
     }
 }

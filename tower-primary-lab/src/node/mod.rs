@@ -23,6 +23,7 @@
 //! | `TOWER_PRIMARY_TEST_PARENT_PIPE=1` | exit when stdin reaches end-of-file (the parent died) |
 //! | `TOWER_PRIMARY_TEST_WITNESS` | optional `host:port` of a [fenced witness](tower_primary_testing::witness) to write to while primary, as node `<pid>` (its [`reported_pid`]) |
 //! | `TOWER_PRIMARY_TEST_WITNESS_EVERY` | how often to write to the witness (default `2ms`) |
+//! | `TOWER_PRIMARY_HOST_DIR` | optional host directory: the nodes sharing it campaign as one host group (the elector reads it) |
 //! | `TOWER_PRIMARY_TEST_NODE_ID` | optional pid to report instead of its own in events and witness writes ([`reported_pid`]; set for a node in a [simulated host](crate::host)) |
 //!
 //! The node spawns an [`Elector`] on a current-thread runtime, registers a singleton task that
@@ -130,5 +131,7 @@ pub const PARENT_PIPE_ENV: &str = "TOWER_PRIMARY_TEST_PARENT_PIPE";
 pub const WITNESS_ENV: &str = "TOWER_PRIMARY_TEST_WITNESS";
 /// How often the node writes to the witness (humantime, default `2ms`).
 pub const WITNESS_EVERY_ENV: &str = "TOWER_PRIMARY_TEST_WITNESS_EVERY";
+/// The host directory of a host group: the elector reads it when it is spawned.
+pub use tower_primary::HOST_DIR_ENV;
 
 const DEFAULT_TICK: Duration = Duration::from_millis(100);

@@ -18,10 +18,14 @@
 //!   (`/path/dir`, `redis://…`, `postgres://…`, `etcd://…`: your own server, e.g. the machine's
 //!   `postgres://root@127.0.0.1:5432/test`; `restart` is then skipped), with the matching Cargo
 //!   feature.
-//! - `--nodes N` (default 5), `--hosts N` (how many simulated hosts the nodes are spread over,
-//!   slot `s` on host `s % N`, its replacements too: each a PID namespace of its own, see
-//!   `tower_primary_lab::host`; needs root; default 2 for a server backend, 1 — this
-//!   machine as it is — for the file backend), `--duration D` (default `60s`), `--seed N`
+//! - `--nodes N` (default 5; with host groups `--hosts` × `--workers`), `--hosts N` (how many
+//!   simulated hosts the nodes are spread over, slot `s` on host `s % N`, its replacements too:
+//!   each a PID namespace of its own, see `tower_primary_lab::host`; needs root; default 2 for a
+//!   server backend, 1 — this machine as it is — for the file backend), `--host-groups on|off`
+//!   (default on for a server backend: each host's nodes share a host directory of their own,
+//!   `TOWER_PRIMARY_HOST_DIR`, and campaign as one host group — one candidate per host talks to
+//!   the server, the others follow it), `--workers W` (nodes per host with host groups, default
+//!   3), `--duration D` (default `60s`), `--seed N`
 //!   (default: from the clock, printed), `--lease D` (default 2 s on Redis and etcd; ignored by
 //!   the file backend and PostgreSQL, which have no lease setting), `--faults LIST` (default:
 //!   every kind, those that do not apply skipped), `--fault-every A..B` (default `1s..3s`),
@@ -66,11 +70,20 @@
 //!   without data while the primary cannot reach it for its own lease;
 //! - `stop-waiter`: `SIGSTOP` the secondary most likely next in line (the longest waiter),
 //!   `SIGKILL` the primary and replace it, `SIGCONT` the secondary after a pause's length.
+//! - `worker-kill` (host groups): `SIGKILL` a host candidate (the one node of its host whose
+//!   proxy carries connections; the primary 80 % of the time) while its host lives, and a
+//!   replacement on that host 0–500 ms later;
+//! - `host-kill` (host groups, two hosts or more): `SIGKILL` every process of a host (the
+//!   primary's 80 % of the time): its nodes, then its PID namespace's init; the host comes back
+//!   as a fresh namespace on the same host directory, with its nodes, 0–500 ms later;
+//! - `stop-candidate` (host groups): `SIGSTOP` a host candidate for a pause's length (half of
+//!   them past the lease: its followers replace a hung candidate), then `SIGCONT`.
 //!
 //! Faults that do not apply are skipped and said so: `cut`, `drop` and `restart` on the file
 //! backend, `restart`, `flush` and `lease-change` on a server the tool did not start, `cut`,
 //! `drop` and `lease-change` on a TLS or multi-host URL, `kill-conns` but on PostgreSQL,
-//! `flush` and `lease-change` but on Redis. The seed fixes
+//! `flush` and `lease-change` but on Redis, `worker-kill`, `host-kill` and `stop-candidate`
+//! without host groups, `host-kill` on one host. The seed fixes
 //! the nemesis's choices (kinds, targets' primary-or-not, lengths, pauses), not the timing of
 //! the processes, so two runs with one seed are alike, not identical.
 //!
@@ -94,6 +107,7 @@
 //! no single primary emerged after the last fault; 2 on a usage error; 3 when the run could not
 //! be set up.
 
+mod host_faults;
 mod nemesis;
 #[path = "../support/node_process.rs"]
 mod node_process;
@@ -109,6 +123,7 @@ use std::time::Duration;
 use tower_primary::clock::monotonic_nanos;
 use tower_primary_lab::host::SimulatedHost;
 use tower_primary_lab::node::{Cluster, NodeCommand, NodeConfig};
+use tower_primary_lab::servers::TempDir;
 use tower_primary_testing::witness::Witness;
 
 use crate::nemesis::{FaultKind, Nemesis, NemesisConfig};
@@ -116,15 +131,20 @@ use crate::report::RunData;
 use crate::setup::Setup;
 
 const USAGE: &str = "usage: chaos [--backend file|redis|postgres|etcd|<backend string>] \
-                     [--nodes N] [--hosts N] [--duration D] [--seed N] [--lease D] \
-                     [--faults kill,stop,term,cut,restart,drop,kill-conns,flush,lease-change,\
-                     stop-waiter] [--fault-every A..B] [--write-every D] [--bound D] [--out DIR]";
+                     [--nodes N | --workers W] [--hosts N] [--host-groups on|off] [--duration D] \
+                     [--seed N] [--lease D] [--faults kill,stop,term,cut,restart,drop,kill-conns,\
+                     flush,lease-change,stop-waiter,worker-kill,host-kill,stop-candidate] \
+                     [--fault-every A..B] [--write-every D] [--bound D] [--out DIR]";
 
 #[derive(Debug)]
 struct Args {
     backend: String,
-    nodes: usize,
+    /// `--nodes`, when given.
+    nodes: Option<usize>,
+    /// `--workers`: nodes per host with host groups.
+    workers: usize,
     hosts: Option<usize>,
+    host_groups: bool,
     bound: Option<Duration>,
     duration: Duration,
     seed: Option<u64>,
@@ -143,8 +163,10 @@ impl Args {
     fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
         let mut parsed = Args {
             backend: "file".to_owned(),
-            nodes: 5,
+            nodes: None,
+            workers: 3,
             hosts: None,
+            host_groups: true,
             bound: None,
             duration: Duration::from_secs(60),
             seed: None,
@@ -165,9 +187,26 @@ impl Args {
             match name.as_str() {
                 "--backend" => parsed.backend = value,
                 "--nodes" => {
-                    parsed.nodes = value
+                    parsed.nodes = Some(
+                        value
+                            .parse()
+                            .map_err(|e| format!("--nodes {value:?}: {e}"))?,
+                    );
+                }
+                "--workers" => {
+                    parsed.workers = value
                         .parse()
-                        .map_err(|e| format!("--nodes {value:?}: {e}"))?;
+                        .map_err(|e| format!("--workers {value:?}: {e}"))?;
+                    if parsed.workers == 0 {
+                        return Err("--workers must be at least 1".to_owned());
+                    }
+                }
+                "--host-groups" => {
+                    parsed.host_groups = match value.as_str() {
+                        "on" => true,
+                        "off" => false,
+                        other => return Err(format!("--host-groups {other:?}: on or off")),
+                    };
                 }
                 "--hosts" => {
                     let n: usize = value
@@ -196,7 +235,8 @@ impl Args {
                             FaultKind::parse(s.trim()).ok_or_else(|| {
                                 format!(
                                     "--faults: unknown fault {s:?} (kill, stop, term, cut, \
-                                     restart, drop, kill-conns, flush, lease-change, stop-waiter)"
+                                     restart, drop, kill-conns, flush, lease-change, \
+                                     stop-waiter, worker-kill, host-kill, stop-candidate)"
                                 )
                             })
                         })
@@ -215,7 +255,7 @@ impl Args {
                 _ => return Err(format!("unknown flag {name}\n{USAGE}")),
             }
         }
-        if parsed.nodes < 2 {
+        if parsed.nodes.is_some_and(|n| n < 2) {
             return Err("--nodes must be at least 2".to_owned());
         }
         if parsed.write_every.is_zero() {
@@ -261,6 +301,14 @@ fn main() -> ExitCode {
 
 type BoxError = Box<dyn std::error::Error>;
 
+/// Whether `backend` names the file backend (`file`, a path, `file://…`).
+fn is_file_backend(backend: &str) -> bool {
+    match backend {
+        "redis" | "postgres" | "etcd" => false,
+        other => other.starts_with("file://") || !other.contains("://"),
+    }
+}
+
 /// The documented longest time without a primary once a fault is over, per backend, and what
 /// it is made of.
 fn default_bound(setup: &Setup) -> (Duration, String) {
@@ -294,13 +342,18 @@ async fn run(args: Args) -> Result<bool, BoxError> {
     let seed = args
         .seed
         .unwrap_or_else(|| monotonic_nanos() ^ u64::from(std::process::id()));
-    let mut setup = Setup::new(&args.backend, args.nodes, args.lease, &args.faults).await?;
     // The file backend is one host by definition; a server backend's nodes are spread over two
-    // simulated hosts unless told otherwise.
-    let host_count = args
-        .hosts
-        .unwrap_or(if setup.kind == "file" { 1 } else { 2 })
-        .min(args.nodes);
+    // simulated hosts unless told otherwise, `--workers` of them per host in a host group.
+    let server = !is_file_backend(&args.backend);
+    let wanted_hosts = args.hosts.unwrap_or(if server { 2 } else { 1 });
+    let groups = server && args.host_groups;
+    let nodes = match args.nodes {
+        Some(n) => n,
+        None if groups => (wanted_hosts * args.workers).max(2),
+        None => 5,
+    };
+    let mut setup = Setup::new(&args.backend, nodes, args.lease, &args.faults).await?;
+    let host_count = wanted_hosts.min(nodes);
     let mut hosts = Vec::new();
     if host_count > 1 {
         for i in 0..host_count {
@@ -310,6 +363,15 @@ async fn run(args: Args) -> Result<bool, BoxError> {
             hosts.push(host);
         }
     }
+    // One host directory per host: its nodes campaign as one host group.
+    let host_dirs: Vec<TempDir> = if groups {
+        (0..host_count)
+            .map(|i| TempDir::new(&format!("chaos-host-{}", i + 1)))
+            .collect::<Result<_, _>>()?
+    } else {
+        Vec::new()
+    };
+    setup.skip_host_faults(groups, hosts.len());
     let (bound, bound_what) = match args.bound {
         Some(b) => (b, "set with --bound".to_owned()),
         None => default_bound(&setup),
@@ -330,14 +392,19 @@ async fn run(args: Args) -> Result<bool, BoxError> {
         humantime::format_duration(args.pace.1)
     );
     println!(
-        "chaos: {}; {} nodes on {}; {}; seed {seed}; faults {} every {pace}; witness writes \
+        "chaos: {}; {} nodes on {}{}; {}; seed {seed}; faults {} every {pace}; witness writes \
          every {}",
         setup.description,
-        args.nodes,
+        nodes,
         if hosts.is_empty() {
             "this host".to_owned()
         } else {
             format!("{} simulated hosts (a PID namespace each)", hosts.len())
+        },
+        if groups {
+            ", each host's nodes one host group (a host directory per host)"
+        } else {
+            ""
         },
         humantime::format_duration(args.duration),
         kinds
@@ -359,12 +426,17 @@ async fn run(args: Args) -> Result<bool, BoxError> {
         .node_backends
         .iter()
         .zip(&setup.node_leases)
-        .map(|(backend, lease)| {
+        .enumerate()
+        .map(|(slot, (backend, lease))| {
             let mut c = NodeConfig::new(backend, &lock)
                 .tick(Duration::from_secs(1))
                 .witness(witness.addr(), args.write_every);
             if let Some(lease) = lease {
                 c = c.lease(*lease);
+            }
+            // Slot `s` lives on host `s % hosts`, its replacements too.
+            if let Some(dir) = host_dirs.get(slot % host_dirs.len().max(1)) {
+                c = c.host_dir(dir.path());
             }
             c
         })
@@ -485,7 +557,7 @@ async fn run(args: Args) -> Result<bool, BoxError> {
     let last = report::last_line(&data, &analysis);
     let title = format!("{} | seed {seed} | {last}", setup.description);
     let svg = out.join("timeline.svg");
-    if let Err(e) = svg::draw(&svg, &title, &data, &analysis, args.nodes, &slot_of_pid) {
+    if let Err(e) = svg::draw(&svg, &title, &data, &analysis, nodes, &slot_of_pid) {
         text.push_str(&format!("timeline not drawn: {e}\n"));
     }
     std::fs::write(out.join("summary.txt"), format!("{text}{last}\n"))?;

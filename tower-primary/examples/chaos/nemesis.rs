@@ -37,10 +37,19 @@ pub(crate) enum FaultKind {
     LeaseChange,
     /// `SIGSTOP` the secondary next in line, `SIGKILL` the primary, `SIGCONT` the secondary later.
     StopWaiter,
+    /// Host groups: `SIGKILL` a host candidate (the one node of its host that talks to the
+    /// server) while its host lives, start a replacement on that host.
+    WorkerKill,
+    /// Host groups: `SIGKILL` every process of a host; the host comes back (a fresh PID
+    /// namespace, the same host directory) with its nodes.
+    HostKill,
+    /// Host groups: `SIGSTOP` a host candidate for a while (sometimes past the lease, when its
+    /// followers replace it), then `SIGCONT`.
+    StopCandidate,
 }
 
 impl FaultKind {
-    pub(crate) const ALL: [FaultKind; 10] = [
+    pub(crate) const ALL: [FaultKind; 13] = [
         FaultKind::Kill,
         FaultKind::Stop,
         FaultKind::Term,
@@ -51,11 +60,14 @@ impl FaultKind {
         FaultKind::Flush,
         FaultKind::LeaseChange,
         FaultKind::StopWaiter,
+        FaultKind::WorkerKill,
+        FaultKind::HostKill,
+        FaultKind::StopCandidate,
     ];
 
     /// The mix when `--faults` is not given: every kind (those that do not apply to the backend
     /// are skipped).
-    pub(crate) const DEFAULT: [FaultKind; 10] = FaultKind::ALL;
+    pub(crate) const DEFAULT: [FaultKind; 13] = FaultKind::ALL;
 
     /// Whether the fault acts on the server as a whole (every node's state there).
     pub(crate) fn hits_server(self) -> bool {
@@ -77,6 +89,9 @@ impl FaultKind {
             FaultKind::Flush => "flush",
             FaultKind::LeaseChange => "lease-change",
             FaultKind::StopWaiter => "stop-waiter",
+            FaultKind::WorkerKill => "worker-kill",
+            FaultKind::HostKill => "host-kill",
+            FaultKind::StopCandidate => "stop-candidate",
         }
     }
 
@@ -133,16 +148,16 @@ pub(crate) struct NemesisConfig {
 #[derive(Debug)]
 pub(crate) struct Nemesis {
     pub(crate) cluster: Cluster,
-    configs: Vec<NodeConfig>,
+    pub(crate) configs: Vec<NodeConfig>,
     /// The simulated hosts (none: every node in this process's own PID namespace); slot `s`
     /// lives on host `s % hosts.len()`, its replacements too.
-    hosts: Vec<SimulatedHost>,
+    pub(crate) hosts: Vec<SimulatedHost>,
     /// The current pid of every slot.
     pub(crate) slots: Vec<u32>,
     /// Every pid that ran, and its slot.
     pub(crate) pid_slot: HashMap<u32, usize>,
-    rng: fastrand::Rng,
-    config: NemesisConfig,
+    pub(crate) rng: fastrand::Rng,
+    pub(crate) config: NemesisConfig,
     /// The faults injected, in order.
     pub(crate) log: Vec<Fault>,
     /// Nodes that exited without a fault, and how.
@@ -193,7 +208,7 @@ impl Nemesis {
         }
     }
 
-    fn respawn(&mut self, slot: usize) -> Result<(), BoxError> {
+    pub(crate) fn respawn(&mut self, slot: usize) -> Result<(), BoxError> {
         let pid = self.spawn(slot)?;
         self.slots[slot] = pid;
         self.pid_slot.insert(pid, slot);
@@ -279,7 +294,7 @@ impl Nemesis {
     }
 
     /// The current primary: slot, pid, term.
-    fn primary(&self) -> Option<(usize, u32, u64)> {
+    pub(crate) fn primary(&self) -> Option<(usize, u32, u64)> {
         let states = self.cluster.states();
         self.slots.iter().enumerate().find_map(|(slot, pid)| {
             let s = states.get(pid)?;
@@ -308,7 +323,7 @@ impl Nemesis {
 
     /// A pause or stall length: half of them short (5–50 % of the lease), half long (1–2.5
     /// leases).
-    fn hold(&mut self) -> Duration {
+    pub(crate) fn hold(&mut self) -> Duration {
         let l = self.config.lease_ref;
         if self.rng.bool() {
             l.mul_f64(0.05 + 0.45 * self.rng.f64())
@@ -317,7 +332,7 @@ impl Nemesis {
         }
     }
 
-    async fn inject(
+    pub(crate) async fn inject(
         &mut self,
         kind: FaultKind,
         setup: &mut Setup,
@@ -574,6 +589,11 @@ impl Nemesis {
                     fault.at,
                     fault.primary_term,
                 ) = (Some(slot), Some(pid), Some(waiter), at, Some(term));
+            }
+            FaultKind::WorkerKill | FaultKind::HostKill | FaultKind::StopCandidate => {
+                if !self.inject_host_fault(kind, setup, &mut fault).await? {
+                    return Ok(None);
+                }
             }
             FaultKind::Restart => {
                 let Some(server) = setup.server.as_mut() else {

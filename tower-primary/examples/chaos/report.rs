@@ -263,7 +263,7 @@ pub(crate) fn summary(data: &RunData, a: &Analysis) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<12} {:>8} {:>10} {:>9} {:>9} {:>9} {:>9}",
+        "{:<14} {:>8} {:>10} {:>9} {:>9} {:>9} {:>9}",
         "fault", "injected", "on primary", "failovers", "p50 ms", "p99 ms", "max ms"
     );
     for (kind, s) in &a.per_kind {
@@ -271,7 +271,7 @@ pub(crate) fn summary(data: &RunData, a: &Analysis) -> String {
         v.sort_by(f64::total_cmp);
         let _ = writeln!(
             out,
-            "{:<12} {:>8} {:>10} {:>9} {:>9} {:>9} {:>9}",
+            "{:<14} {:>8} {:>10} {:>9} {:>9} {:>9} {:>9}",
             kind.as_str(),
             s.injected,
             s.on_primary,

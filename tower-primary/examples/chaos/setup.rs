@@ -419,6 +419,28 @@ fn proxied(url: &str) -> Result<(SocketAddr, String, String), String> {
 /// The URL without its password.
 pub(crate) use tower_primary::backend::redact;
 
+impl Setup {
+    /// Skips the faults of host groups where they do not apply: without host groups (the file
+    /// backend, `--host-groups off`), and the host kill with fewer than two simulated hosts.
+    pub(crate) fn skip_host_faults(&mut self, groups: bool, simulated_hosts: usize) {
+        if !groups {
+            let why = "no host groups (the file backend, or --host-groups off)";
+            for kind in [
+                FaultKind::WorkerKill,
+                FaultKind::HostKill,
+                FaultKind::StopCandidate,
+            ] {
+                self.skipped.push((kind, why.to_owned()));
+            }
+        } else if simulated_hosts < 2 {
+            self.skipped.push((
+                FaultKind::HostKill,
+                "a host kill needs at least two simulated hosts (--hosts)".to_owned(),
+            ));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -26,6 +26,9 @@ fn fault_color(kind: FaultKind) -> RGBColor {
         FaultKind::Flush => RGBColor(220, 0, 120),
         FaultKind::LeaseChange => RGBColor(120, 0, 0),
         FaultKind::StopWaiter => RGBColor(60, 60, 160),
+        FaultKind::WorkerKill => RGBColor(90, 0, 140),
+        FaultKind::HostKill => RGBColor(150, 0, 60),
+        FaultKind::StopCandidate => RGBColor(0, 90, 160),
     }
 }
 
@@ -100,13 +103,17 @@ pub(crate) fn draw(
     // Stops and stalls first, as grey bands under the periods.
     let holds = data.faults.iter().filter_map(|f| {
         let y = y_of_slot(f.slot?);
-        (f.until > f.at && matches!(f.kind, FaultKind::Stop | FaultKind::Cut | FaultKind::Drop))
-            .then(|| {
-                Rectangle::new(
-                    [(t(f.at), y - 0.42), (t(f.until), y + 0.42)],
-                    fault_color(f.kind).mix(0.18).filled(),
-                )
-            })
+        (f.until > f.at
+            && matches!(
+                f.kind,
+                FaultKind::Stop | FaultKind::StopCandidate | FaultKind::Cut | FaultKind::Drop
+            ))
+        .then(|| {
+            Rectangle::new(
+                [(t(f.at), y - 0.42), (t(f.until), y + 0.42)],
+                fault_color(f.kind).mix(0.18).filled(),
+            )
+        })
     });
     chart.draw_series(holds).map_err(|e| e.to_string())?;
     let downs = data
@@ -187,7 +194,7 @@ pub(crate) fn draw(
     let kills = data
         .faults
         .iter()
-        .filter(|f| f.kind == FaultKind::Kill)
+        .filter(|f| matches!(f.kind, FaultKind::Kill | FaultKind::WorkerKill))
         .filter_map(|f| {
             let y = y_of_slot(f.slot?);
             Some(Cross::new(
@@ -213,7 +220,12 @@ pub(crate) fn draw(
     let ticks = data
         .faults
         .iter()
-        .filter(|f| !matches!(f.kind, FaultKind::Kill | FaultKind::Term))
+        .filter(|f| {
+            !matches!(
+                f.kind,
+                FaultKind::Kill | FaultKind::WorkerKill | FaultKind::Term
+            )
+        })
         .map(|f| {
             let y = f.slot.map_or(0.0, y_of_slot);
             let x = t(f.at);
@@ -246,6 +258,9 @@ pub(crate) fn draw(
             FaultKind::Flush => "flush: FLUSHALL",
             FaultKind::LeaseChange => "lease-change: restart, mixed leases",
             FaultKind::StopWaiter => "stop-waiter: waiter stopped, kill",
+            FaultKind::WorkerKill => "worker-kill: candidate SIGKILL (x)",
+            FaultKind::HostKill => "host-kill: every process of a host",
+            FaultKind::StopCandidate => "stop-candidate: SIGSTOP .. SIGCONT",
         };
         entries.push((fault_color(kind).mix(0.7), text));
     }

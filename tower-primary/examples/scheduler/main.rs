@@ -51,7 +51,8 @@
 //! `--workers N` (default: number of CPUs; 1 runs in this process, without a supervisor),
 //! `--bind ADDR` (default `127.0.0.1:8080`), `--state-dir DIR` (default `./state`),
 //! `--backend STRING` (a backend string such as `redis://…`; default: the file backend in
-//! `<state-dir>/locks`), `--lease DURATION` (lease backends), `--report-every DURATION`,
+//! `<state-dir>/locks`), `--host-dir DIR` and `--no-host-group` (a server backend's host group,
+//! below), `--lease DURATION` (lease backends), `--report-every DURATION`,
 //! `--catch-up N` (default 24; 0 skips missed slots), `--smtp URL` (send instead of writing
 //! `sent/`: `smtp://127.0.0.1:2525` in plain text, `smtp://user:pass@host:587?tls=required` with
 //! STARTTLS, `smtps://user:pass@host` over TLS; rustls, no OpenSSL), `--worker-ports BASE`,
@@ -65,6 +66,17 @@
 //! `curl -s 127.0.0.1:8080/health/role` names the primary's pid; `kill -9` it. Another worker
 //! logs `role changed … role=primary` within milliseconds with a higher term, carries on with the
 //! outbox and the report, and the supervisor restarts the killed worker as a secondary.
+//!
+//! # One candidate per host
+//!
+//! With a server backend (`--backend redis://…`, `postgres://…`, `etcd://…`) the supervisor
+//! gives its workers `TOWER_PRIMARY_HOST_DIR=<state-dir>/host` (created with mode 0700), so
+//! that they campaign as one **host group**: one worker, the host candidate, talks to the server
+//! for the lock; the others follow it through that folder and make no backend calls for the
+//! lock, and when the candidate dies the next one takes over its lease. `--host-dir DIR` chooses
+//! another folder (every process of the host that shares it joins the group), `--no-host-group`
+//! turns it off (every worker campaigns on the server itself). The file backend needs none of it:
+//! its lock already lives on this host.
 //!
 //! This example is **single-host**: the outbox and the file lock are local folders (a shared
 //! volume works for the outbox; use `--backend redis://…` or another server backend to spread the
@@ -83,8 +95,9 @@ use std::time::Duration;
 use tower_primary::BoxError;
 
 const USAGE: &str = "usage: scheduler [--workers N] [--bind ADDR] [--state-dir DIR] \
-    [--backend STRING] [--lease DURATION] [--report-every DURATION] [--catch-up N] [--smtp URL] \
-    [--worker-ports BASE] [--simulate-work DURATION]";
+    [--backend STRING] [--host-dir DIR | --no-host-group] [--lease DURATION] \
+    [--report-every DURATION] [--catch-up N] [--smtp URL] [--worker-ports BASE] \
+    [--simulate-work DURATION]";
 
 fn main() -> ExitCode {
     let args = match Args::parse(std::env::args().skip(1)) {
@@ -140,6 +153,10 @@ pub(crate) struct Args {
     bind: SocketAddr,
     state_dir: PathBuf,
     backend: Option<String>,
+    /// `--host-dir`: the host group's folder (server backends; default `<state-dir>/host`).
+    host_dir: Option<PathBuf>,
+    /// `--no-host-group`: every worker campaigns on the server itself.
+    no_host_group: bool,
     lease: Option<Duration>,
     report_every: Option<Duration>,
     catch_up: usize,
@@ -156,6 +173,8 @@ impl Args {
             bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
             state_dir: PathBuf::from("./state"),
             backend: None,
+            host_dir: None,
+            no_host_group: false,
             lease: None,
             report_every: None,
             catch_up: 24,
@@ -187,6 +206,8 @@ impl Args {
                 }
                 "--state-dir" => parsed.state_dir = PathBuf::from(value()?),
                 "--backend" => parsed.backend = Some(value()?),
+                "--host-dir" => parsed.host_dir = Some(PathBuf::from(value()?)),
+                "--no-host-group" => parsed.no_host_group = true,
                 "--lease" => parsed.lease = Some(duration(value()?)?),
                 "--report-every" => parsed.report_every = Some(duration(value()?)?),
                 "--catch-up" => {
@@ -207,6 +228,9 @@ impl Args {
         }
         if parsed.workers == 0 {
             return Err("--workers must be at least 1".to_owned());
+        }
+        if parsed.no_host_group && parsed.host_dir.is_some() {
+            return Err("--host-dir and --no-host-group exclude each other".to_owned());
         }
         if let Some(base) = parsed.worker_ports {
             let last = usize::from(base) + parsed.workers - 1;
@@ -327,5 +351,16 @@ mod tests {
         assert!(parse("--lease soon").unwrap_err().contains("--lease"));
         assert!(parse("--worker-ports 65535 --workers 2").is_err());
         assert!(parse("--frobnicate").unwrap_err().contains("--frobnicate"));
+        let a = parse("--host-dir /run/app/host").unwrap().unwrap();
+        assert_eq!(
+            a.host_dir.as_deref(),
+            Some(std::path::Path::new("/run/app/host"))
+        );
+        assert!(parse("--no-host-group").unwrap().unwrap().no_host_group);
+        assert!(
+            parse("--no-host-group --host-dir /x")
+                .unwrap_err()
+                .contains("exclude")
+        );
     }
 }

@@ -3,8 +3,16 @@
 //!
 //! No sockets are passed: every worker binds `--bind` itself with `SO_REUSEPORT`. The supervisor
 //! takes no part in the election.
+//!
+//! With a server backend it makes its workers one **host group**: each gets
+//! `TOWER_PRIMARY_HOST_DIR` ([`HOST_DIR_ENV`]) set to `--host-dir`, by default
+//! `<state-dir>/host`, which it creates with mode 0700 (the folder holds the host candidate's
+//! resume token). One worker then campaigns on the server for the whole host and the others follow
+//! it there. `--no-host-group` leaves the variable out of the workers' environment (removing one
+//! the supervisor inherited): every worker campaigns itself. The file backend gets none of it.
 
 use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -13,7 +21,7 @@ use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::Instant;
-use tower_primary::BoxError;
+use tower_primary::{BoxError, HOST_DIR_ENV};
 
 use super::Args;
 use super::worker::SUPERVISOR_ENV;
@@ -22,6 +30,32 @@ use super::worker::SUPERVISOR_ENV;
 /// growing delay (a crash loop must not spin).
 const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 const MAX_RESTART_DELAY: Duration = Duration::from_secs(10);
+
+/// The host group's folder for the workers: `None` for the file backend or with
+/// `--no-host-group`; else `--host-dir` or `<state-dir>/host`, created (mode 0700) if missing.
+fn host_dir(args: &Args, server_backend: bool) -> std::io::Result<Option<PathBuf>> {
+    if !server_backend || args.no_host_group {
+        return Ok(None);
+    }
+    let dir = args
+        .host_dir
+        .clone()
+        .unwrap_or_else(|| args.state_dir.join("host"));
+    create_private_dir(&dir)?;
+    Ok(Some(dir))
+}
+
+/// Creates `dir` readable by this user only (its parents as usual), unless it exists.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        other => other,
+    }
+}
 
 pub(crate) fn main(args: &Args) -> Result<(), BoxError> {
     // One thread: the workers' parent-death signal follows the thread that started them.
@@ -42,23 +76,33 @@ async fn supervise(args: &Args) -> Result<(), BoxError> {
     let me = std::process::id();
     // Mistakes every worker would make are reported once, here.
     super::worker::check_addresses(args)?;
-    if let Some(backend) = &args.backend {
-        tower_primary::backend::from_url(backend)?;
+    let server_backend = if let Some(backend) = &args.backend {
+        !matches!(
+            tower_primary::backend::from_url(backend)?.name(),
+            "file" | "memory"
+        )
     } else {
         std::fs::create_dir_all(args.state_dir.join("locks"))?;
-    }
+        false
+    };
+    let host_dir = host_dir(args, server_backend)?;
     let exe = std::env::current_exe()?;
     let argv: Vec<OsString> = std::env::args_os().skip(1).collect();
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
 
     let start = |index: usize, delay: Duration| -> std::io::Result<Worker> {
-        let child = Command::new(&exe)
-            .args(&argv)
+        let mut cmd = Command::new(&exe);
+        cmd.args(&argv)
             .env(tower_primary::role::WORKER_ENV, index.to_string())
             .env(SUPERVISOR_ENV, me.to_string())
-            .stdin(Stdio::null())
-            .spawn()?;
+            .stdin(Stdio::null());
+        match &host_dir {
+            Some(dir) => cmd.env(HOST_DIR_ENV, dir),
+            None if args.no_host_group => cmd.env_remove(HOST_DIR_ENV),
+            None => &mut cmd,
+        };
+        let child = cmd.spawn()?;
         let pid = child.id().unwrap_or(0);
         tracing::info!("worker started worker={index} pid={pid}");
         Ok(Worker {
@@ -69,10 +113,13 @@ async fn supervise(args: &Args) -> Result<(), BoxError> {
         })
     };
     tracing::info!(
-        "supervisor started pid={me} workers={} bind={} state_dir={}",
+        "supervisor started pid={me} workers={} bind={} state_dir={} host_group={}",
         args.workers,
         args.bind,
-        args.state_dir.display()
+        args.state_dir.display(),
+        host_dir
+            .as_ref()
+            .map_or_else(|| "off".to_owned(), |d| d.display().to_string())
     );
     let mut workers = (0..args.workers)
         .map(|i| start(i, Duration::ZERO))
