@@ -1,0 +1,747 @@
+//! Host groups with real processes: node processes that share a host directory
+//! (`TOWER_PRIMARY_HOST_DIR`) campaign as one group, on each server backend (Redis, PostgreSQL,
+//! etcd).
+//!
+//! - one candidate, many workers: one primary, every follower names the same holder, and only the
+//!   candidate holds connections to the server (counted from `/proc`, whatever the server);
+//! - a `SIGKILL`ed candidate: a sibling takes over with a higher term (resuming the lease on Redis
+//!   and etcd; joining the queue at once on PostgreSQL);
+//! - a container stop (`SIGTERM` to every worker at once): no lease is left held;
+//! - a `SIGTERM`ed candidate: a sibling takes over without a lease wait;
+//! - a `SIGSTOP`ped candidate: replaced after its lease and a margin, it steps down when resumed;
+//! - a bad host directory in the environment: a clear error at spawn, never primary;
+//! - one host directory shared by nodes of different backends: never two candidates.
+//!
+//! Redis is the machine's server at 127.0.0.1:6379 (a key prefix per test), PostgreSQL the
+//! machine's (`DATABASE_URL`, or `postgres://root@127.0.0.1:5432/test`, a namespace per test),
+//! etcd a server of each test's own. Without one of them the test prints `SKIPPED` for that
+//! backend (or fails when `TOWER_PRIMARY_REQUIRE_BACKENDS=1`). Tests run one at a time.
+//!
+//! ```text
+//! cargo test -p tower-primary --all-features --test host_groups -- --nocapture
+//! ```
+#![cfg(all(
+    feature = "file",
+    feature = "redis",
+    feature = "postgres",
+    feature = "etcd"
+))]
+
+mod common;
+
+use common::ms;
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::sync::{Mutex, MutexGuard};
+use tower_primary::backend::AcquireRequest;
+use tower_primary::{Clock, Lease, NodeId};
+use tower_primary_lab::node::{Cluster, Event, EventKind, NodeCommand, NodeConfig, NodeSignal};
+use tower_primary_lab::servers::{self, EtcdServer, TempDir};
+use tower_primary_lab::sockets::established_to;
+use tower_primary_testing::history::History;
+
+/// Bounds a broken run only.
+const WAIT: Duration = Duration::from_secs(40);
+
+/// The variable that puts a node into a host group.
+const HOST_DIR_ENV: &str = "TOWER_PRIMARY_HOST_DIR";
+
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+/// The node side of this binary: the tests re-execute it in node mode.
+#[test]
+fn node_entry() {
+    common::node_entry();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Servers
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Redis,
+    Postgres,
+    Etcd,
+}
+
+const KINDS: [Kind; 3] = [Kind::Redis, Kind::Postgres, Kind::Etcd];
+
+impl Kind {
+    /// Whether the backend has a lease on the server (which a resume takes over).
+    fn leases(self) -> bool {
+        self != Kind::Postgres
+    }
+}
+
+/// One backend's server for one test: where it listens and a key space of the test's own.
+struct Server {
+    kind: Kind,
+    /// The backend string without the test's parameters.
+    base: String,
+    port: u16,
+    /// The key prefix (Redis, etcd) or namespace (PostgreSQL) of this test.
+    space: String,
+    _etcd: Option<EtcdServer>,
+}
+
+impl Server {
+    async fn start(kind: Kind, test: &str) -> Option<Server> {
+        let space = format!(
+            "hg-{test}-{}-{:x}",
+            std::process::id(),
+            tower_primary::clock::monotonic_nanos()
+        );
+        let (base, port, etcd) = match kind {
+            Kind::Redis => {
+                let base = "redis://127.0.0.1:6379".to_owned();
+                servers::require("redis at 127.0.0.1:6379", redis_ping(&base).await)?;
+                (base, 6379, None)
+            }
+            Kind::Postgres => {
+                let base = servers::postgres_url();
+                let port = servers::require("postgres", postgres_port(&base).await)?;
+                (base, port, None)
+            }
+            Kind::Etcd => {
+                let etcd = servers::require("etcd", EtcdServer::start().await)?;
+                (etcd.url(), etcd.addr().port(), Some(etcd))
+            }
+        };
+        Some(Server {
+            kind,
+            base,
+            port,
+            space,
+            _etcd: etcd,
+        })
+    }
+
+    /// The backend string of this test's nodes, whose lease is `lease`.
+    fn url(&self, lease: Duration) -> String {
+        self.url_in(0, lease)
+    }
+
+    /// The backend string in Redis database `db` (the same for the other backends).
+    fn url_in(&self, db: u8, lease: Duration) -> String {
+        match self.kind {
+            Kind::Redis => format!(
+                "{}/{db}?prefix={}&max_lease={}ms",
+                self.base,
+                self.space,
+                lease.as_millis()
+            ),
+            Kind::Postgres => {
+                let sep = if self.base.contains('?') { '&' } else { '?' };
+                format!("{}{sep}namespace={}", self.base, self.space)
+            }
+            Kind::Etcd => format!("{}?prefix={}", self.base, self.space),
+        }
+    }
+}
+
+async fn redis_ping(url: &str) -> Result<(), String> {
+    let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+    let mut conn = tokio::time::timeout(
+        Duration::from_secs(2),
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    .map_err(|_| "no answer within 2 s".to_owned())?
+    .map_err(|e| e.to_string())?;
+    redis::cmd("PING")
+        .query_async::<String>(&mut conn)
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+async fn postgres_port(url: &str) -> Result<u16, String> {
+    let config: tokio_postgres::Config = url.parse().map_err(|e| format!("{url}: {e}"))?;
+    let (client, conn) = tokio::time::timeout(
+        Duration::from_secs(2),
+        config.connect(tokio_postgres::NoTls),
+    )
+    .await
+    .map_err(|_| "no answer within 2 s".to_owned())?
+    .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    client
+        .simple_query("SELECT 1")
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(config.get_ports().first().copied().unwrap_or(5432))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Groups
+
+/// A host directory of its own (mode 0700), for `lock`.
+fn host_dir() -> TempDir {
+    let dir = TempDir::new("host-group").expect("a temporary directory");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
+        .expect("chmod 0700");
+    dir
+}
+
+/// This binary in node mode, in the host group of `dir`.
+fn in_group(dir: &Path) -> NodeCommand {
+    NodeCommand::test_entry("node_entry")
+        .expect("the test binary's path")
+        .env(HOST_DIR_ENV, dir)
+}
+
+/// A host group of node processes on one server.
+struct Group {
+    cluster: Cluster,
+    dir: TempDir,
+    server: Server,
+    lock: String,
+    lease: Duration,
+}
+
+impl Group {
+    async fn new(kind: Kind, test: &str, lease: Duration) -> Option<Group> {
+        let server = Server::start(kind, test).await?;
+        let dir = host_dir();
+        let lock = test.to_owned();
+        let config = NodeConfig::new(server.url(lease), &lock)
+            .lease(lease)
+            .grace(Duration::from_secs(2));
+        Some(Group {
+            cluster: Cluster::new(in_group(dir.path()), config),
+            dir,
+            server,
+            lock,
+            lease,
+        })
+    }
+
+    fn spawn(&mut self, n: usize) -> Vec<u32> {
+        self.cluster.spawn_nodes(n).expect("node processes")
+    }
+
+    fn live(&self) -> Vec<u32> {
+        self.cluster
+            .states()
+            .values()
+            .filter(|s| s.alive)
+            .map(|s| s.pid)
+            .collect()
+    }
+
+    /// Waits until exactly one live node is primary, its task started, and every other live,
+    /// running node reports it (its term and pid) as the holder: (pid, term).
+    async fn settled(&self) -> (u32, u64) {
+        let res = self
+            .cluster
+            .wait_for(
+                "one primary, named (term and pid) by every follower",
+                WAIT,
+                group_settled,
+            )
+            .await;
+        res.unwrap_or_else(|e| panic!("{:?}: {e}", self.server.kind))
+    }
+
+    /// Connections of each live node to the server.
+    fn connections(&self) -> Vec<(u32, usize)> {
+        self.live()
+            .into_iter()
+            .map(|pid| (pid, established_to(pid, self.server.port).unwrap_or(0)))
+            .collect()
+    }
+
+    /// The `.host` record of the lock, as JSON.
+    fn host_record(&self) -> Option<serde_json::Value> {
+        let text = std::fs::read_to_string(self.dir.path().join(format!("{}.host", self.lock)));
+        serde_json::from_str(&text.ok()?).ok()
+    }
+
+    /// Panics with the dump unless `cond`.
+    fn ensure(&self, cond: bool, what: impl FnOnce() -> String) {
+        assert!(
+            cond,
+            "{:?}: {}\n{}",
+            self.server.kind,
+            what(),
+            self.cluster.dump()
+        );
+    }
+
+    /// Takes the lock directly on the backend within half a lease: no lease is left held.
+    async fn lock_is_free(&self) -> bool {
+        let backend = tower_primary::backend::from_url(&self.server.url(self.lease)).unwrap();
+        let lock = backend.lock(&self.lock).unwrap();
+        let req = AcquireRequest::new(NodeId::new("probe"))
+            .with_lease(Some(Lease::new(self.lease)))
+            .with_clock(Clock::system());
+        match tokio::time::timeout(self.lease / 2, lock.acquire(req)).await {
+            Ok(Ok(leadership)) => {
+                let _ = leadership.release().await;
+                true
+            }
+            Ok(Err(e)) => panic!(
+                "{:?}: the probe's acquisition failed: {e}",
+                self.server.kind
+            ),
+            Err(_) => false,
+        }
+    }
+
+    /// `SIGTERM` to every live node, then waits until they have exited.
+    async fn stop_all(&self) -> Vec<(u32, Option<i32>)> {
+        terminate_all(&self.cluster).await
+    }
+}
+
+/// `SIGTERM` to every live node of `cluster` at once, then waits until they have exited: their
+/// exit codes.
+async fn terminate_all(cluster: &Cluster) -> Vec<(u32, Option<i32>)> {
+    let live: Vec<u32> = cluster
+        .states()
+        .values()
+        .filter(|s| s.alive)
+        .map(|s| s.pid)
+        .collect();
+    for pid in &live {
+        let _ = cluster.signal(*pid, NodeSignal::Term).await;
+    }
+    let mut codes = Vec::new();
+    for pid in live {
+        let (code, _) = cluster
+            .wait_exit(pid, WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        codes.push((pid, code));
+    }
+    codes
+}
+
+/// The holder (term, pid) the last `secondary` line of each node names.
+fn holders(events: &[Event]) -> std::collections::BTreeMap<u32, (Option<u64>, Option<u32>)> {
+    let mut last = std::collections::BTreeMap::new();
+    for e in events {
+        if let EventKind::Secondary {
+            holder_term,
+            holder_pid,
+        } = e.kind
+        {
+            last.insert(e.pid, (holder_term, holder_pid));
+        }
+    }
+    last
+}
+
+fn group_settled(events: &[Event]) -> Option<(u32, u64)> {
+    let states = tower_primary_lab::node::node_states(events);
+    let live: Vec<_> = states.values().filter(|s| s.alive).collect();
+    let primaries: Vec<(u32, u64)> = live
+        .iter()
+        .filter_map(|s| match s.role {
+            Some(tower_primary_lab::node::ObservedRole::Primary { term }) => Some((s.pid, term)),
+            _ => None,
+        })
+        .collect();
+    let [(pid, term)] = primaries[..] else {
+        return None;
+    };
+    let started = events
+        .iter()
+        .any(|e| e.pid == pid && matches!(e.kind, EventKind::TaskStart { term: t } if t == term));
+    let named = holders(events);
+    let all_follow = live.iter().filter(|s| s.pid != pid && !s.stopped).all(|s| {
+        matches!(
+            s.role,
+            Some(tower_primary_lab::node::ObservedRole::Secondary { .. })
+        ) && named.get(&s.pid) == Some(&(Some(term), Some(pid)))
+    });
+    (started && all_follow).then_some((pid, term))
+}
+
+/// Whether `json` holds the number `pid` anywhere (the `.host` record names its candidate's
+/// process; its exact layout is the library's).
+fn names_pid(json: &serde_json::Value, pid: u32) -> bool {
+    match json {
+        serde_json::Value::Number(n) => n.as_u64() == Some(u64::from(pid)),
+        serde_json::Value::Array(a) => a.iter().any(|v| names_pid(v, pid)),
+        serde_json::Value::Object(o) => o
+            .iter()
+            .any(|(k, v)| (k.contains("pid") || v.is_object()) && names_pid(v, pid)),
+        _ => false,
+    }
+}
+
+/// Runs `scenario` on each backend, one test at a time.
+async fn on_each_backend<F, Fut>(scenario: F)
+where
+    F: Fn(Kind) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let _serial: MutexGuard<'_, ()> = SERIAL.lock().await;
+    for kind in KINDS {
+        println!("--- {kind:?}");
+        scenario(kind).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. One candidate, many workers
+
+#[tokio::test]
+async fn one_candidate_talks_to_the_server_for_many_workers() {
+    on_each_backend(one_candidate).await;
+}
+
+async fn one_candidate(kind: Kind) {
+    let Some(mut g) = Group::new(kind, "one-candidate", Duration::from_secs(2)).await else {
+        return;
+    };
+    g.spawn(1);
+    let (first, term) = g.settled().await;
+    let alone: usize = g.connections().iter().map(|(_, n)| n).sum();
+    g.ensure(alone > 0, || {
+        format!(
+            "the candidate holds no connection to port {}",
+            g.server.port
+        )
+    });
+
+    // W = 4: the same primary, named by every follower.
+    g.spawn(3);
+    let settled = g.settled().await;
+    g.ensure(settled == (first, term), || {
+        format!("the group of 4 settled on {settled:?}, not on the first node {first} term {term}")
+    });
+
+    // W = 6: followers hold no connection to the server; the group's total does not grow.
+    g.spawn(2);
+    let settled = g.settled().await;
+    g.ensure(settled == (first, term), || {
+        format!("the group of 6 settled on {settled:?}")
+    });
+    let per_node = g.connections();
+    let followers: Vec<_> = per_node.iter().filter(|(pid, _)| *pid != first).collect();
+    g.ensure(followers.len() == 5, || format!("{per_node:?}"));
+    g.ensure(followers.iter().all(|(_, n)| *n == 0), || {
+        format!("followers hold connections to the server: {per_node:?}")
+    });
+    let six: usize = per_node.iter().map(|(_, n)| n).sum();
+    g.ensure(six <= alone, || {
+        format!("W=1: {alone} connection(s); W=6: {six} ({per_node:?})")
+    });
+    println!("{kind:?}: connections to the server with W=1: {alone}, with W=6: {six}");
+    g.cluster.assert_history_ok();
+    let codes = g.stop_all().await;
+    g.ensure(codes.iter().all(|(_, c)| *c == Some(0)), || {
+        format!("{codes:?}")
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Worker kill
+
+/// A long lease: a successor that waited for it would show.
+const LONG_LEASE: Duration = Duration::from_secs(8);
+
+#[tokio::test]
+async fn a_killed_candidate_is_succeeded_by_a_sibling_with_a_higher_term() {
+    on_each_backend(worker_kill).await;
+}
+
+async fn worker_kill(kind: Kind) {
+    let Some(mut g) = Group::new(kind, "worker-kill", LONG_LEASE).await else {
+        return;
+    };
+    g.spawn(3);
+    let (old, _) = g.settled().await;
+    let s = g.cluster.kill_primary(WAIT).await;
+    assert_eq!(s.old, old);
+    let (new, new_term) = g.settled().await;
+    g.ensure(new == s.next.pid && new_term > s.term, || {
+        format!("settled on {new} term {new_term} after term {}", s.term)
+    });
+    let record = g.host_record();
+    g.ensure(record.as_ref().is_some_and(|r| names_pid(r, new)), || {
+        format!("the .host record does not name the successor {new}: {record:?}")
+    });
+    let took = Duration::from_nanos(s.next.at - s.signalled_at);
+    if kind.leases() {
+        // A resume takes the lease over; a fresh acquisition would wait for the dead one's key.
+        g.ensure(took < g.lease / 2, || {
+            format!("the successor waited for the lease ({took:?}): no resume")
+        });
+    }
+    println!(
+        "{kind:?}: SIGKILL of the candidate → sibling primary after {:.1} ms (lease {:?})",
+        ms(s.signalled_at, s.next.at),
+        g.lease
+    );
+    g.stop_all().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Container stop
+
+#[tokio::test]
+async fn a_container_stop_leaves_no_lease_held() {
+    on_each_backend(container_stop).await;
+}
+
+async fn container_stop(kind: Kind) {
+    let Some(mut g) = Group::new(kind, "container-stop", LONG_LEASE).await else {
+        return;
+    };
+    g.spawn(4);
+    g.settled().await;
+    let codes = g.stop_all().await;
+    g.ensure(codes.iter().all(|(_, c)| *c == Some(0)), || {
+        format!("not every worker exited with 0: {codes:?}")
+    });
+    g.cluster.assert_history_ok();
+    g.ensure(g.lock_is_free().await, || {
+        format!(
+            "the lock is still held on the backend after every worker exited (waited {:?})",
+            g.lease / 2
+        )
+    });
+    // A new group on another host directory takes it at once.
+    let dir = host_dir();
+    let mut next = Cluster::new(in_group(dir.path()), g.cluster.config().clone());
+    next.spawn_nodes(2).unwrap();
+    let (pid, term) = next.wait_settled(WAIT).await.unwrap();
+    println!("{kind:?}: after a container stop a new group is primary: pid {pid} term {term}");
+    terminate_all(&next).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Handover on exit
+
+#[tokio::test]
+async fn a_terminated_candidate_hands_its_lease_to_a_sibling() {
+    on_each_backend(handover_on_exit).await;
+}
+
+async fn handover_on_exit(kind: Kind) {
+    let Some(mut g) = Group::new(kind, "handover", LONG_LEASE).await else {
+        return;
+    };
+    g.spawn(3);
+    g.settled().await;
+    let h = g.cluster.terminate_primary(WAIT).await;
+    let s = &h.succession;
+    let (new, new_term) = g.settled().await;
+    g.ensure(new == s.next.pid && new_term > s.term, || {
+        format!("settled on {new} term {new_term} after term {}", s.term)
+    });
+    let took = Duration::from_nanos(s.next.at - s.signalled_at);
+    g.ensure(took < g.lease / 2, || {
+        format!("the sibling waited for the lease: {took:?}")
+    });
+    let record = g.host_record();
+    g.ensure(record.as_ref().is_some_and(|r| names_pid(r, new)), || {
+        format!("the .host record does not name the sibling {new}: {record:?}")
+    });
+    println!(
+        "{kind:?}: SIGTERM of the candidate → sibling primary after {:.1} ms",
+        ms(s.signalled_at, s.next.at)
+    );
+    g.stop_all().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Stopped candidate
+
+#[tokio::test]
+async fn a_stopped_candidate_is_replaced_and_steps_down_when_resumed() {
+    on_each_backend(stopped_candidate).await;
+}
+
+async fn stopped_candidate(kind: Kind) {
+    let Some(mut g) = Group::new(kind, "stopped", Duration::from_secs(2)).await else {
+        return;
+    };
+    g.spawn(3);
+    let (old, term) = g.settled().await;
+    let stopped = g.cluster.signal(old, NodeSignal::Stop).await.unwrap();
+    let next = g
+        .cluster
+        .wait_primary_after(term, old, WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+    let new_term = next.term().unwrap();
+    let record = g.host_record();
+    g.ensure(
+        record.as_ref().is_some_and(|r| names_pid(r, next.pid)),
+        || {
+            format!(
+                "the .host record does not name the replacement {}: {record:?}",
+                next.pid
+            )
+        },
+    );
+    let resumed = g.cluster.signal(old, NodeSignal::Cont).await.unwrap();
+    g.cluster
+        .wait_event("the resumed candidate to report secondary", WAIT, |e| {
+            e.pid == old && e.at > resumed && matches!(e.kind, EventKind::Secondary { .. })
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+    let events = g.cluster.events();
+    let late_tick = events.iter().find(|e| {
+        e.pid == old
+            && e.at > resumed
+            && matches!(e.kind, EventKind::Tick { term: t, .. } if t == term)
+    });
+    g.ensure(late_tick.is_none(), || {
+        format!("the resumed candidate ran its old term: {late_tick:?}")
+    });
+    let settled = g.settled().await;
+    g.ensure(settled == (next.pid, new_term), || {
+        format!("settled on {settled:?}, not on the replacement")
+    });
+    // Apart from the frozen period (ended by its deadline, which no line shows), no overlap.
+    let mut others = History::new();
+    for p in g.cluster.history().periods() {
+        if !(p.node == old.to_string() && p.term == term) {
+            others.push(p.clone());
+        }
+    }
+    let report = others.check();
+    g.ensure(report.is_ok(), || report.to_string());
+    println!(
+        "{kind:?}: SIGSTOP of the candidate (lease {:?}) → replacement primary after {:.1} ms",
+        g.lease,
+        ms(stopped, next.at)
+    );
+    g.stop_all().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Bad input through the environment
+
+#[tokio::test]
+async fn a_bad_host_directory_is_refused_at_spawn() {
+    on_each_backend(bad_host_dir).await;
+}
+
+async fn bad_host_dir(kind: Kind) {
+    let Some(server) = Server::start(kind, "bad-dir").await else {
+        return;
+    };
+    let base = TempDir::new("host-group-bad").unwrap();
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let missing = base.path().join("missing");
+    let real = base.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let link = base.path().join("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let open = base.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+
+    let cases: [(&Path, &[&str]); 3] = [
+        (&missing, &["exist", "missing", "not found", "no such"]),
+        (&link, &["symlink", "symbolic link"]),
+        (&open, &["writable", "mode", "777", "permission"]),
+    ];
+    let config = NodeConfig::new(server.url(Duration::from_secs(2)), "bad-dir")
+        .lease(Duration::from_secs(2));
+    for (dir, words) in cases {
+        let mut cluster = Cluster::new(in_group(dir), config.clone());
+        let pid = cluster.spawn_node().unwrap();
+        let (code, _) = cluster
+            .wait_exit(pid, WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("{kind:?}: {}: {e}", dir.display()));
+        let events = cluster.events();
+        let message = events.iter().find_map(|e| match &e.kind {
+            EventKind::Error { message } => Some(message.to_lowercase()),
+            _ => None,
+        });
+        let named = message
+            .as_deref()
+            .is_some_and(|m| words.iter().any(|w| m.contains(w)));
+        assert!(
+            code == Some(2) && named,
+            "{kind:?}: host dir {}: expected a spawn error naming one of {words:?}, got exit {code:?} \
+             and {message:?}\n{}",
+            dir.display(),
+            cluster.dump()
+        );
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e.kind, EventKind::Primary { .. })),
+            "{kind:?}: a node with a bad host dir became primary\n{}",
+            cluster.dump()
+        );
+        println!(
+            "{kind:?}: {} → {}",
+            dir.display(),
+            message.unwrap_or_default()
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Mixed groups
+
+#[tokio::test]
+async fn a_host_directory_shared_by_two_backends_never_has_two_candidates() {
+    let _serial = SERIAL.lock().await;
+    let lease = Duration::from_secs(2);
+    let Some(redis) = Server::start(Kind::Redis, "mixed").await else {
+        return;
+    };
+    // Redis database 0 and database 1; then Redis and PostgreSQL.
+    let mut others = vec![("redis db 1", redis.url_in(1, lease))];
+    if let Some(pg) = Server::start(Kind::Postgres, "mixed").await {
+        others.push(("postgres", pg.url(lease)));
+    }
+    for (name, other) in others {
+        let dir = host_dir();
+        let lock = "mixed";
+        let config = NodeConfig::new(redis.url(lease), lock)
+            .lease(lease)
+            .grace(Duration::from_secs(2));
+        let mut cluster = Cluster::new(in_group(dir.path()), config.clone());
+        let first = cluster.spawn_node().unwrap();
+        let (pid, term) = cluster.wait_settled(WAIT).await.unwrap();
+        assert_eq!(pid, first);
+        let second = cluster
+            .spawn_node_with(&NodeConfig::new(other, lock).lease(lease))
+            .unwrap();
+        // The newcomer either fails at spawn or starts, but it never campaigns beside the
+        // candidate of the other backend: at most one primary in the group at any time.
+        let outcome = cluster
+            .wait_for("the newcomer to report a role or exit", WAIT, |events| {
+                events.iter().find_map(|e| match &e.kind {
+                    EventKind::Error { message } if e.pid == second => {
+                        Some(format!("refused: {message}"))
+                    }
+                    EventKind::Secondary { .. } if e.pid == second => Some("secondary".to_owned()),
+                    EventKind::Primary { .. } if e.pid == second => Some("primary".to_owned()),
+                    _ => None,
+                })
+            })
+            .await
+            .unwrap();
+        let first_still = cluster
+            .states()
+            .get(&first)
+            .and_then(|s| s.role)
+            .is_some_and(|r| r == tower_primary_lab::node::ObservedRole::Primary { term });
+        assert!(
+            outcome != "primary" || !first_still,
+            "{name}: two primaries in one host group\n{}",
+            cluster.dump()
+        );
+        cluster.assert_history_ok();
+        println!("{name}: a newcomer of another backend in the group: {outcome}");
+        terminate_all(&cluster).await;
+    }
+}
