@@ -135,11 +135,31 @@ impl Server {
             ),
             Kind::Postgres => {
                 let sep = if self.base.contains('?') { '&' } else { '?' };
-                format!("{}{sep}namespace={}", self.base, self.space)
+                format!(
+                    "{}{sep}namespace={}&application_name={}",
+                    self.base, self.space, self.space
+                )
             }
             Kind::Etcd => format!("{}?prefix={}", self.base, self.space),
         }
     }
+}
+
+/// PostgreSQL's own count of this test's sessions (`pg_stat_activity`, by the application name
+/// the test's backend strings give).
+async fn postgres_sessions(server: &Server) -> usize {
+    let (client, conn) = tokio_postgres::connect(&server.base, tokio_postgres::NoTls)
+        .await
+        .expect("an admin connection");
+    tokio::spawn(conn);
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE $1 || '%'",
+            &[&server.space],
+        )
+        .await
+        .expect("pg_stat_activity");
+    usize::try_from(row.get::<_, i64>(0)).unwrap_or(usize::MAX)
 }
 
 async fn redis_ping(url: &str) -> Result<(), String> {
@@ -261,6 +281,7 @@ impl Group {
     }
 
     /// Panics with the dump unless `cond`.
+    #[track_caller]
     fn ensure(&self, cond: bool, what: impl FnOnce() -> String) {
         assert!(
             cond,
@@ -402,6 +423,11 @@ async fn one_candidate(kind: Kind) {
     g.spawn(1);
     let (first, term) = g.settled().await;
     let alone: usize = g.connections().iter().map(|(_, n)| n).sum();
+    let sessions_alone = if kind == Kind::Postgres {
+        postgres_sessions(&g.server).await
+    } else {
+        0
+    };
     g.ensure(alone > 0, || {
         format!(
             "the candidate holds no connection to port {}",
@@ -433,6 +459,16 @@ async fn one_candidate(kind: Kind) {
         format!("W=1: {alone} connection(s); W=6: {six} ({per_node:?})")
     });
     println!("{kind:?}: connections to the server with W=1: {alone}, with W=6: {six}");
+    if kind == Kind::Postgres {
+        // The server's view agrees.
+        let sessions = postgres_sessions(&g.server).await;
+        g.ensure(sessions <= sessions_alone, || {
+            format!("pg_stat_activity: W=1: {sessions_alone} session(s); W=6: {sessions}")
+        });
+        println!(
+            "Postgres: sessions in pg_stat_activity with W=1: {sessions_alone}, with W=6: {sessions}"
+        );
+    }
     g.cluster.assert_history_ok();
     let codes = g.stop_all().await;
     g.ensure(codes.iter().all(|(_, c)| *c == Some(0)), || {
@@ -653,10 +689,23 @@ async fn bad_host_dir(kind: Kind) {
     for (dir, words) in cases {
         let mut cluster = Cluster::new(in_group(dir), config.clone());
         let pid = cluster.spawn_node().unwrap();
-        let (code, _) = cluster
-            .wait_exit(pid, WAIT)
+        // Until it exits or reports a role, whichever comes first.
+        let first = cluster
+            .wait_event("the node to exit or report a role", WAIT, |e| {
+                e.pid == pid
+                    && matches!(
+                        e.kind,
+                        EventKind::Exited { .. }
+                            | EventKind::Primary { .. }
+                            | EventKind::Secondary { .. }
+                    )
+            })
             .await
             .unwrap_or_else(|e| panic!("{kind:?}: {}: {e}", dir.display()));
+        let code = match first.kind {
+            EventKind::Exited { code, .. } => code,
+            _ => None,
+        };
         let events = cluster.events();
         let message = events.iter().find_map(|e| match &e.kind {
             EventKind::Error { message } => Some(message.to_lowercase()),
