@@ -320,6 +320,39 @@ impl MemoryLock {
     fn faults(&self) -> &Faults {
         &self.backend.faults
     }
+
+    /// The leadership of a grant, with its renewal loop in lease mode.
+    fn leadership(
+        &self,
+        term: u64,
+        record: Holder,
+        version: watch::Receiver<u64>,
+        lease: Option<super::Lease>,
+        sent: crate::clock::Timestamp,
+        req: &AcquireRequest,
+    ) -> Box<dyn Leadership> {
+        let renewals = lease.map(|lease| {
+            let (tx, rx) = renewals(sent);
+            let task = tokio::spawn(renew(
+                self.backend.clone(),
+                self.name.clone(),
+                term,
+                lease.ttl(),
+                req.clone(),
+                tx,
+            ));
+            (rx, task)
+        });
+        Box::new(MemoryLeadership {
+            backend: self.backend.clone(),
+            name: self.name.clone(),
+            term,
+            record,
+            version,
+            renewals,
+            released: false,
+        })
+    }
 }
 
 impl Lock for MemoryLock {
@@ -350,27 +383,7 @@ impl Lock for MemoryLock {
                 });
                 match outcome {
                     Ok((term, record, version)) => {
-                        let renewals = lease.map(|lease| {
-                            let (tx, rx) = renewals(sent);
-                            let task = tokio::spawn(renew(
-                                self.backend.clone(),
-                                self.name.clone(),
-                                term,
-                                lease.ttl(),
-                                req.clone(),
-                                tx,
-                            ));
-                            (rx, task)
-                        });
-                        return Ok(Box::new(MemoryLeadership {
-                            backend: self.backend.clone(),
-                            name: self.name.clone(),
-                            term,
-                            record,
-                            version,
-                            renewals,
-                            released: false,
-                        }) as Box<dyn Leadership>);
+                        return Ok(self.leadership(term, record, version, lease, sent, &req));
                     }
                     Err((mut rx, expires)) => {
                         let far = Instant::now() + Duration::from_secs(86_400);
@@ -381,6 +394,44 @@ impl Lock for MemoryLock {
                     }
                 }
             }
+        })
+    }
+
+    /// In lease mode, the lease of `token` (its term) while it is still live, under a new term.
+    fn resume<'a>(
+        &'a self,
+        req: AcquireRequest,
+        token: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Box<dyn Leadership>>, Error>> {
+        Box::pin(async move {
+            self.faults().check("resume").await?;
+            let (Some(lease), Ok(old)) = (
+                req.lease.filter(|_| self.backend.lease),
+                token.parse::<u64>(),
+            ) else {
+                return Ok(None);
+            };
+            let sent = req.clock.now();
+            let sent_instant = Instant::now();
+            let taken = self.with_entry(|e| {
+                if e.live().is_none_or(|h| h.term != old) {
+                    return None;
+                }
+                e.last_term += 1;
+                let term = e.last_term;
+                let record = req.holder(term);
+                e.held = Some(Held {
+                    conn: self.faults().inner.id,
+                    term,
+                    record: record.clone(),
+                    expires: Some(sent_instant + lease.ttl()),
+                });
+                e.bump();
+                Some((term, record, e.holder_version.subscribe()))
+            });
+            Ok(taken.map(|(term, record, version)| {
+                self.leadership(term, record, version, Some(lease), sent, &req)
+            }))
         })
     }
 
@@ -539,6 +590,11 @@ impl Leadership for MemoryLeadership {
 
     fn renewals(&self) -> Option<Renewals> {
         self.renewals.as_ref().map(|(r, _)| r.clone())
+    }
+
+    /// In lease mode: the term, which [`Lock::resume`] takes over while the lease is live.
+    fn resume_token(&self) -> Option<String> {
+        self.backend.lease.then(|| self.term.to_string())
     }
 
     fn lost(&mut self) -> BoxFuture<'_, Error> {

@@ -7,7 +7,7 @@ use tracing::Instrument;
 use super::campaign::{Campaign, after};
 use super::check::FirstAnswer;
 use super::{Command, TARGET};
-use crate::backend::Leadership;
+use crate::backend::{Leadership, Release};
 use crate::clock::Timestamp;
 use crate::error::{Chain, Error};
 use crate::role::{Role, RoleState, TermContext};
@@ -169,8 +169,14 @@ impl Campaign {
         self.shared
             .watchdog
             .wait_on_backend(Phase::Releasing, clock.now());
+        // A shutdown may pass a host group's lease to a sibling process; anything else gives it
+        // back to the backend.
+        let why = match leave {
+            Leave::Shutdown(_) => Release::Exit,
+            _ => Release::StepDown,
+        };
         let release = leadership
-            .release()
+            .release_for(why)
             .instrument(tracing::info_span!(target: TARGET,
                 "release",
                 lock = %lock,

@@ -156,6 +156,7 @@ use self::dir_watch::*;
 use self::held::*;
 use self::paths::*;
 use self::records::*;
+pub(in crate::backend) use self::records::{read_prefix, write_atomic};
 use self::waiter::*;
 
 const NAME: &str = "file";
@@ -197,6 +198,7 @@ pub const MAX_STATE_VALUE: usize = 16 * 1024 * 1024;
 #[derive(Clone, Debug)]
 pub struct FileBackend {
     dir: PathBuf,
+    suffixes: Suffixes,
 }
 
 /// The former name of [`FileBackend`]: every backend type is now called `…Backend`.
@@ -208,7 +210,20 @@ impl FileBackend {
     /// ([`Backend::lock`]).
     #[must_use]
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        FileBackend { dir: dir.into() }
+        FileBackend {
+            dir: dir.into(),
+            suffixes: Suffixes::LOCK,
+        }
+    }
+
+    /// The candidate lock of a host group in `dir`: the same machinery under other file names
+    /// (`<name>.candidate`, `<name>.candidate-holder`, `<name>.mirror/`), so that it never meets
+    /// a file backend's lock of the same name in the same directory.
+    pub(in crate::backend) fn host_candidate(dir: impl Into<PathBuf>) -> Self {
+        FileBackend {
+            dir: dir.into(),
+            suffixes: Suffixes::CANDIDATE,
+        }
     }
 
     /// The directory, as given.
@@ -219,7 +234,7 @@ impl FileBackend {
 
     fn open(&self, name: &str) -> Result<DirLock, ConfigError> {
         validate_lock_name(name)?;
-        let paths = Paths::checked(&self.dir, name)?;
+        let paths = Paths::checked(&self.dir, name, self.suffixes)?;
         Ok(DirLock {
             inner: Arc::new(Inner {
                 name: name.to_owned(),

@@ -2,6 +2,29 @@
 
 use super::*;
 
+/// The suffixes of the files of one lock name.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Suffixes {
+    lock: &'static str,
+    holder: &'static str,
+    state: &'static str,
+}
+
+impl Suffixes {
+    /// The file backend's own files.
+    pub(super) const LOCK: Suffixes = Suffixes {
+        lock: "lock",
+        holder: "holder",
+        state: "state",
+    };
+    /// A host group's candidate lock.
+    pub(super) const CANDIDATE: Suffixes = Suffixes {
+        lock: "candidate",
+        holder: "candidate-holder",
+        state: "mirror",
+    };
+}
+
 /// The files of one lock name.
 #[derive(Debug)]
 pub(super) struct Paths {
@@ -16,7 +39,11 @@ pub(super) struct Paths {
 
 impl Paths {
     /// Checks the directory and prepares the lock file and the state directory.
-    pub(super) fn checked(given: &Path, name: &str) -> Result<Paths, ConfigError> {
+    pub(super) fn checked(
+        given: &Path,
+        name: &str,
+        suffixes: Suffixes,
+    ) -> Result<Paths, ConfigError> {
         let problem = |problem: String| ConfigError::LockDir {
             path: given.to_owned(),
             problem,
@@ -66,9 +93,9 @@ impl Paths {
                  lock file; use a private directory such as /run/<app> or /var/lib/<app>"
             );
         }
-        let lock_file = OsString::from(format!("{name}.lock"));
-        let holder_file = OsString::from(format!("{name}.holder"));
-        let state_name = OsString::from(format!("{name}.state"));
+        let lock_file = OsString::from(format!("{name}.{}", suffixes.lock));
+        let holder_file = OsString::from(format!("{name}.{}", suffixes.holder));
+        let state_name = OsString::from(format!("{name}.{}", suffixes.state));
         let paths = Paths {
             lock: dir.join(&lock_file),
             holder: dir.join(&holder_file),

@@ -21,7 +21,7 @@ pub(super) fn open_record(path: &Path) -> io::Result<Result<(File, u64), String>
 }
 
 /// Reads at most the first `n` bytes of a record file.
-pub(super) fn read_prefix(path: &Path, n: u64) -> io::Result<Result<Vec<u8>, String>> {
+pub(in crate::backend) fn read_prefix(path: &Path, n: u64) -> io::Result<Result<Vec<u8>, String>> {
     let (file, _) = match open_record(path)? {
         Ok(f) => f,
         Err(problem) => return Ok(Err(problem)),
@@ -33,7 +33,7 @@ pub(super) fn read_prefix(path: &Path, n: u64) -> io::Result<Result<Vec<u8>, Str
 
 /// Writes `bytes` to `dir/name` atomically: a temporary file, rename. With `durable`, the file is
 /// fsynced before the rename and the directory after it.
-pub(super) fn write_atomic(
+pub(in crate::backend) fn write_atomic(
     dir: &Path,
     name: &OsStr,
     bytes: &[u8],
