@@ -38,7 +38,9 @@ use std::time::Duration;
 use tokio::sync::{Mutex, MutexGuard};
 use tower_primary::backend::AcquireRequest;
 use tower_primary::{Clock, Lease, NodeId};
-use tower_primary_lab::node::{Cluster, Event, EventKind, NodeCommand, NodeConfig, NodeSignal};
+use tower_primary_lab::node::{
+    Cluster, Event, EventKind, NodeCommand, NodeConfig, NodeSignal, ObservedRole,
+};
 use tower_primary_lab::servers::{self, EtcdServer, TempDir};
 use tower_primary_lab::sockets::established_to;
 use tower_primary_testing::history::History;
@@ -419,7 +421,7 @@ fn group_settled(events: &[Event]) -> Option<(u32, u64)> {
     let primaries: Vec<(u32, u64)> = live
         .iter()
         .filter_map(|s| match s.role {
-            Some(tower_primary_lab::node::ObservedRole::Primary { term }) => Some((s.pid, term)),
+            Some(ObservedRole::Primary { term }) => Some((s.pid, term)),
             _ => None,
         })
         .collect();
@@ -431,10 +433,8 @@ fn group_settled(events: &[Event]) -> Option<(u32, u64)> {
         .any(|e| e.pid == pid && matches!(e.kind, EventKind::TaskStart { term: t } if t == term));
     let named = holders(events);
     let all_follow = live.iter().filter(|s| s.pid != pid && !s.stopped).all(|s| {
-        matches!(
-            s.role,
-            Some(tower_primary_lab::node::ObservedRole::Secondary { .. })
-        ) && named.get(&s.pid) == Some(&(Some(term), Some(pid)))
+        matches!(s.role, Some(ObservedRole::Secondary { .. }))
+            && named.get(&s.pid) == Some(&(Some(term), Some(pid)))
     });
     (started && all_follow).then_some((pid, term))
 }
@@ -831,33 +831,55 @@ async fn a_host_directory_shared_by_two_backends_never_has_two_candidates() {
         let second = cluster
             .spawn_node_with(&NodeConfig::new(other, lock).lease(lease))
             .unwrap();
-        // The newcomer either fails at spawn or starts, but it never campaigns beside the
-        // candidate of the other backend: at most one primary in the group at any time.
-        let outcome = cluster
+        // The newcomer is refused, or it starts, but it never campaigns beside the candidate
+        // of the other backend: at most one primary in the group at any time.
+        let refused = cluster
             .wait_for("the newcomer to report a role or exit", WAIT, |events| {
                 events.iter().find_map(|e| match &e.kind {
-                    EventKind::Error { message } if e.pid == second => {
-                        Some(format!("refused: {message}"))
+                    EventKind::Error { message } if e.pid == second => Some(Some(message.clone())),
+                    EventKind::Secondary { .. } | EventKind::Primary { .. } if e.pid == second => {
+                        Some(None)
                     }
-                    EventKind::Secondary { .. } if e.pid == second => Some("secondary".to_owned()),
-                    EventKind::Primary { .. } if e.pid == second => Some("primary".to_owned()),
                     _ => None,
                 })
             })
             .await
             .unwrap();
-        let first_still = cluster
-            .states()
-            .get(&first)
-            .and_then(|s| s.role)
-            .is_some_and(|r| r == tower_primary_lab::node::ObservedRole::Primary { term });
+        let dump = || cluster.dump();
         assert!(
-            outcome != "primary" || !first_still,
-            "{name}: two primaries in one host group\n{}",
-            cluster.dump()
+            cluster
+                .states()
+                .get(&first)
+                .is_some_and(|s| s.role == Some(ObservedRole::Primary { term })),
+            "{name}: the first candidate lost its term to a newcomer of another backend\n{}",
+            dump()
         );
         cluster.assert_history_ok();
-        println!("{name}: a newcomer of another backend in the group: {outcome}");
+        if let Some(message) = refused {
+            println!("{name}: a newcomer of another backend is refused: {message}");
+            terminate_all(&cluster).await;
+            continue;
+        }
+        // Accepted as a follower: the candidate's exit must not hand its lease to a sibling of
+        // another backend (nobody would renew it), and the newcomer then campaigns on its own.
+        cluster.signal(first, NodeSignal::Term).await.unwrap();
+        let exit = cluster.wait_exit(first, WAIT).await.unwrap();
+        assert_eq!(exit, (Some(0), None), "{name}\n{}", dump());
+        let left = lease_on_server(&redis, lock).await;
+        assert!(
+            left.is_none(),
+            "{name}: the candidate exited and left its Redis lease ({left:?}) to a sibling of \
+             another backend\n{}",
+            dump()
+        );
+        cluster
+            .wait_event("the newcomer to become primary", WAIT, |e| {
+                e.pid == second && matches!(e.kind, EventKind::Primary { .. })
+            })
+            .await
+            .unwrap();
+        cluster.assert_history_ok();
+        println!("{name}: a newcomer of another backend follows, then campaigns on its own");
         terminate_all(&cluster).await;
     }
 }
