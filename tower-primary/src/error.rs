@@ -41,6 +41,16 @@ pub enum ConfigError {
         /// What is wrong with it: missing, a symlink, not a directory, not writable.
         problem: String,
     },
+    /// The host directory of a host group cannot be used, or another process of the group
+    /// campaigns with another backend.
+    #[error("host directory {path}: {problem}")]
+    HostDir {
+        /// The directory given.
+        path: PathBuf,
+        /// What is wrong: missing, a symlink, not a directory, not private to the service user,
+        /// on a network file system, or led by a candidate of another backend address.
+        problem: String,
+    },
     /// A backend string could not be parsed.
     #[error("invalid backend string {url:?}: {problem}")]
     InvalidBackendUrl {

@@ -273,4 +273,6 @@ pub use crate::backend::file::FileBackend;
 #[cfg(feature = "file")]
 #[allow(deprecated)]
 pub use crate::backend::file::FileLock;
+#[cfg(feature = "file")]
+pub use crate::backend::host::{HOST_DIR_ENV, HostGroup};
 pub use crate::backend::memory::MemoryBackend;

@@ -61,6 +61,8 @@ use crate::role::{Holder, NodeId};
 pub mod etcd;
 #[cfg(feature = "file")]
 pub mod file;
+#[cfg(feature = "file")]
+pub mod host;
 #[cfg(any(feature = "redis", feature = "postgres", feature = "etcd"))]
 mod host_port;
 mod lease;

@@ -32,6 +32,9 @@ pub struct ElectorBuilder {
     clock: Option<Clock>,
     liveness_bound: Duration,
     check_timeout: Duration,
+    /// `None`: from the environment; `Some(None)`: off.
+    #[cfg_attr(not(feature = "file"), allow(dead_code))]
+    host_dir: Option<Option<std::path::PathBuf>>,
 }
 
 impl fmt::Debug for ElectorBuilder {
@@ -63,7 +66,50 @@ impl ElectorBuilder {
             clock: None,
             liveness_bound: Duration::from_secs(10),
             check_timeout: Duration::from_secs(30),
+            host_dir: None,
         }
+    }
+
+    /// Campaigns as one [host group](crate::backend::host) with the other processes of this host
+    /// that use the same directory: one process per host (the candidate) talks to the backend,
+    /// the others follow it. Without this call, the environment variable
+    /// [`TOWER_PRIMARY_HOST_DIR`](crate::HOST_DIR_ENV) turns it on, read at spawn. Ignored, with a
+    /// debug log, for the file and memory backends (a file lock is already per host; a memory
+    /// backend lives in one process).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tower_primary::{Elector, MemoryBackend};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let dir = tempfile::tempdir()?;
+    /// // With a server backend (redis://, postgres://, etcd://) the processes of this host meet
+    /// // in `dir`; the memory backend ignores it.
+    /// let elector = Elector::builder("jobs")
+    ///     .backend(MemoryBackend::new())
+    ///     .host_dir(dir.path())
+    ///     .spawn()?;
+    /// elector.handle().wait_primary().await;
+    /// # elector.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[cfg(feature = "file")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "file")))]
+    pub fn host_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.host_dir = Some(Some(dir.into()));
+        self
+    }
+
+    /// Campaigns alone, whatever [`TOWER_PRIMARY_HOST_DIR`](crate::HOST_DIR_ENV) says: undoes
+    /// [`host_dir`](Self::host_dir).
+    #[cfg(feature = "file")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "file")))]
+    pub fn no_host_dir(mut self) -> Self {
+        self.host_dir = Some(None);
+        self
     }
 
     /// The backend the lock lives in.
@@ -245,6 +291,14 @@ impl ElectorBuilder {
     fn validate(self) -> Result<Checked, ConfigError> {
         validate_lock_name(&self.lock)?;
         let backend = self.backend.clone().ok_or(ConfigError::NoBackend)?;
+        #[cfg(feature = "file")]
+        let backend = crate::backend::host::wrap(
+            backend,
+            self.host_dir
+                .clone()
+                .unwrap_or_else(crate::backend::host::dir_from_env),
+            &self.lock,
+        );
         if self.grace.is_zero() {
             return Err(ConfigError::InvalidTiming {
                 setting: "grace",

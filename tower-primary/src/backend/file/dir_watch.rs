@@ -3,10 +3,10 @@
 use super::*;
 
 /// An inotify watch on the lock directory and the state directory, shared by the subscriptions
-/// of one `Lock` object.
+/// of one `Lock` object (on the process's one inotify instance, [`super::inotify`]).
 pub(super) struct DirWatch {
     pub(super) signals: Arc<Signals>,
-    pub(super) _watcher: notify::RecommendedWatcher,
+    pub(super) _subscriptions: Vec<super::inotify::Subscription>,
 }
 
 impl DirWatch {
@@ -32,16 +32,17 @@ impl DirWatch {
             broken: AtomicBool::new(false),
         });
         let handler = signals.clone();
-        let mut watcher = notify::recommended_watcher(move |res| handler.on_event(res))
-            .map_err(|e| Error::backend(NAME, "cannot start watching the lock directory", e))?;
+        let handler: super::inotify::Handler = Arc::new(move |res| handler.on_event(res));
+        let mut subscriptions = Vec::new();
         for dir in [&paths.dir, &paths.state_dir] {
-            watcher
-                .watch(dir, RecursiveMode::NonRecursive)
-                .map_err(|e| Error::backend(NAME, format!("cannot watch {}", dir.display()), e))?;
+            let subscription = super::inotify::subscribe(dir, handler.clone()).map_err(|e| {
+                Error::backend_msg(NAME, format!("cannot watch {}: {e}", dir.display()))
+            })?;
+            subscriptions.push(subscription);
         }
         Ok(Arc::new(DirWatch {
             signals,
-            _watcher: watcher,
+            _subscriptions: subscriptions,
         }))
     }
 }
@@ -87,7 +88,7 @@ impl Signals {
     }
 
     /// Runs on notify's thread.
-    pub(super) fn on_event(&self, res: notify::Result<notify::Event>) {
+    pub(super) fn on_event(&self, res: &notify::Result<notify::Event>) {
         let event = match res {
             Ok(e) => e,
             Err(err) => {

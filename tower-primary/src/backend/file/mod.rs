@@ -134,8 +134,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::errno::Errno;
 use nix::unistd::AccessFlags;
+use notify::EventKind;
 use notify::event::ModifyKind;
-use notify::{EventKind, RecursiveMode, Watcher as _};
 use tokio::sync::{oneshot, watch};
 
 use super::{
@@ -146,6 +146,7 @@ use crate::role::Holder;
 
 mod dir_watch;
 mod held;
+pub(in crate::backend) mod inotify;
 mod paths;
 mod records;
 #[cfg(test)]

@@ -1,0 +1,420 @@
+//! Unit tests of host groups, on the memory backend in lease mode (a flock is between open
+//! files, so two groups' locks in one process meet as two processes would). Processes that
+//! really die, hang and exit are the integration tests' (`tests/host_groups.rs`).
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::lock::Group;
+use super::record::{Files, Heartbeat, HostRecord};
+use super::*;
+use crate::backend::{AcquireRequest, memory::MemoryBackend};
+use crate::clock::Clock;
+use crate::process::ProcessIdentity;
+use crate::role::NodeId;
+
+const LEASE: Duration = Duration::from_secs(60);
+
+fn host_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).unwrap();
+    dir
+}
+
+fn request(node: &str) -> AcquireRequest {
+    AcquireRequest::new(NodeId::new(node)).with_lease(Some(Lease::new(LEASE)))
+}
+
+fn group_lock(server: &MemoryBackend, dir: &tempfile::TempDir) -> Arc<dyn Lock> {
+    HostGroup::new(server.clone(), dir.path())
+        .lock("jobs")
+        .unwrap()
+}
+
+/// A pid that no process has: a child that was reaped.
+fn dead_process() -> ProcessIdentity {
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    child.wait().unwrap();
+    let mut dead = ProcessIdentity::current().unwrap();
+    dead.pid = pid;
+    dead
+}
+
+/// Rewrites `.host` as `edit` says.
+fn edit_host(dir: &tempfile::TempDir, edit: impl FnOnce(&mut HostRecord)) {
+    let files = Files::new(dir.path(), "jobs");
+    let super::record::Read::Found(mut record) = files.read_host().unwrap() else {
+        panic!("no host record");
+    };
+    edit(&mut record);
+    files.write_host(&record).unwrap();
+}
+
+async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(v) = f().await {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}: not within 10 s"))
+}
+
+#[tokio::test]
+async fn one_candidate_talks_to_the_server_and_followers_read_its_mirrors() {
+    let dir = host_dir();
+    let server = MemoryBackend::new().with_lease();
+    let a = group_lock(&server, &dir);
+    // The follower's connection fails every call: it must never need it.
+    let offline = server.connection();
+    offline.faults().set_failing(true);
+    let b = group_lock(&offline, &dir);
+
+    let term = a.acquire(request("a")).await.unwrap();
+    assert_eq!(term.holder().id, "a");
+    a.store("progress", b"1", term.term()).await.unwrap();
+
+    let holder = eventually("the follower reads the holder", async || {
+        b.holder().await.unwrap().filter(|h| h.id == "a")
+    })
+    .await;
+    assert_eq!(holder.term, term.term());
+    let mut changes = b.watch_key("progress").await.unwrap();
+    let loaded = b.load("progress").await.unwrap().unwrap();
+    assert_eq!(
+        (loaded.value.as_slice(), loaded.term),
+        (&b"1"[..], term.term())
+    );
+    a.store("progress", b"2", term.term()).await.unwrap();
+    changes.changed().await.unwrap();
+    eventually("the follower reads the new value", async || {
+        b.load("progress")
+            .await
+            .unwrap()
+            .filter(|s| s.value == b"2")
+    })
+    .await;
+    assert!(b.load("never-stored").await.unwrap().is_none());
+    let long = "k".repeat(200);
+    assert!(b.load(&long).await.is_err());
+
+    // The follower waits for the candidate lock.
+    let waiting = tokio::time::timeout(Duration::from_millis(100), b.acquire(request("b"))).await;
+    assert!(waiting.is_err());
+    term.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_dead_candidate_s_lease_is_resumed_at_once_with_a_higher_term() {
+    let dir = host_dir();
+    let server = MemoryBackend::new().with_lease();
+    let a = group_lock(&server, &dir);
+    let b = group_lock(&server, &dir);
+    let first = a.acquire(request("a")).await.unwrap();
+    let first_term = first.term();
+    // The candidate "dies": its leadership stops renewing without a release, and its process
+    // is certified gone.
+    drop(first);
+    edit_host(&dir, |r| r.candidate = Some(dead_process()));
+
+    // Without a resume, this would wait for the 60 s lease.
+    let second = tokio::time::timeout(Duration::from_secs(10), b.acquire(request("b")))
+        .await
+        .expect("resumed at once")
+        .unwrap();
+    assert!(second.term() > first_term);
+    assert_eq!(second.holder().id, "b");
+    assert_eq!(
+        server
+            .lock("jobs")
+            .unwrap()
+            .holder()
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
+        "b"
+    );
+    let files = Files::new(dir.path(), "jobs");
+    let super::record::Read::Found(record) = files.read_host().unwrap() else {
+        panic!("no host record");
+    };
+    assert_eq!(record.term, Some(second.term()));
+    assert_eq!(record.candidate, ProcessIdentity::current());
+    assert!(!record.released);
+    second.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn without_a_certificate_the_lease_is_not_resumed() {
+    let dir = host_dir();
+    let server = MemoryBackend::new().with_lease();
+    let a = group_lock(&server, &dir);
+    let b = group_lock(&server, &dir);
+    // The record names this (live) process: no certificate, so b waits for the lease.
+    drop(a.acquire(request("a")).await.unwrap());
+    let waiting = tokio::time::timeout(Duration::from_millis(300), b.acquire(request("b"))).await;
+    assert!(waiting.is_err());
+}
+
+#[tokio::test]
+async fn the_host_record_decides_whether_to_resume() {
+    let dir = host_dir();
+    let server = MemoryBackend::new().with_lease();
+    let a = group_lock(&server, &dir);
+    drop(a.acquire(request("a")).await.unwrap());
+    let group = Group::new(
+        Files::new(dir.path(), "jobs"),
+        server.address(),
+        "memory",
+        server.lock("jobs").unwrap(),
+        FileBackend::host_candidate(dir.path())
+            .lock("jobs")
+            .unwrap(),
+        dir.path().to_owned(),
+    );
+    let req = request("b");
+    let dead = dead_process();
+    edit_host(&dir, |r| r.candidate = Some(dead.clone()));
+    assert!(group.resumable(&req).await.is_some(), "a death certificate");
+
+    for (what, edit) in [
+        (
+            "another address",
+            Box::new(|r: &mut HostRecord| r.address = "redis://elsewhere".into())
+                as Box<dyn Fn(&mut HostRecord)>,
+        ),
+        (
+            "another lock",
+            Box::new(|r: &mut HostRecord| r.lock = "other".into()),
+        ),
+        (
+            "another lease",
+            Box::new(|r: &mut HostRecord| r.lease_ms = Some(1)),
+        ),
+        (
+            "an earlier boot",
+            Box::new(|r: &mut HostRecord| r.boot_id = "earlier".into()),
+        ),
+        ("no token", Box::new(|r: &mut HostRecord| r.token = None)),
+        (
+            "a live candidate",
+            Box::new(|r: &mut HostRecord| r.candidate = ProcessIdentity::current()),
+        ),
+    ] {
+        edit_host(&dir, |r| {
+            r.candidate = Some(dead.clone());
+            edit(r);
+        });
+        assert!(group.resumable(&req).await.is_none(), "{what}");
+        edit_host(&dir, |r| {
+            *r = group.record(&request("a"), None, false);
+            r.token = Some("1".into());
+            r.candidate = Some(dead.clone());
+        });
+    }
+    // A live candidate that passed its lease on at exit.
+    edit_host(&dir, |r| {
+        r.candidate = ProcessIdentity::current();
+        r.released = true;
+    });
+    assert!(group.resumable(&req).await.is_some(), "a handover mark");
+    fs::write(dir.path().join("jobs.host"), b"{not json").unwrap();
+    assert!(group.resumable(&req).await.is_none(), "a corrupt record");
+}
+
+#[tokio::test]
+async fn exit_passes_the_lease_to_a_waiting_sibling() {
+    let dir = host_dir();
+    let server = MemoryBackend::new().with_lease();
+    let a = group_lock(&server, &dir);
+    let b = group_lock(&server, &dir);
+    let first = a.acquire(request("a")).await.unwrap();
+    let first_term = first.term();
+    let waiting = tokio::spawn(async move { b.acquire(request("b")).await });
+    // b announces itself while it waits.
+    eventually("the sibling announces itself", async || {
+        Files::new(dir.path(), "jobs")
+            .live_sibling(ProcessIdentity::current().as_ref())
+            .then_some(())
+    })
+    .await;
+    first.release_for(Release::Exit).await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the sibling took the lease over")
+        .unwrap()
+        .unwrap();
+    assert!(second.term() > first_term);
+    assert_eq!(
+        server
+            .lock("jobs")
+            .unwrap()
+            .holder()
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
+        "b"
+    );
+    second.release().await.unwrap();
+    assert!(
+        server
+            .lock("jobs")
+            .unwrap()
+            .holder()
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn exit_without_a_taker_releases_to_the_backend() {
+    let dir = host_dir();
+    let server = MemoryBackend::new().with_lease();
+    let a = group_lock(&server, &dir);
+    // Alone: released at once.
+    let first = a.acquire(request("a")).await.unwrap();
+    first.release_for(Release::Exit).await.unwrap();
+    assert!(
+        server
+            .lock("jobs")
+            .unwrap()
+            .holder()
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // A sibling that announces itself but never takes the lock: after the bound, the exiting
+    // candidate takes the candidate lock back and releases the lease.
+    let second = a.acquire(request("a")).await.unwrap();
+    let files = Files::new(dir.path(), "jobs");
+    let _never = files.announce(ProcessIdentity::current().as_ref()).unwrap();
+    second.release_for(Release::Exit).await.unwrap();
+    assert!(
+        server
+            .lock("jobs")
+            .unwrap()
+            .holder()
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let super::record::Read::Found(record) = files.read_host().unwrap() else {
+        panic!("no host record");
+    };
+    assert!(!record.released && record.token.is_none(), "{record:?}");
+}
+
+#[tokio::test]
+async fn step_down_releases_to_the_backend_and_the_next_candidate_campaigns() {
+    let dir = host_dir();
+    let server = MemoryBackend::new().with_lease();
+    let a = group_lock(&server, &dir);
+    let b = group_lock(&server, &dir);
+    let first = a.acquire(request("a")).await.unwrap();
+    let waiting = tokio::spawn(async move { b.acquire(request("b")).await });
+    first.release_for(Release::StepDown).await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.holder().id, "b");
+    second.release().await.unwrap();
+}
+
+/// The heartbeat logic on tokio's paused clock: a candidate whose heartbeat is older than its
+/// lease and a half, and which still holds the candidate lock, gets its candidate file replaced.
+#[tokio::test(start_paused = true)]
+async fn a_hung_candidate_s_file_is_replaced_once_its_heartbeat_is_stale() {
+    let dir = host_dir();
+    let server = MemoryBackend::new().with_lease();
+    let _prepare = group_lock(&server, &dir);
+    let group = Group::new(
+        Files::new(dir.path(), "jobs"),
+        server.address(),
+        "memory",
+        server.lock("jobs").unwrap(),
+        FileBackend::host_candidate(dir.path())
+            .lock("jobs")
+            .unwrap(),
+        dir.path().to_owned(),
+    );
+    let clock = Clock::tokio();
+    let req = request("b").with_clock(clock);
+    // The "hung" candidate holds the candidate lock.
+    let held = fs::File::open(dir.path().join("jobs.candidate")).unwrap();
+    held.lock().unwrap();
+    let before = group.candidate_inode();
+
+    // A heartbeat from the future is never stale.
+    let beat = |at_ns| Heartbeat {
+        candidate: ProcessIdentity::current(),
+        at_ns,
+    };
+    group.files.write_heartbeat(&beat(u64::MAX / 2)).unwrap();
+    let well = tokio::time::timeout(LEASE * 10, group.watch_hung(before, &req)).await;
+    assert!(well.is_err(), "a well candidate is left alone");
+    assert_eq!(group.candidate_inode(), before);
+
+    // A heartbeat that stopped now: stale after the lease and a half.
+    group
+        .files
+        .write_heartbeat(&beat(clock.now().as_nanos()))
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    assert!(group.watch_hung(before, &req).await);
+    let waited = started.elapsed();
+    assert!(
+        waited > LEASE + LEASE / 2 && waited <= LEASE * 2,
+        "{waited:?}"
+    );
+    assert_ne!(group.candidate_inode(), before);
+    // Another waiter sees the new file and moves to it, without replacing it again.
+    let after = group.candidate_inode();
+    assert!(!group.watch_hung(before, &req).await);
+    assert_eq!(group.candidate_inode(), after);
+}
+
+#[tokio::test]
+async fn a_newcomer_on_another_backend_is_refused_while_the_candidate_lives() {
+    let dir = host_dir();
+    let server = MemoryBackend::new().with_lease();
+    let a = group_lock(&server, &dir);
+    let term = a.acquire(request("a")).await.unwrap();
+    edit_host(&dir, |r| r.address = "redis://127.0.0.1:6379/0".into());
+    let err = HostGroup::new(server.clone(), dir.path())
+        .lock("jobs")
+        .unwrap_err();
+    assert!(matches!(err, ConfigError::HostDir { .. }), "{err}");
+    assert!(err.to_string().contains("campaigns on redis://"), "{err}");
+    // Once that candidate is gone, the newcomer starts afresh.
+    edit_host(&dir, |r| r.candidate = Some(dead_process()));
+    HostGroup::new(server.clone(), dir.path())
+        .lock("jobs")
+        .unwrap();
+    term.release().await.unwrap();
+}
+
+#[test]
+fn the_builder_wraps_server_backends_only() {
+    let dir = host_dir();
+    let memory: Arc<dyn Backend> = Arc::new(MemoryBackend::new());
+    let kept = wrap(memory, Some(dir.path().to_owned()), "jobs");
+    assert!(format!("{kept:?}").starts_with("MemoryBackend"), "{kept:?}");
+    let grouped: Arc<dyn Backend> = Arc::new(HostGroup::new(MemoryBackend::new(), dir.path()));
+    let once = wrap(grouped, Some(dir.path().to_owned()), "jobs");
+    assert!(
+        format!("{once:?}").starts_with("HostGroup { inner: MemoryBackend"),
+        "{once:?}"
+    );
+}
