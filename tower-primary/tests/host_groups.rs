@@ -37,6 +37,7 @@ use std::time::Duration;
 
 use tokio::sync::{Mutex, MutexGuard};
 use tower_primary::backend::AcquireRequest;
+use tower_primary::backend::host::HOST_DIR_ENV;
 use tower_primary::{Clock, Lease, NodeId};
 use tower_primary_lab::node::{
     Cluster, Event, EventKind, NodeCommand, NodeConfig, NodeSignal, ObservedRole,
@@ -47,9 +48,6 @@ use tower_primary_testing::history::History;
 
 /// Bounds a broken run only.
 const WAIT: Duration = Duration::from_secs(40);
-
-/// The variable that puts a node into a host group.
-const HOST_DIR_ENV: &str = "TOWER_PRIMARY_HOST_DIR";
 
 static SERIAL: Mutex<()> = Mutex::const_new(());
 
@@ -69,14 +67,7 @@ enum Kind {
     Etcd,
 }
 
-const KINDS: [Kind; 3] = [Kind::Redis, Kind::Postgres, Kind::Etcd];
-
-impl Kind {
-    /// Whether the backend has a lease on the server (which a resume takes over).
-    fn leases(self) -> bool {
-        self != Kind::Postgres
-    }
-}
+impl Kind {}
 
 /// One backend's server for one test: where it listens and a key space of the test's own.
 struct Server {
@@ -218,6 +209,83 @@ async fn lease_on_server(server: &Server, lock: &str) -> Option<String> {
                 .expect("pg_locks");
             (row.get::<_, i64>(0) > 0).then(|| "an advisory lock".to_owned())
         }
+    }
+}
+
+/// What Redis says about a lease while its holder changes: when the lock key would run out at
+/// the earliest (read when the watch began), and the messages of the lock's event channel since.
+/// A successor granted before that time, with no `released` message in between, took the lease
+/// over: a fresh acquisition waits until the key is released or runs out.
+struct RedisLeaseWatch {
+    /// `CLOCK_MONOTONIC` ns before which the key cannot have run out.
+    runs_out: u64,
+    messages: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RedisLeaseWatch {
+    async fn start(server: &Server, lock: &str) -> RedisLeaseWatch {
+        use futures_util::StreamExt as _;
+        let client = redis::Client::open(server.base.as_str()).expect("a Redis URL");
+        let tag = format!("{{{}:{lock}}}", server.space);
+        let mut pubsub = client
+            .get_async_pubsub()
+            .await
+            .expect("a Redis subscription");
+        pubsub
+            .subscribe(format!("{tag}:events"))
+            .await
+            .expect("SUBSCRIBE");
+        let messages = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = messages.clone();
+        let task = tokio::spawn(async move {
+            let mut stream = pubsub.into_on_message();
+            while let Some(msg) = stream.next().await {
+                let text = String::from_utf8_lossy(msg.get_payload_bytes()).into_owned();
+                seen.lock().unwrap().push(text);
+            }
+        });
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("a Redis connection");
+        let read_at = tower_primary::clock::monotonic_nanos();
+        let pttl: i64 = redis::cmd("PTTL")
+            .arg(format!("{tag}:lock"))
+            .query_async(&mut conn)
+            .await
+            .expect("PTTL");
+        assert!(
+            pttl > 0,
+            "the lock key has no lease to take over (PTTL {pttl})"
+        );
+        RedisLeaseWatch {
+            runs_out: read_at + u64::try_from(pttl).unwrap_or(0) * 1_000_000,
+            messages,
+            task,
+        }
+    }
+
+    /// Why `granted_at` (`CLOCK_MONOTONIC` ns) was not a takeover of the watched lease, if it
+    /// was not.
+    fn not_taken_over(&self, granted_at: u64) -> Option<String> {
+        let messages = self.messages.lock().unwrap().clone();
+        if granted_at >= self.runs_out {
+            return Some(format!(
+                "granted {:.1} ms after the lock key could have run out",
+                ms(self.runs_out, granted_at)
+            ));
+        }
+        messages
+            .iter()
+            .any(|m| m.starts_with("released"))
+            .then(|| format!("the lease was released to Redis in between: {messages:?}"))
+    }
+}
+
+impl Drop for RedisLeaseWatch {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -400,6 +468,34 @@ async fn terminate_all(cluster: &Cluster) -> Vec<(u32, Option<i32>)> {
     codes
 }
 
+/// On a lease backend, that the successor granted at `granted_at` took the lease over rather
+/// than waiting for it or taking a new one: on etcd the same candidate key (the same etcd lease)
+/// holds the lock as `before`; on Redis the grant came before the old lock key could have run
+/// out, and nothing was released to the server in between. Nothing on PostgreSQL (no lease).
+async fn check_taken_over(
+    g: &Group,
+    before: Option<String>,
+    redis: Option<&RedisLeaseWatch>,
+    granted_at: u64,
+    how: &str,
+) {
+    match g.server.kind {
+        Kind::Etcd => {
+            let after = lease_on_server(&g.server, &g.lock).await;
+            g.ensure(before.is_some() && after == before, || {
+                format!("not {how}: the etcd key holding the lock was {before:?}, is {after:?}")
+            });
+        }
+        Kind::Redis => {
+            let why = redis.and_then(|w| w.not_taken_over(granted_at));
+            g.ensure(why.is_none(), || {
+                format!("not {how}: {}", why.unwrap_or_default())
+            });
+        }
+        Kind::Postgres => {}
+    }
+}
+
 /// The holder (term, pid) the last `secondary` line of each node names.
 fn holders(events: &[Event]) -> std::collections::BTreeMap<u32, (Option<u64>, Option<u32>)> {
     let mut last = std::collections::BTreeMap::new();
@@ -452,26 +548,48 @@ fn names_pid(json: &serde_json::Value, pid: u32) -> bool {
     }
 }
 
-/// Runs `scenario` on each backend, one test at a time.
-async fn on_each_backend<F, Fut>(scenario: F)
-where
-    F: Fn(Kind) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
+/// Runs `scenario` on one backend, one test at a time.
+async fn run<Fut: std::future::Future<Output = ()>>(kind: Kind, scenario: fn(Kind) -> Fut) {
     let _serial: MutexGuard<'_, ()> = SERIAL.lock().await;
-    for kind in KINDS {
-        println!("--- {kind:?}");
-        scenario(kind).await;
-    }
+    scenario(kind).await;
+}
+
+/// A module `$name` of three tests, `redis`, `postgres` and `etcd`, that run `$scenario` on
+/// that backend; each may carry attributes (`#[ignore = "why"]`).
+macro_rules! on_each_backend {
+    ($name:ident, $scenario:ident) => {
+        on_each_backend!($name, $scenario, redis: [], postgres: [], etcd: []);
+    };
+    ($name:ident, $scenario:ident,
+     redis: [$(#[$r:meta])*], postgres: [$(#[$p:meta])*], etcd: [$(#[$e:meta])*]) => {
+        mod $name {
+            use super::{$scenario, Kind, run};
+
+            #[tokio::test]
+            $(#[$r])*
+            async fn redis() {
+                run(Kind::Redis, $scenario).await;
+            }
+
+            #[tokio::test]
+            $(#[$p])*
+            async fn postgres() {
+                run(Kind::Postgres, $scenario).await;
+            }
+
+            #[tokio::test]
+            $(#[$e])*
+            async fn etcd() {
+                run(Kind::Etcd, $scenario).await;
+            }
+        }
+    };
 }
 
 // ---------------------------------------------------------------------------------------------
 // 1. One candidate, many workers
 
-#[tokio::test]
-async fn one_candidate_talks_to_the_server_for_many_workers() {
-    on_each_backend(one_candidate).await;
-}
+on_each_backend!(one_candidate_many_workers, one_candidate);
 
 async fn one_candidate(kind: Kind) {
     let Some(mut g) = Group::new(kind, "one-candidate", Duration::from_secs(2)).await else {
@@ -539,10 +657,7 @@ async fn one_candidate(kind: Kind) {
 /// A long lease: a successor that waited for it would show.
 const LONG_LEASE: Duration = Duration::from_secs(8);
 
-#[tokio::test]
-async fn a_killed_candidate_is_succeeded_by_a_sibling_with_a_higher_term() {
-    on_each_backend(worker_kill).await;
-}
+on_each_backend!(worker_kill_resumes, worker_kill);
 
 async fn worker_kill(kind: Kind) {
     let Some(mut g) = Group::new(kind, "worker-kill", LONG_LEASE).await else {
@@ -551,6 +666,11 @@ async fn worker_kill(kind: Kind) {
     g.spawn(3);
     let (old, _) = g.settled().await;
     let before = lease_on_server(&g.server, &g.lock).await;
+    let redis = if kind == Kind::Redis {
+        Some(RedisLeaseWatch::start(&g.server, &g.lock).await)
+    } else {
+        None
+    };
     let s = g.cluster.kill_primary(WAIT).await;
     assert_eq!(s.old, old);
     let (new, new_term) = g.settled().await;
@@ -561,14 +681,7 @@ async fn worker_kill(kind: Kind) {
     g.ensure(record.as_ref().is_some_and(|r| names_pid(r, new)), || {
         format!("the .host record does not name the successor {new}: {record:?}")
     });
-    if kind.leases() {
-        // A resume takes the dead candidate's lease over (its Redis token, its etcd lease); a
-        // fresh acquisition would have waited for that lease to run out and made a new one.
-        let after = lease_on_server(&g.server, &g.lock).await;
-        g.ensure(before.is_some() && after == before, || {
-            format!("not resumed: the lease on the server was {before:?}, is {after:?}")
-        });
-    }
+    check_taken_over(&g, before, redis.as_ref(), s.next.at, "resumed").await;
     println!(
         "{kind:?}: SIGKILL of the candidate → sibling primary after {:.1} ms (lease {:?})",
         ms(s.signalled_at, s.next.at),
@@ -580,10 +693,7 @@ async fn worker_kill(kind: Kind) {
 // ---------------------------------------------------------------------------------------------
 // 3. Container stop
 
-#[tokio::test]
-async fn a_container_stop_leaves_no_lease_held() {
-    on_each_backend(container_stop).await;
-}
+on_each_backend!(container_stop_leaves_no_lease, container_stop);
 
 async fn container_stop(kind: Kind) {
     let Some(mut g) = Group::new(kind, "container-stop", LONG_LEASE).await else {
@@ -618,31 +728,27 @@ async fn container_stop(kind: Kind) {
 // ---------------------------------------------------------------------------------------------
 // 4. Handover on exit
 
-#[tokio::test]
-async fn a_terminated_candidate_hands_its_lease_to_a_sibling() {
-    on_each_backend(handover_on_exit).await;
-}
+on_each_backend!(handover_on_exit, handover);
 
-async fn handover_on_exit(kind: Kind) {
+async fn handover(kind: Kind) {
     let Some(mut g) = Group::new(kind, "handover", LONG_LEASE).await else {
         return;
     };
     g.spawn(3);
     g.settled().await;
     let before = lease_on_server(&g.server, &g.lock).await;
+    let redis = if kind == Kind::Redis {
+        Some(RedisLeaseWatch::start(&g.server, &g.lock).await)
+    } else {
+        None
+    };
     let h = g.cluster.terminate_primary(WAIT).await;
     let s = &h.succession;
     let (new, new_term) = g.settled().await;
     g.ensure(new == s.next.pid && new_term > s.term, || {
         format!("settled on {new} term {new_term} after term {}", s.term)
     });
-    if kind.leases() {
-        // Handed over inside the group: the same lease on the server, no wait for it.
-        let after = lease_on_server(&g.server, &g.lock).await;
-        g.ensure(before.is_some() && after == before, || {
-            format!("not handed over: the lease on the server was {before:?}, is {after:?}")
-        });
-    }
+    check_taken_over(&g, before, redis.as_ref(), s.next.at, "handed over").await;
     let record = g.host_record();
     g.ensure(record.as_ref().is_some_and(|r| names_pid(r, new)), || {
         format!("the .host record does not name the sibling {new}: {record:?}")
@@ -657,10 +763,7 @@ async fn handover_on_exit(kind: Kind) {
 // ---------------------------------------------------------------------------------------------
 // 5. Stopped candidate
 
-#[tokio::test]
-async fn a_stopped_candidate_is_replaced_and_steps_down_when_resumed() {
-    on_each_backend(stopped_candidate).await;
-}
+on_each_backend!(stopped_candidate_is_replaced, stopped_candidate);
 
 async fn stopped_candidate(kind: Kind) {
     let Some(mut g) = Group::new(kind, "stopped", Duration::from_secs(2)).await else {
@@ -725,10 +828,7 @@ async fn stopped_candidate(kind: Kind) {
 // ---------------------------------------------------------------------------------------------
 // 6. Bad input through the environment
 
-#[tokio::test]
-async fn a_bad_host_directory_is_refused_at_spawn() {
-    on_each_backend(bad_host_dir).await;
-}
+on_each_backend!(bad_host_dir_is_refused, bad_host_dir);
 
 async fn bad_host_dir(kind: Kind) {
     let Some(server) = Server::start(kind, "bad-dir").await else {
