@@ -418,3 +418,48 @@ fn the_builder_wraps_server_backends_only() {
         "{once:?}"
     );
 }
+
+/// Through the elector: the follower is secondary and names the candidate as the holder; the
+/// candidate's shutdown passes the lease to it (the elector releases with `Release::Exit`).
+#[tokio::test]
+async fn electors_follow_the_candidate_and_its_shutdown_hands_over() {
+    let dir = host_dir();
+    let server = MemoryBackend::new().with_lease();
+    let elector = |node: &str, backend: MemoryBackend| {
+        crate::Elector::builder("jobs")
+            .backend(HostGroup::new(backend, dir.path()))
+            .node(NodeId::new(node))
+            .lease(Lease::new(LEASE))
+            .spawn()
+            .unwrap()
+    };
+    let a = elector("a", server.connection());
+    let first = a.handle().wait_primary().await.term();
+    let offline = server.connection();
+    offline.faults().set_failing(true);
+    let b = elector("b", offline.clone());
+    let follower = b.handle();
+    eventually("the follower names the candidate", async || {
+        follower.holder().filter(|h| h.id == "a")
+    })
+    .await;
+    assert!(!follower.is_primary());
+
+    offline.faults().set_failing(false);
+    a.shutdown().await;
+    let second = tokio::time::timeout(Duration::from_secs(10), b.handle().wait_primary())
+        .await
+        .expect("handed over well before the 60 s lease ran out")
+        .term();
+    assert!(second > first);
+    b.shutdown().await;
+    assert!(
+        server
+            .lock("jobs")
+            .unwrap()
+            .holder()
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
