@@ -771,6 +771,12 @@ async fn stopped_candidate(kind: Kind) {
     };
     g.spawn(3);
     let (old, term) = g.settled().await;
+    let before = lease_on_server(&g.server, &g.lock).await;
+    let redis = if kind == Kind::Redis {
+        Some(RedisLeaseWatch::start(&g.server, &g.lock).await)
+    } else {
+        None
+    };
     let stopped = g.cluster.signal(old, NodeSignal::Stop).await.unwrap();
     let next = g
         .cluster
@@ -778,6 +784,29 @@ async fn stopped_candidate(kind: Kind) {
         .await
         .unwrap_or_else(|e| panic!("{kind:?}: {e}"));
     let new_term = next.term().unwrap();
+    // A fresh identity, not a resume: a new etcd lease; on Redis, granted only once the stopped
+    // candidate's key could have run out.
+    match kind {
+        Kind::Etcd => {
+            let after = lease_on_server(&g.server, &g.lock).await;
+            g.ensure(after.is_some() && after != before, || {
+                format!(
+                    "the stopped candidate's etcd key {before:?} still holds the lock: {after:?}"
+                )
+            });
+        }
+        Kind::Redis => {
+            let w = redis.as_ref().expect("a Redis watch");
+            g.ensure(next.at >= w.runs_out, || {
+                format!(
+                    "the stopped candidate's Redis lease was taken over {:.1} ms before it \
+                     could run out",
+                    ms(next.at, w.runs_out)
+                )
+            });
+        }
+        Kind::Postgres => {}
+    }
     let record = g.host_record();
     g.ensure(
         record.as_ref().is_some_and(|r| names_pid(r, next.pid)),
