@@ -959,80 +959,86 @@ async fn bad_host_dir(kind: Kind) {
 // ---------------------------------------------------------------------------------------------
 // 7. Mixed groups
 
-#[tokio::test]
-async fn a_host_directory_shared_by_two_backends_never_has_two_candidates() {
+/// A node of `other`'s backend joins a host directory whose candidate campaigns on Redis
+/// database 0. The host group refuses it at spawn, naming both backends (the module's choice:
+/// a clear error for the newcomer), and the candidate keeps its term.
+async fn newcomer_of_another_backend(other: impl FnOnce(&Server, Duration) -> Option<String>) {
     let _serial = SERIAL.lock().await;
     let lease = Duration::from_secs(2);
     let Some(redis) = Server::start(Kind::Redis, "mixed").await else {
         return;
     };
-    // Redis database 0 and database 1; then Redis and PostgreSQL.
-    let mut others = vec![("redis db 1", redis.url_in(1, lease))];
-    if let Some(pg) = Server::start(Kind::Postgres, "mixed").await {
-        others.push(("postgres", pg.url(lease)));
-    }
-    for (name, other) in others {
-        let dir = host_dir();
-        let lock = "mixed";
-        let config = NodeConfig::new(redis.url(lease), lock)
-            .lease(lease)
-            .grace(Duration::from_secs(2));
-        let mut cluster = Cluster::new(in_group(dir.path()), config.clone());
-        let first = cluster.spawn_node().unwrap();
-        let (pid, term) = cluster.wait_settled(WAIT).await.unwrap();
-        assert_eq!(pid, first);
-        let second = cluster
-            .spawn_node_with(&NodeConfig::new(other, lock).lease(lease))
-            .unwrap();
-        // The newcomer is refused, or it starts, but it never campaigns beside the candidate
-        // of the other backend: at most one primary in the group at any time.
-        let refused = cluster
-            .wait_for("the newcomer to report a role or exit", WAIT, |events| {
-                events.iter().find_map(|e| match &e.kind {
-                    EventKind::Error { message } if e.pid == second => Some(Some(message.clone())),
-                    EventKind::Secondary { .. } | EventKind::Primary { .. } if e.pid == second => {
-                        Some(None)
-                    }
-                    _ => None,
-                })
-            })
-            .await
-            .unwrap();
-        let dump = || cluster.dump();
-        assert!(
-            cluster
-                .states()
-                .get(&first)
-                .is_some_and(|s| s.role == Some(ObservedRole::Primary { term })),
-            "{name}: the first candidate lost its term to a newcomer of another backend\n{}",
-            dump()
-        );
-        cluster.assert_history_ok();
-        if let Some(message) = refused {
-            println!("{name}: a newcomer of another backend is refused: {message}");
-            terminate_all(&cluster).await;
-            continue;
-        }
-        // Accepted as a follower: the candidate's exit must not hand its lease to a sibling of
-        // another backend (nobody would renew it), and the newcomer then campaigns on its own.
-        cluster.signal(first, NodeSignal::Term).await.unwrap();
-        let exit = cluster.wait_exit(first, WAIT).await.unwrap();
-        assert_eq!(exit, (Some(0), None), "{name}\n{}", dump());
-        let left = lease_on_server(&redis, lock).await;
-        assert!(
-            left.is_none(),
-            "{name}: the candidate exited and left its Redis lease ({left:?}) to a sibling of \
-             another backend\n{}",
-            dump()
-        );
+    let Some(other) = other(&redis, lease) else {
+        return;
+    };
+    let dir = host_dir();
+    let lock = "mixed";
+    let config = NodeConfig::new(redis.url(lease), lock)
+        .lease(lease)
+        .grace(Duration::from_secs(2));
+    let mut cluster = Cluster::new(in_group(dir.path()), config);
+    let first = cluster.spawn_node().unwrap();
+    let (pid, term) = cluster.wait_settled(WAIT).await.unwrap();
+    assert_eq!(pid, first);
+    let second = cluster
+        .spawn_node_with(&NodeConfig::new(&other, lock).lease(lease))
+        .unwrap();
+    let first_report = cluster
+        .wait_event("the newcomer to exit or report a role", WAIT, |e| {
+            e.pid == second
+                && matches!(
+                    e.kind,
+                    EventKind::Exited { .. }
+                        | EventKind::Primary { .. }
+                        | EventKind::Secondary { .. }
+                )
+        })
+        .await
+        .unwrap();
+    let message = cluster.events().into_iter().find_map(|e| match e.kind {
+        EventKind::Error { message } if e.pid == second => Some(message),
+        _ => None,
+    });
+    assert!(
+        matches!(first_report.kind, EventKind::Exited { code: Some(2), .. })
+            && message.as_deref().is_some_and(|m| {
+                // Both backends named: their schemes at least.
+                m.contains("same backend") && m.contains("redis") && m.contains(&other[..4])
+            }),
+        "{other}: the newcomer was not refused with an error naming both backends: {message:?}\n{}",
+        cluster.dump()
+    );
+    assert!(
         cluster
-            .wait_event("the newcomer to become primary", WAIT, |e| {
-                e.pid == second && matches!(e.kind, EventKind::Primary { .. })
-            })
-            .await
-            .unwrap();
-        cluster.assert_history_ok();
-        println!("{name}: a newcomer of another backend follows, then campaigns on its own");
-        terminate_all(&cluster).await;
+            .states()
+            .get(&first)
+            .is_some_and(|s| s.role == Some(ObservedRole::Primary { term })),
+        "the candidate lost its term to a newcomer of another backend\n{}",
+        cluster.dump()
+    );
+    cluster.assert_history_ok();
+    println!("{other}: refused: {}", message.unwrap_or_default());
+    terminate_all(&cluster).await;
+}
+
+mod mixed_backends {
+    use super::{Kind, Server, newcomer_of_another_backend};
+
+    #[tokio::test]
+    #[ignore = "needs the Redis backend's address() to name its database (branch wip/redis-resume): remove once merged"]
+    async fn redis_databases() {
+        newcomer_of_another_backend(|redis, lease| Some(redis.url_in(1, lease))).await;
+    }
+
+    #[tokio::test]
+    async fn redis_and_postgres() {
+        let pg = Server::start(Kind::Postgres, "mixed").await;
+        newcomer_of_another_backend(|_, lease| pg.map(|pg| pg.url(lease))).await;
+    }
+
+    #[tokio::test]
+    async fn redis_and_etcd() {
+        let etcd = Server::start(Kind::Etcd, "mixed").await;
+        newcomer_of_another_backend(|_, lease| etcd.as_ref().map(|etcd| etcd.url(lease))).await;
     }
 }
