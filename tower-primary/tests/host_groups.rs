@@ -682,30 +682,89 @@ async fn worker_kill(kind: Kind) {
         return;
     };
     g.spawn(3);
-    let (old, _) = g.settled().await;
-    let before = lease_on_server(&g.server, &g.lock).await;
-    let redis = if kind == Kind::Redis {
-        Some(RedisLeaseWatch::start(&g.server, &g.lock).await)
-    } else {
-        None
-    };
-    let s = g.cluster.kill_primary(WAIT).await;
-    assert_eq!(s.old, old);
-    let (new, new_term) = g.settled().await;
-    g.ensure(new == s.next.pid && new_term > s.term, || {
-        format!("settled on {new} term {new_term} after term {}", s.term)
-    });
-    let record = g.host_record();
-    g.ensure(record.as_ref().is_some_and(|r| names_pid(r, new)), || {
-        format!("the .host record does not name the successor {new}: {record:?}")
-    });
-    check_taken_over(&g, before, redis.as_ref(), s.next.at, "resumed").await;
-    println!(
-        "{kind:?}: SIGKILL of the candidate → sibling primary after {:.1} ms (lease {:?})",
-        ms(s.signalled_at, s.next.at),
-        g.lease
-    );
+    // Three candidates in a row: a resumed lease's token must resume again.
+    for round in 1..=3 {
+        let (old, _) = g.settled().await;
+        let before = lease_on_server(&g.server, &g.lock).await;
+        let redis = if kind == Kind::Redis {
+            Some(RedisLeaseWatch::start(&g.server, &g.lock).await)
+        } else {
+            None
+        };
+        let s = g.cluster.kill_primary(WAIT).await;
+        assert_eq!(s.old, old);
+        let (new, new_term) = g.settled().await;
+        g.ensure(new == s.next.pid && new_term > s.term, || {
+            format!("settled on {new} term {new_term} after term {}", s.term)
+        });
+        let record = g.host_record();
+        g.ensure(record.as_ref().is_some_and(|r| names_pid(r, new)), || {
+            format!("the .host record does not name the successor {new}: {record:?}")
+        });
+        check_taken_over(&g, before, redis.as_ref(), s.next.at, "resumed").await;
+        println!(
+            "{kind:?}: SIGKILL of candidate {round} → sibling primary after {:.1} ms (lease {:?})",
+            ms(s.signalled_at, s.next.at),
+            g.lease
+        );
+        g.spawn(1);
+    }
+    g.cluster.assert_history_ok();
     g.stop_all().await;
+}
+
+on_each_backend!(exit_with_a_killed_sibling, exit_with_killed_sibling);
+on_each_backend!(exit_with_a_stopped_sibling, exit_with_stopped_sibling);
+
+async fn exit_with_killed_sibling(kind: Kind) {
+    exit_without_a_taker(kind, NodeSignal::Kill).await;
+}
+
+async fn exit_with_stopped_sibling(kind: Kind) {
+    exit_without_a_taker(kind, NodeSignal::Stop).await;
+}
+
+/// The candidate's only sibling was killed (its announcement may stay behind) or is stopped (it
+/// cannot take the candidate lock): the candidate's exit leaves no lease on the server that
+/// nobody renews. A stopped sibling, resumed, then campaigns and leads.
+async fn exit_without_a_taker(kind: Kind, fate: NodeSignal) {
+    let test = if fate == NodeSignal::Kill {
+        "exit-killed-sibling"
+    } else {
+        "exit-stopped-sibling"
+    };
+    let Some(mut g) = Group::new(kind, test, LONG_LEASE).await else {
+        return;
+    };
+    g.spawn(2);
+    let (candidate, term) = g.settled().await;
+    let sibling = g.live().into_iter().find(|p| *p != candidate).unwrap();
+    g.cluster.signal(sibling, fate).await.unwrap();
+    if fate == NodeSignal::Kill {
+        g.cluster.wait_exit(sibling, WAIT).await.unwrap();
+    }
+    g.cluster.signal(candidate, NodeSignal::Term).await.unwrap();
+    let exit = g.cluster.wait_exit(candidate, WAIT).await.unwrap();
+    g.ensure(exit == (Some(0), None), || format!("exit {exit:?}"));
+    let left = lease_on_server(&g.server, &g.lock).await;
+    g.ensure(left.is_none(), || {
+        format!("the candidate exited without a taker, and the server still holds {left:?}")
+    });
+    if fate == NodeSignal::Stop {
+        g.cluster.signal(sibling, NodeSignal::Cont).await.unwrap();
+        let next = g
+            .cluster
+            .wait_primary_after(term, candidate, WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+        g.ensure(next.pid == sibling, || format!("{next}"));
+        g.cluster.assert_history_ok();
+        g.stop_all().await;
+    } else {
+        g.ensure(g.lock_is_free().await, || {
+            "the lock is still held on the backend after the last candidate exited".to_owned()
+        });
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
