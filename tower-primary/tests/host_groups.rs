@@ -767,6 +767,129 @@ async fn exit_without_a_taker(kind: Kind, fate: NodeSignal) {
     }
 }
 
+on_each_backend!(
+    two_hosts_one_primary,
+    two_hosts,
+    redis: [#[ignore = "needs Lock::resume on Redis (branch wip/redis-resume): remove once merged"]],
+    postgres: [],
+    etcd: [#[ignore = "needs Lock::resume on etcd (branch wip/etcd-resume): remove once merged"]]
+);
+
+/// Two host groups (two host directories) on one lock: one primary over both. A killed
+/// candidate's lease goes to its own host's sibling on Redis and etcd (the resume, before the
+/// other host could take it); on PostgreSQL the other host's candidate, queued on the server,
+/// may take it.
+async fn two_hosts(kind: Kind) {
+    let Some(mut g) = Group::new(kind, "two-hosts", LONG_LEASE).await else {
+        return;
+    };
+    let other = host_dir();
+    let config = g.cluster.config().clone();
+    let mut host_of = std::collections::BTreeMap::new();
+    for _ in 0..2 {
+        host_of.insert(g.spawn(1)[0], "a");
+        let pid = g
+            .cluster
+            .spawn_node_running(&in_group(other.path()), &config)
+            .unwrap();
+        host_of.insert(pid, "b");
+    }
+    for _ in 0..2 {
+        let (old, _) = g.settled().await;
+        let s = g.cluster.kill_primary(WAIT).await;
+        let (old_host, new_host) = (host_of[&old], host_of[&s.next.pid]);
+        if kind != Kind::Postgres {
+            g.ensure(old_host == new_host, || {
+                format!(
+                    "the killed candidate of host {old_host} was succeeded by host {new_host}, \
+                     not by its own sibling"
+                )
+            });
+        }
+        println!(
+            "{kind:?}: two hosts: candidate of host {old_host} killed → host {new_host} primary \
+             after {:.1} ms",
+            ms(s.signalled_at, s.next.at)
+        );
+        // The killed node's host gets a new worker.
+        let pid = if old_host == "a" {
+            g.spawn(1)[0]
+        } else {
+            g.cluster
+                .spawn_node_running(&in_group(other.path()), &config)
+                .unwrap()
+        };
+        host_of.insert(pid, old_host);
+    }
+    g.cluster.assert_history_ok();
+    g.stop_all().await;
+}
+
+on_each_backend!(stopped_follower_keeps_the_candidate, stopped_follower);
+
+/// A follower frozen for several leases and resumed must not take a live candidate's heartbeat
+/// for a stale one: the candidate stays primary in its term, and nobody else becomes primary.
+async fn stopped_follower(kind: Kind) {
+    let Some(mut g) = Group::new(kind, "stopped-follower", Duration::from_secs(2)).await else {
+        return;
+    };
+    g.spawn(3);
+    let (candidate, term) = g.settled().await;
+    let follower = g.live().into_iter().find(|p| *p != candidate).unwrap();
+    // The candidate's own ticks measure the time: 3 leases frozen, 3 leases after.
+    let ticks_per_lease = (g.lease.as_millis() / g.cluster.config().tick.as_millis()) as u64;
+    let tick_of = |events: &[Event]| {
+        events
+            .iter()
+            .filter_map(|e| match e.kind {
+                EventKind::Tick { term: t, n } if e.pid == candidate && t == term => Some(n),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0)
+    };
+    let wait_ticks = |from: u64, what: &'static str| {
+        let target = from + 3 * ticks_per_lease;
+        g.cluster.wait_for(what, WAIT, move |events| {
+            (tick_of(events) >= target).then_some(())
+        })
+    };
+    g.cluster.signal(follower, NodeSignal::Stop).await.unwrap();
+    let now = tick_of(&g.cluster.events());
+    wait_ticks(
+        now,
+        "three leases of the candidate's ticks while a follower is stopped",
+    )
+    .await
+    .unwrap();
+    let resumed = g.cluster.signal(follower, NodeSignal::Cont).await.unwrap();
+    let now = tick_of(&g.cluster.events());
+    wait_ticks(
+        now,
+        "three leases of the candidate's ticks after the follower resumed",
+    )
+    .await
+    .unwrap();
+    let events = g.cluster.events();
+    let change = events.iter().find(|e| {
+        e.at > resumed
+            && match e.kind {
+                EventKind::Primary { term: t } => t != term,
+                EventKind::TaskCancelled { .. } => e.pid == candidate,
+                _ => false,
+            }
+    });
+    g.ensure(change.is_none(), || {
+        format!("a resumed follower disturbed the live candidate: {change:?}")
+    });
+    let settled = g.settled().await;
+    g.ensure(settled == (candidate, term), || {
+        format!("settled on {settled:?}")
+    });
+    g.cluster.assert_history_ok();
+    g.stop_all().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. Container stop
 
