@@ -6,17 +6,25 @@
 //!   pid), and only the candidate holds connections to the server (counted from `/proc` for each
 //!   process, whatever the server; PostgreSQL's `pg_stat_activity` agrees): as many with 6
 //!   workers as with 1;
-//! - `worker_kill_resumes`: a `SIGKILL`ed candidate is succeeded by a sibling with a higher term,
-//!   which takes the lease over on Redis and etcd and joins the queue at once on PostgreSQL;
+//! - `worker_kill_resumes`: a `SIGKILL`ed candidate (three in a row) is succeeded by a sibling
+//!   with a higher term, which takes the lease over on Redis and etcd and joins the queue at once
+//!   on PostgreSQL;
 //! - `container_stop_leaves_no_lease`: `SIGTERM` to every worker at once: all exit, the server
 //!   holds nothing for the lock right after the last exit, and a new group takes it at once;
 //! - `handover_on_exit`: a `SIGTERM`ed candidate hands its lease to a sibling;
 //! - `stopped_candidate_is_replaced`: a `SIGSTOP`ped candidate is replaced, after its lease and a
 //!   margin, by a follower with a fresh identity; resumed, it steps down (no overlap besides its
 //!   frozen term, which its deadline ended);
-//! - `bad_host_dir_is_refused`: a missing, symlinked or mode 0777 host directory is a clear
-//!   error at spawn, never a primary;
-//! - and one host directory shared by nodes of different backends never has two candidates.
+//! - `bad_host_dir_is_refused`: a missing, symlinked, mode 0777, not-a-directory or (as root)
+//!   another user's host directory is a clear error at spawn, never a primary;
+//! - `corrupt_host_record_is_not_resumed`: a torn `.host` is replaced by a fresh candidate's;
+//! - `exit_with_a_killed_sibling`, `exit_with_a_stopped_sibling`: a candidate that exits with no
+//!   sibling able to take its lease leaves none on the server;
+//! - `two_hosts_one_primary`: two host directories on one lock, one primary over both; a killed
+//!   candidate's lease stays on its host on lease backends;
+//! - `stopped_follower_keeps_the_candidate`: a follower frozen for leases, resumed, does not
+//!   replace a live candidate;
+//! - `mixed_backends`: a newcomer of another backend in a host directory is refused at spawn.
 //!
 //! A takeover of the lease (a resume) is read from the server, not from the clock: on etcd the
 //! candidate key (named by its etcd lease) that holds the lock stays the same; on Redis the
@@ -646,6 +654,14 @@ async fn one_candidate(kind: Kind) {
         format!("W=1: {alone} connection(s); W=6: {six} ({per_node:?})")
     });
     println!("{kind:?}: connections to the server with W=1: {alone}, with W=6: {six}");
+    let mode = std::fs::metadata(g.dir.path().join(format!("{}.host", g.lock)))
+        .map(|m| m.permissions().mode() & 0o777);
+    g.ensure(matches!(mode, Ok(0o600)), || {
+        format!(
+            "the .host record's mode: {:?}",
+            mode.map(|m| format!("{m:o}"))
+        )
+    });
     if kind == Kind::Postgres {
         // The server's view agrees.
         let sessions = postgres_sessions(&g.server).await;
@@ -1080,12 +1096,24 @@ async fn bad_host_dir(kind: Kind) {
     let open = base.path().join("open");
     std::fs::create_dir(&open).unwrap();
     std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let file = base.path().join("file");
+    std::fs::write(&file, b"").unwrap();
+    // Another user's directory (the tests run as root; as anyone else this case is left out).
+    let foreign = base.path().join("foreign");
+    std::fs::create_dir(&foreign).unwrap();
+    std::fs::set_permissions(&foreign, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let foreign_owned = nix::unistd::geteuid().is_root()
+        && std::os::unix::fs::chown(&foreign, Some(65534), Some(65534)).is_ok();
 
-    let cases: [(&Path, &[&str]); 3] = [
+    let mut cases: Vec<(&Path, &[&str])> = vec![
         (&missing, &["exist", "missing", "not found", "no such"]),
         (&link, &["symlink", "symbolic link"]),
         (&open, &["writable", "mode", "777", "permission"]),
+        (&file, &["not a directory"]),
     ];
+    if foreign_owned {
+        cases.push((&foreign, &["owned", "owner"]));
+    }
     let config = NodeConfig::new(server.url(Duration::from_secs(2)), "bad-dir")
         .lease(Duration::from_secs(2));
     for (dir, words) in cases {
@@ -1136,6 +1164,29 @@ async fn bad_host_dir(kind: Kind) {
             message.unwrap_or_default()
         );
     }
+}
+
+on_each_backend!(corrupt_host_record_is_not_resumed, corrupt_host_record);
+
+/// A `.host` record that is not JSON (a torn write, a disk error) is not resumed from: the group
+/// elects a candidate with a fresh identity, which rewrites the record.
+async fn corrupt_host_record(kind: Kind) {
+    let Some(mut g) = Group::new(kind, "corrupt-host", Duration::from_secs(2)).await else {
+        return;
+    };
+    let record = g.dir.path().join(format!("{}.host", g.lock));
+    std::fs::write(&record, b"{\"address\": tru").unwrap();
+    std::fs::set_permissions(&record, std::fs::Permissions::from_mode(0o600)).unwrap();
+    g.spawn(2);
+    let (pid, term) = g.settled().await;
+    let rewritten = g.host_record();
+    g.ensure(
+        rewritten.as_ref().is_some_and(|r| names_pid(r, pid)),
+        || format!("the corrupt .host was not replaced by the candidate's: {rewritten:?}"),
+    );
+    println!("{kind:?}: a corrupt .host → candidate {pid}, term {term}");
+    g.cluster.assert_history_ok();
+    g.stop_all().await;
 }
 
 // ---------------------------------------------------------------------------------------------
