@@ -17,7 +17,8 @@
 //!   `/health/role`, `/health/ready` and `/health/live`, and [`http::extract`] reads the role in
 //!   handlers;
 //! - backends for one host (a lock file) and for many (Redis, PostgreSQL, etcd), chosen in code
-//!   or from a string at run time.
+//!   or from a string at run time; the worker processes of one host can campaign on a server
+//!   backend as one candidate ([`backend::host`], [`ElectorBuilder::host_dir`]).
 //!
 //! # A web service
 //!

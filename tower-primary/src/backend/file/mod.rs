@@ -268,22 +268,6 @@ impl Backend for FileBackend {
     }
 }
 
-/// The (device, inode) pair that identifies a file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct FileId {
-    dev: u64,
-    ino: u64,
-}
-
-impl FileId {
-    fn of(meta: &fs::Metadata) -> Self {
-        FileId {
-            dev: meta.dev(),
-            ino: meta.ino(),
-        }
-    }
-}
-
 /// The lock this `Lock` object holds now.
 struct Live {
     term: u64,

@@ -2,6 +2,22 @@
 
 use super::*;
 
+/// The (device, inode) pair that identifies a file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct FileId {
+    pub(super) dev: u64,
+    pub(super) ino: u64,
+}
+
+impl FileId {
+    pub(super) fn of(meta: &fs::Metadata) -> Self {
+        FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }
+    }
+}
+
 /// The suffixes of the files of one lock name.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Suffixes {

@@ -12,6 +12,7 @@ use std::time::Duration;
 use super::candidacy::{Candidacy, decode_holder, decode_stored, holder_key, mirror_key};
 use super::leadership::HostLeadership;
 use super::record::{Files, HostRecord, Read, boot_id};
+use super::wake::or_slow_poll;
 use super::{DEATH_CERTIFICATE_BOUND, FileBackend, heartbeat_timing};
 use crate::backend::{AcquireRequest, Backend as _, BoxFuture, Changes, Leadership, Lock, Stored};
 use crate::error::Error;
@@ -292,10 +293,14 @@ impl Group {
                 }
             }
         };
-        if let Err(e) = candidacy
-            .write_host(self.record(&req, Some(&*leadership), false))
-            .await
-        {
+        // Cancel-safe from here on: a term whose acquire is given up is released, not left to
+        // run out (a container stop cancels a sibling's acquire right after it resumed).
+        let mut guard = ReleaseOnDrop(Some(leadership));
+        let written = candidacy
+            .write_host(self.record(&req, guard.0.as_deref(), false))
+            .await;
+        let leadership = guard.0.take().expect("taken only here");
+        if let Err(e) = written {
             let _ = leadership.release().await;
             return Err(e);
         }
@@ -306,6 +311,24 @@ impl Group {
             candidacy,
             req,
         )))
+    }
+}
+
+/// A term of the inner lock that the acquire has not handed out yet: released if the acquire is
+/// dropped.
+struct ReleaseOnDrop(Option<Box<dyn Leadership>>);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        if let Some(leadership) = self.0.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                if let Err(e) = leadership.release().await {
+                    tracing::warn!(error = %e, "cannot release a term whose acquire was given up");
+                }
+            });
+        }
     }
 }
 
@@ -370,7 +393,10 @@ impl Lock for HostLock {
     }
 
     fn watch_holder(&self) -> BoxFuture<'_, Result<Box<dyn Changes>, Error>> {
-        Box::pin(async move { self.group.candidate_lock().watch_key(holder_key()).await })
+        Box::pin(async move {
+            let watched = self.group.candidate_lock().watch_key(holder_key()).await;
+            Ok(or_slow_poll(watched, "holder"))
+        })
     }
 
     fn load<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Stored>, Error>> {
@@ -381,7 +407,7 @@ impl Lock for HostLock {
             let mirror = Self::mirror_key(key)?;
             self.want(key)?;
             let candidate = self.group.candidate_lock();
-            let mut changes = candidate.watch_key(&mirror).await?;
+            let mut changes = or_slow_poll(candidate.watch_key(&mirror).await, "state value");
             let give_up = tokio::time::Instant::now() + MIRROR_WAIT;
             loop {
                 if let Some(stored) = candidate.load(&mirror).await? {
@@ -418,7 +444,8 @@ impl Lock for HostLock {
             }
             let mirror = Self::mirror_key(key)?;
             self.want(key)?;
-            self.group.candidate_lock().watch_key(&mirror).await
+            let watched = self.group.candidate_lock().watch_key(&mirror).await;
+            Ok(or_slow_poll(watched, "state value"))
         })
     }
 }

@@ -463,3 +463,69 @@ async fn electors_follow_the_candidate_and_its_shutdown_hands_over() {
             .is_none()
     );
 }
+
+#[tokio::test]
+async fn a_waiting_process_is_announced_only_while_it_waits() {
+    let dir = host_dir();
+    let server = MemoryBackend::new().with_lease();
+    let a = group_lock(&server, &dir);
+    let b = group_lock(&server, &dir);
+    let files = Files::new(dir.path(), "jobs");
+    let me = ProcessIdentity::current();
+    let term = a.acquire(request("a")).await.unwrap();
+    assert!(
+        !files.live_sibling(me.as_ref()),
+        "the candidate does not announce itself"
+    );
+    let waiting = tokio::spawn(async move { b.acquire(request("b")).await });
+    eventually("the waiting process announces itself", async || {
+        files.live_sibling(me.as_ref()).then_some(())
+    })
+    .await;
+    // A process that stops waiting (its elector shuts down) is no sibling any more.
+    waiting.abort();
+    let _ = waiting.await;
+    assert!(!files.live_sibling(me.as_ref()));
+    // The announcement of a process that is gone is no sibling either, and is cleaned up.
+    let stale = dir.path().join("jobs.sibling.1.0");
+    fs::write(&stale, serde_json::to_vec(&Some(dead_process())).unwrap()).unwrap();
+    assert!(!files.live_sibling(me.as_ref()));
+    assert!(!stale.exists());
+    term.release().await.unwrap();
+}
+
+/// What a stopped candidate finds when it runs again after a follower replaced its candidate
+/// file: its term reads as lost, its release leaves `.host` alone, and the waiting processes
+/// move to the new file.
+#[tokio::test]
+async fn a_replaced_candidate_loses_its_term_and_the_waiters_move_to_the_new_file() {
+    let dir = host_dir();
+    let server = MemoryBackend::new().with_lease();
+    let a = group_lock(&server, &dir);
+    let b = group_lock(&server, &dir);
+    let short = |node: &str| {
+        AcquireRequest::new(NodeId::new(node)).with_lease(Some(Lease::new(Duration::from_secs(3))))
+    };
+    let mut first = a.acquire(short("a")).await.unwrap();
+    let waiting = tokio::spawn(async move { b.acquire(short("b")).await });
+    let files = Files::new(dir.path(), "jobs");
+    crate::backend::file::write_atomic(dir.path(), &files.candidate_name, b"", true).unwrap();
+    let lost = tokio::time::timeout(Duration::from_secs(10), first.lost())
+        .await
+        .expect("the replaced candidate notices");
+    assert!(matches!(lost, crate::Error::Lost { .. }), "{lost}");
+    let before = fs::read(&files.host).unwrap();
+    first.release().await.unwrap();
+    assert_eq!(
+        fs::read(&files.host).unwrap(),
+        before,
+        "a replaced candidate never writes .host"
+    );
+    let second = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiter moved to the new candidate file")
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.holder().id, "b");
+    second.release().await.unwrap();
+}

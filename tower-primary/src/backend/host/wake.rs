@@ -9,6 +9,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::backend::file::inotify::{self, Subscription};
+use crate::backend::{BoxFuture, Changes};
+use crate::error::Error;
 
 /// How often a subscriber without inotify looks again.
 const SLOW_POLL: Duration = Duration::from_secs(1);
@@ -61,4 +63,28 @@ impl Wake {
             None => tokio::time::sleep(SLOW_POLL).await,
         }
     }
+}
+
+/// [`Changes`] that fire every second: a follower's watch of a mirror where inotify cannot be
+/// had (spurious wake-ups are allowed; the reader compares).
+pub(super) struct SlowPoll;
+
+impl Changes for SlowPoll {
+    fn changed(&mut self) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(async {
+            tokio::time::sleep(SLOW_POLL).await;
+            Ok(())
+        })
+    }
+}
+
+/// `watched`, or [`SlowPoll`] with a warning when the watch cannot be set up.
+pub(super) fn or_slow_poll(
+    watched: Result<Box<dyn Changes>, Error>,
+    what: &str,
+) -> Box<dyn Changes> {
+    watched.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot watch the {what} mirror of the host group; polling it every second");
+        Box::new(SlowPoll)
+    })
 }
