@@ -1192,21 +1192,25 @@ async fn corrupt_host_record(kind: Kind) {
 // ---------------------------------------------------------------------------------------------
 // 7. Mixed groups
 
-/// A node of `other`'s backend joins a host directory whose candidate campaigns on Redis
-/// database 0. The host group refuses it at spawn, naming both backends (the module's choice:
-/// a clear error for the newcomer), and the candidate keeps its term.
-async fn newcomer_of_another_backend(other: impl FnOnce(&Server, Duration) -> Option<String>) {
+/// A node of `other`'s backend joins a host directory whose candidate campaigns on `first`'s
+/// (Redis database 0, or PostgreSQL). The host group refuses it at spawn, naming both backends
+/// (the module's choice: a clear error for the newcomer), and the candidate keeps its term.
+async fn newcomer_of_another_backend(
+    first: Kind,
+    other: impl FnOnce(&Server, Duration) -> Option<String>,
+) {
     let _serial = SERIAL.lock().await;
     let lease = Duration::from_secs(2);
-    let Some(redis) = Server::start(Kind::Redis, "mixed").await else {
+    let Some(first_server) = Server::start(first, "mixed").await else {
         return;
     };
-    let Some(other) = other(&redis, lease) else {
+    let Some(other) = other(&first_server, lease) else {
         return;
     };
+    let first_url = first_server.url(lease);
     let dir = host_dir();
     let lock = "mixed";
-    let config = NodeConfig::new(redis.url(lease), lock)
+    let config = NodeConfig::new(&first_url, lock)
         .lease(lease)
         .grace(Duration::from_secs(2));
     let mut cluster = Cluster::new(in_group(dir.path()), config);
@@ -1236,7 +1240,7 @@ async fn newcomer_of_another_backend(other: impl FnOnce(&Server, Duration) -> Op
         matches!(first_report.kind, EventKind::Exited { code: Some(2), .. })
             && message.as_deref().is_some_and(|m| {
                 // Both backends named: their schemes at least.
-                m.contains("same backend") && m.contains("redis") && m.contains(&other[..4])
+                m.contains("same backend") && m.contains(&first_url[..4]) && m.contains(&other[..4])
             }),
         "{other}: the newcomer was not refused with an error naming both backends: {message:?}\n{}",
         cluster.dump()
@@ -1260,18 +1264,33 @@ mod mixed_backends {
     #[tokio::test]
     #[ignore = "needs the Redis backend's address() to name its database (branch wip/redis-resume): remove once merged"]
     async fn redis_databases() {
-        newcomer_of_another_backend(|redis, lease| Some(redis.url_in(1, lease))).await;
+        newcomer_of_another_backend(Kind::Redis, |redis, lease| Some(redis.url_in(1, lease))).await;
     }
 
     #[tokio::test]
     async fn redis_and_postgres() {
         let pg = Server::start(Kind::Postgres, "mixed").await;
-        newcomer_of_another_backend(|_, lease| pg.map(|pg| pg.url(lease))).await;
+        newcomer_of_another_backend(Kind::Redis, |_, lease| pg.map(|pg| pg.url(lease))).await;
     }
 
     #[tokio::test]
     async fn redis_and_etcd() {
         let etcd = Server::start(Kind::Etcd, "mixed").await;
-        newcomer_of_another_backend(|_, lease| etcd.as_ref().map(|etcd| etcd.url(lease))).await;
+        newcomer_of_another_backend(Kind::Redis, |_, lease| {
+            etcd.as_ref().map(|etcd| etcd.url(lease))
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    #[ignore = "needs the PostgreSQL backend's address() to name its server, database and namespace (it is the default, \"postgres\")"]
+    async fn postgres_namespaces() {
+        newcomer_of_another_backend(Kind::Postgres, |pg, lease| {
+            Some(
+                pg.url(lease)
+                    .replace("namespace=hg-", "namespace=hg-other-"),
+            )
+        })
+        .await;
     }
 }
