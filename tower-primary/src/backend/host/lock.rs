@@ -193,7 +193,18 @@ impl Group {
                 .clock
                 .now()
                 .saturating_duration_since(crate::clock::Timestamp::from_nanos(beat.at_ns));
-            if age <= stale_after || !self.candidate_held() {
+            if age <= stale_after {
+                continue;
+            }
+            // One replacer at a time: the others find the path changed under the same lock and
+            // move to the new file, instead of replacing the new candidate's file in turn.
+            let Some(_replacing) = self.files.replacing() else {
+                continue;
+            };
+            if self.candidate_inode() != waited {
+                return false;
+            }
+            if !self.candidate_held(waited) {
                 continue;
             }
             let lock = &self.files.lock;
@@ -215,11 +226,16 @@ impl Group {
         }
     }
 
-    /// Whether some process holds the candidate lock now (a shared, non-blocking probe).
-    fn candidate_held(&self) -> bool {
+    /// Whether some process holds the candidate file `waited`, and the path still names it (a
+    /// shared, non-blocking probe on the file the path names, checked to be `waited`).
+    fn candidate_held(&self, waited: Option<(u64, u64)>) -> bool {
         let Ok(file) = fs::File::open(&self.files.candidate) else {
             return false;
         };
+        if file.metadata().ok().map(|m| (m.dev(), m.ino())) != waited {
+            // Replaced meanwhile by another waiter: not ours to replace again.
+            return false;
+        }
         match file.try_lock_shared() {
             Ok(()) => {
                 let _ = file.unlock();

@@ -24,6 +24,7 @@
 //! | `<lock>.heartbeat` | the candidate's heartbeat on `CLOCK_BOOTTIME`, every third of a lease (not fsynced, so `.host` is written only when something changes) |
 //! | `<lock>.sibling.<pid>.<n>` | one per process waiting for the candidate lock, while it waits |
 //! | `<lock>.want.<key>` | a state key some follower loaded or watches |
+//! | `<lock>.replacing` | a `flock` taken by the one follower that replaces a hung candidate's file |
 //!
 //! # How it works
 //!

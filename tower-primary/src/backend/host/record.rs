@@ -4,6 +4,7 @@
 use std::ffi::OsString;
 use std::fs;
 use std::io;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -112,6 +113,22 @@ impl Files {
     pub(super) fn write_heartbeat(&self, beat: &Heartbeat) -> io::Result<()> {
         let json = serde_json::to_vec(beat).map_err(io::Error::other)?;
         write_atomic(&self.dir, &self.heartbeat_name, &json, false)
+    }
+
+    /// The lock of the one waiter that may replace a hung candidate's file
+    /// (`<lock>.replacing`, a non-blocking `flock`); `None` while another holds it.
+    pub(super) fn replacing(&self) -> Option<fs::File> {
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+            .open(self.dir.join(format!("{}.replacing", self.lock)))
+            .ok()?;
+        file.try_lock().ok()?;
+        Some(file)
     }
 
     /// Announces this process as waiting for the candidate lock, until the guard is dropped.
