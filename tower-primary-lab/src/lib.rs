@@ -7,6 +7,7 @@
 //! - [`proxy`]: a TCP proxy whose connections a test can cut.
 //! - [`host`]: simulated hosts (a PID namespace each), so that nodes on one machine can stand for
 //!   nodes on different machines.
+//! - [`sockets`]: the TCP connections a process holds to a server (from `/proc`).
 //! - [`old_version`]: the node binary of an older commit, for tests that run old and new nodes on
 //!   one lock (a rolling upgrade).
 
@@ -15,5 +16,6 @@ pub mod node;
 pub mod old_version;
 pub mod proxy;
 pub mod servers;
+pub mod sockets;
 
 mod sync;
