@@ -688,9 +688,9 @@ const LONG_LEASE: Duration = Duration::from_secs(8);
 on_each_backend!(
     worker_kill_resumes,
     worker_kill,
-    redis: [#[ignore = "needs Lock::resume on Redis (branch wip/redis-resume): remove once merged"]],
+    redis: [],
     postgres: [],
-    etcd: [#[ignore = "needs Lock::resume on etcd (branch wip/etcd-resume): remove once merged"]]
+    etcd: []
 );
 
 async fn worker_kill(kind: Kind) {
@@ -786,9 +786,9 @@ async fn exit_without_a_taker(kind: Kind, fate: NodeSignal) {
 on_each_backend!(
     two_hosts_one_primary,
     two_hosts,
-    redis: [#[ignore = "needs Lock::resume on Redis (branch wip/redis-resume): remove once merged"]],
+    redis: [],
     postgres: [],
-    etcd: [#[ignore = "needs Lock::resume on etcd (branch wip/etcd-resume): remove once merged"]]
+    etcd: []
 );
 
 /// Two host groups (two host directories) on one lock: one primary over both. A killed
@@ -947,9 +947,9 @@ async fn container_stop(kind: Kind) {
 on_each_backend!(
     handover_on_exit,
     handover,
-    redis: [#[ignore = "needs Lock::resume on Redis (branch wip/redis-resume): remove once merged"]],
+    redis: [],
     postgres: [],
-    etcd: [#[ignore = "needs Lock::resume on etcd (branch wip/etcd-resume): remove once merged"]]
+    etcd: []
 );
 
 async fn handover(kind: Kind) {
@@ -1262,7 +1262,6 @@ mod mixed_backends {
     use super::{Kind, Server, newcomer_of_another_backend};
 
     #[tokio::test]
-    #[ignore = "needs the Redis backend's address() to name its database (branch wip/redis-resume): remove once merged"]
     async fn redis_databases() {
         newcomer_of_another_backend(Kind::Redis, |redis, lease| Some(redis.url_in(1, lease))).await;
     }
@@ -1283,7 +1282,6 @@ mod mixed_backends {
     }
 
     #[tokio::test]
-    #[ignore = "needs the PostgreSQL backend's address() to name its server, database and namespace (it is the default, \"postgres\")"]
     async fn postgres_namespaces() {
         newcomer_of_another_backend(Kind::Postgres, |pg, lease| {
             Some(
