@@ -89,7 +89,10 @@ impl Server {
     /// How the requests are counted.
     pub(crate) fn requests_source(&self) -> &'static str {
         match self {
-            Server::Redis(_) => "INFO commandstats: calls of every command but INFO and CLIENT",
+            Server::Redis(_) => {
+                "MONITOR: the commands clients sent (not those a script ran), but INFO, CLIENT \
+                 and MONITOR"
+            }
             Server::Postgres(_) => {
                 "pg_stat_database: xact_commit + xact_rollback of the nodes' database"
             }
@@ -103,15 +106,7 @@ impl Server {
     /// The requests the server has counted so far.
     pub(crate) async fn requests(&self) -> Result<f64, String> {
         match self {
-            Server::Redis(_) => {
-                let stats = self.redis_info("commandstats").await?;
-                Ok(stats
-                    .lines()
-                    .filter_map(|l| l.strip_prefix("cmdstat_"))
-                    .filter(|l| !l.starts_with("info:") && !l.starts_with("client|"))
-                    .filter_map(|l| field(l, "calls="))
-                    .sum())
-            }
+            Server::Redis(s) => redis_requests(s.addr()).map(|n| n as f64),
             Server::Postgres(_) => {
                 let v = self
                     .pg_value(&format!(
@@ -138,10 +133,15 @@ impl Server {
         match self {
             Server::Redis(_) => {
                 let list = self.redis_query(&["CLIENT", "LIST"]).await?;
-                // The bench's own connection is the one running CLIENT LIST.
+                // The bench's own connections: the one running CLIENT LIST, and the one in
+                // MONITOR mode (flag O) that counts the requests.
                 Ok(list
                     .lines()
                     .filter(|l| !l.contains("cmd=client|list"))
+                    .filter(|l| {
+                        !l.split(' ')
+                            .any(|f| f.starts_with("flags=") && f.contains('O'))
+                    })
                     .count())
             }
             Server::Postgres(_) => {
@@ -235,12 +235,6 @@ impl Server {
     }
 }
 
-/// The number after `name` in a `name=value,…` list.
-fn field(line: &str, name: &str) -> Option<f64> {
-    let rest = &line[line.find(name)? + name.len()..];
-    rest.split(',').next()?.trim().parse().ok()
-}
-
 /// etcd's `/metrics` page (Prometheus text), from its client port.
 async fn etcd_metrics(s: &EtcdServer) -> Result<String, String> {
     use http_body_util::{BodyExt as _, Empty};
@@ -262,4 +256,57 @@ async fn etcd_metrics(s: &EtcdServer) -> Result<String, String> {
         .map_err(|e| format!("etcd /metrics: {e}"))?
         .to_bytes();
     String::from_utf8(body.to_vec()).map_err(|e| format!("etcd /metrics: {e}"))
+}
+
+/// The requests Redis has received from clients since the first call, counted from `MONITOR`
+/// (`redis-cli monitor`, kept running): `INFO commandstats` would also count every command a
+/// script runs, five or more per renewal. Lines of commands a script ran name `lua` as their
+/// client; the bench's own INFO and CLIENT queries are left out.
+fn redis_requests(addr: std::net::SocketAddr) -> Result<u64, String> {
+    use std::io::BufRead as _;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, OnceLock};
+
+    static COUNT: OnceLock<Result<Arc<AtomicU64>, String>> = OnceLock::new();
+    let count = COUNT.get_or_init(|| {
+        let mut child = std::process::Command::new("redis-cli")
+            .args([
+                "-h",
+                &addr.ip().to_string(),
+                "-p",
+                &addr.port().to_string(),
+                "monitor",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("redis-cli monitor: {e}"))?;
+        let stdout = child.stdout.take().ok_or("redis-cli monitor: no stdout")?;
+        let count = Arc::new(AtomicU64::new(0));
+        let counted = count.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                // `<time> [<db> <client>] "<COMMAND>" ...`
+                let Some((client, command)) = line
+                    .split_once('[')
+                    .and_then(|(_, rest)| rest.split_once("] "))
+                else {
+                    continue;
+                };
+                let own = ["\"INFO\"", "\"CLIENT\"", "\"MONITOR\""]
+                    .iter()
+                    .any(|c| command.starts_with(c));
+                if !client.ends_with(" lua") && !own {
+                    counted.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            let _ = child.wait();
+        });
+        Ok(count)
+    });
+    match count {
+        Ok(c) => Ok(c.load(Ordering::Relaxed)),
+        Err(e) => Err(e.clone()),
+    }
 }
