@@ -155,6 +155,7 @@ mod waiter;
 
 use self::dir_watch::*;
 use self::held::*;
+pub(in crate::backend) use self::paths::existing_dir;
 use self::paths::*;
 use self::records::*;
 pub(in crate::backend) use self::records::{read_prefix, write_atomic};

@@ -64,36 +64,13 @@ impl Paths {
             path: given.to_owned(),
             problem,
         };
-        if given.as_os_str().is_empty() {
-            return Err(problem("the path is empty".to_owned()));
-        }
-        // Collecting the components drops a trailing slash, which would make lstat follow a
-        // symbolic link.
-        let dir: PathBuf = std::path::absolute(given)
-            .map_err(|e| problem(format!("cannot be made absolute: {e}")))?
-            .components()
-            .collect();
-        let meta = match fs::symlink_metadata(&dir) {
-            Ok(m) => m,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(problem(
-                    "does not exist; create it first, owned by the service user (for example with \
-                     systemd RuntimeDirectory= or StateDirectory=)"
-                        .to_owned(),
-                ));
-            }
-            Err(e) => return Err(problem(format!("cannot be inspected: {e}"))),
-        };
-        if meta.file_type().is_symlink() {
-            return Err(problem(
-                "is a symbolic link; give the real directory (a symlinked lock directory is \
-                 refused, so the lock cannot be redirected)"
-                    .to_owned(),
-            ));
-        }
-        if !meta.is_dir() {
-            return Err(problem("is not a directory".to_owned()));
-        }
+        let (dir, meta) = existing_dir(
+            given,
+            "owned by the service user (for example with systemd RuntimeDirectory= or \
+             StateDirectory=)",
+            "a symlinked lock directory is refused, so the lock cannot be redirected",
+        )
+        .map_err(problem)?;
         // access(2) is what the kernel would decide for this process's (real) user. Root passes
         // it on any permission bits; a read-only file system still fails, and so does creating
         // the lock file below.
@@ -181,4 +158,40 @@ pub(super) fn ensure_state_dir(path: &Path) -> io::Result<()> {
         }
         Err(e) => Err(e),
     }
+}
+
+/// `given`, made absolute, and its metadata, when it names an existing directory that is not a
+/// symbolic link; else the problem, in words. `create` says how to create it, `why_not_a_link`
+/// why a symbolic link is refused. The lock directory and a host group's directory are checked
+/// with it.
+pub(in crate::backend) fn existing_dir(
+    given: &Path,
+    create: &str,
+    why_not_a_link: &str,
+) -> Result<(PathBuf, fs::Metadata), String> {
+    if given.as_os_str().is_empty() {
+        return Err("the path is empty".to_owned());
+    }
+    // Collecting the components drops a trailing slash, which would make lstat follow a
+    // symbolic link.
+    let dir: PathBuf = std::path::absolute(given)
+        .map_err(|e| format!("cannot be made absolute: {e}"))?
+        .components()
+        .collect();
+    let meta = match fs::symlink_metadata(&dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(format!("does not exist; create it first, {create}"));
+        }
+        Err(e) => return Err(format!("cannot be inspected: {e}")),
+    };
+    if meta.file_type().is_symlink() {
+        return Err(format!(
+            "is a symbolic link; give the real directory ({why_not_a_link})"
+        ));
+    }
+    if !meta.is_dir() {
+        return Err("is not a directory".to_owned());
+    }
+    Ok((dir, meta))
 }

@@ -1,13 +1,12 @@
 //! The checks of a host directory, at spawn.
 
-use std::fs;
-use std::io;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
 use nix::sys::statfs;
 use nix::unistd::AccessFlags;
 
+use crate::backend::file::existing_dir;
 use crate::error::ConfigError;
 
 /// File systems whose `flock` is emulated, local to one client, or absent: a host directory on
@@ -32,35 +31,12 @@ pub(super) fn check(given: &Path) -> Result<PathBuf, ConfigError> {
         path: given.to_owned(),
         problem,
     };
-    if given.as_os_str().is_empty() {
-        return Err(problem("the path is empty".to_owned()));
-    }
-    // Collecting the components drops a trailing slash, which would make lstat follow a link.
-    let dir: PathBuf = std::path::absolute(given)
-        .map_err(|e| problem(format!("cannot be made absolute: {e}")))?
-        .components()
-        .collect();
-    let meta = match fs::symlink_metadata(&dir) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(problem(
-                "does not exist; create it first, owned by the service user with mode 0700 \
-                 (for example with systemd RuntimeDirectory=)"
-                    .to_owned(),
-            ));
-        }
-        Err(e) => return Err(problem(format!("cannot be inspected: {e}"))),
-    };
-    if meta.file_type().is_symlink() {
-        return Err(problem(
-            "is a symbolic link; give the real directory (a symlinked host directory is \
-             refused, so the group cannot be redirected)"
-                .to_owned(),
-        ));
-    }
-    if !meta.is_dir() {
-        return Err(problem("is not a directory".to_owned()));
-    }
+    let (dir, meta) = existing_dir(
+        given,
+        "owned by the service user with mode 0700 (for example with systemd RuntimeDirectory=)",
+        "a symlinked host directory is refused, so the group cannot be redirected",
+    )
+    .map_err(problem)?;
     let uid = nix::unistd::geteuid().as_raw();
     if meta.uid() != uid {
         return Err(problem(format!(
@@ -97,6 +73,7 @@ pub(super) fn check(given: &Path) -> Result<PathBuf, ConfigError> {
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
     use std::os::unix::fs::PermissionsExt as _;
 
     use super::*;
