@@ -26,8 +26,8 @@
 //! - **connections**: on the server (Redis `CLIENT LIST`, PostgreSQL `pg_stat_activity` of the
 //!   nodes' database, etcd: the established TCP connections to its client port), and per host
 //!   (each connection's owner from the kernel's socket table, `ss -tinp`);
-//! - **idle requests per second**: the server's count over the window (Redis `INFO
-//!   commandstats`, PostgreSQL `pg_stat_database` transactions, etcd `/metrics`
+//! - **idle requests per second**: the server's count over the window (Redis: the commands
+//!   clients sent, seen with `MONITOR`, not those a script ran; PostgreSQL `pg_stat_database` transactions, etcd `/metrics`
 //!   `grpc_server_msg_received_total`, which counts every message of the keepalive streams that
 //!   `grpc_server_handled_total` counts only when a stream ends), shared out over the processes
 //!   by the data segments each connection sent (`ss`): the holder process's own rate apart, the
