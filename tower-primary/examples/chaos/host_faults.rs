@@ -35,7 +35,7 @@ impl Nemesis {
         let talking: Vec<usize> = live
             .iter()
             .copied()
-            .filter(|s| setup.proxies.get(*s).is_some_and(|p| p.connections() > 0))
+            .filter(|s| setup.proxy_of(*s).is_some_and(|p| p.connections() > 0))
             .collect();
         let pool = if talking.is_empty() { &live } else { &talking };
         let slot = *pool.get(self.rng.usize(..pool.len().max(1)))?;

@@ -352,8 +352,10 @@ async fn run(args: Args) -> Result<bool, BoxError> {
         None if groups => (wanted_hosts * args.workers).max(2),
         None => 5,
     };
-    let mut setup = Setup::new(&args.backend, nodes, args.lease, &args.faults).await?;
     let host_count = wanted_hosts.min(nodes);
+    // The processes of a host group must name one server address: one proxy per host then.
+    let proxy_count = if groups { host_count } else { nodes };
+    let mut setup = Setup::new(&args.backend, nodes, proxy_count, args.lease, &args.faults).await?;
     let mut hosts = Vec::new();
     if host_count > 1 {
         for i in 0..host_count {

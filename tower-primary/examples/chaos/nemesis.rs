@@ -401,7 +401,7 @@ impl Nemesis {
                     self.hold()
                 };
                 let detect = self.config.lease_ref;
-                let Some(proxy) = setup.proxies.get(slot) else {
+                let Some(proxy) = setup.proxy_of(slot) else {
                     return Ok(None);
                 };
                 let at = monotonic_nanos();
@@ -527,9 +527,11 @@ impl Nemesis {
                     return Ok(None);
                 };
                 let lease = setup.node_leases.get(slot).copied().flatten();
-                let (Some(server), Some(proxy), Some(lease)) =
-                    (setup.server.as_mut(), setup.proxies.get(slot), lease)
-                else {
+                let (Some(server), Some(proxy), Some(lease)) = (
+                    setup.server.as_mut(),
+                    setup.proxies.get(slot % setup.proxies.len().max(1)),
+                    lease,
+                ) else {
                     return Ok(None);
                 };
                 // The primary cannot reach the server from now until its own lease has passed:

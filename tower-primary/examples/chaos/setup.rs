@@ -55,7 +55,9 @@ pub(crate) struct Setup {
     pub(crate) lease: Option<Duration>,
     /// The server the tool started, if any.
     pub(crate) server: Option<OwnServer>,
-    /// One proxy per node slot, when the nodes reach the server through proxies.
+    /// The proxies, when the nodes reach the server through proxies: one per node slot, or
+    /// with host groups one per host (the processes of a host group must name one server
+    /// address); slot `s` uses proxy `s % proxies.len()` ([`proxy_of`](Self::proxy_of)).
     pub(crate) proxies: Vec<TcpProxy>,
     /// The backend string of each slot.
     pub(crate) node_backends: Vec<String>,
@@ -79,11 +81,17 @@ pub(crate) const DEFAULT_LEASE: Duration = Duration::from_secs(2);
 pub(crate) const OTHER_LEASE: f64 = 2.5;
 
 impl Setup {
+    /// The proxy slot `slot` reaches the server through, if any.
+    pub(crate) fn proxy_of(&self, slot: usize) -> Option<&TcpProxy> {
+        self.proxies.get(slot % self.proxies.len().max(1))
+    }
+
     /// Prepares `backend` (`file`, `redis`, `postgres`, `etcd` or a backend string) for `nodes`
     /// slots.
     pub(crate) async fn new(
         backend: &str,
         nodes: usize,
+        proxy_count: usize,
         lease: Option<Duration>,
         faults: &[FaultKind],
     ) -> Result<Setup, String> {
@@ -214,15 +222,14 @@ impl Setup {
         let mut proxies = Vec::new();
         let node_backends = match proxied(&url) {
             Ok((upstream, before, after)) => {
-                for _ in 0..nodes {
+                for _ in 0..proxy_count.clamp(1, nodes.max(1)) {
                     let proxy = TcpProxy::start(upstream)
                         .await
                         .map_err(|e| format!("cannot start a TCP proxy: {e}"))?;
                     proxies.push(proxy);
                 }
-                proxies
-                    .iter()
-                    .map(|p| format!("{before}{}{after}", p.addr()))
+                (0..nodes)
+                    .map(|slot| format!("{before}{}{after}", proxies[slot % proxies.len()].addr()))
                     .collect()
             }
             Err(why) => {
