@@ -688,6 +688,14 @@ mod redis {
             "a node was primary while the lease was held here: {early:?}\n{}",
             m.dump()
         );
+        // The successor has settled; its first write to the witness may still be on its way.
+        tokio::time::timeout(
+            WAIT,
+            m.witness
+                .wait_for(|writes| writes.iter().any(|w| w.term == next)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("the successor never wrote to the witness\n{}", m.dump()));
         println!(
             "terms: {term} (first candidate), {resumed_term} (resumed), {next} (the {} node {pid})",
             m.version(pid)
