@@ -116,7 +116,7 @@ impl Candidacy {
         }
     }
 
-    /// Writes `.host` (fsynced), if this process's candidate file is still the one in place.
+    /// Writes `.host`, if this process's candidate file is still the one in place.
     pub(super) async fn write_host(&self, record: HostRecord) -> Result<(), Error> {
         let group = self.group.clone();
         let inode = self.inode;

@@ -20,7 +20,7 @@
 //! |---|---|
 //! | `<lock>.candidate` | the candidate lock (the file backend's waiter and inode check); `<lock>.candidate-holder` names the candidate process |
 //! | `<lock>.mirror/` | the mirrors the candidate writes under its candidate term: `h` (the inner lock's holder) and `k<key>` (a state value) |
-//! | `<lock>.host` | JSON, 0600, fsynced: the inner backend's [`address`](Backend::address), the lock, the lease, the boot id, the candidate's [`ProcessIdentity`](crate::process::ProcessIdentity), its leadership's resume token and term, a `released` mark |
+//! | `<lock>.host` | JSON, 0600, written atomically (not fsynced: a record is trusted only within the boot that wrote it, and a crashed process loses nothing the page cache holds): the inner backend's [`address`](Backend::address), the lock, the lease, the boot id, the candidate's [`ProcessIdentity`](crate::process::ProcessIdentity), its leadership's resume token and term, a `released` mark |
 //! | `<lock>.heartbeat` | the candidate's heartbeat on `CLOCK_BOOTTIME`, every third of a lease (not fsynced, so `.host` is written only when something changes) |
 //! | `<lock>.sibling.<pid>.<n>` | one per process waiting for the candidate lock, while it waits |
 //! | `<lock>.want.<key>` | a state key some follower loaded or watches |
@@ -45,7 +45,7 @@
 //!   certificate: [`ProcessIdentity::wait_gone`](crate::process::ProcessIdentity::wait_gone),
 //!   bounded), or carries the `released` mark of a handover, it takes the lease over with
 //!   [`Lock::resume`] under a new term; otherwise, or when the backend says the lease is no
-//!   longer the token's, it campaigns with [`Lock::acquire`]. `.host` is rewritten (fsynced) with
+//!   longer the token's, it campaigns with [`Lock::acquire`]. `.host` is rewritten with
 //!   the new candidate and token before the leadership is returned; the elector fences the term
 //!   from the resumed leadership's renewals as for any acquisition.
 //! - **Handover at exit** ([`Release::Exit`]): when a live process of the host announces that it
