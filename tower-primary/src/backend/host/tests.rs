@@ -43,12 +43,37 @@ fn dead_process() -> ProcessIdentity {
     dead
 }
 
+/// The holder the server's own lock names (the inner backend, not the mirrors).
+async fn inner_holder(server: &MemoryBackend) -> Option<crate::role::Holder> {
+    server.lock("jobs").unwrap().holder().await.unwrap()
+}
+
+/// A group's shared state for the lock `jobs`, as a process of the group would have it.
+fn group(server: &MemoryBackend, dir: &tempfile::TempDir) -> Group {
+    Group::new(
+        Files::new(dir.path(), "jobs"),
+        server.address(),
+        "memory",
+        server.lock("jobs").unwrap(),
+        FileBackend::host_candidate(dir.path())
+            .lock("jobs")
+            .unwrap(),
+        dir.path().to_owned(),
+    )
+}
+
+/// The `.host` record, which must be there.
+fn host_record(files: &Files) -> HostRecord {
+    let super::record::Read::Found(record) = files.read_host().unwrap() else {
+        panic!("no host record");
+    };
+    record
+}
+
 /// Rewrites `.host` as `edit` says.
 fn edit_host(dir: &tempfile::TempDir, edit: impl FnOnce(&mut HostRecord)) {
     let files = Files::new(dir.path(), "jobs");
-    let super::record::Read::Found(mut record) = files.read_host().unwrap() else {
-        panic!("no host record");
-    };
+    let mut record = host_record(&files);
     edit(&mut record);
     files.write_host(&record).unwrap();
 }
@@ -146,21 +171,9 @@ async fn a_dead_candidate_s_lease_is_resumed_at_once_with_a_higher_term() {
         .unwrap();
     assert!(second.term() > first_term);
     assert_eq!(second.holder().id, "b");
-    assert_eq!(
-        server
-            .lock("jobs")
-            .unwrap()
-            .holder()
-            .await
-            .unwrap()
-            .unwrap()
-            .id,
-        "b"
-    );
+    assert_eq!(inner_holder(&server).await.unwrap().id, "b");
     let files = Files::new(dir.path(), "jobs");
-    let super::record::Read::Found(record) = files.read_host().unwrap() else {
-        panic!("no host record");
-    };
+    let record = host_record(&files);
     assert_eq!(record.term, Some(second.term()));
     assert_eq!(record.candidate, ProcessIdentity::current());
     assert!(!record.released);
@@ -185,16 +198,7 @@ async fn the_host_record_decides_whether_to_resume() {
     let server = MemoryBackend::new().with_lease();
     let a = group_lock(&server, &dir);
     drop(a.acquire(request("a")).await.unwrap());
-    let group = Group::new(
-        Files::new(dir.path(), "jobs"),
-        server.address(),
-        "memory",
-        server.lock("jobs").unwrap(),
-        FileBackend::host_candidate(dir.path())
-            .lock("jobs")
-            .unwrap(),
-        dir.path().to_owned(),
-    );
+    let group = group(&server, &dir);
     let req = request("b");
     let dead = dead_process();
     edit_host(&dir, |r| r.candidate = Some(dead.clone()));
@@ -273,27 +277,9 @@ async fn exit_passes_the_lease_to_a_waiting_sibling() {
         .unwrap()
         .unwrap();
     assert!(second.term() > first_term);
-    assert_eq!(
-        server
-            .lock("jobs")
-            .unwrap()
-            .holder()
-            .await
-            .unwrap()
-            .unwrap()
-            .id,
-        "b"
-    );
+    assert_eq!(inner_holder(&server).await.unwrap().id, "b");
     second.release().await.unwrap();
-    assert!(
-        server
-            .lock("jobs")
-            .unwrap()
-            .holder()
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(inner_holder(&server).await.is_none());
 }
 
 #[tokio::test]
@@ -304,15 +290,7 @@ async fn exit_without_a_taker_releases_to_the_backend() {
     // Alone: released at once.
     let first = a.acquire(request("a")).await.unwrap();
     first.release_for(Release::Exit).await.unwrap();
-    assert!(
-        server
-            .lock("jobs")
-            .unwrap()
-            .holder()
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(inner_holder(&server).await.is_none());
 
     // A sibling that announces itself but never takes the lock: after the bound, the exiting
     // candidate takes the candidate lock back and releases the lease.
@@ -320,18 +298,8 @@ async fn exit_without_a_taker_releases_to_the_backend() {
     let files = Files::new(dir.path(), "jobs");
     let _never = files.announce(ProcessIdentity::current().as_ref()).unwrap();
     second.release_for(Release::Exit).await.unwrap();
-    assert!(
-        server
-            .lock("jobs")
-            .unwrap()
-            .holder()
-            .await
-            .unwrap()
-            .is_none()
-    );
-    let super::record::Read::Found(record) = files.read_host().unwrap() else {
-        panic!("no host record");
-    };
+    assert!(inner_holder(&server).await.is_none());
+    let record = host_record(&files);
     assert!(!record.released && record.token.is_none(), "{record:?}");
 }
 
@@ -360,16 +328,7 @@ async fn a_hung_candidate_s_file_is_replaced_once_its_heartbeat_is_stale() {
     let dir = host_dir();
     let server = MemoryBackend::new().with_lease();
     let _prepare = group_lock(&server, &dir);
-    let group = Group::new(
-        Files::new(dir.path(), "jobs"),
-        server.address(),
-        "memory",
-        server.lock("jobs").unwrap(),
-        FileBackend::host_candidate(dir.path())
-            .lock("jobs")
-            .unwrap(),
-        dir.path().to_owned(),
-    );
+    let group = group(&server, &dir);
     let clock = Clock::tokio();
     let req = request("b").with_clock(clock);
     // The "hung" candidate holds the candidate lock.
@@ -479,15 +438,7 @@ async fn electors_follow_the_candidate_and_its_shutdown_hands_over() {
         .term();
     assert!(second > first);
     b.shutdown().await;
-    assert!(
-        server
-            .lock("jobs")
-            .unwrap()
-            .holder()
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(inner_holder(&server).await.is_none());
 }
 
 #[tokio::test]
