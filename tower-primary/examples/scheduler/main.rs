@@ -38,6 +38,7 @@
 //! | `GET /health/role` | every worker | role, term and holder as JSON (always 200) |
 //! | `GET /health/live` | every worker | 503 when the elector's loop is stuck (a liveness probe) |
 //! | `GET /health/ready` | every worker | 503 until the migration is done, then 200 |
+//! | `GET /metrics` | every worker | this worker's metrics, Prometheus text (below) |
 //! | `POST /emails` | every worker | `{"to","subject","body"}` → 202 `{"id"}`; bad JSON or address → 400 |
 //! | `POST /admin/report-now` | the primary | queues a report run (its slot is now) → 202 |
 //! | `GET /admin/status` | the primary | outbox, sent, last report slot, term |
@@ -46,8 +47,19 @@
 //! on `BASE + index` and advertises it, so secondaries answer 307 to the primary's own port
 //! (`curl -L` follows it).
 //!
+//! `/metrics` shows what the library records with its `metrics` feature (the example requires
+//! it), through the `metrics-exporter-prometheus` recorder each worker installs:
+//! `tower_primary_is_primary{lock="scheduler"}` (1 on the primary, 0 elsewhere),
+//! `tower_primary_term` (the term this worker knows: its own while primary, else the holder's),
+//! `tower_primary_transitions_total{reason}`, the acquire and renew latencies, the singleton
+//! task's and the report schedule's counters; and the example's own per-worker counters
+//! `scheduler_emails_accepted_total`, `scheduler_emails_sent_total` and
+//! `scheduler_reports_written_total`. Scrape every worker's own port (`--worker-ports`): the
+//! shared port lands on any one of them.
+//!
 //! # Flags
 //!
+//! Parsed with clap (`--help` lists them with their docs; a mistake exits 2 naming the flag).
 //! `--workers N` (default: number of CPUs; 1 runs in this process, without a supervisor),
 //! `--bind ADDR` (default `127.0.0.1:8080`), `--state-dir DIR` (default `./state`),
 //! `--backend STRING` (a backend string such as `redis://…`; default: the file backend in
@@ -59,7 +71,8 @@
 //! `--simulate-work DURATION` (each report and each email send also takes this long — for a
 //! send, half before delivering and half between recording the delivery and removing the email
 //! from the outbox, the window in which a crash makes it go out twice — to watch a failover land
-//! mid-job). Logs go to stdout (`RUST_LOG` filters them).
+//! mid-job). Durations are humantime: `500ms`, `10s`, `1m 30s`. Logs go to stdout (`RUST_LOG`
+//! filters them).
 //!
 //! # Watch it fail over
 //!
@@ -141,7 +154,7 @@ fn init_logs() {
 ///
 /// A supervisor starts `--workers` copies of this program on one `--bind` address; the one that
 /// holds the lock `scheduler` (the primary) sends the emails and writes the reports. Logs go to
-/// stdout (`RUST_LOG` filters them). The crate's `examples/scheduler/main.rs` says more.
+/// stdout (`RUST_LOG` filters them). The module docs of `examples/scheduler/main.rs` list the HTTP routes.
 #[derive(Clone, Debug, Parser)]
 #[command(name = "scheduler", version)]
 pub(crate) struct Args {
