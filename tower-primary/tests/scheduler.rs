@@ -1,6 +1,7 @@
 //! `examples/scheduler` end to end, with real processes: a supervisor and 4 workers on one lock
 //! directory, 200 emails queued through all workers, the primary worker SIGKILLed 5 times at
-//! random moments, then everything checked from the files and the logs.
+//! random moments, then everything checked from the files and the logs. Smaller runs check
+//! delivery over SMTP and every worker's `GET /metrics` against its `/health/role`.
 //!
 //! # How the service runs
 //!
@@ -968,6 +969,9 @@ fn sample(page: &str, name: &str, labels: &str) -> Option<f64> {
         .map(|v| v.trim().parse().expect("a number"))
 }
 
+/// Every worker's `GET /metrics` carries the library's role gauge and term, equal to what its
+/// `/health/role` says, and the example's counters: one email accepted by one worker and sent by
+/// the primary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_worker_serves_its_role_and_term_on_metrics() {
     let _serial = SERIAL.lock().await;
