@@ -154,7 +154,7 @@ fn init_logs() {
 ///
 /// A supervisor starts `--workers` copies of this program on one `--bind` address; the one that
 /// holds the lock `scheduler` (the primary) sends the emails and writes the reports. Logs go to
-/// stdout (`RUST_LOG` filters them). The module docs of `examples/scheduler/main.rs` list the HTTP routes.
+/// stdout (`RUST_LOG` filters them). `GET /` on any worker lists the HTTP routes.
 #[derive(Clone, Debug, Parser)]
 #[command(name = "scheduler", version)]
 pub(crate) struct Args {
