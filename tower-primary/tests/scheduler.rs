@@ -1,6 +1,7 @@
 //! `examples/scheduler` end to end, with real processes: a supervisor and 4 workers on one lock
 //! directory, 200 emails queued through all workers, the primary worker SIGKILLed 5 times at
-//! random moments, then everything checked from the files and the logs.
+//! random moments, then everything checked from the files and the logs. Smaller runs check
+//! delivery over SMTP and every worker's `GET /metrics` against its `/health/role`.
 //!
 //! # How the service runs
 //!
@@ -53,9 +54,7 @@ fn scheduler_entry() {
     let Ok(args) = std::env::var(ARGS_ENV) else {
         return;
     };
-    let args = scheduler::Args::parse(args.split_whitespace().map(str::to_owned))
-        .expect("valid flags")
-        .expect("not --help");
+    let args = scheduler::Args::try_from_flags(args.split_whitespace()).expect("valid flags");
     let code = i32::from(scheduler::run(&args).is_err());
     std::process::exit(code);
 }
@@ -954,5 +953,97 @@ async fn emails_go_out_over_smtp_with_their_message_ids() {
         .map(|l| l.split(' ').next().unwrap().to_owned())
         .collect();
     assert_eq!(delivered, ids);
+    service.stop().await;
+}
+
+/// The value of the sample `name` (with `labels`, e.g. `lock="scheduler"`, or none) in a
+/// Prometheus text page.
+fn sample(page: &str, name: &str, labels: &str) -> Option<f64> {
+    let series = if labels.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{name}{{{labels}}}")
+    };
+    page.lines()
+        .find_map(|l| l.strip_prefix(&series)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().expect("a number"))
+}
+
+/// Every worker's `GET /metrics` carries the library's role gauge and term, equal to what its
+/// `/health/role` says, and the example's counters: one email accepted by one worker and sent by
+/// the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_worker_serves_its_role_and_term_on_metrics() {
+    let _serial = SERIAL.lock().await;
+    let mut service = Service::start(2, "--report-every 1h").await;
+    let client = client();
+    service.wait_workers_ready(0, &[0, 1]).await;
+    // One email, through worker 1, delivered by the primary.
+    let body = r#"{"to": "ana@example.com", "subject": "Hi", "body": "Hello"}"#;
+    let (status, _, text) = request(&client, "POST", &service.worker_url(1, "/emails"), body).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{text}");
+    let id = serde_json::from_str::<serde_json::Value>(&text).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    service
+        .log
+        .wait(0, &format!("delivery of {id}"), |l| {
+            l.contains("email sent ") && field(l, "id") == Some(id.as_str())
+        })
+        .await;
+
+    let lock = r#"lock="scheduler""#;
+    let (mut primaries, mut sent, mut accepted) = (0, 0.0, 0.0);
+    for index in 0..service.workers {
+        // Every worker settled (ready) before the email went out: its gauges match its role.
+        let role = role_of(&client, &service.worker_url(index, "/health/role")).await;
+        let (status, headers, page) =
+            request(&client, "GET", &service.worker_url(index, "/metrics"), "").await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        assert!(
+            headers[http::header::CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .starts_with("text/plain; version=0.0.4"),
+            "{headers:?}"
+        );
+        assert!(
+            page.contains("# TYPE tower_primary_is_primary gauge"),
+            "{page}"
+        );
+        let is_primary = sample(&page, "tower_primary_is_primary", lock)
+            .unwrap_or_else(|| panic!("no is_primary gauge on worker {index}:\n{page}"));
+        let term = sample(&page, "tower_primary_term", lock)
+            .unwrap_or_else(|| panic!("no term gauge on worker {index}:\n{page}"));
+        let expected = if role.role == "primary" { 1.0 } else { 0.0 };
+        assert_eq!(is_primary, expected, "worker {index}: {role:?}\n{page}");
+        assert!(term >= 1.0, "{page}");
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let term = term as u64;
+        assert_eq!(Some(term), role.term, "worker {index}: {role:?}\n{page}");
+        if role.role == "primary" {
+            primaries += 1;
+            assert!(
+                sample(
+                    &page,
+                    "tower_primary_transitions_total",
+                    &format!(r#"{lock},reason="acquired""#)
+                )
+                .is_some_and(|n| n >= 1.0),
+                "{page}"
+            );
+        }
+        sent += sample(&page, "scheduler_emails_sent_total", "").expect("the sent counter");
+        accepted +=
+            sample(&page, "scheduler_emails_accepted_total", "").expect("the accepted counter");
+        assert!(
+            sample(&page, "scheduler_reports_written_total", "").is_some(),
+            "{page}"
+        );
+    }
+    assert_eq!(primaries, 1);
+    assert_eq!(accepted, 1.0);
+    assert_eq!(sent, 1.0);
     service.stop().await;
 }

@@ -117,6 +117,7 @@ pub(crate) async fn queue(State(app): State<App>, body: Bytes) -> Response {
     match written {
         Ok(()) => {
             tracing::debug!("email queued id={id} pid={}", std::process::id());
+            super::prometheus::count(super::prometheus::EMAILS_ACCEPTED);
             (StatusCode::ACCEPTED, Json(json!({ "id": id }))).into_response()
         }
         Err(err) => {
@@ -312,6 +313,7 @@ impl Sender {
             Err(err) => return Err(err.into()),
         }
         tracing::info!("email sent id={id} term={term} pid={pid}");
+        super::prometheus::count(super::prometheus::EMAILS_SENT);
         Ok(())
     }
 

@@ -38,6 +38,7 @@
 //! | `GET /health/role` | every worker | role, term and holder as JSON (always 200) |
 //! | `GET /health/live` | every worker | 503 when the elector's loop is stuck (a liveness probe) |
 //! | `GET /health/ready` | every worker | 503 until the migration is done, then 200 |
+//! | `GET /metrics` | every worker | this worker's metrics, Prometheus text (below) |
 //! | `POST /emails` | every worker | `{"to","subject","body"}` → 202 `{"id"}`; bad JSON or address → 400 |
 //! | `POST /admin/report-now` | the primary | queues a report run (its slot is now) → 202 |
 //! | `GET /admin/status` | the primary | outbox, sent, last report slot, term |
@@ -46,8 +47,19 @@
 //! on `BASE + index` and advertises it, so secondaries answer 307 to the primary's own port
 //! (`curl -L` follows it).
 //!
+//! `/metrics` shows what the library records with its `metrics` feature (the example requires
+//! it), through the `metrics-exporter-prometheus` recorder each worker installs:
+//! `tower_primary_is_primary{lock="scheduler"}` (1 on the primary, 0 elsewhere),
+//! `tower_primary_term` (the term this worker knows: its own while primary, else the holder's),
+//! `tower_primary_transitions_total{reason}`, the acquire and renew latencies, the singleton
+//! task's and the report schedule's counters; and the example's own per-worker counters
+//! `scheduler_emails_accepted_total`, `scheduler_emails_sent_total` and
+//! `scheduler_reports_written_total`. Scrape every worker's own port (`--worker-ports`): the
+//! shared port lands on any one of them.
+//!
 //! # Flags
 //!
+//! Parsed with clap (`--help` lists them with their docs; a mistake exits 2 naming the flag).
 //! `--workers N` (default: number of CPUs; 1 runs in this process, without a supervisor),
 //! `--bind ADDR` (default `127.0.0.1:8080`), `--state-dir DIR` (default `./state`),
 //! `--backend STRING` (a backend string such as `redis://…`; default: the file backend in
@@ -59,7 +71,8 @@
 //! `--simulate-work DURATION` (each report and each email send also takes this long — for a
 //! send, half before delivering and half between recording the delivery and removing the email
 //! from the outbox, the window in which a crash makes it go out twice — to watch a failover land
-//! mid-job). Logs go to stdout (`RUST_LOG` filters them).
+//! mid-job). Durations are humantime: `500ms`, `10s`, `1m 30s`. Logs go to stdout (`RUST_LOG`
+//! filters them).
 //!
 //! # Watch it fail over
 //!
@@ -83,34 +96,25 @@
 //! lock over hosts).
 
 pub(crate) mod email;
+mod prometheus;
 mod report;
 mod supervisor;
 mod worker;
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::builder::RangedU64ValueParser;
+use clap::error::ErrorKind;
+use clap::{CommandFactory as _, Parser};
 use tower_primary::BoxError;
 
-const USAGE: &str = "usage: scheduler [--workers N] [--bind ADDR] [--state-dir DIR] \
-    [--backend STRING] [--host-dir DIR | --no-host-group] [--lease DURATION] \
-    [--report-every DURATION] [--catch-up N] [--smtp URL] [--worker-ports BASE] \
-    [--simulate-work DURATION]";
-
 fn main() -> ExitCode {
-    let args = match Args::parse(std::env::args().skip(1)) {
-        Ok(Some(args)) => args,
-        Ok(None) => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(err) => {
-            eprintln!("scheduler: {err}\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
+    // A mistake exits 2 with clap's message; `--help` exits 0.
+    let args = Args::from_command_line();
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(_) => ExitCode::FAILURE,
@@ -146,102 +150,121 @@ fn init_logs() {
         .try_init();
 }
 
-/// The command line.
-#[derive(Clone, Debug)]
+/// An email sender and a daily report that run once, however many workers serve the app.
+///
+/// A supervisor starts `--workers` copies of this program on one `--bind` address; the one that
+/// holds the lock `scheduler` (the primary) sends the emails and writes the reports. Logs go to
+/// stdout (`RUST_LOG` filters them). `GET /` on any worker lists the HTTP routes.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "scheduler", version)]
 pub(crate) struct Args {
+    /// Worker processes; 1 runs in this process, without a supervisor [default: the number of
+    /// CPUs]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = default_workers(),
+        hide_default_value = true,
+        value_parser = RangedU64ValueParser::<usize>::new().range(1..=u64::from(u16::MAX)),
+        allow_negative_numbers = true
+    )]
     workers: usize,
+    /// The address every worker serves (SO_REUSEPORT)
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
     bind: SocketAddr,
+    /// The state folder: outbox, sent emails, reports, logs, the file backend's locks
+    #[arg(long, value_name = "DIR", default_value = "./state")]
     state_dir: PathBuf,
+    /// A backend string such as `redis://…`, `postgres://…`, `etcd://…` [default: the file
+    /// backend in `<state-dir>/locks`]
+    #[arg(long, value_name = "STRING")]
     backend: Option<String>,
-    /// `--host-dir`: the host group's folder (server backends; default `<state-dir>/host`).
+    /// The host group's folder, for a server backend [default: `<state-dir>/host`]
+    #[arg(long, value_name = "DIR", conflicts_with = "no_host_group")]
     host_dir: Option<PathBuf>,
-    /// `--no-host-group`: every worker campaigns on the server itself.
+    /// No host group: every worker campaigns on the server itself
+    #[arg(long)]
     no_host_group: bool,
+    /// The lease, on lease backends (e.g. `5s`) [default: the backend's]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     lease: Option<Duration>,
+    /// Write a report every DURATION (e.g. `1m`) [default: daily at 08:00 UTC]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     report_every: Option<Duration>,
+    /// Missed report slots to catch up, oldest first; 0 skips them
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 24,
+        allow_negative_numbers = true
+    )]
     catch_up: usize,
+    /// Send emails over SMTP instead of writing `sent/`: `smtp://127.0.0.1:2525` (plain text),
+    /// `smtp://user:pass@host:587?tls=required` (STARTTLS), `smtps://user:pass@host` (TLS)
+    #[arg(long, value_name = "URL")]
     smtp: Option<String>,
+    /// Worker i also listens on BASE + i, advertised so secondaries redirect admin routes there
+    #[arg(
+        long,
+        value_name = "BASE",
+        value_parser = clap::value_parser!(u16).range(1..),
+        allow_negative_numbers = true
+    )]
     worker_ports: Option<u16>,
+    /// Each report and each email send also takes this long, to watch a failover land mid-job
+    #[arg(
+        long,
+        value_name = "DURATION",
+        value_parser = parse_duration,
+        default_value = "0s"
+    )]
     simulate_work: Duration,
 }
 
 impl Args {
-    /// Parses flags (`--flag value` or `--flag=value`); `Ok(None)` for `--help`.
-    pub(crate) fn parse(args: impl IntoIterator<Item = String>) -> Result<Option<Self>, String> {
-        let mut parsed = Args {
-            workers: std::thread::available_parallelism().map_or(2, usize::from),
-            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            state_dir: PathBuf::from("./state"),
-            backend: None,
-            host_dir: None,
-            no_host_group: false,
-            lease: None,
-            report_every: None,
-            catch_up: 24,
-            smtp: None,
-            worker_ports: None,
-            simulate_work: Duration::ZERO,
-        };
-        let mut it = args.into_iter();
-        while let Some(arg) = it.next() {
-            let (flag, inline) = match arg.split_once('=') {
-                Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
-                _ => (arg, None),
-            };
-            let mut value = || {
-                inline
-                    .clone()
-                    .or_else(|| it.next())
-                    .ok_or_else(|| format!("{flag} needs a value"))
-            };
-            let duration =
-                |v: String| humantime::parse_duration(&v).map_err(|e| format!("{flag} {v:?}: {e}"));
-            match flag.as_str() {
-                "--workers" => {
-                    parsed.workers = value()?.parse().map_err(|e| format!("--workers: {e}"))?;
-                }
-                "--bind" => {
-                    let v = value()?;
-                    parsed.bind = v.parse().map_err(|e| format!("--bind {v:?}: {e}"))?;
-                }
-                "--state-dir" => parsed.state_dir = PathBuf::from(value()?),
-                "--backend" => parsed.backend = Some(value()?),
-                "--host-dir" => parsed.host_dir = Some(PathBuf::from(value()?)),
-                "--no-host-group" => parsed.no_host_group = true,
-                "--lease" => parsed.lease = Some(duration(value()?)?),
-                "--report-every" => parsed.report_every = Some(duration(value()?)?),
-                "--catch-up" => {
-                    parsed.catch_up = value()?.parse().map_err(|e| format!("--catch-up: {e}"))?;
-                }
-                "--smtp" => parsed.smtp = Some(value()?),
-                "--worker-ports" => {
-                    parsed.worker_ports = Some(
-                        value()?
-                            .parse()
-                            .map_err(|e| format!("--worker-ports: {e}"))?,
-                    );
-                }
-                "--simulate-work" => parsed.simulate_work = duration(value()?)?,
-                "-h" | "--help" => return Ok(None),
-                other => return Err(format!("unknown flag {other}")),
-            }
-        }
-        if parsed.workers == 0 {
-            return Err("--workers must be at least 1".to_owned());
-        }
-        if parsed.no_host_group && parsed.host_dir.is_some() {
-            return Err("--host-dir and --no-host-group exclude each other".to_owned());
-        }
-        if let Some(base) = parsed.worker_ports {
-            let last = usize::from(base) + parsed.workers - 1;
-            if base == 0 || last > usize::from(u16::MAX) {
-                return Err(format!(
-                    "--worker-ports {base}: ports {base}..={last} are not all valid ports"
+    /// Parses this process's command line; on a mistake prints clap's message and exits 2 (0
+    /// for `--help` and `--version`).
+    pub(crate) fn from_command_line() -> Self {
+        Self::try_from_flags(std::env::args_os().skip(1)).unwrap_or_else(|err| err.exit())
+    }
+
+    /// Parses `flags` (without the program name).
+    pub(crate) fn try_from_flags<I, T>(flags: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let argv =
+            std::iter::once(OsString::from("scheduler")).chain(flags.into_iter().map(Into::into));
+        Self::try_parse_from(argv)?.checked()
+    }
+
+    /// The checks that span flags.
+    fn checked(self) -> Result<Self, clap::Error> {
+        if let Some(base) = self.worker_ports {
+            let last = usize::from(base) + self.workers - 1;
+            if last > usize::from(u16::MAX) {
+                return Err(Self::command().error(
+                    ErrorKind::ValueValidation,
+                    format!(
+                        "--worker-ports {base} with --workers {}: ports {base}..={last} are not \
+                         all valid ports",
+                        self.workers
+                    ),
                 ));
             }
         }
-        Ok(Some(parsed))
+        Ok(self)
     }
+}
+
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(2, usize::from)
+}
+
+/// A humantime duration: `500ms`, `10s`, `1m 30s`.
+fn parse_duration(s: &str) -> Result<Duration, humantime::DurationError> {
+    humantime::parse_duration(s)
 }
 
 /// The files under `--state-dir`.
@@ -331,36 +354,172 @@ fn now_ns() -> u128 {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use clap::CommandFactory;
+    use clap::error::ErrorKind;
+
     use super::Args;
 
-    fn parse(s: &str) -> Result<Option<Args>, String> {
-        Args::parse(s.split_whitespace().map(str::to_owned))
+    fn parse(s: &str) -> Result<Args, clap::Error> {
+        Args::try_from_flags(s.split_whitespace())
+    }
+
+    /// The error of a bad command line: its kind, and its message names `flag`.
+    fn mistake(s: &str, flag: &str) -> ErrorKind {
+        let err = parse(s).expect_err(s);
+        let message = err.to_string();
+        assert!(message.contains(flag), "{s:?} → {message}");
+        // `main` exits with clap's code for it: 2 for every mistake.
+        assert_eq!(err.exit_code(), 2, "{s:?} → {message}");
+        err.kind()
     }
 
     #[test]
-    fn flags_parse_and_mistakes_are_named() {
-        let a = parse("--workers 4 --bind=127.0.0.1:9000 --report-every 1s --worker-ports 9100")
-            .unwrap()
-            .unwrap();
+    fn the_command_is_well_formed() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn flags_parse_with_their_defaults() {
+        let a = parse("").unwrap();
+        assert!(a.workers >= 1);
+        assert_eq!(a.bind.to_string(), "127.0.0.1:8080");
+        assert_eq!(a.state_dir, Path::new("./state"));
+        assert_eq!(
+            (a.backend, a.host_dir, a.no_host_group),
+            (None, None, false)
+        );
+        assert_eq!((a.lease, a.report_every), (None, None));
+        assert_eq!(a.catch_up, 24);
+        assert_eq!((a.smtp, a.worker_ports), (None, None));
+        assert_eq!(a.simulate_work, Duration::ZERO);
+
+        let a = parse(
+            "--workers 4 --bind=127.0.0.1:9000 --report-every 1s --worker-ports 9100 \
+             --state-dir /tmp/s --backend redis://127.0.0.1/ --lease 2s --catch-up 0 \
+             --smtp smtp://127.0.0.1:2525 --simulate-work 10ms",
+        )
+        .unwrap();
         assert_eq!(a.workers, 4);
         assert_eq!(a.bind.port(), 9000);
-        assert_eq!(a.report_every, Some(std::time::Duration::from_secs(1)));
+        assert_eq!(a.report_every, Some(Duration::from_secs(1)));
         assert_eq!(a.worker_ports, Some(9100));
-        assert!(parse("--help").unwrap().is_none());
-        assert!(parse("--workers 0").unwrap_err().contains("at least 1"));
-        assert!(parse("--lease soon").unwrap_err().contains("--lease"));
-        assert!(parse("--worker-ports 65535 --workers 2").is_err());
-        assert!(parse("--frobnicate").unwrap_err().contains("--frobnicate"));
-        let a = parse("--host-dir /run/app/host").unwrap().unwrap();
+        assert_eq!(a.state_dir, Path::new("/tmp/s"));
+        assert_eq!(a.backend.as_deref(), Some("redis://127.0.0.1/"));
+        assert_eq!(a.lease, Some(Duration::from_secs(2)));
+        assert_eq!(a.catch_up, 0);
+        assert_eq!(a.smtp.as_deref(), Some("smtp://127.0.0.1:2525"));
+        assert_eq!(a.simulate_work, Duration::from_millis(10));
+
+        let a = parse("--host-dir /run/app/host").unwrap();
+        assert_eq!(a.host_dir.as_deref(), Some(Path::new("/run/app/host")));
+        assert!(parse("--no-host-group").unwrap().no_host_group);
+        // The largest range that fits.
         assert_eq!(
-            a.host_dir.as_deref(),
-            Some(std::path::Path::new("/run/app/host"))
+            parse("--worker-ports 65534 --workers 2")
+                .unwrap()
+                .worker_ports,
+            Some(65534)
         );
-        assert!(parse("--no-host-group").unwrap().unwrap().no_host_group);
-        assert!(
-            parse("--no-host-group --host-dir /x")
-                .unwrap_err()
-                .contains("exclude")
+    }
+
+    #[test]
+    fn help_names_every_flag() {
+        let err = parse("--help").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::DisplayHelp);
+        assert_eq!(err.exit_code(), 0);
+        let help = err.to_string();
+        for flag in [
+            "--workers",
+            "--bind",
+            "--state-dir",
+            "--backend",
+            "--host-dir",
+            "--no-host-group",
+            "--lease",
+            "--report-every",
+            "--catch-up",
+            "--smtp",
+            "--worker-ports",
+            "--simulate-work",
+        ] {
+            assert!(help.contains(flag), "{flag} missing from --help:\n{help}");
+        }
+        // Every flag has its doc.
+        for arg in Args::command().get_arguments() {
+            assert!(arg.get_help().is_some(), "{} has no doc", arg.get_id());
+        }
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        // A bad value of each kind: a count, an address, a duration, a port.
+        assert_eq!(
+            mistake("--workers 0", "--workers"),
+            ErrorKind::ValueValidation
+        );
+        assert_eq!(
+            mistake("--workers many", "--workers"),
+            ErrorKind::ValueValidation
+        );
+        assert_eq!(
+            mistake("--workers -1", "--workers"),
+            ErrorKind::ValueValidation
+        );
+        assert_eq!(
+            mistake("--catch-up -1", "--catch-up"),
+            ErrorKind::ValueValidation
+        );
+        assert_eq!(
+            mistake("--catch-up lots", "--catch-up"),
+            ErrorKind::ValueValidation
+        );
+        assert_eq!(
+            mistake("--bind localhost", "--bind"),
+            ErrorKind::ValueValidation
+        );
+        assert_eq!(
+            mistake("--bind 127.0.0.1", "--bind"),
+            ErrorKind::ValueValidation
+        );
+        for flag in ["--lease", "--report-every", "--simulate-work"] {
+            assert_eq!(
+                mistake(&format!("{flag} soon"), flag),
+                ErrorKind::ValueValidation
+            );
+            assert_eq!(
+                mistake(&format!("{flag} 5"), flag),
+                ErrorKind::ValueValidation
+            );
+        }
+        assert_eq!(
+            mistake("--worker-ports 0", "--worker-ports"),
+            ErrorKind::ValueValidation
+        );
+        assert_eq!(
+            mistake("--worker-ports 65536", "--worker-ports"),
+            ErrorKind::ValueValidation
+        );
+        assert_eq!(
+            mistake("--worker-ports 65535 --workers 2", "--worker-ports"),
+            ErrorKind::ValueValidation
+        );
+        // A flag without its value, an unknown flag, a stray word, flags that exclude each other.
+        assert_eq!(mistake("--bind", "--bind"), ErrorKind::InvalidValue);
+        assert_eq!(
+            mistake("--frobnicate", "--frobnicate"),
+            ErrorKind::UnknownArgument
+        );
+        assert_eq!(mistake("now", "now"), ErrorKind::UnknownArgument);
+        assert_eq!(
+            mistake("--no-host-group --host-dir /x", "--host-dir"),
+            ErrorKind::ArgumentConflict
+        );
+        assert_eq!(
+            mistake("--smtp a --smtp b", "--smtp"),
+            ErrorKind::ArgumentConflict
         );
     }
 }

@@ -97,6 +97,7 @@ async fn write_report(
     }
     append_line(&log, &line).await?;
     tracing::info!("report done slot={slot} term={term} pid={pid} manual={manual}");
+    super::prometheus::count(super::prometheus::REPORTS_WRITTEN);
     Ok(())
 }
 

@@ -19,7 +19,7 @@ use tower_primary::{
     terminate_signal,
 };
 
-use super::{Args, Dirs, email, report};
+use super::{Args, Dirs, email, prometheus, report};
 
 /// The lock every worker campaigns for.
 const LOCK: &str = "scheduler";
@@ -71,6 +71,9 @@ fn exit_with_supervisor() -> Result<(), BoxError> {
 
 async fn serve(index: Option<u16>, args: &Args) -> Result<(), BoxError> {
     let pid = std::process::id();
+    // Before the elector: the library describes its metrics when it is built.
+    let metrics = prometheus::install()?;
+    prometheus::spawn_upkeep(metrics.clone());
     let dirs = Dirs::new(&args.state_dir);
     let backend: Box<dyn Backend> = match &args.backend {
         Some(s) => tower_primary::backend::from_url(s)?,
@@ -147,6 +150,7 @@ async fn serve(index: Option<u16>, args: &Args) -> Result<(), BoxError> {
         .route("/health/role", get(health::role))
         .route("/health/live", get(health::live))
         .route_service("/health/ready", readiness)
+        .route("/metrics", prometheus::route(metrics))
         .route("/emails", post(email::queue))
         .merge(admin)
         .with_state(app)
@@ -322,6 +326,7 @@ async fn index_page(State(app): State<App>, role: Role) -> String {
          GET  /health/role          role, term and holder (JSON)\n\
          GET  /health/live          503 if the elector is stuck\n\
          GET  /health/ready         503 until the migration is done\n\
+         GET  /metrics              Prometheus metrics of this worker\n\
          POST /emails               {{\"to\",\"subject\",\"body\"}} -> 202 {{\"id\"}}\n\
          POST /admin/report-now     primary only: queue a report run\n\
          GET  /admin/status         primary only: outbox, sent, last report\n",
