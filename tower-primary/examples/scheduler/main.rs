@@ -84,6 +84,7 @@
 
 pub(crate) mod email;
 mod report;
+mod store;
 mod supervisor;
 mod worker;
 
@@ -97,7 +98,7 @@ use tower_primary::BoxError;
 const USAGE: &str = "usage: scheduler [--workers N] [--bind ADDR] [--state-dir DIR] \
     [--backend STRING] [--host-dir DIR | --no-host-group] [--lease DURATION] \
     [--report-every DURATION] [--catch-up N] [--smtp URL] [--worker-ports BASE] \
-    [--simulate-work DURATION]";
+    [--simulate-work DURATION] [--store postgres://…]";
 
 fn main() -> ExitCode {
     let args = match Args::parse(std::env::args().skip(1)) {
@@ -153,6 +154,8 @@ pub(crate) struct Args {
     bind: SocketAddr,
     state_dir: PathBuf,
     backend: Option<String>,
+    /// `--store`: the outbox, deliveries and report runs in PostgreSQL (default: the folders).
+    store: Option<String>,
     /// `--host-dir`: the host group's folder (server backends; default `<state-dir>/host`).
     host_dir: Option<PathBuf>,
     /// `--no-host-group`: every worker campaigns on the server itself.
@@ -173,6 +176,7 @@ impl Args {
             bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
             state_dir: PathBuf::from("./state"),
             backend: None,
+            store: None,
             host_dir: None,
             no_host_group: false,
             lease: None,
@@ -206,6 +210,7 @@ impl Args {
                 }
                 "--state-dir" => parsed.state_dir = PathBuf::from(value()?),
                 "--backend" => parsed.backend = Some(value()?),
+                "--store" => parsed.store = Some(value()?),
                 "--host-dir" => parsed.host_dir = Some(PathBuf::from(value()?)),
                 "--no-host-group" => parsed.no_host_group = true,
                 "--lease" => parsed.lease = Some(duration(value()?)?),
@@ -232,6 +237,7 @@ impl Args {
         if parsed.no_host_group && parsed.host_dir.is_some() {
             return Err("--host-dir and --no-host-group exclude each other".to_owned());
         }
+        store::check_flags(parsed.store.as_deref(), parsed.backend.as_deref())?;
         if let Some(base) = parsed.worker_ports {
             let last = usize::from(base) + parsed.workers - 1;
             if base == 0 || last > usize::from(u16::MAX) {
