@@ -39,16 +39,19 @@ struct NewEmail {
     body: String,
 }
 
-/// A new email id: time-ordered, unique per process and call, safe in file names.
+/// A new email id, `<micros>-<pid>-<seq>-<random>`: time-ordered, unique per process and call,
+/// safe in file names. The random part keeps ids of different hosts apart (two containers may
+/// both run their worker as pid 7).
 fn new_id() -> String {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let micros = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros());
     format!(
-        "{micros}-{}-{}",
+        "{micros}-{}-{}-{:08x}",
         std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
+        SEQ.fetch_add(1, Ordering::Relaxed),
+        fastrand::u32(..)
     )
 }
 
@@ -230,8 +233,8 @@ impl Sender {
                 };
                 if let Fenced::Refused { newer } = outcome {
                     tracing::warn!(
-                        "fence refused what=email term={} newer={newer} pid={}: a newer primary \
-                         has written; this term's sender stops",
+                        "fence refused what=email term={} newer={newer} pid={} (a newer primary \
+                         has written: this term's sender stops)",
                         ctx.term(),
                         std::process::id()
                     );

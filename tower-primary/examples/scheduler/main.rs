@@ -84,7 +84,7 @@
 
 pub(crate) mod email;
 mod report;
-mod store;
+pub(crate) mod store;
 mod supervisor;
 mod worker;
 

@@ -95,8 +95,8 @@ async fn write_report(
     };
     if let Fenced::Refused { newer } = store.record_report(ctx, &record).await? {
         tracing::warn!(
-            "fence refused what=report slot={slot} term={term} newer={newer} pid={pid}: a newer \
-             primary has written; this run stops"
+            "fence refused what=report slot={slot} term={term} newer={newer} pid={pid} (a \
+             newer primary has written: this run stops)"
         );
         return Err("the guard row holds a newer term".into());
     }

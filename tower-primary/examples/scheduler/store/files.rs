@@ -188,9 +188,9 @@ async fn remove(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Sorts ids `<micros>-<pid>-<seq>` by time, then pid and sequence.
+/// Sorts ids `<micros>-<pid>-<seq>-<random>` by time, then pid and sequence.
 fn id_order(id: &str) -> (u128, u32, u64, &str) {
-    let mut parts = id.splitn(3, '-');
+    let mut parts = id.split('-');
     let mut next = || parts.next().unwrap_or("");
     (
         next().parse().unwrap_or(u128::MAX),
