@@ -204,7 +204,9 @@ impl Host {
     async fn kill(&mut self) {
         drop(self.sim.take());
         if let Some(mut child) = self.child.take() {
-            let _ = timeout(BOUND, child.wait()).await.expect("the host is gone");
+            let _ = timeout(BOUND, child.wait())
+                .await
+                .expect("the host is gone");
         }
     }
 
@@ -228,8 +230,16 @@ impl Host {
         .await;
         match found {
             Ok(Some(line)) => line,
-            Ok(None) => panic!("{}: output ended before {what}\n{}", self.name, self.log.dump()),
-            Err(_) => panic!("{}: no {what} within {BOUND:?}\n{}", self.name, self.log.dump()),
+            Ok(None) => panic!(
+                "{}: output ended before {what}\n{}",
+                self.name,
+                self.log.dump()
+            ),
+            Err(_) => panic!(
+                "{}: no {what} within {BOUND:?}\n{}",
+                self.name,
+                self.log.dump()
+            ),
         }
     }
 
@@ -441,11 +451,7 @@ async fn two_hosts_one_store_every_email_delivered_every_write_fenced() {
         return;
     };
     drop(probe);
-    let schema = format!(
-        "sched_hosts_{}_{}",
-        std::process::id(),
-        fastrand::u32(..)
-    );
+    let schema = format!("sched_hosts_{}_{}", std::process::id(), fastrand::u32(..));
     let sep = if base_url.contains('?') { '&' } else { '?' };
     let store = format!("{base_url}{sep}schema={schema}&namespace={schema}");
     let tmp = tempfile::tempdir().unwrap();
@@ -461,7 +467,8 @@ async fn two_hosts_one_store_every_email_delivered_every_write_fenced() {
     // Both hosts are ready and accept; malformed requests get 400 and store nothing.
     for host in [&a, &b] {
         for index in 0..WORKERS {
-            let (status, text) = request(&client, "GET", &host.url(index, "/health/ready"), "").await;
+            let (status, text) =
+                request(&client, "GET", &host.url(index, "/health/ready"), "").await;
             assert_eq!(status, StatusCode::OK, "{}: {text}", host.name);
         }
         let (status, text) = request(
@@ -486,7 +493,14 @@ async fn two_hosts_one_store_every_email_delivered_every_write_fenced() {
     // Emails through both hosts, both workers of each.
     for _ in 0..40 {
         let host = if n % 2 == 0 { &a } else { &b };
-        accepted.push(queue(&client, &host.url(u16::try_from(n / 2 % 2).unwrap(), "/emails"), n).await);
+        accepted.push(
+            queue(
+                &client,
+                &host.url(u16::try_from(n / 2 % 2).unwrap(), "/emails"),
+                n,
+            )
+            .await,
+        );
         n += 1;
     }
     wait_delivered(&db, &schema, &accepted).await;
@@ -516,7 +530,9 @@ async fn two_hosts_one_store_every_email_delivered_every_write_fenced() {
     }
     wait_delivered(&db, &schema, &burst).await;
     accepted.extend(burst.iter().cloned());
-    println!("\naccepted on the secondary host -> delivered (targets: p50 <= 100 ms, p99 <= 500 ms)");
+    println!(
+        "\naccepted on the secondary host -> delivered (targets: p50 <= 100 ms, p99 <= 500 ms)"
+    );
     println!("| emails | queued | min ms | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|---|");
     for (what, ids) in [("one at a time", &one_by_one), ("back to back", &burst)] {
         let l = latencies(&db, &schema, ids).await;
@@ -592,7 +608,8 @@ async fn two_hosts_one_store_every_email_delivered_every_write_fenced() {
             l.contains("fence paused ")
         })
         .await;
-    let (paused_pid, paused_term): (u32, u64) = (num(&paused_line, "pid"), num(&paused_line, "term"));
+    let (paused_pid, paused_term): (u32, u64) =
+        (num(&paused_line, "pid"), num(&paused_line, "term"));
     let paused_id = field(&paused_line, "id").unwrap().to_owned();
     assert_eq!(paused_term, term);
     hosts[h].signal(paused_pid, Signal::SIGSTOP);
@@ -633,11 +650,9 @@ async fn two_hosts_one_store_every_email_delivered_every_write_fenced() {
         .unwrap()
         .get(0);
     assert!(successor_wrote >= 20, "the successor was not stalled");
-    let still_stopped = std::fs::read_to_string(format!(
-        "/proc/{}/stat",
-        hosts[h].machine_pid(paused_pid)
-    ))
-    .unwrap();
+    let still_stopped =
+        std::fs::read_to_string(format!("/proc/{}/stat", hosts[h].machine_pid(paused_pid)))
+            .unwrap();
     assert!(
         still_stopped.contains(") T "),
         "the old primary is still stopped: {still_stopped}"
@@ -663,7 +678,10 @@ async fn two_hosts_one_store_every_email_delivered_every_write_fenced() {
     wait_delivered(&db, &schema, &accepted).await;
     let s = &schema;
     let rows = db
-        .query(&format!("SELECT id, count(*) FROM {s}.deliveries GROUP BY id"), &[])
+        .query(
+            &format!("SELECT id, count(*) FROM {s}.deliveries GROUP BY id"),
+            &[],
+        )
         .await
         .unwrap();
     let recorded: BTreeMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
@@ -674,7 +692,10 @@ async fn two_hosts_one_store_every_email_delivered_every_write_fenced() {
         accepted_set,
         "every accepted email recorded as delivered, and nothing else"
     );
-    assert!(recorded.values().all(|&c| c == 1), "one record per email: {recorded:?}");
+    assert!(
+        recorded.values().all(|&c| c == 1),
+        "one record per email: {recorded:?}"
+    );
     let outbox: i64 = db
         .query_one(&format!("SELECT count(*) FROM {s}.outbox"), &[])
         .await
@@ -729,10 +750,8 @@ async fn two_hosts_one_store_every_email_delivered_every_write_fenced() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let times: Vec<chrono::DateTime<chrono::Utc>> = slots
-        .iter()
-        .map(|s| s.parse().unwrap())
-        .collect();
+    let times: Vec<chrono::DateTime<chrono::Utc>> =
+        slots.iter().map(|s| s.parse().unwrap()).collect();
     assert!(times.len() > 5, "{slots:?}");
     for pair in times.windows(2) {
         assert_eq!(
@@ -783,21 +802,28 @@ async fn with_the_database_down_emails_are_refused_with_503() {
     let Some(mut server) = require("a throwaway PostgreSQL", PostgresServer::start().await) else {
         return;
     };
-    let Some(_lock_db) = require(
-        "PostgreSQL for the lock",
-        connect(&postgres_url()).await,
-    ) else {
+    let Some(_lock_db) = require("PostgreSQL for the lock", connect(&postgres_url()).await) else {
         return;
     };
     let tag = format!("sched_down_{}_{}", std::process::id(), fastrand::u32(..));
     let store = server.url();
     // The lock lives on the machine's PostgreSQL: only the store goes down.
-    let sep = if postgres_url().contains('?') { '&' } else { '?' };
+    let sep = if postgres_url().contains('?') {
+        '&'
+    } else {
+        '?'
+    };
     let backend = format!("{}{sep}namespace={tag}", postgres_url());
     let tmp = tempfile::tempdir().unwrap();
     let port = free_port().unwrap();
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["scheduler_entry", "--exact", "--nocapture", "--test-threads=1", "--quiet"])
+        .args([
+            "scheduler_entry",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+            "--quiet",
+        ])
         .env(
             ARGS_ENV,
             format!(
@@ -823,7 +849,8 @@ async fn with_the_database_down_emails_are_refused_with_503() {
         port,
         base: port,
     };
-    host.wait(0, "readiness", |l| l.contains("worker ready ")).await;
+    host.wait(0, "readiness", |l| l.contains("worker ready "))
+        .await;
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
     let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
     let first = queue(&client, &url("/emails"), 0).await;
@@ -835,7 +862,10 @@ async fn with_the_database_down_emails_are_refused_with_503() {
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(json["error"], "store_unavailable", "{text}");
     assert!(
-        json["message"].as_str().unwrap().contains("nothing was stored"),
+        json["message"]
+            .as_str()
+            .unwrap()
+            .contains("nothing was stored"),
         "{text}"
     );
     let (status, text) = request(&client, "GET", &url("/health/ready"), "").await;

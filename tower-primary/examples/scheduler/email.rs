@@ -18,8 +18,8 @@ use serde_json::json;
 use tower_primary::schedule::RunOnce;
 use tower_primary::{BoxError, TermContext};
 
-use super::worker::App;
 use super::store::{Fenced, Outbox, QueueError, Queued, Store};
+use super::worker::App;
 use super::{Dirs, remove_stale_tmp, write_atomic};
 
 /// The sender of every email.
@@ -258,7 +258,11 @@ impl Sender {
         let message_id = message_id(&id);
         let to = match queued.to.parse() {
             Ok(to) => to,
-            Err(err) => return self.give_up(outbox, ctx, &id, &format!("bad address: {err}")).await,
+            Err(err) => {
+                return self
+                    .give_up(outbox, ctx, &id, &format!("bad address: {err}"))
+                    .await;
+            }
         };
         let message = Message::builder()
             .message_id(Some(message_id.clone()))
@@ -303,7 +307,9 @@ impl Sender {
             Err(err) => {
                 // The session may have been ended under us (a stop past the idle timeout): try
                 // once more on a new one. The guard row refuses it if a newer term has written.
-                tracing::warn!("email record failed id={id} term={term} pid={pid}: {err}; retrying");
+                tracing::warn!(
+                    "email record failed id={id} term={term} pid={pid}: {err}; retrying"
+                );
                 *outbox = self.store.outbox(ctx).await?;
                 outbox.delivered(ctx, &id, &message_id).await?
             }

@@ -126,11 +126,7 @@ impl FileStore {
 
     /// Moves an email that can never be sent to `failed/`.
     pub(crate) async fn give_up(&self, id: &str) -> std::io::Result<()> {
-        tokio::fs::rename(
-            self.path(id),
-            self.dirs.failed().join(format!("{id}.json")),
-        )
-        .await
+        tokio::fs::rename(self.path(id), self.dirs.failed().join(format!("{id}.json"))).await
     }
 
     /// Whether `runs.log` records a scheduled run of `slot`.

@@ -106,7 +106,9 @@ impl Store {
     /// start-up: the folders it writes to).
     pub(crate) async fn open(args: &Args, dirs: &Dirs) -> Result<Store, BoxError> {
         match &args.store {
-            None => Ok(Store::Files(files::FileStore::open(dirs.clone(), args.simulate_work).await?)),
+            None => Ok(Store::Files(
+                files::FileStore::open(dirs.clone(), args.simulate_work).await?,
+            )),
             Some(url) => Ok(Store::Postgres(
                 postgres::PgStore::open(url, dirs.clone(), args.lease, args.simulate_work).await?,
             )),
@@ -204,7 +206,9 @@ pub(crate) enum Outbox {
 
 impl Outbox {
     /// The queued emails, oldest first (at most a batch).
-    pub(crate) async fn pending(&mut self) -> Result<Vec<Result<Queued, (String, String)>>, BoxError> {
+    pub(crate) async fn pending(
+        &mut self,
+    ) -> Result<Vec<Result<Queued, (String, String)>>, BoxError> {
         match self {
             Outbox::Files(f) => Ok(f.pending().await?),
             Outbox::Postgres(pg) => pg.pending().await,
@@ -265,3 +269,22 @@ impl Outbox {
 
 /// How long a client waits for the database to answer a connection attempt.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[cfg(test)]
+mod tests {
+    use super::check_flags;
+
+    #[test]
+    fn the_store_needs_a_server_backend() {
+        let store = Some("postgres://root@127.0.0.1/test");
+        assert!(check_flags(None, None).is_ok());
+        assert!(check_flags(store, None).is_ok());
+        assert!(check_flags(store, Some("redis://127.0.0.1")).is_ok());
+        for file in ["./state/locks", "file:///var/lock/app"] {
+            let err = check_flags(store, Some(file)).unwrap_err();
+            assert!(err.contains("needs a server backend"), "{err}");
+        }
+        let err = check_flags(Some("mysql://h/db"), None).unwrap_err();
+        assert!(err.contains("expected postgres://"), "{err}");
+    }
+}

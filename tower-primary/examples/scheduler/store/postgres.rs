@@ -433,7 +433,9 @@ impl PgOutbox {
         self.notify.notified().await;
     }
 
-    pub(crate) async fn pending(&mut self) -> Result<Vec<Result<Queued, (String, String)>>, BoxError> {
+    pub(crate) async fn pending(
+        &mut self,
+    ) -> Result<Vec<Result<Queued, (String, String)>>, BoxError> {
         let rows = self
             .client
             .query(
