@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Mutex, Notify, RwLock};
-use tokio_postgres::{Client, Config, NoTls, Transaction};
+use tokio_postgres::{Client, Config, NoTls, Statement, ToStatement, Transaction};
 use tower_primary::{BoxError, TermContext};
 
 use super::super::Dirs;
@@ -52,6 +52,16 @@ const BATCH: i64 = 100;
 /// `fence paused …` inside its next fenced transaction, right after advancing the guard row, and
 /// stays there until its term ends, so a test can stop it (`SIGSTOP`) at that exact point.
 pub(crate) const PAUSE_ENV: &str = "SCHEDULER_TEST_PAUSE_IN_FENCE";
+
+/// The guard row's update: the term advances, never goes back.
+const FENCE: &str = "UPDATE fence SET term = $1 WHERE term <= $1";
+/// The sender's read of the outbox.
+const PENDING: &str = "SELECT id, to_addr, subject, body, queued_by FROM outbox \
+                       ORDER BY queued_at, id LIMIT $1";
+/// A delivery's record: the email leaves the outbox, its delivery is recorded.
+const DELIVERED: &str = "WITH gone AS (DELETE FROM outbox WHERE id = $1 RETURNING queued_at) \
+                         INSERT INTO deliveries (id, term, pid, message_id, queued_at) \
+                         SELECT $1, $2, $3, $4, (SELECT queued_at FROM gone)";
 
 /// The versioned migration steps: `(version, name, SQL)`; `{channel}` is the notify channel.
 const STEPS: [(i32, &str, &str); 2] = [
@@ -335,10 +345,16 @@ impl PgStore {
             ctx.term(),
             std::process::id()
         );
+        let statements = [
+            client.prepare(FENCE).await?,
+            client.prepare(PENDING).await?,
+            client.prepare(DELIVERED).await?,
+        ];
         Ok(PgOutbox {
             store: self.clone(),
             client,
             notify,
+            statements,
         })
     }
 
@@ -426,6 +442,9 @@ pub(crate) struct PgOutbox {
     store: PgStore,
     client: Client,
     notify: Arc<Notify>,
+    /// [`FENCE`], [`PENDING`] and [`DELIVERED`], prepared once for the session (one round trip
+    /// each per email instead of two).
+    statements: [Statement; 3],
 }
 
 impl PgOutbox {
@@ -436,14 +455,7 @@ impl PgOutbox {
     pub(crate) async fn pending(
         &mut self,
     ) -> Result<Vec<Result<Queued, (String, String)>>, BoxError> {
-        let rows = self
-            .client
-            .query(
-                "SELECT id, to_addr, subject, body, queued_by FROM outbox \
-                 ORDER BY queued_at, id LIMIT $1",
-                &[&BATCH],
-            )
-            .await?;
+        let rows = self.client.query(&self.statements[1], &[&BATCH]).await?;
         Ok(rows
             .iter()
             .map(|r| {
@@ -472,15 +484,13 @@ impl PgOutbox {
             tokio::time::sleep(half).await;
         }
         let tx = self.client.transaction().await?;
-        let fenced = fence(&tx, ctx.term()).await?;
+        let fenced = fence_with(&tx, &self.statements[0], ctx.term()).await?;
         if fenced != Fenced::Written {
             return Ok(fenced);
         }
         self.store.pause_hook(ctx, id).await;
         tx.execute(
-            "WITH gone AS (DELETE FROM outbox WHERE id = $1 RETURNING queued_at) \
-             INSERT INTO deliveries (id, term, pid, message_id, queued_at) \
-             SELECT $1, $2, $3, $4, (SELECT queued_at FROM gone)",
+            &self.statements[2],
             &[&id, &to_i64(ctx.term()), &pid(), &message_id],
         )
         .await?;
@@ -514,10 +524,17 @@ impl PgOutbox {
 
 /// Advances the guard row to `term` unless it holds a newer one.
 async fn fence(tx: &Transaction<'_>, term: u64) -> Result<Fenced, tokio_postgres::Error> {
+    fence_with(tx, FENCE, term).await
+}
+
+/// [`fence`] with the statement given (prepared once per session by the sender).
+async fn fence_with<S: ToStatement + ?Sized>(
+    tx: &Transaction<'_>,
+    statement: &S,
+    term: u64,
+) -> Result<Fenced, tokio_postgres::Error> {
     let term = to_i64(term);
-    let n = tx
-        .execute("UPDATE fence SET term = $1 WHERE term <= $1", &[&term])
-        .await?;
+    let n = tx.execute(statement, &[&term]).await?;
     if n == 1 {
         return Ok(Fenced::Written);
     }
