@@ -766,7 +766,8 @@ async fn two_hosts_one_store_every_email_delivered_every_write_fenced() {
         .query(
             &format!(
                 "SELECT term FROM (SELECT seq, term FROM {s}.deliveries \
-                 UNION ALL SELECT seq, term FROM {s}.report_runs) w ORDER BY seq"
+                 UNION ALL SELECT seq, term FROM {s}.report_runs \
+                 UNION ALL SELECT seq, term FROM {s}.failed) w ORDER BY seq"
             ),
             &[],
         )

@@ -70,7 +70,7 @@ pub(crate) async fn queue(State(app): State<App>, body: Bytes) -> Response {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             [("retry-after", "1")],
-            Json(json!({ "error": "not ready: the state folders are being prepared" })),
+            Json(json!({ "error": "not ready: the migration has not run yet" })),
         )
             .into_response();
     }
