@@ -40,10 +40,9 @@ impl FileStore {
         })
     }
 
-    /// Nothing to prepare any more (the folders are made at start-up); the primary clears what
-    /// a killed writer left half-written.
+    /// Nothing to prepare any more: every process makes the folders at start-up. (The job
+    /// stays, so that readiness means the same with either store.)
     pub(crate) async fn migrate(&self, ctx: &TermContext) -> Result<(), BoxError> {
-        remove_stale_tmp(&self.dirs.outbox()).await;
         tracing::info!(
             "migration done version={MIGRATION} term={} pid={}",
             ctx.term(),
