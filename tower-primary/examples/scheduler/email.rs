@@ -1,7 +1,6 @@
 //! `POST /emails` (any worker queues into the outbox) and the email sender (a singleton task:
 //! only the primary sends).
 
-use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -14,20 +13,19 @@ use axum::response::{IntoResponse, Response};
 use lettre::message::Mailbox;
 use lettre::message::header::{ContentType, Header, HeaderName, HeaderValue};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::json;
 use tower_primary::schedule::RunOnce;
 use tower_primary::{BoxError, TermContext};
 
+use super::store::{Fenced, Outbox, QueueError, Queued, Store};
 use super::worker::App;
-use super::{Dirs, append_line, remove_stale_tmp, write_atomic};
+use super::{Dirs, remove_stale_tmp, write_atomic};
 
 /// The sender of every email.
 const FROM: &str = "tower-primary scheduler <scheduler@localhost>";
 /// The right-hand side of every Message-ID.
 const MESSAGE_ID_DOMAIN: &str = "scheduler.tower-primary.localhost";
-/// How often the sender looks at the outbox when it is empty.
-const POLL: Duration = Duration::from_millis(200);
 /// The largest subject accepted (RFC 5322's line limit).
 const MAX_SUBJECT: usize = 998;
 /// The largest body accepted.
@@ -41,26 +39,19 @@ struct NewEmail {
     body: String,
 }
 
-/// An email in the outbox, `<outbox>/<id>.json`.
-#[derive(Serialize, Deserialize)]
-struct Queued {
-    id: String,
-    to: String,
-    subject: String,
-    body: String,
-    queued_by: u32,
-}
-
-/// A new email id: time-ordered, unique per process and call, safe in file names.
+/// A new email id, `<micros>-<pid>-<seq>-<random>`: time-ordered, unique per process and call,
+/// safe in file names. The random part keeps ids of different hosts apart (two containers may
+/// both run their worker as pid 7).
 fn new_id() -> String {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let micros = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros());
     format!(
-        "{micros}-{}-{}",
+        "{micros}-{}-{}-{:08x}",
         std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
+        SEQ.fetch_add(1, Ordering::Relaxed),
+        fastrand::u32(..)
     )
 }
 
@@ -79,7 +70,7 @@ pub(crate) async fn queue(State(app): State<App>, body: Bytes) -> Response {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             [("retry-after", "1")],
-            Json(json!({ "error": "not ready: the state folders are being prepared" })),
+            Json(json!({ "error": "not ready: the migration has not run yet" })),
         )
             .into_response();
     }
@@ -110,21 +101,32 @@ pub(crate) async fn queue(State(app): State<App>, body: Bytes) -> Response {
         body: email.body,
         queued_by: std::process::id(),
     };
-    let written = match serde_json::to_vec(&queued) {
-        Ok(bytes) => write_atomic(&app.dirs.outbox().join(format!("{id}.json")), &bytes).await,
-        Err(err) => Err(std::io::Error::other(err)),
-    };
-    match written {
+    match app.store.queue(&queued).await {
         Ok(()) => {
             tracing::debug!("email queued id={id} pid={}", std::process::id());
             super::prometheus::count(super::prometheus::EMAILS_ACCEPTED);
             (StatusCode::ACCEPTED, Json(json!({ "id": id }))).into_response()
         }
+        Err(QueueError::Unavailable(why)) => {
+            tracing::warn!("cannot queue an email: the store is unavailable: {why}");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [("retry-after", "1")],
+                Json(json!({
+                    "error": "store_unavailable",
+                    "message": format!(
+                        "the email was not queued (nothing was stored): the database cannot be \
+                         reached ({why}); retry later"
+                    ),
+                })),
+            )
+                .into_response()
+        }
         Err(err) => {
-            tracing::error!("cannot queue an email: {err}");
+            tracing::error!("{err}");
             (
                 StatusCode::INTERNAL_SERVER_ERROR,
-                Json(json!({ "error": format!("cannot queue the email: {err}") })),
+                Json(json!({ "error": err.to_string() })),
             )
                 .into_response()
         }
@@ -152,6 +154,7 @@ impl Header for PrimaryTermHeader {
 /// The email sender: a singleton task, so only the primary runs it.
 #[derive(Clone)]
 pub(crate) struct Sender {
+    store: Store,
     dirs: Dirs,
     smtp: Option<AsyncSmtpTransport<Tokio1Executor>>,
     simulate_work: Duration,
@@ -160,6 +163,7 @@ pub(crate) struct Sender {
 impl Sender {
     /// `smtp`: send over SMTP to this URL instead of writing `sent/<id>.eml`.
     pub(crate) fn new(
+        store: Store,
         dirs: Dirs,
         smtp: Option<&str>,
         simulate_work: Duration,
@@ -174,6 +178,7 @@ impl Sender {
             None => None,
         };
         Ok(Sender {
+            store,
             dirs,
             smtp,
             simulate_work,
@@ -181,7 +186,7 @@ impl Sender {
     }
 
     /// Runs for one term: waits for the migration, then sends the outbox, oldest first, until
-    /// the term ends.
+    /// the term ends or the store's guard row says a newer primary has written.
     pub(crate) async fn run(self, ctx: TermContext, migration: RunOnce) -> Result<(), BoxError> {
         // The term's end first: a sender whose term ended while it waited does not start.
         tokio::select! {
@@ -194,6 +199,7 @@ impl Sender {
         if !ctx.is_valid() {
             return Ok(());
         }
+        let mut outbox = self.store.outbox(&ctx).await?;
         tracing::info!(
             "email sender started term={} pid={}",
             ctx.term(),
@@ -201,7 +207,7 @@ impl Sender {
         );
         let mut idle = false;
         loop {
-            let pending = self.pending().await?;
+            let pending = outbox.pending().await?;
             if pending.is_empty() {
                 if !idle {
                     idle = true;
@@ -211,128 +217,119 @@ impl Sender {
                         std::process::id()
                     );
                 }
-                tokio::select! {
-                    () = tokio::time::sleep(POLL) => {}
-                    () = ctx.cancelled() => return Ok(()),
+                outbox.wait(&ctx).await;
+                if !ctx.is_valid() {
+                    return Ok(());
                 }
                 continue;
             }
             idle = false;
-            for (id, path) in pending {
+            for email in pending {
                 if !ctx.is_valid() {
                     return Ok(());
                 }
-                self.send(&id, &path, &ctx).await?;
+                let outcome = match email {
+                    Ok(email) => self.send(&mut outbox, email, &ctx).await?,
+                    Err((id, why)) => outbox.give_up(&ctx, &id, &why).await?,
+                };
+                if let Fenced::Refused { newer } = outcome {
+                    tracing::warn!(
+                        "fence refused what=email term={} newer={newer} pid={} (a newer primary \
+                         has written: this term's sender stops)",
+                        ctx.term(),
+                        std::process::id()
+                    );
+                    return Ok(());
+                }
             }
         }
     }
 
-    /// The queued emails, oldest first.
-    async fn pending(&self) -> std::io::Result<Vec<(String, PathBuf)>> {
-        let mut found = Vec::new();
-        let mut entries = tokio::fs::read_dir(self.dirs.outbox()).await?;
-        while let Some(entry) = entries.next_entry().await? {
-            let name = entry.file_name();
-            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
-                continue;
-            };
-            if !id.starts_with('.') {
-                found.push((id.to_owned(), entry.path()));
+    /// Delivers one email (outside any transaction), then records the delivery and takes it out
+    /// of the outbox (fenced by the term). A primary killed between the two leaves it queued:
+    /// the next primary delivers it again, with the same Message-ID.
+    async fn send(
+        &self,
+        outbox: &mut Outbox,
+        queued: Queued,
+        ctx: &TermContext,
+    ) -> Result<Fenced, BoxError> {
+        let (pid, term) = (std::process::id(), ctx.term());
+        let id = queued.id.clone();
+        let message_id = message_id(&id);
+        let to = match queued.to.parse() {
+            Ok(to) => to,
+            Err(err) => {
+                return self
+                    .give_up(outbox, ctx, &id, &format!("bad address: {err}"))
+                    .await;
             }
-        }
-        found.sort_by(|a, b| id_order(&a.0).cmp(&id_order(&b.0)));
-        Ok(found)
-    }
-
-    /// Delivers one email: build, deliver, record, then remove it from the outbox. A primary
-    /// killed between delivering and removing leaves it queued: the next primary delivers it
-    /// again, with the same Message-ID.
-    async fn send(&self, id: &str, path: &Path, ctx: &TermContext) -> Result<(), BoxError> {
-        let pid = std::process::id();
-        let term = ctx.term();
-        let queued: Queued = match tokio::fs::read(path).await {
-            Ok(bytes) => match serde_json::from_slice(&bytes) {
-                Ok(q) => q,
-                Err(err) => return self.give_up(id, path, &format!("unreadable: {err}")).await,
-            },
-            // Another term removed it after delivering it: nothing to do.
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(err) => return Err(err.into()),
         };
-        let message_id = message_id(id);
         let message = Message::builder()
             .message_id(Some(message_id.clone()))
             .from(FROM.parse()?)
-            .to(match queued.to.parse() {
-                Ok(to) => to,
-                Err(err) => return self.give_up(id, path, &format!("bad address: {err}")).await,
-            })
+            .to(to)
             .subject(queued.subject)
             .header(ContentType::TEXT_PLAIN)
             .header(PrimaryTermHeader(term))
             .body(queued.body)?;
-        // --simulate-work: half before the delivery (a slow SMTP exchange)...
+        // --simulate-work: half before the delivery (a slow SMTP exchange); the store spends the
+        // other half between the delivery and its record.
         let half = self.simulate_work / 2;
         if !half.is_zero() {
             tokio::select! {
                 () = tokio::time::sleep(half) => {}
-                () = ctx.cancelled() => return Ok(()),
+                () = ctx.cancelled() => return Ok(Fenced::Written),
             }
         }
-        // Deliver only while the term lasts (a fenced write: a stale primary stops here).
+        // Deliver only while the term lasts (the store's fence guards the record).
         if !ctx.is_valid() {
-            return Ok(());
+            return Ok(Fenced::Written);
         }
         match &self.smtp {
             Some(smtp) => {
                 if let Err(err) = smtp.send(message).await {
                     if err.is_permanent() {
-                        return self.give_up(id, path, &format!("refused: {err}")).await;
+                        return self
+                            .give_up(outbox, ctx, &id, &format!("refused: {err}"))
+                            .await;
                     }
                     return Err(err.into());
                 }
             }
             None => {
-                let eml = self.dirs.sent().join(format!("{id}.eml"));
+                let eml = self.dirs.sent().join(self.store.eml_name(&id, term));
                 write_atomic(&eml, &message.formatted()).await?;
             }
         }
-        append_line(
-            &self.dirs.deliveries_log(),
-            &format!("{id} term={term} pid={pid} message-id={message_id}"),
-        )
-        .await?;
-        // ...and half before the email leaves the outbox: the window in which a crash makes it
-        // go out again. Delivered is delivered: finish even if the term ends meanwhile.
-        if !half.is_zero() {
-            tokio::time::sleep(half).await;
+        // Delivered is delivered: record it even if the term ended meanwhile; the fence decides.
+        let fenced = match outbox.delivered(ctx, &id, &message_id).await {
+            Ok(f) => f,
+            Err(err) => {
+                // The session may have been ended under us (a stop past the idle timeout): try
+                // once more on a new one. The guard row refuses it if a newer term has written.
+                tracing::warn!(
+                    "email record failed id={id} term={term} pid={pid}: {err}; retrying"
+                );
+                *outbox = self.store.outbox(ctx).await?;
+                outbox.delivered(ctx, &id, &message_id).await?
+            }
+        };
+        if fenced == Fenced::Written {
+            tracing::info!("email sent id={id} term={term} pid={pid}");
+            super::prometheus::count(super::prometheus::EMAILS_SENT);
         }
-        match tokio::fs::remove_file(path).await {
-            Ok(()) => {}
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-            Err(err) => return Err(err.into()),
-        }
-        tracing::info!("email sent id={id} term={term} pid={pid}");
-        super::prometheus::count(super::prometheus::EMAILS_SENT);
-        Ok(())
+        Ok(fenced)
     }
 
-    /// Moves an email that can never be sent to `failed/`, so it does not block the rest.
-    async fn give_up(&self, id: &str, path: &Path, why: &str) -> Result<(), BoxError> {
+    async fn give_up(
+        &self,
+        outbox: &mut Outbox,
+        ctx: &TermContext,
+        id: &str,
+        why: &str,
+    ) -> Result<Fenced, BoxError> {
         tracing::error!("email failed id={id} pid={}: {why}", std::process::id());
-        tokio::fs::rename(path, self.dirs.failed().join(format!("{id}.json"))).await?;
-        Ok(())
+        outbox.give_up(ctx, id, why).await
     }
-}
-
-/// Sorts ids `<micros>-<pid>-<seq>` by time, then pid and sequence.
-fn id_order(id: &str) -> (u128, u32, u64, &str) {
-    let mut parts = id.splitn(3, '-');
-    let mut next = || parts.next().unwrap_or("");
-    (
-        next().parse().unwrap_or(u128::MAX),
-        next().parse().unwrap_or(u32::MAX),
-        next().parse().unwrap_or(u64::MAX),
-        id,
-    )
 }

@@ -22,8 +22,9 @@
 //!   `<state-dir>/reports/<slot>.txt` and appends `report <slot> term=<t> pid=<p> start=<ns>
 //!   end=<ns>` to `<state-dir>/runs.log`. Slots missed while no primary ran (a failover, all
 //!   workers down) are caught up oldest first, up to `--catch-up` of them;
-//! - it runs the **migration** (a run-once job that prepares the state folders) before any of
-//!   that; every worker's `/health/ready` answers 503 until it is done.
+//! - it runs the **migration** (a run-once job: nothing left to do for the folders, which every
+//!   process makes at start-up; the versioned tables with `--store`) before any of that; every
+//!   worker's `/health/ready` answers 503 until it is done, and while its store cannot be used.
 //!
 //! Neither job is exactly-once: a primary killed mid-job leaves it half done and the next one
 //! runs it again. The report is idempotent (a slot already in `runs.log` is not written again);
@@ -37,9 +38,9 @@
 //! | `GET /` | every worker | this worker, its role, the routes |
 //! | `GET /health/role` | every worker | role, term and holder as JSON (always 200) |
 //! | `GET /health/live` | every worker | 503 when the elector's loop is stuck (a liveness probe) |
-//! | `GET /health/ready` | every worker | 503 until the migration is done, then 200 |
+//! | `GET /health/ready` | every worker | 200 when the store answers and the migration is done, else 503 |
 //! | `GET /metrics` | every worker | this worker's metrics, Prometheus text (below) |
-//! | `POST /emails` | every worker | `{"to","subject","body"}` → 202 `{"id"}`; bad JSON or address → 400 |
+//! | `POST /emails` | every worker | `{"to","subject","body"}` → 202 `{"id"}`; bad JSON or address → 400; store down → 503 |
 //! | `POST /admin/report-now` | the primary | queues a report run (its slot is now) → 202 |
 //! | `GET /admin/status` | the primary | outbox, sent, last report slot, term |
 //!
@@ -62,8 +63,8 @@
 //! Parsed with clap (`--help` lists them with their docs; a mistake exits 2 naming the flag).
 //! `--workers N` (default: number of CPUs; 1 runs in this process, without a supervisor),
 //! `--bind ADDR` (default `127.0.0.1:8080`), `--state-dir DIR` (default `./state`),
-//! `--backend STRING` (a backend string such as `redis://…`; default: the file backend in
-//! `<state-dir>/locks`), `--host-dir DIR` and `--no-host-group` (a server backend's host group,
+//! `--backend STRING` (a backend string such as `redis://…`; default: the store's PostgreSQL with
+//! `--store`, else the file backend in `<state-dir>/locks`), `--store postgres://…` (below), `--host-dir DIR` and `--no-host-group` (a server backend's host group,
 //! below), `--lease DURATION` (lease backends), `--report-every DURATION`,
 //! `--catch-up N` (default 24; 0 skips missed slots), `--smtp URL` (send instead of writing
 //! `sent/`: `smtp://127.0.0.1:2525` in plain text, `smtp://user:pass@host:587?tls=required` with
@@ -91,13 +92,25 @@
 //! turns it off (every worker campaigns on the server itself). The file backend needs none of it:
 //! its lock already lives on this host.
 //!
-//! This example is **single-host**: the outbox and the file lock are local folders (a shared
-//! volume works for the outbox; use `--backend redis://…` or another server backend to spread the
-//! lock over hosts).
+//! # Across hosts: `--store postgres://…`
+//!
+//! By default the outbox and the records are local folders (one host). With `--store
+//! postgres://…[?schema=NAME]` they are tables of their own schema (default `scheduler`) that every
+//! host shares: any worker of any host queues, the primary's sender wakes on `NOTIFY`, and every
+//! write of the primary's jobs runs in a transaction that first advances a guard row with its
+//! term (`UPDATE fence SET term = $1 WHERE term <= $1`; 0 rows: a newer primary has written, the
+//! job stops and logs `fence refused …`). See `store/postgres.rs`. `--store` needs a server
+//! backend (the file lock is per host): without `--backend` the lock lives in the same
+//! PostgreSQL; `--backend` naming a file lock is refused (exit code 2).
+//!
+//! Test hook: with `SCHEDULER_TEST_PAUSE_IN_FENCE=<file>`, the primary's sender that finds
+//! `<file>` removes it, logs `fence paused id=… term=… pid=…` inside its next fenced transaction
+//! and waits there until its term ends (the tests stop it at that point).
 
 pub(crate) mod email;
 mod prometheus;
 mod report;
+pub(crate) mod store;
 mod supervisor;
 mod worker;
 
@@ -179,6 +192,10 @@ pub(crate) struct Args {
     /// backend in `<state-dir>/locks`]
     #[arg(long, value_name = "STRING")]
     backend: Option<String>,
+    /// The outbox, the deliveries and the report runs in PostgreSQL (`postgres://…`, shared by
+    /// every host; `?schema=NAME`, default `scheduler`) [default: the folders in `--state-dir`]
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
     /// The host group's folder, for a server backend [default: `<state-dir>/host`]
     #[arg(long, value_name = "DIR", conflicts_with = "no_host_group")]
     host_dir: Option<PathBuf>,
@@ -241,6 +258,8 @@ impl Args {
 
     /// The checks that span flags.
     fn checked(self) -> Result<Self, clap::Error> {
+        store::check_flags(self.store.as_deref(), self.backend.as_deref())
+            .map_err(|why| Self::command().error(ErrorKind::ArgumentConflict, why))?;
         if let Some(base) = self.worker_ports {
             let last = usize::from(base) + self.workers - 1;
             if last > usize::from(u16::MAX) {
@@ -395,6 +414,7 @@ mod tests {
         assert_eq!(a.catch_up, 24);
         assert_eq!((a.smtp, a.worker_ports), (None, None));
         assert_eq!(a.simulate_work, Duration::ZERO);
+        assert_eq!(a.store, None);
 
         let a = parse(
             "--workers 4 --bind=127.0.0.1:9000 --report-every 1s --worker-ports 9100 \
@@ -444,6 +464,7 @@ mod tests {
             "--smtp",
             "--worker-ports",
             "--simulate-work",
+            "--store",
         ] {
             assert!(help.contains(flag), "{flag} missing from --help:\n{help}");
         }
@@ -519,6 +540,18 @@ mod tests {
         );
         assert_eq!(
             mistake("--smtp a --smtp b", "--smtp"),
+            ErrorKind::ArgumentConflict
+        );
+        // A store that is not PostgreSQL, and a store with the per-host file lock.
+        assert_eq!(
+            mistake("--store redis://127.0.0.1/", "--store"),
+            ErrorKind::ArgumentConflict
+        );
+        assert_eq!(
+            mistake(
+                "--store postgres://root@127.0.0.1/test --backend /tmp/locks",
+                "--store needs a server backend"
+            ),
             ErrorKind::ArgumentConflict
         );
     }

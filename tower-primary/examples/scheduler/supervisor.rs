@@ -76,7 +76,7 @@ async fn supervise(args: &Args) -> Result<(), BoxError> {
     let me = std::process::id();
     // Mistakes every worker would make are reported once, here.
     super::worker::check_addresses(args)?;
-    let server_backend = if let Some(backend) = &args.backend {
+    let server_backend = if let Some(backend) = args.backend.as_ref().or(args.store.as_ref()) {
         !matches!(
             tower_primary::backend::from_url(backend)?.name(),
             "file" | "memory"

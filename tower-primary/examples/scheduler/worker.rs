@@ -19,12 +19,11 @@ use tower_primary::{
     terminate_signal,
 };
 
+use super::store::Store;
 use super::{Args, Dirs, email, prometheus, report};
 
 /// The lock every worker campaigns for.
 const LOCK: &str = "scheduler";
-/// The migration's version: bump it when `migrate` changes.
-const MIGRATION: &str = "state-folders-v1";
 /// The report's schedule without `--report-every`: 08:00:00 UTC every day.
 const DAILY: &str = "0 0 8 * * *";
 /// Set by the supervisor in its workers: its pid.
@@ -33,7 +32,7 @@ pub(crate) const SUPERVISOR_ENV: &str = "SCHEDULER_SUPERVISOR_PID";
 /// What the handlers share.
 #[derive(Clone)]
 pub(crate) struct App {
-    pub(crate) dirs: Dirs,
+    pub(crate) store: Store,
     pub(crate) readiness: Readiness,
     report: ScheduleHandle,
     pid: u32,
@@ -75,7 +74,9 @@ async fn serve(index: Option<u16>, args: &Args) -> Result<(), BoxError> {
     let metrics = prometheus::install()?;
     prometheus::spawn_upkeep(metrics.clone());
     let dirs = Dirs::new(&args.state_dir);
-    let backend: Box<dyn Backend> = match &args.backend {
+    // This host's part of the store (its folders) is made by every process, at start-up.
+    let store = Store::open(args, &dirs).await?;
+    let backend: Box<dyn Backend> = match args.backend.as_ref().or(args.store.as_ref()) {
         Some(s) => tower_primary::backend::from_url(s)?,
         None => {
             std::fs::create_dir_all(dirs.locks())?;
@@ -102,14 +103,22 @@ async fn serve(index: Option<u16>, args: &Args) -> Result<(), BoxError> {
     let primary = PrimaryLayer::new(builder)?;
     let elector = primary.elector();
 
-    let migration = elector.run_once("migrate", MIGRATION, {
-        let dirs = dirs.clone();
-        move |ctx| migrate(dirs.clone(), ctx)
+    let migration = elector.run_once("migrate", &store.migration_version(), {
+        let store = store.clone();
+        move |ctx| {
+            let store = store.clone();
+            async move { store.migrate(&ctx).await }
+        }
     })?;
     let readiness = Readiness::new().require(migration.clone());
     let app_readiness = readiness.clone();
 
-    let sender = email::Sender::new(dirs.clone(), args.smtp.as_deref(), args.simulate_work)?;
+    let sender = email::Sender::new(
+        store.clone(),
+        dirs.clone(),
+        args.smtp.as_deref(),
+        args.simulate_work,
+    )?;
     elector.singleton_task("email-sender", {
         let migration = migration.clone();
         move |ctx| sender.clone().run(ctx, migration.clone())
@@ -126,11 +135,11 @@ async fn serve(index: Option<u16>, args: &Args) -> Result<(), BoxError> {
     let report = elector.schedule(
         "report",
         schedule,
-        report::job(dirs.clone(), migration.clone(), args.simulate_work),
+        report::job(store.clone(), migration.clone(), args.simulate_work),
     )?;
 
     let app = App {
-        dirs,
+        store,
         readiness: readiness.clone(),
         report,
         pid,
@@ -149,7 +158,7 @@ async fn serve(index: Option<u16>, args: &Args) -> Result<(), BoxError> {
         .route("/", get(index_page))
         .route("/health/role", get(health::role))
         .route("/health/live", get(health::live))
-        .route_service("/health/ready", readiness)
+        .route("/health/ready", get(ready))
         .route("/metrics", prometheus::route(metrics))
         .route("/emails", post(email::queue))
         .merge(admin)
@@ -252,18 +261,18 @@ fn reachable(ip: IpAddr, port: u16) -> SocketAddr {
     SocketAddr::new(ip, port)
 }
 
-/// The migration: prepares the state folders. Idempotent, as a run-once job must be (a primary
-/// killed mid-way leaves it to the next one).
-async fn migrate(dirs: Dirs, ctx: TermContext) -> std::io::Result<()> {
-    for dir in [dirs.outbox(), dirs.sent(), dirs.failed(), dirs.reports()] {
-        tokio::fs::create_dir_all(dir).await?;
+/// `GET /health/ready`: 200 when this worker can accept and serve — its store answers (the
+/// database, this host's folders) and the migration is done — else 503 with the reason.
+async fn ready(State(app): State<App>) -> Response {
+    if let Err(why) = app.store.check().await {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(axum::http::header::RETRY_AFTER, "1")],
+            Json(json!({ "ready": false, "store": why, "jobs": app.readiness.report().jobs })),
+        )
+            .into_response();
     }
-    tracing::info!(
-        "migration done version={MIGRATION} term={} pid={}",
-        ctx.term(),
-        std::process::id()
-    );
-    Ok(())
+    app.readiness.report().into_response()
 }
 
 /// Logs `worker startup pid=… primary=…` once the first election round has settled (or after a
@@ -325,7 +334,7 @@ async fn index_page(State(app): State<App>, role: Role) -> String {
          worker={worker} pid={} role={} term={} ready={}\n\n\
          GET  /health/role          role, term and holder (JSON)\n\
          GET  /health/live          503 if the elector is stuck\n\
-         GET  /health/ready         503 until the migration is done\n\
+         GET  /health/ready         503 until the store answers and the migration is done\n\
          GET  /metrics              Prometheus metrics of this worker\n\
          POST /emails               {{\"to\",\"subject\",\"body\"}} -> 202 {{\"id\"}}\n\
          POST /admin/report-now     primary only: queue a report run\n\
@@ -366,6 +375,16 @@ async fn report_now(State(app): State<App>) -> Response {
 
 /// `GET /admin/status` (primary only): `term` is the term the gate admitted the request under.
 async fn status(State(app): State<App>, term: TermContext) -> Response {
+    let counts = match app.store.counts().await {
+        Ok(c) => c,
+        Err(err) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({ "error": format!("the store: {err}") })),
+            )
+                .into_response();
+        }
+    };
     let last_report = match app.report.last_completed().await {
         Ok(slot) => json!(slot.map(report::slot_name)),
         Err(err) => json!(format!("unknown: {err}")),
@@ -375,9 +394,9 @@ async fn status(State(app): State<App>, term: TermContext) -> Response {
         "worker": app.worker,
         "term": term.term(),
         "ready": app.readiness.is_ready(),
-        "outbox": report::count(&app.dirs.outbox(), ".json").await,
-        "sent": report::count(&app.dirs.sent(), ".eml").await,
-        "failed": report::count(&app.dirs.failed(), ".json").await,
+        "outbox": counts.queued,
+        "sent": counts.sent,
+        "failed": counts.failed,
         "last_report": last_report,
     }))
     .into_response()
