@@ -1427,6 +1427,38 @@ async fn a_lease_above_the_recorded_maximum_is_refused() {
     assert!(matches!(err, Error::Config(_)), "{err}");
 }
 
+#[tokio::test]
+async fn leases_outside_the_backends_bounds_are_refused_at_spawn() {
+    // Checked before anything is sent: no server is needed, none is at this address.
+    for (lease, rule) in [
+        (
+            Duration::from_millis(500),
+            "must be at least 1s on this backend",
+        ),
+        (
+            Duration::from_secs(60),
+            "must not exceed the backend's maximum lease 30s",
+        ),
+    ] {
+        let err = tower_primary::Elector::builder("jobs")
+            .backend(RedisBackend::new("redis://127.0.0.1:1").unwrap())
+            .lease(Lease::new(lease))
+            .spawn()
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                tower_primary::ConfigError::InvalidTiming {
+                    setting: "lease",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(err.to_string(), format!("invalid lease {lease:?}: {rule}"));
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Acquisitions that end while their request is in flight
 
