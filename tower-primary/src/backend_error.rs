@@ -11,7 +11,8 @@ use crate::error::{Error, Misconfiguration};
 /// database that does not exist, a TLS mismatch, an incompatible lease or version, no permission.
 ///
 /// Reported by [`RoleHandle::backend_error`](crate::RoleHandle::backend_error) and in
-/// `/health/role` from the first failed call until the backend answers again. Transient errors
+/// `/health/role` from the first failed call until the step that failed answers again (see
+/// [`RoleHandle::backend_error`](crate::RoleHandle::backend_error)). Transient errors
 /// (an unreachable server, a timeout) are not reported here: they are logged and counted, and
 /// retried.
 ///

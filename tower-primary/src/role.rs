@@ -472,7 +472,9 @@ impl RoleHandle {
     }
 
     /// The backend misconfiguration that keeps this node secondary, from the campaign's first
-    /// failed call with it until the backend answers again; `None` when there is none (transient
+    /// failed call with it until the step that failed answers again (a refused acquisition:
+    /// until one succeeds, or a retry has waited for the lock 2 s without an error; the holder
+    /// watch answering does not end it); `None` when there is none (transient
     /// errors are not reported here). Not a role change: [`changed`](Self::changed) does not wake
     /// for it. A lock read.
     #[must_use]

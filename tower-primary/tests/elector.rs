@@ -918,6 +918,58 @@ async fn backend_error_shows_the_misconfiguration_until_the_backend_answers_agai
     b.shutdown().await;
 }
 
+/// A misconfiguration met by the acquisition is not ended by the holder watch answering; it
+/// ends when a retried acquisition has waited for the lock without an error for a while (2 s).
+#[tokio::test(start_paused = true)]
+async fn an_acquisitions_misconfiguration_ends_when_a_retry_waits_without_error() {
+    use tracing::Level;
+    const LOCK: &str = "misconfigured-acquire";
+    let events = logs::Events::capture(LOCK);
+    let backend = MemoryBackend::new();
+    let holder = Elector::builder(LOCK)
+        .backend(backend.clone())
+        .node(NodeId::new("b"))
+        .clock(Clock::tokio())
+        .spawn()
+        .unwrap();
+    holder.handle().wait_primary().await;
+    let mine = backend.connection();
+    mine.faults()
+        .misconfigure(Misconfiguration::Permission, "may not take the lock");
+    let a = misconfigured_elector(LOCK, &mine).spawn().unwrap();
+    run_for(Duration::from_secs(1)).await;
+    let errors = events.at(Level::ERROR);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].fields.contains("op=acquire"), "{errors:?}");
+
+    // Fixed: the next retry waits for b's lock like any secondary's. The holder watch answers
+    // at once; the report ends only once the retry has waited 2 s without an error.
+    mine.faults().clear_misconfiguration();
+    let fixed = Instant::now();
+    let handle = a.handle();
+    // No event announces the report's end (it is read with the role): step the paused clock.
+    while handle.backend_error().is_some() {
+        assert!(
+            fixed.elapsed() < Duration::from_secs(30),
+            "the misconfiguration never ended"
+        );
+        run_for(Duration::from_millis(100)).await;
+    }
+    assert!(
+        fixed.elapsed() >= Duration::from_secs(2),
+        "ended by the holder watch after {:?}",
+        fixed.elapsed()
+    );
+    assert_eq!(events.count(Level::INFO, "resolved"), 1);
+    assert_eq!(events.at(Level::ERROR).len(), 1);
+    match a.handle().role() {
+        Role::Secondary { holder: Some(h) } => assert_eq!(h.id, "b"),
+        other => panic!("a should follow b: {other:?}"),
+    }
+    a.shutdown().await;
+    holder.shutdown().await;
+}
+
 // ------------------------------------------------------------------------------------------------
 // spawn_checked
 

@@ -713,6 +713,42 @@ async fn a_missing_database_is_a_misconfiguration() {
 }
 
 #[tokio::test]
+async fn an_unknown_role_is_an_authentication_misconfiguration() {
+    let Some(env) = Env::new("norole").await else {
+        return;
+    };
+    // Refused as 28000 (role does not exist) under trust, 28P01 under password authentication.
+    let role = "tp_no_such_role";
+    let db = env.server.config.get_dbname().unwrap_or("postgres");
+    let url = format!(
+        "postgres://{role}@{}/{db}?{}",
+        env.server.addr,
+        env.params()
+    );
+    let err = acquire_error(&url).await;
+    assert_eq!(
+        err.misconfiguration(),
+        Some(tower_primary::Misconfiguration::Authentication),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.starts_with(&format!(
+            "postgres backend: authentication failed: connect to postgres://{role}@{}/{db}?",
+            env.server.addr
+        )),
+        "{text}"
+    );
+    assert!(text.contains(&format!("\"{role}\"")), "{text}");
+    assert!(
+        text.ends_with("; check the user name and password of the connection string"),
+        "{text}"
+    );
+    assert_eq!(text.matches("postgres backend").count(), 1, "{text}");
+    assert_eq!(chain(&err), text);
+}
+
+#[tokio::test]
 async fn tls_required_of_a_server_without_it_is_a_misconfiguration() {
     // A server that declines TLS, as PostgreSQL with `ssl = off` does: it answers the client's
     // SSLRequest (8 bytes) with 'N'.

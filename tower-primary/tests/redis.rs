@@ -566,6 +566,72 @@ async fn a_node_with_another_lease_refuses_to_campaign() {
     held.release().await.unwrap();
 }
 
+/// A lease the holder disagrees with fails every acquisition while the holder watch answers: the
+/// misconfiguration stays published (the same report, never cleared and raised again) through a
+/// change of holder, and ends once this node's acquisition succeeds.
+#[tokio::test]
+async fn a_lease_misconfiguration_outlives_holder_changes() {
+    let Some(server) = redis().await else { return };
+    wait_uptime(&server, Duration::from_secs(2)).await;
+    let b = backend(&server, &prefix("lease-report"));
+    let elector = |node: &str, lease: u64| {
+        tower_primary::Elector::builder("mixed")
+            .backend(b.clone())
+            .node(NodeId::new(node))
+            .lease(Lease::new(Duration::from_secs(lease)))
+            .spawn()
+            .unwrap()
+    };
+    let a = elector("a", 2);
+    tokio::time::timeout(WAIT, a.handle().wait_primary())
+        .await
+        .expect("a leads");
+    let c = elector("c", 2);
+    let odd = elector("odd", 1);
+    let mut role = odd.handle();
+    // No event announces a report (it is read with the role): look at each change, and at
+    // least every 20 ms.
+    let reported = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Some(e) = role.backend_error() {
+                return e;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(20), role.changed()).await;
+        }
+    })
+    .await
+    .expect("the lease mismatch reported");
+    assert_eq!(reported.kind, Misconfiguration::IncompatibleLease);
+
+    // The holder changes: the watch answers, the lease is still wrong.
+    a.step_down().await.unwrap();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if role.holder().is_some_and(|h| h.id == "c") {
+                return;
+            }
+            role.changed().await;
+        }
+    })
+    .await
+    .expect("the odd node follows the new holder");
+    assert_eq!(
+        odd.handle().backend_error(),
+        Some(reported),
+        "the report was cleared by the holder watch"
+    );
+
+    // Alone with the lock, the odd node's own lease is the lock's: it takes it, and the
+    // misconfiguration is over.
+    a.shutdown().await;
+    c.shutdown().await;
+    tokio::time::timeout(WAIT, odd.handle().wait_primary())
+        .await
+        .expect("the odd node leads once nobody disagrees");
+    assert_eq!(odd.handle().backend_error(), None);
+    odd.shutdown().await;
+}
+
 #[tokio::test]
 async fn waiter_wakes_when_a_crashed_holders_key_runs_out() {
     let Some(server) = redis().await else { return };
@@ -1425,6 +1491,38 @@ async fn a_lease_above_the_recorded_maximum_is_refused() {
     // And a lease above the backend's own maximum never reaches Redis.
     let err = lock.acquire(request("a", MAX_LEASE * 2)).await.unwrap_err();
     assert!(matches!(err, Error::Config(_)), "{err}");
+}
+
+#[tokio::test]
+async fn leases_outside_the_backends_bounds_are_refused_at_spawn() {
+    // Checked before anything is sent: no server is needed, none is at this address.
+    for (lease, rule) in [
+        (
+            Duration::from_millis(500),
+            "must be at least 1s on this backend",
+        ),
+        (
+            Duration::from_secs(60),
+            "must not exceed the backend's maximum lease 30s",
+        ),
+    ] {
+        let err = tower_primary::Elector::builder("jobs")
+            .backend(RedisBackend::new("redis://127.0.0.1:1").unwrap())
+            .lease(Lease::new(lease))
+            .spawn()
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                tower_primary::ConfigError::InvalidTiming {
+                    setting: "lease",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(err.to_string(), format!("invalid lease {lease:?}: {rule}"));
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use super::backend_errors::BackendErrors;
+use super::backend_errors::{ACQUISITION_SETTLED, BackendErrors, Step};
 use super::check::FirstAnswer;
 use super::follow::{Failure, Follow, Update};
 use super::term::Leave;
@@ -116,6 +116,12 @@ impl<'a> Attempt<'a> {
         self.future.is_some()
     }
 
+    /// When the attempt under way will have waited [`ACQUISITION_SETTLED`] without an error;
+    /// `None` while none is under way.
+    fn settled_at(&self) -> Option<Instant> {
+        self.in_flight().then(|| self.started + ACQUISITION_SETTLED)
+    }
+
     /// The outcome of the attempt under way; pends while there is none.
     ///
     /// Cancel-safe: the attempt stays under way until it resolves here.
@@ -192,7 +198,12 @@ impl Campaign {
             self.shared.watchdog.beat(self.shared.clock.now());
             attempt.start_if_due(lock, &self.request, &self.shared);
             // An idle loop still stamps its heartbeat.
-            let wake = [attempt.wake_at(), follow.wake_at()]
+            let settled = self
+                .errors
+                .met_by_acquisition()
+                .then(|| attempt.settled_at())
+                .flatten();
+            let wake = [attempt.wake_at(), follow.wake_at(), settled]
                 .into_iter()
                 .flatten()
                 .fold(after(self.tick), Instant::min);
@@ -207,6 +218,12 @@ impl Campaign {
                 () = tokio::time::sleep_until(wake) => follow.resubscribe_if_due(),
             }
             follow.read_if_needed();
+            if self.errors.met_by_acquisition()
+                && attempt.settled_at().is_some_and(|at| at <= Instant::now())
+            {
+                // A retried acquisition waits without an error: the refusal is over.
+                self.errors.answered(Step::Acquire);
+            }
         }
     }
 
@@ -234,14 +251,14 @@ impl Campaign {
         attempt.span.record("term", leadership.term());
         crate::metrics::acquired(&self.shared.lock, attempt.started.elapsed());
         // The first answer is reported once `Primary` is published (`lead`).
-        self.errors.answered();
+        self.errors.answered(Step::Acquire);
         leadership
     }
 
     /// A failed acquisition: stay secondary, try again after the backoff.
     fn acquire_failed(&mut self, err: Error, attempt: &mut Attempt<'_>, follow: &Follow<'_>) {
         let delay = self.backoff.next_delay();
-        if self.errors.failed("acquire", &err) {
+        if self.errors.failed(Step::Acquire, "acquire", &err) {
             tracing::warn!(
                 target: TARGET,
                 lock = %self.shared.lock,
@@ -260,10 +277,10 @@ impl Campaign {
     /// An update from following the holder record.
     fn followed(&mut self, update: Update, attempt: &mut Attempt<'_>) {
         match update {
-            Update::Subscribed => self.errors.answered(),
+            Update::Subscribed => self.errors.answered(Step::Follow),
             Update::Changed => {}
             Update::Holder(holder) => {
-                self.errors.answered();
+                self.errors.answered(Step::Follow);
                 let other = holder
                     .as_ref()
                     .is_some_and(|h| h.id != self.shared.node.id());
@@ -283,7 +300,7 @@ impl Campaign {
                 }
             }
             Update::Failed(failure, err) => {
-                if self.errors.failed(failure.op(), &err) {
+                if self.errors.failed(Step::Follow, failure.op(), &err) {
                     let lock = &self.shared.lock;
                     let error = Chain(&err);
                     match failure {

@@ -365,6 +365,9 @@ fn tls_for(ssl_mode: &str, root_cert: Option<&std::path::Path>) -> Result<(SslMo
     } else {
         SslMode::Require
     };
+    // rustls 0.23.48 deprecates the ring provider (it has no post-quantum key exchange). This
+    // crate keeps ring, which builds with a plain C compiler (aws-lc-rs also needs cmake).
+    #[allow(deprecated)]
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()

@@ -172,7 +172,10 @@ fn check_database(path: &str) -> Result<u32, String> {
 /// one of its own.
 fn install_crypto_provider() {
     if ::rustls::crypto::CryptoProvider::get_default().is_none() {
-        // Refused only when another thread installed one first, which is as good.
+        // Refused only when another thread installed one first, which is as good. rustls
+        // 0.23.48 deprecates the ring provider (no post-quantum key exchange); this crate
+        // keeps ring, which builds with a plain C compiler (aws-lc-rs also needs cmake).
+        #[allow(deprecated)]
         let _ = ::rustls::crypto::ring::default_provider().install_default();
     }
 }
