@@ -45,8 +45,25 @@ pin_project! {
         Full {
             data: Option<Bytes>,
         },
+        // Constructed with the `forward` feature only.
+        Forwarded {
+            body: StreamBody,
+        },
         Ended,
     }
+}
+
+/// The body of a response from the primary, type-erased so that the gate's response body stays
+/// one nameable type.
+pub(crate) type StreamBody = Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send + Sync>>;
+
+/// The body of what the forwarder answers.
+#[cfg_attr(not(feature = "forward"), allow(dead_code))]
+pub(crate) enum Forwarded {
+    /// A refusal of the forwarder itself (JSON).
+    Full(Bytes),
+    /// The primary's body, as it streams in.
+    Stream(StreamBody),
 }
 
 impl<B> ResponseBody<B> {
@@ -69,6 +86,16 @@ impl<B> ResponseBody<B> {
         }
     }
 
+    /// What the forwarder answered: the primary's body, or the forwarder's refusal.
+    pub(crate) fn forwarded(body: Forwarded) -> Self {
+        match body {
+            Forwarded::Full(data) => ResponseBody::full(data),
+            Forwarded::Stream(body) => ResponseBody {
+                kind: Kind::Forwarded { body },
+            },
+        }
+    }
+
     /// A complete body (a refusal).
     pub(crate) fn full(data: Bytes) -> Self {
         let data = (!data.is_empty()).then_some(data);
@@ -83,6 +110,7 @@ impl<B> fmt::Debug for ResponseBody<B> {
         let kind = match &self.kind {
             Kind::Admitted { .. } => "admitted",
             Kind::Full { .. } => "refusal",
+            Kind::Forwarded { .. } => "forwarded",
             Kind::Ended => "ended",
         };
         f.debug_struct("ResponseBody")
@@ -132,6 +160,11 @@ where
                 let frame = data.take().map(|d| Ok(Frame::data(d.into())));
                 (frame, true)
             }
+            KindProj::Forwarded { body } => match std::task::ready!(body.as_mut().poll_frame(cx)) {
+                None => (None, true),
+                Some(Err(err)) => (Some(Err(err)), true),
+                Some(Ok(frame)) => (Some(Ok(frame.map_data(Into::into))), body.is_end_stream()),
+            },
             KindProj::Ended => (None, false),
         };
         if end {
@@ -145,6 +178,7 @@ where
         match &self.kind {
             Kind::Admitted { body, .. } => body.is_end_stream(),
             Kind::Full { data } => data.is_none(),
+            Kind::Forwarded { body } => body.is_end_stream(),
             Kind::Ended => true,
         }
     }
@@ -155,6 +189,7 @@ where
             Kind::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
+            Kind::Forwarded { body } => body.size_hint(),
             Kind::Ended => SizeHint::with_exact(0),
         }
     }
