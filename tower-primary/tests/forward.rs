@@ -779,3 +779,288 @@ async fn expect_100_continue_is_answered_only_once_the_primary_takes_the_body() 
         "answered on the forwarding hop"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Through failovers, with real processes
+
+mod processes {
+    use std::collections::HashMap;
+    use std::io::Write as _;
+    use std::process::Stdio;
+    use std::sync::atomic::AtomicBool;
+
+    use axum::extract::Query;
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    use tokio::process::{Child, Command};
+    use tokio::sync::mpsc;
+    use tower_primary::{FileBackend, terminate_signal};
+
+    use super::*;
+
+    /// Set in a child process: the lock directory it serves with (runs are logged there too).
+    const DIR_ENV: &str = "TOWER_PRIMARY_FORWARD_TEST_DIR";
+    const LOCK: &str = "forward-failover";
+    /// The forwarders' wait for a holder.
+    const WAIT: Duration = Duration::from_secs(3);
+
+    /// Server-node mode: when this binary is re-executed by the test below with the directory
+    /// set, serve HTTP until killed or until stdin closes. In a normal test run it returns.
+    #[test]
+    fn server_node() {
+        let Ok(dir) = std::env::var(DIR_ENV) else {
+            return;
+        };
+        std::thread::spawn(|| {
+            let mut sink = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+            std::process::exit(0);
+        });
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(serve_node(dir));
+    }
+
+    #[derive(serde::Deserialize)]
+    struct Run {
+        id: u64,
+    }
+
+    async fn serve_node(dir: String) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let primary = PrimaryLayer::new(
+            Elector::builder(LOCK)
+                .backend(FileBackend::new(&dir))
+                .advertise(format!("http://127.0.0.1:{port}")),
+        )
+        .unwrap();
+        let log = std::path::Path::new(&dir).join(format!("runs-{}", std::process::id()));
+        let run = move |Extension(term): Extension<TermContext>, Query(run): Query<Run>| {
+            let log = log.clone();
+            async move {
+                // One line per execution, written before the answer.
+                let mut file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap();
+                writeln!(file, "{}", run.id).unwrap();
+                format!("ran {} term {}", run.id, term.term())
+            }
+        };
+        let gate = RequirePrimaryLayer::new().forward_with(Forward::new().wait_for_holder(WAIT));
+        let app = Router::new()
+            .route("/admin/run", post(run).layer(gate))
+            .layer(primary.clone());
+        let elector = primary.elector();
+        let mut role = elector.handle();
+        println!("EVENT listening {port} {}", role.node().id());
+        tokio::spawn(async move {
+            loop {
+                println!("EVENT role {}", role.role().as_str());
+                role.changed().await;
+            }
+        });
+        axum::serve(listener, app)
+            .with_graceful_shutdown(elector.shutdown_signal(terminate_signal()))
+            .await
+            .unwrap();
+    }
+
+    /// A server process, and its role events on a channel shared by all nodes.
+    struct Node {
+        child: Child,
+        port: u16,
+    }
+
+    async fn spawn_node(
+        dir: &std::path::Path,
+        roles: mpsc::UnboundedSender<(u16, String)>,
+    ) -> Node {
+        let exe = std::env::current_exe().unwrap();
+        let mut child = Command::new(exe)
+            .args([
+                "processes::server_node",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(DIR_ENV, dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let port = timeout(EVENT_BOUND, async {
+            loop {
+                let line = lines.next_line().await.unwrap().expect("the node exited");
+                if let Some(at) = line.find("EVENT listening ") {
+                    let rest = &line[at + "EVENT listening ".len()..];
+                    return rest.split(' ').next().unwrap().parse::<u16>().unwrap();
+                }
+            }
+        })
+        .await
+        .expect("the node did not listen in time");
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(at) = line.find("EVENT role ") {
+                    let role = line[at + "EVENT role ".len()..].trim().to_owned();
+                    if roles.send((port, role)).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Node { child, port }
+    }
+
+    /// What one request of the stream got: its status, or `None` when the node it was sent to
+    /// could not be reached (it had just been killed: the load balancer's affair).
+    struct Outcome {
+        id: u64,
+        status: Option<StatusCode>,
+        took: Duration,
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn five_primary_kills_under_a_steady_stream_run_no_request_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let (roles_tx, mut roles) = mpsc::unbounded_channel();
+        let mut nodes: Vec<Node> = Vec::new();
+        for _ in 0..3 {
+            nodes.push(spawn_node(dir.path(), roles_tx.clone()).await);
+        }
+        let ports: Arc<Mutex<Vec<u16>>> =
+            Arc::new(Mutex::new(nodes.iter().map(|n| n.port).collect()));
+        let answered = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+
+        // The stream: one request after the other, round robin over the live nodes, as a load
+        // balancer would send them.
+        let stream = tokio::spawn({
+            let (ports, answered, stop) = (ports.clone(), answered.clone(), stop.clone());
+            async move {
+                let client = client();
+                let mut outcomes = Vec::new();
+                let mut id = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    id += 1;
+                    let port = {
+                        let ports = ports.lock().unwrap();
+                        ports[id as usize % ports.len()]
+                    };
+                    let url = format!("http://127.0.0.1:{port}/admin/run?id={id}");
+                    let started = Instant::now();
+                    let res = timeout(EVENT_BOUND, client.request(post_to(&url, ""))).await;
+                    let status = match res.expect("a request hung") {
+                        Ok(res) => {
+                            let status = res.status();
+                            let _ = res.into_body().collect().await;
+                            Some(status)
+                        }
+                        Err(_) => None,
+                    };
+                    outcomes.push(Outcome {
+                        id,
+                        status,
+                        took: started.elapsed(),
+                    });
+                    answered.fetch_add(1, Ordering::SeqCst);
+                }
+                outcomes
+            }
+        });
+
+        let mut primary: Option<u16> = None;
+        for _ in 0..5 {
+            // Wait for a live primary, let requests flow through it, then kill it.
+            let killed = timeout(EVENT_BOUND, async {
+                loop {
+                    let live = ports.lock().unwrap().clone();
+                    if let Some(p) = primary.filter(|p| live.contains(p)) {
+                        return p;
+                    }
+                    let (port, role) = roles.recv().await.unwrap();
+                    if role == "primary" {
+                        primary = Some(port);
+                    }
+                }
+            })
+            .await
+            .expect("no primary in time");
+            let before = answered.load(Ordering::SeqCst);
+            timeout(EVENT_BOUND, async {
+                while answered.load(Ordering::SeqCst) < before + 20 {
+                    tokio::task::yield_now().await;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .expect("the stream stalled");
+            let at = nodes.iter().position(|n| n.port == killed).unwrap();
+            let mut node = nodes.remove(at);
+            node.child.start_kill().unwrap(); // SIGKILL
+            node.child.wait().await.unwrap();
+            ports.lock().unwrap().retain(|p| *p != killed);
+            let fresh = spawn_node(dir.path(), roles_tx.clone()).await;
+            ports.lock().unwrap().push(fresh.port);
+            nodes.push(fresh);
+        }
+        // Requests after the last failover.
+        let before = answered.load(Ordering::SeqCst);
+        timeout(EVENT_BOUND, async {
+            while answered.load(Ordering::SeqCst) < before + 20 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the stream stalled after the failovers");
+        stop.store(true, Ordering::SeqCst);
+        let outcomes = stream.await.unwrap();
+
+        // Every execution, from every node's log.
+        let mut runs: HashMap<u64, usize> = HashMap::new();
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let path = entry.unwrap().path();
+            if path
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("runs-")
+            {
+                for line in std::fs::read_to_string(&path).unwrap().lines() {
+                    *runs.entry(line.parse().unwrap()).or_default() += 1;
+                }
+            }
+        }
+        let twice: Vec<_> = runs.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(twice.is_empty(), "executed more than once: {twice:?}");
+        let mut by_status: HashMap<Option<u16>, usize> = HashMap::new();
+        for o in &outcomes {
+            *by_status.entry(o.status.map(|s| s.as_u16())).or_default() += 1;
+            match o.status {
+                Some(StatusCode::OK) => assert_eq!(runs.get(&o.id), Some(&1), "request {}", o.id),
+                Some(StatusCode::SERVICE_UNAVAILABLE) => {
+                    assert_eq!(runs.get(&o.id), None, "request {} refused yet run", o.id);
+                }
+                Some(StatusCode::BAD_GATEWAY) | None => {}
+                Some(other) => panic!("request {} got {other}", o.id),
+            }
+            // Generous: the wait for a holder plus a connection and an answer.
+            let bound = WAIT + Duration::from_secs(3);
+            assert!(o.took < bound, "request {} took {:?}", o.id, o.took);
+        }
+        let ok = by_status.get(&Some(200)).copied().unwrap_or(0);
+        eprintln!(
+            "{} requests through 5 SIGKILLs: {by_status:?}",
+            outcomes.len()
+        );
+        assert!(ok >= 100, "too few requests ran: {by_status:?}");
+    }
+}
