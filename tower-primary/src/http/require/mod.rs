@@ -10,7 +10,14 @@
 //! - with [`redirect`](RequirePrimaryLayer::redirect), `307 Temporary Redirect` to the same path
 //!   and query on the holder's advertised URL ([`ElectorBuilder::advertise`]); a 307 keeps the
 //!   method and the body. When the holder advertised no URL (or is unknown, as while the
-//!   election starts) the answer is the 503 above.
+//!   election starts) the answer is the 503 above;
+//! - with [`forward`](RequirePrimaryLayer::forward) (`forward` feature), the request is
+//!   **forwarded** to the holder's advertised URL and the primary's response streamed back, so
+//!   that clients behind a load balancer reach the primary through any node. A forwarded
+//!   request is never forwarded again: a node that is not primary answers it `503` with the
+//!   mark `x-primary-refused: 1`, and only such a refusal or a failed connection makes the
+//!   forwarder try the next holder. See [`forward_with`](RequirePrimaryLayer::forward_with)
+//!   for the rules and [`Forward`] for the settings.
 //!
 //! Every refusal carries a JSON [`Refusal`] body (`{"error": "not_primary" | "no_primary" | …,
 //! "holder": …, "retry_after_ms": …, "message": …}`, `content-type: application/json`).
@@ -293,7 +300,8 @@ impl RequirePrimaryLayer {
     /// use axum::{Router, routing::post};
     /// use tower_primary::{Elector, FileBackend, PrimaryLayer, RequirePrimaryLayer};
     ///
-    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// # let dir = tempfile::tempdir()?;
     /// # let dir = dir.path();
     /// let port = 8080;
@@ -310,6 +318,41 @@ impl RequirePrimaryLayer {
     ///     .route("/admin/rebuild", post(|| async { "rebuilt" }).layer(gate))
     ///     .layer(primary);
     /// # drop(app);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// What a secondary does with a request, over real HTTP on loopback:
+    ///
+    /// ```
+    /// use axum::{Router, body::Body, routing::post};
+    /// use http::{Request, StatusCode};
+    /// use tower::ServiceExt;
+    /// use tower_primary::{AddRoleLayer, Holder, NodeId, RequirePrimaryLayer, Role, RoleHandle};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let gate = RequirePrimaryLayer::new().forward();
+    /// let app = |role| {
+    ///     Router::new()
+    ///         .route("/admin/rebuild", post(|| async { "rebuilt" }).layer(gate.clone()))
+    ///         .layer(AddRoleLayer::new(role))
+    /// };
+    ///
+    /// // The primary, listening on loopback.
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let url = format!("http://{}", listener.local_addr()?);
+    /// let primary = app(RoleHandle::fixed(Role::primary(7)));
+    /// tokio::spawn(async move { axum::serve(listener, primary).await });
+    ///
+    /// // A secondary that knows the holder and its advertised URL forwards to it.
+    /// let holder = Holder::new(&NodeId::new("web-1"), 7).with_url(Some(url));
+    /// let secondary = app(RoleHandle::fixed(Role::Secondary { holder: Some(holder) }));
+    /// let res = secondary.oneshot(Request::post("/admin/rebuild").body(Body::empty())?).await?;
+    /// assert_eq!(res.status(), StatusCode::OK);
+    /// assert_eq!(res.headers()["x-primary-holder"], "fixed"); // the node that answered
+    /// let body = axum::body::to_bytes(res.into_body(), 1024).await?;
+    /// assert_eq!(body, "rebuilt");
     /// # Ok(())
     /// # }
     /// ```

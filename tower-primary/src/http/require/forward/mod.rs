@@ -52,8 +52,10 @@ use self::request::OutBody;
 ///     Forward::new()
 ///         .max_body(16 << 20)
 ///         .wait_for_holder(Duration::from_secs(10))
-///         .secret("a long random string shared by the nodes")?,
+///         .secret("kq8X2v-a-long-random-string-shared-by-the-nodes")?,
 /// );
+/// // Made outside a tokio runtime: the client's pool is used only once requests come.
+/// let _route_layer = gate.clone();
 /// # Ok::<_, tower_primary::ConfigError>(())
 /// ```
 #[derive(Clone)]
