@@ -76,7 +76,7 @@ async fn node(store: &MemoryBackend, id: &str) -> (Elector, u16) {
         )
         .layer(primary.clone());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (primary.elector().clone(), port)
+    (primary.elector(), port)
 }
 
 #[derive(Clone, Copy)]

@@ -96,7 +96,7 @@ impl TestNode {
             .unwrap();
         });
         TestNode {
-            elector: primary.elector().clone(),
+            elector: primary.elector(),
             port,
             seen,
             server,
