@@ -42,9 +42,11 @@
 //! | `POST /admin/report-now` | the primary | queues a report run (its slot is now) → 202 |
 //! | `GET /admin/status` | the primary | outbox, sent, last report slot, term |
 //!
-//! Admin routes answer 503 on secondaries; with `--worker-ports BASE` every worker also listens
-//! on `BASE + index` and advertises it, so secondaries answer 307 to the primary's own port
-//! (`curl -L` follows it).
+//! On a secondary, admin routes are forwarded to the primary (`--admin-mode forward`, the
+//! default: every worker also listens on an internal port of its own, `BASE + index` with
+//! `--worker-ports BASE` or else a free loopback port, and advertises it), or answered 307 to the
+//! primary's own port (`--admin-mode redirect`, with `--worker-ports`; `curl -L` follows it), or
+//! 503 (`--admin-mode refuse`).
 //!
 //! # Flags
 //!
@@ -56,6 +58,7 @@
 //! `--catch-up N` (default 24; 0 skips missed slots), `--smtp URL` (send instead of writing
 //! `sent/`: `smtp://127.0.0.1:2525` in plain text, `smtp://user:pass@host:587?tls=required` with
 //! STARTTLS, `smtps://user:pass@host` over TLS; rustls, no OpenSSL), `--worker-ports BASE`,
+//! `--admin-mode refuse|redirect|forward` (default `forward`),
 //! `--simulate-work DURATION` (each report and each email send also takes this long — for a
 //! send, half before delivering and half between recording the delivery and removing the email
 //! from the outbox, the window in which a crash makes it go out twice — to watch a failover land
@@ -97,7 +100,7 @@ use tower_primary::BoxError;
 const USAGE: &str = "usage: scheduler [--workers N] [--bind ADDR] [--state-dir DIR] \
     [--backend STRING] [--host-dir DIR | --no-host-group] [--lease DURATION] \
     [--report-every DURATION] [--catch-up N] [--smtp URL] [--worker-ports BASE] \
-    [--simulate-work DURATION]";
+    [--admin-mode refuse|redirect|forward] [--simulate-work DURATION]";
 
 fn main() -> ExitCode {
     let args = match Args::parse(std::env::args().skip(1)) {
@@ -162,7 +165,17 @@ pub(crate) struct Args {
     catch_up: usize,
     smtp: Option<String>,
     worker_ports: Option<u16>,
+    /// `--admin-mode`: what a secondary answers on the admin routes.
+    admin_mode: AdminMode,
     simulate_work: Duration,
+}
+
+/// `--admin-mode`: 503, 307 to the primary, or the request forwarded to the primary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AdminMode {
+    Refuse,
+    Redirect,
+    Forward,
 }
 
 impl Args {
@@ -180,6 +193,7 @@ impl Args {
             catch_up: 24,
             smtp: None,
             worker_ports: None,
+            admin_mode: AdminMode::Forward,
             simulate_work: Duration::ZERO,
         };
         let mut it = args.into_iter();
@@ -220,6 +234,18 @@ impl Args {
                             .parse()
                             .map_err(|e| format!("--worker-ports: {e}"))?,
                     );
+                }
+                "--admin-mode" => {
+                    parsed.admin_mode = match value()?.as_str() {
+                        "refuse" => AdminMode::Refuse,
+                        "redirect" => AdminMode::Redirect,
+                        "forward" => AdminMode::Forward,
+                        other => {
+                            return Err(format!(
+                                "--admin-mode {other:?}: refuse, redirect or forward"
+                            ));
+                        }
+                    };
                 }
                 "--simulate-work" => parsed.simulate_work = duration(value()?)?,
                 "-h" | "--help" => return Ok(None),
@@ -351,6 +377,15 @@ mod tests {
         assert!(parse("--lease soon").unwrap_err().contains("--lease"));
         assert!(parse("--worker-ports 65535 --workers 2").is_err());
         assert!(parse("--frobnicate").unwrap_err().contains("--frobnicate"));
+        assert_eq!(a.admin_mode, super::AdminMode::Forward, "the default");
+        let mode = |s| parse(s).unwrap().unwrap().admin_mode;
+        assert_eq!(mode("--admin-mode redirect"), super::AdminMode::Redirect);
+        assert_eq!(mode("--admin-mode=refuse"), super::AdminMode::Refuse);
+        assert!(
+            parse("--admin-mode proxy")
+                .unwrap_err()
+                .contains("--admin-mode")
+        );
         let a = parse("--host-dir /run/app/host").unwrap().unwrap();
         assert_eq!(
             a.host_dir.as_deref(),
