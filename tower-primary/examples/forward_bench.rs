@@ -179,14 +179,20 @@ async fn main() {
     .expect("b never learned that a holds the lock");
 
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    // Tails move with the machine's load (other processes on the same cores): say what it was.
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".to_owned());
     println!(
         "forwarding overhead over loopback: {rounds} paired rounds of {n} sequential requests \
-         per path, build {}",
+         per path, build {}, load average {load} on {} CPUs",
         if cfg!(debug_assertions) {
             "debug (use --release to measure)"
         } else {
             "release"
-        }
+        },
+        std::thread::available_parallelism().map_or(0, usize::from)
     );
     println!();
     println!(
