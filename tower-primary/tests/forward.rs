@@ -396,6 +396,38 @@ async fn a_marked_refusal_is_retried_with_the_whole_buffered_body() {
 }
 
 #[tokio::test]
+async fn the_answer_loses_its_hop_by_hop_headers_and_names_the_holder() {
+    let app = Router::new().route(
+        "/admin/echo",
+        post(|| async {
+            Response::builder()
+                .header("connection", "x-hop")
+                .header("x-hop", "for the first hop only")
+                .header("x-app", "kept")
+                .body(Body::from("ok"))
+                .unwrap()
+        }),
+    );
+    let port = serve(app).await;
+    let gate = RequirePrimaryLayer::new().forward_with(forward_settings());
+    let front = serve(fixed_secondary_app(
+        &format!("http://127.0.0.1:{port}"),
+        gate,
+    ))
+    .await;
+    let (status, headers, text) = send(
+        &client(),
+        post_to(&format!("http://127.0.0.1:{front}/admin/echo"), ""),
+    )
+    .await;
+    assert_eq!((status, text.as_str()), (StatusCode::OK, "ok"));
+    assert_eq!(headers["x-app"], "kept");
+    assert!(!headers.contains_key("x-hop"), "{headers:?}");
+    // The target is no gate and did not name itself: the holder it was sent to.
+    assert_eq!(headers["x-primary-holder"], "target");
+}
+
+#[tokio::test]
 async fn a_marked_refusal_of_a_streamed_body_is_passed_on_not_retried() {
     let (port, bodies) = refusing_target(1).await;
     let gate = RequirePrimaryLayer::new().forward_with(forward_settings().buffer_limit(4));
@@ -686,7 +718,13 @@ async fn with_a_secret_a_forged_forwarded_header_gets_403() {
         .body(Body::empty())
         .unwrap();
     assert_eq!(send(&client, wrong).await.0, StatusCode::FORBIDDEN);
-    assert_eq!(a.runs(), 0);
+    // On a secondary too, before its role is looked at.
+    let forged = Request::post(b.url("/admin/echo"))
+        .header("x-primary-forwarded", "a")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(&client, forged).await.0, StatusCode::FORBIDDEN);
+    assert_eq!((a.runs(), b.runs()), (0, 0));
 
     // Through the secondary: the secret travels, the handler does not see it.
     let (status, _, text) = send(&client, post_to(&b.url("/admin/echo"), "real")).await;
