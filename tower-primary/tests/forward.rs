@@ -819,6 +819,105 @@ async fn expect_100_continue_is_answered_only_once_the_primary_takes_the_body() 
 }
 
 // ---------------------------------------------------------------------------------------------
+// https
+
+/// A TLS listener for `axum::serve`: a handshake failure drops that connection only.
+struct TlsListener {
+    tcp: TcpListener,
+    tls: tokio_rustls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((tcp, addr)) = self.tcp.accept().await else {
+                continue;
+            };
+            if let Ok(tls) = self.tls.accept(tcp).await {
+                return (tls, addr);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+}
+
+#[tokio::test]
+async fn an_https_primary_is_reached_over_tls_with_its_certificate_checked() {
+    use tokio_rustls::rustls;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let cert = made.cert.der().clone();
+    let key = rustls::pki_types::PrivatePkcs8KeyDer::from(made.key_pair.serialize_der());
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.clone()], key.into())
+        .unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = Router::new().route(
+        "/admin/echo",
+        post({
+            let runs = runs.clone();
+            move |body: String| async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                format!("over tls: {body}")
+            }
+        }),
+    );
+    let listener = TlsListener {
+        tcp: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        tls: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+    };
+    let port = listener.tcp.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let url = format!("https://127.0.0.1:{port}");
+
+    // Trusting the primary's certificate: forwarded over TLS.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert).unwrap();
+    let client_tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let gate = RequirePrimaryLayer::new().forward_with(forward_settings().tls_config(client_tls));
+    let front = serve(fixed_secondary_app(&url, gate)).await;
+    let (status, _, text) = send(
+        &client(),
+        post_to(&format!("http://127.0.0.1:{front}/admin/echo"), "sealed"),
+    )
+    .await;
+    assert_eq!(
+        (status, text.as_str()),
+        (StatusCode::OK, "over tls: sealed")
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    // With the system's roots the self-signed certificate is refused: nothing is sent.
+    let gate = RequirePrimaryLayer::new()
+        .forward_with(forward_settings().wait_for_holder(Duration::from_millis(200)));
+    let front = serve(fixed_secondary_app(&url, gate)).await;
+    let (status, _, text) = send(
+        &client(),
+        post_to(&format!("http://127.0.0.1:{front}/admin/echo"), "sealed"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the untrusted primary got nothing"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // Through failovers, with real processes
 
 mod processes {
