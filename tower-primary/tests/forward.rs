@@ -1075,13 +1075,14 @@ mod processes {
         }
         let ports: Arc<Mutex<Vec<u16>>> =
             Arc::new(Mutex::new(nodes.iter().map(|n| n.port).collect()));
-        let answered = Arc::new(AtomicUsize::new(0));
+        // How many requests of the stream have been answered, watched by the failover loop.
+        let (answered, mut answers) = tokio::sync::watch::channel(0usize);
         let stop = Arc::new(AtomicBool::new(false));
 
         // The stream: one request after the other, round robin over the live nodes, as a load
         // balancer would send them.
         let stream = tokio::spawn({
-            let (ports, answered, stop) = (ports.clone(), answered.clone(), stop.clone());
+            let (ports, stop) = (ports.clone(), stop.clone());
             async move {
                 let client = client();
                 let mut outcomes = Vec::new();
@@ -1108,7 +1109,7 @@ mod processes {
                         status,
                         took: started.elapsed(),
                     });
-                    answered.fetch_add(1, Ordering::SeqCst);
+                    answered.send_modify(|n| *n += 1);
                 }
                 outcomes
             }
@@ -1131,15 +1132,11 @@ mod processes {
             })
             .await
             .expect("no primary in time");
-            let before = answered.load(Ordering::SeqCst);
-            timeout(EVENT_BOUND, async {
-                while answered.load(Ordering::SeqCst) < before + 20 {
-                    tokio::task::yield_now().await;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            })
-            .await
-            .expect("the stream stalled");
+            let before = *answers.borrow();
+            timeout(EVENT_BOUND, answers.wait_for(|n| *n >= before + 30))
+                .await
+                .expect("the stream stalled")
+                .unwrap();
             let at = nodes.iter().position(|n| n.port == killed).unwrap();
             let mut node = nodes.remove(at);
             node.child.start_kill().unwrap(); // SIGKILL
@@ -1150,14 +1147,11 @@ mod processes {
             nodes.push(fresh);
         }
         // Requests after the last failover.
-        let before = answered.load(Ordering::SeqCst);
-        timeout(EVENT_BOUND, async {
-            while answered.load(Ordering::SeqCst) < before + 20 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await
-        .expect("the stream stalled after the failovers");
+        let before = *answers.borrow();
+        timeout(EVENT_BOUND, answers.wait_for(|n| *n >= before + 30))
+            .await
+            .expect("the stream stalled after the failovers")
+            .unwrap();
         stop.store(true, Ordering::SeqCst);
         let outcomes = stream.await.unwrap();
 
