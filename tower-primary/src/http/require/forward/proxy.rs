@@ -194,6 +194,12 @@ impl Forwarder {
         holder: &Holder,
         err: &hyper_util::client::legacy::Error,
     ) -> Response<Forwarded> {
+        tracing::warn!(
+            holder = %holder.id,
+            term = holder.term,
+            error = %error_chain(err),
+            "a forwarded request failed after it was sent; answering 502"
+        );
         let refusal = Refusal::forwarding(
             "forward_failed",
             Some(holder.clone()),
@@ -210,6 +216,12 @@ impl Forwarder {
     }
 
     fn timed_out(&self, holder: &Holder) -> Response<Forwarded> {
+        tracing::warn!(
+            holder = %holder.id,
+            term = holder.term,
+            timeout = ?self.settings.response_timeout,
+            "the primary sent no response head in time; answering 504"
+        );
         let refusal = Refusal::forwarding(
             "forward_timeout",
             Some(holder.clone()),
@@ -230,6 +242,11 @@ impl Forwarder {
         retry_after: u64,
     ) -> Response<Forwarded> {
         let wait = self.settings.wait_for_holder;
+        tracing::info!(
+            last = last.as_ref().map(|h| h.id.as_str()),
+            ?wait,
+            "no holder took a forwarded request within the wait; answering 503"
+        );
         let (error, message) = match &last {
             Some(h) => (
                 "not_primary",
