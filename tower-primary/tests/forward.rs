@@ -936,6 +936,8 @@ mod processes {
 
     /// Set in a child process: the lock directory it serves with (runs are logged there too).
     const DIR_ENV: &str = "TOWER_PRIMARY_FORWARD_TEST_DIR";
+    /// Set in a child process to campaign on a server backend instead of the lock directory.
+    const BACKEND_ENV: &str = "TOWER_PRIMARY_FORWARD_TEST_BACKEND";
     const LOCK: &str = "forward-failover";
     /// The forwarders' wait for a holder.
     const WAIT: Duration = Duration::from_secs(3);
@@ -968,9 +970,13 @@ mod processes {
     async fn serve_node(dir: String) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
+        let backend: Box<dyn tower_primary::backend::Backend> = match std::env::var(BACKEND_ENV) {
+            Ok(url) => tower_primary::backend::from_url(&url).unwrap(),
+            Err(_) => Box::new(FileBackend::new(&dir)),
+        };
         let primary = PrimaryLayer::new(
             Elector::builder(LOCK)
-                .backend(FileBackend::new(&dir))
+                .backend(backend)
                 .advertise(format!("http://127.0.0.1:{port}")),
         )
         .unwrap();
@@ -1015,10 +1021,12 @@ mod processes {
 
     async fn spawn_node(
         dir: &std::path::Path,
+        backend: Option<&str>,
         roles: mpsc::UnboundedSender<(u16, String)>,
     ) -> Node {
         let exe = std::env::current_exe().unwrap();
         let mut child = Command::new(exe)
+            .envs(backend.map(|url| (BACKEND_ENV, url)))
             .args([
                 "processes::server_node",
                 "--exact",
@@ -1067,11 +1075,42 @@ mod processes {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn five_primary_kills_under_a_steady_stream_run_no_request_twice() {
+        let by_status = kill_primaries_under_a_stream(None).await;
+        assert!(
+            by_status.get(&Some(200)).copied().unwrap_or(0) >= 100,
+            "{by_status:?}"
+        );
+    }
+
+    /// On a lease backend the lock outlives a killed primary by its lease (5 s), longer than the
+    /// forwarders' wait (3 s): requests in the gap are refused with 503 after the bound.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn five_primary_kills_on_redis_refuse_in_the_gap_and_run_no_request_twice() {
+        use tower_primary_lab::servers::{self, RedisServer};
+        let Some(redis) = servers::require("redis-server", RedisServer::start().await) else {
+            return;
+        };
+        let url = format!("{}?max_lease=5s", redis.url());
+        let by_status = kill_primaries_under_a_stream(Some(&url)).await;
+        assert!(
+            by_status.get(&Some(200)).copied().unwrap_or(0) >= 50,
+            "{by_status:?}"
+        );
+        assert!(
+            by_status.contains_key(&Some(503)),
+            "no request met the gap: {by_status:?}"
+        );
+    }
+
+    /// Five SIGKILLs of the primary among three server processes (replaced as they die) under a
+    /// stream of requests; checks every request and returns the count of each answer (`None`:
+    /// sent to a node that had just been killed).
+    async fn kill_primaries_under_a_stream(backend: Option<&str>) -> HashMap<Option<u16>, usize> {
         let dir = tempfile::tempdir().unwrap();
         let (roles_tx, mut roles) = mpsc::unbounded_channel();
         let mut nodes: Vec<Node> = Vec::new();
         for _ in 0..3 {
-            nodes.push(spawn_node(dir.path(), roles_tx.clone()).await);
+            nodes.push(spawn_node(dir.path(), backend, roles_tx.clone()).await);
         }
         let ports: Arc<Mutex<Vec<u16>>> =
             Arc::new(Mutex::new(nodes.iter().map(|n| n.port).collect()));
@@ -1142,7 +1181,7 @@ mod processes {
             node.child.start_kill().unwrap(); // SIGKILL
             node.child.wait().await.unwrap();
             ports.lock().unwrap().retain(|p| *p != killed);
-            let fresh = spawn_node(dir.path(), roles_tx.clone()).await;
+            let fresh = spawn_node(dir.path(), backend, roles_tx.clone()).await;
             ports.lock().unwrap().push(fresh.port);
             nodes.push(fresh);
         }
@@ -1187,11 +1226,11 @@ mod processes {
             let bound = WAIT + Duration::from_secs(3);
             assert!(o.took < bound, "request {} took {:?}", o.id, o.took);
         }
-        let ok = by_status.get(&Some(200)).copied().unwrap_or(0);
         eprintln!(
-            "{} requests through 5 SIGKILLs: {by_status:?}",
-            outcomes.len()
+            "{} requests through 5 SIGKILLs ({}): {by_status:?}",
+            outcomes.len(),
+            backend.unwrap_or("file")
         );
-        assert!(ok >= 100, "too few requests ran: {by_status:?}");
+        by_status
     }
 }
