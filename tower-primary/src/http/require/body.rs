@@ -20,7 +20,10 @@ pin_project! {
     /// it ends (or is dropped): step-down and shutdown wait for it up to the grace. When the
     /// grace runs out first, the body ends with an [`Aborted`] error instead of its next frame,
     /// and the inner body is dropped unpolled. On a refusal it is the
-    /// [JSON refusal](super::Refusal).
+    /// [JSON refusal](super::Refusal). On a request [forwarded](super::RequirePrimaryLayer::forward)
+    /// to the primary (`forward` feature) it is the primary's body as it streams in; an error
+    /// of the connection to the primary ends it with that error, and the client sees the
+    /// response cut short.
     ///
     /// It is not `Unpin` (it waits on the term's abort signal in place): hyper and axum pin it;
     /// to poll it by hand, pin it first (`std::pin::pin!`, `Box::pin`).
