@@ -5,9 +5,10 @@
 //!   the target, where a test needs a primary that misbehaves): headers, never forwarding twice,
 //!   retries only after a marked refusal or a failed connection, bodies buffered or streamed,
 //!   limits, the shared secret, upgrades, `Expect: 100-continue`, trusted origins;
-//! - through failovers: server processes on one lock directory (this test binary re-executes
-//!   itself in server-node mode, `server_node` below), the primary killed with SIGKILL five
-//!   times under a steady stream of requests, each executed at most once.
+//! - https: a primary behind TLS (rustls), reached with a given root and refused without it;
+//! - through failovers: server processes on one lock directory or one Redis (this test binary
+//!   re-executes itself in server-node mode, `server_node` below), the primary killed with
+//!   SIGKILL five times under a steady stream of requests, each executed at most once.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
