@@ -45,8 +45,10 @@ use tower_primary::{
 #[derive(Clone)]
 struct MatchedRoute(#[allow(dead_code)] &'static str);
 
-fn router_shaped_request() -> Request<()> {
-    let mut req = Request::get("/admin/rebuild?x=1").body(()).unwrap();
+fn router_shaped_request() -> Request<Empty<Bytes>> {
+    let mut req = Request::get("/admin/rebuild?x=1")
+        .body(Empty::new())
+        .unwrap();
     req.extensions_mut().insert(MatchedRoute("/admin/rebuild"));
     req
 }
@@ -86,9 +88,9 @@ fn spread(values: &[f64], digits: usize) -> (f64, String) {
 
 /// Nanoseconds spent calling `svc` on `batch` router-shaped requests, built before the clock
 /// starts (a small batch, so the requests are in cache as a server's would be).
-fn time_batch<S, B>(svc: &mut S, batch: usize, make: fn() -> Request<()>) -> u128
+fn time_batch<S, B>(svc: &mut S, batch: usize, make: fn() -> Request<Empty<Bytes>>) -> u128
 where
-    S: Service<Request<()>, Response = Response<B>, Error = Infallible>,
+    S: Service<Request<Empty<Bytes>>, Response = Response<B>, Error = Infallible>,
 {
     let reqs: Vec<_> = (0..batch).map(|_| make()).collect();
     let start = Instant::now();
@@ -98,15 +100,16 @@ where
     start.elapsed().as_nanos()
 }
 
-fn empty_request() -> Request<()> {
-    Request::get("/").body(()).unwrap()
+fn empty_request() -> Request<Empty<Bytes>> {
+    Request::get("/").body(Empty::new()).unwrap()
 }
 
 /// The innermost service: takes the request (dropping it, as a handler would) and answers with
 /// an empty body (zero-sized, and a body the gate can wrap).
 fn inner()
--> impl Service<Request<()>, Response = Response<Empty<Bytes>>, Error = Infallible> + Clone {
-    service_fn(|req: Request<()>| {
+-> impl Service<Request<Empty<Bytes>>, Response = Response<Empty<Bytes>>, Error = Infallible> + Clone
+{
+    service_fn(|req: Request<Empty<Bytes>>| {
         drop(black_box(req));
         std::future::ready(Ok::<_, Infallible>(Response::new(Empty::new())))
     })
@@ -114,9 +117,9 @@ fn inner()
 
 /// ns/req without and with, and their difference, per measured round: one warm-up round, then
 /// the measured ones; batches alternate which variant goes first.
-fn paired<S, B>(with: &mut S, make: fn() -> Request<()>, rounds: usize) -> [Vec<f64>; 3]
+fn paired<S, B>(with: &mut S, make: fn() -> Request<Empty<Bytes>>, rounds: usize) -> [Vec<f64>; 3]
 where
-    S: Service<Request<()>, Response = Response<B>, Error = Infallible>,
+    S: Service<Request<Empty<Bytes>>, Response = Response<B>, Error = Infallible>,
 {
     let mut without = inner();
     let (mut a, mut b, mut diff) = (Vec::new(), Vec::new(), Vec::new());

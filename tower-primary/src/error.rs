@@ -105,6 +105,14 @@ pub enum ConfigError {
     /// No backend was configured on the builder.
     #[error("no backend configured: call .backend(...) on the builder")]
     NoBackend,
+    /// The shared secret of forwarding nodes
+    /// ([`Forward::secret`](crate::http::require::Forward::secret)) cannot be sent as a header
+    /// value. The secret itself is not repeated.
+    #[error("invalid forwarding secret: {rule}")]
+    InvalidSecret {
+        /// The rule it broke.
+        rule: &'static str,
+    },
 }
 
 /// The kind of a permanent backend misconfiguration ([`Error::Misconfigured`]). In JSON, the

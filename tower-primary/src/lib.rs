@@ -13,7 +13,8 @@
 //!   cancelled the moment it stops being primary, and start again on the next primary;
 //!   [schedules](schedule) and run-once jobs on top of them (feature `schedule`);
 //! - the HTTP side in [`http`]: [`PrimaryLayer`] puts the role into every request,
-//!   [`RequirePrimaryLayer`] keeps a route to the primary, [`http::health`] serves
+//!   [`RequirePrimaryLayer`] keeps a route to the primary (or, with the `forward` feature,
+//!   forwards its requests to the primary), [`http::health`] serves
 //!   `/health/role`, `/health/ready` and `/health/live`, and [`http::extract`] reads the role in
 //!   handlers;
 //! - backends for one host (a lock file) and for many (Redis, PostgreSQL, etcd), chosen in code
@@ -175,6 +176,7 @@
 //! | `postgres` | no | [`PostgresBackend`](backend::postgres::PostgresBackend): session advisory locks; `postgres://…`, `postgresql://…` |
 //! | `etcd` | no | [`EtcdBackend`](backend::etcd::EtcdBackend): a lease-bound election on a key prefix (building it needs `protoc`); `etcd://…`, `etcds://…` |
 //! | `metrics` | no | role, transition, latency, task and schedule metrics on the `metrics` facade ([names](crate::metrics)) |
+//! | `forward` | no | the gate [forwards](RequirePrimaryLayer::forward) primary-only requests to the primary and streams the answer back (hyper-util's pooled client; rustls with ring for `https://`); the gate's request body must then be an `http_body::Body + Send + 'static` |
 //! | `full` | no | every optional part |
 //!
 //! [`MemoryBackend`], in-process with fault injection for tests, is always there. A backend can be
@@ -227,7 +229,8 @@
         feature = "redis",
         feature = "postgres",
         feature = "etcd",
-        feature = "metrics"
+        feature = "metrics",
+        feature = "forward"
     )),
     allow(rustdoc::broken_intra_doc_links)
 )]

@@ -18,7 +18,7 @@ use axum::body::Body;
 use axum::routing::{get, post};
 use axum::{Extension, Router};
 use http::{Request, Response, StatusCode};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::timeout;
@@ -606,7 +606,9 @@ fn gated_probe(
     let (cancel_tx, saw_cancel) = oneshot::channel();
     let (finish, finish_rx) = oneshot::channel::<()>();
     let mut slot = Some((started_tx, cancel_tx, finish_rx));
-    let handler = service_fn(move |req: Request<()>| {
+    // An empty body rather than `()`: with the `forward` feature the gate's request body must
+    // be an `http_body::Body`.
+    let handler = service_fn(move |req: Request<Empty<Bytes>>| {
         let taken = slot.take();
         async move {
             let (started_tx, cancel_tx, finish_rx) = taken.expect("called once");
@@ -620,7 +622,7 @@ fn gated_probe(
     });
     let svc = AddRoleLayer::new(role).layer(RequirePrimaryLayer::new().layer(handler));
     (
-        svc.oneshot(Request::new(())),
+        svc.oneshot(Request::new(Empty::new())),
         InFlightProbe {
             started,
             saw_cancel,
@@ -677,11 +679,11 @@ async fn step_down_waits_for_a_gated_request_in_flight_before_releasing() {
     // ... and new gated requests are refused from then on.
     let refused = AddRoleLayer::new(a.handle())
         .layer(
-            RequirePrimaryLayer::new().layer(service_fn(|_: Request<()>| async {
+            RequirePrimaryLayer::new().layer(service_fn(|_: Request<Empty<Bytes>>| async {
                 Ok::<_, Infallible>(Response::new(String::from("must not run")))
             })),
         )
-        .oneshot(Request::new(()))
+        .oneshot(Request::new(Empty::new()))
         .await
         .unwrap();
     assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);

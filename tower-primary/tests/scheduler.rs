@@ -141,7 +141,8 @@ impl Service {
         let state = tempfile::tempdir().unwrap();
         let (port, base) = free_ports(workers);
         let args = format!(
-            "--workers {workers} --bind 127.0.0.1:{port} --worker-ports {base} --state-dir {} {extra}",
+            "--workers {workers} --bind 127.0.0.1:{port} --worker-ports {base} --admin-mode redirect \
+             --state-dir {} {extra}",
             state.path().display()
         );
         let mut child = Command::new(std::env::current_exe().unwrap())

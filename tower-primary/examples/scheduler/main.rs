@@ -44,9 +44,11 @@
 //! | `POST /admin/report-now` | the primary | queues a report run (its slot is now) → 202 |
 //! | `GET /admin/status` | the primary | outbox, sent, last report slot, term |
 //!
-//! Admin routes answer 503 on secondaries; with `--worker-ports BASE` every worker also listens
-//! on `BASE + index` and advertises it, so secondaries answer 307 to the primary's own port
-//! (`curl -L` follows it).
+//! On a secondary, admin routes are forwarded to the primary (`--admin-mode forward`, the
+//! default: every worker also listens on an internal port of its own, `BASE + index` with
+//! `--worker-ports BASE` or else a free loopback port, and advertises it), or answered 307 to the
+//! primary's own port (`--admin-mode redirect`, with `--worker-ports`; `curl -L` follows it), or
+//! 503 (`--admin-mode refuse`).
 //!
 //! `/metrics` shows what the library records with its `metrics` feature (the example requires
 //! it), through the `metrics-exporter-prometheus` recorder each worker installs:
@@ -69,6 +71,7 @@
 //! `--catch-up N` (default 24; 0 skips missed slots), `--smtp URL` (send instead of writing
 //! `sent/`: `smtp://127.0.0.1:2525` in plain text, `smtp://user:pass@host:587?tls=required` with
 //! STARTTLS, `smtps://user:pass@host` over TLS; rustls, no OpenSSL), `--worker-ports BASE`,
+//! `--admin-mode refuse|redirect|forward` (default `forward`),
 //! `--simulate-work DURATION` (each report and each email send also takes this long — for a
 //! send, half before delivering and half between recording the delivery and removing the email
 //! from the outbox, the window in which a crash makes it go out twice — to watch a failover land
@@ -228,6 +231,10 @@ pub(crate) struct Args {
         allow_negative_numbers = true
     )]
     worker_ports: Option<u16>,
+    /// What a secondary answers on the admin routes: 503, a 307 to the primary, or the request
+    /// forwarded to the primary
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = AdminMode::Forward)]
+    admin_mode: AdminMode,
     /// Each report and each email send also takes this long, to watch a failover land mid-job
     #[arg(
         long,
@@ -236,6 +243,17 @@ pub(crate) struct Args {
         default_value = "0s"
     )]
     simulate_work: Duration,
+}
+
+/// `--admin-mode`: 503, 307 to the primary, or the request forwarded to the primary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum AdminMode {
+    /// 503 with `Retry-After` and the holder
+    Refuse,
+    /// 307 to the primary's advertised URL
+    Redirect,
+    /// The request forwarded to the primary, its answer streamed back
+    Forward,
 }
 
 impl Args {
@@ -437,6 +455,10 @@ mod tests {
         assert_eq!(a.host_dir.as_deref(), Some(Path::new("/run/app/host")));
         assert!(parse("--no-host-group").unwrap().no_host_group);
         // The largest range that fits.
+        assert_eq!(a.admin_mode, super::AdminMode::Forward, "the default");
+        let mode = |s| parse(s).unwrap().admin_mode;
+        assert_eq!(mode("--admin-mode redirect"), super::AdminMode::Redirect);
+        assert_eq!(mode("--admin-mode=refuse"), super::AdminMode::Refuse);
         assert_eq!(
             parse("--worker-ports 65534 --workers 2")
                 .unwrap()
@@ -465,6 +487,7 @@ mod tests {
             "--worker-ports",
             "--simulate-work",
             "--store",
+            "--admin-mode",
         ] {
             assert!(help.contains(flag), "{flag} missing from --help:\n{help}");
         }
@@ -541,6 +564,10 @@ mod tests {
         assert_eq!(
             mistake("--smtp a --smtp b", "--smtp"),
             ErrorKind::ArgumentConflict
+        );
+        assert_eq!(
+            mistake("--admin-mode proxy", "--admin-mode"),
+            ErrorKind::InvalidValue
         );
         // A store that is not PostgreSQL, and a store with the per-host file lock.
         assert_eq!(

@@ -20,7 +20,7 @@ use tower_primary::{
 };
 
 use super::store::Store;
-use super::{Args, Dirs, email, prometheus, report};
+use super::{AdminMode, Args, Dirs, email, prometheus, report};
 
 /// The lock every worker campaigns for.
 const LOCK: &str = "scheduler";
@@ -93,7 +93,18 @@ async fn serve(index: Option<u16>, args: &Args) -> Result<(), BoxError> {
     let mut builder = Elector::builder(LOCK)
         .backend(backend)
         .grace(Duration::from_secs(5));
-    if let Some(port) = own_port {
+    // Forwarding needs an address of this worker that the others reach: its own port, or else
+    // an internal one on loopback.
+    let internal = match (own_port, args.admin_mode) {
+        (None, AdminMode::Forward) => Some(reuse_port_listener(reachable(args.bind.ip(), 0))?),
+        _ => None,
+    };
+    let internal_port = internal
+        .as_ref()
+        .map(|l| l.local_addr())
+        .transpose()?
+        .map(|a| a.port());
+    if let Some(port) = own_port.or(internal_port) {
         builder = builder.advertise(format!("http://{}", reachable(args.bind.ip(), port)));
     }
     if let Some(lease) = args.lease {
@@ -145,10 +156,10 @@ async fn serve(index: Option<u16>, args: &Args) -> Result<(), BoxError> {
         pid,
         worker: index,
     };
-    let gate = if own_port.is_some() {
-        RequirePrimaryLayer::new().redirect()
-    } else {
-        RequirePrimaryLayer::new()
+    let gate = match args.admin_mode {
+        AdminMode::Refuse => RequirePrimaryLayer::new(),
+        AdminMode::Redirect => RequirePrimaryLayer::new().redirect(),
+        AdminMode::Forward => RequirePrimaryLayer::new().forward(),
     };
     let admin = Router::new()
         .route("/admin/report-now", post(report_now))
@@ -168,7 +179,7 @@ async fn serve(index: Option<u16>, args: &Args) -> Result<(), BoxError> {
     let shared = reuse_port_listener(args.bind)?;
     let own = match own_port {
         Some(port) => Some(reuse_port_listener(SocketAddr::new(args.bind.ip(), port))?),
-        None => None,
+        None => internal,
     };
 
     // Stop on a signal: hand the lock over first (a secondary takes over at once), then drain.
@@ -183,7 +194,7 @@ async fn serve(index: Option<u16>, args: &Args) -> Result<(), BoxError> {
         }
     });
 
-    log_startup(&elector, index, args, own_port).await;
+    log_startup(&elector, index, args, own_port.or(internal_port)).await;
     tokio::spawn({
         let readiness = app_readiness.clone();
         async move {

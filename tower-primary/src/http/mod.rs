@@ -5,7 +5,8 @@
 //!   no backend call); [`AddRoleLayer`](layer::AddRoleLayer) does the same with a handle you
 //!   already have; [`RoleHeadersLayer`](layer::RoleHeadersLayer) shows the role on responses.
 //! - [`require`]: [`RequirePrimaryLayer`](require::RequirePrimaryLayer), the gate that keeps a
-//!   route to the primary (503 with `Retry-After`, or 307 to the primary's advertised URL).
+//!   route to the primary (503 with `Retry-After`, 307 to the primary's advertised URL, or, with
+//!   the `forward` feature, the request forwarded to the primary and its answer streamed back).
 //! - [`extract`]: axum extractors for the role (`axum` feature).
 //! - [`health`]: the `/health/role` and `/health/ready` handlers.
 //! - [`header`]: the header names the layers and the gate set.

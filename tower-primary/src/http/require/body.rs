@@ -20,7 +20,10 @@ pin_project! {
     /// it ends (or is dropped): step-down and shutdown wait for it up to the grace. When the
     /// grace runs out first, the body ends with an [`Aborted`] error instead of its next frame,
     /// and the inner body is dropped unpolled. On a refusal it is the
-    /// [JSON refusal](super::Refusal).
+    /// [JSON refusal](super::Refusal). On a request [forwarded](super::RequirePrimaryLayer::forward)
+    /// to the primary (`forward` feature) it is the primary's body as it streams in; an error
+    /// of the connection to the primary ends it with that error, and the client sees the
+    /// response cut short.
     ///
     /// It is not `Unpin` (it waits on the term's abort signal in place): hyper and axum pin it;
     /// to poll it by hand, pin it first (`std::pin::pin!`, `Box::pin`).
@@ -45,8 +48,25 @@ pin_project! {
         Full {
             data: Option<Bytes>,
         },
+        // Constructed with the `forward` feature only.
+        Forwarded {
+            body: StreamBody,
+        },
         Ended,
     }
+}
+
+/// The body of a response from the primary, type-erased so that the gate's response body stays
+/// one nameable type.
+pub(crate) type StreamBody = Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send + Sync>>;
+
+/// The body of what the forwarder answers.
+#[cfg_attr(not(feature = "forward"), allow(dead_code))]
+pub(crate) enum Forwarded {
+    /// A refusal of the forwarder itself (JSON).
+    Full(Bytes),
+    /// The primary's body, as it streams in.
+    Stream(StreamBody),
 }
 
 impl<B> ResponseBody<B> {
@@ -69,6 +89,16 @@ impl<B> ResponseBody<B> {
         }
     }
 
+    /// What the forwarder answered: the primary's body, or the forwarder's refusal.
+    pub(crate) fn forwarded(body: Forwarded) -> Self {
+        match body {
+            Forwarded::Full(data) => ResponseBody::full(data),
+            Forwarded::Stream(body) => ResponseBody {
+                kind: Kind::Forwarded { body },
+            },
+        }
+    }
+
     /// A complete body (a refusal).
     pub(crate) fn full(data: Bytes) -> Self {
         let data = (!data.is_empty()).then_some(data);
@@ -83,6 +113,7 @@ impl<B> fmt::Debug for ResponseBody<B> {
         let kind = match &self.kind {
             Kind::Admitted { .. } => "admitted",
             Kind::Full { .. } => "refusal",
+            Kind::Forwarded { .. } => "forwarded",
             Kind::Ended => "ended",
         };
         f.debug_struct("ResponseBody")
@@ -132,6 +163,11 @@ where
                 let frame = data.take().map(|d| Ok(Frame::data(d.into())));
                 (frame, true)
             }
+            KindProj::Forwarded { body } => match std::task::ready!(body.as_mut().poll_frame(cx)) {
+                None => (None, true),
+                Some(Err(err)) => (Some(Err(err)), true),
+                Some(Ok(frame)) => (Some(Ok(frame.map_data(Into::into))), body.is_end_stream()),
+            },
             KindProj::Ended => (None, false),
         };
         if end {
@@ -145,6 +181,7 @@ where
         match &self.kind {
             Kind::Admitted { body, .. } => body.is_end_stream(),
             Kind::Full { data } => data.is_none(),
+            Kind::Forwarded { body } => body.is_end_stream(),
             Kind::Ended => true,
         }
     }
@@ -155,6 +192,7 @@ where
             Kind::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
+            Kind::Forwarded { body } => body.size_hint(),
             Kind::Ended => SizeHint::with_exact(0),
         }
     }

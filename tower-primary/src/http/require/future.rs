@@ -5,14 +5,18 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use http::{Response, StatusCode};
+use http::{HeaderValue, Response, StatusCode};
 use http_body::Body;
 use pin_project_lite::pin_project;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use super::body::ResponseBody;
+use super::body::{Forwarded, ResponseBody};
 use super::refusal::Refusal;
+use crate::http::header::X_PRIMARY_HOLDER;
 use crate::role::{InFlight, TermContext};
+
+/// The future of a forwarded request.
+pub(crate) type ForwardFuture = Pin<Box<dyn Future<Output = Response<Forwarded>> + Send>>;
 
 pin_project! {
     /// The response future of [`RequirePrimary`](super::RequirePrimary).
@@ -33,9 +37,14 @@ pin_project! {
             aborted: WaitForCancellationFutureOwned,
             term: (TermContext, InFlight),
             retry_after: u64,
+            answered_by: Option<HeaderValue>,
         },
         Refused {
             response: Option<Response<ResponseBody<B>>>,
+        },
+        // Constructed with the `forward` feature only.
+        Forwarding {
+            future: ForwardFuture,
         },
         Done,
     }
@@ -47,6 +56,7 @@ impl<F, B> ResponseFuture<F, B> {
         ctx: TermContext,
         in_flight: InFlight,
         retry_after: u64,
+        answered_by: Option<HeaderValue>,
     ) -> Self {
         ResponseFuture {
             kind: Kind::Admitted {
@@ -54,7 +64,15 @@ impl<F, B> ResponseFuture<F, B> {
                 aborted: ctx.abort_token().clone().cancelled_owned(),
                 term: (ctx, in_flight),
                 retry_after,
+                answered_by,
             },
+        }
+    }
+
+    #[cfg_attr(not(feature = "forward"), allow(dead_code))]
+    pub(super) fn forwarding(future: ForwardFuture) -> Self {
+        ResponseFuture {
+            kind: Kind::Forwarding { future },
         }
     }
 
@@ -72,6 +90,7 @@ impl<F, B> fmt::Debug for ResponseFuture<F, B> {
         let kind = match &self.kind {
             Kind::Admitted { .. } => "admitted",
             Kind::Refused { .. } => "refused",
+            Kind::Forwarding { .. } => "forwarding",
             Kind::Done => "done",
         };
         f.debug_struct("ResponseFuture")
@@ -114,19 +133,28 @@ where
             KindProj::Refused { response } => {
                 return Poll::Ready(Ok(response.take().expect(POLLED_AFTER_READY)));
             }
+            KindProj::Forwarding { future } => {
+                let res = std::task::ready!(future.as_mut().poll(cx));
+                kind.project_replace(Kind::Done);
+                return Poll::Ready(Ok(res.map(ResponseBody::forwarded)));
+            }
             KindProj::Done => panic!("{POLLED_AFTER_READY}"),
         };
         // Drops the handler's future (after the grace: unfinished).
         let KindReplace::Admitted {
             term: (ctx, in_flight),
             retry_after,
+            answered_by,
             ..
         } = kind.project_replace(Kind::Done)
         else {
             unreachable!("the other states returned above");
         };
         Poll::Ready(match handled {
-            Some(Ok(res)) => {
+            Some(Ok(mut res)) => {
+                if let Some(id) = answered_by {
+                    res.headers_mut().insert(X_PRIMARY_HOLDER, id);
+                }
                 Ok(res
                     .map(|body| ResponseBody::admitted(body, ctx.abort_token().clone(), in_flight)))
             }

@@ -10,7 +10,14 @@
 //! - with [`redirect`](RequirePrimaryLayer::redirect), `307 Temporary Redirect` to the same path
 //!   and query on the holder's advertised URL ([`ElectorBuilder::advertise`]); a 307 keeps the
 //!   method and the body. When the holder advertised no URL (or is unknown, as while the
-//!   election starts) the answer is the 503 above.
+//!   election starts) the answer is the 503 above;
+//! - with [`forward`](RequirePrimaryLayer::forward) (`forward` feature), the request is
+//!   **forwarded** to the holder's advertised URL and the primary's response streamed back, so
+//!   that clients behind a load balancer reach the primary through any node. A forwarded
+//!   request is never forwarded again: a node that is not primary answers it `503` with the
+//!   mark `x-primary-refused: 1`, and only such a refusal or a failed connection makes the
+//!   forwarder try the next holder. See [`forward_with`](RequirePrimaryLayer::forward_with)
+//!   for the rules and [`Forward`] for the settings.
 //!
 //! Every refusal carries a JSON [`Refusal`] body (`{"error": "not_primary" | "no_primary" | …,
 //! "holder": …, "retry_after_ms": …, "message": …}`, `content-type: application/json`).
@@ -126,19 +133,32 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+#[cfg(feature = "forward")]
+use crate::error::BoxError;
 use http::header::LOCATION;
 use http::{HeaderValue, Request, Response, StatusCode, Uri};
 use http_body::Body;
 use tower_layer::Layer;
 use tower_service::Service;
 
+#[cfg(feature = "forward")]
+use crate::http::header::X_PRIMARY_FORWARD_SECRET;
+use crate::http::header::X_PRIMARY_FORWARDED;
+use crate::http::header::X_PRIMARY_REFUSED;
 use crate::role::{Holder, InFlight, RoleHandle, TermContext};
 
 mod body;
+#[cfg(feature = "forward")]
+mod forward;
 mod future;
 mod refusal;
 
 pub use self::body::{Aborted, ResponseBody};
+#[cfg(feature = "forward")]
+#[cfg_attr(docsrs, doc(cfg(feature = "forward")))]
+pub use self::forward::Forward;
+#[cfg(feature = "forward")]
+use self::forward::Forwarder;
 pub use self::future::ResponseFuture;
 pub(crate) use self::refusal::MISSING_LAYER;
 pub use self::refusal::Refusal;
@@ -162,6 +182,9 @@ struct Config {
     handle: Option<RoleHandle>,
     /// `None`: any valid advertised URL is a redirect target.
     trusted: Option<Arc<[Origin]>>,
+    /// Set: forward instead of refusing (takes precedence over `redirect`).
+    #[cfg(feature = "forward")]
+    forward: Option<Arc<Forwarder>>,
 }
 
 impl Default for RequirePrimaryLayer {
@@ -180,6 +203,8 @@ impl RequirePrimaryLayer {
                 retry_after: DEFAULT_RETRY_AFTER,
                 handle: None,
                 trusted: None,
+                #[cfg(feature = "forward")]
+                forward: None,
             },
         }
     }
@@ -211,6 +236,131 @@ impl RequirePrimaryLayer {
     /// ```
     pub fn redirect(mut self) -> Self {
         self.config.redirect = true;
+        #[cfg(feature = "forward")]
+        {
+            self.config.forward = None;
+        }
+        self
+    }
+
+    /// Forwards the request to the holder's advertised URL instead and streams its response
+    /// back, with the default [`Forward`] settings. See [`forward_with`](Self::forward_with).
+    #[cfg(feature = "forward")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "forward")))]
+    pub fn forward(self) -> Self {
+        self.forward_with(Forward::new())
+    }
+
+    /// Forwards the request to the holder's advertised URL and streams its response back, so
+    /// that a client behind a load balancer reaches the primary through any node.
+    ///
+    /// The layer owns one pooled HTTP client (HTTP/1.1; TLS with rustls for `https://`),
+    /// shared by its clones and the routes it is put on; make the layer once and clone it. No
+    /// tokio runtime is needed to make it.
+    ///
+    /// - **Where**: only to an advertised URL that passes the same checks as a redirect
+    ///   target (an absolute `http`/`https` URL, and one of the
+    ///   [trusted origins](Self::trusted_origins) when a list is set), checked before every use.
+    /// - **Headers**: hop-by-hop headers (`connection` and those it names, `keep-alive`, `te`,
+    ///   `transfer-encoding`, `upgrade`, …) are removed; `x-forwarded-for` gets the client's
+    ///   address ([`Forward::client_addr`]), `x-forwarded-proto` and `x-forwarded-host` are set
+    ///   unless a proxy in front set them, and `x-primary-forwarded` names this node. The
+    ///   response carries `x-primary-holder`: the node that answered.
+    /// - **Never twice, never in a loop**: a request that carries `x-primary-forwarded` is
+    ///   never forwarded again; a gate that is not on the primary answers it `503` with the
+    ///   mark `x-primary-refused: 1`, which no handler's response carries. The forwarder tries
+    ///   the request again (on the next holder, or the same one once it has taken the lock) only
+    ///   after such a marked refusal or a failed connection, neither of which ran anything, and
+    ///   never after an application's own `503`. Bodies up to [`Forward::buffer_limit`]
+    ///   (1 MiB) are read first so that they can be sent again; longer ones are streamed and
+    ///   sent once: if the exchange fails after the request went out the answer is `502`, and
+    ///   the body says the request may have run. A request is executed by at most one
+    ///   primary.
+    /// - **Through a failover**: with no holder known, none reachable, or one that refused, the
+    ///   request waits for the next holder up to [`Forward::wait_for_holder`] (about one
+    ///   failover), then gets the `503` with `Retry-After`.
+    /// - **Limits**: a body over [`Forward::max_body`] gets `413`, without contacting the
+    ///   primary when `content-length` or the buffering shows it; a primary that sends no
+    ///   response head within [`Forward::response_timeout`] gets `504`.
+    /// - **`Expect: 100-continue`** is answered only once a connection to the primary has been
+    ///   made and the request head sent (the body is then streamed, not buffered); the primary
+    ///   itself does not see the expectation. **Upgrades** (WebSocket) and `CONNECT` are not
+    ///   forwarded: `501` with a body that says so.
+    /// - **Trust**: with [`Forward::secret`], a request that says it was forwarded must carry
+    ///   the secret, or the gate answers `403`, whatever the node's role.
+    ///
+    /// The forwarder's own answers carry the JSON [`Refusal`] body.
+    ///
+    /// With the `forward` feature the gate's request body must be `Send + 'static` (axum's and
+    /// hyper's are).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use axum::{Router, routing::post};
+    /// use tower_primary::{Elector, FileBackend, PrimaryLayer, RequirePrimaryLayer};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let dir = dir.path();
+    /// let port = 8080;
+    /// let primary = PrimaryLayer::new(
+    ///     Elector::builder("admin")
+    ///         .backend(FileBackend::new(dir))
+    ///         // Where the other nodes forward to: this node's own address.
+    ///         .advertise(format!("http://127.0.0.1:{port}")),
+    /// )?;
+    /// // One forwarder (one connection pool) for all the admin routes.
+    /// let gate = RequirePrimaryLayer::new().forward();
+    /// let app: Router = Router::new()
+    ///     .route("/admin/report-now", post(|| async { "accepted" }).layer(gate.clone()))
+    ///     .route("/admin/rebuild", post(|| async { "rebuilt" }).layer(gate))
+    ///     .layer(primary);
+    /// # drop(app);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// What a secondary does with a request, over real HTTP on loopback:
+    ///
+    /// ```
+    /// use axum::{Router, body::Body, routing::post};
+    /// use http::{Request, StatusCode};
+    /// use tower::ServiceExt;
+    /// use tower_primary::{AddRoleLayer, Holder, NodeId, RequirePrimaryLayer, Role, RoleHandle};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let gate = RequirePrimaryLayer::new().forward();
+    /// let app = |role| {
+    ///     Router::new()
+    ///         .route("/admin/rebuild", post(|| async { "rebuilt" }).layer(gate.clone()))
+    ///         .layer(AddRoleLayer::new(role))
+    /// };
+    ///
+    /// // The primary, listening on loopback.
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let url = format!("http://{}", listener.local_addr()?);
+    /// let primary = app(RoleHandle::fixed(Role::primary(7)));
+    /// tokio::spawn(async move { axum::serve(listener, primary).await });
+    ///
+    /// // A secondary that knows the holder and its advertised URL forwards to it.
+    /// let holder = Holder::new(&NodeId::new("web-1"), 7).with_url(Some(url));
+    /// let secondary = app(RoleHandle::fixed(Role::Secondary { holder: Some(holder) }));
+    /// let res = secondary.oneshot(Request::post("/admin/rebuild").body(Body::empty())?).await?;
+    /// assert_eq!(res.status(), StatusCode::OK);
+    /// assert_eq!(res.headers()["x-primary-holder"], "fixed"); // the node that answered
+    /// let body = axum::body::to_bytes(res.into_body(), 1024).await?;
+    /// assert_eq!(body, "rebuilt");
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[cfg(feature = "forward")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "forward")))]
+    pub fn forward_with(mut self, settings: Forward) -> Self {
+        self.config.redirect = false;
+        self.config.forward = Some(Arc::new(Forwarder::new(settings)));
         self
     }
 
@@ -302,6 +452,7 @@ impl<S> RequirePrimary<S> {
     define_inner_service_accessors!();
 }
 
+#[cfg(not(feature = "forward"))]
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RequirePrimary<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
@@ -317,27 +468,148 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        let handle = match &self.config.handle {
+        match self.config.decide(&mut req) {
+            Decision::Admit(admitted) => self.admitted(req, admitted),
+            Decision::Refuse(response) => ResponseFuture::refused(response),
+        }
+    }
+}
+
+/// With the `forward` feature the request body is sent on by the forwarder, so it must be
+/// `Send + 'static`.
+#[cfg(feature = "forward")]
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RequirePrimary<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Body,
+    ReqBody: Body + Send + 'static,
+    ReqBody::Data: Send,
+    ReqBody::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        match self.config.decide(&mut req) {
+            Decision::Admit(admitted) => self.admitted(req, admitted),
+            Decision::Refuse(response) => ResponseFuture::refused(response),
+            Decision::Forward(forwarder, job) => {
+                ResponseFuture::forwarding(forwarder.forward(job, req))
+            }
+        }
+    }
+}
+
+impl<S> RequirePrimary<S> {
+    fn admitted<ReqBody, ResBody>(
+        &mut self,
+        mut req: Request<ReqBody>,
+        admitted: Admitted,
+    ) -> ResponseFuture<S::Future, ResBody>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    {
+        let Admitted {
+            ctx,
+            in_flight,
+            answered_by,
+        } = admitted;
+        req.extensions_mut().insert(ctx.clone());
+        ResponseFuture::admitted(
+            self.inner.call(req),
+            ctx,
+            in_flight,
+            self.config.retry_after,
+            answered_by,
+        )
+    }
+}
+
+/// What the gate does with a request.
+enum Decision<B> {
+    Admit(Admitted),
+    Refuse(Response<ResponseBody<B>>),
+    #[cfg(feature = "forward")]
+    Forward(Arc<Forwarder>, forward::Job),
+}
+
+/// A request admitted on the primary.
+struct Admitted {
+    ctx: TermContext,
+    in_flight: InFlight,
+    /// This node's id, for `x-primary-holder` on the response to a forwarded request.
+    answered_by: Option<HeaderValue>,
+}
+
+impl Config {
+    fn decide<R, B>(&self, req: &mut Request<R>) -> Decision<B> {
+        let forwarded = req.headers().contains_key(X_PRIMARY_FORWARDED);
+        #[cfg(feature = "forward")]
+        if forwarded {
+            if let Some(forwarder) = &self.forward
+                && !forwarder.secret_ok(req.headers())
+            {
+                return Decision::Refuse(forward_secret_refusal());
+            }
+            req.headers_mut().remove(X_PRIMARY_FORWARD_SECRET);
+        }
+        let handle = match &self.handle {
             Some(handle) => Some(handle),
             None => req.extensions().get::<RoleHandle>(),
         };
-        let decision = match handle {
-            None => Err(missing_layer()),
-            Some(handle) => admit(handle).ok_or_else(|| self.config.refuse(handle, req.uri())),
+        let Some(handle) = handle else {
+            return Decision::Refuse(missing_layer());
         };
-        match decision {
-            Ok((ctx, in_flight)) => {
-                req.extensions_mut().insert(ctx.clone());
-                ResponseFuture::admitted(
-                    self.inner.call(req),
-                    ctx,
-                    in_flight,
-                    self.config.retry_after,
-                )
-            }
-            Err(response) => ResponseFuture::refused(response),
+        if let Some((ctx, in_flight)) = admit(handle) {
+            let answered_by = forwarded
+                .then(|| HeaderValue::from_str(handle.node().id()).ok())
+                .flatten();
+            return Decision::Admit(Admitted {
+                ctx,
+                in_flight,
+                answered_by,
+            });
         }
+        if forwarded {
+            // Never forwarded twice: refused, with the mark that lets the forwarding node try
+            // the next holder.
+            let refusal =
+                Refusal::not_primary(handle.lock(), other_holder(handle), self.retry_after);
+            let mut res = refusal.response(StatusCode::SERVICE_UNAVAILABLE);
+            res.headers_mut()
+                .insert(X_PRIMARY_REFUSED, HeaderValue::from_static("1"));
+            return Decision::Refuse(res);
+        }
+        #[cfg(feature = "forward")]
+        if let Some(forwarder) = &self.forward {
+            let job = forward::Job {
+                handle: handle.clone(),
+                trusted: self.trusted.clone(),
+                retry_after: self.retry_after,
+            };
+            return Decision::Forward(forwarder.clone(), job);
+        }
+        Decision::Refuse(self.refuse(handle, req.uri()))
     }
+}
+
+#[cfg(feature = "forward")]
+fn forward_secret_refusal<B>() -> Response<ResponseBody<B>> {
+    Refusal::forwarding(
+        "forward_secret",
+        None,
+        None,
+        "the request says it was forwarded by another node (x-primary-forwarded) but does not \
+         carry the nodes' shared secret"
+            .to_owned(),
+    )
+    .response(StatusCode::FORBIDDEN)
 }
 
 /// Admits work under the current term: its context and an in-flight guard, or `None` when this
@@ -389,24 +661,7 @@ impl Config {
     /// The holder's advertised URL with the request's path and query, if it is a valid
     /// redirect target.
     fn redirect_location(&self, holder: &Holder, uri: &Uri) -> Option<HeaderValue> {
-        let url = holder.url.as_deref()?;
-        let advertised = match AdvertisedUrl::parse(url) {
-            Ok(advertised) => advertised,
-            Err(rule) => {
-                warn_unusable_url(holder, url, rule);
-                return None;
-            }
-        };
-        if let Some(trusted) = &self.trusted
-            && !trusted.contains(&advertised.origin)
-        {
-            warn_unusable_url(
-                holder,
-                url,
-                "its origin is not one of the gate's trusted origins",
-            );
-            return None;
-        }
+        let advertised = usable_url(holder, self.trusted.as_deref(), "redirect")?;
         let path = uri
             .path_and_query()
             .map(|pq| pq.as_str())
@@ -416,13 +671,43 @@ impl Config {
     }
 }
 
-/// Logs that a holder's URL cannot be a redirect target: once per URL in a row, since every
-/// redirect would repeat it while that holder keeps the lock.
-fn warn_unusable_url(holder: &Holder, url: &str, why: &str) {
+/// The holder's advertised URL, if it may be sent clients (`what`: `"redirect"` or
+/// `"forward"`): a valid advertised URL, of a trusted origin when `trusted` is set. Checked
+/// again on every use, since it is read from the backend.
+pub(crate) fn usable_url(
+    holder: &Holder,
+    trusted: Option<&[Origin]>,
+    what: &'static str,
+) -> Option<AdvertisedUrl> {
+    let url = holder.url.as_deref()?;
+    let advertised = match AdvertisedUrl::parse(url) {
+        Ok(advertised) => advertised,
+        Err(rule) => {
+            warn_unusable_url(holder, url, rule, what);
+            return None;
+        }
+    };
+    if let Some(trusted) = trusted
+        && !trusted.contains(&advertised.origin)
+    {
+        warn_unusable_url(
+            holder,
+            url,
+            "its origin is not one of the gate's trusted origins",
+            what,
+        );
+        return None;
+    }
+    Some(advertised)
+}
+
+/// Logs that a holder's URL cannot be a redirect or forwarding target: once per URL in a row,
+/// since every request would repeat it while that holder keeps the lock.
+fn warn_unusable_url(holder: &Holder, url: &str, why: &str, what: &'static str) {
     static LAST: Mutex<Option<String>> = Mutex::new(None);
     let mut last = crate::sync::lock(&LAST);
     if last.as_deref() == Some(url) {
-        tracing::debug!(holder = %holder.id, url, why, "not redirecting to the holder's URL");
+        tracing::debug!(holder = %holder.id, url, why, what, "not using the holder's URL");
         return;
     }
     *last = Some(url.to_owned());
@@ -431,7 +716,8 @@ fn warn_unusable_url(holder: &Holder, url: &str, why: &str) {
         term = holder.term,
         url,
         why,
-        "the holder's advertised URL is not a valid redirect target; answering 503"
+        what,
+        "the holder's advertised URL is not a valid target; answering 503"
     );
 }
 

@@ -58,7 +58,12 @@ pub struct Refusal {
     /// - `"no_primary"`: no holder is known (the election is under way, or the holder just left);
     /// - `"aborted"`: the request was admitted, but the term ended and the grace ran out before
     ///   its handler returned;
-    /// - `"missing_layer"`: [`PrimaryLayer`](crate::PrimaryLayer) is not on the router (`500`).
+    /// - `"missing_layer"`: [`PrimaryLayer`](crate::PrimaryLayer) is not on the router (`500`);
+    /// - with [forwarding](crate::RequirePrimaryLayer::forward) (`forward` feature):
+    ///   `"forward_secret"` (`403`: a forwarded request without the shared secret),
+    ///   `"body_too_large"` (`413`), `"upgrade_not_forwarded"` (`501`), `"forward_failed"` (`502`),
+    ///   `"forward_timeout"` (`504`), and `"not_primary"` / `"no_primary"` (`503`) when no holder
+    ///   took the request within the wait.
     pub error: String,
     /// The node that holds the lock, when known.
     pub holder: Option<Holder>,
@@ -102,6 +107,22 @@ impl Refusal {
         }
     }
 
+    /// A refusal of the forwarder: `error` and `message` as given.
+    #[cfg(feature = "forward")]
+    pub(crate) fn forwarding(
+        error: &str,
+        holder: Option<Holder>,
+        retry_after_ms: Option<u64>,
+        message: String,
+    ) -> Self {
+        Refusal {
+            error: error.to_owned(),
+            holder,
+            retry_after_ms,
+            message,
+        }
+    }
+
     pub(crate) fn missing_layer(message: String) -> Self {
         Refusal {
             error: "missing_layer".to_owned(),
@@ -123,7 +144,16 @@ impl Refusal {
     /// `status` with this body, `content-type`, and for a `503` `Retry-After` and
     /// `x-primary-holder`.
     pub(crate) fn response<B>(&self, status: StatusCode) -> Response<ResponseBody<B>> {
-        let mut res = Response::new(ResponseBody::full(self.to_bytes()));
+        self.response_with(status, ResponseBody::full)
+    }
+
+    /// The same response with the JSON text in a body of `body`'s making.
+    pub(crate) fn response_with<T>(
+        &self,
+        status: StatusCode,
+        body: impl FnOnce(Bytes) -> T,
+    ) -> Response<T> {
+        let mut res = Response::new(body(self.to_bytes()));
         *res.status_mut() = status;
         self.headers(res.headers_mut());
         res
