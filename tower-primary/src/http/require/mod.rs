@@ -133,7 +133,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-#[cfg(feature = "forward")]
 use crate::error::BoxError;
 use http::header::LOCATION;
 use http::{HeaderValue, Request, Response, StatusCode, Uri};
@@ -452,32 +451,9 @@ impl<S> RequirePrimary<S> {
     define_inner_service_accessors!();
 }
 
-#[cfg(not(feature = "forward"))]
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RequirePrimary<S>
-where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    ResBody: Body,
-{
-    type Response = Response<ResponseBody<ResBody>>;
-    type Error = S::Error;
-    type Future = ResponseFuture<S::Future, ResBody>;
-
-    #[inline]
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        match self.config.decide(&mut req) {
-            Decision::Admit(admitted) => self.admitted(req, admitted),
-            Decision::Refuse(response) => ResponseFuture::refused(response),
-        }
-    }
-}
-
-/// With the `forward` feature the request body is sent on by the forwarder, so it must be
-/// `Send + 'static`.
-#[cfg(feature = "forward")]
+/// The request body must be an [`http_body::Body`] that is `Send + 'static` (axum's and hyper's
+/// are), with or without the `forward` feature, which sends it on: a feature never changes
+/// what compiles elsewhere in a build.
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RequirePrimary<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
@@ -499,6 +475,7 @@ where
         match self.config.decide(&mut req) {
             Decision::Admit(admitted) => self.admitted(req, admitted),
             Decision::Refuse(response) => ResponseFuture::refused(response),
+            #[cfg(feature = "forward")]
             Decision::Forward(forwarder, job) => {
                 ResponseFuture::forwarding(forwarder.forward(job, req))
             }
