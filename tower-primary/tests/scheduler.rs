@@ -20,30 +20,25 @@
 #[path = "../examples/scheduler/main.rs"]
 #[allow(dead_code)]
 mod scheduler;
+#[path = "common/service.rs"]
+mod service;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::{HeaderMap, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use http::StatusCode;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tokio::time::timeout;
 use tower_primary::http::health::{ReadinessReport, RoleReport};
 
+use self::service::{BOUND, HttpClient, Log, client, field, free_ports, num, request};
+
 const ARGS_ENV: &str = "TOWER_PRIMARY_SCHEDULER_TEST_ARGS";
-/// A bound on waits for events that must happen, so a bug fails the test instead of hanging it.
-/// Never used as synchronisation.
-const BOUND: Duration = Duration::from_secs(60);
 
 /// Both tests start many processes on a 2-core machine: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -61,70 +56,6 @@ fn scheduler_entry() {
 
 // ------------------------------------------------------------------------------------------------
 // The test side
-
-/// Every log line of the service, in arrival order, and a watch of their count.
-#[derive(Clone)]
-struct Log {
-    lines: Arc<Mutex<Vec<String>>>,
-    count: watch::Receiver<usize>,
-}
-
-impl Log {
-    fn snapshot(&self) -> Vec<String> {
-        self.lines.lock().unwrap().clone()
-    }
-
-    fn len(&self) -> usize {
-        self.lines.lock().unwrap().len()
-    }
-
-    /// Waits for the first line at index `from` or later that `pred` accepts; returns its index
-    /// and the line.
-    async fn wait(&self, from: usize, what: &str, pred: impl Fn(&str) -> bool) -> (usize, String) {
-        let mut count = self.count.clone();
-        let found = timeout(BOUND, async {
-            let mut next = from;
-            loop {
-                {
-                    let lines = self.lines.lock().unwrap();
-                    for (i, line) in lines.iter().enumerate().skip(next) {
-                        if pred(line) {
-                            return Some((i, line.clone()));
-                        }
-                    }
-                    next = next.max(lines.len());
-                }
-                if count.changed().await.is_err() {
-                    return None;
-                }
-            }
-        })
-        .await;
-        match found {
-            Ok(Some(hit)) => hit,
-            Ok(None) => panic!("the service exited before {what}\n{}", self.dump()),
-            Err(_) => panic!("no {what} within {BOUND:?}\n{}", self.dump()),
-        }
-    }
-
-    fn dump(&self) -> String {
-        let lines = self.snapshot();
-        let from = lines.len().saturating_sub(150);
-        format!("--- last log lines ---\n{}", lines[from..].join("\n"))
-    }
-}
-
-/// The value of `key=` in a log or file line.
-fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split(' ')
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-}
-
-fn num<T: std::str::FromStr>(line: &str, key: &str) -> T {
-    field(line, key)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no numeric {key}= in {line:?}"))
-}
 
 /// The running service: the supervisor process and its log.
 struct Service {
@@ -162,27 +93,10 @@ impl Service {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let (count_tx, count) = watch::channel(0);
-        tokio::spawn({
-            let lines = lines.clone();
-            async move {
-                let mut reader = BufReader::new(stdout).lines();
-                while let Ok(Some(line)) = reader.next_line().await {
-                    let n = {
-                        let mut lines = lines.lock().unwrap();
-                        lines.push(line);
-                        lines.len()
-                    };
-                    count_tx.send_replace(n);
-                }
-                // Dropping the sender tells waiters that the service has exited.
-            }
-        });
+        let log = Log::follow(&mut child);
         Service {
             child,
-            log: Log { lines, count },
+            log,
             state,
             port,
             base,
@@ -206,10 +120,7 @@ impl Service {
             .unwrap();
         assert!(exit.success(), "{exit}\n{}", self.log.dump());
         // The reader sees the end of the pipe once every worker is gone too.
-        let mut count = self.log.count.clone();
-        timeout(BOUND, async { while count.changed().await.is_ok() {} })
-            .await
-            .expect("the workers' output ends");
+        self.log.ended().await;
         let lines = self.log.snapshot();
         assert!(
             lines[mark..]
@@ -255,53 +166,6 @@ impl Service {
         }
         pids
     }
-}
-
-/// A free port for `--bind` and `n` consecutive free ports for `--worker-ports`.
-fn free_ports(n: u16) -> (u16, u16) {
-    let shared = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = shared.local_addr().unwrap().port();
-    for _ in 0..200 {
-        let base = fastrand::u16(20_000..60_000);
-        let held: Vec<_> = (base..base + n)
-            .map_while(|p| TcpListener::bind(("127.0.0.1", p)).ok())
-            .collect();
-        if held.len() == usize::from(n) && !(base..base + n).contains(&port) {
-            return (port, base);
-        }
-    }
-    panic!("no {n} consecutive free ports");
-}
-
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
-
-fn client() -> HttpClient {
-    Client::builder(TokioExecutor::new()).build_http()
-}
-
-async fn request(
-    client: &HttpClient,
-    method: &str,
-    url: &str,
-    body: &str,
-) -> (StatusCode, HeaderMap, String) {
-    let req = Request::builder()
-        .method(method)
-        .uri(url)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_owned())))
-        .unwrap();
-    let res = timeout(BOUND, client.request(req))
-        .await
-        .unwrap_or_else(|_| panic!("{method} {url} timed out"))
-        .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
-    let (parts, body) = res.into_parts();
-    let body = body.collect().await.unwrap().to_bytes();
-    (
-        parts.status,
-        parts.headers,
-        String::from_utf8(body.to_vec()).unwrap(),
-    )
 }
 
 async fn role_of(client: &HttpClient, url: &str) -> RoleReport {

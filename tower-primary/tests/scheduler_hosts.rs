@@ -21,31 +21,25 @@
 #[path = "../examples/scheduler/main.rs"]
 #[allow(dead_code)]
 mod scheduler;
+#[path = "common/service.rs"]
+mod service;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use http::StatusCode;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use tokio::sync::watch;
 use tokio::time::timeout;
 use tower_primary_lab::host::SimulatedHost;
 use tower_primary_lab::servers::{PostgresServer, free_port, postgres_url, require};
 
+use self::service::{BOUND, HttpClient, Log, client, field, free_ports, num, request};
+
 const ARGS_ENV: &str = "TOWER_PRIMARY_SCHEDULER_TEST_ARGS";
-/// A bound on waits for events that must happen, so a bug fails the test instead of hanging it.
-const BOUND: Duration = Duration::from_secs(60);
 /// Both tests start many processes on a small machine: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -58,71 +52,6 @@ fn scheduler_entry() {
     let args = scheduler::Args::try_from_flags(args.split_whitespace()).expect("valid flags");
     let code = i32::from(scheduler::run(&args).is_err());
     std::process::exit(code);
-}
-
-// ------------------------------------------------------------------------------------------------
-// The service's log
-
-/// Every log line of one host's processes, in arrival order, and a watch of their count.
-#[derive(Clone)]
-struct Log {
-    lines: Arc<Mutex<Vec<String>>>,
-    count: watch::Receiver<usize>,
-}
-
-impl Log {
-    fn follow(child: &mut Child) -> Log {
-        let stdout = child.stdout.take().unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let (count_tx, count) = watch::channel(0);
-        tokio::spawn({
-            let lines = lines.clone();
-            async move {
-                let mut reader = BufReader::new(stdout).lines();
-                while let Ok(Some(line)) = reader.next_line().await {
-                    let n = {
-                        let mut lines = lines.lock().unwrap();
-                        lines.push(line);
-                        lines.len()
-                    };
-                    count_tx.send_replace(n);
-                }
-            }
-        });
-        Log { lines, count }
-    }
-
-    fn snapshot(&self) -> Vec<String> {
-        self.lines.lock().unwrap().clone()
-    }
-
-    fn len(&self) -> usize {
-        self.lines.lock().unwrap().len()
-    }
-
-    /// The first line at index `from` or later that `pred` accepts, if it has arrived.
-    fn find(&self, from: usize, pred: impl Fn(&str) -> bool) -> Option<String> {
-        let lines = self.lines.lock().unwrap();
-        lines.iter().skip(from).find(|l| pred(l)).cloned()
-    }
-
-    fn dump(&self) -> String {
-        let lines = self.snapshot();
-        let from = lines.len().saturating_sub(80);
-        lines[from..].join("\n")
-    }
-}
-
-/// The value of `key=` in a log line.
-fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split(' ')
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-}
-
-fn num<T: std::str::FromStr>(line: &str, key: &str) -> T {
-    field(line, key)
-        .and_then(|v| v.trim_end_matches(':').parse().ok())
-        .unwrap_or_else(|| panic!("no numeric {key}= in {line:?}"))
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -143,15 +72,12 @@ const WORKERS: u16 = 2;
 
 impl Host {
     async fn start(name: &'static str, dir: PathBuf, store: &str, pause: &Path) -> Host {
-        let (port, base) = free_ports();
+        let (port, base) = free_ports(WORKERS);
         let mut host = Host {
             name,
             sim: None,
             child: None,
-            log: Log {
-                lines: Arc::default(),
-                count: watch::channel(0).1,
-            },
+            log: Log::default(),
             dir,
             port,
             base,
@@ -214,31 +140,8 @@ impl Host {
 
     /// Waits for `what` in this host's log from line `from` on.
     async fn wait(&self, from: usize, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        let mut count = self.log.count.clone();
-        let found = timeout(BOUND, async {
-            loop {
-                if let Some(line) = self.log.find(from, &pred) {
-                    return Some(line);
-                }
-                if count.changed().await.is_err() {
-                    return self.log.find(from, &pred);
-                }
-            }
-        })
-        .await;
-        match found {
-            Ok(Some(line)) => line,
-            Ok(None) => panic!(
-                "{}: output ended before {what}\n{}",
-                self.name,
-                self.log.dump()
-            ),
-            Err(_) => panic!(
-                "{}: no {what} within {BOUND:?}\n{}",
-                self.name,
-                self.log.dump()
-            ),
-        }
+        let what = format!("{}: {what}", self.name);
+        self.log.wait(from, &what, pred).await.1
     }
 
     /// Waits until both workers have logged `worker ready`; returns their pids (the host's own)
@@ -290,21 +193,6 @@ impl Host {
     }
 }
 
-/// A free port for `--bind` and `WORKERS` consecutive free ports for `--worker-ports`.
-fn free_ports() -> (u16, u16) {
-    let port = free_port().unwrap();
-    for _ in 0..200 {
-        let base = fastrand::u16(20_000..60_000);
-        let held: Vec<_> = (base..base + WORKERS)
-            .map_while(|p| std::net::TcpListener::bind(("127.0.0.1", p)).ok())
-            .collect();
-        if held.len() == usize::from(WORKERS) && !(base..base + WORKERS).contains(&port) {
-            return (port, base);
-        }
-    }
-    panic!("no free ports");
-}
-
 /// The newest sender with a term above `term_above` in the hosts' logs: host index, pid (the
 /// host's own), term.
 fn sender_after(hosts: &[&Host], term_above: u64) -> Option<(usize, u32, u64)> {
@@ -324,7 +212,7 @@ fn sender_after(hosts: &[&Host], term_above: u64) -> Option<(usize, u32, u64)> {
 
 /// Waits (on the log lines of both hosts) for a sender with a term above `term_above`.
 async fn wait_sender(hosts: &[&Host], term_above: u64) -> (usize, u32, u64) {
-    let mut counts: Vec<_> = hosts.iter().map(|h| h.log.count.clone()).collect();
+    let mut counts: Vec<_> = hosts.iter().map(|h| h.log.changes()).collect();
     let found = timeout(BOUND, async {
         loop {
             if let Some(found) = sender_after(hosts, term_above) {
@@ -347,22 +235,10 @@ async fn wait_sender(hosts: &[&Host], term_above: u64) -> (usize, u32, u64) {
 // ------------------------------------------------------------------------------------------------
 // HTTP and the store
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
-
-async fn request(client: &HttpClient, method: &str, url: &str, body: &str) -> (StatusCode, String) {
-    let req = Request::builder()
-        .method(method)
-        .uri(url)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_owned())))
-        .unwrap();
-    let res = timeout(BOUND, client.request(req))
-        .await
-        .unwrap_or_else(|_| panic!("{method} {url} timed out"))
-        .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
-    let (parts, body) = res.into_parts();
-    let body = body.collect().await.unwrap().to_bytes();
-    (parts.status, String::from_utf8(body.to_vec()).unwrap())
+/// One request: status and body text.
+async fn call(client: &HttpClient, method: &str, url: &str, body: &str) -> (StatusCode, String) {
+    let (status, _, text) = request(client, method, url, body).await;
+    (status, text)
 }
 
 /// Queues one email through `url`; its id.
@@ -373,7 +249,7 @@ async fn queue(client: &HttpClient, url: &str, n: usize) -> String {
         "body": format!("Hello {n}."),
     })
     .to_string();
-    let (status, text) = request(client, "POST", url, &body).await;
+    let (status, text) = call(client, "POST", url, &body).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{url}: {text}");
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
     json["id"].as_str().unwrap().to_owned()
@@ -458,18 +334,17 @@ async fn two_hosts_one_store_every_email_delivered_every_write_fenced() {
     let mut b = Host::start("host-b", tmp.path().join("b"), &store, &pause).await;
     a.wait_ready().await;
     b.wait_ready().await;
-    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let client = client();
     let mut accepted: Vec<String> = Vec::new();
     let mut n = 0;
 
     // Both hosts are ready and accept; malformed requests get 400 and store nothing.
     for host in [&a, &b] {
         for index in 0..WORKERS {
-            let (status, text) =
-                request(&client, "GET", &host.url(index, "/health/ready"), "").await;
+            let (status, text) = call(&client, "GET", &host.url(index, "/health/ready"), "").await;
             assert_eq!(status, StatusCode::OK, "{}: {text}", host.name);
         }
-        let (status, text) = request(
+        let (status, text) = call(
             &client,
             "POST",
             &host.url(0, "/emails"),
@@ -477,7 +352,7 @@ async fn two_hosts_one_store_every_email_delivered_every_write_fenced() {
         )
         .await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
-        let (status, _) = request(&client, "POST", &host.url(1, "/emails"), "{not json").await;
+        let (status, _) = call(&client, "POST", &host.url(1, "/emails"), "{not json").await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
     }
     let (mut h, _, mut term) = wait_sender(&[&a, &b], 0).await;
@@ -850,13 +725,13 @@ async fn with_the_database_down_emails_are_refused_with_503() {
     };
     host.wait(0, "readiness", |l| l.contains("worker ready "))
         .await;
-    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let client = client();
     let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
     let first = queue(&client, &url("/emails"), 0).await;
 
     server.kill();
     let body = r#"{"to": "down@example.com", "subject": "while down", "body": "b"}"#;
-    let (status, text) = request(&client, "POST", &url("/emails"), body).await;
+    let (status, text) = call(&client, "POST", &url("/emails"), body).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(json["error"], "store_unavailable", "{text}");
@@ -867,14 +742,14 @@ async fn with_the_database_down_emails_are_refused_with_503() {
             .contains("nothing was stored"),
         "{text}"
     );
-    let (status, text) = request(&client, "GET", &url("/health/ready"), "").await;
+    let (status, text) = call(&client, "GET", &url("/health/ready"), "").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
     assert!(text.contains("the database"), "{text}");
-    let (status, _) = request(&client, "POST", &url("/emails"), "{not json").await;
+    let (status, _) = call(&client, "POST", &url("/emails"), "{not json").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 
     server.restart().await.unwrap();
-    let (status, text) = request(&client, "GET", &url("/health/ready"), "").await;
+    let (status, text) = call(&client, "GET", &url("/health/ready"), "").await;
     assert_eq!(status, StatusCode::OK, "{text}");
     let second = queue(&client, &url("/emails"), 1).await;
     let db = connect(&server.url()).await.unwrap();
