@@ -213,6 +213,25 @@ fn fixed_secondary_app(url: &str, gate: RequirePrimaryLayer) -> Router {
         .layer(tower_primary::AddRoleLayer::new(role))
 }
 
+/// A secondary whose holder advertises the target at `port`, gated by `gate`, serving on a
+/// port of its own (returned).
+async fn secondary_before(port: u16, gate: RequirePrimaryLayer) -> u16 {
+    serve(fixed_secondary_app(
+        &format!("http://127.0.0.1:{port}"),
+        gate,
+    ))
+    .await
+}
+
+/// `POST body` to `path` on the loopback `port`, with a client of its own.
+async fn post_at(port: u16, path: &str, body: impl Into<Body>) -> (StatusCode, HeaderMap, String) {
+    send(
+        &client(),
+        post_to(&format!("http://127.0.0.1:{port}{path}"), body),
+    )
+    .await
+}
+
 async fn serve(app: Router) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -329,11 +348,7 @@ async fn a_forwarded_request_is_never_forwarded_again_but_refused_with_the_mark(
             Role::Starting,
         )));
     let port = serve(plain).await;
-    let (status, headers, _) = send(
-        &client(),
-        post_to(&format!("http://127.0.0.1:{port}/admin"), ""),
-    )
-    .await;
+    let (status, headers, _) = post_at(port, "/admin", "").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(!headers.contains_key("x-primary-refused"));
 }
@@ -381,16 +396,8 @@ async fn refusing_target(refusals: usize) -> (u16, Arc<Mutex<Vec<String>>>) {
 async fn a_marked_refusal_is_retried_with_the_whole_buffered_body() {
     let (port, bodies) = refusing_target(2).await;
     let gate = RequirePrimaryLayer::new().forward_with(forward_settings());
-    let front = serve(fixed_secondary_app(
-        &format!("http://127.0.0.1:{port}"),
-        gate,
-    ))
-    .await;
-    let (status, headers, text) = send(
-        &client(),
-        post_to(&format!("http://127.0.0.1:{front}/admin/echo"), "payload"),
-    )
-    .await;
+    let front = secondary_before(port, gate).await;
+    let (status, headers, text) = post_at(front, "/admin/echo", "payload").await;
     assert_eq!((status, text.as_str()), (StatusCode::OK, "ran 3"));
     assert_eq!(headers["x-primary-holder"], "target");
     assert_eq!(*bodies.lock().unwrap(), ["payload", "payload", "payload"]);
@@ -411,16 +418,8 @@ async fn the_answer_loses_its_hop_by_hop_headers_and_names_the_holder() {
     );
     let port = serve(app).await;
     let gate = RequirePrimaryLayer::new().forward_with(forward_settings());
-    let front = serve(fixed_secondary_app(
-        &format!("http://127.0.0.1:{port}"),
-        gate,
-    ))
-    .await;
-    let (status, headers, text) = send(
-        &client(),
-        post_to(&format!("http://127.0.0.1:{front}/admin/echo"), ""),
-    )
-    .await;
+    let front = secondary_before(port, gate).await;
+    let (status, headers, text) = post_at(front, "/admin/echo", "").await;
     assert_eq!((status, text.as_str()), (StatusCode::OK, "ok"));
     assert_eq!(headers["x-app"], "kept");
     assert!(!headers.contains_key("x-hop"), "{headers:?}");
@@ -432,11 +431,7 @@ async fn the_answer_loses_its_hop_by_hop_headers_and_names_the_holder() {
 async fn a_marked_refusal_of_a_streamed_body_is_passed_on_not_retried() {
     let (port, bodies) = refusing_target(1).await;
     let gate = RequirePrimaryLayer::new().forward_with(forward_settings().buffer_limit(4));
-    let front = serve(fixed_secondary_app(
-        &format!("http://127.0.0.1:{port}"),
-        gate,
-    ))
-    .await;
+    let front = secondary_before(port, gate).await;
     let (status, headers, _) = send(
         &client(),
         post_to(
@@ -461,18 +456,8 @@ async fn an_unreachable_holder_is_tried_again_until_it_answers() {
     let port = closed_port().await;
     let gate =
         RequirePrimaryLayer::new().forward_with(forward_settings().wait_for_holder(EVENT_BOUND));
-    let front = serve(fixed_secondary_app(
-        &format!("http://127.0.0.1:{port}"),
-        gate,
-    ))
-    .await;
-    let request = tokio::spawn(async move {
-        send(
-            &client(),
-            post_to(&format!("http://127.0.0.1:{front}/admin/echo"), "late"),
-        )
-        .await
-    });
+    let front = secondary_before(port, gate).await;
+    let request = tokio::spawn(async move { post_at(front, "/admin/echo", "late").await });
     // The request waits (connections refused) until the target listens.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!request.is_finished(), "answered before the target existed");
@@ -501,17 +486,9 @@ async fn with_no_reachable_holder_the_wait_is_bounded_then_503_with_retry_after(
     let gate = RequirePrimaryLayer::new()
         .retry_after(Duration::from_secs(2))
         .forward_with(forward_settings().wait_for_holder(wait));
-    let front = serve(fixed_secondary_app(
-        &format!("http://127.0.0.1:{port}"),
-        gate,
-    ))
-    .await;
+    let front = secondary_before(port, gate).await;
     let started = Instant::now();
-    let (status, headers, text) = send(
-        &client(),
-        post_to(&format!("http://127.0.0.1:{front}/admin/echo"), ""),
-    )
-    .await;
+    let (status, headers, text) = post_at(front, "/admin/echo", "").await;
     let waited = started.elapsed();
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
     assert_eq!(headers["retry-after"], "2");
@@ -533,11 +510,7 @@ async fn with_no_reachable_holder_the_wait_is_bounded_then_503_with_retry_after(
         Role::Starting,
     )));
     let front = serve(app).await;
-    let (status, _, text) = send(
-        &client(),
-        post_to(&format!("http://127.0.0.1:{front}/admin/echo"), ""),
-    )
-    .await;
+    let (status, _, text) = post_at(front, "/admin/echo", "").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(json(&text)["error"], "no_primary");
 }
@@ -625,16 +598,8 @@ async fn a_target_that_fails_after_the_request_went_out_gets_502_and_no_retry() 
                 .buffer_limit(buffer_limit)
                 .wait_for_holder(EVENT_BOUND),
         );
-        let front = serve(fixed_secondary_app(
-            &format!("http://127.0.0.1:{port}"),
-            gate,
-        ))
-        .await;
-        let (status, _, text) = send(
-            &client(),
-            post_to(&format!("http://127.0.0.1:{front}/admin/echo"), body),
-        )
-        .await;
+        let front = secondary_before(port, gate).await;
+        let (status, _, text) = post_at(front, "/admin/echo", body).await;
         assert_eq!(status, StatusCode::BAD_GATEWAY, "{what}: {text}");
         let refusal = json(&text);
         assert_eq!(refusal["error"], "forward_failed", "{what}");
@@ -657,16 +622,8 @@ async fn a_target_that_sends_no_response_head_in_time_gets_504() {
             .response_timeout(Duration::from_millis(200))
             .wait_for_holder(EVENT_BOUND),
     );
-    let front = serve(fixed_secondary_app(
-        &format!("http://127.0.0.1:{port}"),
-        gate,
-    ))
-    .await;
-    let (status, _, text) = send(
-        &client(),
-        post_to(&format!("http://127.0.0.1:{front}/admin/echo"), "x"),
-    )
-    .await;
+    let front = secondary_before(port, gate).await;
+    let (status, _, text) = post_at(front, "/admin/echo", "x").await;
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{text}");
     assert_eq!(json(&text)["error"], "forward_timeout");
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
@@ -787,11 +744,7 @@ async fn expect_100_continue_is_answered_only_once_the_primary_takes_the_body() 
     let port = closed_port().await;
     let gate = RequirePrimaryLayer::new()
         .forward_with(forward_settings().wait_for_holder(Duration::from_millis(200)));
-    let front = serve(fixed_secondary_app(
-        &format!("http://127.0.0.1:{port}"),
-        gate,
-    ))
-    .await;
+    let front = secondary_before(port, gate).await;
     let (_conn, first) = expect_continue(front, 5).await;
     assert!(first.starts_with("HTTP/1.1 503"), "{first}");
 
@@ -890,11 +843,7 @@ async fn an_https_primary_is_reached_over_tls_with_its_certificate_checked() {
         .with_no_client_auth();
     let gate = RequirePrimaryLayer::new().forward_with(forward_settings().tls_config(client_tls));
     let front = serve(fixed_secondary_app(&url, gate)).await;
-    let (status, _, text) = send(
-        &client(),
-        post_to(&format!("http://127.0.0.1:{front}/admin/echo"), "sealed"),
-    )
-    .await;
+    let (status, _, text) = post_at(front, "/admin/echo", "sealed").await;
     assert_eq!(
         (status, text.as_str()),
         (StatusCode::OK, "over tls: sealed")
@@ -905,11 +854,7 @@ async fn an_https_primary_is_reached_over_tls_with_its_certificate_checked() {
     let gate = RequirePrimaryLayer::new()
         .forward_with(forward_settings().wait_for_holder(Duration::from_millis(200)));
     let front = serve(fixed_secondary_app(&url, gate)).await;
-    let (status, _, text) = send(
-        &client(),
-        post_to(&format!("http://127.0.0.1:{front}/admin/echo"), "sealed"),
-    )
-    .await;
+    let (status, _, text) = post_at(front, "/admin/echo", "sealed").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
     assert_eq!(
         runs.load(Ordering::SeqCst),
