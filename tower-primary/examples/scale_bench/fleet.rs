@@ -98,6 +98,13 @@ impl Fleet {
         Ok(self.cluster.wait_single_primary(self.patience).await?)
     }
 
+    /// Waits until the primary's task runs and every other node names it as the holder: a
+    /// round starts on a quiet host, not while the previous round's replacement is starting up
+    /// (a process starting on two cores would time its own start, not the failover).
+    async fn quiet(&self) -> Result<(u32, u64), BoxError> {
+        Ok(self.cluster.wait_settled(self.patience).await?)
+    }
+
     /// The one live primary, if exactly one node says it is.
     pub(crate) fn primary(&self) -> Option<(u32, u64)> {
         let primaries: Vec<(u32, u64)> = self
@@ -128,7 +135,7 @@ impl Fleet {
     /// `SIGKILL` the primary worker while its host lives; a replacement starts on the same host
     /// once the successor is primary.
     pub(crate) async fn kill_worker(&mut self) -> Result<Failover, BoxError> {
-        let (pid, term) = self.settled().await?;
+        let (pid, term) = self.quiet().await?;
         let host = self.host_of(pid).ok_or("the primary is on no host")?;
         let at = self.cluster.signal(pid, NodeSignal::Kill).await?;
         let next = self
@@ -148,7 +155,7 @@ impl Fleet {
     /// init); the host comes back as a fresh namespace with as many nodes, on the same host
     /// directory, once the successor is primary.
     pub(crate) async fn kill_host(&mut self) -> Result<Failover, BoxError> {
-        let (pid, term) = self.settled().await?;
+        let (pid, term) = self.quiet().await?;
         let host = self.host_of(pid).ok_or("the primary is on no host")?;
         let mut nodes = self.hosts[host].nodes.clone();
         nodes.sort_by_key(|p| *p != pid); // the primary first: the clock starts there

@@ -40,10 +40,12 @@
 //! Then `--kills` (default 10) rounds of each failover: **worker kill** (`SIGKILL` the primary
 //! worker while its host lives; a replacement starts on that host afterwards) and **host kill**
 //! (`SIGKILL` every process of the primary's host; the host comes back as a fresh namespace with
-//! its workers, on the same host directory). Each round's time runs from the `SIGKILL` to the
-//! successor's first confirmed term (its `primary` event with a higher term; both clocks are
-//! `CLOCK_MONOTONIC`); the table gives p50, p99 and max, and how often the successor ran on the
-//! killed primary's host. `--lease` (default 2 s; Redis and etcd) sets the lease.
+//! its workers, on the same host directory). Each round starts once the cluster has settled
+//! (the primary's task runs and every other node, the last round's replacements included, names
+//! it as the holder), and its time runs from the `SIGKILL` to the successor's first confirmed
+//! term (its `primary` event with a higher term; both clocks are `CLOCK_MONOTONIC`); the table
+//! gives p50, p99 and max, and how often the successor ran on the killed primary's host.
+//! `--lease` (default 2 s; Redis and etcd) sets the lease.
 //!
 //! Output: a Markdown table on stdout, the README's "Scale" table.
 
