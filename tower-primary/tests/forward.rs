@@ -10,6 +10,9 @@
 //!   re-executes itself in server-node mode, `server_node` below), the primary killed with
 //!   SIGKILL five times under a steady stream of requests, each executed at most once.
 
+#[path = "common/child.rs"]
+mod child;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -895,17 +898,7 @@ mod processes {
         let Ok(dir) = std::env::var(DIR_ENV) else {
             return;
         };
-        std::thread::spawn(|| {
-            let mut sink = Vec::new();
-            let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
-            std::process::exit(0);
-        });
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(serve_node(dir));
+        crate::child::serve_until_stdin_closes(serve_node(dir));
     }
 
     #[derive(serde::Deserialize)]

@@ -531,28 +531,16 @@ fn holders(events: &[Event]) -> std::collections::BTreeMap<u32, (Option<u64>, Op
     last
 }
 
+/// The lab's settled primary, which every other live, running node also names by pid.
 fn group_settled(events: &[Event]) -> Option<(u32, u64)> {
-    let states = tower_primary_lab::node::node_states(events);
-    let live: Vec<_> = states.values().filter(|s| s.alive).collect();
-    let primaries: Vec<(u32, u64)> = live
-        .iter()
-        .filter_map(|s| match s.role {
-            Some(ObservedRole::Primary { term }) => Some((s.pid, term)),
-            _ => None,
-        })
-        .collect();
-    let [(pid, term)] = primaries[..] else {
-        return None;
-    };
-    let started = events
-        .iter()
-        .any(|e| e.pid == pid && matches!(e.kind, EventKind::TaskStart { term: t } if t == term));
+    let (pid, term) = tower_primary_lab::node::settled_primary(events)?;
     let named = holders(events);
-    let all_follow = live.iter().filter(|s| s.pid != pid && !s.stopped).all(|s| {
-        matches!(s.role, Some(ObservedRole::Secondary { .. }))
-            && named.get(&s.pid) == Some(&(Some(term), Some(pid)))
-    });
-    (started && all_follow).then_some((pid, term))
+    let states = tower_primary_lab::node::node_states(events);
+    let all_follow = states
+        .values()
+        .filter(|s| s.alive && s.pid != pid && !s.stopped)
+        .all(|s| named.get(&s.pid) == Some(&(Some(term), Some(pid))));
+    all_follow.then_some((pid, term))
 }
 
 /// Whether `json` holds the number `pid` anywhere (the `.host` record names its candidate's

@@ -9,6 +9,9 @@
 //! - real HTTP over 127.0.0.1 between two server processes that share a lock directory: this test
 //!   binary re-executes itself in server-node mode (`server_node` below).
 
+#[path = "common/child.rs"]
+mod child;
+
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -1384,18 +1387,7 @@ mod processes {
         let Ok(dir) = std::env::var(SERVER_DIR_ENV) else {
             return;
         };
-        // Exit when the parent goes away (its end of our stdin closes).
-        std::thread::spawn(|| {
-            let mut sink = Vec::new();
-            let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
-            std::process::exit(0);
-        });
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(serve(dir));
+        crate::child::serve_until_stdin_closes(serve(dir));
     }
 
     async fn serve(dir: String) {

@@ -106,7 +106,7 @@ pub use self::child::{emit, is_node_process, reported_pid, run_node, run_node_fr
 pub use self::cluster::Cluster;
 pub use self::config::NodeConfig;
 pub use self::events::{Event, EventKind, NodeSignal};
-pub use self::observe::{EventLog, NodeState, ObservedRole, history, node_states};
+pub use self::observe::{EventLog, NodeState, ObservedRole, history, node_states, settled_primary};
 pub use self::process::NodeCommand;
 pub use self::wait::{Handover, Succession, WaitError};
 

@@ -222,6 +222,18 @@ pub fn history(events: &[Event]) -> History {
     history
 }
 
+/// The settled cluster's primary (pid, term): exactly one live node is primary, its singleton
+/// task has started its term, and every other live, running node reports secondary with that
+/// term as its holder's (what [`Cluster::wait_settled`](super::Cluster::wait_settled) waits for).
+#[must_use]
+pub fn settled_primary(events: &[Event]) -> Option<(u32, u64)> {
+    single_primary(events, true).filter(|&(pid, term)| {
+        events.iter().any(|e| {
+            e.pid == pid && matches!(e.kind, EventKind::TaskStart { term: t } if t == term)
+        })
+    })
+}
+
 pub(super) fn single_primary(events: &[Event], settled: bool) -> Option<(u32, u64)> {
     let states = node_states(events);
     let live: Vec<&NodeState> = states.values().filter(|s| s.alive).collect();

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use super::observe::single_primary;
+use super::observe::{settled_primary, single_primary};
 use super::{Cluster, Event, EventKind, NodeSignal};
 
 /// A wait on a [`Cluster`] that timed out. Its `Display` (and `Debug`) lists every event and the
@@ -132,14 +132,7 @@ impl Cluster {
         self.wait_for(
             "exactly one primary, known to every secondary, its task started",
             timeout,
-            |events| {
-                single_primary(events, true).filter(|&(pid, term)| {
-                    events.iter().any(|e| {
-                        e.pid == pid
-                            && matches!(e.kind, EventKind::TaskStart { term: t } if t == term)
-                    })
-                })
-            },
+            settled_primary,
         )
         .await
     }
