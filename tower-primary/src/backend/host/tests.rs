@@ -33,6 +33,20 @@ fn group_lock(server: &MemoryBackend, dir: &tempfile::TempDir) -> Arc<dyn Lock> 
         .unwrap()
 }
 
+/// A host directory, a lease server, and the locks of two processes of the group on it.
+fn two_processes() -> (
+    tempfile::TempDir,
+    MemoryBackend,
+    Arc<dyn Lock>,
+    Arc<dyn Lock>,
+) {
+    let dir = host_dir();
+    let server = MemoryBackend::new().with_lease();
+    let a = group_lock(&server, &dir);
+    let b = group_lock(&server, &dir);
+    (dir, server, a, b)
+}
+
 /// A pid that no process has: a child that was reaped.
 fn dead_process() -> ProcessIdentity {
     let mut child = std::process::Command::new("true").spawn().unwrap();
@@ -153,10 +167,7 @@ async fn one_candidate_talks_to_the_server_and_followers_read_its_mirrors() {
 
 #[tokio::test]
 async fn a_dead_candidate_s_lease_is_resumed_at_once_with_a_higher_term() {
-    let dir = host_dir();
-    let server = MemoryBackend::new().with_lease();
-    let a = group_lock(&server, &dir);
-    let b = group_lock(&server, &dir);
+    let (dir, server, a, b) = two_processes();
     let first = a.acquire(request("a")).await.unwrap();
     let first_term = first.term();
     // The candidate "dies": its leadership stops renewing without a release, and its process
@@ -182,10 +193,7 @@ async fn a_dead_candidate_s_lease_is_resumed_at_once_with_a_higher_term() {
 
 #[tokio::test]
 async fn without_a_certificate_the_lease_is_not_resumed() {
-    let dir = host_dir();
-    let server = MemoryBackend::new().with_lease();
-    let a = group_lock(&server, &dir);
-    let b = group_lock(&server, &dir);
+    let (_dir, _server, a, b) = two_processes();
     // The record names this (live) process: no certificate, so b waits for the lease.
     drop(a.acquire(request("a")).await.unwrap());
     let waiting = tokio::time::timeout(Duration::from_millis(300), b.acquire(request("b"))).await;
@@ -251,10 +259,7 @@ async fn the_host_record_decides_whether_to_resume() {
 
 #[tokio::test]
 async fn exit_passes_the_lease_to_a_waiting_sibling() {
-    let dir = host_dir();
-    let server = MemoryBackend::new().with_lease();
-    let a = group_lock(&server, &dir);
-    let b = group_lock(&server, &dir);
+    let (dir, server, a, b) = two_processes();
     let first = a.acquire(request("a")).await.unwrap();
     let first_term = first.term();
     let mut announced = announcements(&dir);
@@ -305,10 +310,7 @@ async fn exit_without_a_taker_releases_to_the_backend() {
 
 #[tokio::test]
 async fn step_down_releases_to_the_backend_and_the_next_candidate_campaigns() {
-    let dir = host_dir();
-    let server = MemoryBackend::new().with_lease();
-    let a = group_lock(&server, &dir);
-    let b = group_lock(&server, &dir);
+    let (_dir, _server, a, b) = two_processes();
     let first = a.acquire(request("a")).await.unwrap();
     let waiting = tokio::spawn(async move { b.acquire(request("b")).await });
     first.release_for(Release::StepDown).await.unwrap();
@@ -443,10 +445,7 @@ async fn electors_follow_the_candidate_and_its_shutdown_hands_over() {
 
 #[tokio::test]
 async fn a_waiting_process_is_announced_only_while_it_waits() {
-    let dir = host_dir();
-    let server = MemoryBackend::new().with_lease();
-    let a = group_lock(&server, &dir);
-    let b = group_lock(&server, &dir);
+    let (dir, _server, a, b) = two_processes();
     let files = Files::new(dir.path(), "jobs");
     let me = ProcessIdentity::current();
     let term = a.acquire(request("a")).await.unwrap();
@@ -479,10 +478,7 @@ async fn a_waiting_process_is_announced_only_while_it_waits() {
 /// move to the new file.
 #[tokio::test]
 async fn a_replaced_candidate_loses_its_term_and_the_waiters_move_to_the_new_file() {
-    let dir = host_dir();
-    let server = MemoryBackend::new().with_lease();
-    let a = group_lock(&server, &dir);
-    let b = group_lock(&server, &dir);
+    let (dir, _server, a, b) = two_processes();
     let short = |node: &str| {
         AcquireRequest::new(NodeId::new(node)).with_lease(Some(Lease::new(Duration::from_secs(3))))
     };
