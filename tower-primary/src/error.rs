@@ -166,6 +166,24 @@ impl std::fmt::Display for Misconfiguration {
     }
 }
 
+/// Why a directed handover was refused; see [`Error::HandOver`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandOverRefusal {
+    /// No live candidate of the lock has that node id.
+    #[error("no live candidate has that node id")]
+    UnknownNode,
+    /// The candidate is not ready (it has not called `ready()`, or only just).
+    #[error("the candidate is not ready")]
+    NotReady,
+    /// The candidate is draining (or must never lead).
+    #[error("the candidate is draining")]
+    Draining,
+    /// The node asked for is this node, the primary.
+    #[error("it is the primary already")]
+    AlreadyPrimary,
+}
+
 /// A run-time error.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -230,6 +248,23 @@ pub enum Error {
         lock: String,
         /// Why.
         reason: String,
+    },
+    /// The backend cannot do what was asked (a third-party backend without a registry, say).
+    #[error("the backend does not support {what}")]
+    Unsupported {
+        /// What was asked.
+        what: &'static str,
+    },
+    /// A directed handover ([`Elector::hand_over_to`](crate::Elector::hand_over_to)) was
+    /// refused; nothing moved.
+    #[error("cannot hand lock {lock:?} over to {node:?}: {refusal}")]
+    HandOver {
+        /// The lock name.
+        lock: String,
+        /// The node asked for.
+        node: String,
+        /// Why not.
+        refusal: HandOverRefusal,
     },
     /// This node is not primary.
     #[error("not primary for lock {lock:?}")]

@@ -264,7 +264,7 @@ mod watchdog;
 pub use crate::backend::Lease;
 pub use crate::clock::Clock;
 pub use crate::elector::{Elector, ElectorBuilder, StateStore, terminate_signal};
-pub use crate::error::{BoxError, ConfigError, Error, Misconfiguration};
+pub use crate::error::{BoxError, ConfigError, Error, HandOverRefusal, Misconfiguration};
 #[cfg(feature = "axum")]
 #[allow(deprecated)]
 pub use crate::http::extract::{PrimaryTerm, RoleRejection};

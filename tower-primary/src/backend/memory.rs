@@ -42,8 +42,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::{
-    AcquireRequest, Backend, BoxFuture, Changes, Leadership, Lock, RenewalSender, Renewals, Stored,
-    VersionChanges, renewals,
+    AcquireRequest, Backend, BoxFuture, Candidate, Changes, Leadership, Lock, Registration,
+    RenewalSender, Renewals, Stored, VersionChanges, renewals,
 };
 use crate::error::{ConfigError, Error, Misconfiguration, validate_lock_name};
 use crate::role::Holder;
@@ -250,6 +250,12 @@ struct Entry {
     holder_version: watch::Sender<u64>,
     /// Bumped at every state write.
     state_version: watch::Sender<u64>,
+    /// The registry: node id → (registration id, entry).
+    candidates: HashMap<String, (u64, Candidate)>,
+    /// Bumped at every change of the registry.
+    registry_version: watch::Sender<u64>,
+    /// The node the lock is reserved for, and until when.
+    reserved: Option<(String, Instant)>,
 }
 
 impl Default for Entry {
@@ -260,6 +266,9 @@ impl Default for Entry {
             state: HashMap::new(),
             holder_version: watch::channel(0).0,
             state_version: watch::channel(0).0,
+            candidates: HashMap::new(),
+            registry_version: watch::channel(0).0,
+            reserved: None,
         }
     }
 }
@@ -267,6 +276,14 @@ impl Default for Entry {
 impl Entry {
     fn bump(&self) {
         self.holder_version.send_modify(|v| *v += 1);
+    }
+
+    /// The node a live reservation is for, and when it runs out.
+    fn reservation(&self) -> Option<(&str, Instant)> {
+        self.reserved
+            .as_ref()
+            .filter(|(_, until)| Instant::now() < *until)
+            .map(|(node, until)| (node.as_str(), *until))
     }
 
     /// The holder, unless its lease has run out.
@@ -368,6 +385,12 @@ impl Lock for MemoryLock {
                     let rx = e.holder_version.subscribe();
                     if let Some(h) = e.live() {
                         return Err((rx, h.expires));
+                    }
+                    match e.reservation() {
+                        Some((node, until)) if node != req.node.id() => {
+                            return Err((rx, Some(until)));
+                        }
+                        _ => e.reserved = None,
                     }
                     e.last_term += 1;
                     let term = e.last_term;
@@ -490,6 +513,88 @@ impl Lock for MemoryLock {
             let rx = self.with_entry(|e| e.state_version.subscribe());
             Ok(Box::new(VersionChanges(rx)) as Box<dyn Changes>)
         })
+    }
+
+    /// Kept in the store until the registration is dropped (the node's "death").
+    fn register(
+        &self,
+        entry: Candidate,
+        _lease: Option<super::Lease>,
+    ) -> BoxFuture<'_, Result<Box<dyn Registration>, Error>> {
+        Box::pin(async move {
+            self.faults().check("register").await?;
+            static IDS: AtomicU64 = AtomicU64::new(1);
+            let id = IDS.fetch_add(1, Ordering::Relaxed);
+            let node = entry.node.clone();
+            self.with_entry(|e| {
+                e.candidates.insert(node.clone(), (id, entry));
+                e.registry_version.send_modify(|v| *v += 1);
+            });
+            Ok(Box::new(MemoryRegistration {
+                backend: self.backend.clone(),
+                name: self.name.clone(),
+                node,
+                id,
+            }) as Box<dyn Registration>)
+        })
+    }
+
+    fn candidates(&self) -> BoxFuture<'_, Result<Vec<Candidate>, Error>> {
+        Box::pin(async move {
+            self.faults().check("candidates").await?;
+            Ok(self.with_entry(|e| e.candidates.values().map(|(_, c)| c.clone()).collect()))
+        })
+    }
+
+    fn watch_candidates(&self) -> BoxFuture<'_, Result<Box<dyn Changes>, Error>> {
+        Box::pin(async move {
+            self.faults().check("watch candidates").await?;
+            let rx = self.with_entry(|e| e.registry_version.subscribe());
+            Ok(Box::new(VersionChanges(rx)) as Box<dyn Changes>)
+        })
+    }
+}
+
+/// A registry entry of the memory backend: removed when dropped.
+#[derive(Debug)]
+struct MemoryRegistration {
+    backend: MemoryBackend,
+    name: String,
+    node: String,
+    id: u64,
+}
+
+impl MemoryRegistration {
+    fn with_entry<R>(&self, f: impl FnOnce(&mut Entry) -> R) -> R {
+        let mut locks = lock(&self.backend.store.locks);
+        f(locks.entry(self.name.clone()).or_default())
+    }
+}
+
+impl Registration for MemoryRegistration {
+    fn update(&self, entry: Candidate) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(async move {
+            self.backend.faults.check("update registration").await?;
+            self.with_entry(|e| {
+                e.candidates.insert(self.node.clone(), (self.id, entry));
+                e.registry_version.send_modify(|v| *v += 1);
+            });
+            Ok(())
+        })
+    }
+}
+
+impl Drop for MemoryRegistration {
+    fn drop(&mut self) {
+        self.with_entry(|e| {
+            if e.candidates
+                .get(&self.node)
+                .is_some_and(|(id, _)| *id == self.id)
+            {
+                e.candidates.remove(&self.node);
+                e.registry_version.send_modify(|v| *v += 1);
+            }
+        });
     }
 }
 
@@ -617,6 +722,28 @@ impl Leadership for MemoryLeadership {
         Box::pin(async move {
             self.backend.faults.check("release").await?;
             self.give_up();
+            Ok(())
+        })
+    }
+
+    fn reserve<'a>(
+        &'a mut self,
+        node: &'a str,
+        window: Duration,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            self.backend.faults.check("reserve").await?;
+            let mut locks = lock(&self.backend.store.locks);
+            let entry = locks.entry(self.name.clone()).or_default();
+            if !entry.held.as_ref().is_some_and(|h| h.term == self.term) {
+                return Err(Error::StaleTerm {
+                    lock: self.name.clone(),
+                    term: self.term,
+                    current: entry.live().map(|h| h.term),
+                });
+            }
+            entry.reserved = Some((node.to_owned(), Instant::now() + window));
+            entry.bump();
             Ok(())
         })
     }

@@ -76,10 +76,13 @@ pub mod postgres;
 pub mod redis;
 
 mod redact;
+mod registry;
 
 pub use lease::Lease;
 pub use redact::redact;
 pub(crate) use redact::{passwords_in, without_passwords};
+pub(crate) use registry::Unregistered;
+pub use registry::{Candidate, Registration};
 
 /// A boxed, `Send` future, as the object-safe traits return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -221,6 +224,49 @@ pub trait Lock: fmt::Debug + Send + Sync + 'static {
         let _ = (req, token);
         Box::pin(async { Ok(None) })
     }
+
+    /// Enters `entry` in the lock's [candidate registry](registry), live until the returned
+    /// [`Registration`] is dropped or this process dies (whichever comes first): the backend
+    /// ties the entry to something that dies with the node and keeps it alive by itself. One
+    /// registration per node; registering the same node again replaces its entry.
+    ///
+    /// The default, for backends without a registry: nothing is kept, and
+    /// [`candidates`](Self::candidates) lists nobody.
+    /// `lease` is the node's lease (the elector's): a backend whose entries live on a lease
+    /// (Redis, etcd) uses it, so that a dead node's entry is gone within one lease. `None`: the
+    /// backend's own default.
+    fn register(
+        &self,
+        entry: Candidate,
+        lease: Option<Lease>,
+    ) -> BoxFuture<'_, Result<Box<dyn Registration>, Error>> {
+        let _ = (entry, lease);
+        Box::pin(async { Ok(Box::new(Unregistered) as Box<dyn Registration>) })
+    }
+
+    /// The live entries of the registry, in no particular order. The entry of a node that died
+    /// is not listed (at the latest once the backend's liveness bound has passed: the lease, or
+    /// the server's detection of a dead session).
+    fn candidates(&self) -> BoxFuture<'_, Result<Vec<Candidate>, Error>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    /// A subscription to changes of the registry (an entry added, updated or gone). Create it,
+    /// then read [`candidates`](Self::candidates), then wait on it. A backend may report a dead
+    /// node's entry gone late (its liveness bound) or only at the next other change; the elector
+    /// reads the registry again at least once a lease. The default never fires.
+    fn watch_candidates(&self) -> BoxFuture<'_, Result<Box<dyn Changes>, Error>> {
+        Box::pin(async { Ok(Box::new(Never) as Box<dyn Changes>) })
+    }
+}
+
+/// [`Changes`] that never fire.
+struct Never;
+
+impl Changes for Never {
+    fn changed(&mut self) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(std::future::pending())
+    }
 }
 
 /// Why the elector gives a lock up; see [`Leadership::release_for`].
@@ -312,6 +358,33 @@ pub trait Leadership: fmt::Debug + Send + 'static {
     #[must_use]
     fn resume_token(&self) -> Option<String> {
         None
+    }
+
+    /// Reserves the lock for `node` for `window`, before this term releases it (a planned
+    /// handover to a chosen candidate): until the reservation expires, [`Lock::acquire`] of any
+    /// other node waits (it neither takes the lock nor fails), and wakes when the reservation is
+    /// taken or runs out; `node`'s acquire takes the lock and consumes the reservation, under a
+    /// new, higher term as always.
+    ///
+    /// Written only while this term holds the lock (checked by the backend like a state write:
+    /// [`Error::StaleTerm`] or [`Error::Lost`] otherwise). The window is timed by the server
+    /// from when it receives the request (or, on one host, by the lock file's owner): never by
+    /// comparing two hosts' clocks. A backend may round it up (etcd leases last at least 2 s).
+    /// A later reservation replaces an earlier one.
+    ///
+    /// The default, for backends without reservations: [`Error::Unsupported`]; the elector then
+    /// keeps the lock rather than release it to whoever is fastest.
+    fn reserve<'a>(
+        &'a mut self,
+        node: &'a str,
+        window: Duration,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        let _ = (node, window);
+        Box::pin(async {
+            Err(Error::Unsupported {
+                what: "reserving the lock for a chosen successor",
+            })
+        })
     }
 }
 

@@ -158,7 +158,7 @@ use self::held::*;
 pub(in crate::backend) use self::paths::existing_dir;
 use self::paths::*;
 use self::records::*;
-pub(in crate::backend) use self::records::{read_prefix, write_atomic};
+pub(in crate::backend) use self::records::{encode_state, read_prefix, write_atomic};
 use self::waiter::*;
 
 const NAME: &str = "file";

@@ -185,7 +185,7 @@ pub(super) fn sync_term(file: &File, lock: &str) {
 }
 
 /// A state value on disk: header line, then the value.
-pub(super) fn encode_state(value: &[u8], term: u64) -> Vec<u8> {
+pub(in crate::backend) fn encode_state(value: &[u8], term: u64) -> Vec<u8> {
     let mut bytes = format!("{STATE_MAGIC} 1 {term} {}\n", value.len()).into_bytes();
     bytes.extend_from_slice(value);
     bytes

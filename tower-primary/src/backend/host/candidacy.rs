@@ -12,7 +12,7 @@ use tokio_util::task::AbortOnDropHandle;
 use super::heartbeat_timing;
 use super::lock::Group;
 use super::record::{Heartbeat, HostRecord};
-use super::wake::Wake;
+use super::wake::{Wake, or_slow_poll};
 use crate::backend::{AcquireRequest, Lock, Stored};
 use crate::error::Error;
 use crate::role::Holder;
@@ -101,10 +101,11 @@ impl Candidacy {
                 req.clone(),
                 lost_tx,
             ))),
-            AbortOnDropHandle::new(tokio::spawn(mirror_holder(
+            AbortOnDropHandle::new(tokio::spawn(mirror(
                 group.clone(),
                 file.clone(),
                 term,
+                Source::Holder,
             ))),
             AbortOnDropHandle::new(tokio::spawn(mirror_keys(group.clone(), file, term))),
         ];
@@ -213,25 +214,69 @@ async fn heartbeat(
     }
 }
 
-/// Mirrors the inner lock's holder into the candidate lock's state (key `h`).
-async fn mirror_holder(group: Arc<Group>, file: Arc<dyn Lock>, term: u64) {
-    let mut last: Option<Vec<u8>> = None;
+/// What a mirror copies from the inner lock.
+enum Source {
+    Holder,
+    State(String),
+}
+
+impl Source {
+    fn mirror_key(&self) -> String {
+        match self {
+            Source::Holder => holder_key().to_owned(),
+            Source::State(key) => mirror_key(key),
+        }
+    }
+
+    fn name(&self) -> &str {
+        match self {
+            Source::Holder => "the holder",
+            Source::State(key) => key,
+        }
+    }
+
+    async fn watch(&self, inner: &dyn Lock) -> Result<Box<dyn crate::backend::Changes>, Error> {
+        match self {
+            Source::Holder => inner.watch_holder().await,
+            Source::State(key) => inner.watch_key(key).await,
+        }
+    }
+
+    async fn read(&self, group: &Group) -> Result<Vec<u8>, Error> {
+        match self {
+            Source::Holder => serde_json::to_vec(&group.inner.holder().await?)
+                .map_err(|e| Error::backend(group.backend, "cannot encode the holder", e)),
+            Source::State(key) => Ok(encode_stored(group.inner.load(key).await?.as_ref())),
+        }
+    }
+}
+
+/// Keeps a mirror equal to its source under the candidate lock's `term`: written when the source
+/// changes, and again whenever the mirror is found holding anything else. A replaced candidate
+/// that was stopped between its check and its write finishes that write when it runs again; the
+/// live candidate sees the mirror change (inotify) and writes its own value back under its higher
+/// term.
+async fn mirror(group: Arc<Group>, file: Arc<dyn Lock>, term: u64, source: Source) {
+    let key = source.mirror_key();
     loop {
         let outcome: Result<(), Error> = async {
-            let mut changes = group.inner.watch_holder().await?;
+            let mut changes = source.watch(&*group.inner).await?;
+            let mut own = or_slow_poll(file.watch_key(&key).await, "own");
             loop {
-                let holder = group.inner.holder().await?;
-                let bytes = serde_json::to_vec(&holder)
-                    .map_err(|e| Error::backend(group.backend, "cannot encode the holder", e))?;
-                if last.as_ref() != Some(&bytes) {
-                    file.store(holder_key(), &bytes, term).await?;
-                    last = Some(bytes);
+                let bytes = source.read(&group).await?;
+                // A corrupt mirror reads as an error: written again like a foreign one.
+                let current = file.load(&key).await.ok().flatten();
+                if current.is_none_or(|c| c.term != term || c.value != bytes) {
+                    file.store(&key, &bytes, term).await?;
                 }
-                changes.changed().await?;
+                tokio::select! {
+                    changed = changes.changed() => changed?,
+                    changed = own.changed() => changed?,
+                }
             }
         }
         .await;
-        if !retry(&group, "the holder", outcome).await {
+        if !retry(&group, source.name(), outcome).await {
             return;
         }
     }
@@ -248,38 +293,15 @@ async fn mirror_keys(group: Arc<Group>, file: Arc<dyn Lock>, term: u64) {
             .unwrap_or_default();
         for key in wanted {
             running.entry(key.clone()).or_insert_with(|| {
-                AbortOnDropHandle::new(tokio::spawn(mirror_state(
+                AbortOnDropHandle::new(tokio::spawn(mirror(
                     group.clone(),
                     file.clone(),
                     term,
-                    key,
+                    Source::State(key),
                 )))
             });
         }
         wake.changed().await;
-    }
-}
-
-/// Mirrors one state key (key `k<key>`).
-async fn mirror_state(group: Arc<Group>, file: Arc<dyn Lock>, term: u64, key: String) {
-    let mirror = mirror_key(&key);
-    let mut last: Option<Vec<u8>> = None;
-    loop {
-        let outcome: Result<(), Error> = async {
-            let mut changes = group.inner.watch_key(&key).await?;
-            loop {
-                let bytes = encode_stored(group.inner.load(&key).await?.as_ref());
-                if last.as_ref() != Some(&bytes) {
-                    file.store(&mirror, &bytes, term).await?;
-                    last = Some(bytes);
-                }
-                changes.changed().await?;
-            }
-        }
-        .await;
-        if !retry(&group, &key, outcome).await {
-            return;
-        }
     }
 }
 

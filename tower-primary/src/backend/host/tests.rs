@@ -508,3 +508,36 @@ async fn a_replaced_candidate_loses_its_term_and_the_waiters_move_to_the_new_fil
     assert_eq!(second.holder().id, "b");
     second.release().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_late_write_of_a_replaced_candidate_is_written_over() {
+    let (dir, _server, a, b) = two_processes();
+    let term = a.acquire(request("a")).await.unwrap();
+    let mut holders = b.watch_holder().await.unwrap();
+    until(
+        "the follower reads the candidate's holder",
+        async || b.holder().await.unwrap().filter(|h| h.id == "a"),
+        async || holders.changed().await.unwrap(),
+    )
+    .await;
+    // A candidate stopped between its check and its write, replaced meanwhile, finishes the
+    // write when it runs again: an older holder under an older candidate term.
+    let mut stale = term.holder().clone();
+    stale.id = "replaced".to_owned();
+    stale.term = term.term() - 1;
+    let bytes = crate::backend::file::encode_state(&serde_json::to_vec(&Some(stale)).unwrap(), 1);
+    crate::backend::file::write_atomic(
+        &dir.path().join("jobs.mirror"),
+        std::ffi::OsStr::new(super::candidacy::holder_key()),
+        &bytes,
+        false,
+    )
+    .unwrap();
+    until(
+        "the candidate writes its holder back over the late write",
+        async || b.holder().await.unwrap().filter(|h| h.id == "a"),
+        async || holders.changed().await.unwrap(),
+    )
+    .await;
+    term.release().await.unwrap();
+}
