@@ -579,6 +579,8 @@ impl Prepared {
             ),
             settle: builder.settle,
             window: builder.window,
+            handed_to: None,
+            shunned: std::collections::HashMap::new(),
         };
         let watched = shared.clone();
         runtime.spawn(async move {
