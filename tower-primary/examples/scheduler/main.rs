@@ -243,6 +243,23 @@ pub(crate) struct Args {
         default_value = "0s"
     )]
     simulate_work: Duration,
+    /// This instance's priority: a ready candidate of a higher priority is handed the lock (a
+    /// new release of a rolling deploy takes over from the old one) [default: the
+    /// `TOWER_PRIMARY_PRIORITY` environment variable, else 0]
+    #[arg(long, value_name = "N")]
+    priority: Option<u64>,
+    /// Never become primary: serve requests and follow the primary only
+    #[arg(long)]
+    never_lead: bool,
+    /// On SIGTERM, how long a primary waits to hand the lock to a ready candidate before it
+    /// shuts down anyway (releasing the lock to whoever takes it)
+    #[arg(
+        long,
+        value_name = "DURATION",
+        value_parser = parse_duration,
+        default_value = "10s"
+    )]
+    drain_timeout: Duration,
 }
 
 /// `--admin-mode`: 503, 307 to the primary, or the request forwarded to the primary.

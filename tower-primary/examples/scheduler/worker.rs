@@ -2,9 +2,11 @@
 //! routes, served on the shared `--bind` address (`SO_REUSEPORT`) and on its own port.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -15,8 +17,8 @@ use tower_primary::backend::Backend;
 use tower_primary::http::health::{self, Readiness};
 use tower_primary::schedule::{Missed, RunNowError, RunOnce, Schedule, ScheduleHandle};
 use tower_primary::{
-    BoxError, Elector, FileBackend, Lease, PrimaryLayer, RequirePrimaryLayer, Role, TermContext,
-    terminate_signal,
+    BoxError, Elector, Error, FileBackend, HandOverRefusal, Lease, PrimaryLayer,
+    RequirePrimaryLayer, Role, TermContext, terminate_signal,
 };
 
 use super::store::Store;
@@ -35,6 +37,9 @@ pub(crate) struct App {
     pub(crate) store: Store,
     pub(crate) readiness: Readiness,
     report: ScheduleHandle,
+    elector: Elector,
+    /// Set once the registry shows this worker ready (see [`announce_ready`]).
+    announced: Arc<AtomicBool>,
     pid: u32,
     worker: Option<u16>,
 }
@@ -90,9 +95,18 @@ async fn serve(index: Option<u16>, args: &Args) -> Result<(), BoxError> {
         ),
         (None, _) => None,
     };
+    // Ready to be handed the lock only once it can serve (below): migrated and listening.
     let mut builder = Elector::builder(LOCK)
         .backend(backend)
-        .grace(Duration::from_secs(5));
+        .grace(Duration::from_secs(5))
+        .ready_at_spawn(false);
+    // Without `--priority` the elector reads `TOWER_PRIMARY_PRIORITY` itself.
+    if let Some(priority) = args.priority {
+        builder = builder.priority(priority);
+    }
+    if args.never_lead {
+        builder = builder.never_lead();
+    }
     // Forwarding needs an address of this worker that the others reach: its own port, or else
     // an internal one on loopback.
     let internal = match (own_port, args.admin_mode) {
@@ -153,6 +167,8 @@ async fn serve(index: Option<u16>, args: &Args) -> Result<(), BoxError> {
         store,
         readiness: readiness.clone(),
         report,
+        elector: elector.clone(),
+        announced: Arc::new(AtomicBool::new(false)),
         pid,
         worker: index,
     };
@@ -164,6 +180,7 @@ async fn serve(index: Option<u16>, args: &Args) -> Result<(), BoxError> {
     let admin = Router::new()
         .route("/admin/report-now", post(report_now))
         .route("/admin/status", get(status))
+        .route("/admin/hand-over", post(hand_over))
         .route_layer(gate);
     let router = Router::new()
         .route("/", get(index_page))
@@ -173,7 +190,7 @@ async fn serve(index: Option<u16>, args: &Args) -> Result<(), BoxError> {
         .route("/metrics", prometheus::route(metrics))
         .route("/emails", post(email::queue))
         .merge(admin)
-        .with_state(app)
+        .with_state(app.clone())
         .layer(primary);
 
     let shared = reuse_port_listener(args.bind)?;
@@ -182,26 +199,38 @@ async fn serve(index: Option<u16>, args: &Args) -> Result<(), BoxError> {
         None => internal,
     };
 
-    // Stop on a signal: hand the lock over first (a secondary takes over at once), then drain.
+    // Stop on a signal: drain first (a primary hands the lock to the best ready candidate, which
+    // takes over at once), then shut the elector down (releasing the lock if nobody took it),
+    // then stop serving.
     let stop = CancellationToken::new();
+    let drain_timeout = args.drain_timeout;
     tokio::spawn({
         let (elector, stop) = (elector.clone(), stop.clone());
         async move {
             terminate_signal().await;
-            tracing::info!("worker stopping pid={pid}");
+            let was_primary = elector.handle().is_primary();
+            tracing::info!("worker stopping pid={pid} primary={was_primary}");
+            let started = tokio::time::Instant::now();
+            let drained = tokio::time::timeout(drain_timeout, elector.drain())
+                .await
+                .is_ok();
+            let took_ms = started.elapsed().as_millis();
+            tracing::info!(
+                "worker drained pid={pid} was_primary={was_primary} handed_over={} took_ms={took_ms}",
+                drained && was_primary
+            );
             elector.shutdown().await;
             stop.cancel();
         }
     });
 
     log_startup(&elector, index, args, own_port.or(internal_port)).await;
-    tokio::spawn({
-        let readiness = app_readiness.clone();
-        async move {
-            readiness.wait().await;
-            tracing::info!("worker ready pid={pid}");
-        }
-    });
+    // Listening and (below) migrated: ready to be handed the lock.
+    tokio::spawn(announce_ready(
+        elector.clone(),
+        app_readiness.clone(),
+        app.announced.clone(),
+    ));
     tokio::spawn(log_role_changes(elector.clone(), migration));
 
     let serve_on = |listener: tokio::net::TcpListener| {
@@ -272,8 +301,38 @@ fn reachable(ip: IpAddr, port: u16) -> SocketAddr {
     SocketAddr::new(ip, port)
 }
 
+/// How long a worker waits to read its own ready entry back from the registry before it counts
+/// as announced anyway (a backend without a registry lists nobody; a host group lists one
+/// entry per host, under the id of the process that campaigns for it).
+const ANNOUNCE_BOUND: Duration = Duration::from_secs(3);
+
+/// Once the migration is done (and the listeners are bound, before this is spawned): marks the
+/// elector ready, then waits until the registry, as this worker reads it back, shows its entry
+/// ready, so that a deploy tool that waits for `/health/ready` before stopping an old instance
+/// finds the new one already known to the primary as a handover target.
+async fn announce_ready(elector: Elector, readiness: Readiness, announced: Arc<AtomicBool>) {
+    let pid = std::process::id();
+    readiness.wait().await;
+    elector.ready();
+    let handle = elector.handle();
+    let me = handle.node().id().to_owned();
+    let seen = tokio::time::timeout(
+        ANNOUNCE_BOUND,
+        handle.wait_candidates(|list| list.iter().any(|c| c.node == me && c.ready)),
+    )
+    .await
+    .is_ok();
+    announced.store(true, Ordering::Release);
+    tracing::info!(
+        "worker ready pid={pid} node={me} priority={} registry={}",
+        handle.entry().priority,
+        if seen { "listed" } else { "not-listed" }
+    );
+}
+
 /// `GET /health/ready`: 200 when this worker can accept and serve — its store answers (the
-/// database, this host's folders) and the migration is done — else 503 with the reason.
+/// database, this host's folders), the migration is done and the lock's registry lists it as
+/// ready (a handover target) — else 503 with the reason.
 async fn ready(State(app): State<App>) -> Response {
     if let Err(why) = app.store.check().await {
         return (
@@ -283,7 +342,16 @@ async fn ready(State(app): State<App>) -> Response {
         )
             .into_response();
     }
-    app.readiness.report().into_response()
+    let report = app.readiness.report();
+    if report.ready && !app.announced.load(Ordering::Acquire) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(axum::http::header::RETRY_AFTER, "1")],
+            Json(json!({ "ready": false, "registry": "not yet listed", "jobs": report.jobs })),
+        )
+            .into_response();
+    }
+    report.into_response()
 }
 
 /// Logs `worker startup pid=… primary=…` once the first election round has settled (or after a
@@ -349,7 +417,8 @@ async fn index_page(State(app): State<App>, role: Role) -> String {
          GET  /metrics              Prometheus metrics of this worker\n\
          POST /emails               {{\"to\",\"subject\",\"body\"}} -> 202 {{\"id\"}}\n\
          POST /admin/report-now     primary only: queue a report run\n\
-         GET  /admin/status         primary only: outbox, sent, last report\n",
+         GET  /admin/status         primary only: outbox, sent, last report, candidates\n\
+         POST /admin/hand-over?node=ID  primary only: hand the lock to that candidate\n",
         app.pid,
         role.as_str(),
         role.term()
@@ -409,6 +478,71 @@ async fn status(State(app): State<App>, term: TermContext) -> Response {
         "sent": counts.sent,
         "failed": counts.failed,
         "last_report": last_report,
+        "entry": app.elector.handle().entry(),
+        "candidates": app.elector.handle().candidates(),
     }))
     .into_response()
+}
+
+/// The query of `POST /admin/hand-over`.
+#[derive(serde::Deserialize)]
+struct HandOverQuery {
+    node: Option<String>,
+}
+
+/// `POST /admin/hand-over?node=<id>` (primary only): hands the lock to that node now (a
+/// reservation, then a release). 202 once this worker has stopped being primary; 400 without a
+/// node; 404 when no live candidate has that id; 409 when it is not ready, is draining, or is
+/// this worker; 503 when this worker is no longer primary or the backend failed.
+async fn hand_over(State(app): State<App>, Query(query): Query<HandOverQuery>) -> Response {
+    let Some(node) = query.node.filter(|n| !n.is_empty()) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({ "error": "missing_node", "message": "?node=<node id> is required" })),
+        )
+            .into_response();
+    };
+    // The handover waits for the term's gated requests, this one included, before it releases
+    // the lock: so this handler does not wait for the release. It waits for the elector's
+    // answer to a refusal, or for this worker to stop being primary (the first step of the
+    // handover), whichever comes first.
+    let mut handle = app.elector.handle();
+    let elector = app.elector.clone();
+    let target = node.clone();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let _ = tx.send(elector.hand_over_to(target).await);
+    });
+    let was_primary = handle.is_primary();
+    let result = tokio::select! {
+        biased;
+        res = rx => res.unwrap_or(Ok(())),
+        () = async { while handle.is_primary() { handle.changed().await; } }, if was_primary => Ok(()),
+    };
+    match result {
+        Ok(()) => {
+            tracing::info!("handing over pid={} to={node}", app.pid);
+            (StatusCode::ACCEPTED, Json(json!({ "handing_over_to": node }))).into_response()
+        }
+        Err(Error::HandOver { refusal, .. }) => {
+            let (status, code) = match refusal {
+                HandOverRefusal::UnknownNode => (StatusCode::NOT_FOUND, "unknown_node"),
+                HandOverRefusal::NotReady => (StatusCode::CONFLICT, "not_ready"),
+                HandOverRefusal::Draining => (StatusCode::CONFLICT, "draining"),
+                HandOverRefusal::AlreadyPrimary => (StatusCode::CONFLICT, "already_primary"),
+                _ => (StatusCode::CONFLICT, "refused"),
+            };
+            (
+                status,
+                Json(json!({ "error": code, "node": node, "message": refusal.to_string() })),
+            )
+                .into_response()
+        }
+        Err(err) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(axum::http::header::RETRY_AFTER, "1")],
+            Json(json!({ "error": "unavailable", "node": node, "message": err.to_string() })),
+        )
+            .into_response(),
+    }
 }

@@ -1,5 +1,7 @@
 //! Who is primary, at a glance: prints a lock's holder, term and since, checks that the holder's
-//! process is alive when it runs on this host, and follows changes with `--watch`.
+//! process is alive when it runs on this host, lists the lock's candidate registry (node,
+//! priority, ready, draining, yielded; the holder's entry marked `*`), and follows changes of
+//! the holder and of the registry with `--watch`.
 //!
 //! ```text
 //! cargo run --example status -- --backend /run/myapp --lock report-scheduler
@@ -8,7 +10,8 @@
 //!
 //! `--backend` takes a backend string (a directory, `file:///dir`, `redis://…`,
 //! `postgres://…`, `etcd://…`, with the backend's feature on); without it,
-//! `TOWER_PRIMARY_BACKEND`. It reads the holder record only: it never takes the lock.
+//! `TOWER_PRIMARY_BACKEND`. It reads the holder record and the registry only: it never takes the
+//! lock and never registers.
 
 mod probe;
 

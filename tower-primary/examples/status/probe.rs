@@ -1,6 +1,7 @@
 //! The core of `examples/status`: read a lock's holder record, check whether the holder's process
-//! is alive (when it runs on this host), and follow changes. Works on any backend, through
-//! [`Lock::holder`] and [`Lock::watch_holder`].
+//! is alive (when it runs on this host), list the lock's candidate registry, and follow changes.
+//! Works on any backend, through [`Lock::holder`], [`Lock::candidates`] and their watches (a
+//! backend without a registry lists no candidates).
 
 use std::fmt;
 use std::time::{Duration, SystemTime};
@@ -9,6 +10,7 @@ use nix::errno::Errno;
 use nix::sys::signal::kill;
 use nix::unistd::Pid;
 use tower_primary::backend::Lock;
+use tower_primary::backend::Candidate;
 use tower_primary::{Error, Holder};
 
 /// What is known about the holder's process.
@@ -70,15 +72,57 @@ pub(crate) struct Status {
     pub(crate) holder: Option<Holder>,
     /// The holder's process; `None` without a holder.
     pub(crate) process: Option<Process>,
+    /// The lock's candidate registry, highest priority first.
+    pub(crate) candidates: Vec<Candidate>,
 }
 
 impl Status {
     /// What `--watch` compares to decide whether to print again.
-    pub(crate) fn key(&self) -> (Option<(String, u64)>, Option<Process>) {
+    pub(crate) fn key(&self) -> (Option<(String, u64)>, Option<Process>, Vec<Candidate>) {
         (
             self.holder.as_ref().map(|h| (h.id.clone(), h.term)),
             self.process.clone(),
+            self.candidates.clone(),
         )
+    }
+
+    /// The registry as a table, the holder's entry marked with `*`.
+    fn write_candidates(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.candidates.is_empty() {
+            return writeln!(f, "candidates none registered");
+        }
+        writeln!(f, "candidates {}", self.candidates.len())?;
+        let width = self
+            .candidates
+            .iter()
+            .map(|c| c.node.len())
+            .max()
+            .unwrap_or(0)
+            .max(4);
+        writeln!(
+            f,
+            "    {:width$}  priority  ready  draining  yielded",
+            "node"
+        )?;
+        let holder = self.holder.as_ref().map(|h| h.id.as_str());
+        for c in &self.candidates {
+            let mark = if Some(c.node.as_str()) == holder {
+                '*'
+            } else {
+                ' '
+            };
+            let yes = |b: bool| if b { "yes" } else { "no" };
+            writeln!(
+                f,
+                "  {mark} {:width$}  {:>8}  {:5}  {:8}  {}",
+                c.node,
+                c.priority,
+                yes(c.ready),
+                yes(c.draining),
+                yes(c.yielded)
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -86,7 +130,8 @@ impl fmt::Display for Status {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "lock     {}", self.lock)?;
         let Some(h) = &self.holder else {
-            return writeln!(f, "holder   none (no primary)");
+            writeln!(f, "holder   none (no primary)")?;
+            return self.write_candidates(f);
         };
         write!(f, "holder   {} (host {}, pid {}", h.id, h.host, h.pid)?;
         if let Some(w) = h.worker {
@@ -113,7 +158,7 @@ impl fmt::Display for Status {
         if let Some(p) = &self.process {
             writeln!(f, "process  {p}")?;
         }
-        Ok(())
+        self.write_candidates(f)
     }
 }
 
@@ -121,16 +166,20 @@ impl fmt::Display for Status {
 pub(crate) async fn probe(lock: &dyn Lock, name: &str) -> Result<Status, Error> {
     let holder = lock.holder().await?;
     let process = holder.as_ref().map(process_of);
+    let mut candidates = lock.candidates().await?;
+    candidates.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.node.cmp(&b.node)));
     Ok(Status {
         lock: name.to_owned(),
         holder,
         process,
+        candidates,
     })
 }
 
-/// Calls `each` with the status now, then again whenever the holder (id or term) or its
-/// process's state changes. Woken by the backend's holder notifications; the process is
-/// re-checked every `recheck`. Returns only on a backend error, or when `each` says stop.
+/// Calls `each` with the status now, then again whenever the holder (id or term), its
+/// process's state or the candidate registry changes. Woken by the backend's holder and registry
+/// notifications; the process (and a registrant's death a backend reports late) is re-checked
+/// every `recheck`. Returns only on a backend error, or when `each` says stop.
 pub(crate) async fn follow(
     lock: &dyn Lock,
     name: &str,
@@ -139,6 +188,7 @@ pub(crate) async fn follow(
 ) -> Result<(), Error> {
     // Subscribe first, then read: no change in between is lost.
     let mut changes = lock.watch_holder().await?;
+    let mut registry = lock.watch_candidates().await?;
     let mut last = None;
     loop {
         let status = probe(lock, name).await?;
@@ -151,6 +201,7 @@ pub(crate) async fn follow(
         }
         tokio::select! {
             res = changes.changed() => res?,
+            res = registry.changed() => res?,
             () = tokio::time::sleep(recheck) => {}
         }
     }

@@ -552,8 +552,10 @@ impl RoleHandle {
     ) -> Vec<Candidate> {
         let mut rx = self.shared.candidates.subscribe();
         // The sender lives in `Shared`, which this handle keeps alive: it cannot be closed.
-        match rx.wait_for(|c| until(c)).await {
-            Ok(c) => c.clone(),
+        // (The borrow is cloned and dropped before any other await: the future stays `Send`.)
+        let found = rx.wait_for(|c| until(c)).await.map(|c| c.clone());
+        match found {
+            Ok(c) => c,
             Err(_) => std::future::pending().await,
         }
     }
@@ -725,6 +727,19 @@ pub struct InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `wait_candidates` can run in a spawned task of a multi-threaded runtime.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn wait_candidates_is_send() {
+        let h = RoleHandle::fixed(Role::primary(3));
+        let waiter = tokio::spawn({
+            let h = h.clone();
+            async move { h.wait_candidates(|c| !c.is_empty()).await }
+        });
+        h.shared().set_candidates(vec![Candidate::new("b")]);
+        let got = waiter.await.unwrap();
+        assert_eq!(got, vec![Candidate::new("b")]);
+    }
 
     #[test]
     fn fixed_primary_has_a_valid_term_context() {
