@@ -88,6 +88,7 @@ async fn serve(index: Option<u16>, args: &Args) -> Result<(), BoxError> {
             Box::new(FileBackend::new(dirs.locks()))
         }
     };
+    let backend_name = backend.name().to_owned();
     let own_port = match (args.worker_ports, index) {
         (Some(base), index) => Some(
             base.checked_add(index.unwrap_or(0))
@@ -224,14 +225,19 @@ async fn serve(index: Option<u16>, args: &Args) -> Result<(), BoxError> {
         }
     });
 
-    log_startup(&elector, index, args, own_port.or(internal_port)).await;
+    let started_as = log_startup(&elector, index, args, own_port.or(internal_port)).await;
     // Listening and (below) migrated: ready to be handed the lock.
+    // In a host group (a server backend; the supervisor sets the folder) the registry lists one
+    // entry per group, under the id of the member that campaigns for it.
+    let grouped = std::env::var_os(tower_primary::HOST_DIR_ENV).is_some()
+        && !matches!(backend_name.as_str(), "file" | "memory");
     tokio::spawn(announce_ready(
         elector.clone(),
+        grouped,
         app_readiness.clone(),
         app.announced.clone(),
     ));
-    tokio::spawn(log_role_changes(elector.clone(), migration));
+    tokio::spawn(log_role_changes(elector.clone(), migration, started_as));
 
     let serve_on = |listener: tokio::net::TcpListener| {
         let stop = stop.clone();
@@ -302,23 +308,35 @@ fn reachable(ip: IpAddr, port: u16) -> SocketAddr {
 }
 
 /// How long a worker waits to read its own ready entry back from the registry before it counts
-/// as announced anyway (a backend without a registry lists nobody; a host group lists one
-/// entry per host, under the id of the process that campaigns for it).
+/// as announced anyway (a backend without a registry lists nobody).
 const ANNOUNCE_BOUND: Duration = Duration::from_secs(3);
 
 /// Once the migration is done (and the listeners are bound, before this is spawned): marks the
 /// elector ready, then waits until the registry, as this worker reads it back, shows its entry
 /// ready, so that a deploy tool that waits for `/health/ready` before stopping an old instance
-/// finds the new one already known to the primary as a handover target.
-async fn announce_ready(elector: Elector, readiness: Readiness, announced: Arc<AtomicBool>) {
+/// finds the new one already known to the primary as a handover target. In a host group
+/// (`grouped`) the group's one entry carries the id of the member that campaigns for it and the
+/// best priority of its ready members: a member that is not listed itself waits for a ready
+/// entry of at least its priority (its group's, or a peer's as good).
+async fn announce_ready(
+    elector: Elector,
+    grouped: bool,
+    readiness: Readiness,
+    announced: Arc<AtomicBool>,
+) {
     let pid = std::process::id();
     readiness.wait().await;
     elector.ready();
     let handle = elector.handle();
     let me = handle.node().id().to_owned();
+    let priority = handle.entry().priority;
     let seen = tokio::time::timeout(
         ANNOUNCE_BOUND,
-        handle.wait_candidates(|list| list.iter().any(|c| c.node == me && c.ready)),
+        handle.wait_candidates(|list| {
+            list.iter().any(|c| {
+                c.ready && (c.node == me || (grouped && !c.draining && c.priority >= priority))
+            })
+        }),
     )
     .await
     .is_ok();
@@ -355,8 +373,13 @@ async fn ready(State(app): State<App>) -> Response {
 }
 
 /// Logs `worker startup pid=… primary=…` once the first election round has settled (or after a
-/// few seconds, if the backend cannot be reached).
-async fn log_startup(elector: &Elector, index: Option<u16>, args: &Args, own: Option<u16>) {
+/// few seconds, if the backend cannot be reached); returns what it logged (primary, term).
+async fn log_startup(
+    elector: &Elector,
+    index: Option<u16>,
+    args: &Args,
+    own: Option<u16>,
+) -> (bool, Option<u64>) {
     let mut role = elector.handle();
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         // Settled: primary, or secondary with a known holder.
@@ -370,28 +393,35 @@ async fn log_startup(elector: &Elector, index: Option<u16>, args: &Args, own: Op
     .await;
     let worker = index.map_or_else(|| "-".to_owned(), |i| i.to_string());
     let own = own.map_or_else(|| "-".to_owned(), |p| p.to_string());
+    let now = role.role();
     tracing::info!(
         "worker startup pid={} worker={worker} primary={} term={} bind={} port={own}",
         std::process::id(),
-        role.is_primary(),
-        role.term().unwrap_or(0),
+        now.is_primary(),
+        now.term().unwrap_or(0),
         args.bind,
     );
+    (now.is_primary(), now.term())
 }
 
-/// Logs every change of this worker's role (not every change of the holder).
-async fn log_role_changes(elector: Elector, migration: RunOnce) {
+/// Logs every change of this worker's role (not every change of the holder) since `last`, the
+/// role `worker startup` logged: every term this worker leads is logged once.
+async fn log_role_changes(elector: Elector, migration: RunOnce, mut last: (bool, Option<u64>)) {
     let pid = std::process::id();
     let mut role = elector.handle();
-    let mut last = (role.is_primary(), role.term());
+    let mut now = role.role();
     loop {
-        let now = role.changed().await;
         let seen = (now.is_primary(), now.term());
-        if seen == last {
-            continue;
+        if seen != last {
+            log_role(pid, &now, &migration);
         }
         last = seen;
-        match now {
+        now = role.changed().await;
+    }
+}
+
+fn log_role(pid: u32, now: &Role, migration: &RunOnce) {
+    match now {
             Role::Primary { term, .. } => tracing::info!(
                 "role changed pid={pid} role=primary term={term} migration_done={}",
                 migration.is_done()
@@ -403,7 +433,6 @@ async fn log_role_changes(elector: Elector, migration: RunOnce) {
             ),
             Role::Starting => {}
         }
-    }
 }
 
 async fn index_page(State(app): State<App>, role: Role) -> String {
