@@ -211,4 +211,9 @@ fn print_row(backend: &str, new: u64, d: &Deploy) {
         d.last.1,
         terms.join(" ")
     );
+    if std::env::var_os("DEPLOY_BENCH_EVENTS").is_some() {
+        for e in &d.events {
+            println!("    {e}");
+        }
+    }
 }

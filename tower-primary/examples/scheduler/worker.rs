@@ -212,6 +212,9 @@ async fn serve(index: Option<u16>, args: &Args) -> Result<(), BoxError> {
             let was_primary = elector.handle().is_primary();
             tracing::info!("worker stopping pid={pid} primary={was_primary}");
             let started = tokio::time::Instant::now();
+            if was_primary {
+                siblings_draining(&elector).await;
+            }
             let drained = tokio::time::timeout(drain_timeout, elector.drain())
                 .await
                 .is_ok();
@@ -259,6 +262,62 @@ async fn serve(index: Option<u16>, args: &Args) -> Result<(), BoxError> {
     elector.shutdown().await;
     tracing::info!("worker stopped pid={pid}");
     Ok(())
+}
+
+/// How long a primary worker that got SIGTERM waits for its sibling workers to show as draining.
+const SIBLINGS_BOUND: Duration = Duration::from_secs(1);
+
+/// The supervisor forwards SIGTERM to every worker at once, and each of them drains. A primary
+/// worker first waits (at most [`SIBLINGS_BOUND`]) until the registry shows its sibling workers
+/// (the other children of its supervisor) draining or gone, so that it does not hand the lock to
+/// a process that is stopping with it: that one would not take it, and the lock would stay
+/// reserved for it, with no primary, for the handover window. (With a host group the registry
+/// lists one entry per host: none of it is a sibling's.)
+async fn siblings_draining(elector: &Elector) {
+    let Some(supervisor) = std::env::var(SUPERVISOR_ENV)
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+    else {
+        return;
+    };
+    let handle = elector.handle();
+    let me = handle.node().id().to_owned();
+    let _ = tokio::time::timeout(
+        SIBLINGS_BOUND,
+        handle.wait_candidates(|list| {
+            !list
+                .iter()
+                .any(|c| c.node != me && !c.draining && is_child_of(&c.node, supervisor))
+        }),
+    )
+    .await;
+}
+
+/// Whether the process of node id `node` (`host:pid` or `host:pid:wN`, as
+/// [`NodeId::from_env`](tower_primary::NodeId::from_env) makes it) is a child of `parent` on
+/// this host.
+fn is_child_of(node: &str, parent: u32) -> bool {
+    let mut parts = node.split(':');
+    let (Some(host), Some(pid)) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    let this_host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok());
+    if this_host.as_deref() != Some(host) {
+        return false;
+    }
+    let Ok(pid) = pid.parse::<u32>() else {
+        return false;
+    };
+    // `/proc/<pid>/stat`: `pid (comm) state ppid …`; comm may hold spaces and parentheses.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let rest = &stat[stat.rfind(')')? + 1..];
+            rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+        })
+        == Some(parent)
 }
 
 /// Binds with `SO_REUSEPORT`, so every worker can bind the same address and the kernel spreads

@@ -341,6 +341,9 @@ pub(crate) struct Deploy {
     /// From the first new instance's start to the last old instance's exit, and to the final
     /// primary known.
     pub(crate) total: Duration,
+    /// The elector's handover and acquisition log lines of every instance, in time order, each
+    /// prefixed with its instance: to explain a move.
+    pub(crate) events: Vec<String>,
 }
 
 impl Deploy {
@@ -486,6 +489,29 @@ pub(crate) async fn rolling_deploy(
         }
         prev = t.clone();
     }
+    let mut events: Vec<(String, String)> = all
+        .iter()
+        .flat_map(|i| {
+            i.log
+                .snapshot()
+                .into_iter()
+                .filter(|l| {
+                    l.contains("tower_primary")
+                        && (l.contains("handing the lock over")
+                            || l.contains("became primary")
+                            || l.contains("reserv")
+                            || l.contains("passed over")
+                            || l.contains("stepping down"))
+                })
+                .map(|l| (l.clone(), i.name.clone()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    events.sort();
+    let events = events
+        .into_iter()
+        .map(|(l, name)| format!("{name}: {l}"))
+        .collect();
     for i in &mut news {
         i.stop().await;
     }
@@ -497,5 +523,6 @@ pub(crate) async fn rolling_deploy(
         to_old,
         last,
         total,
+        events,
     }
 }
