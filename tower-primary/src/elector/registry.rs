@@ -386,7 +386,7 @@ mod tests {
                 .as_deref(),
             Some("b")
         );
-        let draining = me.clone().with_draining(true);
+        let draining = me.with_draining(true);
         assert_eq!(
             choose(&draining, &list, later, SETTLE, &shunned)
                 .target
