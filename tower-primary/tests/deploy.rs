@@ -16,14 +16,14 @@
 //! TOWER_PRIMARY_REQUIRE_BACKENDS=1 cargo test -p tower-primary --all-features --test deploy -- --nocapture
 //! ```
 
+#[path = "../examples/status/probe.rs"]
+#[allow(dead_code)]
+mod probe;
 #[path = "../examples/scheduler/main.rs"]
 #[allow(dead_code)]
 mod scheduler;
 #[path = "common/service.rs"]
 mod service;
-#[path = "../examples/status/probe.rs"]
-#[allow(dead_code)]
-mod probe;
 
 use http::StatusCode;
 use tower_primary::http::health::RoleReport;
@@ -108,7 +108,11 @@ async fn a_rolling_deploy_on_postgres_moves_the_primary_once() {
     else {
         return;
     };
-    deploy_moves_once("postgres", &format!("--backend {} --lease 2s", server.url())).await;
+    deploy_moves_once(
+        "postgres",
+        &format!("--backend {} --lease 2s", server.url()),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -38,11 +38,12 @@
 //! | `GET /` | every worker | this worker, its role, the routes |
 //! | `GET /health/role` | every worker | role, term and holder as JSON (always 200) |
 //! | `GET /health/live` | every worker | 503 when the elector's loop is stuck (a liveness probe) |
-//! | `GET /health/ready` | every worker | 200 when the store answers and the migration is done, else 503 |
+//! | `GET /health/ready` | every worker | 200 when the store answers, the migration is done and the registry lists this worker ready, else 503 |
 //! | `GET /metrics` | every worker | this worker's metrics, Prometheus text (below) |
 //! | `POST /emails` | every worker | `{"to","subject","body"}` → 202 `{"id"}`; bad JSON or address → 400; store down → 503 |
 //! | `POST /admin/report-now` | the primary | queues a report run (its slot is now) → 202 |
-//! | `GET /admin/status` | the primary | outbox, sent, last report slot, term |
+//! | `GET /admin/status` | the primary | outbox, sent, last report slot, term, its registry entry and the candidates |
+//! | `POST /admin/hand-over?node=<id>` | the primary | hands the lock to that candidate → 202; unknown node → 404; not ready, draining or the primary itself → 409; no node → 400; JSON `{"error","node","message"}` |
 //!
 //! On a secondary, admin routes are forwarded to the primary (`--admin-mode forward`, the
 //! default: every worker also listens on an internal port of its own, `BASE + index` with
@@ -75,8 +76,28 @@
 //! `--simulate-work DURATION` (each report and each email send also takes this long — for a
 //! send, half before delivering and half between recording the delivery and removing the email
 //! from the outbox, the window in which a crash makes it go out twice — to watch a failover land
-//! mid-job). Durations are humantime: `500ms`, `10s`, `1m 30s`. Logs go to stdout (`RUST_LOG`
-//! filters them).
+//! mid-job), `--priority N` (default: `TOWER_PRIMARY_PRIORITY`, else 0), `--never-lead`,
+//! `--drain-timeout DURATION` (default 10 s; below). Durations are humantime: `500ms`, `10s`,
+//! `1m 30s`. Logs go to stdout (`RUST_LOG` filters them).
+//!
+//! # Rolling deploys
+//!
+//! Start the new release with a higher `--priority` (a build number, a deploy counter; or
+//! `TOWER_PRIMARY_PRIORITY` in the environment, which the workers inherit). Each worker is a
+//! candidate of the lock's registry, ready once it can serve: `/health/ready` answers 200 only
+//! once the migration is done, it listens, and it reads its own entry back from the registry as
+//! ready (at most 3 s after that: a backend without a registry lists nobody; in a host group a
+//! member that is not the group's candidate waits for a ready entry of at least its priority).
+//! The primary hands the lock to a ready higher-priority candidate once it has been ready for the
+//! settle time (1 s): the primary moves once per deploy, to the new release. On SIGTERM a worker
+//! drains (`Elector::drain`, bounded by `--drain-timeout`): it never leads again, and if it is
+//! primary it first waits (at most 1 s) until the registry shows its sibling workers draining
+//! too, hands the lock to the best ready candidate, and then shuts down as before (releasing
+//! the lock if nobody took it in time). It logs `worker drained pid=… was_primary=…
+//! handed_over=… took_ms=…`. `--never-lead` serves requests and never leads.
+//! `POST /admin/hand-over?node=<id>` (ids: `node.id` in `/health/role`, `candidates` in
+//! `/admin/status`) moves the lock by hand; the old primary then counts as having yielded and
+//! is not handed the lock back for its priority until it leads again.
 //!
 //! # Watch it fail over
 //!
@@ -246,7 +267,7 @@ pub(crate) struct Args {
     /// This instance's priority: a ready candidate of a higher priority is handed the lock (a
     /// new release of a rolling deploy takes over from the old one) [default: the
     /// `TOWER_PRIMARY_PRIORITY` environment variable, else 0]
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     priority: Option<u64>,
     /// Never become primary: serve requests and follow the primary only
     #[arg(long)]
@@ -450,6 +471,11 @@ mod tests {
         assert_eq!((a.smtp, a.worker_ports), (None, None));
         assert_eq!(a.simulate_work, Duration::ZERO);
         assert_eq!(a.store, None);
+        assert_eq!((a.priority, a.never_lead), (None, false));
+        assert_eq!(a.drain_timeout, Duration::from_secs(10));
+        let a = parse("--priority 4187 --never-lead --drain-timeout 1m").unwrap();
+        assert_eq!((a.priority, a.never_lead), (Some(4187), true));
+        assert_eq!(a.drain_timeout, Duration::from_secs(60));
 
         let a = parse(
             "--workers 4 --bind=127.0.0.1:9000 --report-every 1s --worker-ports 9100 \
@@ -505,6 +531,9 @@ mod tests {
             "--simulate-work",
             "--store",
             "--admin-mode",
+            "--priority",
+            "--never-lead",
+            "--drain-timeout",
         ] {
             assert!(help.contains(flag), "{flag} missing from --help:\n{help}");
         }
@@ -545,7 +574,20 @@ mod tests {
             mistake("--bind 127.0.0.1", "--bind"),
             ErrorKind::ValueValidation
         );
-        for flag in ["--lease", "--report-every", "--simulate-work"] {
+        assert_eq!(
+            mistake("--priority -1", "--priority"),
+            ErrorKind::ValueValidation
+        );
+        assert_eq!(
+            mistake("--priority high", "--priority"),
+            ErrorKind::ValueValidation
+        );
+        for flag in [
+            "--lease",
+            "--report-every",
+            "--simulate-work",
+            "--drain-timeout",
+        ] {
             assert_eq!(
                 mistake(&format!("{flag} soon"), flag),
                 ErrorKind::ValueValidation

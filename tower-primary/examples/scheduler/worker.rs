@@ -481,17 +481,17 @@ async fn log_role_changes(elector: Elector, migration: RunOnce, mut last: (bool,
 
 fn log_role(pid: u32, now: &Role, migration: &RunOnce) {
     match now {
-            Role::Primary { term, .. } => tracing::info!(
-                "role changed pid={pid} role=primary term={term} migration_done={}",
-                migration.is_done()
-            ),
-            Role::Secondary { holder } => tracing::info!(
-                "role changed pid={pid} role=secondary term={} holder={}",
-                holder.as_ref().map_or(0, |h| h.term),
-                holder.as_ref().map_or("-", |h| h.id.as_str())
-            ),
-            Role::Starting => {}
-        }
+        Role::Primary { term, .. } => tracing::info!(
+            "role changed pid={pid} role=primary term={term} migration_done={}",
+            migration.is_done()
+        ),
+        Role::Secondary { holder } => tracing::info!(
+            "role changed pid={pid} role=secondary term={} holder={}",
+            holder.as_ref().map_or(0, |h| h.term),
+            holder.as_ref().map_or("-", |h| h.id.as_str())
+        ),
+        Role::Starting => {}
+    }
 }
 
 async fn index_page(State(app): State<App>, role: Role) -> String {
@@ -610,7 +610,11 @@ async fn hand_over(State(app): State<App>, Query(query): Query<HandOverQuery>) -
     match result {
         Ok(()) => {
             tracing::info!("handing over pid={} to={node}", app.pid);
-            (StatusCode::ACCEPTED, Json(json!({ "handing_over_to": node }))).into_response()
+            (
+                StatusCode::ACCEPTED,
+                Json(json!({ "handing_over_to": node })),
+            )
+                .into_response()
         }
         Err(Error::HandOver { refusal, .. }) => {
             let (status, code) = match refusal {

@@ -9,8 +9,8 @@ use std::time::{Duration, SystemTime};
 use nix::errno::Errno;
 use nix::sys::signal::kill;
 use nix::unistd::Pid;
-use tower_primary::backend::Lock;
 use tower_primary::backend::Candidate;
+use tower_primary::backend::Lock;
 use tower_primary::{Error, Holder};
 
 /// What is known about the holder's process.

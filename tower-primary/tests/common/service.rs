@@ -469,7 +469,13 @@ pub(crate) async fn rolling_deploy(
     // The primary's own /health/role agrees.
     let at = news.iter().find(|i| i.name == last.1).unwrap();
     let index = at.pids.iter().position(|p| *p == last.2).unwrap();
-    let (status, _, text) = request(&client, "GET", &at.worker_url(u16::try_from(index).unwrap(), "/health/role"), "").await;
+    let (status, _, text) = request(
+        &client,
+        "GET",
+        &at.worker_url(u16::try_from(index).unwrap(), "/health/role"),
+        "",
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "{text}");
     let role: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(role["role"], "primary", "{text}");
