@@ -1162,6 +1162,7 @@ fn status_checks_the_holder_process_on_this_host() {
         lock: "l".to_owned(),
         holder: Some(holder.clone()),
         process: Some(probe::process_of(&holder)),
+        candidates: Vec::new(),
     }
     .to_string();
     assert!(text.contains("GONE"), "{text}");

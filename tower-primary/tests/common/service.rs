@@ -439,7 +439,7 @@ pub(crate) async fn rolling_deploy(
 
     let started = tokio::time::Instant::now();
     let mut news = Vec::new();
-    for k in 0..count {
+    for (k, oldest) in olds.iter_mut().enumerate() {
         let mut i = Instance::start(
             launch,
             &format!("new{k}"),
@@ -448,7 +448,7 @@ pub(crate) async fn rolling_deploy(
         );
         i.wait_ready(&client).await;
         news.push(i);
-        olds[k].stop().await;
+        oldest.stop().await;
     }
     // Every old instance is gone: the primary is (or is about to be) a new one, with a term
     // above every old one's.
@@ -509,7 +509,7 @@ pub(crate) async fn rolling_deploy(
                             || l.contains("passed over")
                             || l.contains("stepping down"))
                 })
-                .map(|l| (l.clone(), i.name.clone()))
+                .map(|l| (l, i.name.clone()))
                 .collect::<Vec<_>>()
         })
         .collect();
