@@ -92,9 +92,10 @@
 //! settle time (1 s): the primary moves once per deploy, to the new release. On SIGTERM a worker
 //! drains (`Elector::drain`, bounded by `--drain-timeout`): it never leads again, and if it is
 //! primary it first waits (at most 1 s) until the registry shows its sibling workers draining
-//! too, hands the lock to the best ready candidate, and then shuts down as before (releasing
-//! the lock if nobody took it in time). It logs `worker drained pid=… was_primary=…
-//! handed_over=… took_ms=…`. `--never-lead` serves requests and never leads.
+//! too; then, if the registry lists another ready candidate, it hands the lock to the best one,
+//! and shuts down as before (releasing the lock if nobody took it in time; with no candidate,
+//! say when the whole service stops, at once). It logs `worker drained pid=… was_primary=…
+//! successor=… handed_over=… took_ms=…`. `--never-lead` serves requests and never leads.
 //! `POST /admin/hand-over?node=<id>` (ids: `node.id` in `/health/role`, `candidates` in
 //! `/admin/status`) moves the lock by hand; the old primary then counts as having yielded and
 //! is not handed the lock back for its priority until it leads again.

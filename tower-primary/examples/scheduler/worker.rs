@@ -212,16 +212,25 @@ async fn serve(index: Option<u16>, args: &Args) -> Result<(), BoxError> {
             let was_primary = elector.handle().is_primary();
             tracing::info!("worker stopping pid={pid} primary={was_primary}");
             let started = tokio::time::Instant::now();
-            if was_primary {
+            // A primary drains only towards a successor that exists now (a new instance started
+            // before this one was stopped): with none (the whole service stopping, a backend
+            // without a registry) it shuts down at once, and a failover follows as before.
+            let successor = if was_primary {
                 siblings_draining(&elector).await;
-            }
-            let drained = tokio::time::timeout(drain_timeout, elector.drain())
-                .await
-                .is_ok();
+                has_successor(&elector)
+            } else {
+                false
+            };
+            let handed_over = if was_primary && !successor {
+                false
+            } else {
+                let drained = tokio::time::timeout(drain_timeout, elector.drain()).await;
+                was_primary && drained.is_ok()
+            };
             let took_ms = started.elapsed().as_millis();
             tracing::info!(
-                "worker drained pid={pid} was_primary={was_primary} handed_over={} took_ms={took_ms}",
-                drained && was_primary
+                "worker drained pid={pid} was_primary={was_primary} successor={successor} \
+                 handed_over={handed_over} took_ms={took_ms}"
             );
             elector.shutdown().await;
             stop.cancel();
@@ -291,6 +300,17 @@ async fn siblings_draining(elector: &Elector) {
         }),
     )
     .await;
+}
+
+/// Whether the registry lists another candidate that could take the lock now (ready, not
+/// draining). A backend without a registry lists nobody, not even this node.
+fn has_successor(elector: &Elector) -> bool {
+    let handle = elector.handle();
+    let me = handle.node().id().to_owned();
+    handle
+        .candidates()
+        .iter()
+        .any(|c| c.node != me && c.is_eligible())
 }
 
 /// Whether the process of node id `node` (`host:pid` or `host:pid:wN`, as
