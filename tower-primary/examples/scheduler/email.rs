@@ -316,8 +316,9 @@ impl Sender {
             }
         };
         if fenced == Fenced::Written {
-            tracing::info!("email sent id={id} term={term} pid={pid}");
+            // Counted before the line that says so: a reader of the log finds it counted.
             super::prometheus::count(super::prometheus::EMAILS_SENT);
+            tracing::info!("email sent id={id} term={term} pid={pid}");
         }
         Ok(fenced)
     }

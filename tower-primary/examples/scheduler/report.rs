@@ -100,7 +100,7 @@ async fn write_report(
         );
         return Err("the guard row holds a newer term".into());
     }
-    tracing::info!("report done slot={slot} term={term} pid={pid} manual={manual}");
     super::prometheus::count(super::prometheus::REPORTS_WRITTEN);
+    tracing::info!("report done slot={slot} term={term} pid={pid} manual={manual}");
     Ok(())
 }
