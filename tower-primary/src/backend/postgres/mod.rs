@@ -156,6 +156,7 @@ mod conn;
 mod hold;
 mod lock;
 mod predecessor;
+mod registry;
 mod second_connection;
 mod sql;
 mod term;
