@@ -1363,10 +1363,10 @@ async fn a_registrant_whose_connection_is_cut_is_unlisted_and_listed_again_when_
         return;
     };
     let proxy = TcpProxy::start(env.server.addr).await.unwrap();
-    let via_proxy = PostgresBackend::new(&env.server.url_via(
-        proxy.addr(),
-        &format!("{}&connect_timeout=1", env.params()),
-    ))
+    let via_proxy = PostgresBackend::new(
+        &env.server
+            .url_via(proxy.addr(), &format!("{}&connect_timeout=1", env.params())),
+    )
     .unwrap()
     .lock("jobs")
     .unwrap();
@@ -1421,9 +1421,12 @@ async fn a_registrant_whose_connection_is_cut_is_unlisted_and_listed_again_when_
 
     // Back online: the node writes its entry again on its new session, and readers are told.
     proxy.resume();
-    wait_listed(&mut changes, &reader, "the entry to be written again", |l| {
-        l == [("cut".to_owned(), 3, false)]
-    })
+    wait_listed(
+        &mut changes,
+        &reader,
+        "the entry to be written again",
+        |l| l == [("cut".to_owned(), 3, false)],
+    )
     .await;
     let new_pid: i32 = env
         .admin
@@ -1479,7 +1482,12 @@ async fn a_killed_registrant_is_no_longer_listed() {
     }
     let mut child = Child(
         std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["registrant_entry", "--exact", "--nocapture", "--test-threads=1"])
+            .args([
+                "registrant_entry",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env("TP_PG_REGISTRANT_URL", env.url())
             .stdout(std::process::Stdio::piped())
             .spawn()
@@ -1568,7 +1576,11 @@ async fn a_waiter_the_lock_is_not_reserved_for_waits_out_the_window_then_takes_i
         "b waited {waited:?}"
     );
     assert!(b.term() > ta);
-    assert_eq!(reservation_rows(&env).await, 0, "the expired row is deleted");
+    assert_eq!(
+        reservation_rows(&env).await,
+        0,
+        "the expired row is deleted"
+    );
     b.release().await.unwrap();
 }
 
@@ -1600,7 +1612,11 @@ async fn the_reserved_waiter_takes_the_lock_at_once_with_a_higher_term_and_consu
         locks[1].holder().await.unwrap().map(|h| h.id),
         Some("r".to_owned())
     );
-    assert_eq!(reservation_rows(&env).await, 0, "the reservation is consumed");
+    assert_eq!(
+        reservation_rows(&env).await,
+        0,
+        "the reservation is consumed"
+    );
     assert!(!b.is_finished(), "b acquired while r held the lock");
 
     // Consumed: when r releases, b takes the lock at once, long before the window would end.
@@ -1646,10 +1662,7 @@ async fn a_term_that_lost_the_lock_cannot_reserve_it() {
     a.reserve("b", Duration::from_secs(5)).await.unwrap();
     assert_eq!(reservation_rows(&env).await, 1);
     env.admin
-        .execute(
-            &format!("DELETE FROM {}.reservations", env.schema),
-            &[],
-        )
+        .execute(&format!("DELETE FROM {}.reservations", env.schema), &[])
         .await
         .unwrap();
 
@@ -1674,8 +1687,25 @@ async fn a_term_that_lost_the_lock_cannot_reserve_it() {
     b.release().await.unwrap();
 }
 
+/// p50/p99/max of `samples`.
+fn percentiles(mut samples: Vec<Duration>) -> String {
+    samples.sort();
+    let at = |q: f64| {
+        let i = ((samples.len() - 1) as f64 * q).round() as usize;
+        samples[i]
+    };
+    format!(
+        "p50 {:?}, p99 {:?}, max {:?} over {} rounds",
+        at(0.5),
+        at(0.99),
+        samples[samples.len() - 1],
+        samples.len()
+    )
+}
+
 /// Prints p50/p99 of reserve + release → the reserved node's acquire returning, over 20
-/// handovers back and forth between two nodes.
+/// handovers back and forth between two nodes, and of release → the waiter's acquire without a
+/// reservation, for comparison.
 #[tokio::test]
 async fn handover_to_a_reserved_node_latency() {
     let Some(env) = Env::new("reserve_latency").await else {
@@ -1686,37 +1716,46 @@ async fn handover_to_a_reserved_node_latency() {
     let names = ["x", "y"];
     let mut holder = locks[0].acquire(req(names[0])).await.unwrap();
     let mut last_term = holder.term();
-    let mut samples = Vec::new();
-    for round in 0..20 {
+    let (mut reserved, mut plain) = (Vec::new(), Vec::new());
+    for round in 0..40 {
         let next = (round + 1) % 2;
+        let with_reservation = round < 20;
         let waiter = acquire_in_background(&locks[next], names[next]);
         env.wait_waiters("jobs", 1).await;
         let started = tokio::time::Instant::now();
-        holder
-            .reserve(names[next], Duration::from_secs(2))
-            .await
-            .unwrap();
+        if with_reservation {
+            holder
+                .reserve(names[next], Duration::from_secs(2))
+                .await
+                .unwrap();
+        }
         holder.release().await.unwrap();
-        holder = within("the reserved node to acquire", waiter)
+        holder = within("the waiting node to acquire", waiter)
             .await
             .unwrap()
             .unwrap();
-        samples.push(started.elapsed());
+        let took = started.elapsed();
+        if with_reservation {
+            reserved.push(took);
+        } else {
+            plain.push(took);
+        }
         assert!(holder.term() > last_term);
         assert_eq!(holder.holder().id, names[next]);
         last_term = holder.term();
     }
     holder.release().await.unwrap();
-    samples.sort();
-    let pick = |q: f64| {
-        let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
-        samples[i]
-    };
+    assert_eq!(
+        reservation_rows(&env).await,
+        0,
+        "every reservation consumed"
+    );
     eprintln!(
-        "postgres reserve+release -> reserved acquire over {} rounds: p50 {:?}, p99 {:?}, max {:?}",
-        samples.len(),
-        pick(0.5),
-        pick(0.99),
-        samples[samples.len() - 1]
+        "postgres reserve+release -> reserved acquire: {}",
+        percentiles(reserved)
+    );
+    eprintln!(
+        "postgres release -> waiter acquire (no reservation): {}",
+        percentiles(plain)
     );
 }

@@ -206,7 +206,11 @@ impl Shared {
             (&self.name, Type::TEXT),
         ];
         let rows = self
-            .aux_query("read the candidate registry", &self.sql.registry.list, &params)
+            .aux_query(
+                "read the candidate registry",
+                &self.sql.registry.list,
+                &params,
+            )
             .await?;
         let mut live = Vec::with_capacity(rows.len());
         let mut dead = 0;
@@ -231,7 +235,11 @@ impl Shared {
         }
         if dead > 0 {
             let _ = self
-                .aux_query("delete dead registry entries", &self.sql.registry.reap, &params)
+                .aux_query(
+                    "delete dead registry entries",
+                    &self.sql.registry.reap,
+                    &params,
+                )
                 .await;
         }
         Ok(live)

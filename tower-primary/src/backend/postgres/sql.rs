@@ -22,6 +22,11 @@
 //! - a new node reading an old row finds no `lease_ms`, `process` or `released`: no death
 //!   certificate, so it waits the full bound (`max_fencing_bound`, by default the server's
 //!   dead-peer detection, which old holders fenced their terms by).
+//! - the tables `candidates` and `reservations` are new (created with `IF NOT EXISTS`; a schema
+//!   that lacks them gets them from the first newer node). Old nodes never read them: they
+//!   neither register nor list candidates, and they take the lock during another node's
+//!   reservation like any free lock. They hear the new `registry` and `reservation`
+//!   notifications on the lock's channel as holder changes and read the holder record once more.
 
 use super::advisory_key;
 
