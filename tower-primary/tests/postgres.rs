@@ -1668,9 +1668,11 @@ async fn a_term_that_lost_the_lock_cannot_reserve_it() {
 
     // Refused once the session is gone, whether or not the node has noticed yet (then by the
     // server's check: its session no longer holds the key).
-    env.terminate(env.holder_pid("jobs").await).await;
+    let a_pid = env.holder_pid("jobs").await;
+    env.terminate(a_pid).await;
+    // The server process of a's session has exited once b's session holds the key.
     env.wait_locks("jobs", "b to be granted the key", |rows| {
-        rows.iter().any(|(_, granted)| *granted)
+        rows.iter().any(|(pid, granted)| *granted && *pid != a_pid)
     })
     .await;
     let refused = a.reserve("b", Duration::from_secs(5)).await.unwrap_err();
