@@ -116,12 +116,14 @@ async fn follow(
                             .then(|| *ready_since.entry(c.node.clone()).or_insert(now)),
                     })
                     .collect();
-                shared.set_candidates(list);
+                // The term's view first: a caller woken by the handle's list (on another
+                // thread) may act on it at once (`hand_over_to`).
                 tx.send_if_modified(|s| {
                     let changed = *s != seen;
                     *s = seen;
                     changed
                 });
+                shared.set_candidates(list);
             }
             Err(e) => errors.push(("read", e)),
         }
