@@ -139,7 +139,8 @@ use notify::event::ModifyKind;
 use tokio::sync::{oneshot, watch};
 
 use super::{
-    AcquireRequest, Backend, BoxFuture, Changes, Leadership, Lock, Renewals, Stored, validate_key,
+    AcquireRequest, Backend, BoxFuture, Candidate, Changes, Leadership, Lease, Lock, Registration,
+    Renewals, Stored, validate_key,
 };
 use crate::error::{ConfigError, Error, validate_lock_name};
 use crate::role::Holder;
@@ -149,6 +150,8 @@ mod held;
 pub(in crate::backend) mod inotify;
 mod paths;
 mod records;
+mod registry;
+mod reserve;
 #[cfg(test)]
 mod tests;
 mod waiter;
@@ -248,6 +251,7 @@ impl FileBackend {
                 watch: Mutex::new(None),
                 blocked: watch::channel(0).0,
                 stale_grants: watch::channel(0).0,
+                deferred: watch::channel(0).0,
                 #[cfg(test)]
                 disk: tests::SlowDisk::new(),
             }),
@@ -356,6 +360,8 @@ struct Inner {
     blocked: watch::Sender<u64>,
     /// Grants dropped because the path no longer named the locked file (observed by tests).
     stale_grants: watch::Sender<u64>,
+    /// Grants given back because the lock was reserved for another node (observed by tests).
+    deferred: watch::Sender<u64>,
     /// A disk that stalls on demand, in tests.
     #[cfg(test)]
     disk: tests::SlowDisk,
@@ -794,5 +800,22 @@ impl Lock for DirLock {
             let rx = watch.signals.subscribe_key(key);
             Ok(Box::new(DirChanges { watch, rx }) as Box<dyn Changes>)
         })
+    }
+
+    /// An entry file held with `flock` (see `registry.rs`); no lease: it lives with the process.
+    fn register(
+        &self,
+        entry: Candidate,
+        _lease: Option<Lease>,
+    ) -> BoxFuture<'_, Result<Box<dyn Registration>, Error>> {
+        Box::pin(self.register_candidate(entry))
+    }
+
+    fn candidates(&self) -> BoxFuture<'_, Result<Vec<Candidate>, Error>> {
+        Box::pin(self.list_candidates())
+    }
+
+    fn watch_candidates(&self) -> BoxFuture<'_, Result<Box<dyn Changes>, Error>> {
+        Box::pin(self.watch_registry())
     }
 }
