@@ -410,7 +410,7 @@ impl Inner {
                             event.kind,
                             EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))
                         );
-                        if gone && event.paths.iter().any(|p| *p == watched) {
+                        if gone && event.paths.contains(&watched) {
                             flag.store(true, Ordering::Release);
                         }
                         tx.send_modify(bump);

@@ -487,10 +487,17 @@ impl Lock for HostLock {
             if self.is_candidate() {
                 return self.group.inner.candidates().await;
             }
-            match self.group.candidate_lock().load(registry_key()).await? {
-                Some(stored) => decode_registry(&stored.value),
-                None => Ok(Vec::new()),
+            let candidate = self.group.candidate_lock();
+            let Some(stored) = candidate.load(registry_key()).await? else {
+                return Ok(Vec::new());
+            };
+            // Only the live candidate's mirror: an earlier candidate's is out of date (the
+            // live one may be of a version that keeps none).
+            let live = candidate.holder().await.ok().flatten().map(|h| h.term);
+            if live != Some(stored.term) {
+                return Ok(Vec::new());
             }
+            decode_registry(&stored.value)
         })
     }
 

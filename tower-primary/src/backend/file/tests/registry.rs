@@ -74,7 +74,7 @@ async fn entries_are_added_updated_replaced_and_withdrawn_across_lock_objects() 
 
     // Withdrawn on drop, reported, and the file is gone.
     drop(second);
-    registry_reads(&b, &mut changes, &[again.clone()]).await;
+    registry_reads(&b, &mut changes, std::slice::from_ref(&again)).await;
     drop(replacement);
     registry_reads(&b, &mut changes, &[]).await;
     let left: Vec<_> = fs::read_dir(tmp.path().join("jobs.candidates"))
