@@ -214,3 +214,41 @@ async fn reserved_handover_time_is_measured() {
         );
     }
 }
+
+/// End to end on the elector: a ready node of higher priority that joins gets the lock handed
+/// over (registry, reservation, release), under a higher term, and the former primary follows
+/// it; with a third, lower node waiting, which must not take the reserved lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_elector_hands_the_lock_to_a_higher_priority_node() {
+    use crate::{Elector, FileBackend, NodeId};
+    let tmp = tempfile::tempdir().unwrap();
+    let spawn = |node: &str, priority: u64| {
+        Elector::builder("jobs")
+            .backend(FileBackend::new(tmp.path()))
+            .node(NodeId::new(node))
+            .priority(priority)
+            .settle_time(Duration::from_millis(10))
+            .spawn()
+            .unwrap()
+    };
+    let low = spawn("low", 1);
+    let term = within("low to lead", low.handle().wait_primary())
+        .await
+        .term();
+    let lowest = spawn("lowest", 0);
+    let high = spawn("high", 2);
+    let ctx = within("the handover to high", high.handle().wait_primary()).await;
+    assert!(ctx.term() > term);
+    assert!(!lowest.handle().is_primary());
+    within("low to follow high", async {
+        let mut role = low.handle();
+        while role.holder().is_none_or(|h| h.id != "high") {
+            role.changed().await;
+        }
+    })
+    .await;
+    assert!(!low.handle().is_primary());
+    high.shutdown().await;
+    lowest.shutdown().await;
+    low.shutdown().await;
+}
