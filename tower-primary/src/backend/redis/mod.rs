@@ -134,6 +134,7 @@ mod conn;
 mod events;
 mod leadership;
 mod lock;
+mod registry;
 mod resume;
 mod scripts;
 mod state;
