@@ -1413,6 +1413,50 @@ async fn setup(test: &str, lease: Duration) -> Option<Setup> {
     })
 }
 
+/// A node process registered by its elector is killed with `SIGKILL`: nobody withdraws its entry,
+/// which runs out one lease after its last refresh; the surviving node's elector, re-reading the
+/// registry (at least once a lease), finds it dead and announces it to every watcher.
+#[tokio::test]
+async fn a_sigkilled_nodes_entry_disappears_and_watchers_are_told() {
+    let lease = Duration::from_secs(1);
+    let Some(mut s) = setup("registry-sigkill", lease).await else {
+        return;
+    };
+    let observer = RedisBackend::new(&s.config.backend)
+        .unwrap()
+        .lock(&s.config.lock)
+        .unwrap();
+    let mut watch = registry_watch(&*observer).await;
+    let pids = s.cluster.spawn_nodes(2).unwrap();
+    s.cluster.wait_settled(WAIT).await.unwrap();
+    let of = |pid: u32| format!(":{pid}");
+    loop {
+        let list = listed(&*observer).await;
+        if pids
+            .iter()
+            .all(|pid| list.iter().any(|c| c.node.ends_with(&of(*pid))))
+        {
+            break;
+        }
+        next_change(&mut watch, "the nodes' entries").await;
+    }
+    let victim = pids[1];
+    let signalled = Instant::now();
+    s.cluster.signal(victim, NodeSignal::Kill).await.unwrap();
+    let list = loop {
+        let list = listed(&*observer).await;
+        if !list.iter().any(|c| c.node.ends_with(&of(victim))) {
+            break list;
+        }
+        next_change(&mut watch, "the killed node's entry").await;
+    };
+    let took = signalled.elapsed();
+    assert!(took <= lease * 3, "{took:?}\n{}", s.cluster.dump());
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert!(list[0].node.ends_with(&of(pids[0])), "{list:?}");
+    println!("SIGKILL (lease {lease:?}) → registry entry gone, watchers told, after {took:?}");
+}
+
 #[tokio::test]
 async fn sigkill_of_the_primary_elects_exactly_one_successor_with_a_higher_term() {
     let lease = Duration::from_secs(1);
