@@ -4,7 +4,8 @@
 //! handled — `SIGKILL` and `SIGTERM` of the primary in both directions (an old primary succeeded
 //! by a new node, and a new primary by an old node), `SIGSTOP` beyond the lease on Redis, and on
 //! Redis a new holder's lease resumed by another new process (a host group's next candidate)
-//! beside old nodes — there are never two primaries and terms never fall.
+//! beside old nodes — there are never two primaries and terms never fall. On Redis, an old node
+//! ignores a new holder's reservation (it takes the lock at once, as documented).
 //!
 //! The old node is built from a git worktree of the commit
 //! ([`OldVersion`](tower_primary_lab::old_version::OldVersion), kept under
@@ -700,6 +701,54 @@ mod redis {
             "terms: {term} (first candidate), {resumed_term} (resumed), {next} (the {} node {pid})",
             m.version(pid)
         );
+        m.check();
+    }
+
+    /// A new holder reserves the lock for a node that never comes, and releases it: an old node
+    /// (0.1.0) waiting for the lock does not know the reservation, and takes the lock at once
+    /// under a higher term, not after the window (ignoring it is what GUARANTEES.md states);
+    /// one primary at a time all the same. The new holder runs in this process.
+    #[tokio::test]
+    async fn redis_an_old_node_ignores_a_reservation() {
+        use tower_primary::backend::{AcquireRequest, Backend};
+        use tower_primary::{Clock, Lease, NodeId};
+
+        let Some((mut m, _server)) = mixed("redis-reserve").await else {
+            return;
+        };
+        let lock = RedisBackend::new(&m.new_config.backend)
+            .unwrap()
+            .lock(&m.new_config.lock)
+            .unwrap();
+        let request = AcquireRequest::new(NodeId::new("new-holder"))
+            .with_lease(Some(Lease::new(LEASE)))
+            .with_clock(Clock::system());
+        let mut held = lock.acquire(request).await.unwrap();
+        let term = held.term();
+        let old = m.spawn(Version::Old);
+        all_see(&m, &[old], term).await;
+
+        let window = Duration::from_secs(30);
+        held.reserve("nobody", window).await.unwrap();
+        let released_at = monotonic_nanos();
+        held.release().await.unwrap();
+        let (pid, next) = m.settled().await;
+        let took = Duration::from_nanos(
+            m.cluster
+                .first_event(pid, released_at, |k| matches!(k, EventKind::Primary { .. }))
+                .map_or(u64::MAX, |e| e.at.saturating_sub(released_at)),
+        );
+        assert_eq!(pid, old, "{}", m.dump());
+        assert!(next > term, "{next} after {term}\n{}", m.dump());
+        assert!(took < window / 3, "{took:?}\n{}", m.dump());
+        println!("an old node took a lock reserved for another {took:?} after the release");
+        tokio::time::timeout(
+            WAIT,
+            m.witness
+                .wait_for(|writes| writes.iter().any(|w| w.term == next)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("the old node never wrote to the witness\n{}", m.dump()));
         m.check();
     }
 }

@@ -1,6 +1,7 @@
 //! The candidate registry: one hash per lock, `{p:name}:candidates`, whose field per node holds
 //! `<until> <registration id> <entry JSON>`. `until` is the server's `TIME` (ms) plus the
-//! registrant's lease, written by a script, so an entry's life is counted by the server alone;
+//! registrant's lease (the elector's; the default lease without one; at least 1 s, the
+//! backend's shortest), written by a script, so an entry's life is counted by the server alone;
 //! the registration's task refreshes it every third of the lease. Reading filters out (and
 //! deletes) the entries whose `until` has passed, so a dead node's entry is gone one lease after
 //! its last refresh without anybody deleting it. Every change is published on
