@@ -1,7 +1,8 @@
 //! The Redis backend against real `redis-server`s: the conformance suite, the backend's own
 //! behaviour (terms across a restart, the restart guard, lease mismatch, the lease record and
 //! maximum lease, eviction refused, waking on expiry, acquisitions abandoned or dropped while
-//! their request is in flight, resuming a lease from another process), and fault tests with real node processes (SIGKILL, SIGTERM,
+//! their request is in flight, resuming a lease from another process, the candidate registry and
+//! reservations, with their timings), and fault tests with real node processes (SIGKILL, SIGTERM,
 //! SIGSTOP, Redis killed and restarted empty also during a lease change, `FLUSHALL`, a deleted
 //! lock key, a stalled TCP proxy).
 //!
