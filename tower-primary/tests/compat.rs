@@ -4,7 +4,8 @@
 //! handled — `SIGKILL` and `SIGTERM` of the primary in both directions (an old primary succeeded
 //! by a new node, and a new primary by an old node), `SIGSTOP` beyond the lease on Redis, and on
 //! Redis a new holder's lease resumed by another new process (a host group's next candidate)
-//! beside old nodes — there are never two primaries and terms never fall.
+//! beside old nodes, and on etcd a resumption and a reservation beside a waiting old node —
+//! there are never two primaries and terms never fall.
 //!
 //! The old node is built from a git worktree of the commit
 //! ([`OldVersion`](tower_primary_lab::old_version::OldVersion), kept under
@@ -895,5 +896,125 @@ mod etcd {
         let report = history.check();
         assert!(report.is_ok(), "{report}\n{}", m.dump());
         println!("terms: a {ta}, b (resumed) {tb}, old node {t_old}, w {tw}");
+    }
+
+    /// A reservation next to a node of 0.1.0 that waits with a key older than the reserved
+    /// node's. New nodes run in this process, each on a connection of its own:
+    ///
+    /// 1. new `a` holds; the old node joins and waits; new `r` joins and waits behind it;
+    /// 2. `a` reserves the lock for `r` and releases it. The old node does not know
+    ///    reservations: its key is now the oldest, and it takes the lock in key order, with a
+    ///    term above `a`'s. `r` may not claim out of key order while a candidate of version
+    ///    0.1 exists (that candidate's term, its create revision, could fall below `r`'s): it
+    ///    gives the reservation up (deletes it: its lease is still live, so it did not expire)
+    ///    and waits in key order;
+    /// 3. the old node leaves (`SIGTERM`); `r` takes the lock with a term above the old node's.
+    ///
+    /// Never two primaries (the old node's events and the in-process terms), terms rise.
+    #[tokio::test]
+    async fn etcd_reservation_next_to_an_older_waiting_old_node() {
+        let Some((mut m, server, url)) = mixed("etcd-reserve").await else {
+            return;
+        };
+        let backend = EtcdBackend::from_url(&url).unwrap();
+        let prefix = backend.prefix().to_owned();
+        let lock_a = backend.connection().lock("jobs").unwrap();
+        let lock_r = backend.connection().lock("jobs").unwrap();
+        let mut history = History::new();
+        let mut admin = etcd_client::Client::connect([format!("http://{}", server.addr())], None)
+            .await
+            .unwrap();
+        let mut watch = admin
+            .watch(
+                format!("{prefix}/jobs/election/"),
+                Some(WatchOptions::new().with_prefix()),
+            )
+            .await
+            .unwrap();
+        let reserved_key = format!("{prefix}/jobs/reserved");
+        let mut reserved = admin.watch(reserved_key.clone(), None).await.unwrap();
+
+        // 1.
+        let mut a = lock_a.acquire(request("a")).await.unwrap();
+        let ta = a.term();
+        history.start("a", ta, monotonic_nanos());
+        let a_key = next_put(&mut watch, &[]).await;
+        let old = m.spawn(Version::Old);
+        let old_key = next_put(&mut watch, &[&a_key]).await;
+        let waiter = tokio::spawn(async move {
+            let r = lock_r.acquire(request("r")).await;
+            (r, monotonic_nanos())
+        });
+        next_put(&mut watch, &[&a_key, &old_key]).await;
+
+        // 2.
+        a.reserve("r", Duration::from_secs(2)).await.unwrap();
+        let lease = admin
+            .get(reserved_key.clone(), None)
+            .await
+            .unwrap()
+            .kvs()
+            .first()
+            .expect("the reservation")
+            .lease();
+        history.end("a", ta, monotonic_nanos());
+        a.release().await.unwrap();
+        let primary = m
+            .cluster
+            .wait_primary_after(ta, 0, WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", m.dump()));
+        assert_eq!(primary.pid, old, "{}", m.dump());
+        let t_old = primary.term().unwrap();
+        assert!(t_old > ta, "the old node's term {t_old} not above {ta}");
+        tokio::time::timeout(WAIT, async {
+            loop {
+                let resp = reserved
+                    .message()
+                    .await
+                    .unwrap()
+                    .expect("the watch goes on");
+                if resp
+                    .events()
+                    .iter()
+                    .any(|e| e.event_type() == EventType::Delete)
+                {
+                    return;
+                }
+            }
+        })
+        .await
+        .expect("the reservation withdrawn");
+        let ttl = admin.lease_time_to_live(lease, None).await.unwrap().ttl();
+        assert!(
+            ttl > 0,
+            "the reservation expired rather than being given up"
+        );
+        assert!(
+            !waiter.is_finished(),
+            "r took the lock while the old node held it"
+        );
+
+        // 3.
+        m.cluster.signal(old, NodeSignal::Term).await.unwrap();
+        let exit = m.cluster.wait_exit(old, WAIT).await.unwrap();
+        assert_eq!(exit, (Some(0), None), "{}", m.dump());
+        let (r, r_at) = tokio::time::timeout(WAIT, waiter).await.unwrap().unwrap();
+        let r = r.unwrap();
+        let tr = r.term();
+        history.start("r", tr, r_at);
+        assert!(tr > t_old, "r's term {tr} not above the old node's {t_old}");
+        history.end("r", tr, monotonic_nanos());
+        r.release().await.unwrap();
+
+        for p in m.cluster.history().periods() {
+            history.push(p.clone());
+        }
+        let report = history.check();
+        assert!(report.is_ok(), "{report}\n{}", m.dump());
+        println!(
+            "terms: a {ta}, old node {t_old} (took the reserved lock in key order), r {tr} \
+             (gave the reservation up, then in order)"
+        );
     }
 }
