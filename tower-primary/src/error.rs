@@ -102,6 +102,14 @@ pub enum ConfigError {
         /// The parser's message.
         problem: String,
     },
+    /// `TOWER_PRIMARY_PRIORITY` is not a decimal `u64`.
+    #[error(
+        "TOWER_PRIMARY_PRIORITY={value:?} is not a priority: it must be a whole number from 0 to 18446744073709551615"
+    )]
+    InvalidPriority {
+        /// The value found.
+        value: String,
+    },
     /// No backend was configured on the builder.
     #[error("no backend configured: call .backend(...) on the builder")]
     NoBackend,

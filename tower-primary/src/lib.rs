@@ -263,14 +263,16 @@ mod watchdog;
 
 pub use crate::backend::Lease;
 pub use crate::clock::Clock;
-pub use crate::elector::{Elector, ElectorBuilder, StateStore, terminate_signal};
+pub use crate::elector::{Elector, ElectorBuilder, PRIORITY_ENV, StateStore, terminate_signal};
 pub use crate::error::{BoxError, ConfigError, Error, HandOverRefusal, Misconfiguration};
 #[cfg(feature = "axum")]
 #[allow(deprecated)]
 pub use crate::http::extract::{PrimaryTerm, RoleRejection};
 pub use crate::http::layer::{AddRole, AddRoleLayer, PrimaryLayer, RoleHeaders, RoleHeadersLayer};
 pub use crate::http::require::{RequirePrimary, RequirePrimaryLayer};
-pub use crate::role::{BackendError, Holder, InFlight, NodeId, Role, RoleHandle, TermContext};
+pub use crate::role::{
+    BackendError, Candidate, Holder, InFlight, NodeId, Role, RoleHandle, TermContext,
+};
 
 #[cfg(feature = "file")]
 pub use crate::backend::file::FileBackend;

@@ -43,6 +43,9 @@ macro_rules! conformance_tests {
             state_api_guards_terms
             dropped_acquire_does_not_leak_the_lock
             resume_continues_the_lease_under_a_higher_term
+            registry_lists_live_candidates
+            reservation_admits_only_its_node
+            priorities_move_the_lock_once
         );
     };
     (@tests ($fixture:expr) $($check:ident)*) => {

@@ -61,6 +61,9 @@
 //! | [`state_api_guards_terms`] | `store`/`load`/`watch_key`: the holder's term writes, older terms get `StaleTerm`, a newer value is never overwritten |
 //! | [`dropped_acquire_does_not_leak_the_lock`] | an `acquire` dropped around a release never keeps the lock |
 //! | [`resume_continues_the_lease_under_a_higher_term`] | backends with resume tokens: a dead holder's lease resumed from another connection gets a higher term and the new holder record, once; the old term's writes are refused |
+//! | [`registry_lists_live_candidates`] | backends with a registry: an entry registered, updated and withdrawn on one connection shows on another at once, and wakes its `watch_candidates` |
+//! | [`reservation_admits_only_its_node`] | backends with reservations: only the reserved node takes the released lock (higher term), the reservation is consumed; one for a node that never comes keeps the others out until it runs out |
+//! | [`priorities_move_the_lock_once`] | electors: equal priorities and unready nodes move nothing; a ready higher priority gets the lock once; directed handovers and their refusals; a draining primary hands over |
 //!
 //! Checks that need a fault hook or a lease the backend does not have print
 //! `skipped: <why>` and return.
@@ -80,6 +83,7 @@ mod failover;
 mod fixture;
 mod harness;
 mod macros;
+mod registry;
 mod resume;
 mod state;
 mod tasks;
@@ -96,6 +100,9 @@ pub use self::failover::{
 };
 pub use self::fixture::{
     Connection, Fault, FaultHooks, Fixture, FnFixture, MemoryFixture, from_fn, unique_lock_name,
+};
+pub use self::registry::{
+    priorities_move_the_lock_once, registry_lists_live_candidates, reservation_admits_only_its_node,
 };
 pub use self::resume::resume_continues_the_lease_under_a_higher_term;
 pub use self::state::state_api_guards_terms;
@@ -123,6 +130,9 @@ pub const CHECKS: &[&str] = &[
     "state_api_guards_terms",
     "dropped_acquire_does_not_leak_the_lock",
     "resume_continues_the_lease_under_a_higher_term",
+    "registry_lists_live_candidates",
+    "reservation_admits_only_its_node",
+    "priorities_move_the_lock_once",
 ];
 
 /// Runs every check, one after the other. [`conformance_tests!`](crate::conformance_tests)
@@ -149,4 +159,7 @@ pub async fn run_all<F: Fixture + ?Sized>(fixture: &F) {
     state_api_guards_terms(fixture).await;
     dropped_acquire_does_not_leak_the_lock(fixture).await;
     resume_continues_the_lease_under_a_higher_term(fixture).await;
+    registry_lists_live_candidates(fixture).await;
+    reservation_admits_only_its_node(fixture).await;
+    priorities_move_the_lock_once(fixture).await;
 }

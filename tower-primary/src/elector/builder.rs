@@ -9,6 +9,7 @@ use tokio::sync::{mpsc, watch};
 use super::backend_errors::BackendErrors;
 use super::campaign::Campaign;
 use super::check::{self, FirstAnswer};
+use super::registry::Registry;
 use super::{Elector, Inner, TARGET};
 use crate::backend::{AcquireRequest, Backend, Lease, Lock};
 use crate::backoff::Backoff;
@@ -35,6 +36,12 @@ pub struct ElectorBuilder {
     /// `None`: from the environment; `Some(None)`: off.
     #[cfg_attr(not(feature = "file"), allow(dead_code))]
     host_dir: Option<Option<std::path::PathBuf>>,
+    /// `None`: from the environment, else 0.
+    priority: Option<u64>,
+    never_lead: bool,
+    ready_at_spawn: bool,
+    settle: Duration,
+    window: Duration,
 }
 
 impl fmt::Debug for ElectorBuilder {
@@ -67,7 +74,82 @@ impl ElectorBuilder {
             liveness_bound: Duration::from_secs(10),
             check_timeout: Duration::from_secs(30),
             host_dir: None,
+            priority: None,
+            never_lead: false,
+            ready_at_spawn: true,
+            settle: Duration::from_secs(1),
+            window: Duration::from_secs(2),
         }
+    }
+
+    /// This node's priority in the lock's candidate registry (default: the environment
+    /// variable [`TOWER_PRIMARY_PRIORITY`](PRIORITY_ENV) read at spawn, else 0). When a ready
+    /// candidate with a strictly higher priority than the primary's has been ready for the
+    /// [settle time](Self::settle_time), the primary hands the lock over to it: give each
+    /// deploy a higher number (a build number, a timestamp) and a rolling deploy moves the
+    /// primary once, to a new instance. Equal priorities never move the lock.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_primary::{Elector, MemoryBackend, NodeId};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower_primary::Error> {
+    /// let backend = MemoryBackend::new();
+    /// let old = Elector::builder("jobs").backend(backend.clone()).priority(1).spawn()?;
+    /// old.handle().wait_primary().await;
+    ///
+    /// // A new version starts: once it has been ready for the settle time, it leads.
+    /// let new = Elector::builder("jobs")
+    ///     .backend(backend.connection())
+    ///     .node(NodeId::new("v2"))
+    ///     .priority(2)
+    ///     .settle_time(Duration::from_millis(10))
+    ///     .spawn()?;
+    /// let term = new.handle().wait_primary().await;
+    /// assert_eq!(term.holder().id, "v2");
+    /// # old.shutdown().await; new.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn priority(mut self, priority: u64) -> Self {
+        self.priority = Some(priority);
+        self
+    }
+
+    /// This node never becomes primary (it is draining from spawn): a node that serves requests
+    /// but must not run the singleton work, say. It still follows the holder, and
+    /// [`candidates`](crate::RoleHandle::candidates) lists it as draining.
+    pub fn never_lead(mut self) -> Self {
+        self.never_lead = true;
+        self
+    }
+
+    /// Whether the node is ready to be handed the lock from spawn (the default, `true`). With
+    /// `false` it becomes a handover target only once the application calls
+    /// [`Elector::ready`] (after its caches are warm, say). Readiness decides only who the lock
+    /// is handed *to*: an unready node still takes a free lock in a failover.
+    pub fn ready_at_spawn(mut self, ready: bool) -> Self {
+        self.ready_at_spawn = ready;
+        self
+    }
+
+    /// How long a higher-priority candidate must have been ready (as the primary reads the
+    /// registry, on the primary's clock) before the lock is handed over to it; default 1 s. A
+    /// new instance that crashes right after start-up then never pulls the lock.
+    pub fn settle_time(mut self, settle: Duration) -> Self {
+        self.settle = settle;
+        self
+    }
+
+    /// How long a handover reserves the lock for its target (timed by the backend's server;
+    /// etcd rounds it up to 2 s); default 2 s. If the target does not take the lock within it,
+    /// any waiting node may: a target that died costs this window plus one failover.
+    pub fn handover_window(mut self, window: Duration) -> Self {
+        self.window = window;
+        self
     }
 
     /// Campaigns as one [host group](crate::backend::host) with the other processes of this host
@@ -288,7 +370,7 @@ impl ElectorBuilder {
     }
 
     /// Checks every setting, without any backend I/O.
-    fn validate(self) -> Result<Checked, ConfigError> {
+    fn validate(mut self) -> Result<Checked, ConfigError> {
         validate_lock_name(&self.lock)?;
         let backend = self.backend.clone().ok_or(ConfigError::NoBackend)?;
         #[cfg(feature = "file")]
@@ -336,6 +418,18 @@ impl ElectorBuilder {
             });
         }
         at_most_a_day("check timeout", self.check_timeout)?;
+        at_most_a_day("settle time", self.settle)?;
+        if self.window.is_zero() {
+            return Err(ConfigError::InvalidTiming {
+                setting: "handover window",
+                value: self.window,
+                rule: "must be longer than zero".to_owned(),
+            });
+        }
+        at_most_a_day("handover window", self.window)?;
+        if self.priority.is_none() {
+            self.priority = Some(priority_from_env()?);
+        }
         let lease = match backend.min_lease() {
             Some(min) => {
                 let lease = self.lease.unwrap_or_default();
@@ -389,6 +483,21 @@ impl Checked {
     }
 }
 
+/// The environment variable with this node's priority, read at spawn when
+/// [`ElectorBuilder::priority`] was not called: a decimal `u64`.
+pub const PRIORITY_ENV: &str = "TOWER_PRIMARY_PRIORITY";
+
+/// The priority from [`PRIORITY_ENV`]: 0 when unset or empty.
+fn priority_from_env() -> Result<u64, ConfigError> {
+    match std::env::var(PRIORITY_ENV) {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse()
+            .map_err(|_| ConfigError::InvalidPriority { value: v.clone() }),
+        _ => Ok(0),
+    }
+}
+
 /// The current tokio runtime, or the error that says there is none.
 fn current_runtime() -> Result<tokio::runtime::Handle, ConfigError> {
     tokio::runtime::Handle::try_current().map_err(|_| ConfigError::NoRuntime {
@@ -430,6 +539,11 @@ impl Prepared {
         let node = builder.node.unwrap_or_else(NodeId::from_env);
         let clock = builder.clock.unwrap_or_default();
         let shared = Shared::new(builder.lock.clone(), node.clone(), clock, Role::Starting);
+        shared.entry.send_modify(|e| {
+            e.priority = builder.priority.unwrap_or(0);
+            e.ready = builder.ready_at_spawn;
+            e.draining = builder.never_lead;
+        });
         shared
             .watchdog
             .supervise(builder.liveness_bound, builder.grace, clock.now());
@@ -456,6 +570,15 @@ impl Prepared {
             tasks: tasks.clone(),
             cmd_rx,
             tick: (builder.liveness_bound / 4).max(Duration::from_millis(1)),
+            registry: Registry::spawn(
+                runtime,
+                lock.clone(),
+                shared.clone(),
+                lease,
+                lease.map_or(Duration::from_secs(5), |l| l.ttl()),
+            ),
+            settle: builder.settle,
+            window: builder.window,
         };
         let watched = shared.clone();
         runtime.spawn(async move {

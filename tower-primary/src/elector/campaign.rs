@@ -18,6 +18,7 @@ use tracing::Instrument;
 use super::backend_errors::{ACQUISITION_SETTLED, BackendErrors, Step};
 use super::check::FirstAnswer;
 use super::follow::{Failure, Follow, Update};
+use super::registry::Registry;
 use super::term::Leave;
 use super::{Command, TARGET};
 use crate::backend::{AcquireRequest, BoxFuture, Leadership, Lease, Lock};
@@ -45,6 +46,12 @@ pub(super) struct Campaign {
     pub(super) errors: BackendErrors,
     /// Waiting for the backend's first answer ([`spawn_checked`](super::ElectorBuilder::spawn_checked)).
     pub(super) first_answer: Option<FirstAnswer>,
+    /// This node's registration and the registry as read.
+    pub(super) registry: Registry,
+    /// How long a higher-priority candidate must have been ready before the lock moves to it.
+    pub(super) settle: Duration,
+    /// How long a handover reserves the lock for its target.
+    pub(super) window: Duration,
 }
 
 /// Why a campaign ended without a grant: the elector was shut down (with the reply to send once
@@ -116,6 +123,11 @@ impl<'a> Attempt<'a> {
         self.future.is_some()
     }
 
+    /// Gives the attempt under way up (cancel-safe: a grant that arrives later is released).
+    fn cancel(&mut self) {
+        self.future = None;
+    }
+
     /// When the attempt under way will have waited [`ACQUISITION_SETTLED`] without an error;
     /// `None` while none is under way.
     fn settled_at(&self) -> Option<Instant> {
@@ -164,7 +176,7 @@ impl Campaign {
                     tracing::info!(target: TARGET, lock = %self.shared.lock, node = %self.shared.node, "elector stopped");
                     return;
                 }
-                Leave::StepDown(_) => {
+                Leave::StepDown(_) | Leave::HandOver { .. } => {
                     hold_off = Some(after(self.rejoin_delay));
                 }
                 Leave::Lost(_) | Leave::Fenced if self.exit_on_loss => {
@@ -194,9 +206,15 @@ impl Campaign {
         let lock = &*lock;
         let mut attempt = Attempt::new(hold_off);
         let mut follow = Follow::new(lock);
+        let mut entry = self.shared.entry.subscribe();
         loop {
             self.shared.watchdog.beat(self.shared.clock.now());
-            attempt.start_if_due(lock, &self.request, &self.shared);
+            if entry.borrow_and_update().draining {
+                // A draining node never becomes primary.
+                attempt.cancel();
+            } else {
+                attempt.start_if_due(lock, &self.request, &self.shared);
+            }
             // An idle loop still stamps its heartbeat.
             let settled = self
                 .errors
@@ -215,6 +233,7 @@ impl Campaign {
                     Err(err) => self.acquire_failed(err, &mut attempt, &follow),
                 },
                 update = follow.next() => self.followed(update, &mut attempt),
+                _ = entry.changed() => {}
                 () = tokio::time::sleep_until(wake) => follow.resubscribe_if_due(),
             }
             follow.read_if_needed();
@@ -232,7 +251,7 @@ impl Campaign {
         match cmd {
             None => Err(None),
             Some(Command::Shutdown(reply)) => Err(Some(reply)),
-            Some(Command::StepDown(reply)) => {
+            Some(Command::StepDown(reply) | Command::HandOver(_, reply)) => {
                 let _ = reply.send(Err(Error::NotPrimary {
                     lock: self.shared.lock.clone(),
                 }));

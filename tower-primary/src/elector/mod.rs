@@ -65,11 +65,12 @@ mod builder;
 mod campaign;
 mod check;
 mod follow;
+mod registry;
 mod state;
 mod term;
 
-pub use self::builder::ElectorBuilder;
 pub(crate) use self::builder::Prepared;
+pub use self::builder::{ElectorBuilder, PRIORITY_ENV};
 pub use self::state::StateStore;
 
 /// The target of the elector's events and spans, whichever of its files they come from.
@@ -103,6 +104,7 @@ impl fmt::Debug for Elector {
 
 enum Command {
     StepDown(oneshot::Sender<Result<(), Error>>),
+    HandOver(String, oneshot::Sender<Result<(), Error>>),
     Shutdown(oneshot::Sender<()>),
     TaskAdded,
 }
@@ -186,6 +188,79 @@ impl Elector {
         self.inner
             .cmd
             .send(Command::StepDown(tx))
+            .map_err(|_| self.shut_down_error())?;
+        rx.await.map_err(|_| self.shut_down_error())?
+    }
+
+    /// Marks this node ready to lead: from now on (after the
+    /// [settle time](ElectorBuilder::settle_time)) it may be the target of a preferred handover.
+    /// Only needed with [`ready_at_spawn(false)`](ElectorBuilder::ready_at_spawn): a node is
+    /// ready from spawn otherwise. Idempotent.
+    ///
+    /// Readiness decides only who the lock is handed *to*: an unready node still takes the lock
+    /// when it is free (a failover never waits for readiness).
+    pub fn ready(&self) {
+        self.inner
+            .handle
+            .shared()
+            .entry
+            .send_if_modified(|e| !std::mem::replace(&mut e.ready, true));
+    }
+
+    /// Drains this node: it never becomes primary again, and if it is primary it hands the lock
+    /// over (a planned handover with a reservation) as soon as an eligible successor exists —
+    /// the best ready, non-draining candidate, settled or not — and keeps leading until then.
+    /// Resolves once this node is not primary: bound it with [`tokio::time::timeout`] before a
+    /// [`shutdown`](Self::shutdown), which releases the lock in any case.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_primary::{Elector, MemoryBackend, NodeId};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower_primary::Error> {
+    /// let backend = MemoryBackend::new();
+    /// let old = Elector::builder("jobs").backend(backend.clone()).node(NodeId::new("old")).spawn()?;
+    /// old.handle().wait_primary().await;
+    /// let new = Elector::builder("jobs").backend(backend.connection()).node(NodeId::new("new")).spawn()?;
+    ///
+    /// // SIGTERM: hand over to the new node, then stop.
+    /// let _ = tokio::time::timeout(Duration::from_secs(10), old.drain()).await;
+    /// old.shutdown().await;
+    /// assert_eq!(new.handle().wait_primary().await.holder().id, "new");
+    /// # new.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn drain(&self) {
+        let mut handle = self.handle();
+        handle
+            .shared()
+            .entry
+            .send_if_modified(|e| !std::mem::replace(&mut e.draining, true));
+        while handle.is_primary() {
+            handle.changed().await;
+        }
+    }
+
+    /// Hands the lock over to `node` now, on an operator's request: a planned handover that
+    /// reserves the lock for that node. Resolves once this node has released the lock. This
+    /// node then counts as having yielded: it is not the target of a preferred handover until
+    /// it leads again, so the lock does not come straight back to a higher priority.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::HandOver`] when `node` is not a live candidate of the lock, is not ready, is
+    /// draining, or is this node ([`HandOverRefusal`](crate::HandOverRefusal)); nothing moves.
+    /// [`Error::NotPrimary`] when this node is not primary, [`Error::Shutdown`] after shutdown,
+    /// or the backend's error from reserving the lock (nothing moves either).
+    pub async fn hand_over_to(&self, node: impl Into<String>) -> Result<(), Error> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .cmd
+            .send(Command::HandOver(node.into(), tx))
             .map_err(|_| self.shut_down_error())?;
         rx.await.map_err(|_| self.shut_down_error())?
     }

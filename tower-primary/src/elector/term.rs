@@ -1,11 +1,13 @@
 //! Holding a term, and leaving it in the shutdown order.
 
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::campaign::{Campaign, after};
 use super::check::FirstAnswer;
+use super::registry::{choose, directed};
 use super::{Command, TARGET};
 use crate::backend::{Leadership, Release};
 use crate::clock::Timestamp;
@@ -14,12 +16,22 @@ use crate::role::{Role, RoleState, TermContext};
 use crate::task::TaskSet;
 use crate::watchdog::Phase;
 
+/// After a reservation failed, when a preferred handover is tried again.
+const HANDOVER_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Why a term ended.
 pub(super) enum Leave {
     Lost(Error),
     Fenced,
     StepDown(oneshot::Sender<Result<(), Error>>),
     Shutdown(Option<oneshot::Sender<()>>),
+    /// A planned handover to `to`, for whom the lock is reserved: preferred (a higher priority),
+    /// for a draining primary, or `directed` by [`hand_over_to`](super::Elector::hand_over_to).
+    HandOver {
+        to: String,
+        directed: bool,
+        reply: Option<oneshot::Sender<Result<(), Error>>>,
+    },
 }
 
 impl Leave {
@@ -29,6 +41,7 @@ impl Leave {
             Leave::Fenced => "fenced",
             Leave::StepDown(_) => "stepped-down",
             Leave::Shutdown(_) => "shutdown",
+            Leave::HandOver { .. } => "handed-over",
         }
     }
 }
@@ -67,23 +80,69 @@ impl Campaign {
         crate::metrics::transition(&self.shared.lock, "acquired");
         let mut tasks = TaskSet::new();
         tasks.sync(&crate::sync::lock(&self.tasks), &ctx);
+        // Leading again ends a yield.
+        self.shared
+            .entry
+            .send_if_modified(|e| std::mem::replace(&mut e.yielded, false));
+        let mut entry = self.shared.entry.subscribe();
+        let mut seen = self.registry.seen.clone();
+        let mut look_again: Option<Instant> = None;
 
         let leave = loop {
             self.shared.watchdog.beat(clock.now());
             if clock.now() >= deadline {
                 break Leave::Fenced;
             }
+            if look_again.is_none_or(|at| at <= Instant::now()) {
+                let me = entry.borrow_and_update().clone();
+                let choice = choose(&me, &seen.borrow_and_update(), Instant::now(), self.settle);
+                look_again = choice.recheck_at;
+                if let Some(to) = choice.target {
+                    match self.reserve(&mut *leadership, &to).await {
+                        Ok(()) => {
+                            break Leave::HandOver {
+                                to,
+                                directed: false,
+                                reply: None,
+                            };
+                        }
+                        // Keep leading; try again a little later.
+                        Err(()) => look_again = Some(after(HANDOVER_RETRY)),
+                    }
+                }
+            }
+            let wake = clock.to_tokio_instant(deadline).min(after(self.tick));
             tokio::select! {
                 biased;
                 cmd = self.cmd_rx.recv() => match cmd {
                     None => break Leave::Shutdown(None),
                     Some(Command::Shutdown(reply)) => break Leave::Shutdown(Some(reply)),
                     Some(Command::StepDown(reply)) => break Leave::StepDown(reply),
+                    Some(Command::HandOver(to, reply)) => {
+                        let refused = directed(self.shared.node.id(), &to, &seen.borrow());
+                        if let Err(refusal) = refused {
+                            let _ = reply.send(Err(Error::HandOver {
+                                lock: self.shared.lock.clone(),
+                                node: to,
+                                refusal,
+                            }));
+                            continue;
+                        }
+                        match leadership.reserve(&to, self.window).await {
+                            Ok(()) => break Leave::HandOver { to, directed: true, reply: Some(reply) },
+                            Err(e) => {
+                                let _ = reply.send(Err(e));
+                            }
+                        }
+                    }
                     Some(Command::TaskAdded) => tasks.sync(&crate::sync::lock(&self.tasks), &ctx),
                 },
                 err = leadership.lost() => break Leave::Lost(err),
-                // Wakes at the deadline, and at least every tick to stamp the heartbeat.
-                () = tokio::time::sleep_until(clock.to_tokio_instant(deadline).min(after(self.tick))) => {}
+                _ = seen.changed() => look_again = None,
+                _ = entry.changed() => look_again = None,
+                // Wakes at the deadline, at a candidate's settle time, and at least every tick to
+                // stamp the heartbeat.
+                () = tokio::time::sleep_until(look_again.map_or(wake, |at| at.min(wake))) => {}
                 sent = async { match renewals.as_mut() { Some(r) => r.changed().await, None => std::future::pending().await } } => {
                     // Renewals run inside the backend; this is where the elector sees one confirmed.
                     let took = clock.now().saturating_duration_since(sent);
@@ -109,9 +168,31 @@ impl Campaign {
         self.leave(leadership, ctx, tasks, leave).await
     }
 
+    /// Reserves the lock for `to` (the target of a preferred handover); `Err` (logged) keeps
+    /// the lock rather than release it to whoever is fastest.
+    async fn reserve(&self, leadership: &mut dyn Leadership, to: &str) -> Result<(), ()> {
+        let reserved = tokio::time::timeout(self.window, leadership.reserve(to, self.window)).await;
+        let err = match reserved {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => e,
+            Err(_) => Error::backend_msg(
+                self.backend_name,
+                format!("reserving the lock did not answer within {:?}", self.window),
+            ),
+        };
+        tracing::warn!(target: TARGET,
+            lock = %self.shared.lock,
+            node = %self.shared.node,
+            to,
+            error = %Chain(&err),
+            "cannot reserve the lock for a handover; keeping it"
+        );
+        Err(())
+    }
+
     async fn leave(
         &mut self,
-        leadership: Box<dyn Leadership>,
+        mut leadership: Box<dyn Leadership>,
         ctx: TermContext,
         mut tasks: TaskSet,
         leave: Leave,
@@ -130,6 +211,9 @@ impl Campaign {
                 %lock, %node, term, reason = "fenced",
                 "lease deadline passed without a confirmed renewal; stepping down"
             ),
+            Leave::HandOver { to, directed, .. } => {
+                tracing::info!(target: TARGET, %lock, %node, term, reason = "handed-over", to = %to, directed, "handing the lock over")
+            }
             other => {
                 tracing::info!(target: TARGET, %lock, %node, term, reason = other.reason(), "stepping down")
             }
@@ -169,6 +253,21 @@ impl Campaign {
         self.shared
             .watchdog
             .wait_on_backend(Phase::Releasing, clock.now());
+        if let Leave::HandOver { to, directed, .. } = &leave {
+            if *directed {
+                // Written before the release, so that the next primary reads it.
+                self.shared.entry.send_modify(|e| e.yielded = true);
+                let me = self.shared.entry.borrow().clone();
+                if let Err(e) = self.registry.update_now(me).await {
+                    tracing::warn!(target: TARGET, %lock, %node, error = %Chain(&e), "cannot mark this node as yielded in the registry");
+                }
+            }
+            // Again, right before the release: winding the term down may have taken a part of
+            // the window.
+            if let Err(e) = leadership.reserve(to, self.window).await {
+                tracing::warn!(target: TARGET, %lock, %node, term, to = %to, error = %Chain(&e), "cannot renew the reservation before the release; releasing anyway");
+            }
+        }
         // A shutdown may pass a host group's lease to a sibling process; anything else gives it
         // back to the backend.
         let why = match leave {
@@ -205,6 +304,18 @@ impl Campaign {
             Leave::StepDown(reply) => {
                 let _ = reply.send(released);
                 Leave::StepDown(oneshot::channel().0)
+            }
+            Leave::HandOver {
+                to,
+                directed,
+                reply: Some(reply),
+            } => {
+                let _ = reply.send(released);
+                Leave::HandOver {
+                    to,
+                    directed,
+                    reply: None,
+                }
             }
             other => other,
         }

@@ -10,7 +10,12 @@
 //!             "url": "http://10.0.0.7:8080", "term": 12, "since": "2026-11-30T08:00:00.000Z",
 //!             "lease_ms": null},
 //!  "since": "2026-11-30T08:00:00.000Z",
-//!  "backend_error": null}
+//!  "backend_error": null,
+//!  "entry": {"node": "web-2:4242", "priority": 41, "ready": true, "draining": false,
+//!            "yielded": false},
+//!  "candidates": [
+//!    {"node": "web-2:4242", "priority": 41, "ready": true, "draining": false, "yielded": false},
+//!    {"node": "web-1:77", "priority": 40, "ready": true, "draining": false, "yielded": false}]}
 //! ```
 //!
 //! `role` is `primary`, `secondary` or `starting`; `term` is the latest known term (this node's
@@ -18,7 +23,10 @@
 //! unknown; `since` is when the current primary period began (wall clock, for display);
 //! `backend_error` is the backend misconfiguration that keeps this node secondary
 //! ([`BackendError`](crate::BackendError): `{"kind": "authentication", "message": "…", "since":
-//! "…"}`), `null` when there is none.
+//! "…"}`), `null` when there is none; `entry` is this node's own entry in the lock's
+//! candidate registry and `candidates` the registry as this node last read it, highest priority
+//! first (see [`Candidate`](crate::Candidate): with a higher-priority candidate ready, the
+//! primary hands the lock over to it).
 //!
 //! [`role`] answers `200` on every role: **leadership is not readiness**, and a readiness probe
 //! that waits for the election takes secondaries out of the load balancer (or deadlocks a

@@ -4,7 +4,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::role::{BackendError, Holder, Role, RoleHandle};
+use crate::role::{BackendError, Candidate, Holder, Role, RoleHandle};
 
 /// The body of `/health/role`. Serialize it on any stack; deserialize it in clients and tests.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,6 +27,15 @@ pub struct RoleReport {
     /// ([`RoleHandle::backend_error`]); `null` otherwise (and in reports of older versions).
     #[serde(default)]
     pub backend_error: Option<BackendError>,
+    /// This node's own entry in the candidate registry: priority, ready, draining, yielded
+    /// ([`RoleHandle::entry`]). `null` in reports of older versions.
+    #[serde(default)]
+    pub entry: Option<Candidate>,
+    /// The lock's candidate registry as this node last read it, highest priority first
+    /// ([`RoleHandle::candidates`]); empty on a backend without a registry and in reports of
+    /// older versions.
+    #[serde(default)]
+    pub candidates: Vec<Candidate>,
 }
 
 /// This node in a [`RoleReport`].
@@ -52,6 +61,8 @@ impl RoleReport {
     /// assert_eq!(json["role"], "starting");
     /// assert!(json["term"].is_null() && json["holder"].is_null() && json["since"].is_null());
     /// assert!(json["backend_error"].is_null());
+    /// assert_eq!(json["entry"]["priority"], 0);
+    /// assert_eq!(json["candidates"], serde_json::json!([]));
     /// assert_eq!(json["node"]["pid"], std::process::id());
     /// ```
     #[must_use]
@@ -76,6 +87,8 @@ impl RoleReport {
             holder,
             since,
             backend_error: handle.backend_error(),
+            entry: Some(handle.entry()),
+            candidates: handle.candidates(),
         }
     }
 

@@ -32,6 +32,9 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
+mod candidate;
+
+pub use self::candidate::Candidate;
 pub use crate::backend_error::BackendError;
 use crate::clock::{Clock, Timestamp};
 use crate::watchdog::{Liveness, Watchdog};
@@ -298,6 +301,10 @@ pub(crate) struct Shared {
     pub(crate) watchdog: Watchdog,
     /// The misconfiguration the campaign is stuck on, if any.
     backend_error: RwLock<Option<BackendError>>,
+    /// This node's own registry entry, as configured (priority, ready, draining, yielded).
+    pub(crate) entry: watch::Sender<Candidate>,
+    /// The lock's registry as this node last read it.
+    candidates: watch::Sender<Vec<Candidate>>,
 }
 
 impl fmt::Debug for Shared {
@@ -317,6 +324,7 @@ impl Shared {
             holder: None,
             term: None,
         });
+        let node_id = node.id.clone();
         Arc::new(Shared {
             lock,
             node,
@@ -325,6 +333,8 @@ impl Shared {
             state,
             watchdog: Watchdog::unsupervised(),
             backend_error: RwLock::new(None),
+            entry: watch::channel(Candidate::new(node_id)).0,
+            candidates: watch::channel(Vec::new()).0,
         })
     }
 
@@ -334,6 +344,24 @@ impl Shared {
 
     pub(crate) fn set_backend_error(&self, error: Option<BackendError>) -> Option<BackendError> {
         std::mem::replace(&mut *crate::sync::write(&self.backend_error), error)
+    }
+
+    pub(crate) fn candidates(&self) -> Vec<Candidate> {
+        self.candidates.borrow().clone()
+    }
+
+    /// Publishes the registry as read (sorted by priority, highest first), if it changed.
+    pub(crate) fn set_candidates(&self, mut candidates: Vec<Candidate>) {
+        candidates.sort_by(|a, b| {
+            b.priority
+                .cmp(&a.priority)
+                .then_with(|| a.node.cmp(&b.node))
+        });
+        self.candidates.send_if_modified(|c| {
+            let changed = *c != candidates;
+            *c = candidates;
+            changed
+        });
     }
 
     pub(crate) fn set_deadline(&self, at: Timestamp) {
@@ -482,6 +510,54 @@ impl RoleHandle {
         self.shared.backend_error()
     }
 
+    /// This node's entry in the lock's candidate registry: its priority, and whether it is
+    /// ready, draining, or has handed the lock away on request. A lock read.
+    #[must_use]
+    pub fn entry(&self) -> Candidate {
+        self.shared.entry.borrow().clone()
+    }
+
+    /// The lock's candidate registry as this node last read it (every live node's
+    /// [`entry`](Self::entry); with a host group, one entry per group), sorted by priority,
+    /// highest first. Empty on a backend without a registry. A lock read, no I/O.
+    ///
+    /// ```
+    /// use tower_primary::{Elector, MemoryBackend};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower_primary::Error> {
+    /// let elector = Elector::builder("jobs").backend(MemoryBackend::new()).priority(7).spawn()?;
+    /// let mut role = elector.handle();
+    /// role.wait_primary().await;
+    /// let registry = role.wait_candidates(|c| !c.is_empty()).await;
+    /// assert_eq!(registry[0].priority, 7);
+    /// # elector.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn candidates(&self) -> Vec<Candidate> {
+        self.shared.candidates()
+    }
+
+    /// Waits until [`candidates`](Self::candidates) satisfies `until` (checked at once, then
+    /// at every change), and returns them.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel-safe.
+    pub async fn wait_candidates(
+        &self,
+        mut until: impl FnMut(&[Candidate]) -> bool,
+    ) -> Vec<Candidate> {
+        let mut rx = self.shared.candidates.subscribe();
+        // The sender lives in `Shared`, which this handle keeps alive: it cannot be closed.
+        match rx.wait_for(|c| until(c)).await {
+            Ok(c) => c.clone(),
+            Err(_) => std::future::pending().await,
+        }
+    }
+
     /// The clock the deadline is read on.
     #[must_use]
     pub fn clock(&self) -> Clock {
@@ -521,7 +597,6 @@ impl RoleHandle {
         }
     }
 
-    #[cfg(test)]
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.shared
     }
