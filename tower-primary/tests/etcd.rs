@@ -31,7 +31,8 @@ use etcd_client::{Client, GetOptions, SortOrder, SortTarget};
 use tokio::sync::{Mutex, MutexGuard};
 use tower_primary::backend::etcd::EtcdBackend;
 use tower_primary::backend::{
-    AcquireRequest, Backend, BoxFuture, Candidate, Changes, Leadership, Lock, Stored, from_url,
+    AcquireRequest, Backend, BoxFuture, Candidate, Changes, Leadership, Lock, Registration, Stored,
+    from_url,
 };
 use tower_primary::clock::monotonic_nanos;
 use tower_primary::{ConfigError, Elector, Error, Holder, Lease, NodeId};
@@ -267,6 +268,22 @@ impl Lock for TrackedLock {
 
     fn watch_key<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Box<dyn Changes>, Error>> {
         self.inner.watch_key(key)
+    }
+
+    fn register(
+        &self,
+        entry: Candidate,
+        lease: Option<Lease>,
+    ) -> BoxFuture<'_, Result<Box<dyn Registration>, Error>> {
+        self.inner.register(entry, lease)
+    }
+
+    fn candidates(&self) -> BoxFuture<'_, Result<Vec<Candidate>, Error>> {
+        self.inner.candidates()
+    }
+
+    fn watch_candidates(&self) -> BoxFuture<'_, Result<Box<dyn Changes>, Error>> {
+        self.inner.watch_candidates()
     }
 }
 
