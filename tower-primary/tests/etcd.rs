@@ -553,11 +553,25 @@ async fn backend_strings_reach_the_server_under_their_prefix() {
         .await
         .unwrap();
     let mut admin = admin(&server).await;
-    let stored = keys(&mut admin, &prefix).await;
+    let candidates = format!("{prefix}/jobs/election");
+    let stored = keys(&mut admin, &candidates).await;
     assert_eq!(stored.len(), 1, "{stored:?}");
     assert_eq!(u64::try_from(stored[0].1).unwrap(), ctx.term());
+    // The elector's registry entry lives beside the candidates, not among them.
+    let registry = keys(&mut admin, &format!("{prefix}/jobs/registry")).await;
+    assert_eq!(registry.len(), 1, "{registry:?}");
+    let reader = EtcdBackend::from_url(&url).unwrap().lock("jobs").unwrap();
+    let mut changes = reader.watch_candidates().await.unwrap();
     elector.shutdown().await;
-    assert!(keys(&mut admin, &prefix).await.is_empty());
+    assert!(keys(&mut admin, &candidates).await.is_empty());
+    // Withdrawn as the elector stops (its lease revoked in the background).
+    until_entries(
+        reader.as_ref(),
+        &mut changes,
+        "the entry withdrawn",
+        <[_]>::is_empty,
+    )
+    .await;
 }
 
 /// An error's text with its sources, as a logger shows it (each cause once).

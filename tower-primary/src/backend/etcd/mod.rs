@@ -504,6 +504,21 @@ mod tests {
         assert!(highest_old < end);
         assert!(lock.is_own_kind(&ours));
         assert!(!lock.is_own_kind(&old));
+        // The registry and the reservation keys lie outside the candidates' range, which every
+        // version reads (a key there would be taken for a candidate).
+        let registry = lock.registry_prefix();
+        assert_eq!(registry, b"apps/x/jobs/registry/".to_vec());
+        assert_eq!(lock.reserved_key(), b"apps/x/jobs/reserved".to_vec());
+        assert_eq!(
+            lock.reserved_holder_key(),
+            b"apps/x/jobs/reserved-holder".to_vec()
+        );
+        for key in [registry, lock.reserved_key(), lock.reserved_holder_key()] {
+            assert!(!key.starts_with(&lock.election), "{key:?}");
+            assert!(!key.starts_with(&lock.state), "{key:?}");
+        }
+        // A prefix watch on the reservation sees the reserved holder's mark too.
+        assert!(lock.reserved_holder_key().starts_with(&lock.reserved_key()));
     }
 
     #[test]
