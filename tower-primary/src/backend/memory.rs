@@ -735,7 +735,7 @@ impl Leadership for MemoryLeadership {
             self.backend.faults.check("reserve").await?;
             let mut locks = lock(&self.backend.store.locks);
             let entry = locks.entry(self.name.clone()).or_default();
-            if !entry.held.as_ref().is_some_and(|h| h.term == self.term) {
+            if entry.held.as_ref().is_none_or(|h| h.term != self.term) {
                 return Err(Error::StaleTerm {
                     lock: self.name.clone(),
                     term: self.term,

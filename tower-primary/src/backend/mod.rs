@@ -76,7 +76,7 @@ pub mod postgres;
 pub mod redis;
 
 mod redact;
-mod registry;
+pub mod registry;
 
 pub use lease::Lease;
 pub use redact::redact;

@@ -108,8 +108,8 @@ impl ElectorBuilder {
     ///     .priority(2)
     ///     .settle_time(Duration::from_millis(10))
     ///     .spawn()?;
-    /// let term = new.handle().wait_primary().await;
-    /// assert_eq!(term.holder().id, "v2");
+    /// new.handle().wait_primary().await;
+    /// assert_eq!(new.handle().holder().unwrap().id, "v2");
     /// # old.shutdown().await; new.shutdown().await;
     /// # Ok(())
     /// # }

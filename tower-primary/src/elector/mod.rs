@@ -229,7 +229,8 @@ impl Elector {
     /// // SIGTERM: hand over to the new node, then stop.
     /// let _ = tokio::time::timeout(Duration::from_secs(10), old.drain()).await;
     /// old.shutdown().await;
-    /// assert_eq!(new.handle().wait_primary().await.holder().id, "new");
+    /// new.handle().wait_primary().await;
+    /// assert_eq!(new.handle().holder().unwrap().id, "new");
     /// # new.shutdown().await;
     /// # Ok(())
     /// # }
