@@ -82,19 +82,18 @@
 //!   the revision of the term's claim), so it succeeds only while that term holds the lock:
 //!   while it does, no newer term can exist (a newer claim needs the key gone, a resumption
 //!   writes it). [`watch_key`](crate::backend::Lock::watch_key) watches the value's key.
-//! - **Registry** ([`Lock::register`](crate::backend::Lock::register)): a key per node under
-//!   `P/L/registry/`, outside the candidates' range, on a lease of the registration's own (the
-//!   elector's lease, at least 2 s) with its own keepalives; gone when the node dies (etcd
-//!   expires the lease), revoked when the registration is dropped, written again on a new lease
-//!   should the lease have run out anyway. Read with a range, followed with a watch.
-//! - **Reservations** ([`Leadership::reserve`](crate::backend::Leadership::reserve)):
-//!   `P/L/reserved` on a fresh lease of `max(window, 2 s)`, written while the term's claim still
-//!   stands (as a state write). Every claim compares it (and `P/L/reserved-holder`) absent, and
-//!   waiters watch both; the reserved node claims ahead of the key order once the reserving
-//!   holder's key is gone and no key of version 0.1 exists: its term is its claim's revision
-//!   (raised), the reservation is deleted and `P/L/reserved-holder` names its key until it lets
-//!   go. The holder view reads that mark first; a key of this version that never claimed is no
-//!   holder.
+//! - **Registry** ([`Lock::register`]): a key per node under `P/L/registry/`, outside the
+//!   candidates' range, on a lease of the registration's own (the elector's lease, at least
+//!   2 s) with its own keepalives; gone when the node dies (etcd expires the lease), revoked when
+//!   the registration is dropped, written again on a new lease should the lease have run out
+//!   anyway. Read with a range, followed with a watch.
+//! - **Reservations** ([`Leadership::reserve`]): `P/L/reserved` on a fresh lease of
+//!   `max(window, 2 s)`, written while the term's claim still stands (as a state write). Every
+//!   claim compares it (and `P/L/reserved-holder`) absent, and waiters watch both; the reserved
+//!   node claims ahead of the key order once the reserving holder's key is gone and no key of
+//!   version 0.1 exists: its term is its claim's revision (raised), the reservation is deleted
+//!   and `P/L/reserved-holder` names its key until it lets go. The holder view reads that mark
+//!   first; a key of this version that never claimed is no holder.
 //!
 //! # Nodes of version 0.1 on the same lock
 //!
@@ -128,6 +127,8 @@
 //! [`Candidate`]: crate::backend::Candidate
 //! [`Leadership::resume_token`]: crate::backend::Leadership::resume_token
 //! [`Lock::resume`]: crate::backend::Lock::resume
+//! [`Lock::register`]: crate::backend::Lock::register
+//! [`Leadership::reserve`]: crate::backend::Leadership::reserve
 
 mod campaign;
 mod lock;
