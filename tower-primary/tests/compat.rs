@@ -1017,4 +1017,107 @@ mod etcd {
              (gave the reservation up, then in order)"
         );
     }
+
+    /// The elector's preferred handover (a higher priority) beside an old node, with real
+    /// processes: new `p` is primary and an old node waits; new `c`, with a higher priority,
+    /// joins behind it. `p` reserves the lock for `c` and releases it; the old node, whose key is
+    /// older than `c`'s, takes it in key order, and `c` gives the reservation up. The old node
+    /// does not know priorities and keeps the lock until it leaves (`SIGTERM`); then `c`, the
+    /// oldest candidate left, leads. Never two primaries (the witness and every node's events),
+    /// terms rise.
+    #[tokio::test]
+    async fn etcd_priority_handover_beside_an_older_waiting_old_node() {
+        let Some((mut m, server, url)) = mixed("etcd-priority").await else {
+            return;
+        };
+        let prefix = EtcdBackend::from_url(&url).unwrap().prefix().to_owned();
+        let mut admin = etcd_client::Client::connect([format!("http://{}", server.addr())], None)
+            .await
+            .unwrap();
+        let mut reserved = admin
+            .watch(format!("{prefix}/jobs/reserved"), None)
+            .await
+            .unwrap();
+        let (p, tp) = m
+            .primary_with_secondaries(Version::New, Version::Old, 1)
+            .await;
+        let old = m
+            .cluster
+            .states()
+            .values()
+            .map(|s| s.pid)
+            .find(|&pid| pid != p)
+            .expect("the old node");
+        let higher = NodeCommand::test_entry("node_entry")
+            .expect("the test binary's path")
+            .env("TOWER_PRIMARY_PRIORITY", "2");
+        let c = m
+            .cluster
+            .spawn_node_running(&higher, &m.new_config)
+            .expect("a new node with a higher priority");
+        m.versions.insert(c, Version::New);
+        let next = m
+            .cluster
+            .wait_primary_after(tp, p, WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", m.dump()));
+        assert_eq!(next.pid, old, "{}", m.dump());
+        let t_old = next.term().unwrap();
+        assert!(t_old > tp, "{}", m.dump());
+        // p reserved the lock for c; c gave the reservation up (deleted it while its lease
+        // lived: it did not expire).
+        let (lease, record) = tokio::time::timeout(WAIT, async {
+            let mut put = None;
+            loop {
+                let resp = reserved
+                    .message()
+                    .await
+                    .unwrap()
+                    .expect("the watch goes on");
+                for e in resp.events() {
+                    match (e.event_type(), e.kv()) {
+                        (EventType::Put, Some(kv)) => {
+                            put = Some((kv.lease(), kv.value_str().unwrap().to_owned()));
+                        }
+                        (EventType::Delete, _) => {
+                            if let Some(put) = put.take() {
+                                return put;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        })
+        .await
+        .expect("a reservation made and given up");
+        let named: serde_json::Value = serde_json::from_str(&record).unwrap();
+        assert!(
+            named["node"]
+                .as_str()
+                .is_some_and(|n| n.ends_with(&format!(":{c}"))),
+            "reserved for another node than c ({c}): {record}"
+        );
+        let ttl = admin.lease_time_to_live(lease, None).await.unwrap().ttl();
+        assert!(
+            ttl > 0,
+            "the reservation expired rather than being given up"
+        );
+
+        m.cluster.signal(old, NodeSignal::Term).await.unwrap();
+        let last = m
+            .cluster
+            .wait_primary_after(t_old, old, WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", m.dump()));
+        assert_eq!(last.pid, c, "{}", m.dump());
+        assert!(last.term().unwrap() > t_old, "{}", m.dump());
+        assert_eq!(m.settled().await, (c, last.term().unwrap()), "{}", m.dump());
+        println!(
+            "terms: p {tp}, old node {t_old} (took the reserved lock in key order), c {} \
+             (priority 2)",
+            last.term().unwrap()
+        );
+        m.check();
+    }
 }
