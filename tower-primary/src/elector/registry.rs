@@ -116,12 +116,14 @@ async fn follow(
                             .then(|| *ready_since.entry(c.node.clone()).or_insert(now)),
                     })
                     .collect();
-                shared.set_candidates(list);
+                // The term's view first: whoever sees an entry in `RoleHandle::candidates` may
+                // name it in `hand_over_to` at once.
                 tx.send_if_modified(|s| {
                     let changed = *s != seen;
                     *s = seen;
                     changed
                 });
+                shared.set_candidates(list);
             }
             Err(e) => errors.push(("read", e)),
         }
