@@ -23,7 +23,9 @@
 //!
 //! `reason` of `tower_primary_transitions_total`: `acquired` when this node becomes primary; then
 //! exactly one of `lost` (the backend reported the lock gone), `fenced` (the lease deadline passed
-//! without a confirmed renewal), `stepped-down` or `shutdown` when the term ends; and, unless the
+//! without a confirmed renewal), `stepped-down`, `handed-over` (a planned handover to a chosen
+//! node: a higher priority, a draining primary's successor, or `hand_over_to`) or `shutdown`
+//! when the term ends; and, unless the
 //! lock was lost, `released` when it was then given back (a waiting node can take over at once).
 //! A step-down, shutdown or fencing without `released` left the lock to expire or to the
 //! holder's process exit.
@@ -76,7 +78,7 @@ pub(crate) fn describe() {
         );
         describe_counter!(
             TRANSITIONS,
-            "role changes: acquired, lost, fenced, stepped-down, shutdown, released"
+            "role changes: acquired, lost, fenced, stepped-down, handed-over, shutdown, released"
         );
         describe_histogram!(
             ACQUIRE_SECONDS,

@@ -489,11 +489,14 @@ pub const PRIORITY_ENV: &str = "TOWER_PRIMARY_PRIORITY";
 
 /// The priority from [`PRIORITY_ENV`]: 0 when unset or empty.
 fn priority_from_env() -> Result<u64, ConfigError> {
-    match std::env::var(PRIORITY_ENV) {
-        Ok(v) if !v.trim().is_empty() => v
-            .trim()
-            .parse()
-            .map_err(|_| ConfigError::InvalidPriority { value: v.clone() }),
+    parse_priority(std::env::var(PRIORITY_ENV).ok().as_deref())
+}
+
+fn parse_priority(value: Option<&str>) -> Result<u64, ConfigError> {
+    match value.map(str::trim) {
+        Some(v) if !v.is_empty() => v.parse().map_err(|_| ConfigError::InvalidPriority {
+            value: value.unwrap_or_default().to_owned(),
+        }),
         _ => Ok(0),
     }
 }
@@ -579,6 +582,8 @@ impl Prepared {
             ),
             settle: builder.settle,
             window: builder.window,
+            handed_to: None,
+            shunned: std::collections::HashMap::new(),
         };
         let watched = shared.clone();
         runtime.spawn(async move {
@@ -595,5 +600,33 @@ impl Prepared {
                 stopped: stopped_rx,
             }),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn priorities_from_the_environment_are_whole_numbers() {
+        assert_eq!(parse_priority(None).unwrap(), 0);
+        assert_eq!(parse_priority(Some(" ")).unwrap(), 0);
+        assert_eq!(parse_priority(Some("4187\n")).unwrap(), 4187);
+        for bad in ["-1", "1.5", "v2", "18446744073709551616"] {
+            let err = parse_priority(Some(bad)).unwrap_err();
+            assert!(matches!(err, ConfigError::InvalidPriority { .. }), "{bad}");
+            assert!(err.to_string().contains(bad), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_zero_handover_window_is_refused() {
+        let err = Elector::builder("jobs")
+            .backend(crate::MemoryBackend::new())
+            .handover_window(Duration::ZERO)
+            .validate()
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("handover window"), "{err}");
     }
 }

@@ -52,6 +52,10 @@ pub(super) struct Campaign {
     pub(super) settle: Duration,
     /// How long a handover reserves the lock for its target.
     pub(super) window: Duration,
+    /// The target of this node's latest handover, until it is seen holding the lock.
+    pub(super) handed_to: Option<String>,
+    /// Targets that did not take the lock handed to them, and until when they are passed over.
+    pub(super) shunned: std::collections::HashMap<String, Instant>,
 }
 
 /// Why a campaign ended without a grant: the elector was shut down (with the reply to send once
@@ -300,6 +304,13 @@ impl Campaign {
             Update::Changed => {}
             Update::Holder(holder) => {
                 self.errors.answered(Step::Follow);
+                if holder
+                    .as_ref()
+                    .is_some_and(|h| self.handed_to.as_deref() == Some(h.id.as_str()))
+                {
+                    // The node the lock was handed to took it.
+                    self.handed_to = None;
+                }
                 let other = holder
                     .as_ref()
                     .is_some_and(|h| h.id != self.shared.node.id());

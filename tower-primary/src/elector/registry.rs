@@ -7,9 +7,10 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{Mutex, watch};
+use tokio::sync::{Mutex, Notify, watch};
 use tokio::time::Instant;
 use tokio_util::task::AbortOnDropHandle;
 
@@ -27,9 +28,25 @@ pub(super) struct Seen {
     pub(super) ready_since: Option<Instant>,
 }
 
+/// The registry as read, and the latest request for a read that this read began after.
+#[derive(Debug, Default)]
+pub(super) struct Snapshot {
+    pub(super) covers: u64,
+    pub(super) seen: Vec<Seen>,
+}
+
+/// Requests for a read of the registry: a counter, and the follower's wake-up.
+#[derive(Debug, Default)]
+struct Pokes {
+    count: AtomicU64,
+    notify: Notify,
+}
+
 /// The registry follower of one elector: ends with it.
 pub(super) struct Registry {
-    pub(super) seen: watch::Receiver<Vec<Seen>>,
+    pub(super) seen: watch::Receiver<Snapshot>,
+    /// Asks the follower to read the registry now.
+    poke: Arc<Pokes>,
     registration: Arc<Mutex<Option<Box<dyn Registration>>>>,
     _task: AbortOnDropHandle<()>,
 }
@@ -43,8 +60,9 @@ impl Registry {
         lease: Option<Lease>,
         refresh: Duration,
     ) -> Registry {
-        let (tx, seen) = watch::channel(Vec::new());
+        let (tx, seen) = watch::channel(Snapshot::default());
         let registration = Arc::new(Mutex::new(None));
+        let poke = Arc::new(Pokes::default());
         let task = runtime.spawn(follow(
             lock,
             shared,
@@ -52,12 +70,22 @@ impl Registry {
             refresh,
             registration.clone(),
             tx,
+            poke.clone(),
         ));
         Registry {
             seen,
+            poke,
             registration,
             _task: AbortOnDropHandle::new(task),
         }
+    }
+
+    /// Asks for a read of the registry that begins now: the snapshot of that read (or of a
+    /// later one) has `covers` at least the number returned.
+    pub(super) fn read_now(&self) -> u64 {
+        let n = self.poke.count.fetch_add(1, Ordering::SeqCst) + 1;
+        self.poke.notify.notify_one();
+        n
     }
 
     /// Writes this node's entry now (before a release that must find it written).
@@ -75,7 +103,8 @@ async fn follow(
     lease: Option<Lease>,
     refresh: Duration,
     registration: Arc<Mutex<Option<Box<dyn Registration>>>>,
-    tx: watch::Sender<Vec<Seen>>,
+    tx: watch::Sender<Snapshot>,
+    poke: Arc<Pokes>,
 ) {
     let mut own = shared.entry.subscribe();
     let mut changes: Option<Box<dyn Changes>> = None;
@@ -103,6 +132,7 @@ async fn follow(
                 Err(e) => errors.push(("watch", e)),
             }
         }
+        let covers = poke.count.load(Ordering::SeqCst);
         match lock.candidates().await {
             Ok(list) => {
                 let now = Instant::now();
@@ -116,13 +146,9 @@ async fn follow(
                             .then(|| *ready_since.entry(c.node.clone()).or_insert(now)),
                     })
                     .collect();
-                // The term's view first: a caller woken by the handle's list (on another
-                // thread) may act on it at once (`hand_over_to`).
-                tx.send_if_modified(|s| {
-                    let changed = *s != seen;
-                    *s = seen;
-                    changed
-                });
+                // The elector's snapshot first: whoever reads the role's list and then asks the
+                // elector finds the elector knowing as much.
+                tx.send_replace(Snapshot { covers, seen });
                 shared.set_candidates(list);
             }
             Err(e) => errors.push(("read", e)),
@@ -134,7 +160,12 @@ async fn follow(
         } else {
             if !failing {
                 for (what, e) in &errors {
-                    tracing::warn!(target: TARGET, lock = %shared.lock, node = %shared.node, error = %Chain(e), "candidate registry: cannot {what}; retrying");
+                    if e.misconfiguration().is_some() {
+                        // The campaign reports a misconfiguration (at ERROR, once per cause).
+                        tracing::debug!(target: TARGET, lock = %shared.lock, node = %shared.node, error = %Chain(e), "candidate registry: cannot {what}; retrying");
+                    } else {
+                        tracing::warn!(target: TARGET, lock = %shared.lock, node = %shared.node, error = %Chain(e), "candidate registry: cannot {what}; retrying");
+                    }
                 }
             }
             failing = true;
@@ -159,6 +190,7 @@ async fn follow(
                     changes = None;
                 }
             }
+            () = poke.notify.notified() => {}
             () = tokio::time::sleep_until(retry_at) => {}
         }
     }
@@ -184,15 +216,26 @@ pub(super) struct Choice {
 /// - else: the best eligible candidate whose priority is strictly higher than this node's (its
 ///   registry entry's: a host group's is its best member's) that has been ready for `settle`
 ///   and did not hand the lock away on request (`yielded`).
-pub(super) fn choose(me: &Candidate, seen: &[Seen], now: Instant, settle: Duration) -> Choice {
+///
+/// Nodes in `shunned` (they did not take the lock handed to them) are never preferred, and a
+/// draining primary takes one only when nobody else is eligible.
+pub(super) fn choose(
+    me: &Candidate,
+    seen: &[Seen],
+    now: Instant,
+    settle: Duration,
+    shunned: &HashMap<String, Instant>,
+) -> Choice {
     let mut others: Vec<&Seen> = seen
         .iter()
         .filter(|s| s.entry.node != me.node && s.entry.is_eligible())
         .collect();
     others.sort_by(|a, b| {
-        b.entry
-            .priority
-            .cmp(&a.entry.priority)
+        let a_shunned = shunned.contains_key(&a.entry.node);
+        let b_shunned = shunned.contains_key(&b.entry.node);
+        a_shunned
+            .cmp(&b_shunned)
+            .then(b.entry.priority.cmp(&a.entry.priority))
             .then(a.ready_since.cmp(&b.ready_since))
             .then(a.entry.node.cmp(&b.entry.node))
     });
@@ -208,7 +251,7 @@ pub(super) fn choose(me: &Candidate, seen: &[Seen], now: Instant, settle: Durati
         .map_or(me.priority, |s| s.entry.priority.max(me.priority));
     let mut recheck_at: Option<Instant> = None;
     for s in others {
-        if s.entry.priority <= mine || s.entry.yielded {
+        if s.entry.priority <= mine || s.entry.yielded || shunned.contains_key(&s.entry.node) {
             continue;
         }
         let settled_at = s.ready_since.map_or(now, |since| since + settle);
@@ -264,10 +307,10 @@ mod tests {
         let t0 = Instant::now();
         let me = Candidate::new("a").with_priority(1);
         let list = [seen("a", 1, Some(t0)), seen("b", 2, Some(t0))];
-        let early = choose(&me, &list, t0, SETTLE);
+        let early = choose(&me, &list, t0, SETTLE, &HashMap::new());
         assert_eq!(early.target, None);
         assert_eq!(early.recheck_at, Some(t0 + SETTLE));
-        let later = choose(&me, &list, t0 + SETTLE, SETTLE);
+        let later = choose(&me, &list, t0 + SETTLE, SETTLE, &HashMap::new());
         assert_eq!(later.target.as_deref(), Some("b"));
     }
 
@@ -289,7 +332,7 @@ mod tests {
             yielded,
         ];
         assert_eq!(
-            choose(&me, &list, late, SETTLE),
+            choose(&me, &list, late, SETTLE, &HashMap::new()),
             Choice {
                 target: None,
                 recheck_at: None
@@ -308,10 +351,15 @@ mod tests {
         ];
         let now = t0 + Duration::from_millis(901);
         assert_eq!(
-            choose(&me, &list, now, SETTLE).target.as_deref(),
+            choose(&me, &list, now, SETTLE, &HashMap::new())
+                .target
+                .as_deref(),
             Some("new")
         );
-        assert_eq!(choose(&me, &list[2..], now, SETTLE).target, None);
+        assert_eq!(
+            choose(&me, &list[2..], now, SETTLE, &HashMap::new()).target,
+            None
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -320,7 +368,42 @@ mod tests {
         // This process's own priority is 1; its group's entry carries the best member's, 7.
         let me = Candidate::new("a").with_priority(1);
         let list = [seen("a", 7, Some(t0)), seen("b", 5, Some(t0))];
-        assert_eq!(choose(&me, &list, t0 + SETTLE, SETTLE).target, None);
+        assert_eq!(
+            choose(&me, &list, t0 + SETTLE, SETTLE, &HashMap::new()).target,
+            None
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_that_did_not_take_the_lock_is_passed_over() {
+        let t0 = Instant::now();
+        let me = Candidate::new("a").with_priority(1);
+        let list = [
+            seen("a", 1, Some(t0)),
+            seen("hung", 9, Some(t0)),
+            seen("b", 2, Some(t0)),
+        ];
+        let shunned = HashMap::from([("hung".to_owned(), t0 + Duration::from_secs(30))]);
+        let later = t0 + SETTLE;
+        assert_eq!(
+            choose(&me, &list, later, SETTLE, &shunned)
+                .target
+                .as_deref(),
+            Some("b")
+        );
+        let draining = me.with_draining(true);
+        assert_eq!(
+            choose(&draining, &list, later, SETTLE, &shunned)
+                .target
+                .as_deref(),
+            Some("b")
+        );
+        assert_eq!(
+            choose(&draining, &list[..2], later, SETTLE, &shunned)
+                .target
+                .as_deref(),
+            Some("hung")
+        );
     }
 
     #[tokio::test(start_paused = true)]

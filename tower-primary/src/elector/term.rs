@@ -16,6 +16,9 @@ use crate::role::{Role, RoleState, TermContext};
 use crate::task::TaskSet;
 use crate::watchdog::Phase;
 
+/// A node that did not take the lock handed to it is passed over for this many windows.
+const SHUN_WINDOWS: u32 = 15;
+
 /// After a reservation failed, when a preferred handover is tried again.
 const HANDOVER_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -84,18 +87,42 @@ impl Campaign {
         self.shared
             .entry
             .send_if_modified(|e| std::mem::replace(&mut e.yielded, false));
+        if let Some(target) = self.handed_to.take() {
+            // Leading again, and the node the lock was handed to never took it (hung, or gone
+            // without its entry yet): pass it over for a while, or the lock would be handed to
+            // it again and again.
+            tracing::warn!(target: TARGET,
+                lock = %self.shared.lock,
+                node = %self.shared.node,
+                to = %target,
+                "the node the lock was handed to did not take it; passing it over for a while"
+            );
+            self.shunned
+                .insert(target, after(self.window * SHUN_WINDOWS));
+        }
         let mut entry = self.shared.entry.subscribe();
         let mut seen = self.registry.seen.clone();
         let mut look_again: Option<Instant> = None;
+        // Choose from a registry read after this term began, not from one read before the
+        // predecessor's last update (a node that just yielded would look like a target).
+        let fresh = self.registry.read_now();
 
         let leave = loop {
             self.shared.watchdog.beat(clock.now());
             if clock.now() >= deadline {
                 break Leave::Fenced;
             }
-            if look_again.is_none_or(|at| at <= Instant::now()) {
+            if look_again.is_none_or(|at| at <= Instant::now()) && seen.borrow().covers >= fresh {
                 let me = entry.borrow_and_update().clone();
-                let choice = choose(&me, &seen.borrow_and_update(), Instant::now(), self.settle);
+                let now = Instant::now();
+                self.shunned.retain(|_, until| *until > now);
+                let choice = choose(
+                    &me,
+                    &seen.borrow_and_update().seen,
+                    now,
+                    self.settle,
+                    &self.shunned,
+                );
                 look_again = choice.recheck_at;
                 if let Some(to) = choice.target {
                     match self.reserve(&mut *leadership, &to).await {
@@ -119,7 +146,7 @@ impl Campaign {
                     Some(Command::Shutdown(reply)) => break Leave::Shutdown(Some(reply)),
                     Some(Command::StepDown(reply)) => break Leave::StepDown(reply),
                     Some(Command::HandOver(to, reply)) => {
-                        let refused = directed(self.shared.node.id(), &to, &seen.borrow());
+                        let refused = directed(self.shared.node.id(), &to, &seen.borrow().seen);
                         if let Err(refusal) = refused {
                             let _ = reply.send(Err(Error::HandOver {
                                 lock: self.shared.lock.clone(),
@@ -254,13 +281,15 @@ impl Campaign {
             .watchdog
             .wait_on_backend(Phase::Releasing, clock.now());
         if let Leave::HandOver { to, directed, .. } = &leave {
+            self.handed_to = Some(to.clone());
             if *directed {
-                // Written before the release, so that the next primary reads it.
                 self.shared.entry.send_modify(|e| e.yielded = true);
-                let me = self.shared.entry.borrow().clone();
-                if let Err(e) = self.registry.update_now(me).await {
-                    tracing::warn!(target: TARGET, %lock, %node, error = %Chain(&e), "cannot mark this node as yielded in the registry");
-                }
+            }
+            // This node's entry (draining, yielded) is written before the release, so that the
+            // next primary reads it.
+            let me = self.shared.entry.borrow().clone();
+            if let Err(e) = self.registry.update_now(me).await {
+                tracing::warn!(target: TARGET, %lock, %node, error = %Chain(&e), "cannot write this node's registry entry before the handover");
             }
             // Again, right before the release: winding the term down may have taken a part of
             // the window.
