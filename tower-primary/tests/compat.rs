@@ -4,7 +4,9 @@
 //! handled — `SIGKILL` and `SIGTERM` of the primary in both directions (an old primary succeeded
 //! by a new node, and a new primary by an old node), `SIGSTOP` beyond the lease on Redis, and on
 //! Redis a new holder's lease resumed by another new process (a host group's next candidate)
-//! beside old nodes — there are never two primaries and terms never fall.
+//! beside old nodes, and on etcd a resumption and a reservation beside a waiting old node —
+//! there are never two primaries and terms never fall. On Redis, an old node ignores a new
+//! holder's reservation (it takes the lock at once, as documented).
 //!
 //! The old node is built from a git worktree of the commit
 //! ([`OldVersion`](tower_primary_lab::old_version::OldVersion), kept under
@@ -702,6 +704,54 @@ mod redis {
         );
         m.check();
     }
+
+    /// A new holder reserves the lock for a node that never comes, and releases it: an old node
+    /// (0.1.0) waiting for the lock does not know the reservation, and takes the lock at once
+    /// under a higher term, not after the window (ignoring it is what GUARANTEES.md states);
+    /// one primary at a time all the same. The new holder runs in this process.
+    #[tokio::test]
+    async fn redis_an_old_node_ignores_a_reservation() {
+        use tower_primary::backend::{AcquireRequest, Backend};
+        use tower_primary::{Clock, Lease, NodeId};
+
+        let Some((mut m, _server)) = mixed("redis-reserve").await else {
+            return;
+        };
+        let lock = RedisBackend::new(&m.new_config.backend)
+            .unwrap()
+            .lock(&m.new_config.lock)
+            .unwrap();
+        let request = AcquireRequest::new(NodeId::new("new-holder"))
+            .with_lease(Some(Lease::new(LEASE)))
+            .with_clock(Clock::system());
+        let mut held = lock.acquire(request).await.unwrap();
+        let term = held.term();
+        let old = m.spawn(Version::Old);
+        all_see(&m, &[old], term).await;
+
+        let window = Duration::from_secs(30);
+        held.reserve("nobody", window).await.unwrap();
+        let released_at = monotonic_nanos();
+        held.release().await.unwrap();
+        let (pid, next) = m.settled().await;
+        let took = Duration::from_nanos(
+            m.cluster
+                .first_event(pid, released_at, |k| matches!(k, EventKind::Primary { .. }))
+                .map_or(u64::MAX, |e| e.at.saturating_sub(released_at)),
+        );
+        assert_eq!(pid, old, "{}", m.dump());
+        assert!(next > term, "{next} after {term}\n{}", m.dump());
+        assert!(took < window / 3, "{took:?}\n{}", m.dump());
+        println!("an old node took a lock reserved for another {took:?} after the release");
+        tokio::time::timeout(
+            WAIT,
+            m.witness
+                .wait_for(|writes| writes.iter().any(|w| w.term == next)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("the old node never wrote to the witness\n{}", m.dump()));
+        m.check();
+    }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -895,5 +945,228 @@ mod etcd {
         let report = history.check();
         assert!(report.is_ok(), "{report}\n{}", m.dump());
         println!("terms: a {ta}, b (resumed) {tb}, old node {t_old}, w {tw}");
+    }
+
+    /// A reservation next to a node of 0.1.0 that waits with a key older than the reserved
+    /// node's. New nodes run in this process, each on a connection of its own:
+    ///
+    /// 1. new `a` holds; the old node joins and waits; new `r` joins and waits behind it;
+    /// 2. `a` reserves the lock for `r` and releases it. The old node does not know
+    ///    reservations: its key is now the oldest, and it takes the lock in key order, with a
+    ///    term above `a`'s. `r` may not claim out of key order while a candidate of version
+    ///    0.1 exists (that candidate's term, its create revision, could fall below `r`'s): it
+    ///    gives the reservation up (deletes it: its lease is still live, so it did not expire)
+    ///    and waits in key order;
+    /// 3. the old node leaves (`SIGTERM`); `r` takes the lock with a term above the old node's.
+    ///
+    /// Never two primaries (the old node's events and the in-process terms), terms rise.
+    #[tokio::test]
+    async fn etcd_reservation_next_to_an_older_waiting_old_node() {
+        let Some((mut m, server, url)) = mixed("etcd-reserve").await else {
+            return;
+        };
+        let backend = EtcdBackend::from_url(&url).unwrap();
+        let prefix = backend.prefix().to_owned();
+        let lock_a = backend.connection().lock("jobs").unwrap();
+        let lock_r = backend.connection().lock("jobs").unwrap();
+        let mut history = History::new();
+        let mut admin = etcd_client::Client::connect([format!("http://{}", server.addr())], None)
+            .await
+            .unwrap();
+        let mut watch = admin
+            .watch(
+                format!("{prefix}/jobs/election/"),
+                Some(WatchOptions::new().with_prefix()),
+            )
+            .await
+            .unwrap();
+        let reserved_key = format!("{prefix}/jobs/reserved");
+        let mut reserved = admin.watch(reserved_key.clone(), None).await.unwrap();
+
+        // 1.
+        let mut a = lock_a.acquire(request("a")).await.unwrap();
+        let ta = a.term();
+        history.start("a", ta, monotonic_nanos());
+        let a_key = next_put(&mut watch, &[]).await;
+        let old = m.spawn(Version::Old);
+        let old_key = next_put(&mut watch, &[&a_key]).await;
+        let waiter = tokio::spawn(async move {
+            let r = lock_r.acquire(request("r")).await;
+            (r, monotonic_nanos())
+        });
+        next_put(&mut watch, &[&a_key, &old_key]).await;
+
+        // 2.
+        a.reserve("r", Duration::from_secs(2)).await.unwrap();
+        let lease = admin
+            .get(reserved_key.clone(), None)
+            .await
+            .unwrap()
+            .kvs()
+            .first()
+            .expect("the reservation")
+            .lease();
+        history.end("a", ta, monotonic_nanos());
+        a.release().await.unwrap();
+        let primary = m
+            .cluster
+            .wait_primary_after(ta, 0, WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", m.dump()));
+        assert_eq!(primary.pid, old, "{}", m.dump());
+        let t_old = primary.term().unwrap();
+        assert!(t_old > ta, "the old node's term {t_old} not above {ta}");
+        tokio::time::timeout(WAIT, async {
+            loop {
+                let resp = reserved
+                    .message()
+                    .await
+                    .unwrap()
+                    .expect("the watch goes on");
+                if resp
+                    .events()
+                    .iter()
+                    .any(|e| e.event_type() == EventType::Delete)
+                {
+                    return;
+                }
+            }
+        })
+        .await
+        .expect("the reservation withdrawn");
+        let ttl = admin.lease_time_to_live(lease, None).await.unwrap().ttl();
+        assert!(
+            ttl > 0,
+            "the reservation expired rather than being given up"
+        );
+        assert!(
+            !waiter.is_finished(),
+            "r took the lock while the old node held it"
+        );
+
+        // 3.
+        m.cluster.signal(old, NodeSignal::Term).await.unwrap();
+        let exit = m.cluster.wait_exit(old, WAIT).await.unwrap();
+        assert_eq!(exit, (Some(0), None), "{}", m.dump());
+        let (r, r_at) = tokio::time::timeout(WAIT, waiter).await.unwrap().unwrap();
+        let r = r.unwrap();
+        let tr = r.term();
+        history.start("r", tr, r_at);
+        assert!(tr > t_old, "r's term {tr} not above the old node's {t_old}");
+        history.end("r", tr, monotonic_nanos());
+        r.release().await.unwrap();
+
+        for p in m.cluster.history().periods() {
+            history.push(p.clone());
+        }
+        let report = history.check();
+        assert!(report.is_ok(), "{report}\n{}", m.dump());
+        println!(
+            "terms: a {ta}, old node {t_old} (took the reserved lock in key order), r {tr} \
+             (gave the reservation up, then in order)"
+        );
+    }
+
+    /// The elector's preferred handover (a higher priority) beside an old node, with real
+    /// processes: new `p` is primary and an old node waits; new `c`, with a higher priority,
+    /// joins behind it. `p` reserves the lock for `c` and releases it; the old node, whose key is
+    /// older than `c`'s, takes it in key order, and `c` gives the reservation up. The old node
+    /// does not know priorities and keeps the lock until it leaves (`SIGTERM`); then `c`, the
+    /// oldest candidate left, leads. Never two primaries (the witness and every node's events),
+    /// terms rise.
+    #[tokio::test]
+    async fn etcd_priority_handover_beside_an_older_waiting_old_node() {
+        let Some((mut m, server, url)) = mixed("etcd-priority").await else {
+            return;
+        };
+        let prefix = EtcdBackend::from_url(&url).unwrap().prefix().to_owned();
+        let mut admin = etcd_client::Client::connect([format!("http://{}", server.addr())], None)
+            .await
+            .unwrap();
+        let mut reserved = admin
+            .watch(format!("{prefix}/jobs/reserved"), None)
+            .await
+            .unwrap();
+        let (p, tp) = m
+            .primary_with_secondaries(Version::New, Version::Old, 1)
+            .await;
+        let old = m
+            .cluster
+            .states()
+            .values()
+            .map(|s| s.pid)
+            .find(|&pid| pid != p)
+            .expect("the old node");
+        let higher = NodeCommand::test_entry("node_entry")
+            .expect("the test binary's path")
+            .env("TOWER_PRIMARY_PRIORITY", "2");
+        let c = m
+            .cluster
+            .spawn_node_running(&higher, &m.new_config)
+            .expect("a new node with a higher priority");
+        m.versions.insert(c, Version::New);
+        let next = m
+            .cluster
+            .wait_primary_after(tp, p, WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", m.dump()));
+        assert_eq!(next.pid, old, "{}", m.dump());
+        let t_old = next.term().unwrap();
+        assert!(t_old > tp, "{}", m.dump());
+        // p reserved the lock for c; c gave the reservation up (deleted it while its lease
+        // lived: it did not expire).
+        let (lease, record) = tokio::time::timeout(WAIT, async {
+            let mut put = None;
+            loop {
+                let resp = reserved
+                    .message()
+                    .await
+                    .unwrap()
+                    .expect("the watch goes on");
+                for e in resp.events() {
+                    match (e.event_type(), e.kv()) {
+                        (EventType::Put, Some(kv)) => {
+                            put = Some((kv.lease(), kv.value_str().unwrap().to_owned()));
+                        }
+                        (EventType::Delete, _) => {
+                            if let Some(put) = put.take() {
+                                return put;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        })
+        .await
+        .expect("a reservation made and given up");
+        let named: serde_json::Value = serde_json::from_str(&record).unwrap();
+        assert!(
+            named["node"]
+                .as_str()
+                .is_some_and(|n| n.ends_with(&format!(":{c}"))),
+            "reserved for another node than c ({c}): {record}"
+        );
+        let ttl = admin.lease_time_to_live(lease, None).await.unwrap().ttl();
+        assert!(
+            ttl > 0,
+            "the reservation expired rather than being given up"
+        );
+
+        m.cluster.signal(old, NodeSignal::Term).await.unwrap();
+        let last = m
+            .cluster
+            .wait_primary_after(t_old, old, WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", m.dump()));
+        assert_eq!(last.pid, c, "{}", m.dump());
+        assert!(last.term().unwrap() > t_old, "{}", m.dump());
+        assert_eq!(m.settled().await, (c, last.term().unwrap()), "{}", m.dump());
+        println!(
+            "terms: p {tp}, old node {t_old} (took the reserved lock in key order), c {} \
+             (priority 2)",
+            last.term().unwrap()
+        );
+        m.check();
     }
 }

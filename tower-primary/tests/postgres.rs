@@ -29,7 +29,7 @@ use std::time::Duration;
 use tokio::sync::{Mutex, MutexGuard};
 use tokio_postgres::NoTls;
 use tower_primary::backend::postgres::{PostgresBackend, advisory_key};
-use tower_primary::backend::{AcquireRequest, Backend, Leadership, Lock};
+use tower_primary::backend::{AcquireRequest, Backend, Candidate, Leadership, Lock};
 use tower_primary::clock::monotonic_nanos;
 use tower_primary::{Error, NodeId};
 use tower_primary_lab::node::{
@@ -1255,4 +1255,509 @@ async fn a_silent_holder_is_ended_by_waiters_only_with_the_rights_to_see_and_sig
     .unwrap();
     assert!(stuck.execute("SELECT 1", &[]).await.is_err());
     l.release().await.unwrap();
+}
+
+// ------------------------------------------------------------------------------------------------
+// The candidate registry and reservations
+
+/// The live entries another connection reads, by node, sorted.
+async fn listed(lock: &Arc<dyn Lock>) -> Vec<(String, u64, bool)> {
+    let mut entries: Vec<_> = lock
+        .candidates()
+        .await
+        .expect("read the registry")
+        .into_iter()
+        .map(|c| (c.node, c.priority, c.draining))
+        .collect();
+    entries.sort();
+    entries
+}
+
+/// Waits for a registry change seen by `changes`, then until `pred` holds on what `lock` lists
+/// (a change may have been reported before the one awaited).
+async fn wait_listed(
+    changes: &mut Box<dyn tower_primary::backend::Changes>,
+    lock: &Arc<dyn Lock>,
+    what: &str,
+    pred: impl Fn(&[(String, u64, bool)]) -> bool,
+) -> Vec<(String, u64, bool)> {
+    within(what, async {
+        loop {
+            let now = listed(lock).await;
+            if pred(&now) {
+                return now;
+            }
+            changes.changed().await.expect("registry changes");
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn registry_entries_are_seen_by_another_connection_when_added_updated_and_withdrawn() {
+    let Some(env) = Env::new("registry").await else {
+        return;
+    };
+    let (a, b) = (
+        env.backend().lock("jobs").unwrap(),
+        env.backend().lock("jobs").unwrap(),
+    );
+    let mut changes = b.watch_candidates().await.unwrap();
+    assert_eq!(listed(&b).await, vec![]);
+
+    let reg = a
+        .register(Candidate::new("a").with_priority(7), None)
+        .await
+        .unwrap();
+    // Visible as soon as register returned, and notified.
+    assert_eq!(listed(&b).await, vec![("a".to_owned(), 7, false)]);
+    within("the add notification", changes.changed())
+        .await
+        .unwrap();
+
+    reg.update(Candidate::new("a").with_priority(8).with_draining(true))
+        .await
+        .unwrap();
+    assert_eq!(listed(&b).await, vec![("a".to_owned(), 8, true)]);
+    within("the update notification", changes.changed())
+        .await
+        .unwrap();
+
+    // A second registration of the same node replaces the entry; the first one's withdrawal
+    // leaves the second one's alone.
+    let again = a
+        .register(Candidate::new("a").with_priority(9), None)
+        .await
+        .unwrap();
+    let other = b.register(Candidate::new("b"), None).await.unwrap();
+    assert_eq!(
+        listed(&a).await,
+        vec![("a".to_owned(), 9, false), ("b".to_owned(), 0, false)]
+    );
+    drop(reg);
+    drop(other);
+    wait_listed(&mut changes, &b, "b's withdrawal", |l| {
+        l == [("a".to_owned(), 9, false)]
+    })
+    .await;
+    drop(again);
+    wait_listed(&mut changes, &b, "a's withdrawal", <[_]>::is_empty).await;
+    let rows: i64 = env
+        .admin
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM {}.candidates WHERE namespace = $1",
+                env.schema
+            ),
+            &[&env.namespace],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0, "withdrawn rows are deleted");
+}
+
+#[tokio::test]
+async fn a_registrant_whose_connection_is_cut_is_unlisted_and_listed_again_when_it_reconnects() {
+    let Some(env) = Env::new("registry_cut").await else {
+        return;
+    };
+    let proxy = TcpProxy::start(env.server.addr).await.unwrap();
+    let via_proxy = PostgresBackend::new(
+        &env.server
+            .url_via(proxy.addr(), &format!("{}&connect_timeout=1", env.params())),
+    )
+    .unwrap()
+    .lock("jobs")
+    .unwrap();
+    let reader = env.backend().lock("jobs").unwrap();
+    let mut changes = reader.watch_candidates().await.unwrap();
+    let _reg = via_proxy
+        .register(Candidate::new("cut").with_priority(3), None)
+        .await
+        .unwrap();
+    assert_eq!(listed(&reader).await, vec![("cut".to_owned(), 3, false)]);
+    let old_pid: i32 = env
+        .admin
+        .query_one(
+            &format!(
+                "SELECT backend_pid FROM {}.candidates WHERE namespace = $1",
+                env.schema
+            ),
+            &[&env.namespace],
+        )
+        .await
+        .unwrap()
+        .get(0);
+
+    // The server sees the socket close and ends the session: the row is no longer listed,
+    // though nobody deleted it (no notification either: the server has no event for this).
+    proxy.stall();
+    proxy.cut();
+    let started = tokio::time::Instant::now();
+    within("the cut entry to be unlisted", async {
+        while !listed(&reader).await.is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    eprintln!(
+        "registry entry unlisted {:?} after its session was cut",
+        started.elapsed()
+    );
+    let rows: i64 = env
+        .admin
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM {}.candidates WHERE namespace = $1",
+                env.schema
+            ),
+            &[&env.namespace],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1, "the dead row is still there, only filtered");
+
+    // Back online: the node writes its entry again on its new session, and readers are told.
+    proxy.resume();
+    wait_listed(
+        &mut changes,
+        &reader,
+        "the entry to be written again",
+        |l| l == [("cut".to_owned(), 3, false)],
+    )
+    .await;
+    let new_pid: i32 = env
+        .admin
+        .query_one(
+            &format!(
+                "SELECT backend_pid FROM {}.candidates WHERE namespace = $1",
+                env.schema
+            ),
+            &[&env.namespace],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(new_pid, old_pid, "the entry names the new session");
+}
+
+/// The registrant side of `a_killed_registrant_is_no_longer_listed`: registers and waits to be
+/// killed.
+#[test]
+fn registrant_entry() {
+    let Ok(url) = std::env::var("TP_PG_REGISTRANT_URL") else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let lock = PostgresBackend::new(&url).unwrap().lock("jobs").unwrap();
+        let _reg = lock
+            .register(Candidate::new("child").with_priority(5), None)
+            .await
+            .unwrap();
+        use std::io::Write;
+        let mut out = std::io::stdout();
+        writeln!(out, "registered").unwrap();
+        out.flush().unwrap();
+        std::future::pending::<()>().await;
+    });
+}
+
+#[tokio::test]
+async fn a_killed_registrant_is_no_longer_listed() {
+    let Some(env) = Env::new("registry_kill").await else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let reader = env.backend().lock("jobs").unwrap();
+    /// Kills the child if the test fails before it does.
+    struct Child(std::process::Child);
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Child(
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "registrant_entry",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("TP_PG_REGISTRANT_URL", env.url())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the registrant"),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    let registered = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        // libtest prints the test's name on the same line.
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .any(|line| line.ends_with("registered"))
+    });
+    let registered = tokio::time::timeout(WAIT, registered).await;
+    assert!(
+        matches!(registered, Ok(Ok(true))),
+        "the child did not register: {registered:?}"
+    );
+    assert_eq!(listed(&reader).await, vec![("child".to_owned(), 5, false)]);
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.0.id()).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let killed = tokio::time::Instant::now();
+    let status = tokio::task::spawn_blocking(move || child.0.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!status.success(), "{status:?}");
+    within("the killed child's entry to be unlisted", async {
+        while !listed(&reader).await.is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    eprintln!(
+        "registry entry unlisted {:?} after SIGKILL",
+        killed.elapsed()
+    );
+}
+
+async fn reservation_rows(env: &Env) -> i64 {
+    env.admin
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM {}.reservations WHERE namespace = $1",
+                env.schema
+            ),
+            &[&env.namespace],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn a_waiter_the_lock_is_not_reserved_for_waits_out_the_window_then_takes_it() {
+    let Some(env) = Env::new("reserve_expiry").await else {
+        return;
+    };
+    let backend = env.backend();
+    let (a_lock, b_lock) = (backend.lock("jobs").unwrap(), backend.lock("jobs").unwrap());
+    let mut a = a_lock.acquire(req("a")).await.unwrap();
+    let b = acquire_in_background(&b_lock, "b");
+    env.wait_waiters("jobs", 1).await;
+
+    let window = Duration::from_millis(800);
+    let reserved_at = tokio::time::Instant::now();
+    a.reserve("absent", window).await.unwrap();
+    assert_eq!(reservation_rows(&env).await, 1);
+    let ta = a.term();
+    a.release().await.unwrap();
+    let b = within("b to acquire after the window", b)
+        .await
+        .unwrap()
+        .unwrap();
+    let waited = reserved_at.elapsed();
+    eprintln!("b acquired {waited:?} after a reserved for {window:?}");
+    // The server started the window after `reserved_at` (same host, same clock).
+    assert!(waited >= window, "b acquired after {waited:?}");
+    assert!(
+        waited < window + Duration::from_secs(1),
+        "b waited {waited:?}"
+    );
+    assert!(b.term() > ta);
+    assert_eq!(
+        reservation_rows(&env).await,
+        0,
+        "the expired row is deleted"
+    );
+    b.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_reserved_waiter_takes_the_lock_at_once_with_a_higher_term_and_consumes_it() {
+    let Some(env) = Env::new("reserve_taken").await else {
+        return;
+    };
+    let backend = env.backend();
+    let locks: Vec<_> = (0..3).map(|_| backend.lock("jobs").unwrap()).collect();
+    let mut a = locks[0].acquire(req("a")).await.unwrap();
+    // b queues first: it is granted the key first and must give it back.
+    let b = acquire_in_background(&locks[1], "b");
+    env.wait_waiters("jobs", 1).await;
+    let r = acquire_in_background(&locks[2], "r");
+    env.wait_waiters("jobs", 2).await;
+
+    let window = Duration::from_secs(10);
+    let ta = a.term();
+    let started = tokio::time::Instant::now();
+    a.reserve("r", window).await.unwrap();
+    a.release().await.unwrap();
+    let r = within("r to acquire", r).await.unwrap().unwrap();
+    let took = started.elapsed();
+    eprintln!("r acquired {took:?} after reserve + release");
+    assert!(took < Duration::from_secs(2), "r took {took:?}");
+    assert!(r.term() > ta, "term {} after {ta}", r.term());
+    assert_eq!(
+        locks[1].holder().await.unwrap().map(|h| h.id),
+        Some("r".to_owned())
+    );
+    assert_eq!(
+        reservation_rows(&env).await,
+        0,
+        "the reservation is consumed"
+    );
+    assert!(!b.is_finished(), "b acquired while r held the lock");
+
+    // Consumed: when r releases, b takes the lock at once, long before the window would end.
+    let tr = r.term();
+    let released = tokio::time::Instant::now();
+    r.release().await.unwrap();
+    let b = within("b to acquire", b).await.unwrap().unwrap();
+    assert!(released.elapsed() < Duration::from_secs(2));
+    assert!(b.term() > tr);
+    b.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_term_that_lost_the_lock_cannot_reserve_it() {
+    let Some(env) = Env::new("reserve_lost").await else {
+        return;
+    };
+    let backend = env.backend();
+    let (a_lock, b_lock) = (backend.lock("jobs").unwrap(), backend.lock("jobs").unwrap());
+    let mut a = a_lock.acquire(req("a")).await.unwrap();
+    let b = acquire_in_background(&b_lock, "b");
+    env.wait_waiters("jobs", 1).await;
+
+    // The server checks the term like a state write: a holder row naming a newer term (as a
+    // successor's would) refuses the reservation, and says which term.
+    let bump = format!(
+        "UPDATE {}.holders SET term = term + $2 WHERE key = $1",
+        env.schema
+    );
+    env.admin
+        .execute(&bump, &[&env.key("jobs"), &1000_i64])
+        .await
+        .unwrap();
+    let refused = a.reserve("b", Duration::from_secs(5)).await.unwrap_err();
+    assert!(
+        matches!(refused, Error::StaleTerm { term, current: Some(c), .. } if term == a.term() && c == a.term() + 1000),
+        "{refused}"
+    );
+    env.admin
+        .execute(&bump, &[&env.key("jobs"), &-1000_i64])
+        .await
+        .unwrap();
+    a.reserve("b", Duration::from_secs(5)).await.unwrap();
+    assert_eq!(reservation_rows(&env).await, 1);
+    env.admin
+        .execute(&format!("DELETE FROM {}.reservations", env.schema), &[])
+        .await
+        .unwrap();
+
+    // Refused once the session is gone, whether or not the node has noticed yet (then by the
+    // server's check: its session no longer holds the key).
+    let a_pid = env.holder_pid("jobs").await;
+    env.terminate(a_pid).await;
+    // The server process of a's session has exited once b's session holds the key.
+    env.wait_locks("jobs", "b to be granted the key", |rows| {
+        rows.iter().any(|(pid, granted)| *granted && *pid != a_pid)
+    })
+    .await;
+    let refused = a.reserve("b", Duration::from_secs(5)).await.unwrap_err();
+    assert!(
+        matches!(refused, Error::StaleTerm { .. } | Error::Lost { .. }),
+        "{refused}"
+    );
+    within("a to see the loss", a.lost()).await;
+    let refused = a.reserve("b", Duration::from_secs(5)).await.unwrap_err();
+    assert!(matches!(refused, Error::Lost { .. }), "{refused}");
+    assert_eq!(reservation_rows(&env).await, 0);
+    a.release().await.unwrap();
+    let b = within("b to acquire", b).await.unwrap().unwrap();
+    b.release().await.unwrap();
+}
+
+/// p50/p99/max of `samples`.
+fn percentiles(mut samples: Vec<Duration>) -> String {
+    samples.sort();
+    let at = |q: f64| {
+        let i = ((samples.len() - 1) as f64 * q).round() as usize;
+        samples[i]
+    };
+    format!(
+        "p50 {:?}, p99 {:?}, max {:?} over {} rounds",
+        at(0.5),
+        at(0.99),
+        samples[samples.len() - 1],
+        samples.len()
+    )
+}
+
+/// Prints p50/p99 of reserve + release → the reserved node's acquire returning, over 20
+/// handovers back and forth between two nodes, and of release → the waiter's acquire without a
+/// reservation, for comparison.
+#[tokio::test]
+async fn handover_to_a_reserved_node_latency() {
+    let Some(env) = Env::new("reserve_latency").await else {
+        return;
+    };
+    let backend = env.backend();
+    let locks = [backend.lock("jobs").unwrap(), backend.lock("jobs").unwrap()];
+    let names = ["x", "y"];
+    let mut holder = locks[0].acquire(req(names[0])).await.unwrap();
+    let mut last_term = holder.term();
+    let (mut reserved, mut plain) = (Vec::new(), Vec::new());
+    for round in 0..40 {
+        let next = (round + 1) % 2;
+        let with_reservation = round < 20;
+        let waiter = acquire_in_background(&locks[next], names[next]);
+        env.wait_waiters("jobs", 1).await;
+        let started = tokio::time::Instant::now();
+        if with_reservation {
+            holder
+                .reserve(names[next], Duration::from_secs(2))
+                .await
+                .unwrap();
+        }
+        holder.release().await.unwrap();
+        holder = within("the waiting node to acquire", waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        let took = started.elapsed();
+        if with_reservation {
+            reserved.push(took);
+        } else {
+            plain.push(took);
+        }
+        assert!(holder.term() > last_term);
+        assert_eq!(holder.holder().id, names[next]);
+        last_term = holder.term();
+    }
+    holder.release().await.unwrap();
+    assert_eq!(
+        reservation_rows(&env).await,
+        0,
+        "every reservation consumed"
+    );
+    eprintln!(
+        "postgres reserve+release -> reserved acquire: {}",
+        percentiles(reserved)
+    );
+    eprintln!(
+        "postgres release -> waiter acquire (no reservation): {}",
+        percentiles(plain)
+    );
 }

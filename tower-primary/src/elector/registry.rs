@@ -160,7 +160,12 @@ async fn follow(
         } else {
             if !failing {
                 for (what, e) in &errors {
-                    tracing::warn!(target: TARGET, lock = %shared.lock, node = %shared.node, error = %Chain(e), "candidate registry: cannot {what}; retrying");
+                    if e.misconfiguration().is_some() {
+                        // The campaign reports a misconfiguration (at ERROR, once per cause).
+                        tracing::debug!(target: TARGET, lock = %shared.lock, node = %shared.node, error = %Chain(e), "candidate registry: cannot {what}; retrying");
+                    } else {
+                        tracing::warn!(target: TARGET, lock = %shared.lock, node = %shared.node, error = %Chain(e), "candidate registry: cannot {what}; retrying");
+                    }
                 }
             }
             failing = true;

@@ -2,14 +2,16 @@
 //! oldest; then the term it holds (the claim's revision), until it is released or lost.
 
 use std::fmt;
+use std::time::Duration;
 
 use etcd_client::{
     Client, Compare, CompareOp, EventType, GetOptions, PutOptions, SortOrder, SortTarget, Txn,
-    TxnOp, TxnOpResponse, TxnResponse, WatchStream,
+    TxnOp, TxnOpResponse, TxnResponse, WatchResponse, WatchStream,
 };
 use tokio::task::JoinHandle;
 
 use super::lock::{EtcdLock, Held, HeldSlot, term_of};
+use super::reserve::Reservation;
 use super::resume::Token;
 use super::session::{Session, etcd_error};
 use super::watch::monitor;
@@ -19,7 +21,7 @@ use crate::error::{ConfigError, Error};
 use crate::role::Holder;
 
 /// What a claim of the lock found.
-enum Claim {
+pub(super) enum Claim {
     /// The candidate's key was the oldest and still its own: it holds the lock now. `claim` is
     /// the revision of the write, `term` the term, `record` the holder record written.
     Won {
@@ -37,6 +39,8 @@ enum Claim {
     Again,
     /// Its key is gone (its lease ran out).
     Gone,
+    /// A live reservation names this node: claim with it ([`EtcdLock::claim_reserved`]).
+    Reserved(Reservation),
 }
 
 impl EtcdLock {
@@ -69,6 +73,10 @@ impl EtcdLock {
             // A range compare holds for every key in it: none is older than ours.
             Compare::create_revision(self.election.clone(), CompareOp::Greater, rev - 1)
                 .with_prefix(),
+            // No reservation for anybody (ours is claimed by `claim_reserved`), and no holder
+            // that took one ahead of the key order.
+            Compare::create_revision(self.reserved_key(), CompareOp::Equal, 0),
+            Compare::create_revision(self.reserved_holder_key(), CompareOp::Equal, 0),
         ];
         let (old_start, old_end) = self.old_keys();
         let record = encode(&req.holder(term_of(rev)))?;
@@ -100,6 +108,11 @@ impl EtcdLock {
                             .with_count_only(),
                     ),
                 ),
+                TxnOp::get(self.reserved_key(), None),
+                TxnOp::get(
+                    self.reserved_holder_key(),
+                    Some(GetOptions::new().with_keys_only()),
+                ),
             ]);
         let resp = self.rpc("claim the lock", client.clone().txn(txn)).await?;
         if resp.succeeded() {
@@ -110,9 +123,14 @@ impl EtcdLock {
             });
         }
         let gets = gets(&resp);
-        let (Some(own), Some(older), Some(raised), Some(old)) =
-            (gets.first(), gets.get(1), gets.get(2), gets.get(3))
-        else {
+        let (Some(own), Some(older), Some(raised), Some(old), Some(reserved), Some(ahead)) = (
+            gets.first(),
+            gets.get(1),
+            gets.get(2),
+            gets.get(3),
+            gets.get(4),
+            gets.get(5),
+        ) else {
             return Err(self.corrupt("transaction reply", "missing range results"));
         };
         if own
@@ -121,6 +139,15 @@ impl EtcdLock {
             .is_none_or(|kv| kv.create_revision() != rev)
         {
             return Ok(Claim::Gone);
+        }
+        if !ahead.kvs().is_empty() {
+            return Ok(Claim::Behind(revision_of(&resp)));
+        }
+        if let Some(kv) = reserved.kvs().first() {
+            return Ok(match self.reservation_for(kv, req.node.id()) {
+                Some(reservation) => Claim::Reserved(reservation),
+                None => Claim::Behind(revision_of(&resp)),
+            });
         }
         if !older.kvs().is_empty() {
             return Ok(Claim::Behind(revision_of(&resp)));
@@ -243,8 +270,27 @@ impl EtcdLock {
         let mut watch = self
             .watch(&client, &self.election, true, Some(rev + 1))
             .await?;
+        // And so does every deletion of a reservation, or of the mark of a holder that took one.
+        let reserved_key = self.reserved_key();
+        let mut reserved = self
+            .watch(&client, &reserved_key, true, Some(rev + 1))
+            .await?;
+        let mut reservation = None;
         let (claim, term, record) = loop {
-            let seen = match self.claim(&client, &key, rev, session.id, &req).await? {
+            let outcome = match reservation.take() {
+                Some(r) => {
+                    let outcome = self
+                        .claim_reserved(&client, &key, rev, session.id, &req, &r)
+                        .await?;
+                    // Waiting for the reserving holder to let go: claim with it at once then.
+                    if matches!(outcome, Claim::Behind(_)) {
+                        reservation = Some(r);
+                    }
+                    outcome
+                }
+                None => self.claim(&client, &key, rev, session.id, &req).await?,
+            };
+            let seen = match outcome {
                 Claim::Won {
                     claim,
                     term,
@@ -271,6 +317,10 @@ impl EtcdLock {
                         .await?;
                     continue;
                 }
+                Claim::Reserved(r) => {
+                    reservation = Some(r);
+                    continue;
+                }
                 Claim::Behind(seen) => seen,
             };
             // Wait for a deletion after that read; then claim again.
@@ -279,21 +329,25 @@ impl EtcdLock {
                     reason = session.lost() => {
                         return Err(Error::backend_msg(NAME, format!("lock {:?}: while waiting: {reason}", self.name)));
                     }
-                    msg = watch.message() => match msg {
-                        Ok(Some(r)) if !r.canceled() => {
-                            let deleted = r.events().iter().any(|e| {
-                                e.event_type() == EventType::Delete
-                                    && e.kv().is_some_and(|kv| kv.mod_revision() > seen)
-                            });
-                            if deleted {
-                                break;
+                    msg = watch.message() => if self.deleted_after(msg, seen)? {
+                        break;
+                    },
+                    msg = reserved.message() => {
+                        // A reservation for us, made while we wait: claim with it at once when
+                        // the holder lets go.
+                        if let Ok(Some(r)) = &msg {
+                            let ours = r.events().iter().filter(|e| e.event_type() == EventType::Put)
+                                .filter_map(|e| e.kv())
+                                .filter(|kv| kv.key() == reserved_key.as_slice())
+                                .find_map(|kv| self.reservation_for(kv, req.node.id()));
+                            if ours.is_some() {
+                                reservation = ours;
                             }
                         }
-                        Ok(_) => {
-                            return Err(Error::backend_msg(NAME, format!("lock {:?}: the candidates' watch ended", self.name)));
+                        if self.deleted_after(msg, seen)? {
+                            break;
                         }
-                        Err(e) => return Err(etcd_error(&format!("lock {:?}: the candidates' watch failed", self.name), e)),
-                    }
+                    },
                 }
             }
         };
@@ -304,6 +358,29 @@ impl EtcdLock {
             record: decode(&record, term)?,
         };
         Ok(self.hand_over(client, session, won, watch))
+    }
+
+    /// Whether a watch message reports a deletion after revision `seen`; an error when the
+    /// watch ended.
+    fn deleted_after(
+        &self,
+        msg: Result<Option<WatchResponse>, etcd_client::Error>,
+        seen: i64,
+    ) -> Result<bool, Error> {
+        match msg {
+            Ok(Some(r)) if !r.canceled() => Ok(r.events().iter().any(|e| {
+                e.event_type() == EventType::Delete
+                    && e.kv().is_some_and(|kv| kv.mod_revision() > seen)
+            })),
+            Ok(_) => Err(Error::backend_msg(
+                NAME,
+                format!("lock {:?}: the candidates' watch ended", self.name),
+            )),
+            Err(e) => Err(etcd_error(
+                &format!("lock {:?}: the candidates' watch failed", self.name),
+                e,
+            )),
+        }
     }
 
     /// Makes the leadership of a won claim (a fresh one or a resumption): no await, so that the
@@ -337,6 +414,7 @@ impl EtcdLock {
             session.lost_sender(),
         ));
         Box::new(EtcdLeadership {
+            etcd: self.clone(),
             lock: self.name.clone(),
             term: term_of(term),
             renewals: session.renewals(),
@@ -389,6 +467,7 @@ pub(super) fn decode(raw: &[u8], term: i64) -> Result<Holder, Error> {
 
 /// Holding the lock: one term.
 struct EtcdLeadership {
+    etcd: EtcdLock,
     lock: String,
     term: u64,
     record: Holder,
@@ -455,10 +534,30 @@ impl Leadership for EtcdLeadership {
             match self.session.take() {
                 Some(session) => {
                     let key = self.token.key.clone().into_bytes();
-                    session.release_claim(key, self.token.revision).await
+                    let ahead = self.etcd.reserved_holder_key();
+                    session.release_claim(key, self.token.revision, ahead).await
                 }
                 None => Ok(()),
             }
+        })
+    }
+
+    fn reserve<'a>(
+        &'a mut self,
+        node: &'a str,
+        window: Duration,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            if let Some(reason) = self.session.as_ref().and_then(Session::lost_now) {
+                return Err(Error::Lost {
+                    lock: self.lock.clone(),
+                    reason,
+                });
+            }
+            let key = self.token.key.clone().into_bytes();
+            self.etcd
+                .reserve_for(&key, self.token.revision, self.term, node, window)
+                .await
         })
     }
 }

@@ -6,12 +6,15 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use etcd_client::{GetOptions, KeyValue, SortOrder, SortTarget};
+use etcd_client::{GetOptions, KeyValue, SortOrder, SortTarget, Txn, TxnOp};
 
+use super::campaign::gets;
 use super::session::rpc;
 use super::watch::EtcdChanges;
 use super::{EtcdBackend, NAME};
-use crate::backend::{AcquireRequest, BoxFuture, Changes, Leadership, Lock, Stored};
+use crate::backend::{
+    AcquireRequest, BoxFuture, Candidate, Changes, Leadership, Lease, Lock, Registration, Stored,
+};
 use crate::error::Error;
 use crate::role::Holder;
 
@@ -100,13 +103,16 @@ impl EtcdLock {
     /// claim by a key older than such a term). A candidate whose key is younger than that
     /// revision may take its create revision as its term, as version 0.1 does.
     pub(super) fn raised_key(&self) -> Vec<u8> {
-        let base = self
-            .election
-            .strip_suffix(b"election/".as_slice())
-            .unwrap_or(&self.election);
-        let mut key = base.to_vec();
+        let mut key = self.base().to_vec();
         key.extend_from_slice(b"raised");
         key
+    }
+
+    /// Where the lock's keys live: `P/L/`.
+    pub(super) fn base(&self) -> &[u8] {
+        self.election
+            .strip_suffix(b"election/".as_slice())
+            .unwrap_or(&self.election)
     }
 
     pub(super) fn state_key(&self, key: &str) -> Vec<u8> {
@@ -146,22 +152,56 @@ impl EtcdLock {
         self.holder_inner().await.ok().flatten().map(|h| h.term)
     }
 
+    /// The holder: the one that took a reservation ahead of the key order, if one did (its key
+    /// is named by the reserved-holder mark), else the oldest candidate key's once it claimed.
     pub(super) async fn holder_inner(&self) -> Result<Option<Holder>, Error> {
         let client = self.backend.client().await?;
         let oldest = GetOptions::new()
             .with_prefix()
             .with_sort(SortTarget::Create, SortOrder::Ascend)
             .with_limit(1);
-        let resp = self
-            .rpc(
-                "read the holder",
-                client.clone().get(self.election.clone(), Some(oldest)),
-            )
-            .await?;
-        resp.kvs()
-            .first()
-            .map(|kv| self.holder_from(kv))
-            .transpose()
+        let read = Txn::new().and_then([
+            TxnOp::get(self.reserved_holder_key(), None),
+            TxnOp::get(self.election.clone(), Some(oldest)),
+        ]);
+        // A holder ahead of the order that lets go between the two reads is read again.
+        for _ in 0..3 {
+            let resp = self
+                .rpc("read the holder", client.clone().txn(read.clone()))
+                .await?;
+            let gets = gets(&resp);
+            let (Some(ahead), Some(oldest)) = (gets.first(), gets.get(1)) else {
+                return Err(self.corrupt("transaction reply", "missing range results"));
+            };
+            let Some(mark) = ahead.kvs().first() else {
+                return oldest
+                    .kvs()
+                    .first()
+                    // A key of this version that was never written again has not claimed: its
+                    // node waits (for a reservation to be taken or to expire, or to claim).
+                    .filter(|kv| {
+                        !self.is_own_kind(kv.key()) || kv.mod_revision() > kv.create_revision()
+                    })
+                    .map(|kv| self.holder_from(kv))
+                    .transpose();
+            };
+            let resp = self
+                .rpc(
+                    "read the holder",
+                    client.clone().get(mark.value().to_vec(), None),
+                )
+                .await?;
+            if let Some(kv) = resp.kvs().first().filter(|kv| kv.lease() == mark.lease()) {
+                return self.holder_from(kv).map(Some);
+            }
+        }
+        Err(Error::backend_msg(
+            NAME,
+            format!(
+                "lock {:?}: the holder changed at every read; try again",
+                self.name
+            ),
+        ))
     }
 }
 
@@ -207,6 +247,22 @@ impl Lock for EtcdLock {
             let changes = EtcdChanges::open(self, self.state_key(key), false).await?;
             Ok(Box::new(changes) as Box<dyn Changes>)
         })
+    }
+
+    fn register(
+        &self,
+        entry: Candidate,
+        lease: Option<Lease>,
+    ) -> BoxFuture<'_, Result<Box<dyn Registration>, Error>> {
+        Box::pin(self.register_inner(entry, lease))
+    }
+
+    fn candidates(&self) -> BoxFuture<'_, Result<Vec<Candidate>, Error>> {
+        Box::pin(self.candidates_inner())
+    }
+
+    fn watch_candidates(&self) -> BoxFuture<'_, Result<Box<dyn Changes>, Error>> {
+        Box::pin(self.watch_candidates_inner())
     }
 }
 

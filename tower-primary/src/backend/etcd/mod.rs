@@ -35,6 +35,9 @@
 //! | `P/L/election/v2-<lease id, 16 hex digits>` | one per candidate, bound to its lease: the [`Holder`] record as JSON (its `term` is 0 until the claim, and stays 0 for a raised term) |
 //! | `P/L/raised` | empty; its mod revision is the latest **raised** term (below) |
 //! | `P/L/state/<key>` | a state value: the writer's term (8 bytes, big endian), then the bytes |
+//! | `P/L/registry/<node id>` | a [`Candidate`] entry as JSON, on the registration's own lease |
+//! | `P/L/reserved` | a reservation: the node, the reserving holder's key and term (JSON), on a lease of the window |
+//! | `P/L/reserved-holder` | the key of a holder that took a reservation ahead of the key order, on its lease |
 //!
 //! - **Acquire.** Grant a lease of the elector's TTL (etcd counts whole seconds: it is rounded
 //!   up, so the server never frees the lock before the holder's deadline) and keep it alive every
@@ -79,6 +82,18 @@
 //!   the revision of the term's claim), so it succeeds only while that term holds the lock:
 //!   while it does, no newer term can exist (a newer claim needs the key gone, a resumption
 //!   writes it). [`watch_key`](crate::backend::Lock::watch_key) watches the value's key.
+//! - **Registry** ([`Lock::register`]): a key per node under `P/L/registry/`, outside the
+//!   candidates' range, on a lease of the registration's own (the elector's lease, at least
+//!   2 s) with its own keepalives; gone when the node dies (etcd expires the lease), revoked when
+//!   the registration is dropped, written again on a new lease should the lease have run out
+//!   anyway. Read with a range, followed with a watch.
+//! - **Reservations** ([`Leadership::reserve`]): `P/L/reserved` on a fresh lease of
+//!   `max(window, 2 s)`, written while the term's claim still stands (as a state write). Every
+//!   claim compares it (and `P/L/reserved-holder`) absent, and waiters watch both; the reserved
+//!   node claims ahead of the key order once the reserving holder's key is gone and no key of
+//!   version 0.1 exists: its term is its claim's revision (raised), the reservation is deleted
+//!   and `P/L/reserved-holder` names its key until it lets go. The holder view reads that mark
+//!   first; a key of this version that never claimed is no holder.
 //!
 //! # Nodes of version 0.1 on the same lock
 //!
@@ -93,6 +108,12 @@
 //! campaigns as every other. Old nodes read a raised term as the key's create revision (lower):
 //! only their view of the holder is off, never their own terms.
 //!
+//! Old nodes see neither the registry nor reservations (their keys lie outside
+//! `P/L/election/`). An old candidate whose key is the oldest takes a reserved lock in key order;
+//! the reserved node, which makes no claim out of key order while an old candidate exists, then
+//! deletes the reservation and waits in key order. While a node holds ahead of the key order, an
+//! old node's view of the holder names the oldest (waiting) key.
+//!
 //! # Guarantees and limits
 //!
 //! etcd is raft-linearizable and times leases on its leader: the strongest of the lease backends.
@@ -103,11 +124,16 @@
 //! tested with 3.4.
 //!
 //! [`Holder`]: crate::Holder
+//! [`Candidate`]: crate::backend::Candidate
 //! [`Leadership::resume_token`]: crate::backend::Leadership::resume_token
 //! [`Lock::resume`]: crate::backend::Lock::resume
+//! [`Lock::register`]: crate::backend::Lock::register
+//! [`Leadership::reserve`]: crate::backend::Leadership::reserve
 
 mod campaign;
 mod lock;
+mod registry;
+mod reserve;
 mod resume;
 mod session;
 mod state;
@@ -479,6 +505,21 @@ mod tests {
         assert!(highest_old < end);
         assert!(lock.is_own_kind(&ours));
         assert!(!lock.is_own_kind(&old));
+        // The registry and the reservation keys lie outside the candidates' range, which every
+        // version reads (a key there would be taken for a candidate).
+        let registry = lock.registry_prefix();
+        assert_eq!(registry, b"apps/x/jobs/registry/".to_vec());
+        assert_eq!(lock.reserved_key(), b"apps/x/jobs/reserved".to_vec());
+        assert_eq!(
+            lock.reserved_holder_key(),
+            b"apps/x/jobs/reserved-holder".to_vec()
+        );
+        for key in [registry, lock.reserved_key(), lock.reserved_holder_key()] {
+            assert!(!key.starts_with(&lock.election), "{key:?}");
+            assert!(!key.starts_with(&lock.state), "{key:?}");
+        }
+        // A prefix watch on the reservation sees the reserved holder's mark too.
+        assert!(lock.reserved_holder_key().starts_with(&lock.reserved_key()));
     }
 
     #[test]

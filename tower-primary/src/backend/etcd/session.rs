@@ -217,6 +217,11 @@ impl Session {
         }
     }
 
+    /// The reason, if the lease (or the key on it) is already known to be gone.
+    pub(super) fn lost_now(&self) -> Option<String> {
+        self.lost_rx.borrow().clone()
+    }
+
     /// Stops the keepalives and revokes the lease, deleting the keys attached to it (which wakes
     /// the waiters). A lease that has already expired counts as revoked.
     pub(super) async fn revoke(mut self) -> Result<(), Error> {
@@ -226,14 +231,27 @@ impl Session {
     }
 
     /// Ends a term whose claim on `key` was at revision `claim`: deletes the key if nothing has
-    /// claimed it since (which wakes the waiters), and only then revokes the lease. A key claimed
+    /// claimed it since (which wakes the waiters), with `ahead` (the mark of a holder that took
+    /// a reservation) if it stands on this lease, and only then revokes the lease. A key claimed
     /// again belongs to the process that resumed this lease: then the lease is left to it, and
     /// only the keepalives stop. Should the check fail to get an answer, the lease is revoked as
     /// before resumptions existed.
-    pub(super) async fn release_claim(self, key: Vec<u8>, claim: i64) -> Result<(), Error> {
+    pub(super) async fn release_claim(
+        self,
+        key: Vec<u8>,
+        claim: i64,
+        ahead: Vec<u8>,
+    ) -> Result<(), Error> {
         let txn = Txn::new()
             .when([Compare::mod_revision(key.clone(), CompareOp::Equal, claim)])
-            .and_then([TxnOp::delete(key, None)]);
+            .and_then([
+                TxnOp::delete(key, None),
+                TxnOp::txn(
+                    Txn::new()
+                        .when([Compare::lease(ahead.clone(), CompareOp::Equal, self.id)])
+                        .and_then([TxnOp::delete(ahead, None)]),
+                ),
+            ]);
         match rpc(self.timeout, "delete our key", self.client.clone().txn(txn)).await {
             Ok(done) if !done.succeeded() => {
                 let mut session = self;

@@ -303,4 +303,12 @@ impl Leadership for FileLeadership {
     fn release(mut self: Box<Self>) -> BoxFuture<'static, Result<(), Error>> {
         Box::pin(async move { self.held.release().await })
     }
+
+    fn reserve<'a>(
+        &'a mut self,
+        node: &'a str,
+        window: Duration,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(self.reserve_for(node, window))
+    }
 }

@@ -12,6 +12,8 @@
 //! | `<dir>/<name>.lock` | the file that is locked; bytes 0‥21 hold the last term as 20 decimal digits and `\n` | the term: by each new holder, `pwrite` before it becomes primary, `fsync` right after |
 //! | `<dir>/<name>.holder` | the holder record, a [`Holder`] as JSON | by the holder, atomically (temporary file, `rename`; not fsynced: a record a crash left behind is recognised as stale); deleted on release |
 //! | `<dir>/<name>.state/<key>` | state values of at most [`MAX_STATE_VALUE`] (16 MiB): a line `tower-primary-state 1 <term> <length>`, then the value | by the holder, atomically and durably (temporary file, `fsync`, `rename`, `fsync` of the directory) |
+//! | `<dir>/<name>.reserved` | the [reservation](Leadership::reserve): JSON `{node, until_ns, term, boot}`, `until_ns` on this host's `CLOCK_BOOTTIME` | by the holder, atomically (not fsynced: a record of an earlier boot reads as expired); deleted by the node that takes the lock next |
+//! | `<dir>/<name>.candidates/<node>.<pid>.<n>` | one [registry](Lock::register) entry each (the node id with bytes other than letters, digits, `_`, `-` as `%XX`): a line `tower-primary-candidate 1 <checksum> <length>`, then the [`Candidate`] as JSON | by its registrant, which holds an exclusive `flock` on it for the registration's life; rewritten in place on update; deleted on drop, or by any reader once nobody holds it |
 //! | `<dir>/.<file>.<pid>.<n>.tmp` | temporary files of the atomic writes | renamed into place at once |
 //!
 //! The lock file is opened read-write with `O_NOFOLLOW` and `O_CLOEXEC`, created with mode 0600,
@@ -60,6 +62,18 @@
 //! - **State**: [`Lock::store`] writes only while this very lock object holds the lock with that
 //!   term, the lock file is still the locked one, and no newer term has written the key. A write
 //!   under way keeps the lock held until it is done; a release waits for it.
+//! - **Registry**: an entry is a file locked by its registrant: it is live while locked, and the
+//!   kernel frees the lock the instant the registrant's process dies, so a reader (probing with
+//!   a non-blocking shared `flock`) never lists a dead node's entry, and deletes its file.
+//!   [`Lock::watch_candidates`] follows the directory with inotify; a registrant's death closes
+//!   its descriptor, which is reported at once. Entry files that are symbolic links, not regular
+//!   files or not of this user are ignored.
+//! - **Reservations**: the waiter thread reads the reservation record while it holds the
+//!   `flock` (only a holder writes it). A live reservation for another node: it unlocks at once
+//!   and waits for the record to change (inotify) or run out before it waits in `flock` again;
+//!   the reserved node, or anybody after the window, deletes the record and takes the lock under
+//!   a new term. Nodes of 0.1.0 ignore the record: they may take the lock during the window
+//!   (one holder and rising terms all the same).
 //! - **Damaged files**: a state value or holder record that cannot be parsed, is larger than its
 //!   limit, or is not a regular file (a FIFO would block a reader) is an [`Error::Corrupt`]
 //!   naming the file, read without blocking and never beyond the limit. The holder rewrites its
@@ -139,7 +153,8 @@ use notify::event::ModifyKind;
 use tokio::sync::{oneshot, watch};
 
 use super::{
-    AcquireRequest, Backend, BoxFuture, Changes, Leadership, Lock, Renewals, Stored, validate_key,
+    AcquireRequest, Backend, BoxFuture, Candidate, Changes, Leadership, Lease, Lock, Registration,
+    Renewals, Stored, validate_key,
 };
 use crate::error::{ConfigError, Error, validate_lock_name};
 use crate::role::Holder;
@@ -149,6 +164,9 @@ mod held;
 pub(in crate::backend) mod inotify;
 mod paths;
 mod records;
+mod registry;
+mod reserve;
+mod state;
 #[cfg(test)]
 mod tests;
 mod waiter;
@@ -248,6 +266,7 @@ impl FileBackend {
                 watch: Mutex::new(None),
                 blocked: watch::channel(0).0,
                 stale_grants: watch::channel(0).0,
+                deferred: watch::channel(0).0,
                 #[cfg(test)]
                 disk: tests::SlowDisk::new(),
             }),
@@ -356,6 +375,8 @@ struct Inner {
     blocked: watch::Sender<u64>,
     /// Grants dropped because the path no longer named the locked file (observed by tests).
     stale_grants: watch::Sender<u64>,
+    /// Grants given back because the lock was reserved for another node (observed by tests).
+    deferred: watch::Sender<u64>,
     /// A disk that stalls on demand, in tests.
     #[cfg(test)]
     disk: tests::SlowDisk,
@@ -568,114 +589,6 @@ impl Inner {
     fn path_names(&self, id: FileId) -> bool {
         fs::symlink_metadata(&self.paths.lock).is_ok_and(|m| FileId::of(&m) == id)
     }
-
-    fn load(&self, key: &str) -> Result<Option<Stored>, Error> {
-        self.disk("load");
-        match self.read_state(key) {
-            Ok(Record::Found(s)) => Ok(Some(s)),
-            Ok(Record::Missing) => Ok(None),
-            Ok(Record::Corrupt(problem)) => {
-                tracing::warn!(
-                    lock = %self.name,
-                    key,
-                    problem,
-                    "corrupt state value; the next store replaces it"
-                );
-                Err(Error::Corrupt {
-                    backend: NAME,
-                    what: format!(
-                        "state value {key:?} of lock {:?} ({})",
-                        self.name,
-                        self.state_path(key).display()
-                    ),
-                    problem,
-                })
-            }
-            Err(e) => Err(self.io(
-                format!(
-                    "cannot read the state value {}",
-                    self.state_path(key).display()
-                ),
-                e,
-            )),
-        }
-    }
-
-    fn store(self: &Arc<Self>, key: &str, value: &[u8], term: u64) -> Result<(), Error> {
-        if value.len() > MAX_STATE_VALUE {
-            return Err(Error::ValueTooLarge {
-                backend: NAME,
-                key: key.to_owned(),
-                size: value.len() as u64,
-                max: MAX_STATE_VALUE as u64,
-            });
-        }
-        // The guard keeps the lock held until the write is done, so a write that passed the
-        // check finishes before any other term can hold the lock.
-        let (guard, live_term) = match self.write_guard(term) {
-            Ok(guard) => (Some(guard), None),
-            Err(live_term) => (None, live_term),
-        };
-        let holds = guard.as_ref().is_some_and(|g| {
-            let holds = self.path_names(g.id);
-            if !holds {
-                tracing::warn!(lock = %self.name, term, "the lock file was deleted or replaced; refusing the state write");
-            }
-            holds
-        });
-        let stored = match self.read_state(key) {
-            Ok(Record::Found(s)) => Some(s.term),
-            Ok(Record::Missing) => None,
-            Ok(Record::Corrupt(problem)) => {
-                tracing::warn!(lock = %self.name, key, problem, "corrupt state value; it is overwritten");
-                None
-            }
-            Err(e) => {
-                return Err(self.io(
-                    format!(
-                        "cannot read the state value {}",
-                        self.state_path(key).display()
-                    ),
-                    e,
-                ));
-            }
-        };
-        let newer = stored.filter(|t| *t > term);
-        if !holds || newer.is_some() {
-            return Err(Error::StaleTerm {
-                lock: self.name.clone(),
-                term,
-                current: newer.or(live_term),
-            });
-        }
-        self.disk("store");
-        ensure_state_dir(&self.paths.state_dir).map_err(|e| {
-            self.io(
-                format!(
-                    "cannot create the state directory {}",
-                    self.paths.state_dir.display()
-                ),
-                e,
-            )
-        })?;
-        let written = write_atomic(
-            &self.paths.state_dir,
-            OsStr::new(key),
-            &encode_state(value, term),
-            true,
-        )
-        .map_err(|e| {
-            self.io(
-                format!(
-                    "cannot write the state value {}",
-                    self.state_path(key).display()
-                ),
-                e,
-            )
-        });
-        drop(guard);
-        written
-    }
 }
 
 /// Runs short file I/O on tokio's blocking pool, in the caller's tracing context. Never a wait
@@ -794,5 +707,22 @@ impl Lock for DirLock {
             let rx = watch.signals.subscribe_key(key);
             Ok(Box::new(DirChanges { watch, rx }) as Box<dyn Changes>)
         })
+    }
+
+    /// An entry file held with `flock` (see `registry.rs`); no lease: it lives with the process.
+    fn register(
+        &self,
+        entry: Candidate,
+        _lease: Option<Lease>,
+    ) -> BoxFuture<'_, Result<Box<dyn Registration>, Error>> {
+        Box::pin(self.register_candidate(entry))
+    }
+
+    fn candidates(&self) -> BoxFuture<'_, Result<Vec<Candidate>, Error>> {
+        Box::pin(self.list_candidates())
+    }
+
+    fn watch_candidates(&self) -> BoxFuture<'_, Result<Box<dyn Changes>, Error>> {
+        Box::pin(self.watch_registry())
     }
 }

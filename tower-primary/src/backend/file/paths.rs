@@ -24,6 +24,8 @@ pub(super) struct Suffixes {
     lock: &'static str,
     holder: &'static str,
     state: &'static str,
+    reserved: &'static str,
+    registry: &'static str,
 }
 
 impl Suffixes {
@@ -32,12 +34,16 @@ impl Suffixes {
         lock: "lock",
         holder: "holder",
         state: "state",
+        reserved: "reserved",
+        registry: "candidates",
     };
     /// A host group's candidate lock.
     pub(super) const CANDIDATE: Suffixes = Suffixes {
         lock: "candidate",
         holder: "candidate-holder",
         state: "mirror",
+        reserved: "candidate-reserved",
+        registry: "members",
     };
 }
 
@@ -48,9 +54,14 @@ pub(super) struct Paths {
     pub(super) lock: PathBuf,
     pub(super) holder: PathBuf,
     pub(super) state_dir: PathBuf,
+    /// The reservation record (see `reserve.rs`).
+    pub(super) reserved: PathBuf,
+    /// The candidate registry, one file per registration (see `registry.rs`).
+    pub(super) registry_dir: PathBuf,
     pub(super) lock_file: OsString,
     pub(super) holder_file: OsString,
     pub(super) state_name: OsString,
+    pub(super) reserved_file: OsString,
 }
 
 impl Paths {
@@ -89,14 +100,18 @@ impl Paths {
         let lock_file = OsString::from(format!("{name}.{}", suffixes.lock));
         let holder_file = OsString::from(format!("{name}.{}", suffixes.holder));
         let state_name = OsString::from(format!("{name}.{}", suffixes.state));
+        let reserved_file = OsString::from(format!("{name}.{}", suffixes.reserved));
         let paths = Paths {
             lock: dir.join(&lock_file),
             holder: dir.join(&holder_file),
             state_dir: dir.join(&state_name),
+            reserved: dir.join(&reserved_file),
+            registry_dir: dir.join(format!("{name}.{}", suffixes.registry)),
             dir,
             lock_file,
             holder_file,
             state_name,
+            reserved_file,
         };
         let shown = paths.lock_file.to_string_lossy();
         let file = open_lock_file(&paths.lock).map_err(|e| {

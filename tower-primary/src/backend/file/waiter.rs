@@ -94,7 +94,19 @@ impl Inner {
                     tracing::debug!(lock = %self.name, "the acquire was given up while waiting; unlocking the grant");
                     return;
                 };
+                // Read while holding: only a holder writes the record.
+                if let Some(reserved) = self.reserved_for_another(&pending.req) {
+                    tracing::debug!(lock = %self.name, reserved_for = %reserved.node, "the lock is reserved for another node; waiting for the reservation");
+                    drop(file);
+                    lock(&self.waiting).queue.push_front(pending);
+                    self.deferred.send_modify(bump);
+                    self.await_reservation(&reserved);
+                    return;
+                }
                 let granted = self.take_term(file, id, &pending.req);
+                if granted.is_ok() {
+                    self.consume_reservation();
+                }
                 let to_sync = granted
                     .as_ref()
                     .ok()

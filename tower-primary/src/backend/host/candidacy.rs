@@ -1,5 +1,6 @@
 //! What a process does while it is the host candidate: the heartbeat, the mirrors of the inner
-//! lock's holder and of the state keys followers want, and the guarded `.host` writes.
+//! lock's holder, of its candidate registry and of the state keys followers want, the group's
+//! one entry in the inner registry, and the guarded `.host` writes.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use super::heartbeat_timing;
 use super::lock::Group;
 use super::record::{Heartbeat, HostRecord};
 use super::wake::{Wake, or_slow_poll};
-use crate::backend::{AcquireRequest, Lock, Stored};
+use crate::backend::{AcquireRequest, Candidate, Lock, Registration, Stored};
 use crate::error::Error;
 use crate::role::Holder;
 
@@ -23,6 +24,39 @@ const MIRROR_RETRY: Duration = Duration::from_secs(1);
 /// The mirror key of the inner lock's holder.
 pub(super) fn holder_key() -> &'static str {
     "h"
+}
+
+/// The mirror key of the inner lock's candidate registry.
+pub(super) fn registry_key() -> &'static str {
+    "c"
+}
+
+pub(super) fn decode_registry(bytes: &[u8]) -> Result<Vec<Candidate>, Error> {
+    serde_json::from_slice(bytes).map_err(|e| corrupt("the registry mirror", e.to_string()))
+}
+
+/// The group's entry in the inner registry, campaigned for by the candidate `node`, from the
+/// live member entries: the highest priority among the eligible (ready, not draining) members
+/// (among all when none is), ready when any member is eligible, draining when every member
+/// drains, yielded when the candidate's own member entry is. `None` without members.
+pub(super) fn group_entry(node: &str, members: &[Candidate]) -> Option<Candidate> {
+    if members.is_empty() {
+        return None;
+    }
+    let eligible = members.iter().any(Candidate::is_eligible);
+    let priority = members
+        .iter()
+        .filter(|m| !eligible || m.is_eligible())
+        .map(|m| m.priority)
+        .max()
+        .unwrap_or(0);
+    Some(
+        Candidate::new(node)
+            .with_priority(priority)
+            .with_ready(eligible)
+            .with_draining(members.iter().all(|m| m.draining))
+            .with_yielded(members.iter().any(|m| m.node == node && m.yielded)),
+    )
 }
 
 /// The mirror key of a state key (checked by the caller: at most 199 bytes).
@@ -106,6 +140,17 @@ impl Candidacy {
                 file.clone(),
                 term,
                 Source::Holder,
+            ))),
+            AbortOnDropHandle::new(tokio::spawn(mirror(
+                group.clone(),
+                file.clone(),
+                term,
+                Source::Registry,
+            ))),
+            AbortOnDropHandle::new(tokio::spawn(register_group(
+                group.clone(),
+                file.clone(),
+                req.clone(),
             ))),
             AbortOnDropHandle::new(tokio::spawn(mirror_keys(group.clone(), file, term))),
         ];
@@ -217,6 +262,7 @@ async fn heartbeat(
 /// What a mirror copies from the inner lock.
 enum Source {
     Holder,
+    Registry,
     State(String),
 }
 
@@ -224,6 +270,7 @@ impl Source {
     fn mirror_key(&self) -> String {
         match self {
             Source::Holder => holder_key().to_owned(),
+            Source::Registry => registry_key().to_owned(),
             Source::State(key) => mirror_key(key),
         }
     }
@@ -231,6 +278,7 @@ impl Source {
     fn name(&self) -> &str {
         match self {
             Source::Holder => "the holder",
+            Source::Registry => "the registry",
             Source::State(key) => key,
         }
     }
@@ -238,6 +286,7 @@ impl Source {
     async fn watch(&self, inner: &dyn Lock) -> Result<Box<dyn crate::backend::Changes>, Error> {
         match self {
             Source::Holder => inner.watch_holder().await,
+            Source::Registry => inner.watch_candidates().await,
             Source::State(key) => inner.watch_key(key).await,
         }
     }
@@ -246,6 +295,13 @@ impl Source {
         match self {
             Source::Holder => serde_json::to_vec(&group.inner.holder().await?)
                 .map_err(|e| Error::backend(group.backend, "cannot encode the holder", e)),
+            Source::Registry => {
+                // In one order, so that an unchanged registry reads as the same bytes.
+                let mut entries = group.inner.candidates().await?;
+                entries.sort_by(|a, b| a.node.cmp(&b.node));
+                serde_json::to_vec(&entries)
+                    .map_err(|e| Error::backend(group.backend, "cannot encode the registry", e))
+            }
             Source::State(key) => Ok(encode_stored(group.inner.load(key).await?.as_ref())),
         }
     }
@@ -278,6 +334,48 @@ async fn mirror(group: Arc<Group>, file: Arc<dyn Lock>, term: u64, source: Sourc
         .await;
         if !retry(&group, source.name(), outcome).await {
             return;
+        }
+    }
+}
+
+/// Keeps the group's one entry in the inner registry equal to what the live member entries
+/// (`<lock>.members/` in the host directory) add up to; withdrawn when the candidacy ends.
+async fn register_group(group: Arc<Group>, file: Arc<dyn Lock>, req: AcquireRequest) {
+    let node = req.node.id().to_owned();
+    let mut registration: Option<Box<dyn Registration>> = None;
+    let mut registered: Option<Candidate> = None;
+    loop {
+        let mut changes = or_slow_poll(file.watch_candidates().await, "member");
+        loop {
+            let synced = async {
+                let entry = group_entry(&node, &file.candidates().await?);
+                if entry == registered {
+                    return Ok(());
+                }
+                match (&entry, &registration) {
+                    (None, _) => registration = None,
+                    (Some(e), Some(r)) => r.update(e.clone()).await?,
+                    (Some(e), None) => {
+                        registration = Some(group.inner.register(e.clone(), req.lease).await?);
+                    }
+                }
+                registered = entry;
+                Ok::<(), Error>(())
+            }
+            .await;
+            let outcome = match synced {
+                Ok(()) => changes.changed().await,
+                Err(e) => {
+                    // Registered again from scratch.
+                    (registration, registered) = (None, None);
+                    Err(e)
+                }
+            };
+            if let Err(e) = outcome {
+                tracing::warn!(lock = %group.files.lock, error = %e, "cannot keep the host group's registry entry; trying again");
+                tokio::time::sleep(MIRROR_RETRY).await;
+                break;
+            }
         }
     }
 }
@@ -331,5 +429,31 @@ mod tests {
         }
         assert!(decode_stored(b"some x\n").is_err());
         assert!(decode_stored(b"").is_err());
+    }
+
+    #[test]
+    fn a_group_entry_adds_its_members_up() {
+        assert_eq!(group_entry("w1", &[]), None);
+        let members = [
+            Candidate::new("w1").with_priority(3),
+            Candidate::new("w2").with_priority(9).with_ready(false),
+            Candidate::new("w3").with_priority(5).with_draining(true),
+            Candidate::new("w4").with_priority(4),
+        ];
+        let entry = group_entry("w1", &members).unwrap();
+        assert_eq!(entry, Candidate::new("w1").with_priority(4));
+        let draining: Vec<_> = members
+            .iter()
+            .map(|m| m.clone().with_draining(true).with_yielded(true))
+            .collect();
+        let entry = group_entry("w1", &draining).unwrap();
+        assert_eq!(
+            entry,
+            Candidate::new("w1")
+                .with_priority(9)
+                .with_ready(false)
+                .with_draining(true)
+                .with_yielded(true)
+        );
     }
 }

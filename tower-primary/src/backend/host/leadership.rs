@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::candidacy::Candidacy;
 use super::lock::Group;
@@ -93,6 +94,24 @@ impl Leadership for HostLeadership {
 
     fn release(self: Box<Self>) -> BoxFuture<'static, Result<(), Error>> {
         self.release_for(Release::StepDown)
+    }
+
+    /// The inner leadership's reservation: the reserved node is the candidate of another group
+    /// (or another node), named in the inner registry.
+    fn reserve<'a>(
+        &'a mut self,
+        node: &'a str,
+        window: Duration,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            match self.inner.as_deref_mut() {
+                Some(inner) => inner.reserve(node, window).await,
+                None => Err(Error::Lost {
+                    lock: self.group.files.lock.clone(),
+                    reason: "the term was released".to_owned(),
+                }),
+            }
+        })
     }
 
     fn release_for(mut self: Box<Self>, why: Release) -> BoxFuture<'static, Result<(), Error>> {

@@ -9,12 +9,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::candidacy::{Candidacy, decode_holder, decode_stored, holder_key, mirror_key};
+use super::candidacy::{
+    Candidacy, decode_holder, decode_registry, decode_stored, holder_key, mirror_key, registry_key,
+};
 use super::leadership::HostLeadership;
 use super::record::{Files, HostRecord, Read, boot_id};
 use super::wake::or_slow_poll;
 use super::{DEATH_CERTIFICATE_BOUND, FileBackend, heartbeat_timing};
-use crate::backend::{AcquireRequest, Backend as _, BoxFuture, Changes, Leadership, Lock, Stored};
+use crate::backend::{
+    AcquireRequest, Backend as _, BoxFuture, Candidate, Changes, Leadership, Lease, Lock,
+    Registration, Stored,
+};
 use crate::error::Error;
 use crate::process::ProcessIdentity;
 use crate::role::Holder;
@@ -462,6 +467,47 @@ impl Lock for HostLock {
             self.want(key)?;
             let watched = self.group.candidate_lock().watch_key(&mirror).await;
             Ok(or_slow_poll(watched, "state value"))
+        })
+    }
+
+    /// A member entry in the host directory (`<lock>.members/`, the file backend's registry):
+    /// the candidate adds the members up into the group's one entry in the inner registry.
+    fn register(
+        &self,
+        entry: Candidate,
+        lease: Option<Lease>,
+    ) -> BoxFuture<'_, Result<Box<dyn Registration>, Error>> {
+        Box::pin(async move { self.group.candidate_lock().register(entry, lease).await })
+    }
+
+    /// The inner registry: on the candidate, read from the backend; elsewhere, from the mirror
+    /// the candidate keeps.
+    fn candidates(&self) -> BoxFuture<'_, Result<Vec<Candidate>, Error>> {
+        Box::pin(async move {
+            if self.is_candidate() {
+                return self.group.inner.candidates().await;
+            }
+            let candidate = self.group.candidate_lock();
+            let Some(stored) = candidate.load(registry_key()).await? else {
+                return Ok(Vec::new());
+            };
+            // Only the live candidate's mirror: an earlier candidate's is out of date (the
+            // live one may be of a version that keeps none).
+            let live = candidate.holder().await.ok().flatten().map(|h| h.term);
+            if live != Some(stored.term) {
+                return Ok(Vec::new());
+            }
+            decode_registry(&stored.value)
+        })
+    }
+
+    fn watch_candidates(&self) -> BoxFuture<'_, Result<Box<dyn Changes>, Error>> {
+        Box::pin(async move {
+            if self.is_candidate() {
+                return self.group.inner.watch_candidates().await;
+            }
+            let watched = self.group.candidate_lock().watch_key(registry_key()).await;
+            Ok(or_slow_poll(watched, "registry"))
         })
     }
 }

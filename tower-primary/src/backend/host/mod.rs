@@ -19,7 +19,8 @@
 //! | path | holds |
 //! |---|---|
 //! | `<lock>.candidate` | the candidate lock (the file backend's waiter and inode check); `<lock>.candidate-holder` names the candidate process |
-//! | `<lock>.mirror/` | the mirrors the candidate writes under its candidate term: `h` (the inner lock's holder) and `k<key>` (a state value) |
+//! | `<lock>.mirror/` | the mirrors the candidate writes under its candidate term: `h` (the inner lock's holder), `c` (the inner lock's candidate registry, JSON) and `k<key>` (a state value) |
+//! | `<lock>.members/` | one member entry per process's [registration](Lock::register): the file backend's registry (a `flock`'d file each) |
 //! | `<lock>.host` | JSON, 0600, written atomically (not fsynced: a record is trusted only within the boot that wrote it, and a crashed process loses nothing the page cache holds): the inner backend's [`address`](Backend::address), the lock, the lease, the boot id, the candidate's [`ProcessIdentity`](crate::process::ProcessIdentity), its leadership's resume token and term, a `released` mark |
 //! | `<lock>.heartbeat` | the candidate's heartbeat on `CLOCK_BOOTTIME`, every third of a lease (not fsynced, so `.host` is written only when something changes) |
 //! | `<lock>.sibling.<pid>.<n>` | one per process waiting for the candidate lock, while it waits |
@@ -40,6 +41,16 @@
 //!   connection. The cost: one backend watch, held by the candidate, per key any process of the
 //!   host ever wanted. [`Lock::store`] is only called by the primary, which is the candidate: it
 //!   passes through. State keys are at most 199 bytes in a host group (the mirror prefixes one).
+//! - **Registry**: every process registers a member entry in the host directory
+//!   ([`Lock::register`]). The group is **one** entry in the inner registry, kept by the
+//!   candidate while it is the candidate: its own node id, the highest priority among the ready,
+//!   non-draining members (among all when none is), ready when any member is eligible, draining
+//!   when every member drains, yielded when the candidate's own member entry is. A member that
+//!   registers, updates or dies (its `flock` goes with it) changes it at once (inotify).
+//!   [`Lock::candidates`] and [`Lock::watch_candidates`] read the inner registry on the
+//!   candidate, and its mirror `c` elsewhere (a mirror of an earlier candidate reads as empty).
+//!   [`Leadership::reserve`](crate::backend::Leadership::reserve) passes to the inner
+//!   leadership: the reserved node is another group's candidate (or a lone node).
 //! - **Resume**: the process that takes the candidate lock reads `.host`. If the record names a
 //!   candidate of the same address, lock, lease and boot whose process is gone (a death
 //!   certificate: [`ProcessIdentity::wait_gone`](crate::process::ProcessIdentity::wait_gone),

@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::lock::Group;
 use super::record::{Files, Heartbeat, HostRecord};
 use super::*;
-use crate::backend::{AcquireRequest, memory::MemoryBackend};
+use crate::backend::{AcquireRequest, Candidate, memory::MemoryBackend};
 use crate::clock::Clock;
 use crate::process::ProcessIdentity;
 use crate::role::NodeId;
@@ -540,4 +540,114 @@ async fn a_late_write_of_a_replaced_candidate_is_written_over() {
     )
     .await;
     term.release().await.unwrap();
+}
+
+/// The group is one entry in the server's registry, kept by the candidate: its node, the
+/// highest priority among the ready members, ready while any member is; followers read the
+/// server's registry (the group's entry and other nodes') from the candidate's mirror.
+#[tokio::test]
+async fn a_group_is_one_entry_in_the_registry_and_followers_read_it() {
+    let (_dir, server, a, b) = two_processes();
+    let server_lock = server.lock("jobs").unwrap();
+    let mut server_changes = server_lock.watch_candidates().await.unwrap();
+    let _w1 = a
+        .register(Candidate::new("w1").with_priority(3), None)
+        .await
+        .unwrap();
+    let w2 = b
+        .register(Candidate::new("w2").with_priority(9), None)
+        .await
+        .unwrap();
+    let _hidden = b
+        .register(
+            Candidate::new("w3").with_priority(50).with_ready(false),
+            None,
+        )
+        .await
+        .unwrap();
+    // Nobody is the candidate yet: the members are not in the server's registry.
+    assert!(server_lock.candidates().await.unwrap().is_empty());
+
+    let term = a.acquire(request("w1")).await.unwrap();
+    let server_entry = |priority: u64| vec![Candidate::new("w1").with_priority(priority)];
+    until(
+        "the group's entry with the best ready member's priority",
+        async || (server_lock.candidates().await.unwrap() == server_entry(9)).then_some(()),
+        async || server_changes.changed().await.unwrap(),
+    )
+    .await;
+
+    // A member update changes the one entry.
+    w2.update(Candidate::new("w2").with_priority(9).with_draining(true))
+        .await
+        .unwrap();
+    until(
+        "the entry without the draining member",
+        async || (server_lock.candidates().await.unwrap() == server_entry(3)).then_some(()),
+        async || server_changes.changed().await.unwrap(),
+    )
+    .await;
+
+    // Another node registers on the server; the follower reads both from the mirror.
+    let _other = server_lock
+        .register(Candidate::new("elsewhere").with_priority(1), None)
+        .await
+        .unwrap();
+    let mut follower_changes = b.watch_candidates().await.unwrap();
+    let expected = vec![
+        Candidate::new("elsewhere").with_priority(1),
+        Candidate::new("w1").with_priority(3),
+    ];
+    until(
+        "the follower to read the server's registry",
+        async || {
+            let mut read = b.candidates().await.unwrap();
+            read.sort_by(|x, y| x.node.cmp(&y.node));
+            (read == expected).then_some(())
+        },
+        async || follower_changes.changed().await.unwrap(),
+    )
+    .await;
+    // On the candidate: the server's registry itself.
+    assert_eq!(a.candidates().await.unwrap().len(), 2);
+
+    // The candidacy ends with the term: the group's entry is withdrawn.
+    term.release().await.unwrap();
+    until(
+        "the group's entry to be withdrawn",
+        async || {
+            let read = server_lock.candidates().await.unwrap();
+            (read == vec![Candidate::new("elsewhere").with_priority(1)]).then_some(())
+        },
+        async || server_changes.changed().await.unwrap(),
+    )
+    .await;
+}
+
+/// `reserve` passes to the server's lock: after the group's release, only the reserved node
+/// takes the lock, with a higher term.
+#[tokio::test]
+async fn reserve_passes_to_the_inner_leadership() {
+    let (_dir, server, a, _b) = two_processes();
+    let mut term = a.acquire(request("w1")).await.unwrap();
+    let first = term.term();
+    term.reserve("chosen", Duration::from_secs(30))
+        .await
+        .unwrap();
+    term.release().await.unwrap();
+
+    let (other, chosen) = (server.lock("jobs").unwrap(), server.lock("jobs").unwrap());
+    let mut other_acquire = other.acquire(request("other"));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), &mut other_acquire)
+            .await
+            .is_err(),
+        "a node the lock is not reserved for took it"
+    );
+    let taken = tokio::time::timeout(Duration::from_secs(5), chosen.acquire(request("chosen")))
+        .await
+        .expect("the reserved node waited")
+        .unwrap();
+    assert!(taken.term() > first);
+    assert_eq!(taken.holder().id, "chosen");
 }

@@ -1,6 +1,7 @@
 //! One lock name on PostgreSQL: what every connection of an elector shares, and the [`Lock`]
-//! operations (acquire, holder record, state API). Each term runs in [`super::term`], the second
-//! connection in [`super::aux`].
+//! operations (acquire, holder record, state API, candidate registry). Each term runs in
+//! [`super::term`], the second connection in [`super::second_connection`], the registry in
+//! [`super::registry`].
 
 use std::collections::HashMap;
 use std::fmt;
@@ -19,7 +20,8 @@ use super::second_connection::{Aux, AuxState};
 use super::sql::Sql;
 use super::term::run_term;
 use crate::backend::{
-    AcquireRequest, BoxFuture, Changes, Leadership, Lock, Stored, VersionChanges,
+    AcquireRequest, BoxFuture, Candidate, Changes, Leadership, Lease, Lock, Registration, Stored,
+    VersionChanges,
 };
 use crate::error::Error;
 use crate::role::Holder;
@@ -45,6 +47,9 @@ pub(super) struct Shared {
     /// The term this node holds, once recorded: a reconnected second connection records its
     /// new server process in that term's holder row.
     pub(super) held_term: Mutex<Option<u64>>,
+    /// This process's entries in the candidate registry (node → registration id, entry), entered
+    /// again on every new second connection. Held while an entry is written or withdrawn.
+    pub(super) registrations: tokio::sync::Mutex<HashMap<String, (i64, Candidate)>>,
     /// Test hook: how long each (re)connection of the second connection is held back, in ms.
     #[cfg(test)]
     pub(super) aux_delay_ms: std::sync::atomic::AtomicU64,
@@ -71,11 +76,14 @@ impl PgLock {
                 step_down_lock: tokio::sync::Mutex::new(false),
                 step_down_broken: Mutex::new(CancellationToken::new()),
                 held_term: Mutex::new(None),
+                registrations: tokio::sync::Mutex::new(HashMap::new()),
                 #[cfg(test)]
                 aux_delay_ms: std::sync::atomic::AtomicU64::new(0),
                 aux: Aux {
                     state: watch::channel(AuxState::Connecting).0,
                     holder: watch::channel(0).0,
+                    registry: watch::channel(0).0,
+                    reservation: watch::channel(0).0,
                     keys: Mutex::new(HashMap::new()),
                     started: AtomicBool::new(false),
                     stop: CancellationToken::new(),
@@ -253,6 +261,28 @@ impl Lock for PgLock {
                 .or_insert_with(|| watch::channel(0).0)
                 .subscribe();
             Ok(Box::new(VersionChanges(rx)) as Box<dyn Changes>)
+        })
+    }
+
+    fn register(
+        &self,
+        entry: Candidate,
+        _lease: Option<Lease>,
+    ) -> BoxFuture<'_, Result<Box<dyn Registration>, Error>> {
+        Box::pin(async move {
+            let registration = self.shared.register(entry).await?;
+            Ok(Box::new(registration) as Box<dyn Registration>)
+        })
+    }
+
+    fn candidates(&self) -> BoxFuture<'_, Result<Vec<Candidate>, Error>> {
+        Box::pin(async move { self.shared.candidates().await })
+    }
+
+    fn watch_candidates(&self) -> BoxFuture<'_, Result<Box<dyn Changes>, Error>> {
+        Box::pin(async move {
+            self.shared.aux().await?;
+            Ok(Box::new(VersionChanges(self.shared.aux.registry.subscribe())) as Box<dyn Changes>)
         })
     }
 }

@@ -100,11 +100,33 @@
 //! **Tables** (created if missing, in the schema `tower_primary` unless configured):
 //! `holders (key, namespace, lock_name, term, backend_pid, holder jsonb, acquired_at, aux_pid,
 //! aux_term)`,
-//! `state (namespace, lock_name, state_key, value bytea, term, updated_at)` and the sequence
-//! `terms`. [`Lock::holder`] reports a holder only while `pg_locks` shows its session holding the
+//! `state (namespace, lock_name, state_key, value bytea, term, updated_at)`,
+//! `candidates (namespace, lock_name, node, entry jsonb, registration, backend_pid,
+//! backend_start, updated_at)`, `reservations (key, namespace, lock_name, node, until, term)`
+//! and the sequence `terms`. [`Lock::holder`] reports a holder only while `pg_locks` shows its session holding the
 //! key. A state write is accepted only while the writing term's session holds the key (the holder
 //! row is locked `FOR SHARE`, so a successor's acquisition waits for the write) and never over a
 //! newer term's value.
+//!
+//! **Candidate registry** ([`Lock::register`]): a node's entry is a `candidates` row written on
+//! its second connection and naming that session (`pg_backend_pid()` and its `backend_start`);
+//! readers list only rows whose session `pg_stat_activity` still shows, so a dead node's entry is
+//! gone as soon as the server has ended its session (at once when its socket closes), and delete
+//! such rows once they are 10 s old. After a reconnection the node writes its entries again.
+//! Writes and withdrawals `NOTIFY` the lock's channel; a death is seen at the next read. A role
+//! that may not see other roles' `backend_start` (without `pg_read_all_stats`) compares the
+//! process id only: a dead entry whose process id the server has reused for another session
+//! is listed until that session ends.
+//!
+//! **Reservations** ([`Leadership::reserve`](crate::backend::Leadership::reserve)): a
+//! `reservations` row (one per lock) with `until = now() + window` on the server's clock,
+//! written in a statement that checks, like a state write, that the term's session still holds
+//! the key. A node granted the key reads it first, on its lock session: while a live reservation
+//! names another node it unlocks the key at once and waits off the queue, for the rest of the
+//! window as the server computed it or a `NOTIFY` that the reservation changed, then queues
+//! again. The reserved node's grant deletes the row and goes on as any acquisition (the
+//! predecessor's step-down, a term from the sequence). The holder releases as usual, so the
+//! reserved node, already queued, is granted the key at once.
 //!
 //! # Guarantees
 //!
@@ -156,6 +178,7 @@ mod conn;
 mod hold;
 mod lock;
 mod predecessor;
+mod registry;
 mod second_connection;
 mod sql;
 mod term;

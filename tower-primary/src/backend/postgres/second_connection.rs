@@ -24,6 +24,10 @@ pub(super) struct Aux {
     pub(super) state: watch::Sender<AuxState>,
     /// Bumped at every holder notification, and after every (re)connection.
     pub(super) holder: watch::Sender<u64>,
+    /// Bumped at every registry notification, and after every (re)connection.
+    pub(super) registry: watch::Sender<u64>,
+    /// Bumped when a reservation is written or consumed, and after every (re)connection.
+    pub(super) reservation: watch::Sender<u64>,
     /// One version per watched state key.
     pub(super) keys: Mutex<HashMap<String, watch::Sender<u64>>>,
     pub(super) started: AtomicBool,
@@ -45,6 +49,10 @@ impl Shared {
             if let Some(tx) = crate::sync::lock(&self.aux.keys).get(key) {
                 tx.send_modify(|v| *v += 1);
             }
+        } else if payload == "registry" {
+            self.aux.registry.send_modify(|v| *v += 1);
+        } else if payload == "reservation" {
+            self.aux.reservation.send_modify(|v| *v += 1);
         } else {
             self.aux.holder.send_modify(|v| *v += 1);
         }
@@ -53,6 +61,8 @@ impl Shared {
     /// Wakes every watcher: notifications may have been missed while disconnected.
     fn bump_all(&self) {
         self.aux.holder.send_modify(|v| *v += 1);
+        self.aux.registry.send_modify(|v| *v += 1);
+        self.aux.reservation.send_modify(|v| *v += 1);
         for tx in crate::sync::lock(&self.aux.keys).values() {
             tx.send_modify(|v| *v += 1);
         }
@@ -145,6 +155,8 @@ impl Shared {
                             .state
                             .send_replace(AuxState::Ready(conn.clone(), pid));
                     }
+                    // This process's registry entries died with the last session.
+                    self.register_again(&conn).await;
                     self.bump_all();
                     let reason = tokio::select! {
                         () = self.aux.stop.cancelled() => {

@@ -22,6 +22,11 @@
 //! - a new node reading an old row finds no `lease_ms`, `process` or `released`: no death
 //!   certificate, so it waits the full bound (`max_fencing_bound`, by default the server's
 //!   dead-peer detection, which old holders fenced their terms by).
+//! - the tables `candidates` and `reservations` are new (created with `IF NOT EXISTS`; a schema
+//!   that lacks them gets them from the first newer node). Old nodes never read them: they
+//!   neither register nor list candidates, and they take the lock during another node's
+//!   reservation like any free lock. They hear the new `registry` and `reservation`
+//!   notifications on the lock's channel as holder changes and read the holder record once more.
 
 use super::advisory_key;
 
@@ -86,6 +91,31 @@ pub(super) struct Sql {
     pub(super) load: String,
     /// Typed: the term-guarded write; see [`Sql::new`].
     pub(super) store: String,
+    /// The candidate registry and reservations.
+    pub(super) registry: RegistrySql,
+}
+
+/// The statements of the candidate registry and of reservations (see [`super::registry`]).
+#[derive(Debug)]
+pub(super) struct RegistrySql {
+    /// Typed: enters or replaces a candidate row tied to this session. `$1` namespace, `$2` lock
+    /// name, `$3` node, `$4` entry JSON, `$5` registration id, `$6` channel → (written, notified).
+    pub(super) upsert: String,
+    /// Typed: withdraws registration `$4` of node `$3` (`$1` namespace, `$2` lock name, `$5`
+    /// channel) → (deleted, notified).
+    pub(super) withdraw: String,
+    /// Typed: `$1` namespace, `$2` lock name → (node, entry JSON, live) of every row.
+    pub(super) list: String,
+    /// Typed: deletes the rows of ended sessions not written in the last 10 s (`$1` namespace,
+    /// `$2` lock name).
+    pub(super) reap: String,
+    /// Typed: the term-guarded reservation. `$1` key, `$2` term, `$3` namespace, `$4` lock name,
+    /// `$5` node, `$6` window in ms, `$7` channel → (written, notified, holder term).
+    pub(super) reserve: String,
+    /// Typed, on a lock session just granted the key: consumes a reservation for this node or an
+    /// expired one, and reports a live one for another node. `$1` key, `$2` namespace, `$3` lock
+    /// name, `$4` this node, `$5` channel → (reserved node, milliseconds left, notified).
+    pub(super) check_reserved: String,
 }
 
 /// `pg_locks` rows of the session advisory lock on `key` (the bigint form: `classid` holds the
@@ -121,6 +151,8 @@ impl Sql {
             setup_check: format!(
                 "SELECT to_regclass('{s}.holders') IS NOT NULL AND to_regclass('{s}.state') IS NOT NULL \
                  AND to_regclass('{s}.terms') IS NOT NULL \
+                 AND to_regclass('{s}.candidates') IS NOT NULL \
+                 AND to_regclass('{s}.reservations') IS NOT NULL \
                  AND EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a \
                    WHERE a.attrelid = to_regclass('{s}.holders') AND a.attname = 'aux_term' \
                    AND NOT a.attisdropped)"
@@ -147,6 +179,23 @@ impl Sql {
                    term bigint NOT NULL, \
                    updated_at timestamptz NOT NULL DEFAULT now(), \
                    PRIMARY KEY (namespace, lock_name, state_key)); \
+                 CREATE TABLE IF NOT EXISTS {s}.candidates ( \
+                   namespace text NOT NULL, \
+                   lock_name text NOT NULL, \
+                   node text NOT NULL, \
+                   entry jsonb NOT NULL, \
+                   registration bigint NOT NULL, \
+                   backend_pid integer NOT NULL, \
+                   backend_start timestamptz, \
+                   updated_at timestamptz NOT NULL DEFAULT now(), \
+                   PRIMARY KEY (namespace, lock_name, node)); \
+                 CREATE TABLE IF NOT EXISTS {s}.reservations ( \
+                   key bigint PRIMARY KEY, \
+                   namespace text NOT NULL, \
+                   lock_name text NOT NULL, \
+                   node text NOT NULL, \
+                   until timestamptz NOT NULL, \
+                   term bigint NOT NULL); \
                  COMMIT"
             ),
             listen: format!("LISTEN \"{channel}\""),
@@ -260,7 +309,89 @@ impl Sql {
                    (SELECT o.term FROM {s}.holders o WHERE o.key = $1), \
                    (SELECT o.term FROM {s}.state o WHERE o.namespace = $3 AND o.lock_name = $4 AND o.state_key = $5)"
             ),
+            registry: RegistrySql::new(&s, &rows),
             channel,
+        }
+    }
+}
+
+/// A candidate row is live while the session that wrote it is: its server process with its
+/// start time (a role that may not see another role's `backend_start` compares the process id
+/// only).
+const LIVE: &str = "EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid = c.backend_pid \
+     AND (a.backend_start = c.backend_start OR a.backend_start IS NULL))";
+
+impl RegistrySql {
+    /// `s`: the quoted schema; `rows`: the `pg_locks` rows of the key.
+    fn new(s: &str, rows: &str) -> Self {
+        RegistrySql {
+            upsert: format!(
+                "WITH c AS (SELECT set_config('synchronous_commit', 'off', true)), \
+                 up AS ( \
+                   INSERT INTO {s}.candidates AS r (namespace, lock_name, node, entry, registration, \
+                     backend_pid, backend_start, updated_at) \
+                   SELECT $1, $2, $3, $4::jsonb, $5, pg_backend_pid(), \
+                     (SELECT a.backend_start FROM pg_catalog.pg_stat_activity a WHERE a.pid = pg_backend_pid()), \
+                     now() FROM c \
+                   ON CONFLICT (namespace, lock_name, node) DO UPDATE SET entry = EXCLUDED.entry, \
+                     registration = EXCLUDED.registration, backend_pid = EXCLUDED.backend_pid, \
+                     backend_start = EXCLUDED.backend_start, updated_at = EXCLUDED.updated_at \
+                   RETURNING 1), \
+                 n AS (SELECT pg_notify($6, 'registry') FROM up) \
+                 SELECT (SELECT count(*) FROM up), (SELECT count(*) FROM n)"
+            ),
+            withdraw: format!(
+                "WITH d AS (DELETE FROM {s}.candidates c WHERE c.namespace = $1 AND c.lock_name = $2 \
+                   AND c.node = $3 AND c.registration = $4 RETURNING 1), \
+                 n AS (SELECT pg_notify($5, 'registry') FROM d) \
+                 SELECT (SELECT count(*) FROM d), (SELECT count(*) FROM n)"
+            ),
+            list: format!(
+                "SELECT c.node, c.entry::text, {LIVE} FROM {s}.candidates c \
+                 WHERE c.namespace = $1 AND c.lock_name = $2"
+            ),
+            // A row rewritten while this runs is checked again as rewritten (its new
+            // `updated_at`), so a session that re-registers is never deleted.
+            reap: format!(
+                "DELETE FROM {s}.candidates c WHERE c.namespace = $1 AND c.lock_name = $2 \
+                 AND c.updated_at < now() - interval '10 seconds' AND NOT {LIVE}"
+            ),
+            // As a state write: only while the term's session holds the key, the holder row
+            // locked FOR SHARE (a successor's acquisition waits for this write). Timed by the
+            // server's clock from this statement's start.
+            reserve: format!(
+                "WITH c AS (SELECT set_config('synchronous_commit', 'off', true)), \
+                 h AS ( \
+                   SELECT h.term FROM {s}.holders h \
+                   WHERE h.key = $1 AND h.term = $2 AND h.namespace = $3 AND h.lock_name = $4 \
+                   AND EXISTS (SELECT 1 FROM {rows} AND l.pid = h.backend_pid) \
+                   FOR SHARE OF h), \
+                 w AS ( \
+                   INSERT INTO {s}.reservations AS r (key, namespace, lock_name, node, until, term) \
+                   SELECT $1, $3, $4, $5, now() + $6::bigint * interval '1 millisecond', h.term FROM h, c \
+                   ON CONFLICT (key) DO UPDATE SET namespace = EXCLUDED.namespace, \
+                     lock_name = EXCLUDED.lock_name, node = EXCLUDED.node, until = EXCLUDED.until, \
+                     term = EXCLUDED.term \
+                   RETURNING 1), \
+                 n AS (SELECT pg_notify($7, 'reservation') FROM w) \
+                 SELECT (SELECT count(*) FROM w), (SELECT count(*) FROM n), \
+                   (SELECT o.term FROM {s}.holders o WHERE o.key = $1)"
+            ),
+            // One reading of the server's clock for the whole statement (a CTE with a volatile
+            // function is evaluated once).
+            check_reserved: format!(
+                "WITH t AS (SELECT clock_timestamp() AS now, \
+                   set_config('synchronous_commit', 'off', true)), \
+                 r AS (SELECT r.node, r.until FROM {s}.reservations r, t \
+                   WHERE r.key = $1 AND r.namespace = $2 AND r.lock_name = $3 \
+                   AND r.node <> $4 AND r.until > t.now), \
+                 d AS (DELETE FROM {s}.reservations x USING t WHERE x.key = $1 \
+                   AND (x.node = $4 OR x.until <= t.now) RETURNING x.node = $4 AS mine), \
+                 n AS (SELECT pg_notify($5, 'reservation') FROM d WHERE d.mine) \
+                 SELECT (SELECT r.node FROM r), \
+                   (SELECT ceil(extract(epoch FROM r.until - t.now) * 1000)::bigint FROM r, t), \
+                   (SELECT count(*) FROM n)"
+            ),
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
 use tokio_postgres::types::Type;
@@ -25,6 +26,7 @@ use crate::role::Holder;
 pub(super) type ReleaseReply = oneshot::Sender<Result<(), Error>>;
 
 pub(super) struct PgLeadership {
+    shared: Arc<Shared>,
     lock: String,
     term: u64,
     holder: Holder,
@@ -88,6 +90,22 @@ impl Leadership for PgLeadership {
             reply_rx.await.unwrap_or(Ok(()))
         })
     }
+
+    fn reserve<'a>(
+        &'a mut self,
+        node: &'a str,
+        window: Duration,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            if let Some(reason) = self.lost.borrow().clone() {
+                return Err(Error::Lost {
+                    lock: self.lock.clone(),
+                    reason,
+                });
+            }
+            self.shared.reserve(self.term, node, window).await
+        })
+    }
 }
 
 /// Why an acquisition attempt gave up early.
@@ -125,7 +143,22 @@ pub(super) async fn run_term(
     };
     let outcome = async {
         let pid = prepare_session(&shared, &session).await?;
-        wait_for_lock(&shared, &session, pid, aux_pid, &mut grant).await?;
+        loop {
+            // Subscribed before the check: a reservation consumed after it wakes this node.
+            let mut reservations = shared.aux.reservation.subscribe();
+            wait_for_lock(&shared, &session, pid, aux_pid, &mut grant).await?;
+            let Some(left) = shared.reserved_for_another(&session, &req.node).await? else {
+                break;
+            };
+            // Reserved for another node: give the key back at once (the reserved node may be
+            // next in the queue), wait off the queue, then queue again.
+            shared.give_back_key(&session).await?;
+            tokio::select! {
+                () = grant.closed() => return Err(Abandon::Gone),
+                _ = reservations.changed() => {}
+                () = tokio::time::sleep(left) => {}
+            }
+        }
         Ok::<_, Abandon>((pid, req.clock.now()))
     }
     .await;
@@ -172,6 +205,7 @@ pub(super) async fn run_term(
     let (release_tx, release_rx) = oneshot::channel();
     let (renew_tx, renewals) = renewals(sent);
     let leadership = PgLeadership {
+        shared: shared.clone(),
         lock: shared.name.clone(),
         term,
         holder,

@@ -22,6 +22,8 @@ pub(super) struct Events {
     stop: CancellationToken,
     /// Bumped when the holder may have changed.
     pub(super) holder: watch::Sender<u64>,
+    /// Bumped when the candidate registry may have changed.
+    pub(super) candidates: watch::Sender<u64>,
     /// Bumped when a state value may have changed, per key.
     state: Mutex<HashMap<String, watch::Sender<u64>>>,
     /// Whether the subscription is live.
@@ -35,6 +37,7 @@ impl Events {
             key_events,
             stop,
             holder: watch::channel(0).0,
+            candidates: watch::channel(0).0,
             state: Mutex::new(HashMap::new()),
             live: watch::channel(false).0,
         }
@@ -42,6 +45,10 @@ impl Events {
 
     pub(super) fn bump_holder(&self) {
         self.holder.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    pub(super) fn bump_candidates(&self) {
+        self.candidates.send_modify(|v| *v = v.wrapping_add(1));
     }
 
     pub(super) fn bump_state(&self, key: Option<&str>) {
@@ -79,6 +86,8 @@ impl Events {
                 Some(("state", key)) => self.bump_state(Some(key)),
                 _ => self.bump_holder(),
             }
+        } else if channel == self.keys.registry {
+            self.bump_candidates();
         } else if (channel == self.keys.keyspace && payload == "expired")
             || (channel == self.keys.keyevent && payload == self.keys.lock)
         {
@@ -96,7 +105,10 @@ pub(super) async fn subscribe(events: Arc<Events>, client: Client, commands: Arc
         let connect = async {
             let pubsub = client.get_async_pubsub().await?;
             let (mut sink, stream) = pubsub.split();
-            sink.subscribe(&events.keys.channel).await?;
+            // The registry has a channel of its own: nodes of 0.1.0 take any message on the
+            // lock's channel for a holder change.
+            sink.subscribe(&[&events.keys.channel, &events.keys.registry])
+                .await?;
             Ok::<_, RedisError>((sink, stream))
         };
         let connected = tokio::select! {
@@ -113,6 +125,7 @@ pub(super) async fn subscribe(events: Arc<Events>, client: Client, commands: Arc
                 }
                 events.live.send_replace(true);
                 events.bump_holder();
+                events.bump_candidates();
                 events.bump_state(None);
                 let mut ping = tokio::time::interval(PING_EVERY);
                 ping.tick().await;

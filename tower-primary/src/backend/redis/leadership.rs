@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use super::COMMAND_TIMEOUT;
 use super::lock::{LockShared, lease_ms, release};
 use super::resume::ResumeToken;
-use super::scripts::RENEW;
+use super::scripts::{RENEW, RESERVE, unexpected};
 use crate::backend::{BoxFuture, Leadership, Lease, RenewalSender, Renewals, renewals};
 use crate::clock::{Clock, Timestamp};
 use crate::error::Error;
@@ -208,6 +208,48 @@ impl Leadership for RedisLeadership {
             }
             .encode(),
         )
+    }
+
+    /// The reservation script: only while the lock key holds this term's token and the holder
+    /// record its term; the window (`PX`, at least 1 ms) is counted by the server.
+    fn reserve<'a>(
+        &'a mut self,
+        node: &'a str,
+        window: Duration,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            let window_ms = lease_ms(window).max(1);
+            let reply = self
+                .shared
+                .lease
+                .run("reserve", COMMAND_TIMEOUT, |mut c| {
+                    let keys = self.shared.keys.clone();
+                    let (token, term) = (self.token.clone(), self.term);
+                    let node = node.to_owned();
+                    async move {
+                        RESERVE
+                            .key(&keys.lock)
+                            .key(&keys.holder)
+                            .key(&keys.reserved)
+                            .arg(&token)
+                            .arg(term)
+                            .arg(&node)
+                            .arg(window_ms)
+                            .invoke_async::<Vec<String>>(&mut c)
+                            .await
+                    }
+                })
+                .await?;
+            match reply.as_slice() {
+                [ok] if ok == "ok" => Ok(()),
+                [kind, current] if kind == "stale" => Err(Error::StaleTerm {
+                    lock: self.shared.name.clone(),
+                    term: self.term,
+                    current: current.parse().ok(),
+                }),
+                _ => Err(unexpected("reserve", &reply)),
+            }
+        })
     }
 
     fn release(mut self: Box<Self>) -> BoxFuture<'static, Result<(), Error>> {

@@ -20,7 +20,8 @@ use super::scripts::{ACQUIRE, Keys, RELEASE, RESUME, Reply, parse_reply, parse_t
 use super::{ABANDONED_FOR, COMMAND_TIMEOUT, MIN_LEASE, NAME, RESTART_GUARD};
 use crate::backend::Lease;
 use crate::backend::{
-    AcquireRequest, BoxFuture, Changes, Leadership, Lock, Stored, VersionChanges,
+    AcquireRequest, BoxFuture, Candidate, Changes, Leadership, Lock, Registration, Stored,
+    VersionChanges,
 };
 use crate::error::{ConfigError, Error, Misconfiguration};
 use crate::process::ProcessIdentity;
@@ -128,6 +129,8 @@ pub(super) enum Attempt {
         pttl_ms: i64,
         lease_ms: Option<u64>,
     },
+    /// Reserved for another node, for this long (ms; negative: about to end).
+    Reserved(i64),
     Wait(u64),
     /// Resume: the lease is no longer the token's.
     Gone,
@@ -185,11 +188,13 @@ impl RedisLock {
     pub(super) async fn attempt(
         &self,
         ask: Ask<'_>,
+        node: &str,
         token: &str,
         lease_ms: u64,
         record: &str,
     ) -> Result<Attempt, Error> {
         let shared = self.shared.clone();
+        let node = node.to_owned();
         let token = token.to_owned();
         let record = record.to_owned();
         let resumed = match ask {
@@ -214,6 +219,7 @@ impl RedisLock {
                     .run(what, COMMAND_TIMEOUT, |mut c| {
                         let keys = shared.keys.clone();
                         let token = token.clone();
+                        let node = node.clone();
                         let record = record.clone();
                         let resumed = resumed.clone();
                         let allow = if shared.allow_eviction { "1" } else { "0" };
@@ -226,7 +232,8 @@ impl RedisLock {
                                 .key(&keys.holder)
                                 .key(&keys.term)
                                 .key(&keys.lease)
-                                .key(keys.abandoned(&token));
+                                .key(keys.abandoned(&token))
+                                .key(&keys.reserved);
                             if let Some((old, term)) = &resumed {
                                 call.arg(old).arg(term);
                             }
@@ -237,6 +244,7 @@ impl RedisLock {
                                 .arg(&keys.channel)
                                 .arg(allow)
                                 .arg(lease_ms_of(RESTART_GUARD))
+                                .arg(&node)
                                 .invoke_async::<Vec<String>>(&mut c)
                                 .await
                         }
@@ -264,6 +272,7 @@ impl RedisLock {
                 Ok(Reply::Held { pttl_ms, lease_ms }) => {
                     Ok(Ok(Attempt::Held { pttl_ms, lease_ms }))
                 }
+                Ok(Reply::Reserved { pttl_ms }) => Ok(Ok(Attempt::Reserved(pttl_ms))),
                 Ok(Reply::Wait(ms)) => Ok(Ok(Attempt::Wait(ms))),
                 Ok(Reply::Gone) => Ok(Ok(Attempt::Gone)),
                 Ok(Reply::OtherLease(theirs)) => {
@@ -428,7 +437,10 @@ impl Lock for RedisLock {
                     at: req.clock.now(),
                     instant: Instant::now(),
                 };
-                match self.attempt(Ask::Acquire, &token, ms, &record_json).await? {
+                let attempt = self
+                    .attempt(Ask::Acquire, req.node.id(), &token, ms, &record_json)
+                    .await?;
+                match attempt {
                     Attempt::Granted(grant) => {
                         let (token, term) = grant.take();
                         record.term = term;
@@ -457,6 +469,19 @@ impl Lock for RedisLock {
                     }
                     Attempt::Gone => {
                         return Err(Error::backend_msg(NAME, "acquire: unexpected reply gone"));
+                    }
+                    Attempt::Reserved(pttl_ms) => {
+                        // Reserved for another node: wait until it takes the lock (its grant
+                        // publishes `acquired`) or the reservation runs out, by the server's
+                        // count.
+                        let until_expiry = u64::try_from(pttl_ms)
+                            .map_or(Duration::from_millis(1), |ms| {
+                                Duration::from_millis(ms.saturating_add(1))
+                            });
+                        tokio::select! {
+                            _ = changed.changed() => {}
+                            () = tokio::time::sleep(until_expiry.min(poll)) => {}
+                        }
                     }
                     Attempt::Held {
                         pttl_ms,
@@ -541,6 +566,22 @@ impl Lock for RedisLock {
         token: &'a str,
     ) -> BoxFuture<'a, Result<Option<Box<dyn Leadership>>, Error>> {
         Box::pin(self.resume_lease(req, token))
+    }
+
+    fn register(
+        &self,
+        entry: Candidate,
+        lease: Option<Lease>,
+    ) -> BoxFuture<'_, Result<Box<dyn Registration>, Error>> {
+        Box::pin(self.register_candidate(entry, lease))
+    }
+
+    fn candidates(&self) -> BoxFuture<'_, Result<Vec<Candidate>, Error>> {
+        Box::pin(self.read_candidates())
+    }
+
+    fn watch_candidates(&self) -> BoxFuture<'_, Result<Box<dyn Changes>, Error>> {
+        Box::pin(self.watch_registry())
     }
 }
 

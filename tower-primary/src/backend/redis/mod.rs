@@ -31,6 +31,9 @@
 //! | `{p:name}:abandoned:<token>` | string, 10 min expiry | an acquisition that gave up; a late request with that token is refused |
 //! | `{p:name}:state:<key>` | hash | `value`, `term` of a state value |
 //! | `{p:name}:events` | channel | `acquired <term>`, `released <term>`, `state <key>` |
+//! | `{p:name}:reserved` | string, `PX window` | the node the lock is reserved for |
+//! | `{p:name}:candidates` | hash, expires 2-3 leases after its last write | node → `<until ms> <registration id> <entry JSON>` |
+//! | `{p:name}:registry` | channel | `candidates`, at every change of the registry |
 //!
 //! - **Acquire** is one Lua script: `SET lock token NX PX lease`; on success the term becomes
 //!   `max(last term + 1, server TIME in µs)`, the holder hash is written and `acquired` is
@@ -75,6 +78,24 @@
 //!   key and no newer term may have written the value.
 //! - **Owner checks compare the term as well as the token.** Renewal, release and state writes
 //!   act only while the lock key holds the request's token *and* the holder record its term.
+//! - **Candidate registry** ([`Lock::register`]): one hash per lock; a node's field carries its
+//!   [`Candidate`](crate::Candidate) entry and `until`, the server's `TIME` + the node's lease,
+//!   written by a script and refreshed by the registration's task every third of the lease
+//!   (keeping the stored entry; an update replaces it). Reading is a script that returns the
+//!   entries whose `until` has not passed and deletes the others, so a dead node's entry is gone
+//!   one lease after its last refresh, timed by the server alone. Adds, updates, withdrawals (on
+//!   drop, best effort) and deaths a reader found are published on the registry's channel, which
+//!   [`Lock::watch_candidates`] follows (a death is reported when some node next reads: the
+//!   elector reads at least once a lease). A registration whose entry is gone while it lives
+//!   (Redis restarted or flushed, the node cut off for longer than its lease) enters it again
+//!   at its next refresh. One hash rather than a key per node: reading is one script on a
+//!   declared key, with no index to keep in step with expiring keys.
+//! - **Reservations** ([`Leadership::reserve`](super::Leadership::reserve)): an owner-checked
+//!   script (token and term, as for a state write) sets `{p:name}:reserved` to the node, `PX`
+//!   the window. The acquire script grants nothing to another node while that key lives: it
+//!   answers with the key's `PTTL`, and the waiter sleeps that long or until a message on the
+//!   lock's channel (the reserved node's grant). The reserved node's acquisition deletes the key
+//!   in the script that grants it the lock, with the usual term. A resumption ignores it.
 //! - **Resuming a lease** ([`Lock::resume`], for the next process of a host group): a
 //!   leadership's [`resume_token`](super::Leadership::resume_token) is
 //!   `{"token":"<lock token>","term":<term>}`. The resume script, only while the lock key holds
@@ -128,12 +149,20 @@
 //! `until`, the longer restart guard, eviction refused) hold only among new nodes: an old node
 //! still grants as soon as the lock key is gone and the server has been up for its own lease +
 //! 1 s, and its holders do not record `until`.
+//!
+//! Old nodes neither read nor write the registry and reservation keys, and do not listen on the
+//! registry's channel: they do not register (the elector of a new node never sees them as
+//! candidates) and **ignore reservations**: an old node waiting for the lock may take it during a
+//! window reserved for a new node (the handover then goes to it, as before the upgrade).
+//! Safety is unchanged: the grant is still `SET NX` on the lock key and terms are drawn as
+//! before.
 
 mod config;
 mod conn;
 mod events;
 mod leadership;
 mod lock;
+mod registry;
 mod resume;
 mod scripts;
 mod state;

@@ -75,7 +75,10 @@ impl RedisLock {
                 token: &resumed.token,
                 term: resumed.term,
             };
-            match self.attempt(ask, &token, ms, &record_json).await? {
+            match self
+                .attempt(ask, req.node.id(), &token, ms, &record_json)
+                .await?
+            {
                 Attempt::Granted(grant) => {
                     let (token, term) = grant.take();
                     record.term = term;
@@ -99,8 +102,8 @@ impl RedisLock {
                 Attempt::Wait(ms) => {
                     tokio::time::sleep(Duration::from_millis(ms.saturating_add(1))).await;
                 }
-                Attempt::Held { .. } => {
-                    return Err(Error::backend_msg(NAME, "resume: unexpected reply held"));
+                Attempt::Held { .. } | Attempt::Reserved(_) => {
+                    return Err(Error::backend_msg(NAME, "resume: unexpected reply"));
                 }
             }
         }

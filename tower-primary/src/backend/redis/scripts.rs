@@ -19,6 +19,12 @@ pub(super) struct Keys {
     pub(super) abandoned: String,
     pub(super) state: String,
     pub(super) channel: String,
+    /// The reservation: a string naming the node the lock is reserved for, `PX window`.
+    pub(super) reserved: String,
+    /// The candidate registry: a hash, node → `<until ms> <registration id> <entry JSON>`.
+    pub(super) candidates: String,
+    /// The registry's channel (`candidates` at every change).
+    pub(super) registry: String,
     /// The keyspace channel of the lock key, and the database's expired-keys channel.
     pub(super) keyspace: String,
     pub(super) keyevent: String,
@@ -38,6 +44,9 @@ impl Keys {
             abandoned: format!("{tag}:abandoned:"),
             state: format!("{tag}:state:"),
             channel: format!("{tag}:events"),
+            reserved: format!("{tag}:reserved"),
+            candidates: format!("{tag}:candidates"),
+            registry: format!("{tag}:registry"),
             lock,
         }
     }
@@ -135,10 +144,15 @@ end
 const LUA_OURS: &str = "local function ours(token, term) \
 return redis.call('GET', KEYS[1]) == token and redis.call('HGET', KEYS[2], 'term') == term end\n";
 
-/// KEYS: lock, holder, term, lease record, this token's tombstone. ARGV: token, lease ms,
-/// record JSON, maximum lease ms, channel, eviction allowed (`1`/`0`), restart guard ms.
-/// Returns `{"granted", term, max ms}`, `{"held", pttl, holder lease ms}`, `{"wait", ms}`,
-/// `{"policy", maxmemory-policy}`, `{"too_long", max ms}` or `{"abandoned"}`.
+/// KEYS: lock, holder, term, lease record, this token's tombstone, reservation. ARGV: token,
+/// lease ms, record JSON, maximum lease ms, channel, eviction allowed (`1`/`0`), restart guard
+/// ms, node id.
+///
+/// A live reservation for another node refuses the grant (`reserved`, with its `PTTL`); a
+/// reservation for this node is consumed by the grant.
+/// Returns `{"granted", term, max ms}`, `{"held", pttl, holder lease ms}`, `{"reserved", pttl,
+/// node}`, `{"wait", ms}`, `{"policy", maxmemory-policy}`, `{"too_long", max ms}` or
+/// `{"abandoned"}`.
 pub(super) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{LUA_NEWER}{LUA_NOW}{LUA_GRANT}{}",
@@ -154,21 +168,27 @@ if mine == ARGV[1] then return regranted(lease, now) end
 if mine then
   return {'held', tostring(redis.call('PTTL', KEYS[1])), redis.call('HGET', KEYS[2], 'lease_ms') or ''}
 end
+local reserved = redis.call('GET', KEYS[6])
+if reserved and reserved ~= ARGV[8] then
+  return {'reserved', tostring(redis.call('PTTL', KEYS[6])), reserved}
+end
 local stop, recorded, u = lease_checks(lease, tonumber(ARGV[4]), tonumber(ARGV[7]), now)
 if stop then return stop end
 if now < u then return {'wait', tostring(u - now)} end
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', lease) then
   return {'held', tostring(redis.call('PTTL', KEYS[1])), ''}
 end
+if reserved then redis.call('DEL', KEYS[6]) end
 local term = grant(ARGV[1], lease, ARGV[3], now, ARGV[5])
 return {'granted', term, tostring(recorded)}
 "
     ))
 });
 
-/// KEYS: lock, holder, term, lease record, the new token's tombstone. ARGV: the resumed token,
-/// its term, the new token, lease ms, record JSON, maximum lease ms, channel, eviction allowed
-/// (`1`/`0`), restart guard ms.
+/// KEYS: lock, holder, term, lease record, the new token's tombstone (and the reservation,
+/// unused). ARGV: the resumed token, its term, the new token, lease ms, record JSON, maximum
+/// lease ms, channel, eviction allowed (`1`/`0`), restart guard ms (and the node id, unused).
+/// A resumption continues a held lease, so a reservation neither stops nor is consumed by it.
 ///
 /// Only while the lock key holds the resumed token and the holder record its term: the lock key
 /// passes to the new token, a new term is drawn as at acquisition, the holder record is rewritten
@@ -242,6 +262,23 @@ return 0
     ))
 });
 
+/// KEYS: lock, holder, reservation. ARGV: token, term, node, window ms. Only while the lock
+/// key holds `token` and the holder record `term`: reserves the lock for `node` for the window
+/// (replacing any earlier reservation). Returns `{"ok"}` or `{"stale", the holder's term or
+/// ""}`.
+pub(super) static RESERVE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{LUA_OURS}{}",
+        r"
+if not ours(ARGV[1], ARGV[2]) then
+  return {'stale', redis.call('HGET', KEYS[2], 'term') or ''}
+end
+redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
+return {'ok'}
+"
+    ))
+});
+
 /// KEYS: lock, holder, state. ARGV: token, term, value, channel, state key.
 /// Returns `{"ok"}` or `{"stale", the holder's or the value's newer term, or ""}`.
 pub(super) static STORE: LazyLock<Script> = LazyLock::new(|| {
@@ -282,6 +319,10 @@ pub(super) enum Reply {
         pttl_ms: i64,
         lease_ms: Option<u64>,
     },
+    /// Reserved for another node, for `pttl_ms` more.
+    Reserved {
+        pttl_ms: i64,
+    },
     /// Resume: the lease is no longer the token's.
     Gone,
     /// Resume: the holder's lease (ms) differs from this node's.
@@ -302,6 +343,9 @@ pub(super) fn parse_reply(reply: &[String]) -> Result<Reply, Error> {
         [kind, pttl, lease] if kind == "held" => Ok(Reply::Held {
             pttl_ms: pttl.parse().map_err(|_| unexpected("acquire", reply))?,
             lease_ms: lease.parse().ok(),
+        }),
+        [kind, pttl, _node] if kind == "reserved" => Ok(Reply::Reserved {
+            pttl_ms: pttl.parse().map_err(|_| unexpected("acquire", reply))?,
         }),
         [kind, ms, ..] if kind == "wait" => Ok(Reply::Wait(number(ms)?)),
         [kind, policy] if kind == "policy" => Ok(Reply::Policy(policy.clone())),
@@ -329,6 +373,9 @@ mod tests {
         assert_eq!(k.abandoned("t0"), "{p:jobs}:abandoned:t0");
         assert_eq!(k.state("x.y"), "{p:jobs}:state:x.y");
         assert_eq!(k.channel, "{p:jobs}:events");
+        assert_eq!(k.reserved, "{p:jobs}:reserved");
+        assert_eq!(k.candidates, "{p:jobs}:candidates");
+        assert_eq!(k.registry, "{p:jobs}:registry");
         assert_eq!(k.keyspace, "__keyspace@2__:{p:jobs}:lock");
         assert_eq!(k.keyevent, "__keyevent@2__:expired");
     }
@@ -363,6 +410,10 @@ mod tests {
                 pttl_ms: -1,
                 lease_ms: None
             })
+        ));
+        assert!(matches!(
+            parse_reply(&s(&["reserved", "1500", "b"])),
+            Ok(Reply::Reserved { pttl_ms: 1500 })
         ));
         assert!(matches!(
             parse_reply(&s(&["wait", "900"])),

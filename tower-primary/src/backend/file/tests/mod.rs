@@ -1,5 +1,6 @@
 //! Unit tests of the file backend: directory checks, handovers, cancelled and stalled
-//! operations, damaged records, terms, the holder record and state values.
+//! operations, damaged records, terms, the holder record and state values, the candidate
+//! registry and reservations.
 
 use std::future::Future;
 use std::time::Instant;
@@ -14,6 +15,8 @@ mod disk;
 mod grant;
 mod inode;
 mod records;
+mod registry;
+mod reserve;
 mod waiter;
 
 pub(super) use disk::SlowDisk;
