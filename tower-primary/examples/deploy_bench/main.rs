@@ -18,7 +18,9 @@
 //! Primary changes are counted from the workers' log lines (`worker startup … primary=true` and
 //! `role changed … role=primary`: every term is logged once, by the worker that leads it), from
 //! the primary when the deploy starts on. `total` runs from the first new instance's start to
-//! the moment a new instance's worker logs its term after the last old instance exited.
+//! the moment a new instance's worker logs its term after the last old instance exited;
+//! `handover max` is the longest time from a primary's `handing the lock over` log line to the
+//! next `became primary` line (the log lines' timestamps: one host, one clock).
 //!
 //! The bench re-executes itself as the service (`DEPLOY_BENCH_SERVICE_ARGS`), so one build has
 //! everything. A server that cannot be started is reported and its rows skipped.
@@ -163,8 +165,8 @@ async fn bench(args: &Args) -> ExitCode {
     );
     println!("moves counted from the workers' log lines (one line per term led)\n");
     println!(
-        "{:<9} {:<9} {:>5} {:>6} {:>6} {:>9}  {:<6}  terms (instance:term)",
-        "backend", "new prio", "moves", "to new", "to old", "total", "final"
+        "{:<9} {:<9} {:>5} {:>6} {:>6} {:>9} {:>12}  {:<6}  terms (instance:term)",
+        "backend", "new prio", "moves", "to new", "to old", "total", "handover max", "final"
     );
     let launch = launcher();
     let mut failed = false;
@@ -201,8 +203,12 @@ fn print_row(backend: &str, new: u64, d: &Deploy) {
         .filter(|t| t.0 >= d.first.0)
         .map(|(term, name, _)| format!("{name}:{term}"))
         .collect();
+    let gap = d.gaps.iter().max().map_or_else(
+        || "-".to_owned(),
+        |g| format!("{:.1} ms", g.as_secs_f64() * 1e3),
+    );
     println!(
-        "{backend:<9} {:<9} {:>5} {:>6} {:>6} {:>9}  {:<6}  {}",
+        "{backend:<9} {:<9} {:>5} {:>6} {:>6} {:>9} {gap:>12}  {:<6}  {}",
         format!("1 -> {new}"),
         d.moves,
         d.to_new,

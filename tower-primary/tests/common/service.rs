@@ -344,6 +344,9 @@ pub(crate) struct Deploy {
     /// The elector's handover and acquisition log lines of every instance, in time order, each
     /// prefixed with its instance: to explain a move.
     pub(crate) events: Vec<String>,
+    /// For every handover (`handing the lock over` logged by the primary), the time until the
+    /// next `became primary` line of any instance (the log lines' own timestamps, one host).
+    pub(crate) gaps: Vec<Duration>,
 }
 
 impl Deploy {
@@ -514,6 +517,22 @@ pub(crate) async fn rolling_deploy(
         })
         .collect();
     events.sort();
+    let stamp = |l: &str| {
+        l.split_whitespace()
+            .next()
+            .and_then(|t| humantime::parse_rfc3339(t).ok())
+    };
+    let mut gaps = Vec::new();
+    let mut handing: Option<std::time::SystemTime> = None;
+    for (l, _) in &events {
+        if l.contains("handing the lock over") {
+            handing = stamp(l);
+        } else if l.contains("became primary")
+            && let (Some(from), Some(to)) = (handing.take(), stamp(l))
+        {
+            gaps.push(to.duration_since(from).unwrap_or_default());
+        }
+    }
     let events = events
         .into_iter()
         .map(|(l, name)| format!("{name}: {l}"))
@@ -530,5 +549,6 @@ pub(crate) async fn rolling_deploy(
         last,
         total,
         events,
+        gaps,
     }
 }
