@@ -258,3 +258,72 @@ async fn a_directed_handover_through_the_admin_route() {
     c.stop().await;
     a.stop().await;
 }
+
+/// `Elector::hand_over_to` resolves once the lock is released, and the release waits for the
+/// term's primary-only requests: awaited inside such a request (behind `RequirePrimaryLayer`),
+/// it waits for itself until the grace runs out, and the request is then cut. (The example's
+/// `POST /admin/hand-over` answers when the node stops being primary instead.) Ignored: it
+/// shows the library's behaviour, which may be what is wanted; `--ignored` runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "hand_over_to awaited inside a primary-only request waits for that request, up to the grace"]
+async fn hand_over_to_awaited_inside_a_gated_request_answers_before_the_grace() {
+    use std::time::Duration;
+
+    use tower::ServiceExt as _;
+    use tower_primary::{Elector, MemoryBackend, NodeId, PrimaryLayer, RequirePrimaryLayer};
+
+    let backend = MemoryBackend::new();
+    let primary = PrimaryLayer::new(
+        Elector::builder("gated")
+            .backend(backend.clone())
+            .node(NodeId::new("a"))
+            .grace(Duration::from_secs(3)),
+    )
+    .unwrap();
+    let a = primary.elector();
+    a.handle().wait_primary().await;
+    let b = Elector::builder("gated")
+        .backend(backend.connection())
+        .node(NodeId::new("b"))
+        .spawn()
+        .unwrap();
+    a.handle()
+        .wait_candidates(|c| c.iter().any(|c| c.node == "b" && c.ready))
+        .await;
+    let app = axum::Router::new()
+        .route(
+            "/hand-over",
+            axum::routing::post({
+                let a = a.clone();
+                move || {
+                    let a = a.clone();
+                    async move {
+                        a.hand_over_to("b")
+                            .await
+                            .map(|()| "handed over")
+                            .map_err(|e| e.to_string())
+                    }
+                }
+            }),
+        )
+        .route_layer(RequirePrimaryLayer::new())
+        .layer(primary);
+    let started = tokio::time::Instant::now();
+    let req = http::Request::post("/hand-over")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(10), app.oneshot(req)).await;
+    let took = started.elapsed();
+    let status = res
+        .as_ref()
+        .ok()
+        .and_then(|r| r.as_ref().ok())
+        .map(http::Response::status);
+    b.handle().wait_primary().await;
+    assert!(
+        took < Duration::from_secs(1) && status == Some(StatusCode::OK),
+        "the request took {took:?} and answered {status:?}"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
