@@ -1082,9 +1082,10 @@ async fn status_follows_a_handover(
         .expect("b took over")
         .term();
     assert!(tb > ta);
-    // Followed through every change: possibly "no holder" during the handover, then b.
+    // Followed through every change: possibly "no holder" during the handover and the
+    // registry's changes (b registering), then b.
     let mut seen = next_status(&mut watch).await;
-    while seen.holder.is_none() {
+    while seen.holder.as_ref().is_none_or(|h| h.term != tb) {
         seen = next_status(&mut watch).await;
     }
     let h = seen.holder.unwrap();
@@ -1092,7 +1093,11 @@ async fn status_follows_a_handover(
     // a first: a campaigning a would take the lock when b lets go.
     a.shutdown().await;
     b.shutdown().await;
-    let gone = next_status(&mut watch).await;
+    // (After the registry's changes: a and b withdrawing.)
+    let mut gone = next_status(&mut watch).await;
+    while gone.holder.is_some() {
+        gone = next_status(&mut watch).await;
+    }
     assert!(gone.holder.is_none(), "{gone:?}");
     assert!(gone.to_string().contains("holder   none"));
 }
