@@ -259,13 +259,11 @@ async fn a_directed_handover_through_the_admin_route() {
     a.stop().await;
 }
 
-/// `Elector::hand_over_to` resolves once the lock is released, and the release waits for the
-/// term's primary-only requests: awaited inside such a request (behind `RequirePrimaryLayer`),
-/// it waits for itself until the grace runs out, and the request is then cut. (The example's
-/// `POST /admin/hand-over` answers when the node stops being primary instead.) Ignored: it
-/// shows the library's behaviour, which may be what is wanted; `--ignored` runs it.
+/// `Elector::hand_over_to` resolves once the lock is reserved and the term is being left, not
+/// after the release (which waits for the term's primary-only requests): awaited inside such a
+/// request (behind `RequirePrimaryLayer`), it answers at once instead of waiting for itself
+/// until the grace runs out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "hand_over_to awaited inside a primary-only request waits for that request, up to the grace"]
 async fn hand_over_to_awaited_inside_a_gated_request_answers_before_the_grace() {
     use std::time::Duration;
 
@@ -328,14 +326,10 @@ async fn hand_over_to_awaited_inside_a_gated_request_answers_before_the_grace() 
     b.shutdown().await;
 }
 
-/// A directed handover to a node of a lower priority than another live candidate does not stay
-/// where the operator put it: only the node that handed over is marked `yielded`, so the new
-/// primary at once hands the lock on to the other higher-priority candidate (here `a2`, the
-/// other worker of `a`'s release) once the settle time has passed. Ignored: it shows the
-/// library's behaviour (the README says the lock stays where the operator put it); `--ignored`
-/// runs it.
+/// A directed handover to a node of a lower priority than another live candidate stays where
+/// the operator put it: while the node that handed over (`yielded`) lives, no primary hands the
+/// lock on by preference, here to `a2`, as high as `a`.
 #[tokio::test(start_paused = true)]
-#[ignore = "a directed handover to a lower priority is undone by a preferred handover to another higher-priority candidate"]
 async fn a_directed_handover_to_a_lower_priority_node_stays_there() {
     use std::time::Duration;
 

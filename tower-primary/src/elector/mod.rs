@@ -247,9 +247,13 @@ impl Elector {
     }
 
     /// Hands the lock over to `node` now, on an operator's request: a planned handover that
-    /// reserves the lock for that node. Resolves once this node has released the lock. This
-    /// node then counts as having yielded: it is not the target of a preferred handover until
-    /// it leads again, so the lock does not come straight back to a higher priority.
+    /// reserves the lock for that node. Resolves once the lock is reserved for `node` and this
+    /// node has begun to leave its term (in the shutdown order, then the release): so it can be
+    /// awaited inside a primary-only request, whose end the release waits for.
+    ///
+    /// This node then counts as having *yielded*: while it lives and does not lead again, no
+    /// primary hands the lock over by preference, so the lock stays where the operator put it
+    /// (a draining primary still hands over, and a failover is a failover).
     ///
     /// # Errors
     ///

@@ -215,7 +215,8 @@ pub(super) struct Choice {
 ///   or not: a draining primary wants out;
 /// - else: the best eligible candidate whose priority is strictly higher than this node's (its
 ///   registry entry's: a host group's is its best member's) that has been ready for `settle`
-///   and did not hand the lock away on request (`yielded`).
+///   and did not hand the lock away on request (`yielded`); while any node is `yielded` (an
+///   operator moved the lock), no preferred handover at all.
 ///
 /// Nodes in `shunned` (they did not take the lock handed to them) are never preferred, and a
 /// draining primary takes one only when nobody else is eligible.
@@ -242,6 +243,17 @@ pub(super) fn choose(
     if me.draining {
         return Choice {
             target: others.first().map(|s| s.entry.node.clone()),
+            recheck_at: None,
+        };
+    }
+    if seen
+        .iter()
+        .any(|s| s.entry.node != me.node && s.entry.yielded)
+    {
+        // An operator moved the lock (`hand_over_to`): it stays where they put it while the node
+        // that handed it over lives and does not lead again.
+        return Choice {
+            target: None,
             recheck_at: None,
         };
     }
@@ -359,6 +371,39 @@ mod tests {
         assert_eq!(
             choose(&me, &list[2..], now, SETTLE, &HashMap::new()).target,
             None
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_directed_handover_stays_while_the_node_that_yielded_lives() {
+        let t0 = Instant::now();
+        let me = Candidate::new("b").with_priority(1);
+        let mut yielded = seen("a", 2, Some(t0));
+        yielded.entry.yielded = true;
+        let list = [seen("b", 1, Some(t0)), yielded, seen("a2", 2, Some(t0))];
+        let later = t0 + SETTLE * 10;
+        assert_eq!(
+            choose(&me, &list, later, SETTLE, &HashMap::new()).target,
+            None
+        );
+        // Gone (restarted by a deploy, say): preference applies again.
+        let list = [seen("b", 1, Some(t0)), seen("a2", 2, Some(t0))];
+        assert_eq!(
+            choose(&me, &list, later, SETTLE, &HashMap::new())
+                .target
+                .as_deref(),
+            Some("a2")
+        );
+        // A draining primary still hands over.
+        let draining = me.with_draining(true);
+        let mut yielded = seen("a", 2, Some(t0));
+        yielded.entry.yielded = true;
+        let list = [seen("b", 1, Some(t0)), yielded];
+        assert_eq!(
+            choose(&draining, &list, later, SETTLE, &HashMap::new())
+                .target
+                .as_deref(),
+            Some("a")
         );
     }
 

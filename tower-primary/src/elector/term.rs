@@ -105,7 +105,7 @@ impl Campaign {
         let mut look_again: Option<Instant> = None;
         // Choose from a registry read after this term began, not from one read before the
         // predecessor's last update (a node that just yielded would look like a target).
-        let fresh = self.registry.read_now();
+        let mut fresh = self.registry.read_now();
 
         let leave = loop {
             self.shared.watchdog.beat(clock.now());
@@ -156,7 +156,13 @@ impl Campaign {
                             continue;
                         }
                         match leadership.reserve(&to, self.window).await {
-                            Ok(()) => break Leave::HandOver { to, directed: true, reply: Some(reply) },
+                            Ok(()) => {
+                                // Answered now, not after the release: a caller inside a
+                                // primary-only request would otherwise wait for itself (the
+                                // release waits for the term's requests in flight).
+                                let _ = reply.send(Ok(()));
+                                break Leave::HandOver { to, directed: true, reply: None };
+                            }
                             Err(e) => {
                                 let _ = reply.send(Err(e));
                             }
@@ -166,7 +172,12 @@ impl Campaign {
                 },
                 err = leadership.lost() => break Leave::Lost(err),
                 _ = seen.changed() => look_again = None,
-                _ = entry.changed() => look_again = None,
+                _ = entry.changed() => {
+                    // Draining (say): choose from a registry read from now on, not from one
+                    // that may not list a successor's latest entry yet.
+                    fresh = self.registry.read_now();
+                    look_again = None;
+                }
                 // Wakes at the deadline, at a candidate's settle time, and at least every tick to
                 // stamp the heartbeat.
                 () = tokio::time::sleep_until(look_again.map_or(wake, |at| at.min(wake))) => {}

@@ -28,8 +28,9 @@ pub struct Candidate {
     /// successor exists.
     pub draining: bool,
     /// The node handed the lock away on an operator's request
-    /// ([`Elector::hand_over_to`](crate::Elector::hand_over_to)): it is not the target of a
-    /// preferred handover until it leads again (else the lock would come straight back).
+    /// ([`Elector::hand_over_to`](crate::Elector::hand_over_to)): until it leads again, no
+    /// primary hands the lock over by preference (else it would not stay where the operator put
+    /// it).
     #[serde(default)]
     pub yielded: bool,
 }
