@@ -5,7 +5,9 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Event, EventKind, NODE_ENV, NodeConfig, PARENT_PIPE_ENV};
+use tokio::sync::mpsc;
+
+use super::{Event, EventKind, NODE_ENV, NodeConfig, Order, PARENT_PIPE_ENV};
 use tower_primary::role::{Role, RoleHandle, TermContext};
 use tower_primary::{Elector, Lease};
 
@@ -84,8 +86,9 @@ pub async fn run_node(config: NodeConfig) -> i32 {
             return 2;
         }
     };
+    let (orders_tx, orders) = mpsc::unbounded_channel();
     if std::env::var(PARENT_PIPE_ENV).is_ok_and(|v| v.trim() == "1") {
-        std::thread::spawn(exit_when_parent_is_gone);
+        std::thread::spawn(move || read_orders_until_the_parent_is_gone(&orders_tx));
     }
     let backend = match tower_primary::backend::from_url(&config.backend) {
         Ok(b) => b,
@@ -97,12 +100,31 @@ pub async fn run_node(config: NodeConfig) -> i32 {
         }
     };
     let mut builder = Elector::builder(config.lock.clone()).backend(backend);
+    if std::env::var(crate::host::NODE_ID_ENV).is_ok() {
+        // A simulated host shares this machine's host name: its pids (from 1 in each PID
+        // namespace) would give two hosts' nodes one id. The pid it reports is unique.
+        let host = tower_primary::NodeId::from_env().host().to_owned();
+        builder = builder.node(tower_primary::NodeId::new(format!(
+            "{host}:{}",
+            reported_pid()
+        )));
+    }
     if let Some(lease) = config.lease {
         builder = builder.lease(Lease::new(lease));
     }
     if let Some(grace) = config.grace {
         builder = builder.grace(grace);
     }
+    if let Some(settle) = config.settle {
+        builder = builder.settle_time(settle);
+    }
+    if let Some(window) = config.window {
+        builder = builder.handover_window(window);
+    }
+    if config.never_lead {
+        builder = builder.never_lead();
+    }
+    builder = builder.ready_at_spawn(config.ready_at_spawn);
     let elector = match builder.spawn() {
         Ok(e) => e,
         Err(e) => {
@@ -113,7 +135,11 @@ pub async fn run_node(config: NodeConfig) -> i32 {
         }
     };
     emit(EventKind::Started);
+    emit(EventKind::Node {
+        id: elector.handle().node().id().to_owned(),
+    });
     tokio::spawn(report_roles(elector.handle()));
+    tokio::spawn(obey(elector.clone(), orders));
     let tick = config.tick.max(Duration::from_millis(1));
     let spawn = Arc::new(config.spawn);
     elector.singleton_task("node-tick", move |ctx: TermContext| {
@@ -130,6 +156,9 @@ pub async fn run_node(config: NodeConfig) -> i32 {
     tokio::select! {
         _ = sigterm.recv() => {
             emit(EventKind::SigTerm);
+            if let Some(bound) = config.drain_on_term {
+                let _ = tokio::time::timeout(bound, elector.drain()).await;
+            }
             elector.shutdown().await;
             emit(EventKind::Released);
             0
@@ -202,11 +231,103 @@ async fn report_roles(mut handle: RoleHandle) {
     }
 }
 
-fn exit_when_parent_is_gone() {
-    use std::io::Read as _;
-    // A plain thread: it blocks in read(2) until the parent's end of the pipe closes.
-    let mut stdin = std::io::stdin();
-    let mut buf = [0_u8; 64];
-    while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
+/// Reads the parent's [orders](Order), one a line, until the parent's end of the pipe closes;
+/// then exits the process.
+fn read_orders_until_the_parent_is_gone(orders: &mpsc::UnboundedSender<Order>) {
+    use std::io::BufRead as _;
+    // A plain thread: it blocks in read(2) until a line comes or the pipe closes.
+    let stdin = std::io::stdin();
+    let mut line = String::new();
+    while matches!(stdin.lock().read_line(&mut line), Ok(n) if n > 0) {
+        if let Some(order) = Order::parse(&line) {
+            let _ = orders.send(order);
+        }
+        line.clear();
+    }
     exit_node(3, Some("the parent's pipe closed".to_owned()));
+}
+
+/// Carries out the parent's orders, each in a task of its own (a drain waits for the handover).
+async fn obey(elector: tower_primary::Elector, mut orders: mpsc::UnboundedReceiver<Order>) {
+    while let Some(order) = orders.recv().await {
+        let elector = elector.clone();
+        tokio::spawn(async move {
+            let result = match &order {
+                Order::Ready => {
+                    elector.ready();
+                    Ok(())
+                }
+                Order::Drain => {
+                    emit(EventKind::Obeyed {
+                        order: order.clone(),
+                    });
+                    elector.drain().await;
+                    emit(EventKind::Drained);
+                    return;
+                }
+                Order::HandOverTo(node) => elector.hand_over_to(node.clone()).await,
+                Order::StepDown => elector.step_down().await,
+            };
+            emit(match result {
+                Ok(()) => EventKind::Obeyed { order },
+                Err(e) => EventKind::Refused {
+                    order,
+                    message: e.to_string(),
+                },
+            });
+        });
+    }
+}
+
+/// A [`tracing_subscriber::Layer`] that turns the elector's "handing the lock over" log into a
+/// [`HandingOver`](EventKind::HandingOver) line: the moment the old primary decided (the lock is
+/// reserved for the successor). Add it to the node's subscriber, whatever its filter for the
+/// other logs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HandoverLayer;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for HandoverLayer {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        #[derive(Default)]
+        struct Fields {
+            message: String,
+            term: Option<u64>,
+            to: Option<String>,
+        }
+        impl tracing::field::Visit for Fields {
+            fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+                if field.name() == "term" {
+                    self.term = Some(value);
+                }
+            }
+            fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+                match field.name() {
+                    "to" => self.to = Some(value.to_owned()),
+                    "message" => value.clone_into(&mut self.message),
+                    _ => {}
+                }
+            }
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                match field.name() {
+                    "to" => self.to = Some(format!("{value:?}")),
+                    "message" => self.message = format!("{value:?}"),
+                    _ => {}
+                }
+            }
+        }
+        if event.metadata().target() != "tower_primary::elector" {
+            return;
+        }
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        if fields.message == "handing the lock over"
+            && let (Some(term), Some(to)) = (fields.term, fields.to)
+        {
+            emit(EventKind::HandingOver { term, to });
+        }
+    }
 }

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::process::{NodeProcess, read_events, read_stderr, supervise};
 use super::{
-    Event, EventKind, EventLog, NODE_ENV, NodeCommand, NodeConfig, NodeSignal, NodeState,
+    Event, EventKind, EventLog, NODE_ENV, NodeCommand, NodeConfig, NodeSignal, NodeState, Order,
     PARENT_PIPE_ENV, history, node_states,
 };
 use crate::host::SimulatedHost;
@@ -168,10 +168,19 @@ impl Cluster {
             tokio::spawn(read_stderr(err, stderr.clone()));
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        let supervisor = tokio::spawn(supervise(child, pid, hosted, self.log.clone(), rx));
+        let (orders, orders_rx) = mpsc::unbounded_channel();
+        let supervisor = tokio::spawn(supervise(
+            child,
+            pid,
+            hosted,
+            self.log.clone(),
+            rx,
+            orders_rx,
+        ));
         self.nodes.push(NodeProcess {
             pid,
             signals: tx,
+            orders,
             supervisor,
             stderr,
         });
@@ -194,6 +203,36 @@ impl Cluster {
         let gone = || std::io::Error::other(format!("node {pid} has exited"));
         node.signals.send((signal, tx)).map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
+    }
+
+    /// Gives node `pid` an [`Order`] through its stdin; returns the `CLOCK_MONOTONIC` ns taken
+    /// just before the write. The node reports [`EventKind::Obeyed`] or [`EventKind::Refused`]
+    /// (a drain: `Obeyed` when it begins, [`EventKind::Drained`] when it resolved). A node of
+    /// the previous release ignores orders.
+    ///
+    /// # Errors
+    ///
+    /// An unknown pid, a node already reaped, or the write's error.
+    pub async fn order(&self, pid: u32, order: Order) -> std::io::Result<u64> {
+        let node = self
+            .nodes
+            .iter()
+            .find(|n| n.pid == pid)
+            .ok_or_else(|| std::io::Error::other(format!("no node with pid {pid}")))?;
+        let (tx, rx) = oneshot::channel();
+        let gone = || std::io::Error::other(format!("node {pid} has exited"));
+        node.orders.send((order, tx)).map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    /// The node id of node `pid` in the lock's registry (its [`EventKind::Node`] line), once
+    /// it has reported it.
+    #[must_use]
+    pub fn node_id(&self, pid: u32) -> Option<String> {
+        self.log.snapshot().into_iter().find_map(|e| match e.kind {
+            EventKind::Node { id } if e.pid == pid => Some(id),
+            _ => None,
+        })
     }
 
     /// What the log says about every node now.

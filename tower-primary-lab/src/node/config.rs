@@ -5,7 +5,8 @@ use std::time::Duration;
 use std::path::PathBuf;
 
 use super::{
-    DEFAULT_TICK, GRACE_ENV, HOST_DIR_ENV, LEASE_ENV, LOCK_ENV, SPAWN_ENV, TICK_ENV, WITNESS_ENV,
+    DEFAULT_TICK, DRAIN_ON_TERM_ENV, GRACE_ENV, HOST_DIR_ENV, LEASE_ENV, LOCK_ENV, NEVER_LEAD_ENV,
+    PRIORITY_ENV, READY_AT_SPAWN_ENV, SETTLE_ENV, SPAWN_ENV, TICK_ENV, WINDOW_ENV, WITNESS_ENV,
     WITNESS_EVERY_ENV,
 };
 
@@ -46,6 +47,19 @@ pub struct NodeConfig {
     /// The host directory: nodes that share it campaign as one host group
     /// (`TOWER_PRIMARY_HOST_DIR`, read by the elector when it is spawned).
     pub host_dir: Option<PathBuf>,
+    /// The node's priority (`TOWER_PRIMARY_PRIORITY`, read by the elector; 0 when `None`).
+    pub priority: Option<u64>,
+    /// The elector's [settle time](tower_primary::ElectorBuilder::settle_time).
+    pub settle: Option<Duration>,
+    /// The elector's [handover window](tower_primary::ElectorBuilder::handover_window).
+    pub window: Option<Duration>,
+    /// [`never_lead`](tower_primary::ElectorBuilder::never_lead).
+    pub never_lead: bool,
+    /// [`ready_at_spawn`](tower_primary::ElectorBuilder::ready_at_spawn) (default `true`).
+    pub ready_at_spawn: bool,
+    /// On `SIGTERM`, [drain](tower_primary::Elector::drain) for up to this long before the
+    /// shutdown (a deploy's stop); `None`: shut down at once.
+    pub drain_on_term: Option<Duration>,
 }
 
 impl NodeConfig {
@@ -61,7 +75,57 @@ impl NodeConfig {
             spawn: None,
             witness: None,
             host_dir: None,
+            priority: None,
+            settle: None,
+            window: None,
+            never_lead: false,
+            ready_at_spawn: true,
+            drain_on_term: None,
         }
+    }
+
+    /// Sets the node's priority (`TOWER_PRIMARY_PRIORITY`).
+    #[must_use]
+    pub fn priority(mut self, priority: u64) -> Self {
+        self.priority = Some(priority);
+        self
+    }
+
+    /// Sets the settle time.
+    #[must_use]
+    pub fn settle(mut self, settle: Duration) -> Self {
+        self.settle = Some(settle);
+        self
+    }
+
+    /// Sets the handover window.
+    #[must_use]
+    pub fn handover_window(mut self, window: Duration) -> Self {
+        self.window = Some(window);
+        self
+    }
+
+    /// Makes the node one that never leads.
+    #[must_use]
+    pub fn never_lead(mut self) -> Self {
+        self.never_lead = true;
+        self
+    }
+
+    /// Whether the node is ready from spawn (default `true`); with `false` it becomes a
+    /// handover target only after an [`Order::Ready`](super::Order::Ready).
+    #[must_use]
+    pub fn ready_at_spawn(mut self, ready: bool) -> Self {
+        self.ready_at_spawn = ready;
+        self
+    }
+
+    /// On `SIGTERM`, drains for up to `bound` (handing the lock over to the best eligible
+    /// candidate) before shutting down.
+    #[must_use]
+    pub fn drain_on_term(mut self, bound: Duration) -> Self {
+        self.drain_on_term = Some(bound);
+        self
     }
 
     /// Makes the node one of the host group of `dir` (`TOWER_PRIMARY_HOST_DIR`).
@@ -139,6 +203,25 @@ impl NodeConfig {
         if let Some(dir) = &self.host_dir {
             env.push((HOST_DIR_ENV, dir.display().to_string()));
         }
+        if let Some(priority) = self.priority {
+            env.push((PRIORITY_ENV, priority.to_string()));
+        }
+        let durations = [
+            (SETTLE_ENV, self.settle),
+            (WINDOW_ENV, self.window),
+            (DRAIN_ON_TERM_ENV, self.drain_on_term),
+        ];
+        for (name, value) in durations {
+            if let Some(d) = value {
+                env.push((name, humantime::format_duration(d).to_string()));
+            }
+        }
+        if self.never_lead {
+            env.push((NEVER_LEAD_ENV, "1".to_owned()));
+        }
+        if !self.ready_at_spawn {
+            env.push((READY_AT_SPAWN_ENV, "0".to_owned()));
+        }
         env
     }
 
@@ -180,6 +263,18 @@ impl NodeConfig {
             spawn,
             witness,
             host_dir: var(HOST_DIR_ENV).map(PathBuf::from),
+            priority: var(PRIORITY_ENV)
+                .map(|v| {
+                    v.trim()
+                        .parse()
+                        .map_err(|e| format!("{PRIORITY_ENV}={v:?}: {e}"))
+                })
+                .transpose()?,
+            settle: duration(SETTLE_ENV)?,
+            window: duration(WINDOW_ENV)?,
+            never_lead: var(NEVER_LEAD_ENV).is_some_and(|v| v.trim() == "1"),
+            ready_at_spawn: var(READY_AT_SPAWN_ENV).is_none_or(|v| v.trim() != "0"),
+            drain_on_term: duration(DRAIN_ON_TERM_ENV)?,
         })
     }
 }
@@ -204,6 +299,35 @@ mod tests {
             Duration::from_millis(50)
         );
         assert_eq!(env[SPAWN_ENV], "sleep 30");
+    }
+
+    #[test]
+    fn node_mode_carries_the_preferences_in_its_environment() {
+        let config = NodeConfig::new("/tmp/x", "l")
+            .priority(7)
+            .settle(Duration::from_millis(300))
+            .handover_window(Duration::from_secs(1))
+            .never_lead()
+            .ready_at_spawn(false)
+            .drain_on_term(Duration::from_secs(3));
+        let env: HashMap<_, _> = config.to_env().into_iter().collect();
+        assert_eq!(env[PRIORITY_ENV], "7");
+        assert_eq!(env[SETTLE_ENV], "300ms");
+        assert_eq!(env[NEVER_LEAD_ENV], "1");
+        assert_eq!(env[READY_AT_SPAWN_ENV], "0");
+        let plain: HashMap<_, _> = NodeConfig::new("/tmp/x", "l")
+            .to_env()
+            .into_iter()
+            .collect();
+        for name in [
+            PRIORITY_ENV,
+            SETTLE_ENV,
+            WINDOW_ENV,
+            NEVER_LEAD_ENV,
+            READY_AT_SPAWN_ENV,
+        ] {
+            assert!(!plain.contains_key(name), "{name}");
+        }
     }
 
     #[test]

@@ -64,6 +64,50 @@ impl fmt::Display for NodeSignal {
     }
 }
 
+/// An order the parent gives a node through its stdin, one line each
+/// ([`Cluster::order`](super::Cluster::order)); the node reports
+/// [`Obeyed`](EventKind::Obeyed) or [`Refused`](EventKind::Refused).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Order {
+    /// [`Elector::ready`](tower_primary::Elector::ready).
+    Ready,
+    /// [`Elector::drain`](tower_primary::Elector::drain): never lead again, hand over if primary.
+    Drain,
+    /// [`Elector::hand_over_to`](tower_primary::Elector::hand_over_to) the node with this id
+    /// (its [`Node`](EventKind::Node) event).
+    HandOverTo(String),
+    /// [`Elector::step_down`](tower_primary::Elector::step_down).
+    StepDown,
+}
+
+impl Order {
+    /// Parses an order's line (`ready`, `drain`, `hand-over-to <id>`, `step-down`).
+    #[must_use]
+    pub fn parse(line: &str) -> Option<Order> {
+        let mut words = line.split_whitespace();
+        let order = match words.next()? {
+            "ready" => Order::Ready,
+            "drain" => Order::Drain,
+            "step-down" => Order::StepDown,
+            "hand-over-to" => Order::HandOverTo(words.next()?.to_owned()),
+            _ => return None,
+        };
+        words.next().is_none().then_some(order)
+    }
+}
+
+impl fmt::Display for Order {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Order::Ready => f.write_str("ready"),
+            Order::Drain => f.write_str("drain"),
+            Order::StepDown => f.write_str("step-down"),
+            Order::HandOverTo(node) => write!(f, "hand-over-to {node}"),
+        }
+    }
+}
+
 /// What happened; see the [protocol](crate::node#protocol).
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -116,6 +160,34 @@ pub enum EventKind {
     /// The node could not start (bad configuration, a configuration error from `spawn()`).
     Error {
         /// What went wrong.
+        message: String,
+    },
+    /// The node's id in the lock's candidate registry ([`NodeId`](tower_primary::NodeId)):
+    /// what [`Order::HandOverTo`] names.
+    Node {
+        /// The id, e.g. `host:1234`.
+        id: String,
+    },
+    /// The node decided to hand the lock over (the elector's "handing the lock over" log):
+    /// the lock is reserved for `to` and the term is winding down.
+    HandingOver {
+        /// The term being handed over.
+        term: u64,
+        /// The node id of the successor.
+        to: String,
+    },
+    /// The node carried out an [`Order`] (for a drain: the drain began).
+    Obeyed {
+        /// The order.
+        order: Order,
+    },
+    /// A [drain](Order::Drain) resolved: the node is not primary.
+    Drained,
+    /// An [`Order`] failed (e.g. a refused handover); the node goes on.
+    Refused {
+        /// The order.
+        order: Order,
+        /// Why.
         message: String,
     },
     /// Recorded by the parent: the process was spawned.
@@ -228,6 +300,25 @@ impl Event {
             "error" => EventKind::Error {
                 message: words.collect::<Vec<_>>().join(" "),
             },
+            "node" => EventKind::Node {
+                id: words.next()?.to_owned(),
+            },
+            "handing-over" => EventKind::HandingOver {
+                term: num()?,
+                to: words.next()?.to_owned(),
+            },
+            "obeyed" => EventKind::Obeyed {
+                order: Order::parse(&words.collect::<Vec<_>>().join(" "))?,
+            },
+            "drained" => EventKind::Drained,
+            "refused" => {
+                let rest: Vec<&str> = words.collect();
+                let split = rest.iter().position(|w| *w == "--")?;
+                EventKind::Refused {
+                    order: Order::parse(&rest[..split].join(" "))?,
+                    message: rest[split + 1..].join(" "),
+                }
+            }
             "spawned" => EventKind::Spawned,
             "signal" => EventKind::Signalled {
                 signal: NodeSignal::from_name(words.next()?)?,
@@ -277,6 +368,15 @@ impl fmt::Display for Event {
                     message.split_whitespace().collect::<Vec<_>>().join(" ")
                 )
             }
+            EventKind::Node { id } => write!(f, "node {id}"),
+            EventKind::HandingOver { term, to } => write!(f, "handing-over {term} {to}"),
+            EventKind::Obeyed { order } => write!(f, "obeyed {order}"),
+            EventKind::Drained => f.write_str("drained"),
+            EventKind::Refused { order, message } => write!(
+                f,
+                "refused {order} -- {}",
+                message.split_whitespace().collect::<Vec<_>>().join(" ")
+            ),
             EventKind::Spawned => f.write_str("spawned"),
             EventKind::Signalled { signal } => write!(f, "signal {signal}"),
             EventKind::Exited { code, signal } => {
@@ -318,6 +418,28 @@ mod tests {
                 message: "lock directory /x: is a symlink".to_owned(),
             },
             EventKind::Spawned,
+            EventKind::Node {
+                id: "host:42".to_owned(),
+            },
+            EventKind::HandingOver {
+                term: 9,
+                to: "host:43".to_owned(),
+            },
+            EventKind::Obeyed {
+                order: Order::Drain,
+            },
+            EventKind::Obeyed {
+                order: Order::HandOverTo("host:43".to_owned()),
+            },
+            EventKind::Drained,
+            EventKind::Refused {
+                order: Order::HandOverTo("x".to_owned()),
+                message: "not a live candidate".to_owned(),
+            },
+            EventKind::Refused {
+                order: Order::StepDown,
+                message: "not primary".to_owned(),
+            },
             EventKind::Signalled {
                 signal: NodeSignal::Stop,
             },
@@ -331,6 +453,8 @@ mod tests {
             assert_eq!(Event::parse(&e.to_string()).as_ref(), Some(&e), "{e}");
         }
         assert!(Event::parse("EVENT 1 2 primary").is_none());
+        assert!(Event::parse("EVENT 1 2 obeyed hand-over-to").is_none());
+        assert_eq!(Order::parse("ready now"), None);
         assert!(Event::parse("test node_entry ... ok").is_none());
     }
 }

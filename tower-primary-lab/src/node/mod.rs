@@ -25,6 +25,10 @@
 //! | `TOWER_PRIMARY_TEST_WITNESS_EVERY` | how often to write to the witness (default `2ms`) |
 //! | `TOWER_PRIMARY_HOST_DIR` | optional host directory: the nodes sharing it campaign as one host group (the elector reads it) |
 //! | `TOWER_PRIMARY_TEST_NODE_ID` | optional pid to report instead of its own in events and witness writes ([`reported_pid`]; set for a node in a [simulated host](crate::host)) |
+//! | `TOWER_PRIMARY_PRIORITY` | optional priority (read by the elector) |
+//! | `TOWER_PRIMARY_TEST_SETTLE`, `TOWER_PRIMARY_TEST_HANDOVER_WINDOW` | optional settle time and handover window |
+//! | `TOWER_PRIMARY_TEST_NEVER_LEAD=1`, `TOWER_PRIMARY_TEST_READY_AT_SPAWN=0` | `never_lead`, `ready_at_spawn(false)` |
+//! | `TOWER_PRIMARY_TEST_DRAIN_ON_TERM` | optional bound: on `SIGTERM`, drain (hand over) for up to this long before the shutdown |
 //!
 //! The node spawns an [`Elector`] on a current-thread runtime, registers a singleton task that
 //! reports its start at once and then ticks, and prints one line per role change. On `SIGTERM` it
@@ -49,6 +53,10 @@
 //! | `released` | [`Released`](EventKind::Released) | [`Elector::shutdown`] returned |
 //! | `exit <code>` | [`Exit`](EventKind::Exit) | the process is about to exit |
 //! | `error <message>` | [`Error`](EventKind::Error) | the node could not start |
+//! | `node <id>` | [`Node`](EventKind::Node) | the node's id in the registry (after `started`) |
+//! | `handing-over <term> <to>` | [`HandingOver`](EventKind::HandingOver) | the elector decided to hand the lock over to `to` (it reserved the lock; needs [`HandoverLayer`] in the node's subscriber) |
+//! | `obeyed <order>`, `refused <order> -- <why>` | [`Obeyed`](EventKind::Obeyed), [`Refused`](EventKind::Refused) | an [`Order`] was carried out or failed |
+//! | `drained` | [`Drained`](EventKind::Drained) | a drain order resolved: the node is not primary |
 //!
 //! The parent adds its own events to the same log: [`Spawned`](EventKind::Spawned),
 //! [`Signalled`](EventKind::Signalled) (timestamped just before `kill(2)`) and
@@ -58,6 +66,11 @@
 //! the backend granted the lock, and the elector waits for the task to end before it releases the
 //! lock. [`history()`] builds the primary periods from them as a
 //! [`History`](tower_primary_testing::history::History).
+//!
+//! # Orders
+//!
+//! The parent gives a node [`Order`]s on its stdin, one a line ([`Cluster::order`]): `ready`,
+//! `drain`, `hand-over-to <id>` and `step-down`, the elector's calls of those names.
 //!
 //! # Example
 //!
@@ -102,10 +115,12 @@ mod observe;
 mod process;
 mod wait;
 
-pub use self::child::{emit, is_node_process, reported_pid, run_node, run_node_from_env};
+pub use self::child::{
+    HandoverLayer, emit, is_node_process, reported_pid, run_node, run_node_from_env,
+};
 pub use self::cluster::Cluster;
 pub use self::config::NodeConfig;
-pub use self::events::{Event, EventKind, NodeSignal};
+pub use self::events::{Event, EventKind, NodeSignal, Order};
 pub use self::observe::{EventLog, NodeState, ObservedRole, history, node_states, settled_primary};
 pub use self::process::NodeCommand;
 pub use self::wait::{Handover, Succession, WaitError};
@@ -133,5 +148,17 @@ pub const WITNESS_ENV: &str = "TOWER_PRIMARY_TEST_WITNESS";
 pub const WITNESS_EVERY_ENV: &str = "TOWER_PRIMARY_TEST_WITNESS_EVERY";
 /// The host directory of a host group: the elector reads it when it is spawned.
 pub use tower_primary::HOST_DIR_ENV;
+/// The node's priority: the elector reads it when it is spawned.
+pub use tower_primary::PRIORITY_ENV;
+/// The elector's settle time (humantime).
+pub const SETTLE_ENV: &str = "TOWER_PRIMARY_TEST_SETTLE";
+/// The elector's handover window (humantime).
+pub const WINDOW_ENV: &str = "TOWER_PRIMARY_TEST_HANDOVER_WINDOW";
+/// Set to `1`: the node never leads.
+pub const NEVER_LEAD_ENV: &str = "TOWER_PRIMARY_TEST_NEVER_LEAD";
+/// Set to `0`: the node is not ready at spawn (an [`Order::Ready`] makes it ready).
+pub const READY_AT_SPAWN_ENV: &str = "TOWER_PRIMARY_TEST_READY_AT_SPAWN";
+/// On `SIGTERM`, drain for up to this long (humantime) before the shutdown.
+pub const DRAIN_ON_TERM_ENV: &str = "TOWER_PRIMARY_TEST_DRAIN_ON_TERM";
 
 const DEFAULT_TICK: Duration = Duration::from_millis(100);

@@ -10,7 +10,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::{Event, EventKind, EventLog, NodeSignal};
+use super::{Event, EventKind, EventLog, NodeSignal, Order};
 use crate::host::SimulatedHost;
 use crate::sync::lock;
 use tower_primary::clock::monotonic_nanos;
@@ -78,11 +78,13 @@ impl NodeCommand {
 }
 
 type SignalRequest = (NodeSignal, oneshot::Sender<std::io::Result<u64>>);
+pub(super) type OrderRequest = (Order, oneshot::Sender<std::io::Result<u64>>);
 
 #[derive(Debug)]
 pub(super) struct NodeProcess {
     pub(super) pid: u32,
     pub(super) signals: mpsc::UnboundedSender<SignalRequest>,
+    pub(super) orders: mpsc::UnboundedSender<OrderRequest>,
     pub(super) supervisor: JoinHandle<()>,
     pub(super) stderr: Arc<Mutex<VecDeque<String>>>,
 }
@@ -142,14 +144,25 @@ pub(super) async fn supervise(
     hosted: bool,
     log: EventLog,
     mut signals: mpsc::UnboundedReceiver<SignalRequest>,
+    mut orders: mpsc::UnboundedReceiver<OrderRequest>,
 ) {
-    // Held open for the node's life: the node exits when it closes (the parent is gone).
-    let _stdin = child.stdin.take();
+    use tokio::io::AsyncWriteExt as _;
+    // Held open for the node's life: the node exits when it closes (the parent is gone). Orders
+    // travel on it, one a line.
+    let mut stdin = child.stdin.take();
     // A hosted node's own process, the child of `nsenter` (found at the first signal).
     let mut node_pid: Option<u32> = None;
     let status = loop {
         tokio::select! {
             status = child.wait() => break status,
+            Some((order, reply)) = orders.recv() => {
+                let at = monotonic_nanos();
+                let result = match stdin.as_mut() {
+                    Some(pipe) => pipe.write_all(format!("{order}\n").as_bytes()).await.map(|()| at),
+                    None => Err(std::io::Error::other("the node's stdin is closed")),
+                };
+                let _ = reply.send(result);
+            }
             Some((signal, reply)) = signals.recv() => {
                 // `child.id()` is `None` once reaped, so a recycled pid is never signalled.
                 let target = match child.id() {

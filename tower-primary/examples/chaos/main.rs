@@ -57,8 +57,7 @@
 //!   up on a silent client does; healing finds the node's side closed);
 //! - `restart`: kill the server and start it again 0–1 s later (a Redis restart loses every key;
 //!   etcd and PostgreSQL, stopped as by a crash, keep their data), only for a server the tool
-//!   started itself.
-//!
+//!   started itself;
 //! - `drop`: the server side of the node's connections is closed at once while the node hears
 //!   nothing for a pause's length — an asymmetric partition;
 //! - `kill-conns` (PostgreSQL): `pg_terminate_backend` on every session of the node — its lock
@@ -77,7 +76,14 @@
 //!   primary's 80 % of the time): its nodes, then its PID namespace's init; the host comes back
 //!   as a fresh namespace on the same host directory, with its nodes, 0–500 ms later;
 //! - `stop-candidate` (host groups): `SIGSTOP` a host candidate for a pause's length (half of
-//!   them past the lease: its followers replace a hung candidate), then `SIGCONT`.
+//!   them past the lease: its followers replace a hung candidate), then `SIGCONT`;
+//! - `deploy`: drain a node (a primary hands the lock over to the best eligible candidate with a
+//!   reservation), `SIGTERM` it, and start its replacement at a priority above every node's: it
+//!   pulls the lock once it has been ready for the settle time (500 ms);
+//! - `drain`: drain a node, `SIGKILL` it after a pause, start a replacement at its priority.
+//!
+//! Nodes start with mixed priorities (slot `s` has `1 + s % 3`), so the lock also moves to the
+//! highest ready priority after every replacement: planned handovers run among the faults.
 //!
 //! Faults that do not apply are skipped and said so: `cut`, `drop` and `restart` on the file
 //! backend, `restart`, `flush` and `lease-change` on a server the tool did not start, `cut`,
@@ -133,7 +139,8 @@ use crate::setup::Setup;
 const USAGE: &str = "usage: chaos [--backend file|redis|postgres|etcd|<backend string>] \
                      [--nodes N | --workers W] [--hosts N] [--host-groups on|off] [--duration D] \
                      [--seed N] [--lease D] [--faults kill,stop,term,cut,restart,drop,kill-conns,\
-                     flush,lease-change,stop-waiter,worker-kill,host-kill,stop-candidate] \
+                     flush,lease-change,stop-waiter,worker-kill,host-kill,stop-candidate,deploy,\
+                     drain] \
                      [--fault-every A..B] [--write-every D] [--bound D] [--out DIR]";
 
 #[derive(Debug)]
@@ -236,7 +243,8 @@ impl Args {
                                 format!(
                                     "--faults: unknown fault {s:?} (kill, stop, term, cut, \
                                      restart, drop, kill-conns, flush, lease-change, \
-                                     stop-waiter, worker-kill, host-kill, stop-candidate)"
+                                     stop-waiter, worker-kill, host-kill, stop-candidate, \
+                                     deploy, drain)"
                                 )
                             })
                         })
@@ -430,9 +438,13 @@ async fn run(args: Args) -> Result<bool, BoxError> {
         .zip(&setup.node_leases)
         .enumerate()
         .map(|(slot, (backend, lease))| {
+            // Mixed priorities (1 to 3): the highest ready one leads once it has settled; a
+            // `deploy` fault starts a replacement above every node.
             let mut c = NodeConfig::new(backend, &lock)
                 .tick(Duration::from_secs(1))
-                .witness(witness.addr(), args.write_every);
+                .witness(witness.addr(), args.write_every)
+                .priority(1 + slot as u64 % 3)
+                .settle(Duration::from_millis(500));
             if let Some(lease) = lease {
                 c = c.lease(*lease);
             }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tower_primary::clock::monotonic_nanos;
 use tower_primary_lab::host::SimulatedHost;
-use tower_primary_lab::node::{Cluster, EventKind, NodeConfig, NodeSignal, ObservedRole};
+use tower_primary_lab::node::{Cluster, EventKind, NodeConfig, NodeSignal, ObservedRole, Order};
 
 use crate::setup::Setup;
 
@@ -46,10 +46,17 @@ pub(crate) enum FaultKind {
     /// Host groups: `SIGSTOP` a host candidate for a while (sometimes past the lease, when its
     /// followers replace it), then `SIGCONT`.
     StopCandidate,
+    /// A deploy: drain a node (a primary hands over to the best eligible candidate, with a
+    /// reservation), `SIGTERM` it, start its replacement at a priority above every node's, which
+    /// then pulls the lock once it has settled.
+    Deploy,
+    /// Drain a node (a primary hands over), then `SIGKILL` it after a while and start a
+    /// replacement at the same priority.
+    Drain,
 }
 
 impl FaultKind {
-    pub(crate) const ALL: [FaultKind; 13] = [
+    pub(crate) const ALL: [FaultKind; 15] = [
         FaultKind::Kill,
         FaultKind::Stop,
         FaultKind::Term,
@@ -63,11 +70,13 @@ impl FaultKind {
         FaultKind::WorkerKill,
         FaultKind::HostKill,
         FaultKind::StopCandidate,
+        FaultKind::Deploy,
+        FaultKind::Drain,
     ];
 
     /// The mix when `--faults` is not given: every kind (those that do not apply to the backend
     /// are skipped).
-    pub(crate) const DEFAULT: [FaultKind; 13] = FaultKind::ALL;
+    pub(crate) const DEFAULT: [FaultKind; 15] = FaultKind::ALL;
 
     /// Whether the fault acts on the server as a whole (every node's state there).
     pub(crate) fn hits_server(self) -> bool {
@@ -92,6 +101,8 @@ impl FaultKind {
             FaultKind::WorkerKill => "worker-kill",
             FaultKind::HostKill => "host-kill",
             FaultKind::StopCandidate => "stop-candidate",
+            FaultKind::Deploy => "deploy",
+            FaultKind::Drain => "drain",
         }
     }
 
@@ -162,6 +173,8 @@ pub(crate) struct Nemesis {
     pub(crate) log: Vec<Fault>,
     /// Nodes that exited without a fault, and how.
     pub(crate) unexpected_exits: Vec<String>,
+    /// The highest priority given so far: a deploy's replacement gets the next one.
+    pub(crate) deploys: u64,
 }
 
 type BoxError = Box<dyn std::error::Error>;
@@ -174,6 +187,7 @@ impl Nemesis {
         seed: u64,
         config: NemesisConfig,
     ) -> Self {
+        let configs_max_priority = configs.iter().filter_map(|c| c.priority).max().unwrap_or(0);
         Nemesis {
             cluster,
             configs,
@@ -184,6 +198,7 @@ impl Nemesis {
             config,
             log: Vec::new(),
             unexpected_exits: Vec::new(),
+            deploys: configs_max_priority,
         }
     }
 
@@ -591,6 +606,58 @@ impl Nemesis {
                     fault.at,
                     fault.primary_term,
                 ) = (Some(slot), Some(pid), Some(waiter), at, Some(term));
+            }
+            FaultKind::Deploy | FaultKind::Drain => {
+                let (slot, pid, term) = self.target();
+                let Ok(at) = self.cluster.order(pid, Order::Drain).await else {
+                    return Ok(None);
+                };
+                // A primary hands over once an eligible successor exists; bounded here.
+                let bound = self.config.lease_ref * 2 + Duration::from_secs(2);
+                let drained = self
+                    .cluster
+                    .wait_event("the drain", bound, |e| {
+                        e.pid == pid && e.at >= at && matches!(e.kind, EventKind::Drained)
+                    })
+                    .await
+                    .map(|e| e.at);
+                let mut detail = match drained {
+                    Ok(done) => format!(
+                        "drain done in {:.1} ms",
+                        done.saturating_sub(at) as f64 / 1e6
+                    ),
+                    Err(_) => format!("drain not done within {}", secs(bound)),
+                };
+                let signal = if kind == FaultKind::Deploy {
+                    NodeSignal::Term
+                } else {
+                    tokio::time::sleep(self.hold()).await;
+                    NodeSignal::Kill
+                };
+                if self.cluster.signal(pid, signal).await.is_ok()
+                    && self
+                        .cluster
+                        .wait_exit(pid, self.config.exit_timeout)
+                        .await
+                        .is_err()
+                {
+                    detail.push_str(", no exit: SIGKILL");
+                    let _ = self.cluster.signal(pid, NodeSignal::Kill).await;
+                    self.cluster.wait_exit(pid, Duration::from_secs(10)).await?;
+                }
+                if kind == FaultKind::Deploy {
+                    self.deploys += 1;
+                    let priority = self.deploys;
+                    let config = self.configs[slot].clone().priority(priority);
+                    self.configs[slot] = config;
+                    detail.push_str(&format!(", {signal}, replaced at priority {priority}"));
+                } else {
+                    detail.push_str(&format!(", {signal}, replaced"));
+                }
+                self.respawn(slot)?;
+                fault.detail = detail;
+                (fault.slot, fault.pid, fault.at, fault.primary_term) =
+                    (Some(slot), Some(pid), at, term);
             }
             FaultKind::WorkerKill | FaultKind::HostKill | FaultKind::StopCandidate => {
                 if !self.inject_host_fault(kind, setup, &mut fault).await? {

@@ -64,6 +64,8 @@ pub(crate) struct Analysis {
     pub(crate) bounded_by_stop: usize,
     /// Periods that ended although no fault touched their node or the server around then.
     pub(crate) ended_without_fault: Vec<Period>,
+    /// Terms that ended in a planned handover (the node's `handing-over` line).
+    pub(crate) handovers: usize,
     /// Every time without a primary, `(from, to)` in `CLOCK_MONOTONIC` ns.
     pub(crate) gaps: Vec<(u64, u64)>,
     /// The longest time without a primary after the last fault before it was over, and when
@@ -184,12 +186,21 @@ pub(crate) fn analyse(data: &RunData) -> Analysis {
     }
     let slack = u64::try_from(data.slack.as_nanos()).unwrap_or(u64::MAX);
     let before = 100_000_000; // a signal is stamped just before kill(2)
+    // A planned handover (a higher priority, a drain) ends a term without a fault on purpose:
+    // the node printed `handing-over <term>` for it.
+    let handed_over = |p: &Period| {
+        data.events.iter().any(|e| {
+            e.pid.to_string() == p.node
+                && matches!(e.kind, EventKind::HandingOver { term, .. } if term == p.term)
+        })
+    };
+    let handovers = history.periods().iter().filter(|p| handed_over(p)).count();
     let ended_without_fault = history
         .periods()
         .iter()
         .filter(|p| {
             let Some(end) = p.end else { return false };
-            if end >= data.faults_end {
+            if end >= data.faults_end || handed_over(p) {
                 return false;
             }
             !data.faults.iter().any(|f| {
@@ -240,6 +251,7 @@ pub(crate) fn analyse(data: &RunData) -> Analysis {
         per_kind,
         bounded_by_stop,
         ended_without_fault,
+        handovers,
         gaps,
         longest_after_fault,
     }
@@ -368,6 +380,11 @@ pub(crate) fn summary(data: &RunData, a: &Analysis) -> String {
             ),
             None => "-".to_owned(),
         },
+    );
+    row(
+        &mut out,
+        "terms handed over (a higher priority, a drain)",
+        a.handovers.to_string(),
     );
     row(
         &mut out,
@@ -669,6 +686,19 @@ mod tests {
         assert_eq!(a.ended_without_fault.len(), 1);
         assert_eq!(a.ended_without_fault[0].node, "3");
         assert!(last_line(&data, &a).ends_with("ended_without_fault=1"));
+        // A planned handover of that term is no fault's doing either.
+        data.events.push(ev(
+            299,
+            3,
+            EventKind::HandingOver {
+                term: 7,
+                to: "host:2".to_owned(),
+            },
+        ));
+        let a = analyse(&data);
+        assert!(a.ended_without_fault.is_empty());
+        assert_eq!(a.handovers, 1);
+        data.events.pop();
         // A restart of the server around then touches every node.
         data.faults
             .push(fault(FaultKind::Restart, 9, 280, 290, Some(7)));

@@ -29,6 +29,8 @@ fn fault_color(kind: FaultKind) -> RGBColor {
         FaultKind::WorkerKill => RGBColor(90, 0, 140),
         FaultKind::HostKill => RGBColor(150, 0, 60),
         FaultKind::StopCandidate => RGBColor(0, 90, 160),
+        FaultKind::Deploy => RGBColor(0, 180, 0),
+        FaultKind::Drain => RGBColor(180, 160, 0),
     }
 }
 
@@ -261,6 +263,8 @@ pub(crate) fn draw(
             FaultKind::WorkerKill => "worker-kill: candidate SIGKILL (x)",
             FaultKind::HostKill => "host-kill: every process of a host",
             FaultKind::StopCandidate => "stop-candidate: SIGSTOP .. SIGCONT",
+            FaultKind::Deploy => "deploy: drain, SIGTERM, higher priority",
+            FaultKind::Drain => "drain: drain, SIGKILL, replaced",
         };
         entries.push((fault_color(kind).mix(0.7), text));
     }
