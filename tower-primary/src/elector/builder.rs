@@ -584,6 +584,8 @@ impl Prepared {
             window: builder.window,
             handed_to: None,
             shunned: std::collections::HashMap::new(),
+            last_holder: None,
+            suspects: std::collections::HashMap::new(),
         };
         let watched = shared.clone();
         runtime.spawn(async move {

@@ -56,6 +56,10 @@ pub(super) struct Campaign {
     pub(super) handed_to: Option<String>,
     /// Targets that did not take the lock handed to them, and until when they are passed over.
     pub(super) shunned: std::collections::HashMap<String, Instant>,
+    /// The latest other node seen holding the lock.
+    pub(super) last_holder: Option<String>,
+    /// Holders this node's terms followed, and until when they are not preferred.
+    pub(super) suspects: std::collections::HashMap<String, Instant>,
 }
 
 /// Why a campaign ended without a grant: the elector was shut down (with the reply to send once
@@ -310,6 +314,9 @@ impl Campaign {
                 {
                     // The node the lock was handed to took it.
                     self.handed_to = None;
+                }
+                if let Some(h) = holder.as_ref().filter(|h| h.id != self.shared.node.id()) {
+                    self.last_holder = Some(h.id.clone());
                 }
                 let other = holder
                     .as_ref()

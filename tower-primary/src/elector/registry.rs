@@ -219,13 +219,15 @@ pub(super) struct Choice {
 ///   operator moved the lock), no preferred handover at all.
 ///
 /// Nodes in `shunned` (they did not take the lock handed to them) are never preferred, and a
-/// draining primary takes one only when nobody else is eligible.
+/// draining primary takes one only when nobody else is eligible. Nodes in `suspects` (the
+/// holder this term followed, perhaps dead) are never preferred.
 pub(super) fn choose(
     me: &Candidate,
     seen: &[Seen],
     now: Instant,
     settle: Duration,
     shunned: &HashMap<String, Instant>,
+    suspects: &HashMap<String, Instant>,
 ) -> Choice {
     let mut others: Vec<&Seen> = seen
         .iter()
@@ -263,7 +265,11 @@ pub(super) fn choose(
         .map_or(me.priority, |s| s.entry.priority.max(me.priority));
     let mut recheck_at: Option<Instant> = None;
     for s in others {
-        if s.entry.priority <= mine || s.entry.yielded || shunned.contains_key(&s.entry.node) {
+        if s.entry.priority <= mine
+            || s.entry.yielded
+            || shunned.contains_key(&s.entry.node)
+            || suspects.contains_key(&s.entry.node)
+        {
             continue;
         }
         let settled_at = s.ready_since.map_or(now, |since| since + settle);
@@ -319,10 +325,17 @@ mod tests {
         let t0 = Instant::now();
         let me = Candidate::new("a").with_priority(1);
         let list = [seen("a", 1, Some(t0)), seen("b", 2, Some(t0))];
-        let early = choose(&me, &list, t0, SETTLE, &HashMap::new());
+        let early = choose(&me, &list, t0, SETTLE, &HashMap::new(), &HashMap::new());
         assert_eq!(early.target, None);
         assert_eq!(early.recheck_at, Some(t0 + SETTLE));
-        let later = choose(&me, &list, t0 + SETTLE, SETTLE, &HashMap::new());
+        let later = choose(
+            &me,
+            &list,
+            t0 + SETTLE,
+            SETTLE,
+            &HashMap::new(),
+            &HashMap::new(),
+        );
         assert_eq!(later.target.as_deref(), Some("b"));
     }
 
@@ -344,7 +357,7 @@ mod tests {
             yielded,
         ];
         assert_eq!(
-            choose(&me, &list, late, SETTLE, &HashMap::new()),
+            choose(&me, &list, late, SETTLE, &HashMap::new(), &HashMap::new()),
             Choice {
                 target: None,
                 recheck_at: None
@@ -363,13 +376,21 @@ mod tests {
         ];
         let now = t0 + Duration::from_millis(901);
         assert_eq!(
-            choose(&me, &list, now, SETTLE, &HashMap::new())
+            choose(&me, &list, now, SETTLE, &HashMap::new(), &HashMap::new())
                 .target
                 .as_deref(),
             Some("new")
         );
         assert_eq!(
-            choose(&me, &list[2..], now, SETTLE, &HashMap::new()).target,
+            choose(
+                &me,
+                &list[2..],
+                now,
+                SETTLE,
+                &HashMap::new(),
+                &HashMap::new()
+            )
+            .target,
             None
         );
     }
@@ -383,13 +404,13 @@ mod tests {
         let list = [seen("b", 1, Some(t0)), yielded, seen("a2", 2, Some(t0))];
         let later = t0 + SETTLE * 10;
         assert_eq!(
-            choose(&me, &list, later, SETTLE, &HashMap::new()).target,
+            choose(&me, &list, later, SETTLE, &HashMap::new(), &HashMap::new()).target,
             None
         );
         // Gone (restarted by a deploy, say): preference applies again.
         let list = [seen("b", 1, Some(t0)), seen("a2", 2, Some(t0))];
         assert_eq!(
-            choose(&me, &list, later, SETTLE, &HashMap::new())
+            choose(&me, &list, later, SETTLE, &HashMap::new(), &HashMap::new())
                 .target
                 .as_deref(),
             Some("a2")
@@ -400,9 +421,16 @@ mod tests {
         yielded.entry.yielded = true;
         let list = [seen("b", 1, Some(t0)), yielded];
         assert_eq!(
-            choose(&draining, &list, later, SETTLE, &HashMap::new())
-                .target
-                .as_deref(),
+            choose(
+                &draining,
+                &list,
+                later,
+                SETTLE,
+                &HashMap::new(),
+                &HashMap::new()
+            )
+            .target
+            .as_deref(),
             Some("a")
         );
     }
@@ -414,7 +442,15 @@ mod tests {
         let me = Candidate::new("a").with_priority(1);
         let list = [seen("a", 7, Some(t0)), seen("b", 5, Some(t0))];
         assert_eq!(
-            choose(&me, &list, t0 + SETTLE, SETTLE, &HashMap::new()).target,
+            choose(
+                &me,
+                &list,
+                t0 + SETTLE,
+                SETTLE,
+                &HashMap::new(),
+                &HashMap::new()
+            )
+            .target,
             None
         );
     }
@@ -431,22 +467,29 @@ mod tests {
         let shunned = HashMap::from([("hung".to_owned(), t0 + Duration::from_secs(30))]);
         let later = t0 + SETTLE;
         assert_eq!(
-            choose(&me, &list, later, SETTLE, &shunned)
+            choose(&me, &list, later, SETTLE, &shunned, &HashMap::new())
                 .target
                 .as_deref(),
             Some("b")
         );
         let draining = me.with_draining(true);
         assert_eq!(
-            choose(&draining, &list, later, SETTLE, &shunned)
+            choose(&draining, &list, later, SETTLE, &shunned, &HashMap::new())
                 .target
                 .as_deref(),
             Some("b")
         );
         assert_eq!(
-            choose(&draining, &list[..2], later, SETTLE, &shunned)
-                .target
-                .as_deref(),
+            choose(
+                &draining,
+                &list[..2],
+                later,
+                SETTLE,
+                &shunned,
+                &HashMap::new()
+            )
+            .target
+            .as_deref(),
             Some("hung")
         );
     }

@@ -100,6 +100,14 @@ impl Campaign {
             self.shunned
                 .insert(target, after(self.window * SHUN_WINDOWS));
         }
+        if let Some(previous) = self.last_holder.take() {
+            // The node this term follows may have died (a failover): its registry entry can
+            // outlive it by up to the backend's liveness bound (a lease), and a preferred
+            // handover to it would leave the lock reserved for nobody. (A drain may still choose
+            // it: a live predecessor is often the best successor.)
+            let bound = lease.map_or(self.window, |l| l.ttl()) + self.window;
+            self.suspects.insert(previous, after(bound));
+        }
         let mut entry = self.shared.entry.subscribe();
         let mut seen = self.registry.seen.clone();
         let mut look_again: Option<Instant> = None;
@@ -116,12 +124,14 @@ impl Campaign {
                 let me = entry.borrow_and_update().clone();
                 let now = Instant::now();
                 self.shunned.retain(|_, until| *until > now);
+                self.suspects.retain(|_, until| *until > now);
                 let choice = choose(
                     &me,
                     &seen.borrow_and_update().seen,
                     now,
                     self.settle,
                     &self.shunned,
+                    &self.suspects,
                 );
                 look_again = choice.recheck_at;
                 if let Some(to) = choice.target {
