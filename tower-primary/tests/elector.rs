@@ -906,9 +906,11 @@ async fn backend_error_shows_the_misconfiguration_until_the_backend_answers_agai
     run_for(Duration::from_secs(20)).await;
     assert_eq!(handle.backend_error(), Some(shown.clone()));
 
-    // Answers again (b still holds the lock): cleared, and a follows b as secondary.
+    // Answers again (b still holds the lock): cleared, and a follows b as secondary. The bound:
+    // the retry under way starts within the retry backoff's maximum (5 s) and must then wait 2 s
+    // without an error.
     mine.faults().clear_misconfiguration();
-    run_for(Duration::from_secs(6)).await;
+    run_for(Duration::from_secs(8)).await;
     assert!(handle.backend_error().is_none());
     match handle.role() {
         Role::Secondary { holder: Some(h) } => assert_eq!(h.id, "b"),
