@@ -194,15 +194,7 @@ impl Cluster {
     ///
     /// An unknown pid, a node already reaped, or `kill(2)`'s error.
     pub async fn signal(&self, pid: u32, signal: NodeSignal) -> std::io::Result<u64> {
-        let node = self
-            .nodes
-            .iter()
-            .find(|n| n.pid == pid)
-            .ok_or_else(|| std::io::Error::other(format!("no node with pid {pid}")))?;
-        let (tx, rx) = oneshot::channel();
-        let gone = || std::io::Error::other(format!("node {pid} has exited"));
-        node.signals.send((signal, tx)).map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
+        self.ask(pid, |node| &node.signals, signal).await
     }
 
     /// Gives node `pid` an [`Order`] through its stdin; returns the `CLOCK_MONOTONIC` ns taken
@@ -214,6 +206,19 @@ impl Cluster {
     ///
     /// An unknown pid, a node already reaped, or the write's error.
     pub async fn order(&self, pid: u32, order: Order) -> std::io::Result<u64> {
+        self.ask(pid, |node| &node.orders, order).await
+    }
+
+    /// Sends `what` to node `pid` on the channel `to` picks, and waits for the node's answer (the
+    /// `CLOCK_MONOTONIC` ns taken just before it acted).
+    async fn ask<T>(
+        &self,
+        pid: u32,
+        to: impl FnOnce(
+            &NodeProcess,
+        ) -> &mpsc::UnboundedSender<(T, oneshot::Sender<std::io::Result<u64>>)>,
+        what: T,
+    ) -> std::io::Result<u64> {
         let node = self
             .nodes
             .iter()
@@ -221,7 +226,7 @@ impl Cluster {
             .ok_or_else(|| std::io::Error::other(format!("no node with pid {pid}")))?;
         let (tx, rx) = oneshot::channel();
         let gone = || std::io::Error::other(format!("node {pid} has exited"));
-        node.orders.send((order, tx)).map_err(|_| gone())?;
+        to(node).send((what, tx)).map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
     }
 

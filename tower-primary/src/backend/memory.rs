@@ -303,6 +303,14 @@ struct Held {
 
 use crate::sync::lock;
 
+impl MemoryBackend {
+    /// Runs `f` on the store's entry of lock `name`, under the store's mutex.
+    fn with_entry<R>(&self, name: &str, f: impl FnOnce(&mut Entry) -> R) -> R {
+        let mut locks = lock(&self.store.locks);
+        f(locks.entry(name.to_owned()).or_default())
+    }
+}
+
 impl Backend for MemoryBackend {
     fn name(&self) -> &'static str {
         NAME
@@ -330,8 +338,7 @@ struct MemoryLock {
 
 impl MemoryLock {
     fn with_entry<R>(&self, f: impl FnOnce(&mut Entry) -> R) -> R {
-        let mut locks = lock(&self.backend.store.locks);
-        f(locks.entry(self.name.clone()).or_default())
+        self.backend.with_entry(&self.name, f)
     }
 
     fn faults(&self) -> &Faults {
@@ -566,8 +573,7 @@ struct MemoryRegistration {
 
 impl MemoryRegistration {
     fn with_entry<R>(&self, f: impl FnOnce(&mut Entry) -> R) -> R {
-        let mut locks = lock(&self.backend.store.locks);
-        f(locks.entry(self.name.clone()).or_default())
+        self.backend.with_entry(&self.name, f)
     }
 }
 

@@ -144,7 +144,16 @@ impl Campaign {
                             };
                         }
                         // Keep leading; try again a little later.
-                        Err(()) => look_again = Some(after(HANDOVER_RETRY)),
+                        Err(err) => {
+                            tracing::warn!(target: TARGET,
+                                lock = %self.shared.lock,
+                                node = %self.shared.node,
+                                to,
+                                error = %Chain(&err),
+                                "cannot reserve the lock for a handover; keeping it"
+                            );
+                            look_again = Some(after(HANDOVER_RETRY));
+                        }
                     }
                 }
             }
@@ -165,7 +174,7 @@ impl Campaign {
                             }));
                             continue;
                         }
-                        match leadership.reserve(&to, self.window).await {
+                        match self.reserve(&mut *leadership, &to).await {
                             Ok(()) => {
                                 // Answered now, not after the release: a caller inside a
                                 // primary-only request would otherwise wait for itself (the
@@ -216,26 +225,18 @@ impl Campaign {
         self.leave(leadership, ctx, tasks, leave).await
     }
 
-    /// Reserves the lock for `to` (the target of a preferred handover); `Err` (logged) keeps
-    /// the lock rather than release it to whoever is fastest.
-    async fn reserve(&self, leadership: &mut dyn Leadership, to: &str) -> Result<(), ()> {
-        let reserved = tokio::time::timeout(self.window, leadership.reserve(to, self.window)).await;
-        let err = match reserved {
-            Ok(Ok(())) => return Ok(()),
-            Ok(Err(e)) => e,
-            Err(_) => Error::backend_msg(
-                self.backend_name,
-                format!("reserving the lock did not answer within {:?}", self.window),
-            ),
-        };
-        tracing::warn!(target: TARGET,
-            lock = %self.shared.lock,
-            node = %self.shared.node,
-            to,
-            error = %Chain(&err),
-            "cannot reserve the lock for a handover; keeping it"
-        );
-        Err(())
+    /// Reserves the lock for `to`, bounded by the window (a backend that hangs must not keep
+    /// the leading loop from its deadline). On `Err` the caller keeps the lock rather than
+    /// release it to whoever is fastest.
+    async fn reserve(&self, leadership: &mut dyn Leadership, to: &str) -> Result<(), Error> {
+        tokio::time::timeout(self.window, leadership.reserve(to, self.window))
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::backend_msg(
+                    self.backend_name,
+                    format!("reserving the lock did not answer within {:?}", self.window),
+                ))
+            })
     }
 
     async fn leave(
@@ -314,7 +315,7 @@ impl Campaign {
             }
             // Again, right before the release: winding the term down may have taken a part of
             // the window.
-            if let Err(e) = leadership.reserve(to, self.window).await {
+            if let Err(e) = self.reserve(&mut *leadership, to).await {
                 tracing::warn!(target: TARGET, %lock, %node, term, to = %to, error = %Chain(&e), "cannot renew the reservation before the release; releasing anyway");
             }
         }

@@ -191,24 +191,36 @@ pub(in crate::backend) fn encode_state(value: &[u8], term: u64) -> Vec<u8> {
     bytes
 }
 
-/// Parses the header line of a state file: (term, value length, header length).
-pub(super) fn parse_state_header(bytes: &[u8]) -> Result<(u64, u64, usize), String> {
+/// Splits a record's header line `<magic> 1 <a> <b>\n` (found within the first `max` bytes):
+/// `(a, b, header length)`. The state values and the registry entries share this form.
+pub(super) fn split_header<'b>(
+    bytes: &'b [u8],
+    magic: &str,
+    max: usize,
+) -> Result<(&'b str, &'b str, usize), String> {
     let end = bytes
         .iter()
-        .take(MAX_STATE_HEADER as usize)
+        .take(max)
         .position(|b| *b == b'\n')
         .ok_or("no header line")?;
     let line = std::str::from_utf8(&bytes[..end]).map_err(|_| "header is not UTF-8")?;
     let mut parts = line.split(' ');
-    let (Some(STATE_MAGIC), Some("1"), Some(term), Some(len), None) = (
+    match (
         parts.next(),
         parts.next(),
         parts.next(),
         parts.next(),
         parts.next(),
-    ) else {
-        return Err(format!("unknown header {line:?}"));
-    };
+    ) {
+        (Some(m), Some("1"), Some(a), Some(b), None) if m == magic => Ok((a, b, end + 1)),
+        _ => Err(format!("unknown header {line:?}")),
+    }
+}
+
+/// Parses the header line of a state file: (term, value length, header length).
+pub(super) fn parse_state_header(bytes: &[u8]) -> Result<(u64, u64, usize), String> {
+    let (term, len, start) = split_header(bytes, STATE_MAGIC, MAX_STATE_HEADER as usize)?;
+    let line = String::from_utf8_lossy(&bytes[..start - 1]);
     let term = term
         .parse()
         .map_err(|_| format!("bad term in header {line:?}"))?;
@@ -220,7 +232,7 @@ pub(super) fn parse_state_header(bytes: &[u8]) -> Result<(u64, u64, usize), Stri
             "the header says {len} bytes, larger than the maximum of {MAX_STATE_VALUE}"
         ));
     }
-    Ok((term, len, end + 1))
+    Ok((term, len, start))
 }
 
 pub(super) fn parse_state(bytes: &[u8]) -> Result<Stored, String> {

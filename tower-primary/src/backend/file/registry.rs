@@ -66,26 +66,12 @@ fn encode_entry(entry: &Entry) -> Result<Vec<u8>, Error> {
 /// Parses an entry file; bytes after the stated length (an update that has not cut the file
 /// yet) are ignored.
 fn parse_entry(bytes: &[u8]) -> Result<Entry, String> {
-    let end = bytes
-        .iter()
-        .take(128)
-        .position(|b| *b == b'\n')
-        .ok_or("no header line")?;
-    let line = std::str::from_utf8(&bytes[..end]).map_err(|_| "header is not UTF-8")?;
-    let mut parts = line.split(' ');
-    let (Some(ENTRY_MAGIC), Some("1"), Some(sum), Some(len), None) = (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) else {
-        return Err(format!("unknown header {line:?}"));
-    };
+    let (sum, len, start) = super::records::split_header(bytes, ENTRY_MAGIC, 128)?;
+    let line = String::from_utf8_lossy(&bytes[..start - 1]);
     let sum = u64::from_str_radix(sum, 16).map_err(|_| format!("bad checksum in {line:?}"))?;
     let len: usize = len.parse().map_err(|_| format!("bad length in {line:?}"))?;
     let json = bytes
-        .get(end + 1..end + 1 + len)
+        .get(start..start + len)
         .ok_or("shorter than its header says")?;
     if fnv1a(json) != sum {
         return Err("checksum mismatch".to_owned());
