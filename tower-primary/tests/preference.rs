@@ -151,6 +151,24 @@ fn cluster(backend: &Backend, lock: &str) -> Cluster {
     )
 }
 
+/// Waits until the backend's registry of `lock` lists `node` (read on a connection of its own).
+async fn registered(backend: &Backend, lock: &str, node: &str) {
+    let server = tower_primary::backend::from_url(&backend.url).expect("the backend string");
+    let lock = server.lock(lock).expect("the lock");
+    let mut changes = lock.watch_candidates().await.expect("watch_candidates");
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let listed = lock.candidates().await.expect("candidates");
+            if listed.iter().any(|c| c.node == node) {
+                return;
+            }
+            changes.changed().await.expect("a registry change");
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{node} is not in the registry after {WAIT:?}"));
+}
+
 /// The node id node `pid` reported (waits for its `node` line).
 async fn node_id(cluster: &Cluster, pid: u32) -> String {
     let event = cluster
@@ -403,7 +421,10 @@ async fn stopped_target_costs_the_window(kind: Kind) {
     let target = cluster.spawn_node().unwrap();
     cluster.wait_settled(WAIT).await.unwrap();
     let target_id = node_id(&cluster, target).await;
-    // Make sure the primary lists the target before it freezes (a refused order is retried).
+    // The target's entry must be on the server before it freezes (a node frozen before its
+    // registration lists nobody); the primary may still read it late (a refused order is
+    // retried).
+    registered(&backend, "stopped", &target_id).await;
     cluster.signal(target, NodeSignal::Stop).await.unwrap();
     hand_over(&cluster, primary, &target_id).await;
     let decided = cluster
